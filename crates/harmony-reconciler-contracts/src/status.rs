@@ -1,0 +1,152 @@
+//! What a device reports about itself, under `agent-status/status.<device>`.
+//!
+//! Written only by the device's own agent (heartbeat + on every phase change); read
+//! by the operator's aggregator and by tools. Readers must accept statuses from both
+//! older and newer agents: every field that was not in the first version has
+//! `#[serde(default)]`, unknown fields are ignored, and unknown enum values decode to
+//! an explicit `Unknown`.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::hash::SpecHash;
+use crate::id::{DeploymentRef, Id};
+
+/// Version of the `AgentStatus` shape written by this crate.
+pub const AGENT_STATUS_FORMAT: u32 = 1;
+
+/// How many events an agent keeps and reports.
+pub const DEFAULT_EVENT_RING_CAPACITY: usize = 32;
+
+/// One device's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentStatus {
+    #[serde(default = "default_status_format")]
+    pub format: u32,
+    pub device_id: Id,
+    #[serde(default)]
+    pub agent_version: String,
+    /// When the agent wrote this report. Readers judge staleness from it.
+    pub heartbeat_at: DateTime<Utc>,
+    /// Phase of every deployment the device has desired state for.
+    #[serde(default)]
+    pub deployments: BTreeMap<DeploymentRef, DeploymentPhase>,
+    /// The newest reconcile outcomes, oldest first, bounded by the agent.
+    #[serde(default)]
+    pub recent_events: Vec<EventEntry>,
+    #[serde(default)]
+    pub inventory: Option<InventorySnapshot>,
+}
+
+fn default_status_format() -> u32 {
+    AGENT_STATUS_FORMAT
+}
+
+/// Where one deployment stands on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeploymentPhase {
+    pub phase: Phase,
+    /// The spec hash this phase refers to. A device running an older spec reports the
+    /// older hash, so it is not counted as having reached the current one.
+    #[serde(default)]
+    pub spec_hash: Option<SpecHash>,
+    /// Why the deployment is Failed (or the last transient error while Pending).
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When the phase or error last changed.
+    pub last_event_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Every container of the deployment runs the reported spec.
+    Running,
+    /// The deployment cannot reach its spec; see `last_error`.
+    Failed,
+    /// Work is in progress (creating, pulling, waiting to retry).
+    Pending,
+    /// A phase written by a newer agent that this reader does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    #[serde(other)]
+    Unknown,
+}
+
+/// One reconcile outcome worth showing to a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EventEntry {
+    pub at: DateTime<Utc>,
+    pub severity: Severity,
+    /// The deployment it concerns, if any (agent-level events have none).
+    #[serde(default)]
+    pub deployment: Option<DeploymentRef>,
+    pub message: String,
+}
+
+/// Static-ish facts about the device, collected at startup and refreshed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct InventorySnapshot {
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub cpu_cores: u32,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    #[serde(default)]
+    pub disk_free_bytes: u64,
+    #[serde(default)]
+    pub kernel: String,
+    #[serde(default)]
+    pub arch: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// A bounded ring of events: pushing past capacity drops the oldest.
+#[derive(Debug, Clone)]
+pub struct EventRing {
+    capacity: usize,
+    events: VecDeque<EventEntry>,
+}
+
+impl EventRing {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            events: VecDeque::with_capacity(capacity.max(1)),
+        }
+    }
+
+    pub fn push(&mut self, event: EventEntry) {
+        if self.events.len() == self.capacity {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
+    }
+
+    pub fn to_vec(&self) -> Vec<EventEntry> {
+        self.events.iter().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
