@@ -1,0 +1,29 @@
+use thiserror::Error;
+
+/// Failures talking to NATS. Variants are coarse on purpose: callers either retry
+/// (everything transient) or report (bad configuration).
+#[derive(Debug, Error)]
+pub enum KvError {
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+    #[error("cannot connect to NATS at {servers}: {source}")]
+    Connect {
+        servers: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("KV bucket {bucket:?} does not exist yet (the operator creates it)")]
+    BucketMissing { bucket: String },
+    #[error("NATS request on {subject} failed: {message}")]
+    Request { subject: String, message: String },
+    #[error("timed out after {0:?} waiting for NATS")]
+    Timeout(std::time::Duration),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+impl KvError {
+    pub(crate) fn js(e: impl std::fmt::Display) -> Self {
+        KvError::JetStream(e.to_string())
+    }
+}

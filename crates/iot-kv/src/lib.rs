@@ -1,0 +1,23 @@
+//! NATS access shared by the operator, the agent and the CLI.
+//!
+//! The design constraint behind this crate: the number of JetStream consumers must
+//! not grow with the number of devices (nats-server 2.15 caps a stream at 1000
+//! consumers by default, and each consumer costs tens of KB of server memory). So:
+//! - reads of current KV values use batched *direct get* (`multi_last`), which
+//!   creates no consumer ([`direct`]);
+//! - a device follows its own keys with a *core* subscription on its subject prefix
+//!   plus full re-reads at start, reconnect and on a timer ([`follow`]);
+//! - writes are plain JetStream publishes, acknowledged by the stream.
+
+pub mod buckets;
+pub mod connect;
+pub mod direct;
+pub mod error;
+pub mod follow;
+
+pub use connect::{
+    Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect,
+};
+pub use direct::{KvRecord, last_values_for};
+pub use error::KvError;
+pub use follow::{DesiredView, follow_desired_state};
