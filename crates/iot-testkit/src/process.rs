@@ -38,10 +38,10 @@ where
 
 /// Kills and reaps a child process, ignoring "already exited".
 pub fn kill_child(child: &mut Child) {
-    if let Ok(None) = child.try_wait() {
-        if let Err(e) = child.kill() {
-            tracing::warn!(pid = child.id(), error = %e, "failed to kill child process");
-        }
+    if let Ok(None) = child.try_wait()
+        && let Err(e) = child.kill()
+    {
+        tracing::warn!(pid = child.id(), error = %e, "failed to kill child process");
     }
     if let Err(e) = child.wait() {
         tracing::warn!(pid = child.id(), error = %e, "failed to reap child process");

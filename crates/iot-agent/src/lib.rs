@@ -1,0 +1,19 @@
+//! The IoT device agent.
+//!
+//! Data flow: NATS KV (this device's keys only, no consumer) -> [`DesiredView`] ->
+//! pure [`plan::plan`] against the containers podman reports -> libpod API calls ->
+//! per-deployment phases and events -> `AgentStatus` heartbeat.
+//!
+//! [`DesiredView`]: iot_kv::DesiredView
+
+pub mod agent;
+pub mod config;
+pub mod interpret;
+pub mod inventory;
+pub mod labels;
+pub mod memory_runtime;
+pub mod plan;
+pub mod podman;
+pub mod reconciler;
+pub mod report;
+pub mod runtime;

@@ -1,0 +1,326 @@
+//! A small client for podman's libpod REST API over its unix socket.
+//!
+//! Only what the agent needs: list, create, start, remove, image exists, pull. One
+//! HTTP/1.1 connection per request keeps it simple and robust across podman
+//! service restarts; the cost (a unix-socket connect) is negligible next to what
+//! podman itself does per call.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+const API: &str = "/v4.0.0/libpod";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodmanError {
+    #[error("podman socket {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("podman API {what}: {message}")]
+    Api {
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error("podman API {what}: {message}")]
+    Transport { what: String, message: String },
+    #[error("podman API {what} timed out after {after:?}")]
+    Timeout { what: String, after: Duration },
+}
+
+impl PodmanError {
+    /// HTTP status of an API error (0 for transport problems).
+    pub fn status(&self) -> u16 {
+        match self {
+            PodmanError::Api { status, .. } => *status,
+            _ => 0,
+        }
+    }
+}
+
+/// A container as listed by `GET /libpod/containers/json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListedContainer {
+    pub id: String,
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub exit_code: i32,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// The subset of libpod's SpecGenerator the agent sets.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CreateSpec {
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub portmappings: Vec<PortMappingSpec>,
+    pub restart_policy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_limits: Option<serde_json::Value>,
+    pub stop_timeout: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PortMappingSpec {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateResponse {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PodmanClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl PodmanClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Checks that the service answers.
+    pub async fn ping(&self) -> Result<(), PodmanError> {
+        self.call(Method::GET, &format!("{API}/_ping"), None, "ping")
+            .await
+            .map(drop)
+    }
+
+    /// Containers (any state) carrying `label=value`.
+    pub async fn list_by_label(
+        &self,
+        label: &str,
+        value: &str,
+    ) -> Result<Vec<ListedContainer>, PodmanError> {
+        let filters = serde_json::json!({"label": [format!("{label}={value}")]}).to_string();
+        let path = format!(
+            "{API}/containers/json?all=true&filters={}",
+            urlencoding::encode(&filters)
+        );
+        let body = self
+            .call(Method::GET, &path, None, "list containers")
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
+            what: "list containers".into(),
+            message: format!("unexpected response: {e}"),
+        })
+    }
+
+    pub async fn create(&self, spec: &CreateSpec) -> Result<String, PodmanError> {
+        let what = format!("create {}", spec.name);
+        let payload = serde_json::to_vec(spec).map_err(|e| PodmanError::Transport {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+        let body = self
+            .call(
+                Method::POST,
+                &format!("{API}/containers/create"),
+                Some(payload),
+                &what,
+            )
+            .await?;
+        let resp: CreateResponse =
+            serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
+                what,
+                message: format!("unexpected response: {e}"),
+            })?;
+        Ok(resp.id)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), PodmanError> {
+        let what = format!("start {}", short(id));
+        match self
+            .call(
+                Method::POST,
+                &format!("{API}/containers/{id}/start"),
+                None,
+                &what,
+            )
+            .await
+        {
+            // 304: already running, which is what we wanted.
+            Err(e) if e.status() == 304 => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Force-removes a container, giving it `stop_timeout` to stop. A container that
+    /// is already gone counts as removed.
+    pub async fn remove(&self, id: &str, stop_timeout: Duration) -> Result<(), PodmanError> {
+        let path = format!(
+            "{API}/containers/{id}?force=true&timeout={}",
+            stop_timeout.as_secs()
+        );
+        match self
+            .call(
+                Method::DELETE,
+                &path,
+                None,
+                &format!("remove {}", short(id)),
+            )
+            .await
+        {
+            Err(e) if e.status() == 404 => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    pub async fn image_exists(&self, image: &str) -> Result<bool, PodmanError> {
+        let path = format!("{API}/images/{}/exists", urlencoding::encode(image));
+        match self.call(Method::GET, &path, None, "image exists").await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == 404 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Pulls an image. Libpod answers 200 and streams JSON lines; failures arrive as
+    /// a line with an `error` field.
+    pub async fn pull(&self, image: &str) -> Result<(), PodmanError> {
+        let what = format!("pull {image}");
+        let path = format!(
+            "{API}/images/pull?reference={}&quiet=true",
+            urlencoding::encode(image)
+        );
+        let body = self.call(Method::POST, &path, None, &what).await?;
+        for line in body.split(|b| *b == b'\n') {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line)
+                && let Some(err) = v.get("error").and_then(|e| e.as_str())
+            {
+                return Err(PodmanError::Api {
+                    what,
+                    status: 500,
+                    message: err.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: &str,
+    ) -> Result<Bytes, PodmanError> {
+        match tokio::time::timeout(self.timeout, self.call_inner(method, path, body, what)).await {
+            Ok(r) => r,
+            Err(_) => Err(PodmanError::Timeout {
+                what: what.to_owned(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: &str,
+    ) -> Result<Bytes, PodmanError> {
+        let transport = |e: &dyn std::fmt::Display| PodmanError::Transport {
+            what: what.to_owned(),
+            message: e.to_string(),
+        };
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| PodmanError::Connect {
+                    path: self.socket.display().to_string(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| transport(&e))?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "podman connection ended with error");
+            }
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "podman");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| transport(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| transport(&e))?
+            .to_bytes();
+        conn_task.abort();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_owned());
+        let message = if message.is_empty() && status == StatusCode::NOT_MODIFIED {
+            "not modified".to_owned()
+        } else {
+            message
+        };
+        Err(PodmanError::Api {
+            what: what.to_owned(),
+            status: status.as_u16(),
+            message,
+        })
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}

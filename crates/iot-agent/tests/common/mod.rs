@@ -1,0 +1,267 @@
+//! Shared fixtures for the agent's integration tests: a real nats-server, a real
+//! podman API socket, and the real `iot-agent` binary.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use harmony_reconciler_contracts::*;
+use iot_kv::{Anonymous, connect};
+use iot_testkit::{DeviceContainers, NatsServer, PodmanService, unique_id, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub podman: PodmanService,
+    pub desired: kv::Store,
+    pub status: kv::Store,
+    pub js: jetstream::Context,
+    pub client: async_nats::Client,
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        let podman = PodmanService::start().await?;
+        let (client, js, desired, status) = admin(&nats).await?;
+        Ok(Self {
+            nats,
+            podman,
+            desired,
+            status,
+            js,
+            client,
+        })
+    }
+
+    /// Reconnects the admin handles (after a server restart).
+    pub async fn reconnect(&mut self) -> anyhow::Result<()> {
+        let (client, js, desired, status) = admin(&self.nats).await?;
+        (self.client, self.js, self.desired, self.status) = (client, js, desired, status);
+        Ok(())
+    }
+
+    pub async fn put(
+        &self,
+        device: &str,
+        dep: &DeploymentRef,
+        score: &IotScore,
+    ) -> anyhow::Result<SpecHash> {
+        let ds = DesiredState::new(dep.clone(), 1, score.clone());
+        self.put_raw(device, dep, ds.to_bytes()).await?;
+        Ok(score.spec_hash())
+    }
+
+    pub async fn put_raw(
+        &self,
+        device: &str,
+        dep: &DeploymentRef,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let key = desired_state_key(&Id::new(device)?, dep);
+        self.desired.put(key, Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, device: &str, dep: &DeploymentRef) -> anyhow::Result<()> {
+        self.desired
+            .delete(desired_state_key(&Id::new(device)?, dep))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn status_of(&self, device: &str) -> Option<AgentStatus> {
+        let key = agent_status_key(&Id::new(device).ok()?);
+        let bytes = self.status.get(key).await.ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Waits until the device's status satisfies `pred`.
+    pub async fn wait_status(
+        &self,
+        device: &str,
+        what: &str,
+        pred: impl Fn(&AgentStatus) -> bool,
+    ) -> anyhow::Result<AgentStatus> {
+        let res = wait_until(WAIT, what, || async {
+            self.status_of(device).await.filter(|s| pred(s))
+        })
+        .await;
+        if res.is_err() {
+            eprintln!(
+                "last status of {device}: {:#?}",
+                self.status_of(device).await
+            );
+        }
+        res
+    }
+
+    pub async fn wait_phase(
+        &self,
+        device: &str,
+        dep: &DeploymentRef,
+        phase: Phase,
+        hash: Option<&SpecHash>,
+    ) -> anyhow::Result<AgentStatus> {
+        self.wait_status(device, &format!("{dep} {phase:?} on {device}"), |s| {
+            s.deployments.get(dep).is_some_and(|p| {
+                p.phase == phase && (hash.is_none() || p.spec_hash.as_ref() == hash)
+            })
+        })
+        .await
+    }
+}
+
+async fn admin(
+    nats: &NatsServer,
+) -> anyhow::Result<(async_nats::Client, jetstream::Context, kv::Store, kv::Store)> {
+    let conn = connect(&[nats.url()], &Anonymous, "test-admin", true).await?;
+    let js = jetstream::new(conn.client.clone());
+    let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
+    Ok((conn.client, js, desired, status))
+}
+
+/// The real agent binary, killed on drop.
+pub struct Agent {
+    pub device: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    pub fn spawn(stack: &Stack, device: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("agent.log");
+        let mut me = Self {
+            device: device.into(),
+            child: None,
+            log,
+            _dir: dir,
+        };
+        me.start(stack)?;
+        Ok(me)
+    }
+
+    pub fn start(&mut self, stack: &Stack) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(env!("CARGO_BIN_EXE_iot-agent"))
+            .env("IOT_DEVICE_ID", &self.device)
+            .env("NATS_URL", stack.nats.url())
+            .env("PODMAN_SOCKET", stack.podman.socket())
+            .env("IOT_HEARTBEAT_INTERVAL", "1s")
+            .env("IOT_RESYNC_INTERVAL", "2s")
+            .env("IOT_STOP_TIMEOUT", "1s")
+            .env("RUST_LOG", "info,iot_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, like a crash or power loss of the agent process.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- agent {} log ----\n{}", self.device, self.log_text());
+        }
+    }
+}
+
+pub fn device() -> (String, DeviceContainers) {
+    let id = unique_id("t");
+    let guard = DeviceContainers::new(&id);
+    (id, guard)
+}
+
+pub fn dep(ns: &str, name: &str) -> DeploymentRef {
+    DeploymentRef::new(ns, name).expect("valid")
+}
+
+/// A one-service score publishing `host_port` to the image's port 80.
+pub fn web_score(image: &str, host_port: u16) -> IotScore {
+    score_from(serde_json::json!({"PodmanV0": {"services": [
+        {"name": "web", "image": image, "ports": [{"host_port": host_port, "container_port": 80}]}
+    ]}}))
+}
+
+pub fn score_from(v: serde_json::Value) -> IotScore {
+    serde_json::from_value(v).expect("test score")
+}
+
+/// Plain HTTP GET on 127.0.0.1; returns (status code, body).
+pub async fn http_get(port: u16) -> Option<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        Some((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits for HTTP 200 with `body` on the port.
+pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
+    wait_until(
+        WAIT,
+        &format!("HTTP 200 {body:?} on port {port}"),
+        || async {
+            http_get(port)
+                .await
+                .filter(|(c, b)| *c == 200 && b == body)
+                .map(drop)
+        },
+    )
+    .await
+}
+
+/// Ids of running containers of a device (podman CLI, independent of the agent).
+pub fn running_ids(guard: &DeviceContainers) -> Vec<String> {
+    iot_testkit::podman::podman_cli(&["ps", "-q", "--no-trunc", "--filter", &guard.label_filter()])
+        .map(|o| o.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
