@@ -14,10 +14,6 @@ use crate::reconciler::{Reconciler, Report};
 use crate::report::StatusReporter;
 use crate::runtime::{ContainerRuntime, PodmanRuntime};
 
-/// Quiet period after a desired-state change before acting, so a burst of KV writes
-/// becomes one pass.
-const DEBOUNCE: Duration = Duration::from_millis(100);
-
 /// Runs the agent until `shutdown` completes. Containers keep running after the
 /// agent exits: they belong to the device, not to the agent process.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -89,7 +85,9 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 }
 
 /// Level-triggered loop: any desired-state change or the resync timer causes a full
-/// pass over everything.
+/// pass over everything. No debounce: the watch channel keeps only the latest view,
+/// so changes arriving while a pass runs are coalesced into the next pass, and a
+/// lone change is acted on at once.
 pub async fn reconcile_loop<R: ContainerRuntime>(
     mut reconciler: Reconciler<R>,
     mut desired: watch::Receiver<DesiredView>,
@@ -104,7 +102,6 @@ pub async fn reconcile_loop<R: ContainerRuntime>(
                     tracing::error!("desired-state follower stopped");
                     return;
                 }
-                tokio::time::sleep(DEBOUNCE).await;
             }
             _ = tick.tick() => {}
         }

@@ -1,0 +1,191 @@
+//! N simulated devices following their desired state with the real follow and
+//! reconcile code (podman replaced by the in-memory runtime), on one real
+//! nats-server. Reports server RSS, JetStream consumers, and how long one change
+//! per device takes to reach every follower.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use harmony_reconciler_contracts::*;
+use iot_agent::agent::reconcile_loop;
+use iot_agent::memory_runtime::MemoryRuntime;
+use iot_agent::plan::service_hash;
+use iot_agent::reconciler::{Reconciler, Report};
+use iot_kv::follow::FollowConfig;
+use iot_kv::{Anonymous, DesiredView, connect, follow_desired_state};
+use iot_testkit::NatsServer;
+use tokio::sync::watch;
+
+use crate::util::{consumer_count, rss_kib, self_rss_kib};
+
+fn payload(image: &str) -> (Bytes, String) {
+    let score: IotScore = serde_json::from_value(
+        serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": image}]}}),
+    )
+    .unwrap_or_else(|e| panic!("score: {e}"));
+    let IotScore::PodmanV0(p) = &score;
+    let hash = service_hash(&p.services[0]).to_string();
+    let dep = DeploymentRef::new("default", "web").unwrap_or_else(|e| panic!("{e}"));
+    (
+        Bytes::from(DesiredState::new(dep, 1, score).to_bytes()),
+        hash,
+    )
+}
+
+async fn put_all(js: &jetstream::Context, n: usize, value: &Bytes) -> anyhow::Result<Duration> {
+    // async-nats bounds in-flight acks per context, so await them in windows.
+    let t = Instant::now();
+    let mut acks = Vec::with_capacity(256);
+    for i in 0..n {
+        let subject = format!("$KV.{DESIRED_STATE_BUCKET}.dev{i}.default_web");
+        acks.push(js.publish(subject, value.clone()).await?);
+        if acks.len() == 256 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(t.elapsed())
+}
+
+pub async fn run(devices: usize, connections: usize) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let nats_pid = nats.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
+    let js = jetstream::new(admin.client.clone());
+    iot_kv::buckets::ensure_buckets(&js).await?;
+    let (v1, _) = payload("img:1");
+    let (v2, hash2) = payload("img:2");
+    put_all(&js, devices, &v1).await?;
+    let rss_before = rss_kib(nats_pid)?;
+
+    let mut conns = Vec::new();
+    for c in 0..connections {
+        conns.push(connect(&[nats.url()], &Anonymous, &format!("sim{c}"), true).await?);
+    }
+    let runtime = MemoryRuntime::with_images(&["img:1", "img:2"]);
+    let mut views = Vec::with_capacity(devices);
+    let setup = Instant::now();
+    let cfg = FollowConfig {
+        resync: Duration::from_secs(30),
+        read_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    for i in 0..devices {
+        let id = Id::new(format!("dev{i}"))?;
+        let (tx, rx) = watch::channel(DesiredView::default());
+        tokio::spawn(follow_desired_state(
+            conns[i % connections].clone(),
+            id.clone(),
+            cfg.clone(),
+            tx,
+        ));
+        let (report_tx, _report_rx) = watch::channel(Report::default());
+        let rec = Reconciler::new(runtime.clone(), id, 8, report_tx);
+        tokio::spawn(reconcile_loop(rec, rx.clone(), Duration::from_secs(30)));
+        views.push(rx);
+    }
+    wait_all(
+        &views,
+        |v| v.synced && v.entries.len() == 1,
+        Duration::from_secs(300),
+    )
+    .await?;
+    let setup_time = setup.elapsed();
+    wait_containers(&runtime, devices, None, Duration::from_secs(300)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(nats_pid)?;
+    let consumers = consumer_count(&js, DESIRED_STATE_BUCKET).await?;
+
+    // One change per device, as a fan-out from the operator would write.
+    let t = Instant::now();
+    let publish = put_all(&js, devices, &v2).await?;
+    wait_all(
+        &views,
+        |v| v.entries.values().all(|b| *b == v2),
+        Duration::from_secs(300),
+    )
+    .await?;
+    let reached = t.elapsed();
+    wait_containers(&runtime, devices, Some(&hash2), Duration::from_secs(300)).await?;
+    let reconciled = t.elapsed();
+
+    println!("| devices | {devices} (on {connections} client connections) |");
+    println!(
+        "| follower setup (subscribe + first full read, all devices) | {:.2} s |",
+        setup_time.as_secs_f64()
+    );
+    println!(
+        "| nats-server RSS with the bucket, before followers | {:.1} MiB |",
+        rss_before as f64 / 1024.0
+    );
+    println!(
+        "| nats-server RSS with all followers | {:.1} MiB |",
+        rss_after as f64 / 1024.0
+    );
+    println!("| JetStream consumers on desired-state | {consumers} |");
+    println!(
+        "| publish {devices} changes (one per device, acked) | {:.2} s |",
+        publish.as_secs_f64()
+    );
+    println!(
+        "| change reached every follower (from first publish) | {:.2} s |",
+        reached.as_secs_f64()
+    );
+    println!(
+        "| every stand-in container upgraded (from first publish) | {:.2} s |",
+        reconciled.as_secs_f64()
+    );
+    println!(
+        "| bench process RSS (all simulated agents) | {:.1} MiB |",
+        self_rss_kib()? as f64 / 1024.0
+    );
+    Ok(())
+}
+
+async fn wait_all(
+    views: &[watch::Receiver<DesiredView>],
+    pred: impl Fn(&DesiredView) -> bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pending = views.iter().filter(|v| !pred(&v.borrow())).count();
+        if pending == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{pending} followers did not get there in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_containers(
+    rt: &MemoryRuntime,
+    devices: usize,
+    hash: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let c = rt.containers();
+        let ok = c
+            .iter()
+            .filter(|c| hash.is_none_or(|h| c.service_hash == h))
+            .count();
+        if ok == devices && c.len() == devices {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {ok}/{devices} containers converged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

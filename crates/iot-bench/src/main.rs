@@ -1,0 +1,52 @@
+//! Benchmarks behind BENCHMARKS.md. Each prints markdown table rows.
+//! Build first: `cargo build --release --workspace`.
+
+mod agent_bench;
+mod follow_bench;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "IoT platform benchmarks (real nats-server, podman, API server)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Agent RSS with 10 deployments idle, and binary size.
+    AgentFootprint,
+    /// KV put -> Running, against raw podman create+start.
+    ReconcileOverhead {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// N devices following desired state without consumers.
+    FollowScale {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .init();
+    match Cli::parse().cmd {
+        Cmd::AgentFootprint => agent_bench::footprint().await,
+        Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
+        Cmd::FollowScale {
+            devices,
+            connections,
+        } => follow_bench::run(devices, connections).await,
+    }
+}

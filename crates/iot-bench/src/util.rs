@@ -1,0 +1,54 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use harmony_reconciler_contracts::keys::kv_stream_name;
+
+/// Median of a sample (sorts it).
+pub fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    match samples.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => samples[n / 2],
+        n => (samples[n / 2 - 1] + samples[n / 2]) / 2,
+    }
+}
+
+/// Resident set size of a process in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for pid {pid}"))
+}
+
+pub fn self_rss_kib() -> anyhow::Result<u64> {
+    rss_kib(std::process::id())
+}
+
+/// JetStream consumers currently on a KV bucket's stream.
+pub async fn consumer_count(js: &jetstream::Context, bucket: &str) -> anyhow::Result<usize> {
+    let mut stream = js.get_stream(kv_stream_name(bucket)).await?;
+    Ok(stream.info().await?.state.consumer_count)
+}
+
+/// A release binary built next to this one (target/release/<name>).
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .map(|d| d.join(name))
+        .ok_or_else(|| anyhow::anyhow!("no exe dir"))?;
+    anyhow::ensure!(
+        path.exists(),
+        "{} not built; run `cargo build --release --workspace` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The one command that runs every test. Installs what it needs first (idempotent).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$IOT_REPO"
+
+"$IOT_REPO/scripts/setup-host.sh" --apiserver
+export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
+
+log "cargo fmt --check"
+cargo fmt --all --check
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "cargo test (unit + integration against real nats-server, podman and the API server)"
+cargo test --workspace --quiet
+log "all tests passed"
