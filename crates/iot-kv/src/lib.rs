@@ -14,6 +14,7 @@ pub mod connect;
 pub mod direct;
 pub mod error;
 pub mod follow;
+pub mod write;
 
 pub use connect::{
     Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect,
@@ -21,3 +22,4 @@ pub use connect::{
 pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;
 pub use follow::{DesiredView, follow_desired_state};
+pub use write::{KvOp, write_batch};

@@ -4,11 +4,13 @@
 //! socket), in its own temp directory, and kills it by PID when dropped, so tests run
 //! in parallel and leave nothing behind even when they fail.
 
+pub mod apiserver;
 pub mod nats;
 pub mod paths;
 pub mod podman;
 pub mod process;
 
+pub use apiserver::ApiServer;
 pub use nats::NatsServer;
 pub use podman::{DeviceContainers, PodmanService};
 pub use process::{free_port, unique_id, wait_until};

@@ -1,0 +1,75 @@
+//! Pipelined KV writes: many puts and purges with a bounded window of outstanding
+//! acks, instead of one round trip per key. This is what makes a fan-out to
+//! thousands of devices take about as long as the server needs to store them.
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use harmony_reconciler_contracts::keys::kv_subject;
+
+use crate::error::KvError;
+
+/// One write to a KV bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KvOp {
+    Put {
+        key: String,
+        value: Bytes,
+    },
+    /// Removes the key's value, leaving a single purge marker (readers see a delete).
+    Purge {
+        key: String,
+    },
+}
+
+impl KvOp {
+    pub fn key(&self) -> &str {
+        match self {
+            KvOp::Put { key, .. } | KvOp::Purge { key } => key,
+        }
+    }
+}
+
+/// Default number of unacknowledged writes in flight.
+pub const DEFAULT_WINDOW: usize = 512;
+
+/// Applies `ops` in order of submission with up to `window` awaiting acks. Returns
+/// how many were acknowledged before the first failure, and the failure if any, so a
+/// caller can record partial progress.
+pub async fn write_batch(
+    js: &jetstream::Context,
+    bucket: &str,
+    ops: &[KvOp],
+    window: usize,
+) -> (usize, Option<KvError>) {
+    let mut inflight = FuturesUnordered::new();
+    let mut acked = 0usize;
+    for op in ops {
+        let subject = kv_subject(bucket, op.key());
+        let msg = match op {
+            KvOp::Put { value, .. } => PublishMessage::build().payload(value.clone()),
+            KvOp::Purge { .. } => PublishMessage::build()
+                .header("KV-Operation", "PURGE")
+                .header("Nats-Rollup", "sub"),
+        };
+        match js.send_publish(subject, msg).await {
+            Ok(ack) => inflight.push(std::future::IntoFuture::into_future(ack)),
+            Err(e) => return (acked, Some(KvError::js(e))),
+        }
+        while inflight.len() >= window.max(1) {
+            match inflight.next().await {
+                Some(Ok(_)) => acked += 1,
+                Some(Err(e)) => return (acked, Some(KvError::js(e))),
+                None => break,
+            }
+        }
+    }
+    while let Some(res) = inflight.next().await {
+        match res {
+            Ok(_) => acked += 1,
+            Err(e) => return (acked, Some(KvError::js(e))),
+        }
+    }
+    (acked, None)
+}

@@ -1,0 +1,123 @@
+//! In-memory index of the desired-state bucket, fed by ONE KV watch over the whole
+//! bucket (one ordered consumer, whatever the fleet size).
+//!
+//! The write path compares against it to write only changed bytes and to find keys
+//! of devices dropped from a deployment. It is "ready" once the watch has caught up
+//! with the bucket; reconciles wait for that, which is what keeps an operator
+//! restart from re-putting or deleting anything.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, Operation};
+use bytes::Bytes;
+use futures::StreamExt;
+use harmony_reconciler_contracts::{DeploymentRef, Id, parse_desired_state_key};
+use tokio::sync::watch;
+
+#[derive(Debug)]
+pub struct DesiredIndex {
+    by_deployment: Mutex<HashMap<DeploymentRef, BTreeMap<Id, Bytes>>>,
+    ready: watch::Sender<bool>,
+}
+
+impl Default for DesiredIndex {
+    fn default() -> Self {
+        Self {
+            by_deployment: Mutex::new(HashMap::new()),
+            ready: watch::channel(false).0,
+        }
+    }
+}
+
+impl DesiredIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, BTreeMap<Id, Bytes>>> {
+        self.by_deployment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Current values of one deployment's keys.
+    pub fn existing(&self, deployment: &DeploymentRef) -> BTreeMap<Id, Bytes> {
+        self.lock().get(deployment).cloned().unwrap_or_default()
+    }
+
+    /// Records a write (from the watch, or from our own acknowledged write).
+    pub fn record(&self, key: &str, value: Option<Bytes>) {
+        let Ok((device, deployment)) = parse_desired_state_key(key) else {
+            tracing::warn!(
+                key,
+                "desired-state key that names no device/deployment; ignored"
+            );
+            return;
+        };
+        let mut map = self.lock();
+        match value {
+            Some(v) => {
+                map.entry(deployment).or_default().insert(device, v);
+            }
+            None => {
+                if let Some(devices) = map.get_mut(&deployment) {
+                    devices.remove(&device);
+                    if devices.is_empty() {
+                        map.remove(&deployment);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.lock().values().map(BTreeMap::len).sum()
+    }
+
+    fn reset(&self) {
+        self.ready.send_replace(false);
+        self.lock().clear();
+    }
+
+    /// Follows the bucket forever, rebuilding from scratch if the watch breaks.
+    pub async fn run(&self, store: kv::Store) {
+        loop {
+            if let Err(e) = self.follow_once(&store).await {
+                tracing::warn!(error = %e, "desired-state index watch failed; rebuilding in 1 s");
+            }
+            self.reset();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn follow_once(&self, store: &kv::Store) -> anyhow::Result<()> {
+        let pending_at_start = store.status().await?.values();
+        let mut watch = store.watch_with_history(">").await?;
+        if pending_at_start == 0 {
+            self.mark_ready();
+        }
+        while let Some(entry) = watch.next().await {
+            let entry = entry?;
+            let value = match entry.operation {
+                Operation::Put => Some(entry.value),
+                Operation::Delete | Operation::Purge => None,
+            };
+            self.record(&entry.key, value);
+            if entry.delta == 0 && !self.is_ready() {
+                self.mark_ready();
+            }
+        }
+        anyhow::bail!("watch ended")
+    }
+
+    fn mark_ready(&self) {
+        tracing::info!(keys = self.key_count(), "desired-state index caught up");
+        self.ready.send_replace(true);
+    }
+}

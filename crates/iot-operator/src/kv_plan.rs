@@ -1,0 +1,78 @@
+//! The pure write-path planner: one `Deployment` resource + what KV holds now ->
+//! the puts and purges that make KV match. No I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use harmony_reconciler_contracts::{DeploymentRef, DesiredState, Id, IdError, desired_state_key};
+use iot_kv::KvOp;
+
+use crate::crd::DeploymentSpec;
+
+/// Changes for one deployment, keyed by device.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvPlan {
+    pub puts: Vec<(Id, Bytes)>,
+    pub purges: Vec<Id>,
+}
+
+impl KvPlan {
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.purges.is_empty()
+    }
+
+    /// The plan as KV operations (purges first, then puts).
+    pub fn ops(&self, deployment: &DeploymentRef) -> Vec<KvOp> {
+        let purges = self.purges.iter().map(|d| KvOp::Purge {
+            key: desired_state_key(d, deployment),
+        });
+        let puts = self.puts.iter().map(|(d, v)| KvOp::Put {
+            key: desired_state_key(d, deployment),
+            value: v.clone(),
+        });
+        purges.chain(puts).collect()
+    }
+}
+
+/// Targets as validated device ids. The CRD schema already enforces the pattern;
+/// this guards against objects written around it.
+pub fn target_ids(spec: &DeploymentSpec) -> Result<BTreeSet<Id>, IdError> {
+    spec.target_devices
+        .iter()
+        .map(|d| Id::new(d.as_str()))
+        .collect()
+}
+
+/// The bytes every targeted device gets. Deterministic, so an unchanged resource
+/// produces byte-identical values and no writes.
+pub fn payload(deployment: &DeploymentRef, generation: i64, spec: &DeploymentSpec) -> Bytes {
+    Bytes::from(DesiredState::new(deployment.clone(), generation, spec.score.clone()).to_bytes())
+}
+
+/// Puts for targets whose value differs (or is missing), purges for devices that
+/// hold a value but are no longer targeted.
+pub fn plan_apply(
+    targets: &BTreeSet<Id>,
+    payload: &Bytes,
+    existing: &BTreeMap<Id, Bytes>,
+) -> KvPlan {
+    let puts = targets
+        .iter()
+        .filter(|d| existing.get(*d) != Some(payload))
+        .map(|d| (d.clone(), payload.clone()))
+        .collect();
+    let purges = existing
+        .keys()
+        .filter(|d| !targets.contains(*d))
+        .cloned()
+        .collect();
+    KvPlan { puts, purges }
+}
+
+/// Everything the deployment ever wrote goes (resource deleted).
+pub fn plan_cleanup(existing: &BTreeMap<Id, Bytes>) -> KvPlan {
+    KvPlan {
+        puts: vec![],
+        purges: existing.keys().cloned().collect(),
+    }
+}

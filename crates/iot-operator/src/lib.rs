@@ -1,0 +1,17 @@
+//! The IoT operator.
+//!
+//! - [`controller`]: `Deployment` -> desired state in NATS KV (the write path), with
+//!   the pure planner in [`kv_plan`] and the bucket index in [`kv_index`].
+//! - [`status_writer`]: the one writer of `.status`, fed by the controller and the
+//!   aggregator.
+//! - [`install`]: the CRD from typed Rust.
+
+pub mod aggregate_types;
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod install;
+pub mod kv_index;
+pub mod kv_plan;
+pub mod run;
+pub mod status_writer;

@@ -1,0 +1,63 @@
+//! `iot-operator run`: wires NATS, the desired-state index, the status writer, the
+//! aggregator and the controller.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use iot_kv::{CredentialSource, connect};
+
+use crate::controller::{Ctx, run_controller};
+use crate::kv_index::DesiredIndex;
+use crate::status_writer::StatusWriter;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub nats_url: Vec<String>,
+    pub resync: Duration,
+    pub status_min_interval: Duration,
+}
+
+pub async fn run(
+    client: kube::Client,
+    creds: Box<dyn CredentialSource>,
+    opts: RunOptions,
+) -> anyhow::Result<()> {
+    tracing::info!(nats = %opts.nats_url.join(","), credentials = %creds.describe(), "starting iot-operator {}", env!("CARGO_PKG_VERSION"));
+    let conn = connect(&opts.nats_url, creds.as_ref(), "iot-operator", false).await?;
+    let js_cell: Arc<OnceLock<jetstream::Context>> = Arc::new(OnceLock::new());
+    let index = Arc::new(DesiredIndex::default());
+
+    // Buckets: retried until NATS answers, then the index follows the bucket.
+    {
+        let js = jetstream::new(conn.client.clone());
+        let cell = js_cell.clone();
+        let index = index.clone();
+        tokio::spawn(async move {
+            let mut attempt = 0u32;
+            let (desired, _status) = loop {
+                match iot_kv::buckets::ensure_buckets(&js).await {
+                    Ok(stores) => break stores,
+                    Err(e) => {
+                        attempt += 1;
+                        let delay = crate::controller::error_backoff(attempt);
+                        tracing::warn!(error = %e, retry_in = ?delay, "KV buckets not ready");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            };
+            tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], "KV bucket ready");
+            if cell.set(js).is_err() {
+                tracing::debug!("jetstream context already set");
+            }
+            index.run(desired).await;
+        });
+    }
+
+    let (writer, status_tx, _metrics) = StatusWriter::new(client.clone(), opts.status_min_interval);
+    tokio::spawn(writer.run());
+    let ctx = Arc::new(Ctx::new(client, js_cell, index, status_tx, opts.resync));
+    run_controller(ctx).await;
+    tracing::info!("controller stopped");
+    Ok(())
+}

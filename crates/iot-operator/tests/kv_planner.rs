@@ -1,0 +1,104 @@
+//! The write-path planner: resource + KV contents -> puts and purges.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use harmony_reconciler_contracts::{DecodedDesiredState, DeploymentRef, Id, desired_state_key};
+use iot_kv::KvOp;
+use iot_operator::crd::DeploymentSpec;
+use iot_operator::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
+
+fn spec(targets: &[&str], image: &str) -> DeploymentSpec {
+    serde_json::from_value(serde_json::json!({
+        "target_devices": targets,
+        "score": {"PodmanV0": {"services": [{"name": "web", "image": image}]}}
+    }))
+    .expect("spec")
+}
+
+fn ids(v: &[&str]) -> BTreeSet<Id> {
+    v.iter().map(|s| Id::new(*s).expect("id")).collect()
+}
+
+fn dep() -> DeploymentRef {
+    DeploymentRef::new("ns", "web").expect("ref")
+}
+
+#[test]
+fn fresh_resource_puts_every_target() {
+    let p = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
+    let plan = plan_apply(&ids(&["a", "b"]), &p, &BTreeMap::new());
+    assert_eq!(plan.puts.len(), 2);
+    assert!(plan.purges.is_empty());
+}
+
+#[test]
+fn unchanged_bytes_produce_no_writes() {
+    let p = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"])
+        .into_iter()
+        .map(|d| (d, p.clone()))
+        .collect();
+    assert!(plan_apply(&ids(&["a", "b"]), &p, &existing).is_empty());
+}
+
+#[test]
+fn payload_is_deterministic() {
+    let s = spec(&["a"], "img:1");
+    assert_eq!(payload(&dep(), 4, &s), payload(&dep(), 4, &s));
+}
+
+#[test]
+fn changed_spec_rewrites_and_dropped_devices_are_purged() {
+    let old = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
+    let new = payload(&dep(), 2, &spec(&["a", "c"], "img:2"));
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"])
+        .into_iter()
+        .map(|d| (d, old.clone()))
+        .collect();
+    let plan = plan_apply(&ids(&["a", "c"]), &new, &existing);
+    let put_devices: Vec<&str> = plan.puts.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(put_devices, ["a", "c"]);
+    assert_eq!(plan.purges, vec![Id::new("b").expect("id")]);
+    // Purges are emitted before puts, with full keys.
+    let ops = plan.ops(&dep());
+    assert_eq!(
+        ops[0],
+        KvOp::Purge {
+            key: "b.ns_web".into()
+        }
+    );
+    assert!(matches!(&ops[1], KvOp::Put { key, .. } if key == "a.ns_web"));
+}
+
+#[test]
+fn cleanup_purges_everything_written() {
+    let p = payload(&dep(), 1, &spec(&["a"], "img:1"));
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "z"])
+        .into_iter()
+        .map(|d| (d, p.clone()))
+        .collect();
+    let plan = plan_cleanup(&existing);
+    assert_eq!(plan.purges.len(), 2);
+    assert!(plan.puts.is_empty());
+}
+
+#[test]
+fn payload_decodes_on_the_device_side_with_the_same_hash() {
+    let s = spec(&["a"], "img:1");
+    let p = payload(&dep(), 3, &s);
+    let decoded = DecodedDesiredState::from_slice(&p).expect("agent decodes it");
+    assert_eq!(decoded.spec_hash, s.score.spec_hash());
+    assert_eq!(decoded.state.generation, 3);
+    assert_eq!(
+        desired_state_key(&Id::new("a").expect("id"), &dep()),
+        "a.ns_web"
+    );
+}
+
+#[test]
+fn invalid_target_is_a_typed_error() {
+    let mut s = spec(&["a"], "img:1");
+    s.target_devices.push("bad.id".into());
+    assert!(target_ids(&s).is_err());
+}

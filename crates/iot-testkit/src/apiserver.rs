@@ -1,0 +1,292 @@
+//! A real Kubernetes API server (upstream apiextensions-apiserver with our main, see
+//! hack/apiserver) on etcd, with fresh certificates and a kubeconfig.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::paths::find_binary;
+use crate::process::{free_port, kill_child};
+
+pub struct ApiServer {
+    etcd: Option<Child>,
+    apiserver: Option<Child>,
+    dir: TempDir,
+    port: u16,
+}
+
+impl ApiServer {
+    /// Starts etcd and the API server on free loopback ports. Takes 1-3 s.
+    pub async fn start() -> anyhow::Result<Self> {
+        let apiserver_bin = find_binary("iot-apiserver", "IOT_APISERVER")?;
+        let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
+        let dir = tempfile::Builder::new()
+            .prefix("iot-apiserver-")
+            .tempdir()?;
+        let d = dir.path();
+        make_certs(d)?;
+        let (client_port, peer_port, port) = (free_port()?, free_port()?, free_port()?);
+        let etcd = Command::new(etcd_bin)
+            .arg("--data-dir")
+            .arg(d.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client_port}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client_port}"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer_port}"),
+            ])
+            .args(["--unsafe-no-fsync", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("etcd.log"))?)
+            .spawn()?;
+        let mut me = Self {
+            etcd: Some(etcd),
+            apiserver: None,
+            dir,
+            port,
+        };
+        let d = me.dir.path().to_owned();
+        let api = Command::new(apiserver_bin)
+            .args(["--etcd-servers", &format!("http://127.0.0.1:{client_port}")])
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                &port.to_string(),
+            ])
+            .arg("--tls-cert-file")
+            .arg(d.join("server.crt"))
+            .arg("--tls-private-key-file")
+            .arg(d.join("server.key"))
+            .arg("--client-ca-file")
+            .arg(d.join("ca.crt"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("apiserver.log"))?)
+            .spawn()?;
+        me.apiserver = Some(api);
+        me.write_kubeconfig()?;
+        me.wait_ready(Duration::from_secs(60)).await?;
+        Ok(me)
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.etcd, &self.apiserver]
+            .into_iter()
+            .flatten()
+            .map(Child::id)
+            .collect()
+    }
+
+    /// Runs kubectl against this server; returns (success, stdout, stderr).
+    pub fn kubectl(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<(bool, String, String)> {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut sin) = child.stdin.take() {
+            sin.write_all(stdin.unwrap_or("").as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    fn write_kubeconfig(&self) -> anyhow::Result<()> {
+        let d = self.dir.path().display();
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: iot-local\n  cluster:\n    server: {url}\n    certificate-authority: {d}/ca.crt\nusers:\n- name: admin\n  user:\n    client-certificate: {d}/admin.crt\n    client-key: {d}/admin.key\ncontexts:\n- name: iot-local\n  context:\n    cluster: iot-local\n    user: admin\ncurrent-context: iot-local\n",
+            url = self.url()
+        );
+        std::fs::write(self.kubeconfig(), text)?;
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let d = self.dir.path().to_owned();
+        loop {
+            let ok = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", "--max-time", "2"])
+                .arg("--cacert")
+                .arg(d.join("ca.crt"))
+                .arg("--cert")
+                .arg(d.join("admin.crt"))
+                .arg("--key")
+                .arg(d.join("admin.key"))
+                .arg(format!("{}/readyz", self.url()))
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            for child in [&mut self.etcd, &mut self.apiserver].into_iter().flatten() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    anyhow::bail!(
+                        "API server or etcd exited early ({status}); logs in {}",
+                        d.display()
+                    );
+                }
+            }
+            if start.elapsed() > timeout {
+                anyhow::bail!(
+                    "API server not ready after {timeout:?}; logs in {}",
+                    d.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for child in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = child;
+            kill_child(&mut c);
+        }
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost, and an admin client
+/// certificate in group system:masters (which the server always authorizes).
+fn make_certs(d: &Path) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl").current_dir(d).args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=iot-local-ca",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    // Extensions make these X.509 v3 certificates, which rustls requires.
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )?;
+    std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "30",
+        "-extfile",
+        "san.ext",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "admin.key",
+        "-out",
+        "admin.csr",
+        "-subj",
+        "/O=system:masters/CN=iot-admin",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "admin.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "admin.crt",
+        "-days",
+        "30",
+        "-extfile",
+        "client.ext",
+    ])?;
+    Ok(())
+}
