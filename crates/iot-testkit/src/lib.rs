@@ -13,4 +13,4 @@ pub mod process;
 pub use apiserver::ApiServer;
 pub use nats::NatsServer;
 pub use podman::{DeviceContainers, PodmanService};
-pub use process::{free_port, unique_id, wait_until};
+pub use process::{LoggedProcess, cargo_bin, free_port, unique_id, wait_until};

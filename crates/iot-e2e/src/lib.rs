@@ -1,0 +1,2 @@
+//! End-to-end tests live in `tests/`; shared fixtures in `stack`.
+pub mod stack;

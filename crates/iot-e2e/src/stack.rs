@@ -1,0 +1,285 @@
+//! The whole platform on real servers: API server + etcd, nats-server, podman, the
+//! operator binary and agent binaries. Everything is killed when the stack drops.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use harmony_reconciler_contracts::*;
+use iot_kv::{Anonymous, connect};
+use iot_operator::crd::{Deployment, DeploymentStatus};
+use iot_testkit::{
+    ApiServer, DeviceContainers, LoggedProcess, NatsServer, PodmanService, cargo_bin, unique_id,
+    wait_until,
+};
+use kube::Api;
+use tempfile::TempDir;
+
+pub const WAIT: Duration = Duration::from_secs(90);
+
+pub struct Stack {
+    pub api: ApiServer,
+    pub nats: NatsServer,
+    pub podman: PodmanService,
+    pub kube: kube::Client,
+    pub js: jetstream::Context,
+    pub desired: kv::Store,
+    pub status: kv::Store,
+    pub operator: Option<LoggedProcess>,
+    pub agents: Vec<LoggedProcess>,
+    pub dir: TempDir,
+    /// Extra operator arguments (for tests of the aggregator's threshold).
+    pub operator_env: Vec<(String, String)>,
+    operator_starts: u32,
+}
+
+impl Stack {
+    /// API server with the CRD installed (through `iot-operator install`), NATS, podman.
+    pub async fn start() -> anyhow::Result<Self> {
+        let api = ApiServer::start().await?;
+        let nats = NatsServer::start().await?;
+        let podman = PodmanService::start().await?;
+        let kube = kube_client(&api).await?;
+        let out = Command::new(cargo_bin("iot-operator")?)
+            .env("KUBECONFIG", api.kubeconfig())
+            .args(["install", "--timeout", "60s"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "iot-operator install failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", true).await?;
+        let js = jetstream::new(conn.client.clone());
+        let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
+        Ok(Self {
+            api,
+            nats,
+            podman,
+            kube,
+            js,
+            desired,
+            status,
+            operator: None,
+            agents: Vec::new(),
+            dir: tempfile::tempdir()?,
+            operator_env: Vec::new(),
+            operator_starts: 0,
+        })
+    }
+
+    pub fn start_operator(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(cargo_bin("iot-operator")?);
+        cmd.env("KUBECONFIG", self.api.kubeconfig())
+            .env("NATS_URL", self.nats.url())
+            .env("IOT_RESYNC_INTERVAL", "5s")
+            .env("RUST_LOG", "info")
+            .arg("run");
+        for (k, v) in &self.operator_env {
+            cmd.env(k, v);
+        }
+        self.operator_starts += 1;
+        let log = self
+            .dir
+            .path()
+            .join(format!("operator-{}.log", self.operator_starts));
+        self.operator = Some(LoggedProcess::spawn("iot-operator", cmd, log)?);
+        Ok(())
+    }
+
+    pub fn stop_operator(&mut self) {
+        if let Some(mut op) = self.operator.take() {
+            op.kill();
+        }
+    }
+
+    pub fn operator_log(&self) -> String {
+        self.operator
+            .as_ref()
+            .map(LoggedProcess::log_text)
+            .unwrap_or_default()
+    }
+
+    /// Starts an agent for a fresh device id; returns the id and a guard that removes
+    /// the device's containers however the test ends.
+    pub fn start_agent(&mut self) -> anyhow::Result<(String, DeviceContainers)> {
+        let device = unique_id("dev");
+        let guard = DeviceContainers::new(&device);
+        self.spawn_agent(&device)?;
+        Ok((device, guard))
+    }
+
+    pub fn spawn_agent(&mut self, device: &str) -> anyhow::Result<()> {
+        let mut cmd = Command::new(cargo_bin("iot-agent")?);
+        cmd.env("IOT_DEVICE_ID", device)
+            .env("NATS_URL", self.nats.url())
+            .env("PODMAN_SOCKET", self.podman.socket())
+            .env("IOT_HEARTBEAT_INTERVAL", "1s")
+            .env("IOT_RESYNC_INTERVAL", "2s")
+            .env("IOT_STOP_TIMEOUT", "1s")
+            .env("RUST_LOG", "info");
+        let log = self.dir.path().join(format!("agent-{device}.log"));
+        self.agents
+            .push(LoggedProcess::spawn(&format!("agent {device}"), cmd, log)?);
+        Ok(())
+    }
+
+    /// Kills a device's agent (its containers keep running).
+    pub fn kill_agent(&mut self, device: &str) {
+        let name = format!("agent {device}");
+        self.agents.retain_mut(|a| {
+            if a.name == name {
+                a.kill();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    pub fn applier(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(cargo_bin("example_iot_apply_deployment")?);
+        cmd.env("KUBECONFIG", self.api.kubeconfig());
+        Ok(cmd)
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.api.kubeconfig()
+    }
+
+    pub fn deployments(&self, ns: &str) -> Api<Deployment> {
+        Api::namespaced(self.kube.clone(), ns)
+    }
+
+    /// Desired-state keys of one deployment (any device).
+    pub async fn keys_of(&self, dep: &DeploymentRef) -> anyhow::Result<Vec<String>> {
+        let suffix = format!(".{}", dep.to_token());
+        Ok(collect_keys(&self.desired)
+            .await?
+            .into_iter()
+            .filter(|k| k.ends_with(&suffix))
+            .collect())
+    }
+
+    pub async fn status_of(&self, ns: &str, name: &str) -> Option<DeploymentStatus> {
+        self.deployments(ns).get(name).await.ok()?.status
+    }
+
+    /// Waits until the resource's status satisfies `pred`.
+    pub async fn wait_resource_status(
+        &self,
+        ns: &str,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&DeploymentStatus) -> bool,
+    ) -> anyhow::Result<DeploymentStatus> {
+        let res = wait_until(WAIT, what, || async {
+            self.status_of(ns, name).await.filter(|s| pred(s))
+        })
+        .await;
+        if res.is_err() {
+            eprintln!(
+                "last status of {ns}/{name}: {:#?}",
+                self.status_of(ns, name).await
+            );
+        }
+        res
+    }
+
+    pub async fn agent_status(&self, device: &str) -> Option<AgentStatus> {
+        let bytes = self
+            .status
+            .get(agent_status_key(&Id::new(device).ok()?))
+            .await
+            .ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Stream sequence of the desired-state bucket: grows with every write.
+    pub async fn desired_last_sequence(&self) -> anyhow::Result<u64> {
+        let mut stream = self
+            .js
+            .get_stream(keys::kv_stream_name(DESIRED_STATE_BUCKET))
+            .await?;
+        Ok(stream.info().await?.state.last_sequence)
+    }
+}
+
+pub async fn kube_client(api: &ApiServer) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Every key in a bucket (a transient consumer; fine for a test).
+pub async fn collect_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
+    use futures::TryStreamExt;
+    let keys = store
+        .keys()
+        .await
+        .map_err(|e| anyhow::anyhow!("listing keys: {e}"))?;
+    Ok(keys.try_collect().await?)
+}
+
+/// Plain HTTP GET on 127.0.0.1: (status, body).
+pub async fn http_get(port: u16) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        Some((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
+    wait_until(
+        WAIT,
+        &format!("HTTP 200 {body:?} on port {port}"),
+        || async {
+            http_get(port)
+                .await
+                .filter(|(c, b)| *c == 200 && b == body)
+                .map(drop)
+        },
+    )
+    .await
+}
+
+/// Running container ids of a device, via the podman CLI.
+pub fn running_ids(guard: &DeviceContainers) -> Vec<String> {
+    iot_testkit::podman::podman_cli(&["ps", "-q", "--no-trunc", "--filter", &guard.label_filter()])
+        .map(|o| o.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Runs a command, failing with its stderr if it fails; returns stdout.
+pub fn run_ok(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{:?} failed: {}{}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

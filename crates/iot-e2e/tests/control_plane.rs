@@ -1,0 +1,445 @@
+//! Issue 3 regression on the real local stack: API server + nats-server + operator +
+//! agent + podman. The same lifecycle runs three ways: the typed applier, its
+//! `--print | kubectl apply -f -` output, and a hand-written YAML manifest.
+
+use std::time::Duration;
+
+use harmony_reconciler_contracts::DeploymentRef;
+use iot_e2e::stack::*;
+use iot_operator::conditions::{DESIRED_STATE_WRITTEN, REASON_NATS_UNAVAILABLE};
+use iot_testkit::{free_port, wait_until};
+
+/// How a user drives the resource.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Applier,
+    PrintedJson,
+    HandWrittenYaml,
+}
+
+fn yaml_manifest(ns: &str, name: &str, device: &str, image: &str, port: u16) -> String {
+    // Written the way a user who never touches Rust would write it.
+    format!(
+        r#"apiVersion: iot.nationtech.io/v1alpha1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  target_devices:
+    - {device}
+  score:
+    PodmanV0:
+      services:
+        - name: web
+          image: {image}
+          ports:
+            - host_port: {port}
+              container_port: 80
+"#
+    )
+}
+
+fn apply(
+    stack: &Stack,
+    via: Via,
+    ns: &str,
+    name: &str,
+    device: &str,
+    image: &str,
+    port: u16,
+) -> anyhow::Result<()> {
+    let port_s = port.to_string();
+    let base = [
+        "--name",
+        name,
+        "--namespace",
+        ns,
+        "--target-device",
+        device,
+        "--image",
+        image,
+        "--port",
+        &port_s,
+    ];
+    match via {
+        Via::Applier => {
+            let mut cmd = stack.applier()?;
+            cmd.args(base);
+            run_ok(cmd)?;
+        }
+        Via::PrintedJson => {
+            let mut cmd = stack.applier()?;
+            cmd.args(base).arg("--print");
+            let json = run_ok(cmd)?;
+            let (ok, _, err) = stack.api.kubectl(&["apply", "-f", "-"], Some(&json))?;
+            anyhow::ensure!(ok, "kubectl apply of printed JSON failed: {err}");
+        }
+        Via::HandWrittenYaml => {
+            let (ok, _, err) = stack.api.kubectl(
+                &["apply", "-f", "-"],
+                Some(&yaml_manifest(ns, name, device, image, port)),
+            )?;
+            anyhow::ensure!(ok, "kubectl apply of YAML failed: {err}");
+        }
+    }
+    Ok(())
+}
+
+fn delete(stack: &Stack, via: Via, ns: &str, name: &str) -> anyhow::Result<()> {
+    match via {
+        Via::Applier => {
+            let mut cmd = stack.applier()?;
+            cmd.args(["--name", name, "--namespace", ns, "--delete"]);
+            run_ok(cmd)?;
+        }
+        Via::PrintedJson | Via::HandWrittenYaml => {
+            let (ok, _, err) = stack.api.kubectl(
+                &[
+                    "delete",
+                    "deployments.iot.nationtech.io",
+                    "-n",
+                    ns,
+                    name,
+                    "--wait=false",
+                ],
+                None,
+            )?;
+            anyhow::ensure!(ok, "kubectl delete failed: {err}");
+        }
+    }
+    Ok(())
+}
+
+async fn lifecycle(via: Via) -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let (dev, guard) = stack.start_agent()?;
+    let port = free_port()?;
+    let dep = DeploymentRef::new("default", "web")?;
+
+    apply(
+        &stack,
+        via,
+        "default",
+        "web",
+        &dev,
+        "localhost/iot-web:v1",
+        port,
+    )?;
+    wait_http(port, "v1").await?;
+    let v1 = running_ids(&guard);
+    assert_eq!(v1.len(), 1);
+    assert_eq!(
+        stack.keys_of(&dep).await?,
+        vec![format!("{dev}.default_web")]
+    );
+
+    apply(
+        &stack,
+        via,
+        "default",
+        "web",
+        &dev,
+        "localhost/iot-web:v2",
+        port,
+    )?;
+    wait_http(port, "v2").await?;
+    let v2 = wait_until(WAIT, "one new container", || async {
+        let ids = running_ids(&guard);
+        (ids.len() == 1 && ids != v1).then_some(ids)
+    })
+    .await?;
+    assert_ne!(v1, v2, "upgrade must replace the container");
+
+    delete(&stack, via, "default", "web")?;
+    wait_until(WAIT, "container gone", || async {
+        guard.ids().is_empty().then_some(())
+    })
+    .await?;
+    wait_until(WAIT, "keys gone", || async {
+        stack.keys_of(&dep).await.ok().filter(|k| k.is_empty())
+    })
+    .await?;
+    wait_until(WAIT, "resource gone (finalizer released)", || async {
+        stack
+            .deployments("default")
+            .get_opt("web")
+            .await
+            .ok()
+            .filter(Option::is_none)
+            .map(drop)
+    })
+    .await?;
+    let log = stack.operator_log();
+    assert!(
+        log.contains("KV bucket ready"),
+        "operator log lacks 'KV bucket ready'"
+    );
+    assert!(
+        log.contains("reconcile")
+            && log.contains("namespace=\"default\"")
+            && log.contains("name=\"web\""),
+        "operator did not log the reconcile"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lifecycle_through_the_typed_applier() -> anyhow::Result<()> {
+    lifecycle(Via::Applier).await
+}
+
+#[tokio::test]
+async fn lifecycle_through_printed_json_and_kubectl() -> anyhow::Result<()> {
+    lifecycle(Via::PrintedJson).await
+}
+
+#[tokio::test]
+async fn lifecycle_through_a_hand_written_yaml_manifest() -> anyhow::Result<()> {
+    lifecycle(Via::HandWrittenYaml).await
+}
+
+#[tokio::test]
+async fn same_name_in_two_namespaces_runs_twice_and_deletes_independently() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let (dev, guard) = stack.start_agent()?;
+    let (pa, pb) = (free_port()?, free_port()?);
+    apply(
+        &stack,
+        Via::Applier,
+        "team-a",
+        "web",
+        &dev,
+        "localhost/iot-web:v1",
+        pa,
+    )?;
+    apply(
+        &stack,
+        Via::Applier,
+        "team-b",
+        "web",
+        &dev,
+        "localhost/iot-web:v2",
+        pb,
+    )?;
+    wait_http(pa, "v1").await?;
+    wait_http(pb, "v2").await?;
+    assert_eq!(running_ids(&guard).len(), 2);
+
+    delete(&stack, Via::Applier, "team-a", "web")?;
+    wait_until(WAIT, "team-a container gone", || async {
+        (running_ids(&guard).len() == 1).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_http(pb, "v2").await?;
+    assert!(
+        stack
+            .keys_of(&DeploymentRef::new("team-a", "web")?)
+            .await?
+            .is_empty()
+    );
+    assert_eq!(
+        stack
+            .keys_of(&DeploymentRef::new("team-b", "web")?)
+            .await?
+            .len(),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn targets_that_do_not_exist_get_keys_and_harm_nothing() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let (dev, guard) = stack.start_agent()?;
+    let port = free_port()?;
+    let mut cmd = stack.applier()?;
+    let port_s = port.to_string();
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        &dev,
+        "--target-device",
+        "ghost-1",
+        "--image",
+        "localhost/iot-web:v1",
+        "--port",
+        &port_s,
+    ]);
+    run_ok(cmd)?;
+    wait_http(port, "v1").await?;
+    let dep = DeploymentRef::new("default", "web")?;
+    let mut keys = stack.keys_of(&dep).await?;
+    keys.sort();
+    let mut want = vec![
+        format!("{dev}.default_web"),
+        "ghost-1.default_web".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(keys, want);
+    let status = stack
+        .wait_resource_status("default", "web", "DesiredStateWritten=True", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == DESIRED_STATE_WRITTEN && c.status == "True")
+        })
+        .await?;
+    assert_eq!(status.observed_generation, Some(1));
+
+    // Dropping a device from the targets removes only its key.
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        &dev,
+        "--image",
+        "localhost/iot-web:v1",
+        "--port",
+        &port_s,
+    ]);
+    run_ok(cmd)?;
+    wait_until(WAIT, "ghost key purged", || async {
+        stack
+            .keys_of(&dep)
+            .await
+            .ok()
+            .filter(|k| k.len() == 1 && k[0].starts_with(&dev))
+    })
+    .await?;
+    assert_eq!(running_ids(&guard).len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn operator_restart_writes_nothing_that_did_not_change() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    for i in 0..5 {
+        let mut cmd = stack.applier()?;
+        let name = format!("app{i}");
+        cmd.args([
+            "--name",
+            &name,
+            "--target-device",
+            "d1",
+            "--target-device",
+            "d2",
+            "--target-device",
+            "d3",
+            "--image",
+            "localhost/iot-web:v1",
+        ]);
+        run_ok(cmd)?;
+    }
+    wait_until(WAIT, "15 keys written", || async {
+        let mut n = 0;
+        for i in 0..5 {
+            n += stack
+                .keys_of(&DeploymentRef::new("default", format!("app{i}")).ok()?)
+                .await
+                .ok()?
+                .len();
+        }
+        (n == 15).then_some(())
+    })
+    .await?;
+    let before = stack.desired_last_sequence().await?;
+    stack.stop_operator();
+    stack.start_operator()?;
+    // Long enough for startup, a full reconcile of every resource and one resync (5 s).
+    wait_until(WAIT, "operator reconciled after restart", || async {
+        let log = stack.operator_log();
+        (log.matches("reconcile namespace").count() >= 10).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = stack.desired_last_sequence().await?;
+    assert_eq!(
+        before,
+        after,
+        "operator restart wrote {} KV messages for unchanged resources",
+        after - before
+    );
+    assert!(
+        !stack.operator_log().contains("writing desired state"),
+        "restart re-wrote desired state"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_outage_is_reported_in_a_condition_and_converges_after() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        "d1",
+        "--image",
+        "localhost/iot-web:v1",
+    ]);
+    run_ok(cmd)?;
+    let dep = DeploymentRef::new("default", "web")?;
+    wait_until(WAIT, "key written", || async {
+        stack.keys_of(&dep).await.ok().filter(|k| k.len() == 1)
+    })
+    .await?;
+
+    stack.nats.stop();
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        "d1",
+        "--target-device",
+        "d2",
+        "--image",
+        "localhost/iot-web:v2",
+    ]);
+    run_ok(cmd)?;
+    let status = stack
+        .wait_resource_status("default", "web", "NatsUnavailable condition", |s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == DESIRED_STATE_WRITTEN
+                    && c.status == "False"
+                    && c.reason == REASON_NATS_UNAVAILABLE
+            })
+        })
+        .await?;
+    let cond = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == DESIRED_STATE_WRITTEN)
+        .expect("condition");
+    assert!(cond.message.contains("NATS"), "{}", cond.message);
+
+    stack.nats.restart().await?;
+    // Reconnect our admin handles and wait for convergence.
+    let conn = iot_kv::connect(&[stack.nats.url()], &iot_kv::Anonymous, "e2e-admin2", true).await?;
+    stack.js = async_nats::jetstream::new(conn.client.clone());
+    stack.desired = stack
+        .js
+        .get_key_value(harmony_reconciler_contracts::DESIRED_STATE_BUCKET)
+        .await?;
+    wait_until(WAIT, "both keys after outage", || async {
+        stack.keys_of(&dep).await.ok().filter(|k| k.len() == 2)
+    })
+    .await?;
+    stack
+        .wait_resource_status("default", "web", "DesiredStateWritten=True again", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == DESIRED_STATE_WRITTEN && c.status == "True")
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Builds a `Deployment` from flags with the typed `DeploymentSpec` and
+//! `PodmanV0Score`, and applies it with server-side apply, deletes it, or prints it
+//! as JSON for `kubectl apply -f -`. No YAML anywhere.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use harmony_reconciler_contracts::{
+    DeploymentRef, Id, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol,
+    RestartPolicy, describe_problems, validate_score,
+};
+use iot_operator::crd::{Deployment, DeploymentSpec};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+
+const FIELD_MANAGER: &str = "example_iot_apply_deployment";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "example_iot_apply_deployment",
+    about = "Apply, delete or print an iot.nationtech.io Deployment"
+)]
+struct Args {
+    /// Resource name.
+    #[arg(long, default_value = "web")]
+    name: String,
+    /// Resource namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Device to run on (repeat for several).
+    #[arg(long = "target-device", value_name = "DEVICE_ID")]
+    target_devices: Vec<String>,
+    /// Container image (must be on the device or pullable by it).
+    #[arg(long)]
+    image: Option<String>,
+    /// Published port, HOST[:CONTAINER] (container port defaults to 80). Repeatable.
+    #[arg(long = "port", value_name = "HOST[:CONTAINER]", value_parser = parse_port)]
+    ports: Vec<PortMapping>,
+    /// Environment variable KEY=VALUE. Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Service (container) name inside the deployment.
+    #[arg(long, default_value = "web")]
+    service: String,
+    /// Delete the resource instead of applying it.
+    #[arg(long, conflicts_with = "print")]
+    delete: bool,
+    /// Print the resource as JSON instead of applying it.
+    #[arg(long)]
+    print: bool,
+    /// After applying, wait until every target device runs the new spec.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
+}
+
+fn parse_port(s: &str) -> Result<PortMapping, String> {
+    let (host, container) = s.split_once(':').unwrap_or((s, "80"));
+    let parse = |v: &str, what: &str| -> Result<u16, String> {
+        match v.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(format!("{what} port {v:?} is not a number in 1-65535")),
+        }
+    };
+    Ok(PortMapping {
+        host_port: parse(host, "host")?,
+        container_port: parse(container, "container")?,
+        protocol: Protocol::Tcp,
+    })
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn build(args: &Args) -> anyhow::Result<Deployment> {
+    DeploymentRef::new(&args.namespace, &args.name).context("invalid --namespace/--name")?;
+    anyhow::ensure!(
+        !args.target_devices.is_empty(),
+        "at least one --target-device is required"
+    );
+    for d in &args.target_devices {
+        Id::new(d.as_str()).context("invalid --target-device")?;
+    }
+    let image = args
+        .image
+        .clone()
+        .context("--image is required unless --delete is given")?;
+    let score = IotScore::PodmanV0(PodmanV0Score {
+        services: vec![PodmanService {
+            name: args.service.clone(),
+            image,
+            ports: args.ports.clone(),
+            env: args.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+            command: None,
+            args: None,
+            restart_policy: RestartPolicy::Always,
+            resources: None,
+        }],
+    });
+    let problems = validate_score(&score);
+    anyhow::ensure!(problems.is_empty(), "{}", describe_problems(&problems));
+    let mut dep = Deployment::new(
+        &args.name,
+        DeploymentSpec {
+            target_devices: args.target_devices.clone(),
+            score,
+        },
+    );
+    dep.metadata.namespace = Some(args.namespace.clone());
+    Ok(dep)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print {
+        println!("{}", serde_json::to_string_pretty(&build(&args)?)?);
+        return Ok(());
+    }
+    let dep = if args.delete {
+        None
+    } else {
+        Some(build(&args)?)
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach a Kubernetes API server (is KUBECONFIG set?)")?;
+    let api: Api<Deployment> = Api::namespaced(client, &args.namespace);
+    match dep {
+        None => match api.delete(&args.name, &DeleteParams::default()).await {
+            Ok(_) => println!(
+                "deployment.iot.nationtech.io/{} deleted (keys are removed by the operator)",
+                args.name
+            ),
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                anyhow::bail!(
+                    "deployment.iot.nationtech.io/{} not found in namespace {} ({})",
+                    args.name,
+                    args.namespace,
+                    crd_hint(&e.message)
+                )
+            }
+            Err(e) => return Err(explain(e)),
+        },
+        Some(dep) => {
+            let applied = api
+                .patch(
+                    &args.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&dep),
+                )
+                .await
+                .map_err(explain)?;
+            println!(
+                "deployment.iot.nationtech.io/{} applied (generation {})",
+                applied.name_any(),
+                applied.metadata.generation.unwrap_or(0)
+            );
+            if let Some(timeout) = args.wait {
+                wait_rolled_out(
+                    &api,
+                    &args.name,
+                    applied.metadata.generation.unwrap_or(0),
+                    timeout,
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the status counts every target as succeeded on this generation.
+async fn wait_rolled_out(
+    api: &Api<Deployment>,
+    name: &str,
+    generation: i64,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let d = api.get(name).await.map_err(explain)?;
+        if let Some(status) = &d.status
+            && status.observed_generation == Some(generation)
+            && let Some(agg) = &status.aggregate
+        {
+            if agg.targets > 0 && agg.succeeded == agg.targets {
+                println!(
+                    "rolled out: {}/{} devices running spec {}",
+                    agg.succeeded, agg.targets, agg.spec_hash
+                );
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let err = agg
+                    .last_error
+                    .as_ref()
+                    .map(|e| format!("; last error on {}: {}", e.device, e.message))
+                    .unwrap_or_default();
+                anyhow::bail!(
+                    "not rolled out after {timeout:?}: {} succeeded, {} failed, {} pending, {} unreported{err}",
+                    agg.succeeded,
+                    agg.failed,
+                    agg.pending,
+                    agg.unreported
+                );
+            }
+        } else if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "no status for generation {generation} after {timeout:?}; is the operator running?"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn crd_hint(message: &str) -> String {
+    if message.contains("the server could not find the requested resource") {
+        "the Deployment CRD is not installed; run `iot-operator install`".into()
+    } else {
+        message.to_owned()
+    }
+}
+
+fn explain(e: kube::Error) -> anyhow::Error {
+    match e {
+        kube::Error::Api(ae) if ae.code == 404 => anyhow::anyhow!("{}", crd_hint(&ae.message)),
+        kube::Error::Api(ae) if ae.code == 422 => {
+            anyhow::anyhow!("the API server rejected the resource: {}", ae.message)
+        }
+        kube::Error::Api(ae) => anyhow::anyhow!("API server error {}: {}", ae.code, ae.message),
+        other => anyhow::anyhow!("cannot talk to the Kubernetes API server: {other}"),
+    }
+}
