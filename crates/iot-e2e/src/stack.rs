@@ -32,6 +32,20 @@ pub struct Stack {
     /// Extra operator arguments (for tests of the aggregator's threshold).
     pub operator_env: Vec<(String, String)>,
     operator_starts: u32,
+    /// Removes device containers after the agents are killed (see Drop).
+    cleanups: Vec<DeviceContainers>,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Agents first: a live agent would restore containers we remove.
+        for a in &mut self.agents {
+            a.kill();
+        }
+        for c in &self.cleanups {
+            c.remove_all();
+        }
+    }
 }
 
 impl Stack {
@@ -66,6 +80,7 @@ impl Stack {
             dir: tempfile::tempdir()?,
             operator_env: Vec::new(),
             operator_starts: 0,
+            cleanups: Vec::new(),
         })
     }
 
@@ -101,13 +116,13 @@ impl Stack {
             .unwrap_or_default()
     }
 
-    /// Starts an agent for a fresh device id; returns the id and a guard that removes
-    /// the device's containers however the test ends.
+    /// Starts an agent for a fresh device id; returns the id and a view of the
+    /// device's containers. The stack removes them (after killing agents) on drop.
     pub fn start_agent(&mut self) -> anyhow::Result<(String, DeviceContainers)> {
         let device = unique_id("dev");
-        let guard = DeviceContainers::new(&device);
+        self.cleanups.push(DeviceContainers::new(&device));
         self.spawn_agent(&device)?;
-        Ok((device, guard))
+        Ok((device.clone(), DeviceContainers::observer(&device)))
     }
 
     pub fn spawn_agent(&mut self, device: &str) -> anyhow::Result<()> {

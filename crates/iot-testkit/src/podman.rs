@@ -101,7 +101,9 @@ impl DeviceContainers {
 
 impl Drop for DeviceContainers {
     fn drop(&mut self) {
-        self.remove_all();
+        if self.cleanup_on_drop {
+            self.remove_all();
+        }
     }
 }
 
