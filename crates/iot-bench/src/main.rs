@@ -2,6 +2,7 @@
 //! Build first: `cargo build --release --workspace`.
 
 mod agent_bench;
+mod fanout_bench;
 mod follow_bench;
 mod util;
 
@@ -24,6 +25,11 @@ enum Cmd {
         runs: usize,
     },
     /// N devices following desired state without consumers.
+    /// One Deployment targeting N devices: apply -> every key, vs raw puts.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+    },
     FollowScale {
         #[arg(long, default_value_t = 1000)]
         devices: usize,
@@ -44,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::AgentFootprint => agent_bench::footprint().await,
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
+        Cmd::Fanout { devices } => fanout_bench::run(devices).await,
         Cmd::FollowScale {
             devices,
             connections,

@@ -68,13 +68,19 @@ pub struct DeviceContainers {
 
 impl DeviceContainers {
     pub fn new(device: &str) -> Self {
-        Self { device: device.to_owned(), cleanup_on_drop: true }
+        Self {
+            device: device.to_owned(),
+            cleanup_on_drop: true,
+        }
     }
 
     /// Same queries, but leaves cleanup to whoever owns the agent (so containers are
     /// removed only after the agent that would restore them is gone).
     pub fn observer(device: &str) -> Self {
-        Self { device: device.to_owned(), cleanup_on_drop: false }
+        Self {
+            device: device.to_owned(),
+            cleanup_on_drop: false,
+        }
     }
 
     /// IDs of this device's containers (any state), via the podman CLI.

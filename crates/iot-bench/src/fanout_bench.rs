@@ -1,0 +1,195 @@
+//! Operator fan-out: one Deployment targeting N devices, from apply to every key in
+//! KV, against a raw client putting the same number of keys in the same run.
+
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use harmony_reconciler_contracts::*;
+use iot_kv::{Anonymous, KvOp, connect, write_batch};
+use iot_operator::crd::{Deployment, DeploymentSpec};
+use iot_testkit::{ApiServer, LoggedProcess, NatsServer};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+
+use crate::util::{rss_kib, sibling_binary};
+
+/// Counts distinct keys seen on a subject filter until `n`, or times out. Returns
+/// when the first key was seen.
+async fn wait_keys(
+    sub: &mut async_nats::Subscriber,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Instant> {
+    let mut seen = HashSet::with_capacity(n);
+    let mut first = None;
+    let deadline = Instant::now() + timeout;
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let msg = tokio::time::timeout(left, sub.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("only {} of {n} keys after {timeout:?}", seen.len()))?
+            .ok_or_else(|| anyhow::anyhow!("subscription closed"))?;
+        first.get_or_insert_with(Instant::now);
+        seen.insert(msg.subject.to_string());
+    }
+    Ok(first.unwrap_or_else(Instant::now))
+}
+
+pub async fn run(devices: usize) -> anyhow::Result<()> {
+    let api = ApiServer::start().await?;
+    let nats = NatsServer::start().await?;
+    let conn = connect(&[nats.url()], &Anonymous, "bench", true).await?;
+    let js = jetstream::new(conn.client.clone());
+    iot_kv::buckets::ensure_buckets(&js).await?;
+    let operator_bin = sibling_binary("iot-operator")?;
+    let out = Command::new(&operator_bin)
+        .env("KUBECONFIG", api.kubeconfig())
+        .arg("install")
+        .stderr(Stdio::null())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "install failed");
+    let mut cmd = Command::new(&operator_bin);
+    cmd.env("KUBECONFIG", api.kubeconfig())
+        .env("NATS_URL", nats.url())
+        .env("RUST_LOG", "warn")
+        .arg("run");
+    let operator = LoggedProcess::spawn("iot-operator", cmd, api.dir().join("operator.log"))?;
+    let operator_pid = operator
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kib(operator_pid)?;
+
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
+    )?;
+    let deployments: Api<Deployment> = Api::namespaced(client, "default");
+    let targets: Vec<String> = (0..devices).map(|i| format!("dev{i}")).collect();
+    let score: IotScore = serde_json::from_value(
+        serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v1"}]}}),
+    )?;
+    let payload_len = DesiredState::new(DeploymentRef::new("default", "fanout")?, 1, score.clone())
+        .to_bytes()
+        .len();
+
+    // Baseline first: a raw client putting the same number of keys, same payload size,
+    // pipelined the same way as the operator does it.
+    let mut raw_sub = conn
+        .client
+        .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_raw"))
+        .await?;
+    let raw_dep = DeploymentRef::new("default", "raw")?;
+    let raw_value = Bytes::from(DesiredState::new(raw_dep.clone(), 1, score.clone()).to_bytes());
+    let ops: Vec<KvOp> = targets
+        .iter()
+        .map(|d| {
+            Ok(KvOp::Put {
+                key: desired_state_key(&Id::new(d.as_str())?, &raw_dep),
+                value: raw_value.clone(),
+            })
+        })
+        .collect::<Result<_, IdError>>()?;
+    let t = Instant::now();
+    let (acked, err) = write_batch(
+        &js,
+        DESIRED_STATE_BUCKET,
+        &ops,
+        iot_kv::write::DEFAULT_WINDOW,
+    )
+    .await;
+    anyhow::ensure!(
+        err.is_none() && acked == devices,
+        "raw puts failed: {err:?}"
+    );
+    wait_keys(&mut raw_sub, devices, Duration::from_secs(300)).await?;
+    let raw = t.elapsed();
+
+    // A naive raw client: one acknowledged `kv.put` after another.
+    let mut seq_sub = conn
+        .client
+        .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_seq"))
+        .await?;
+    let store = js.get_key_value(DESIRED_STATE_BUCKET).await?;
+    let t = Instant::now();
+    for d in &ops {
+        let key = d.key().replace(".default_raw", ".default_seq");
+        store.put(key, raw_value.clone()).await?;
+    }
+    wait_keys(&mut seq_sub, devices, Duration::from_secs(300)).await?;
+    let sequential = t.elapsed();
+
+    // Ours: apply the resource, wait for every key.
+    let mut sub = conn
+        .client
+        .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_fanout"))
+        .await?;
+    let mut dep = Deployment::new(
+        "fanout",
+        DeploymentSpec {
+            target_devices: targets,
+            score,
+        },
+    );
+    dep.metadata.namespace = Some("default".into());
+    let t = Instant::now();
+    deployments
+        .patch(
+            "fanout",
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&dep),
+        )
+        .await?;
+    let applied = t.elapsed();
+    let first_key = wait_keys(&mut sub, devices, Duration::from_secs(300)).await?;
+    let ours = t.elapsed();
+    let to_first_key = first_key.duration_since(t);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(operator_pid)?;
+
+    println!("| devices targeted | {devices} (payload {payload_len} B per key) |");
+    println!(
+        "| raw client: pipelined puts until every key is seen | {:.3} s |",
+        raw.as_secs_f64()
+    );
+    println!(
+        "| operator: SSA apply until every key is seen | {:.3} s (of which the API call {:.3} s) |",
+        ours.as_secs_f64(),
+        applied.as_secs_f64()
+    );
+    println!(
+        "| raw client: sequential acked kv.put until every key is seen | {:.3} s |",
+        sequential.as_secs_f64()
+    );
+    println!(
+        "| operator: apply -> first key (API server + watch + plan) | {:.3} s |",
+        to_first_key.as_secs_f64()
+    );
+    println!(
+        "| operator: first key -> last key (the writes) | {:.3} s |",
+        (ours - to_first_key).as_secs_f64()
+    );
+    println!(
+        "| ratio ours/raw pipelined, whole path | {:.2}x |",
+        ours.as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "| ratio ours/raw pipelined, write phase only | {:.2}x |",
+        (ours - to_first_key).as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "| ratio ours/raw sequential, whole path | {:.2}x |",
+        ours.as_secs_f64() / sequential.as_secs_f64()
+    );
+    println!(
+        "| operator RSS idle / after fan-out | {:.1} MiB / {:.1} MiB |",
+        rss_idle as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+    drop(operator);
+    Ok(())
+}
