@@ -19,9 +19,7 @@ pub const DEVICE_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
 /// Why an identifier or key was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    #[error(
-        "invalid device id {id:?}: {reason} (allowed: 1-{MAX_DEVICE_ID_LEN} characters of A-Z a-z 0-9 _ -)"
-    )]
+    #[error("invalid device id {id:?}: {reason} (allowed: 1-{MAX_DEVICE_ID_LEN} characters of A-Z a-z 0-9 _ -)")]
     InvalidDeviceId { id: String, reason: &'static str },
     #[error("invalid namespace {value:?}: {reason} (must be a DNS-1123 label)")]
     InvalidNamespace { value: String, reason: &'static str },
@@ -49,10 +47,7 @@ impl Id {
             Some("must not be empty")
         } else if id.len() > MAX_DEVICE_ID_LEN {
             Some("too long")
-        } else if !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        } else if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             Some("contains a character that is not allowed in a NATS subject token")
         } else {
             None
@@ -117,10 +112,7 @@ impl DeploymentRef {
             });
         }
         if let Some(reason) = dns_subdomain_problem(&name) {
-            return Err(IdError::InvalidName {
-                value: name,
-                reason,
-            });
+            return Err(IdError::InvalidName { value: name, reason });
         }
         Ok(Self { namespace, name })
     }
@@ -156,9 +148,9 @@ impl fmt::Display for DeploymentRef {
 impl FromStr for DeploymentRef {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (ns, name) = s.split_once('/').ok_or_else(|| IdError::InvalidRef {
-            value: s.to_owned(),
-        })?;
+        let (ns, name) = s
+            .split_once('/')
+            .ok_or_else(|| IdError::InvalidRef { value: s.to_owned() })?;
         Self::new(ns, name)
     }
 }

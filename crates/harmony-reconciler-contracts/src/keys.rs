@@ -39,12 +39,10 @@ pub fn agent_status_key(device: &Id) -> String {
 }
 
 pub fn parse_agent_status_key(key: &str) -> Result<Id, IdError> {
-    let device = key
-        .strip_prefix("status.")
-        .ok_or_else(|| IdError::InvalidKey {
-            key: key.to_owned(),
-            reason: "agent-status keys have the form status.<device>".into(),
-        })?;
+    let device = key.strip_prefix("status.").ok_or_else(|| IdError::InvalidKey {
+        key: key.to_owned(),
+        reason: "agent-status keys have the form status.<device>".into(),
+    })?;
     Id::new(device)
 }
 
@@ -67,8 +65,5 @@ pub fn desired_state_device_filter(device: &Id) -> String {
 
 /// Recovers the KV key from a `$KV.<bucket>.<key>` subject.
 pub fn key_from_subject<'a>(bucket: &str, subject: &'a str) -> Option<&'a str> {
-    subject
-        .strip_prefix("$KV.")?
-        .strip_prefix(bucket)?
-        .strip_prefix('.')
+    subject.strip_prefix("$KV.")?.strip_prefix(bucket)?.strip_prefix('.')
 }

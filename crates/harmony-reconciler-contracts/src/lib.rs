@@ -17,14 +17,12 @@ pub mod validate;
 pub use hash::{SpecHash, spec_hash_of, spec_hash_of_value};
 pub use id::{DeploymentRef, Id, IdError};
 pub use keys::{
-    AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET, agent_status_key, desired_state_key,
-    parse_agent_status_key, parse_desired_state_key,
+    AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET, agent_status_key, desired_state_key, parse_agent_status_key,
+    parse_desired_state_key,
 };
 pub use score::{
-    DecodedDesiredState, DesiredState, IotScore, PodmanService, PodmanV0Score, PortMapping,
-    Protocol, ResourceLimits, RestartPolicy, ScoreSlot,
+    DecodedDesiredState, DesiredState, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, ResourceLimits,
+    RestartPolicy, ScoreSlot,
 };
-pub use status::{
-    AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, Severity,
-};
+pub use status::{AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, Severity};
 pub use validate::{ScoreProblem, describe_problems, validate_score};

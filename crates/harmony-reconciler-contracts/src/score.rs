@@ -60,10 +60,7 @@ pub struct PodmanV0Score {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PodmanService {
     /// Service name, a DNS label, unique within the deployment.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// Image reference. Must already be present on the device or pullable by it.
     #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^\s]+$"))]
@@ -97,9 +94,7 @@ pub struct PortMapping {
     pub protocol: Protocol,
 }
 
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -175,10 +170,7 @@ impl ScoreSlot {
         if IotScore::VARIANTS.contains(&variant.as_str()) {
             Ok(ScoreSlot::Known(serde_json::from_value(value)?))
         } else {
-            Ok(ScoreSlot::Unsupported {
-                variant,
-                raw: value,
-            })
+            Ok(ScoreSlot::Unsupported { variant, raw: value })
         }
     }
 }

@@ -52,10 +52,7 @@ fn validate_podman(score: &PodmanV0Score) -> Vec<ScoreProblem> {
         } else if !names.insert(svc.name.as_str()) {
             push(
                 at("name"),
-                format!(
-                    "duplicate service name {:?}; service names must be unique",
-                    svc.name
-                ),
+                format!("duplicate service name {:?}; service names must be unique", svc.name),
             );
         }
         if let Some(reason) = image_reference_problem(&svc.image) {
@@ -63,16 +60,10 @@ fn validate_podman(score: &PodmanV0Score) -> Vec<ScoreProblem> {
         }
         for (p, port) in svc.ports.iter().enumerate() {
             if port.host_port == 0 {
-                push(
-                    at(&format!("ports[{p}].host_port")),
-                    "must be 1-65535".into(),
-                );
+                push(at(&format!("ports[{p}].host_port")), "must be 1-65535".into());
             }
             if port.container_port == 0 {
-                push(
-                    at(&format!("ports[{p}].container_port")),
-                    "must be 1-65535".into(),
-                );
+                push(at(&format!("ports[{p}].container_port")), "must be 1-65535".into());
             }
             if port.host_port != 0 && !host_ports.insert((port.host_port, port.protocol)) {
                 push(
@@ -87,10 +78,7 @@ fn validate_podman(score: &PodmanV0Score) -> Vec<ScoreProblem> {
         }
         for key in svc.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
-                push(
-                    at("env"),
-                    format!("invalid environment variable name {key:?}"),
-                );
+                push(at("env"), format!("invalid environment variable name {key:?}"));
             }
         }
     }
@@ -110,9 +98,7 @@ pub fn image_reference_problem(image: &str) -> Option<String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || "._-/:@".contains(*c)))
     {
-        return Some(format!(
-            "{image:?} is not a valid image reference (character {c:?})"
-        ));
+        return Some(format!("{image:?} is not a valid image reference (character {c:?})"));
     }
     if image.starts_with(['/', ':', '@', '.', '-']) || image.ends_with(['/', ':', '@']) {
         return Some(format!("{image:?} is not a valid image reference"));

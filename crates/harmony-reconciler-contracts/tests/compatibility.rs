@@ -34,13 +34,8 @@ fn known_variant_with_bad_body_is_an_error_naming_the_field() {
 
 #[test]
 fn score_that_is_not_a_single_variant_object_is_an_error() {
-    for score in [
-        json!("PodmanV0"),
-        json!({}),
-        json!({"PodmanV0": {}, "Other": {}}),
-    ] {
-        let bytes =
-            serde_json::to_vec(&json!({"deployment": "a/b", "score": score})).expect("json");
+    for score in [json!("PodmanV0"), json!({}), json!({"PodmanV0": {}, "Other": {}})] {
+        let bytes = serde_json::to_vec(&json!({"deployment": "a/b", "score": score})).expect("json");
         assert!(DecodedDesiredState::from_slice(&bytes).is_err());
     }
 }
@@ -58,8 +53,7 @@ fn newer_agent_status_is_read_by_older_reader() {
         "recent_events": [{"at": "2030-01-01T00:00:00Z", "severity": "Critical", "message": "m", "code": 7}],
         "inventory": {"cpu_cores": 8, "gpu": "none"}
     });
-    let status: AgentStatus =
-        serde_json::from_value(future).expect("older reader tolerates newer status");
+    let status: AgentStatus = serde_json::from_value(future).expect("older reader tolerates newer status");
     let phase = &status.deployments[&DeploymentRef::new("ns", "web").expect("ok")];
     assert_eq!(phase.phase, Phase::Unknown);
     assert_eq!(status.recent_events[0].severity, Severity::Unknown);
@@ -70,15 +64,13 @@ fn newer_agent_status_is_read_by_older_reader() {
 fn older_agent_status_is_read_by_newer_reader() {
     // The first agents wrote only these fields.
     let old = json!({"device_id": "dev1", "heartbeat_at": "2026-04-21T00:00:00Z"});
-    let status: AgentStatus =
-        serde_json::from_value(old).expect("newer reader tolerates older status");
+    let status: AgentStatus = serde_json::from_value(old).expect("newer reader tolerates older status");
     assert_eq!(status.format, 1);
     assert!(status.deployments.is_empty() && status.recent_events.is_empty());
     assert!(status.inventory.is_none());
-    let phase: DeploymentPhase = serde_json::from_value(
-        json!({"phase": "Running", "last_event_at": "2026-04-21T00:00:00Z"}),
-    )
-    .expect("phase without hash/error");
+    let phase: DeploymentPhase =
+        serde_json::from_value(json!({"phase": "Running", "last_event_at": "2026-04-21T00:00:00Z"}))
+            .expect("phase without hash/error");
     assert_eq!((phase.spec_hash, phase.last_error), (None, None));
 }
 
@@ -109,9 +101,8 @@ fn validation_names_fields() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in {text}");
     }
-    let ok: IotScore = serde_json::from_value(
-        json!({"PodmanV0": {"services": [{"name": "a", "image": "localhost/x:v1"}]}}),
-    )
-    .expect("ok");
+    let ok: IotScore =
+        serde_json::from_value(json!({"PodmanV0": {"services": [{"name": "a", "image": "localhost/x:v1"}]}}))
+            .expect("ok");
     assert!(validate_score(&ok).is_empty());
 }

@@ -1,11 +1,8 @@
 //! Key helpers: NATS token rules, namespace separation, typed errors.
 
-use harmony_reconciler_contracts::keys::{
-    desired_state_device_filter, key_from_subject, kv_subject,
-};
+use harmony_reconciler_contracts::keys::{desired_state_device_filter, key_from_subject, kv_subject};
 use harmony_reconciler_contracts::{
-    DeploymentRef, Id, IdError, agent_status_key, desired_state_key, parse_agent_status_key,
-    parse_desired_state_key,
+    DeploymentRef, Id, IdError, agent_status_key, desired_state_key, parse_agent_status_key, parse_desired_state_key,
 };
 
 fn dep(ns: &str, name: &str) -> DeploymentRef {
@@ -55,17 +52,7 @@ fn status_key_round_trips() {
 
 #[test]
 fn device_ids_that_break_nats_tokens_are_typed_errors() {
-    for bad in [
-        "",
-        "a.b",
-        "a*",
-        "a>",
-        "a b",
-        "dév",
-        "a/b",
-        "x=y",
-        &"x".repeat(65),
-    ] {
+    for bad in ["", "a.b", "a*", "a>", "a b", "dév", "a/b", "x=y", &"x".repeat(65)] {
         match Id::new(bad) {
             Err(IdError::InvalidDeviceId { id, .. }) => assert_eq!(id, bad),
             other => panic!("{bad:?} should be rejected, got {other:?}"),
@@ -93,10 +80,7 @@ fn bad_namespaces_and_names_are_typed_errors() {
         DeploymentRef::new("ns", "web."),
         Err(IdError::InvalidName { .. })
     ));
-    assert!(matches!(
-        DeploymentRef::new("ns", ""),
-        Err(IdError::InvalidName { .. })
-    ));
+    assert!(matches!(DeploymentRef::new("ns", ""), Err(IdError::InvalidName { .. })));
 }
 
 #[test]
@@ -110,35 +94,23 @@ fn malformed_keys_are_errors_not_panics() {
         ".ns_web",
         "d v.ns_web",
     ] {
-        assert!(
-            parse_desired_state_key(bad).is_err(),
-            "{bad:?} should not parse"
-        );
+        assert!(parse_desired_state_key(bad).is_err(), "{bad:?} should not parse");
     }
 }
 
 #[test]
 fn error_messages_say_what_is_allowed() {
     let err = Id::new("a.b").expect_err("invalid").to_string();
-    assert!(
-        err.contains("a.b") && err.contains("A-Z a-z 0-9 _ -"),
-        "{err}"
-    );
+    assert!(err.contains("a.b") && err.contains("A-Z a-z 0-9 _ -"), "{err}");
 }
 
 #[test]
 fn subjects_match_kv_layout() {
     let dev = Id::new("dev1").expect("valid");
-    assert_eq!(
-        desired_state_device_filter(&dev),
-        "$KV.desired-state.dev1.>"
-    );
+    assert_eq!(desired_state_device_filter(&dev), "$KV.desired-state.dev1.>");
     let subject = kv_subject("desired-state", "dev1.default_web");
     assert_eq!(subject, "$KV.desired-state.dev1.default_web");
-    assert_eq!(
-        key_from_subject("desired-state", &subject),
-        Some("dev1.default_web")
-    );
+    assert_eq!(key_from_subject("desired-state", &subject), Some("dev1.default_web"));
     assert_eq!(key_from_subject("agent-status", &subject), None);
 }
 

@@ -9,9 +9,7 @@ use harmony_reconciler_contracts::*;
 use serde_json::{Value, json};
 
 fn t(secs: i64) -> DateTime<Utc> {
-    Utc.timestamp_opt(1_800_000_000 + secs, 0)
-        .single()
-        .expect("valid time")
+    Utc.timestamp_opt(1_800_000_000 + secs, 0).single().expect("valid time")
 }
 
 fn sample_score() -> IotScore {
@@ -48,11 +46,7 @@ where
 
 #[test]
 fn desired_state_shape() {
-    let ds = DesiredState::new(
-        DeploymentRef::new("default", "web").expect("ok"),
-        3,
-        sample_score(),
-    );
+    let ds = DesiredState::new(DeploymentRef::new("default", "web").expect("ok"), 3, sample_score());
     let expected = json!({
         "format": 1,
         "deployment": "default/web",
@@ -157,11 +151,7 @@ fn spec_hash_is_pinned_and_ignores_key_order() {
     // Pinned (and cross-checked with Python: sha256 of json.dumps(sort_keys=True,
     // separators=(",", ":")), first 16 hex digits). A change here would make every
     // device recreate its containers.
-    assert_eq!(
-        hash.as_str(),
-        "96e874d310343716",
-        "spec hash algorithm changed"
-    );
+    assert_eq!(hash.as_str(), "96e874d310343716", "spec hash algorithm changed");
     let reordered: Value = serde_json::from_str(
         r#"{"PodmanV0":{"services":[{"restart_policy":"OnFailure","resources":{"memory_mib":64},
         "args":["-v"],"env":{"MODE":"prod"},"ports":[{"container_port":80,"host_port":8080}],
@@ -173,11 +163,7 @@ fn spec_hash_is_pinned_and_ignores_key_order() {
 
 #[test]
 fn reader_hash_from_raw_bytes_matches_writer_hash() {
-    let ds = DesiredState::new(
-        DeploymentRef::new("ns", "web").expect("ok"),
-        1,
-        sample_score(),
-    );
+    let ds = DesiredState::new(DeploymentRef::new("ns", "web").expect("ok"), 1, sample_score());
     let decoded = DecodedDesiredState::from_slice(&ds.to_bytes()).expect("decodes");
     assert_eq!(decoded.spec_hash, sample_score().spec_hash());
     assert_eq!(decoded.state, ds);

@@ -8,11 +8,7 @@ use harmony_reconciler_contracts::Id;
 use iot_kv::{Anonymous, CredentialSource, CredsFile, TokenAuth, UserPassword};
 
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "iot-agent",
-    version,
-    about = "Runs this device's desired state with podman"
-)]
+#[command(name = "iot-agent", version, about = "Runs this device's desired state with podman")]
 pub struct AgentConfig {
     /// This device's id: 1-64 characters of A-Z a-z 0-9 _ -.
     #[arg(long, env = "IOT_DEVICE_ID", value_parser = parse_id)]
@@ -32,12 +28,7 @@ pub struct AgentConfig {
     pub nats_creds: Option<PathBuf>,
 
     /// NATS token.
-    #[arg(
-        long,
-        env = "NATS_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "nats_user"
-    )]
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
     pub nats_token: Option<String>,
 
     /// NATS user name (with --nats-password).

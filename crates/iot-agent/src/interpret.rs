@@ -12,9 +12,7 @@ use crate::plan::DesiredContent;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub fn interpret_all(
-    entries: &BTreeMap<DeploymentRef, Bytes>,
-) -> BTreeMap<DeploymentRef, DesiredContent> {
+pub fn interpret_all(entries: &BTreeMap<DeploymentRef, Bytes>) -> BTreeMap<DeploymentRef, DesiredContent> {
     entries
         .iter()
         .map(|(dep, bytes)| (dep.clone(), interpret(dep, bytes)))

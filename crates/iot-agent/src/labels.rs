@@ -18,9 +18,5 @@ pub const SPEC_HASH: &str = "iot.nationtech.io/spec-hash";
 /// because device ids are unique; unambiguous because device ids, namespaces and
 /// service names contain no dots. Names are for people; the agent matches labels.
 pub fn container_name(device: &Id, deployment: &DeploymentRef, service: &str) -> String {
-    format!(
-        "{device}.{}.{}.{service}",
-        deployment.namespace(),
-        deployment.name()
-    )
+    format!("{device}.{}.{}.{service}", deployment.namespace(), deployment.name())
 }

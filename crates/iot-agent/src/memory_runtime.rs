@@ -6,9 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use harmony_reconciler_contracts::Id;
 
-use crate::runtime::{
-    ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError,
-};
+use crate::runtime::{ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -37,11 +35,7 @@ impl MemoryRuntime {
 
     /// Every container, any device.
     pub fn containers(&self) -> Vec<ObservedContainer> {
-        self.lock()
-            .containers
-            .values()
-            .map(|(_, c)| c.clone())
-            .collect()
+        self.lock().containers.values().map(|(_, c)| c.clone()).collect()
     }
 
     /// Simulates `podman rm -f` behind the agent's back.
@@ -95,9 +89,7 @@ impl ContainerRuntime for MemoryRuntime {
             service_hash: spec.service_hash.to_string(),
             state: ContainerState::Running,
         };
-        inner
-            .containers
-            .insert(id.clone(), (spec.device.clone(), observed));
+        inner.containers.insert(id.clone(), (spec.device.clone(), observed));
         Ok(id)
     }
 

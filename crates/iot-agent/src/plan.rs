@@ -5,9 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use harmony_reconciler_contracts::{
-    DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash, spec_hash_of,
-};
+use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash, spec_hash_of};
 
 use crate::labels::container_name;
 use crate::runtime::{ContainerSpec, ContainerState, ObservedContainer};
@@ -21,10 +19,7 @@ pub enum DesiredContent {
     },
     /// Cannot be acted on. Existing containers of the deployment are left running:
     /// a bad update must not take down what works.
-    Invalid {
-        spec_hash: Option<SpecHash>,
-        error: String,
-    },
+    Invalid { spec_hash: Option<SpecHash>, error: String },
 }
 
 impl DesiredContent {
@@ -162,26 +157,19 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 assessments.insert(dep.clone(), Assessment::Invalid(error.clone()));
                 continue;
             }
-            DesiredContent::Valid {
-                spec_hash,
-                services,
-            } => (spec_hash, services),
+            DesiredContent::Valid { spec_hash, services } => (spec_hash, services),
         };
         let mut acted = false;
         let mut stopped = None;
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         // Services dropped from the score.
-        for c in observed
-            .iter()
-            .filter(|c| !wanted.contains(c.service.as_str()))
-        {
+        for c in observed.iter().filter(|c| !wanted.contains(c.service.as_str())) {
             removes.push(remove(dep, c, RemoveCause::SpecChanged));
             acted = true;
         }
         for svc in services {
             let hash = service_hash(svc);
-            let mine: Vec<&&ObservedContainer> =
-                observed.iter().filter(|c| c.service == svc.name).collect();
+            let mine: Vec<&&ObservedContainer> = observed.iter().filter(|c| c.service == svc.name).collect();
             let mut keeper = None;
             let mut outdated = false;
             for c in &mine {
@@ -256,10 +244,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
     let mut actions = removes;
     actions.extend(creates);
     actions.extend(starts);
-    Plan {
-        actions,
-        assessments,
-    }
+    Plan { actions, assessments }
 }
 
 fn remove(dep: &DeploymentRef, c: &ObservedContainer, cause: RemoveCause) -> Action {

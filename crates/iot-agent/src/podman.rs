@@ -27,11 +27,7 @@ pub enum PodmanError {
         source: std::io::Error,
     },
     #[error("podman API {what}: {message}")]
-    Api {
-        what: String,
-        status: u16,
-        message: String,
-    },
+    Api { what: String, status: u16, message: String },
     #[error("podman API {what}: {message}")]
     Transport { what: String, message: String },
     #[error("podman API {what} timed out after {after:?}")]
@@ -130,19 +126,13 @@ impl PodmanClient {
     }
 
     /// Containers (any state) carrying `label=value`.
-    pub async fn list_by_label(
-        &self,
-        label: &str,
-        value: &str,
-    ) -> Result<Vec<ListedContainer>, PodmanError> {
+    pub async fn list_by_label(&self, label: &str, value: &str) -> Result<Vec<ListedContainer>, PodmanError> {
         let filters = serde_json::json!({"label": [format!("{label}={value}")]}).to_string();
         let path = format!(
             "{API}/containers/json?all=true&filters={}",
             urlencoding::encode(&filters)
         );
-        let body = self
-            .call(Method::GET, &path, None, "list containers")
-            .await?;
+        let body = self.call(Method::GET, &path, None, "list containers").await?;
         serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
             what: "list containers".into(),
             message: format!("unexpected response: {e}"),
@@ -156,30 +146,19 @@ impl PodmanClient {
             message: e.to_string(),
         })?;
         let body = self
-            .call(
-                Method::POST,
-                &format!("{API}/containers/create"),
-                Some(payload),
-                &what,
-            )
+            .call(Method::POST, &format!("{API}/containers/create"), Some(payload), &what)
             .await?;
-        let resp: CreateResponse =
-            serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
-                what,
-                message: format!("unexpected response: {e}"),
-            })?;
+        let resp: CreateResponse = serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
+            what,
+            message: format!("unexpected response: {e}"),
+        })?;
         Ok(resp.id)
     }
 
     pub async fn start(&self, id: &str) -> Result<(), PodmanError> {
         let what = format!("start {}", short(id));
         match self
-            .call(
-                Method::POST,
-                &format!("{API}/containers/{id}/start"),
-                None,
-                &what,
-            )
+            .call(Method::POST, &format!("{API}/containers/{id}/start"), None, &what)
             .await
         {
             // 304: already running, which is what we wanted.
@@ -191,17 +170,9 @@ impl PodmanClient {
     /// Force-removes a container, giving it `stop_timeout` to stop. A container that
     /// is already gone counts as removed.
     pub async fn remove(&self, id: &str, stop_timeout: Duration) -> Result<(), PodmanError> {
-        let path = format!(
-            "{API}/containers/{id}?force=true&timeout={}",
-            stop_timeout.as_secs()
-        );
+        let path = format!("{API}/containers/{id}?force=true&timeout={}", stop_timeout.as_secs());
         match self
-            .call(
-                Method::DELETE,
-                &path,
-                None,
-                &format!("remove {}", short(id)),
-            )
+            .call(Method::DELETE, &path, None, &format!("remove {}", short(id)))
             .await
         {
             Err(e) if e.status() == 404 => Ok(()),
@@ -222,10 +193,7 @@ impl PodmanClient {
     /// a line with an `error` field.
     pub async fn pull(&self, image: &str) -> Result<(), PodmanError> {
         let what = format!("pull {image}");
-        let path = format!(
-            "{API}/images/pull?reference={}&quiet=true",
-            urlencoding::encode(image)
-        );
+        let path = format!("{API}/images/pull?reference={}&quiet=true", urlencoding::encode(image));
         let body = self.call(Method::POST, &path, None, &what).await?;
         for line in body.split(|b| *b == b'\n') {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line)
@@ -241,13 +209,7 @@ impl PodmanClient {
         Ok(())
     }
 
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-        what: &str,
-    ) -> Result<Bytes, PodmanError> {
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, what: &str) -> Result<Bytes, PodmanError> {
         match tokio::time::timeout(self.timeout, self.call_inner(method, path, body, what)).await {
             Ok(r) => r,
             Err(_) => Err(PodmanError::Timeout {
@@ -268,13 +230,12 @@ impl PodmanClient {
             what: what.to_owned(),
             message: e.to_string(),
         };
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| PodmanError::Connect {
-                    path: self.socket.display().to_string(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| PodmanError::Connect {
+                path: self.socket.display().to_string(),
+                source,
+            })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| transport(&e))?;
@@ -283,10 +244,7 @@ impl PodmanClient {
                 tracing::debug!(error = %e, "podman connection ended with error");
             }
         });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "podman");
+        let mut req = Request::builder().method(method).uri(path).header("host", "podman");
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
@@ -295,12 +253,7 @@ impl PodmanClient {
             .map_err(|e| transport(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| transport(&e))?
-            .to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(|e| transport(&e))?.to_bytes();
         conn_task.abort();
         if status.is_success() {
             return Ok(bytes);

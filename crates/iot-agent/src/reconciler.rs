@@ -66,12 +66,7 @@ pub struct Reconciler<R> {
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
-    pub fn new(
-        runtime: R,
-        device: Id,
-        event_capacity: usize,
-        report: watch::Sender<Report>,
-    ) -> Self {
+    pub fn new(runtime: R, device: Id, event_capacity: usize, report: watch::Sender<Report>) -> Self {
         Self {
             runtime,
             device,
@@ -156,11 +151,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         match self.runtime.list(&self.device).await {
             Ok(observed) => {
                 if self.last_list_error.take().is_some() {
-                    self.event(
-                        Severity::Info,
-                        None,
-                        "container runtime reachable again".into(),
-                    );
+                    self.event(Severity::Info, None, "container runtime reachable again".into());
                 }
                 for c in &observed {
                     if let (Some(dep), ContainerState::Running) = (&c.deployment, &c.state) {
@@ -194,19 +185,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     let (severity, why) = match cause {
                         RemoveCause::DeploymentDeleted => (Severity::Info, "deployment deleted"),
                         RemoveCause::SpecChanged => (Severity::Info, "spec changed"),
-                        RemoveCause::Duplicate => {
-                            (Severity::Warning, "duplicate of another container")
-                        }
-                        RemoveCause::UnknownDeployment => {
-                            (Severity::Warning, "unreadable deployment label")
-                        }
+                        RemoveCause::Duplicate => (Severity::Warning, "duplicate of another container"),
+                        RemoveCause::UnknownDeployment => (Severity::Warning, "unreadable deployment label"),
                     };
                     tracing::info!(container = %name, reason = why, "removed container");
-                    self.event(
-                        severity,
-                        deployment.clone(),
-                        format!("removed container {name}: {why}"),
-                    );
+                    self.event(severity, deployment.clone(), format!("removed container {name}: {why}"));
                     if let Some(dep) = deployment
                         && *cause == RemoveCause::DeploymentDeleted
                     {
@@ -225,10 +208,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     let (severity, msg) = match cause {
                         CreateCause::New => (
                             Severity::Info,
-                            format!(
-                                "created container {} ({}) id {short}",
-                                spec.name, spec.service.image
-                            ),
+                            format!("created container {} ({}) id {short}", spec.name, spec.service.image),
                         ),
                         CreateCause::Upgrade => (
                             Severity::Info,
@@ -247,8 +227,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     };
                     tracing::info!(container = %spec.name, cause = ?cause, id = %short, "created container");
                     self.event(severity, Some(spec.deployment.clone()), msg);
-                    self.seen
-                        .insert((spec.deployment.clone(), spec.service.name.clone()));
+                    self.seen.insert((spec.deployment.clone(), spec.service.name.clone()));
                     Ok(())
                 }
                 Err(e) => Err(action_failed(
@@ -266,9 +245,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     let (severity, msg) = match exit_code {
                         Some(code) => (
                             Severity::Warning,
-                            format!(
-                                "restarted container {name}, which had stopped (exit code {code})"
-                            ),
+                            format!("restarted container {name}, which had stopped (exit code {code})"),
                         ),
                         None => (Severity::Info, format!("started container {name}")),
                     };
@@ -330,13 +307,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
     }
 
-    fn set_phase(
-        &mut self,
-        dep: &DeploymentRef,
-        phase: Phase,
-        spec_hash: Option<SpecHash>,
-        error: Option<String>,
-    ) {
+    fn set_phase(&mut self, dep: &DeploymentRef, phase: Phase, spec_hash: Option<SpecHash>, error: Option<String>) {
         let unchanged = self
             .phases
             .get(dep)

@@ -10,9 +10,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::Utc;
 use harmony_reconciler_contracts::keys::kv_subject;
-use harmony_reconciler_contracts::{
-    AGENT_STATUS_BUCKET, AgentStatus, Id, InventorySnapshot, agent_status_key,
-};
+use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, AgentStatus, Id, InventorySnapshot, agent_status_key};
 use tokio::sync::watch;
 
 use crate::interpret::AGENT_VERSION;

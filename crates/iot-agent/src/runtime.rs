@@ -54,15 +54,9 @@ pub struct RuntimeError(pub String);
 
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Every container labelled as managed by the agent for `device`.
-    fn list(
-        &self,
-        device: &Id,
-    ) -> impl Future<Output = Result<Vec<ObservedContainer>, RuntimeError>> + Send;
+    fn list(&self, device: &Id) -> impl Future<Output = Result<Vec<ObservedContainer>, RuntimeError>> + Send;
     /// Creates and starts a container; returns its id.
-    fn create_and_start(
-        &self,
-        spec: &ContainerSpec,
-    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn create_and_start(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
@@ -78,26 +72,17 @@ impl PodmanRuntime {
     fn create_spec(spec: &ContainerSpec, stop_timeout: Duration) -> CreateSpec {
         let svc = &spec.service;
         let labels = BTreeMap::from([
-            (
-                labels::MANAGED_BY.to_owned(),
-                labels::MANAGED_BY_VALUE.to_owned(),
-            ),
+            (labels::MANAGED_BY.to_owned(), labels::MANAGED_BY_VALUE.to_owned()),
             (labels::DEVICE.to_owned(), spec.device.to_string()),
             (labels::DEPLOYMENT.to_owned(), spec.deployment.to_string()),
             (labels::SERVICE.to_owned(), svc.name.clone()),
-            (
-                labels::SERVICE_HASH.to_owned(),
-                spec.service_hash.to_string(),
-            ),
+            (labels::SERVICE_HASH.to_owned(), spec.service_hash.to_string()),
             (labels::SPEC_HASH.to_owned(), spec.spec_hash.to_string()),
         ]);
         let resource_limits = svc.resources.as_ref().map(|r| {
             let mut limits = serde_json::Map::new();
             if let Some(mib) = r.memory_mib {
-                limits.insert(
-                    "memory".into(),
-                    serde_json::json!({"limit": mib * 1024 * 1024}),
-                );
+                limits.insert("memory".into(), serde_json::json!({"limit": mib * 1024 * 1024}));
             }
             if let Some(milli) = r.cpu_millicores {
                 // CFS quota over a 100 ms period: 1000 millicores = one full period.
@@ -151,9 +136,7 @@ impl ContainerRuntime for PodmanRuntime {
             .into_iter()
             .filter_map(|c| {
                 let labels = c.labels.unwrap_or_default();
-                if labels.get(labels::MANAGED_BY).map(String::as_str)
-                    != Some(labels::MANAGED_BY_VALUE)
-                {
+                if labels.get(labels::MANAGED_BY).map(String::as_str) != Some(labels::MANAGED_BY_VALUE) {
                     return None;
                 }
                 let state = match c.state.as_str() {
@@ -167,10 +150,7 @@ impl ContainerRuntime for PodmanRuntime {
                     id: c.id,
                     deployment: labels.get(labels::DEPLOYMENT).and_then(|d| d.parse().ok()),
                     service: labels.get(labels::SERVICE).cloned().unwrap_or_default(),
-                    service_hash: labels
-                        .get(labels::SERVICE_HASH)
-                        .cloned()
-                        .unwrap_or_default(),
+                    service_hash: labels.get(labels::SERVICE_HASH).cloned().unwrap_or_default(),
                     state,
                 })
             })
@@ -209,9 +189,6 @@ impl ContainerRuntime for PodmanRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        self.client
-            .remove(id, self.stop_timeout)
-            .await
-            .map_err(podman_err)
+        self.client.remove(id, self.stop_timeout).await.map_err(podman_err)
     }
 }

@@ -17,23 +17,15 @@ async fn v1_then_v2_then_delete() -> anyhow::Result<()> {
     let web = dep("default", "web");
     let port = free_port()?;
 
-    let h1 = stack
-        .put(&dev, &web, &web_score("localhost/iot-web:v1", port))
-        .await?;
-    stack
-        .wait_phase(&dev, &web, Phase::Running, Some(&h1))
-        .await?;
+    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
     wait_http(port, "v1").await?;
     let ids_v1 = running_ids(&guard);
     assert_eq!(ids_v1.len(), 1, "one container for one service");
 
-    let h2 = stack
-        .put(&dev, &web, &web_score("localhost/iot-web:v2", port))
-        .await?;
+    let h2 = stack.put(&dev, &web, &web_score("localhost/iot-web:v2", port)).await?;
     assert_ne!(h1, h2);
-    stack
-        .wait_phase(&dev, &web, Phase::Running, Some(&h2))
-        .await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h2)).await?;
     wait_http(port, "v2").await?;
     let ids_v2 = running_ids(&guard);
     assert_eq!(ids_v2.len(), 1);
@@ -73,12 +65,8 @@ async fn container_removed_out_of_band_is_restored_within_resync() -> anyhow::Re
     let _agent = Agent::spawn(&stack, &dev)?;
     let web = dep("default", "web");
     let port = free_port()?;
-    let h1 = stack
-        .put(&dev, &web, &web_score("localhost/iot-web:v1", port))
-        .await?;
-    stack
-        .wait_phase(&dev, &web, Phase::Running, Some(&h1))
-        .await?;
+    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
     let before = running_ids(&guard);
     assert_eq!(before.len(), 1);
 
@@ -99,9 +87,7 @@ async fn container_removed_out_of_band_is_restored_within_resync() -> anyhow::Re
     wait_http(port, "v1").await?;
     let status = stack
         .wait_status(&dev, "restore event", |s| {
-            s.recent_events
-                .iter()
-                .any(|e| e.message.contains("restored container"))
+            s.recent_events.iter().any(|e| e.message.contains("restored container"))
         })
         .await?;
     let ev = status
@@ -121,12 +107,8 @@ async fn agent_restart_adopts_containers_without_recreating() -> anyhow::Result<
     let mut agent = Agent::spawn(&stack, &dev)?;
     let web = dep("default", "web");
     let port = free_port()?;
-    let h1 = stack
-        .put(&dev, &web, &web_score("localhost/iot-web:v1", port))
-        .await?;
-    stack
-        .wait_phase(&dev, &web, Phase::Running, Some(&h1))
-        .await?;
+    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
     let before = running_ids(&guard);
 
     agent.kill();
@@ -136,10 +118,7 @@ async fn agent_restart_adopts_containers_without_recreating() -> anyhow::Result<
     agent.start(&stack)?;
     let status = stack
         .wait_status(&dev, "heartbeat from restarted agent", |s| {
-            s.heartbeat_at > killed_at
-                && s.deployments
-                    .get(&web)
-                    .is_some_and(|p| p.phase == Phase::Running)
+            s.heartbeat_at > killed_at && s.deployments.get(&web).is_some_and(|p| p.phase == Phase::Running)
         })
         .await?;
     assert_eq!(
@@ -165,12 +144,8 @@ async fn nats_outage_keeps_containers_and_converges_after() -> anyhow::Result<()
     let mut agent = Agent::spawn(&stack, &dev)?;
     let web = dep("default", "web");
     let port = free_port()?;
-    let h1 = stack
-        .put(&dev, &web, &web_score("localhost/iot-web:v1", port))
-        .await?;
-    stack
-        .wait_phase(&dev, &web, Phase::Running, Some(&h1))
-        .await?;
+    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
 
     stack.nats.stop();
     // Several resync periods without NATS: the service keeps answering, the agent lives.
@@ -181,12 +156,8 @@ async fn nats_outage_keeps_containers_and_converges_after() -> anyhow::Result<()
 
     stack.nats.restart().await?;
     stack.reconnect().await?;
-    let h2 = stack
-        .put(&dev, &web, &web_score("localhost/iot-web:v2", port))
-        .await?;
-    stack
-        .wait_phase(&dev, &web, Phase::Running, Some(&h2))
-        .await?;
+    let h2 = stack.put(&dev, &web, &web_score("localhost/iot-web:v2", port)).await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h2)).await?;
     wait_http(port, "v2").await?;
     assert!(
         agent.log_text().contains("NATS disconnected"),
@@ -205,9 +176,7 @@ async fn each_bad_input_fails_only_its_deployment() -> anyhow::Result<()> {
     let hg = stack
         .put(&dev, &good, &web_score("localhost/iot-web:v1", good_port))
         .await?;
-    stack
-        .wait_phase(&dev, &good, Phase::Running, Some(&hg))
-        .await?;
+    stack.wait_phase(&dev, &good, Phase::Running, Some(&hg)).await?;
     let good_ids = running_ids(&guard);
 
     // A port something else already holds.
@@ -250,26 +219,18 @@ async fn each_bad_input_fails_only_its_deployment() -> anyhow::Result<()> {
         ),
     ];
     for (name, bytes, _) in &cases {
-        stack
-            .put_raw(&dev, &dep("default", name), bytes.clone())
-            .await?;
+        stack.put_raw(&dev, &dep("default", name), bytes.clone()).await?;
     }
     for (name, _, expected) in &cases {
         let d = dep("default", name);
         let status = stack
             .wait_status(&dev, &format!("{name} Failed"), |s| {
                 s.deployments.get(&d).is_some_and(|p| {
-                    p.phase == Phase::Failed
-                        && p.last_error
-                            .as_deref()
-                            .is_some_and(|e| e.contains(expected))
+                    p.phase == Phase::Failed && p.last_error.as_deref().is_some_and(|e| e.contains(expected))
                 })
             })
             .await?;
-        let err = status.deployments[&d]
-            .last_error
-            .clone()
-            .unwrap_or_default();
+        let err = status.deployments[&d].last_error.clone().unwrap_or_default();
         eprintln!("{name}: {err}");
     }
     // Everything else is untouched and the agent still works.
@@ -288,9 +249,7 @@ async fn each_bad_input_fails_only_its_deployment() -> anyhow::Result<()> {
     let hl = stack
         .put(&dev, &later, &web_score("localhost/iot-web:v2", later_port))
         .await?;
-    stack
-        .wait_phase(&dev, &later, Phase::Running, Some(&hl))
-        .await?;
+    stack.wait_phase(&dev, &later, Phase::Running, Some(&hl)).await?;
     wait_http(later_port, "v2").await?;
     Ok(())
 }
@@ -305,18 +264,10 @@ async fn two_agents_on_one_podman_host_never_touch_each_other() -> anyhow::Resul
     // Same deployment name on both devices.
     let web = dep("default", "web");
     let (pa, pb) = (free_port()?, free_port()?);
-    let ha = stack
-        .put(&dev_a, &web, &web_score("localhost/iot-web:v1", pa))
-        .await?;
-    let hb = stack
-        .put(&dev_b, &web, &web_score("localhost/iot-web:v2", pb))
-        .await?;
-    stack
-        .wait_phase(&dev_a, &web, Phase::Running, Some(&ha))
-        .await?;
-    stack
-        .wait_phase(&dev_b, &web, Phase::Running, Some(&hb))
-        .await?;
+    let ha = stack.put(&dev_a, &web, &web_score("localhost/iot-web:v1", pa)).await?;
+    let hb = stack.put(&dev_b, &web, &web_score("localhost/iot-web:v2", pb)).await?;
+    stack.wait_phase(&dev_a, &web, Phase::Running, Some(&ha)).await?;
+    stack.wait_phase(&dev_b, &web, Phase::Running, Some(&hb)).await?;
     let b_ids = running_ids(&guard_b);
     assert_eq!((running_ids(&guard_a).len(), b_ids.len()), (1, 1));
 

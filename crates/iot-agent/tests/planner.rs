@@ -3,9 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash};
-use iot_agent::plan::{
-    Action, Assessment, CreateCause, DesiredContent, PlanInput, RemoveCause, plan, service_hash,
-};
+use iot_agent::plan::{Action, Assessment, CreateCause, DesiredContent, PlanInput, RemoveCause, plan, service_hash};
 use iot_agent::runtime::{ContainerState, ObservedContainer};
 
 fn dev() -> Id {
@@ -71,9 +69,7 @@ fn kinds(p: &iot_agent::plan::Plan) -> Vec<String> {
         .iter()
         .map(|a| match a {
             Action::Remove {
-                container_id,
-                cause,
-                ..
+                container_id, cause, ..
             } => format!("remove {container_id} {cause:?}"),
             Action::Create { spec, cause } => format!("create {} {cause:?}", spec.name),
             Action::Start { container_id, .. } => format!("start {container_id}"),
@@ -84,17 +80,12 @@ fn kinds(p: &iot_agent::plan::Plan) -> Vec<String> {
 #[test]
 fn new_deployment_creates_each_service() {
     let mut c = Case::new();
-    c.desired.insert(
-        dep("web"),
-        valid(vec![svc("web", "img:1"), svc("db", "db:1")]),
-    );
+    c.desired
+        .insert(dep("web"), valid(vec![svc("web", "img:1"), svc("db", "db:1")]));
     let p = c.run();
     assert_eq!(
         kinds(&p),
-        [
-            "create dev1.default.web.web New",
-            "create dev1.default.web.db New"
-        ]
+        ["create dev1.default.web.web New", "create dev1.default.web.db New"]
     );
     assert_eq!(p.assessments[&dep("web")], Assessment::InProgress);
 }
@@ -119,10 +110,7 @@ fn changed_spec_removes_then_recreates() {
     c.observed.push(running("c1", "web", &old));
     assert_eq!(
         kinds(&c.run()),
-        [
-            "remove c1 SpecChanged",
-            "create dev1.default.web.web Upgrade"
-        ]
+        ["remove c1 SpecChanged", "create dev1.default.web.web Upgrade"]
     );
 }
 
@@ -133,17 +121,13 @@ fn deleted_deployment_removes_its_containers_only_when_synced() {
     c.observed.push(running("c1", "web", &web));
     assert_eq!(kinds(&c.run()), ["remove c1 DeploymentDeleted"]);
     c.synced = false;
-    assert!(
-        c.run().actions.is_empty(),
-        "must not remove before the first full read"
-    );
+    assert!(c.run().actions.is_empty(), "must not remove before the first full read");
 }
 
 #[test]
 fn container_removed_out_of_band_is_restored() {
     let mut c = Case::new();
-    c.desired
-        .insert(dep("web"), valid(vec![svc("web", "img:1")]));
+    c.desired.insert(dep("web"), valid(vec![svc("web", "img:1")]));
     c.seen.insert((dep("web"), "web".into()));
     assert_eq!(kinds(&c.run()), ["create dev1.default.web.web Restore"]);
 }
@@ -168,14 +152,11 @@ fn stopped_container_is_started_according_to_restart_policy() {
     }];
     let p = c.run();
     assert!(p.actions.is_empty());
-    assert!(
-        matches!(&p.assessments[&dep("web")], Assessment::Stopped(m) if m.contains("exited with code 0"))
-    );
+    assert!(matches!(&p.assessments[&dep("web")], Assessment::Stopped(m) if m.contains("exited with code 0")));
 
     let mut on_failure = svc("web", "img:1");
     on_failure.restart_policy = RestartPolicy::OnFailure;
-    c.desired
-        .insert(dep("web"), valid(vec![on_failure.clone()]));
+    c.desired.insert(dep("web"), valid(vec![on_failure.clone()]));
     c.observed = vec![ObservedContainer {
         service_hash: service_hash(&on_failure).to_string(),
         state: ContainerState::Exited { code: 3 },
@@ -212,10 +193,7 @@ fn invalid_desired_state_keeps_existing_containers_and_touches_nothing_else() {
     c.observed.push(running("c2", "api", &api));
     let p = c.run();
     assert!(p.actions.is_empty(), "{:?}", kinds(&p));
-    assert_eq!(
-        p.assessments[&dep("web")],
-        Assessment::Invalid("does not parse".into())
-    );
+    assert_eq!(p.assessments[&dep("web")], Assessment::Invalid("does not parse".into()));
     assert_eq!(p.assessments[&dep("api")], Assessment::Converged);
 }
 

@@ -17,10 +17,9 @@ fn dep(name: &str) -> DeploymentRef {
 }
 
 fn payload(name: &str, image: &str) -> Bytes {
-    let score: IotScore = serde_json::from_value(
-        serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": image}]}}),
-    )
-    .expect("score");
+    let score: IotScore =
+        serde_json::from_value(serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": image}]}}))
+            .expect("score");
     Bytes::from(DesiredState::new(dep(name), 1, score).to_bytes())
 }
 
@@ -35,20 +34,10 @@ fn view(entries: &[(&str, Bytes)]) -> DesiredView {
     }
 }
 
-fn setup(
-    images: &[&str],
-) -> (
-    Reconciler<MemoryRuntime>,
-    MemoryRuntime,
-    watch::Receiver<Report>,
-) {
+fn setup(images: &[&str]) -> (Reconciler<MemoryRuntime>, MemoryRuntime, watch::Receiver<Report>) {
     let rt = MemoryRuntime::with_images(images);
     let (tx, rx) = watch::channel(Report::default());
-    (
-        Reconciler::new(rt.clone(), Id::new("dev1").expect("id"), 8, tx),
-        rt,
-        rx,
-    )
+    (Reconciler::new(rt.clone(), Id::new("dev1").expect("id"), 8, tx), rt, rx)
 }
 
 #[test]
@@ -65,12 +54,7 @@ async fn failing_create_is_retried_with_backoff_and_reported_once() {
     assert_eq!((first.executed, first.failed), (1, 1));
     let phase = rx.borrow().deployments[&dep("web")].clone();
     assert_eq!(phase.phase, Phase::Failed);
-    assert!(
-        phase
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("missing:1"))
-    );
+    assert!(phase.last_error.as_deref().is_some_and(|e| e.contains("missing:1")));
 
     // Within the backoff window nothing is attempted.
     let again = rec.reconcile(&v).await;
@@ -93,12 +77,9 @@ async fn failing_create_is_retried_with_backoff_and_reported_once() {
 #[tokio::test(start_paused = true)]
 async fn new_spec_skips_the_backoff_of_the_old_one() {
     let (mut rec, _rt, rx) = setup(&["good:1"]);
-    rec.reconcile(&view(&[("web", payload("web", "missing:1"))]))
-        .await;
+    rec.reconcile(&view(&[("web", payload("web", "missing:1"))])).await;
     assert_eq!(rx.borrow().deployments[&dep("web")].phase, Phase::Failed);
-    let fixed = rec
-        .reconcile(&view(&[("web", payload("web", "good:1"))]))
-        .await;
+    let fixed = rec.reconcile(&view(&[("web", payload("web", "good:1"))])).await;
     assert_eq!(fixed.executed, 1);
     assert_eq!(rx.borrow().deployments[&dep("web")].phase, Phase::Running);
 }
@@ -125,8 +106,7 @@ async fn stopped_container_is_restarted_with_a_warning_event() {
 #[tokio::test]
 async fn unsynced_view_never_removes_and_deleted_deployments_leave_the_report() {
     let (mut rec, rt, rx) = setup(&["img:1"]);
-    rec.reconcile(&view(&[("web", payload("web", "img:1"))]))
-        .await;
+    rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
     assert_eq!(rt.containers().len(), 1);
     let empty_unsynced = DesiredView::default();
     rec.reconcile(&empty_unsynced).await;

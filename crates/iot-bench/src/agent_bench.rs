@@ -65,10 +65,8 @@ async fn env() -> anyhow::Result<Env> {
 }
 
 fn score(name: &str) -> IotScore {
-    serde_json::from_value(
-        serde_json::json!({"PodmanV0": {"services": [{"name": name, "image": IMAGE}]}}),
-    )
-    .unwrap_or_else(|e| panic!("bench score: {e}"))
+    serde_json::from_value(serde_json::json!({"PodmanV0": {"services": [{"name": name, "image": IMAGE}]}}))
+        .unwrap_or_else(|e| panic!("bench score: {e}"))
 }
 
 impl Env {
@@ -105,10 +103,7 @@ impl Env {
     }
 
     async fn status_sub(&self) -> anyhow::Result<async_nats::Subscriber> {
-        let subject = kv_subject(
-            AGENT_STATUS_BUCKET,
-            &agent_status_key(&Id::new(&self.device)?),
-        );
+        let subject = kv_subject(AGENT_STATUS_BUCKET, &agent_status_key(&Id::new(&self.device)?));
         Ok(self.client.subscribe(subject).await?)
     }
 }
@@ -124,11 +119,8 @@ pub async fn footprint() -> anyhow::Result<()> {
         env.put(d, &score("svc")).await?;
     }
     env.wait_status(&mut sub, |s| {
-        deps.iter().all(|d| {
-            s.deployments
-                .get(d)
-                .is_some_and(|p| p.phase == Phase::Running)
-        })
+        deps.iter()
+            .all(|d| s.deployments.get(d).is_some_and(|p| p.phase == Phase::Running))
     })
     .await?;
     println!("10 deployments running; idling 20 s (two heartbeats and resyncs)...");
@@ -153,17 +145,12 @@ pub async fn overhead(runs: usize) -> anyhow::Result<()> {
     let env = env().await?;
     let mut sub = env.status_sub().await?;
     let api = PodmanClient::new(env.podman.socket());
-    let labels = std::collections::BTreeMap::from([(
-        "iot.nationtech.io/device".to_owned(),
-        env.device.clone(),
-    )]);
+    let labels = std::collections::BTreeMap::from([("iot.nationtech.io/device".to_owned(), env.device.clone())]);
     // Warm-up: one of each, not measured.
     let warm = DeploymentRef::new("default", "warm")?;
     env.put(&warm, &score("svc")).await?;
     env.wait_status(&mut sub, |s| {
-        s.deployments
-            .get(&warm)
-            .is_some_and(|p| p.phase == Phase::Running)
+        s.deployments.get(&warm).is_some_and(|p| p.phase == Phase::Running)
     })
     .await?;
     env.desired
@@ -214,14 +201,9 @@ pub async fn overhead(runs: usize) -> anyhow::Result<()> {
         env.desired
             .delete(desired_state_key(&Id::new(&env.device)?, &dep))
             .await?;
-        env.wait_status(&mut sub, |s| !s.deployments.contains_key(&dep))
-            .await?;
+        env.wait_status(&mut sub, |s| !s.deployments.contains_key(&dep)).await?;
     }
-    let (o, a, c) = (
-        median(&mut ours),
-        median(&mut raw_api),
-        median(&mut raw_cli),
-    );
+    let (o, a, c) = (median(&mut ours), median(&mut raw_api), median(&mut raw_cli));
     println!("| KV put -> Running in status (ours) | {} | |", ms(o));
     println!(
         "| raw libpod API create+start | {} | ours/raw = {:.2}x |",

@@ -19,11 +19,7 @@ use crate::util::{rss_kib, sibling_binary};
 
 /// Counts distinct keys seen on a subject filter until `n`, or times out. Returns
 /// when the first key was seen.
-async fn wait_keys(
-    sub: &mut async_nats::Subscriber,
-    n: usize,
-    timeout: Duration,
-) -> anyhow::Result<Instant> {
+async fn wait_keys(sub: &mut async_nats::Subscriber, n: usize, timeout: Duration) -> anyhow::Result<Instant> {
     let mut seen = HashSet::with_capacity(n);
     let mut first = None;
     let deadline = Instant::now() + timeout;
@@ -58,16 +54,12 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .arg("run");
     let operator = LoggedProcess::spawn("iot-operator", cmd, api.dir().join("operator.log"))?;
-    let operator_pid = operator
-        .pid()
-        .ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
+    let operator_pid = operator.pid().ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = rss_kib(operator_pid)?;
 
     let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?,
-    )?;
+    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
     let deployments: Api<Deployment> = Api::namespaced(client, "default");
     let targets: Vec<String> = (0..devices).map(|i| format!("dev{i}")).collect();
     let score: IotScore = serde_json::from_value(
@@ -95,17 +87,8 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         })
         .collect::<Result<_, IdError>>()?;
     let t = Instant::now();
-    let (acked, err) = write_batch(
-        &js,
-        DESIRED_STATE_BUCKET,
-        &ops,
-        iot_kv::write::DEFAULT_WINDOW,
-    )
-    .await;
-    anyhow::ensure!(
-        err.is_none() && acked == devices,
-        "raw puts failed: {err:?}"
-    );
+    let (acked, err) = write_batch(&js, DESIRED_STATE_BUCKET, &ops, iot_kv::write::DEFAULT_WINDOW).await;
+    anyhow::ensure!(err.is_none() && acked == devices, "raw puts failed: {err:?}");
     wait_keys(&mut raw_sub, devices, Duration::from_secs(300)).await?;
     let raw = t.elapsed();
 
@@ -138,11 +121,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
     dep.metadata.namespace = Some("default".into());
     let t = Instant::now();
     deployments
-        .patch(
-            "fanout",
-            &PatchParams::apply("bench").force(),
-            &Patch::Apply(&dep),
-        )
+        .patch("fanout", &PatchParams::apply("bench").force(), &Patch::Apply(&dep))
         .await?;
     let applied = t.elapsed();
     let first_key = wait_keys(&mut sub, devices, Duration::from_secs(300)).await?;

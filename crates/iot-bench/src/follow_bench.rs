@@ -20,17 +20,13 @@ use tokio::sync::watch;
 use crate::util::{consumer_count, rss_kib, self_rss_kib};
 
 fn payload(image: &str) -> (Bytes, String) {
-    let score: IotScore = serde_json::from_value(
-        serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": image}]}}),
-    )
-    .unwrap_or_else(|e| panic!("score: {e}"));
+    let score: IotScore =
+        serde_json::from_value(serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": image}]}}))
+            .unwrap_or_else(|e| panic!("score: {e}"));
     let IotScore::PodmanV0(p) = &score;
     let hash = service_hash(&p.services[0]).to_string();
     let dep = DeploymentRef::new("default", "web").unwrap_or_else(|e| panic!("{e}"));
-    (
-        Bytes::from(DesiredState::new(dep, 1, score).to_bytes()),
-        hash,
-    )
+    (Bytes::from(DesiredState::new(dep, 1, score).to_bytes()), hash)
 }
 
 async fn put_all(js: &jetstream::Context, n: usize, value: &Bytes) -> anyhow::Result<Duration> {
@@ -89,12 +85,7 @@ pub async fn run(devices: usize, connections: usize) -> anyhow::Result<()> {
         tokio::spawn(reconcile_loop(rec, rx.clone(), Duration::from_secs(30)));
         views.push(rx);
     }
-    wait_all(
-        &views,
-        |v| v.synced && v.entries.len() == 1,
-        Duration::from_secs(300),
-    )
-    .await?;
+    wait_all(&views, |v| v.synced && v.entries.len() == 1, Duration::from_secs(300)).await?;
     let setup_time = setup.elapsed();
     wait_containers(&runtime, devices, None, Duration::from_secs(300)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -175,17 +166,11 @@ async fn wait_containers(
     let deadline = Instant::now() + timeout;
     loop {
         let c = rt.containers();
-        let ok = c
-            .iter()
-            .filter(|c| hash.is_none_or(|h| c.service_hash == h))
-            .count();
+        let ok = c.iter().filter(|c| hash.is_none_or(|h| c.service_hash == h)).count();
         if ok == devices && c.len() == devices {
             return Ok(());
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {ok}/{devices} containers converged"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "only {ok}/{devices} containers converged");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

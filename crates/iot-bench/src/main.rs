@@ -42,18 +42,12 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .init();
     match Cli::parse().cmd {
         Cmd::AgentFootprint => agent_bench::footprint().await,
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
         Cmd::Fanout { devices } => fanout_bench::run(devices).await,
-        Cmd::FollowScale {
-            devices,
-            connections,
-        } => follow_bench::run(devices, connections).await,
+        Cmd::FollowScale { devices, connections } => follow_bench::run(devices, connections).await,
     }
 }

@@ -10,8 +10,7 @@ use harmony_reconciler_contracts::*;
 use iot_kv::{Anonymous, connect};
 use iot_operator::crd::{Deployment, DeploymentStatus};
 use iot_testkit::{
-    ApiServer, DeviceContainers, LoggedProcess, NatsServer, PodmanService, cargo_bin, unique_id,
-    wait_until,
+    ApiServer, DeviceContainers, LoggedProcess, NatsServer, PodmanService, cargo_bin, unique_id, wait_until,
 };
 use kube::Api;
 use tempfile::TempDir;
@@ -95,10 +94,7 @@ impl Stack {
             cmd.env(k, v);
         }
         self.operator_starts += 1;
-        let log = self
-            .dir
-            .path()
-            .join(format!("operator-{}.log", self.operator_starts));
+        let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
         self.operator = Some(LoggedProcess::spawn("iot-operator", cmd, log)?);
         Ok(())
     }
@@ -110,10 +106,7 @@ impl Stack {
     }
 
     pub fn operator_log(&self) -> String {
-        self.operator
-            .as_ref()
-            .map(LoggedProcess::log_text)
-            .unwrap_or_default()
+        self.operator.as_ref().map(LoggedProcess::log_text).unwrap_or_default()
     }
 
     /// Starts an agent for a fresh device id; returns the id and a view of the
@@ -194,29 +187,19 @@ impl Stack {
         })
         .await;
         if res.is_err() {
-            eprintln!(
-                "last status of {ns}/{name}: {:#?}",
-                self.status_of(ns, name).await
-            );
+            eprintln!("last status of {ns}/{name}: {:#?}", self.status_of(ns, name).await);
         }
         res
     }
 
     pub async fn agent_status(&self, device: &str) -> Option<AgentStatus> {
-        let bytes = self
-            .status
-            .get(agent_status_key(&Id::new(device).ok()?))
-            .await
-            .ok()??;
+        let bytes = self.status.get(agent_status_key(&Id::new(device).ok()?)).await.ok()??;
         serde_json::from_slice(&bytes).ok()
     }
 
     /// Stream sequence of the desired-state bucket: grows with every write.
     pub async fn desired_last_sequence(&self) -> anyhow::Result<u64> {
-        let mut stream = self
-            .js
-            .get_stream(keys::kv_stream_name(DESIRED_STATE_BUCKET))
-            .await?;
+        let mut stream = self.js.get_stream(keys::kv_stream_name(DESIRED_STATE_BUCKET)).await?;
         Ok(stream.info().await?.state.last_sequence)
     }
 }
@@ -230,10 +213,7 @@ pub async fn kube_client(api: &ApiServer) -> anyhow::Result<kube::Client> {
 /// Every key in a bucket (a transient consumer; fine for a test).
 pub async fn collect_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     use futures::TryStreamExt;
-    let keys = store
-        .keys()
-        .await
-        .map_err(|e| anyhow::anyhow!("listing keys: {e}"))?;
+    let keys = store.keys().await.map_err(|e| anyhow::anyhow!("listing keys: {e}"))?;
     Ok(keys.try_collect().await?)
 }
 
@@ -241,41 +221,22 @@ pub async fn collect_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
 pub async fn http_get(port: u16) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or("")
-            .trim()
-            .to_owned();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
         Some((code, body))
     };
-    tokio::time::timeout(Duration::from_secs(3), fut)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
 }
 
 pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
-    wait_until(
-        WAIT,
-        &format!("HTTP 200 {body:?} on port {port}"),
-        || async {
-            http_get(port)
-                .await
-                .filter(|(c, b)| *c == 200 && b == body)
-                .map(drop)
-        },
-    )
+    wait_until(WAIT, &format!("HTTP 200 {body:?} on port {port}"), || async {
+        http_get(port).await.filter(|(c, b)| *c == 200 && b == body).map(drop)
+    })
     .await
 }
 

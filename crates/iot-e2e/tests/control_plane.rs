@@ -40,15 +40,7 @@ spec:
     )
 }
 
-fn apply(
-    stack: &Stack,
-    via: Via,
-    ns: &str,
-    name: &str,
-    device: &str,
-    image: &str,
-    port: u16,
-) -> anyhow::Result<()> {
+fn apply(stack: &Stack, via: Via, ns: &str, name: &str, device: &str, image: &str, port: u16) -> anyhow::Result<()> {
     let port_s = port.to_string();
     let base = [
         "--name",
@@ -118,32 +110,13 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
     let port = free_port()?;
     let dep = DeploymentRef::new("default", "web")?;
 
-    apply(
-        &stack,
-        via,
-        "default",
-        "web",
-        &dev,
-        "localhost/iot-web:v1",
-        port,
-    )?;
+    apply(&stack, via, "default", "web", &dev, "localhost/iot-web:v1", port)?;
     wait_http(port, "v1").await?;
     let v1 = running_ids(&guard);
     assert_eq!(v1.len(), 1);
-    assert_eq!(
-        stack.keys_of(&dep).await?,
-        vec![format!("{dev}.default_web")]
-    );
+    assert_eq!(stack.keys_of(&dep).await?, vec![format!("{dev}.default_web")]);
 
-    apply(
-        &stack,
-        via,
-        "default",
-        "web",
-        &dev,
-        "localhost/iot-web:v2",
-        port,
-    )?;
+    apply(&stack, via, "default", "web", &dev, "localhost/iot-web:v2", port)?;
     wait_http(port, "v2").await?;
     let v2 = wait_until(WAIT, "one new container", || async {
         let ids = running_ids(&guard);
@@ -172,14 +145,9 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
     })
     .await?;
     let log = stack.operator_log();
+    assert!(log.contains("KV bucket ready"), "operator log lacks 'KV bucket ready'");
     assert!(
-        log.contains("KV bucket ready"),
-        "operator log lacks 'KV bucket ready'"
-    );
-    assert!(
-        log.contains("reconcile")
-            && log.contains("namespace=\"default\"")
-            && log.contains("name=\"web\""),
+        log.contains("reconcile") && log.contains("namespace=\"default\"") && log.contains("name=\"web\""),
         "operator did not log the reconcile"
     );
     Ok(())
@@ -206,24 +174,8 @@ async fn same_name_in_two_namespaces_runs_twice_and_deletes_independently() -> a
     stack.start_operator()?;
     let (dev, guard) = stack.start_agent()?;
     let (pa, pb) = (free_port()?, free_port()?);
-    apply(
-        &stack,
-        Via::Applier,
-        "team-a",
-        "web",
-        &dev,
-        "localhost/iot-web:v1",
-        pa,
-    )?;
-    apply(
-        &stack,
-        Via::Applier,
-        "team-b",
-        "web",
-        &dev,
-        "localhost/iot-web:v2",
-        pb,
-    )?;
+    apply(&stack, Via::Applier, "team-a", "web", &dev, "localhost/iot-web:v1", pa)?;
+    apply(&stack, Via::Applier, "team-b", "web", &dev, "localhost/iot-web:v2", pb)?;
     wait_http(pa, "v1").await?;
     wait_http(pb, "v2").await?;
     assert_eq!(running_ids(&guard).len(), 2);
@@ -235,19 +187,8 @@ async fn same_name_in_two_namespaces_runs_twice_and_deletes_independently() -> a
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     wait_http(pb, "v2").await?;
-    assert!(
-        stack
-            .keys_of(&DeploymentRef::new("team-a", "web")?)
-            .await?
-            .is_empty()
-    );
-    assert_eq!(
-        stack
-            .keys_of(&DeploymentRef::new("team-b", "web")?)
-            .await?
-            .len(),
-        1
-    );
+    assert!(stack.keys_of(&DeploymentRef::new("team-a", "web")?).await?.is_empty());
+    assert_eq!(stack.keys_of(&DeploymentRef::new("team-b", "web")?).await?.len(), 1);
     Ok(())
 }
 
@@ -276,10 +217,7 @@ async fn targets_that_do_not_exist_get_keys_and_harm_nothing() -> anyhow::Result
     let dep = DeploymentRef::new("default", "web")?;
     let mut keys = stack.keys_of(&dep).await?;
     keys.sort();
-    let mut want = vec![
-        format!("{dev}.default_web"),
-        "ghost-1.default_web".to_owned(),
-    ];
+    let mut want = vec![format!("{dev}.default_web"), "ghost-1.default_web".to_owned()];
     want.sort();
     assert_eq!(keys, want);
     let status = stack
@@ -408,11 +346,9 @@ async fn nats_outage_is_reported_in_a_condition_and_converges_after() -> anyhow:
     run_ok(cmd)?;
     let status = stack
         .wait_resource_status("default", "web", "NatsUnavailable condition", |s| {
-            s.conditions.iter().any(|c| {
-                c.type_ == DESIRED_STATE_WRITTEN
-                    && c.status == "False"
-                    && c.reason == REASON_NATS_UNAVAILABLE
-            })
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == DESIRED_STATE_WRITTEN && c.status == "False" && c.reason == REASON_NATS_UNAVAILABLE)
         })
         .await?;
     let cond = status

@@ -25,11 +25,7 @@ pub async fn ensure_buckets(js: &jetstream::Context) -> Result<(kv::Store, kv::S
     Ok((desired, status))
 }
 
-async fn ensure(
-    js: &jetstream::Context,
-    bucket: &str,
-    description: &str,
-) -> Result<kv::Store, KvError> {
+async fn ensure(js: &jetstream::Context, bucket: &str, description: &str) -> Result<kv::Store, KvError> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
     }
@@ -45,9 +41,6 @@ async fn ensure(
     {
         Ok(store) => Ok(store),
         // Another writer may have created it between our get and create.
-        Err(create_err) => js
-            .get_key_value(bucket)
-            .await
-            .map_err(|_| KvError::js(create_err)),
+        Err(create_err) => js.get_key_value(bucket).await.map_err(|_| KvError::js(create_err)),
     }
 }

@@ -161,8 +161,5 @@ pub async fn connect(
             servers: servers.join(","),
             source,
         })?;
-    Ok(NatsConnection {
-        client,
-        connects: rx,
-    })
+    Ok(NatsConnection { client, connects: rx })
 }

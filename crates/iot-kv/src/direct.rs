@@ -37,8 +37,8 @@ pub async fn last_values_for(
 ) -> Result<Vec<KvRecord>, KvError> {
     let api = format!("$JS.API.DIRECT.GET.{}", kv_stream_name(bucket));
     let filter = format!("$KV.{bucket}.{key_filter}");
-    let body = serde_json::to_vec(&serde_json::json!({"multi_last": [filter], "batch": MAX_BATCH}))
-        .map_err(KvError::js)?;
+    let body =
+        serde_json::to_vec(&serde_json::json!({"multi_last": [filter], "batch": MAX_BATCH})).map_err(KvError::js)?;
     let inbox = client.new_inbox();
     let mut sub = client
         .subscribe(inbox.clone())
@@ -75,11 +75,7 @@ pub async fn last_values_for(
             }
         }
         let headers = msg.headers.as_ref();
-        let get = |name: &str| {
-            headers
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
+        let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
         let Some(subject) = get("Nats-Subject") else {
             // A JSON error body without status (e.g. bad request) lands here.
             return Err(request_err(&api, String::from_utf8_lossy(&msg.payload)));
@@ -87,9 +83,7 @@ pub async fn last_values_for(
         let Some(key) = key_from_subject(bucket, &subject) else {
             continue;
         };
-        let sequence = get("Nats-Sequence")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let sequence = get("Nats-Sequence").and_then(|s| s.parse().ok()).unwrap_or(0);
         let deleted = matches!(get("KV-Operation").as_deref(), Some("DEL") | Some("PURGE"));
         out.push(KvRecord {
             key: key.to_owned(),

@@ -16,9 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::keys::{desired_state_device_filter, key_from_subject};
-use harmony_reconciler_contracts::{
-    DESIRED_STATE_BUCKET, DeploymentRef, Id, parse_desired_state_key,
-};
+use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id, parse_desired_state_key};
 use tokio::sync::watch;
 
 use crate::connect::NatsConnection;
@@ -69,19 +67,13 @@ pub async fn follow_desired_state(
     config: FollowConfig,
     out: watch::Sender<DesiredView>,
 ) -> Result<(), KvError> {
-    let NatsConnection {
-        client,
-        mut connects,
-    } = conn;
+    let NatsConnection { client, mut connects } = conn;
     let filter = desired_state_device_filter(&device);
     // Subscribe before the first read so no change between the two is lost.
-    let mut sub = client
-        .subscribe(filter.clone())
-        .await
-        .map_err(|e| KvError::Request {
-            subject: filter.clone(),
-            message: e.to_string(),
-        })?;
+    let mut sub = client.subscribe(filter.clone()).await.map_err(|e| KvError::Request {
+        subject: filter.clone(),
+        message: e.to_string(),
+    })?;
     let key_prefix = format!("{device}.>");
     let mut view = DesiredView::default();
     let mut failures: u32 = 0;

@@ -16,9 +16,7 @@ pub mod error;
 pub mod follow;
 pub mod write;
 
-pub use connect::{
-    Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect,
-};
+pub use connect::{Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect};
 pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;
 pub use follow::{DesiredView, follow_desired_state};

@@ -36,24 +36,14 @@ async fn direct_get_reads_only_one_devices_keys_and_reports_deletes() -> anyhow:
     let conn = connect(&[nats.url()], &Anonymous, "test", true).await?;
     let js = jetstream::new(conn.client.clone());
     let (desired, _) = ensure_buckets(&js).await?;
-    desired
-        .put("dev1.default_a", Bytes::from_static(b"A"))
-        .await?;
-    desired
-        .put("dev1.default_b", Bytes::from_static(b"B"))
-        .await?;
+    desired.put("dev1.default_a", Bytes::from_static(b"A")).await?;
+    desired.put("dev1.default_b", Bytes::from_static(b"B")).await?;
     desired
         .put("dev10.default_a", Bytes::from_static(b"other device"))
         .await?;
     desired.delete("dev1.default_b").await?;
 
-    let mut recs = last_values_for(
-        &conn.client,
-        DESIRED_STATE_BUCKET,
-        "dev1.>",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let mut recs = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "dev1.>", Duration::from_secs(5)).await?;
     recs.sort_by(|a, b| a.key.cmp(&b.key));
     assert_eq!(recs.len(), 2, "{recs:?}");
     assert_eq!(
@@ -66,13 +56,7 @@ async fn direct_get_reads_only_one_devices_keys_and_reports_deletes() -> anyhow:
     );
     assert!(recs[0].sequence > 0);
 
-    let none = last_values_for(
-        &conn.client,
-        DESIRED_STATE_BUCKET,
-        "nobody.>",
-        Duration::from_secs(5),
-    )
-    .await?;
+    let none = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "nobody.>", Duration::from_secs(5)).await?;
     assert!(none.is_empty());
 
     // Reading created no consumer.
@@ -91,18 +75,10 @@ async fn missing_bucket_is_a_typed_error() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let conn = connect(&[nats.url()], &Anonymous, "test", true).await?;
     // JetStream is up but the bucket does not exist.
-    let err = last_values_for(
-        &conn.client,
-        DESIRED_STATE_BUCKET,
-        "dev1.>",
-        Duration::from_secs(5),
-    )
-    .await
-    .expect_err("no bucket");
-    assert!(
-        matches!(err, iot_kv::KvError::BucketMissing { .. }),
-        "{err}"
-    );
+    let err = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "dev1.>", Duration::from_secs(5))
+        .await
+        .expect_err("no bucket");
+    assert!(matches!(err, iot_kv::KvError::BucketMissing { .. }), "{err}");
     Ok(())
 }
 
@@ -112,9 +88,7 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
     let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
     let js = jetstream::new(admin.client.clone());
     let (desired, _) = ensure_buckets(&js).await?;
-    desired
-        .put("dev1.default_web", Bytes::from_static(b"v1"))
-        .await?;
+    desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
 
     let device = Id::new("dev1")?;
     let conn = connect(&[nats.url()], &Anonymous, "dev1", false).await?;
@@ -129,30 +103,16 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
     assert_eq!(v.entries.get(&dep("web")).map(|b| &b[..]), Some(&b"v1"[..]));
 
     // Live updates through the core subscription.
-    desired
-        .put("dev1.default_web", Bytes::from_static(b"v2"))
-        .await?;
-    desired
-        .put("dev1.default_db", Bytes::from_static(b"db"))
-        .await?;
-    desired
-        .put("dev2.default_web", Bytes::from_static(b"not mine"))
-        .await?;
+    desired.put("dev1.default_web", Bytes::from_static(b"v2")).await?;
+    desired.put("dev1.default_db", Bytes::from_static(b"db")).await?;
+    desired.put("dev2.default_web", Bytes::from_static(b"not mine")).await?;
     wait_view(&mut rx, "v2 and db", |v| {
-        v.entries.get(&dep("web")).map(|b| &b[..]) == Some(b"v2")
-            && v.entries.contains_key(&dep("db"))
+        v.entries.get(&dep("web")).map(|b| &b[..]) == Some(b"v2") && v.entries.contains_key(&dep("db"))
     })
     .await?;
     desired.purge("dev1.default_db").await?;
-    let v = wait_view(&mut rx, "db purged", |v| {
-        !v.entries.contains_key(&dep("db"))
-    })
-    .await?;
-    assert_eq!(
-        v.entries.len(),
-        1,
-        "other devices' keys must not appear: {v:?}"
-    );
+    let v = wait_view(&mut rx, "db purged", |v| !v.entries.contains_key(&dep("db"))).await?;
+    assert_eq!(v.entries.len(), 1, "other devices' keys must not appear: {v:?}");
 
     // Outage: change state while the follower is disconnected... the server is down,
     // so change it right after it comes back, before the follower reconnects.
@@ -163,9 +123,7 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
     let admin = connect(&[nats.url()], &Anonymous, "admin2", true).await?;
     let js = jetstream::new(admin.client.clone());
     let desired = js.get_key_value(DESIRED_STATE_BUCKET).await?;
-    desired
-        .put("dev1.default_web", Bytes::from_static(b"v3"))
-        .await?;
+    desired.put("dev1.default_web", Bytes::from_static(b"v3")).await?;
     let v = wait_view(&mut rx, "v3 after restart", |v| {
         v.entries.get(&dep("web")).map(|b| &b[..]) == Some(b"v3")
     })

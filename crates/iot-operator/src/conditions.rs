@@ -14,17 +14,19 @@ pub const DEGRADED: &str = "Degraded";
 pub const REASON_WRITTEN: &str = "Written";
 pub const REASON_NATS_UNAVAILABLE: &str = "NatsUnavailable";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+pub const REASON_ALL_RUNNING: &str = "AllDevicesRunning";
+pub const REASON_NO_REPORTS_YET: &str = "AwaitingReports";
+pub const REASON_DEVICES_FAILED: &str = "DevicesFailed";
+pub const REASON_DEVICES_UNREPORTED: &str = "DevicesUnreported";
+pub const REASON_ROLLING_OUT: &str = "RollingOut";
+pub const REASON_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+pub const REASON_HEALTHY: &str = "Healthy";
 
 /// Outcome of the last write-path reconcile of a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
-    Written {
-        devices: usize,
-    },
-    Failed {
-        reason: &'static str,
-        message: String,
-    },
+    Written { devices: usize },
+    Failed { reason: &'static str, message: String },
 }
 
 /// Everything status is computed from.
@@ -62,11 +64,81 @@ pub fn build_status(
             now,
         ));
     }
+    if let Some(agg) = &inputs.aggregate {
+        for (type_, status, reason, message) in fleet_conditions(agg) {
+            conditions.push(condition(
+                previous,
+                type_,
+                status,
+                reason,
+                &message,
+                inputs.generation,
+                now,
+            ));
+        }
+    }
     DeploymentStatus {
         observed_generation: inputs.generation,
         conditions,
         aggregate: inputs.aggregate.clone(),
     }
+}
+
+/// Ready, Progressing and Degraded from the fleet aggregate.
+pub fn fleet_conditions(agg: &AggregateStatus) -> Vec<(&'static str, &'static str, &'static str, String)> {
+    let summary = format!(
+        "{}/{} devices run spec {}; {} failed, {} pending, {} unreported",
+        agg.succeeded, agg.targets, agg.spec_hash, agg.failed, agg.pending, agg.unreported
+    );
+    let ready = if agg.targets > 0 && agg.succeeded == agg.targets {
+        ("True", REASON_ALL_RUNNING)
+    } else if agg.failed > 0 {
+        ("False", REASON_DEVICES_FAILED)
+    } else if agg.unreported > 0 {
+        ("False", REASON_DEVICES_UNREPORTED)
+    } else if agg.pending > 0 {
+        ("False", REASON_ROLLING_OUT)
+    } else {
+        ("False", REASON_NO_REPORTS_YET)
+    };
+    let progressing = if agg.pending > 0 {
+        (
+            "True",
+            REASON_ROLLING_OUT,
+            format!("{} device(s) have not reached spec {} yet", agg.pending, agg.spec_hash),
+        )
+    } else {
+        (
+            "False",
+            REASON_ROLLOUT_COMPLETE,
+            "no device is waiting for the current spec".to_owned(),
+        )
+    };
+    let degraded = if agg.failed > 0 {
+        let top = agg
+            .top_errors
+            .first()
+            .map(|g| format!("; most common error ({} devices): {}", g.devices, g.message))
+            .unwrap_or_default();
+        (
+            "True",
+            REASON_DEVICES_FAILED,
+            format!("{} device(s) failed{top}", agg.failed),
+        )
+    } else if agg.unreported > 0 {
+        (
+            "True",
+            REASON_DEVICES_UNREPORTED,
+            format!("{} device(s) have not reported recently", agg.unreported),
+        )
+    } else {
+        ("False", REASON_HEALTHY, "no failed or silent devices".to_owned())
+    };
+    vec![
+        (READY, ready.0, ready.1, summary),
+        (PROGRESSING, progressing.0, progressing.1, progressing.2),
+        (DEGRADED, degraded.0, degraded.1, degraded.2),
+    ]
 }
 
 fn condition(
@@ -95,6 +167,5 @@ fn condition(
 
 /// Kubernetes times have second precision (RFC 3339 without fractions).
 fn to_k8s_time(t: DateTime<Utc>) -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::from_second(t.timestamp())
-        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
 }

@@ -122,19 +122,15 @@ pub async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Er
             ctx.failures().remove(&dep);
             Ok(action)
         }
-        Err(
-            kube::runtime::finalizer::Error::ApplyFailed(e)
-            | kube::runtime::finalizer::Error::CleanupFailed(e),
-        ) => Err(e),
+        Err(kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e)) => {
+            Err(e)
+        }
         Err(e) => Err(Error::Finalizer(e.to_string())),
     }
 }
 
 fn ready_js(ctx: &Ctx) -> Result<&jetstream::Context, Error> {
-    let js = ctx
-        .js
-        .get()
-        .ok_or(Error::NatsNotReady("KV buckets not ready"))?;
+    let js = ctx.js.get().ok_or(Error::NatsNotReady("KV buckets not ready"))?;
     if !ctx.index.is_ready() {
         return Err(Error::NatsNotReady("desired-state index still loading"));
     }
@@ -179,9 +175,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         StatusUpdate::Written {
             deployment: dep.clone(),
             generation,
-            outcome: WriteOutcome::Written {
-                devices: targets.len(),
-            },
+            outcome: WriteOutcome::Written { devices: targets.len() },
         },
     )
     .await;
@@ -265,10 +259,15 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
     Action::requeue(delay)
 }
 
-/// Runs the controller until the process is asked to stop.
-pub async fn run_controller(ctx: Arc<Ctx>) {
-    let api: Api<Deployment> = Api::all(ctx.client.clone());
+/// The controller, built before it runs so its object store can be shared.
+pub fn controller(client: kube::Client) -> Controller<Deployment> {
+    let api: Api<Deployment> = Api::all(client);
     Controller::new(api, watcher::Config::default())
+}
+
+/// Runs the controller until the process is asked to stop.
+pub async fn run_controller(controller: Controller<Deployment>, ctx: Arc<Ctx>) {
+    controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

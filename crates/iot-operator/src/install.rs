@@ -14,21 +14,14 @@ pub async fn install_crd(client: kube::Client, timeout: Duration) -> anyhow::Res
     let crds: Api<CustomResourceDefinition> = Api::all(client);
     let crd = Deployment::crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(
-        &name,
-        &PatchParams::apply("iot-operator").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("applying CRD {name}: {e}"))?;
+    crds.patch(&name, &PatchParams::apply("iot-operator").force(), &Patch::Apply(&crd))
+        .await
+        .map_err(|e| anyhow::anyhow!("applying CRD {name}: {e}"))?;
     tracing::info!(crd = %name, "CRD applied; waiting until Established");
-    tokio::time::timeout(
-        timeout,
-        await_condition(crds, &name, conditions::is_crd_established()),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("CRD {name} not Established within {timeout:?}"))?
-    .map_err(|e| anyhow::anyhow!("waiting for CRD {name}: {e}"))?;
+    tokio::time::timeout(timeout, await_condition(crds, &name, conditions::is_crd_established()))
+        .await
+        .map_err(|_| anyhow::anyhow!("CRD {name} not Established within {timeout:?}"))?
+        .map_err(|e| anyhow::anyhow!("waiting for CRD {name}: {e}"))?;
     tracing::info!(crd = %name, "CRD Established");
     Ok(())
 }

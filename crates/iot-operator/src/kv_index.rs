@@ -33,9 +33,7 @@ impl Default for DesiredIndex {
 
 impl DesiredIndex {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, BTreeMap<Id, Bytes>>> {
-        self.by_deployment
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.by_deployment.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -54,10 +52,7 @@ impl DesiredIndex {
     /// Records a write (from the watch, or from our own acknowledged write).
     pub fn record(&self, key: &str, value: Option<Bytes>) {
         let Ok((device, deployment)) = parse_desired_state_key(key) else {
-            tracing::warn!(
-                key,
-                "desired-state key that names no device/deployment; ignored"
-            );
+            tracing::warn!(key, "desired-state key that names no device/deployment; ignored");
             return;
         };
         let mut map = self.lock();

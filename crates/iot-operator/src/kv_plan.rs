@@ -37,10 +37,7 @@ impl KvPlan {
 /// Targets as validated device ids. The CRD schema already enforces the pattern;
 /// this guards against objects written around it.
 pub fn target_ids(spec: &DeploymentSpec) -> Result<BTreeSet<Id>, IdError> {
-    spec.target_devices
-        .iter()
-        .map(|d| Id::new(d.as_str()))
-        .collect()
+    spec.target_devices.iter().map(|d| Id::new(d.as_str())).collect()
 }
 
 /// The bytes every targeted device gets. Deterministic, so an unchanged resource
@@ -51,21 +48,13 @@ pub fn payload(deployment: &DeploymentRef, generation: i64, spec: &DeploymentSpe
 
 /// Puts for targets whose value differs (or is missing), purges for devices that
 /// hold a value but are no longer targeted.
-pub fn plan_apply(
-    targets: &BTreeSet<Id>,
-    payload: &Bytes,
-    existing: &BTreeMap<Id, Bytes>,
-) -> KvPlan {
+pub fn plan_apply(targets: &BTreeSet<Id>, payload: &Bytes, existing: &BTreeMap<Id, Bytes>) -> KvPlan {
     let puts = targets
         .iter()
         .filter(|d| existing.get(*d) != Some(payload))
         .map(|d| (d.clone(), payload.clone()))
         .collect();
-    let purges = existing
-        .keys()
-        .filter(|d| !targets.contains(*d))
-        .cloned()
-        .collect();
+    let purges = existing.keys().filter(|d| !targets.contains(*d)).cloned().collect();
     KvPlan { puts, purges }
 }
 

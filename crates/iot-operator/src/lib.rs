@@ -6,7 +6,9 @@
 //!   aggregator.
 //! - [`install`]: the CRD from typed Rust.
 
+pub mod aggregate;
 pub mod aggregate_types;
+pub mod aggregator;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

@@ -44,12 +44,7 @@ struct RunArgs {
     nats_url: Vec<String>,
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nats_token", "nats_user"])]
     nats_creds: Option<PathBuf>,
-    #[arg(
-        long,
-        env = "NATS_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "nats_user"
-    )]
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
     nats_token: Option<String>,
     #[arg(long, env = "NATS_USER", requires = "nats_password")]
     nats_user: Option<String>,
@@ -61,6 +56,10 @@ struct RunArgs {
     /// At most one status write per resource per this interval.
     #[arg(long, env = "IOT_STATUS_MIN_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     status_min_interval: Duration,
+    /// A device whose last heartbeat is older than this counts as unreported
+    /// (default: 3x the agents' default 10 s heartbeat).
+    #[arg(long, env = "IOT_STALE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    stale_after: Duration,
 }
 
 impl RunArgs {
@@ -108,6 +107,10 @@ async fn main() -> anyhow::Result<()> {
                 nats_url: args.nats_url.clone(),
                 resync: args.resync,
                 status_min_interval: args.status_min_interval,
+                aggregator: iot_operator::aggregator::AggregatorConfig {
+                    stale_after: args.stale_after,
+                    ..Default::default()
+                },
             };
             iot_operator::run::run(client, args.credentials(), opts).await
         }
@@ -115,9 +118,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn kube_client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach a Kubernetes API server (set KUBECONFIG or run in a cluster): {e}"
-        )
-    })
+    kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach a Kubernetes API server (set KUBECONFIG or run in a cluster): {e}"))
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use iot_kv::{CredentialSource, connect};
 
-use crate::controller::{Ctx, run_controller};
+use crate::aggregator::{AggregatorConfig, DeviceIndex, run_aggregator};
+use crate::controller::{Ctx, controller, run_controller};
 use crate::kv_index::DesiredIndex;
 use crate::status_writer::StatusWriter;
 
@@ -16,26 +17,26 @@ pub struct RunOptions {
     pub nats_url: Vec<String>,
     pub resync: Duration,
     pub status_min_interval: Duration,
+    pub aggregator: AggregatorConfig,
 }
 
-pub async fn run(
-    client: kube::Client,
-    creds: Box<dyn CredentialSource>,
-    opts: RunOptions,
-) -> anyhow::Result<()> {
+pub async fn run(client: kube::Client, creds: Box<dyn CredentialSource>, opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(nats = %opts.nats_url.join(","), credentials = %creds.describe(), "starting iot-operator {}", env!("CARGO_PKG_VERSION"));
     let conn = connect(&opts.nats_url, creds.as_ref(), "iot-operator", false).await?;
     let js_cell: Arc<OnceLock<jetstream::Context>> = Arc::new(OnceLock::new());
     let index = Arc::new(DesiredIndex::default());
 
-    // Buckets: retried until NATS answers, then the index follows the bucket.
+    let devices = Arc::new(DeviceIndex::default());
+    // Buckets: retried until NATS answers; then one watch per bucket feeds the
+    // desired-state index and the device index.
     {
         let js = jetstream::new(conn.client.clone());
         let cell = js_cell.clone();
         let index = index.clone();
+        let devices = devices.clone();
         tokio::spawn(async move {
             let mut attempt = 0u32;
-            let (desired, _status) = loop {
+            let (desired, status) = loop {
                 match iot_kv::buckets::ensure_buckets(&js).await {
                     Ok(stores) => break stores,
                     Err(e) => {
@@ -50,14 +51,22 @@ pub async fn run(
             if cell.set(js).is_err() {
                 tracing::debug!("jetstream context already set");
             }
+            tokio::spawn(async move { devices.follow(status).await });
             index.run(desired).await;
         });
     }
 
     let (writer, status_tx, _metrics) = StatusWriter::new(client.clone(), opts.status_min_interval);
     tokio::spawn(writer.run());
+    let controller = controller(client.clone());
+    tokio::spawn(run_aggregator(
+        devices,
+        controller.store(),
+        status_tx.clone(),
+        opts.aggregator.clone(),
+    ));
     let ctx = Arc::new(Ctx::new(client, js_cell, index, status_tx, opts.resync));
-    run_controller(ctx).await;
+    run_controller(controller, ctx).await;
     tracing::info!("controller stopped");
     Ok(())
 }

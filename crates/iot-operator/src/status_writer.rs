@@ -63,10 +63,7 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    pub fn new(
-        client: kube::Client,
-        min_interval: Duration,
-    ) -> (Self, mpsc::Sender<StatusUpdate>, Arc<StatusMetrics>) {
+    pub fn new(client: kube::Client, min_interval: Duration) -> (Self, mpsc::Sender<StatusUpdate>, Arc<StatusMetrics>) {
         let (tx, rx) = mpsc::channel(4096);
         let metrics = Arc::new(StatusMetrics::default());
         (
@@ -130,15 +127,10 @@ impl StatusWriter {
                 }
             }
         }
-        entries
-            .retain(|_, e| e.dirty || e.written.is_some() || e.inputs != StatusInputs::default());
+        entries.retain(|_, e| e.dirty || e.written.is_some() || e.inputs != StatusInputs::default());
     }
 
-    async fn write(
-        &self,
-        dep: &DeploymentRef,
-        status: &DeploymentStatus,
-    ) -> Result<(), kube::Error> {
+    async fn write(&self, dep: &DeploymentRef, status: &DeploymentStatus) -> Result<(), kube::Error> {
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), dep.namespace());
         let patch = serde_json::json!({
             "apiVersion": "iot.nationtech.io/v1alpha1",
@@ -167,10 +159,7 @@ fn apply(entries: &mut HashMap<DeploymentRef, Entry>, msg: StatusUpdate) {
             e.inputs.write = Some(outcome);
             e.dirty = true;
         }
-        StatusUpdate::Aggregate {
-            deployment,
-            aggregate,
-        } => {
+        StatusUpdate::Aggregate { deployment, aggregate } => {
             let e = entries.entry(deployment).or_default();
             if e.inputs.aggregate.as_ref() != Some(&aggregate) {
                 e.inputs.aggregate = Some(aggregate);

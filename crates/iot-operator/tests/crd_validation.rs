@@ -42,17 +42,8 @@ async fn installed_crd_is_discoverable_and_explained() -> anyhow::Result<()> {
     let api = server_with_crd().await?;
     let (ok, out, err) = api.kubectl(&["api-resources", "--api-group=iot.nationtech.io"], None)?;
     assert!(ok, "{err}");
-    assert!(
-        out.contains("deployments") && out.contains("iotdep"),
-        "{out}"
-    );
-    let (ok, out, err) = api.kubectl(
-        &[
-            "explain",
-            "deployments.iot.nationtech.io.spec.target_devices",
-        ],
-        None,
-    )?;
+    assert!(out.contains("deployments") && out.contains("iotdep"), "{out}");
+    let (ok, out, err) = api.kubectl(&["explain", "deployments.iot.nationtech.io.spec.target_devices"], None)?;
     assert!(ok, "{err}");
     assert!(out.contains("NATS subject token"), "{out}");
     // Installing twice is fine.
@@ -87,25 +78,13 @@ async fn invalid_resources_are_rejected_naming_the_field() -> anyhow::Result<()>
     let mut cases: Vec<(&str, serde_json::Value, Vec<&str>)> = Vec::new();
     let mut s = good_spec();
     s["target_devices"] = serde_json::json!([]);
-    cases.push((
-        "empty-targets",
-        s,
-        vec!["spec.target_devices", "at least 1 items"],
-    ));
+    cases.push(("empty-targets", s, vec!["spec.target_devices", "at least 1 items"]));
     let mut s = good_spec();
     s["target_devices"] = serde_json::json!(["dev.1"]);
-    cases.push((
-        "bad-device",
-        s,
-        vec!["spec.target_devices[0]", "should match"],
-    ));
+    cases.push(("bad-device", s, vec!["spec.target_devices[0]", "should match"]));
     let mut s = good_spec();
     s["target_devices"] = serde_json::json!(["dev1", "dev1"]);
-    cases.push((
-        "dup-device",
-        s,
-        vec!["spec.target_devices[1]", "Duplicate value"],
-    ));
+    cases.push(("dup-device", s, vec!["spec.target_devices[1]", "Duplicate value"]));
     let mut s = good_spec();
     s["score"]["PodmanV0"]["services"][0]["image"] = serde_json::json!("");
     cases.push((

@@ -35,10 +35,7 @@ fn fresh_resource_puts_every_target() {
 #[test]
 fn unchanged_bytes_produce_no_writes() {
     let p = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
-    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"])
-        .into_iter()
-        .map(|d| (d, p.clone()))
-        .collect();
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, p.clone())).collect();
     assert!(plan_apply(&ids(&["a", "b"]), &p, &existing).is_empty());
 }
 
@@ -52,32 +49,21 @@ fn payload_is_deterministic() {
 fn changed_spec_rewrites_and_dropped_devices_are_purged() {
     let old = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
     let new = payload(&dep(), 2, &spec(&["a", "c"], "img:2"));
-    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"])
-        .into_iter()
-        .map(|d| (d, old.clone()))
-        .collect();
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, old.clone())).collect();
     let plan = plan_apply(&ids(&["a", "c"]), &new, &existing);
     let put_devices: Vec<&str> = plan.puts.iter().map(|(d, _)| d.as_str()).collect();
     assert_eq!(put_devices, ["a", "c"]);
     assert_eq!(plan.purges, vec![Id::new("b").expect("id")]);
     // Purges are emitted before puts, with full keys.
     let ops = plan.ops(&dep());
-    assert_eq!(
-        ops[0],
-        KvOp::Purge {
-            key: "b.ns_web".into()
-        }
-    );
+    assert_eq!(ops[0], KvOp::Purge { key: "b.ns_web".into() });
     assert!(matches!(&ops[1], KvOp::Put { key, .. } if key == "a.ns_web"));
 }
 
 #[test]
 fn cleanup_purges_everything_written() {
     let p = payload(&dep(), 1, &spec(&["a"], "img:1"));
-    let existing: BTreeMap<Id, Bytes> = ids(&["a", "z"])
-        .into_iter()
-        .map(|d| (d, p.clone()))
-        .collect();
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "z"]).into_iter().map(|d| (d, p.clone())).collect();
     let plan = plan_cleanup(&existing);
     assert_eq!(plan.purges.len(), 2);
     assert!(plan.puts.is_empty());
@@ -90,10 +76,7 @@ fn payload_decodes_on_the_device_side_with_the_same_hash() {
     let decoded = DecodedDesiredState::from_slice(&p).expect("agent decodes it");
     assert_eq!(decoded.spec_hash, s.score.spec_hash());
     assert_eq!(decoded.state.generation, 3);
-    assert_eq!(
-        desired_state_key(&Id::new("a").expect("id"), &dep()),
-        "a.ns_web"
-    );
+    assert_eq!(desired_state_key(&Id::new("a").expect("id"), &dep()), "a.ns_web");
 }
 
 #[test]

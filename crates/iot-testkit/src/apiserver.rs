@@ -22,35 +22,21 @@ impl ApiServer {
     pub async fn start() -> anyhow::Result<Self> {
         let apiserver_bin = find_binary("iot-apiserver", "IOT_APISERVER")?;
         let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
-        let dir = tempfile::Builder::new()
-            .prefix("iot-apiserver-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("iot-apiserver-").tempdir()?;
         let d = dir.path();
         make_certs(d)?;
         let (client_port, peer_port, port) = (free_port()?, free_port()?, free_port()?);
         let etcd = Command::new(etcd_bin)
             .arg("--data-dir")
             .arg(d.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &format!("http://127.0.0.1:{client_port}"),
-            ])
-            .args([
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client_port}"),
-            ])
-            .args([
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{peer_port}"),
-            ])
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
             .args([
                 "--initial-advertise-peer-urls",
                 &format!("http://127.0.0.1:{peer_port}"),
             ])
-            .args([
-                "--initial-cluster",
-                &format!("default=http://127.0.0.1:{peer_port}"),
-            ])
+            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer_port}")])
             .args(["--unsafe-no-fsync", "--log-level", "warn"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("etcd.log"))?)
@@ -64,12 +50,7 @@ impl ApiServer {
         let d = me.dir.path().to_owned();
         let api = Command::new(apiserver_bin)
             .args(["--etcd-servers", &format!("http://127.0.0.1:{client_port}")])
-            .args([
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                &port.to_string(),
-            ])
+            .args(["--bind-address", "127.0.0.1", "--secure-port", &port.to_string()])
             .arg("--tls-cert-file")
             .arg(d.join("server.crt"))
             .arg("--tls-private-key-file")
@@ -106,11 +87,7 @@ impl ApiServer {
     }
 
     /// Runs kubectl against this server; returns (success, stdout, stderr).
-    pub fn kubectl(
-        &self,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> anyhow::Result<(bool, String, String)> {
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
         use std::io::Write;
         let mut child = Command::new("kubectl")
             .env("KUBECONFIG", self.kubeconfig())
@@ -161,17 +138,11 @@ impl ApiServer {
             }
             for child in [&mut self.etcd, &mut self.apiserver].into_iter().flatten() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    anyhow::bail!(
-                        "API server or etcd exited early ({status}); logs in {}",
-                        d.display()
-                    );
+                    anyhow::bail!("API server or etcd exited early ({status}); logs in {}", d.display());
                 }
             }
             if start.elapsed() > timeout {
-                anyhow::bail!(
-                    "API server not ready after {timeout:?}; logs in {}",
-                    d.display()
-                );
+                anyhow::bail!("API server not ready after {timeout:?}; logs in {}", d.display());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -180,10 +151,7 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        for child in [self.apiserver.take(), self.etcd.take()]
-            .into_iter()
-            .flatten()
-        {
+        for child in [self.apiserver.take(), self.etcd.take()].into_iter().flatten() {
             let mut c = child;
             kill_child(&mut c);
         }

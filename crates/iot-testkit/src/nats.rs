@@ -61,19 +61,9 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(&self.binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store.path().join("js"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -86,10 +76,7 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        anyhow::bail!(
-            "nats-server did not listen on {addr}; log: {}",
-            self.log.display()
-        )
+        anyhow::bail!("nats-server did not listen on {addr}; log: {}", self.log.display())
     }
 }
 

@@ -27,7 +27,9 @@ impl PodmanService {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("podman-service.log"))?)
             .spawn()
-            .map_err(|e| anyhow::anyhow!("starting podman system service: {e} (is podman installed? run scripts/setup-host.sh)"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("starting podman system service: {e} (is podman installed? run scripts/setup-host.sh)")
+            })?;
         let me = Self {
             child: Some(child),
             dir,
@@ -85,16 +87,9 @@ impl DeviceContainers {
 
     /// IDs of this device's containers (any state), via the podman CLI.
     pub fn ids(&self) -> Vec<String> {
-        podman_cli(&[
-            "ps",
-            "-a",
-            "-q",
-            "--no-trunc",
-            "--filter",
-            &self.label_filter(),
-        ])
-        .map(|out| out.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
+        podman_cli(&["ps", "-a", "-q", "--no-trunc", "--filter", &self.label_filter()])
+            .map(|out| out.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
     }
 
     pub fn label_filter(&self) -> String {

@@ -11,11 +11,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// An id unique across parallel tests and test binaries: prefix, pid, counter.
 pub fn unique_id(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
 }
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
@@ -57,15 +53,8 @@ pub struct LoggedProcess {
 }
 
 impl LoggedProcess {
-    pub fn spawn(
-        name: &str,
-        mut cmd: std::process::Command,
-        log: std::path::PathBuf,
-    ) -> anyhow::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+    pub fn spawn(name: &str, mut cmd: std::process::Command, log: std::path::PathBuf) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let child = cmd
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -83,9 +72,7 @@ impl LoggedProcess {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_text(&self) -> String {
@@ -139,10 +126,6 @@ pub fn cargo_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let path = target.join("debug").join(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} does not exist after building",
-        path.display()
-    );
+    anyhow::ensure!(path.exists(), "{} does not exist after building", path.display());
     Ok(path)
 }

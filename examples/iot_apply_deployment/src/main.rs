@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use harmony_reconciler_contracts::{
-    DeploymentRef, Id, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol,
-    RestartPolicy, describe_problems, validate_score,
+    DeploymentRef, Id, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, RestartPolicy, describe_problems,
+    validate_score,
 };
 use iot_operator::crd::{Deployment, DeploymentSpec};
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -71,9 +71,7 @@ fn parse_port(s: &str) -> Result<PortMapping, String> {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     Ok((k.to_owned(), v.to_owned()))
 }
 
@@ -122,11 +120,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&build(&args)?)?);
         return Ok(());
     }
-    let dep = if args.delete {
-        None
-    } else {
-        Some(build(&args)?)
-    };
+    let dep = if args.delete { None } else { Some(build(&args)?) };
     let client = kube::Client::try_default()
         .await
         .context("cannot reach a Kubernetes API server (is KUBECONFIG set?)")?;
@@ -162,13 +156,7 @@ async fn main() -> anyhow::Result<()> {
                 applied.metadata.generation.unwrap_or(0)
             );
             if let Some(timeout) = args.wait {
-                wait_rolled_out(
-                    &api,
-                    &args.name,
-                    applied.metadata.generation.unwrap_or(0),
-                    timeout,
-                )
-                .await?;
+                wait_rolled_out(&api, &args.name, applied.metadata.generation.unwrap_or(0), timeout).await?;
             }
         }
     }
@@ -176,12 +164,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Waits until the status counts every target as succeeded on this generation.
-async fn wait_rolled_out(
-    api: &Api<Deployment>,
-    name: &str,
-    generation: i64,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+async fn wait_rolled_out(api: &Api<Deployment>, name: &str, generation: i64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let d = api.get(name).await.map_err(explain)?;
@@ -211,9 +194,7 @@ async fn wait_rolled_out(
                 );
             }
         } else if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!(
-                "no status for generation {generation} after {timeout:?}; is the operator running?"
-            );
+            anyhow::bail!("no status for generation {generation} after {timeout:?}; is the operator running?");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

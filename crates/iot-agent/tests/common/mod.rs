@@ -46,32 +46,20 @@ impl Stack {
         Ok(())
     }
 
-    pub async fn put(
-        &self,
-        device: &str,
-        dep: &DeploymentRef,
-        score: &IotScore,
-    ) -> anyhow::Result<SpecHash> {
+    pub async fn put(&self, device: &str, dep: &DeploymentRef, score: &IotScore) -> anyhow::Result<SpecHash> {
         let ds = DesiredState::new(dep.clone(), 1, score.clone());
         self.put_raw(device, dep, ds.to_bytes()).await?;
         Ok(score.spec_hash())
     }
 
-    pub async fn put_raw(
-        &self,
-        device: &str,
-        dep: &DeploymentRef,
-        bytes: Vec<u8>,
-    ) -> anyhow::Result<()> {
+    pub async fn put_raw(&self, device: &str, dep: &DeploymentRef, bytes: Vec<u8>) -> anyhow::Result<()> {
         let key = desired_state_key(&Id::new(device)?, dep);
         self.desired.put(key, Bytes::from(bytes)).await?;
         Ok(())
     }
 
     pub async fn delete(&self, device: &str, dep: &DeploymentRef) -> anyhow::Result<()> {
-        self.desired
-            .delete(desired_state_key(&Id::new(device)?, dep))
-            .await?;
+        self.desired.delete(desired_state_key(&Id::new(device)?, dep)).await?;
         Ok(())
     }
 
@@ -93,10 +81,7 @@ impl Stack {
         })
         .await;
         if res.is_err() {
-            eprintln!(
-                "last status of {device}: {:#?}",
-                self.status_of(device).await
-            );
+            eprintln!("last status of {device}: {:#?}", self.status_of(device).await);
         }
         res
     }
@@ -109,17 +94,15 @@ impl Stack {
         hash: Option<&SpecHash>,
     ) -> anyhow::Result<AgentStatus> {
         self.wait_status(device, &format!("{dep} {phase:?} on {device}"), |s| {
-            s.deployments.get(dep).is_some_and(|p| {
-                p.phase == phase && (hash.is_none() || p.spec_hash.as_ref() == hash)
-            })
+            s.deployments
+                .get(dep)
+                .is_some_and(|p| p.phase == phase && (hash.is_none() || p.spec_hash.as_ref() == hash))
         })
         .await
     }
 }
 
-async fn admin(
-    nats: &NatsServer,
-) -> anyhow::Result<(async_nats::Client, jetstream::Context, kv::Store, kv::Store)> {
+async fn admin(nats: &NatsServer) -> anyhow::Result<(async_nats::Client, jetstream::Context, kv::Store, kv::Store)> {
     let conn = connect(&[nats.url()], &Anonymous, "test-admin", true).await?;
     let js = jetstream::new(conn.client.clone());
     let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
@@ -149,10 +132,7 @@ impl Agent {
     }
 
     pub fn start(&mut self, stack: &Stack) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(env!("CARGO_BIN_EXE_iot-agent"))
             .env("IOT_DEVICE_ID", &self.device)
             .env("NATS_URL", stack.nats.url())
@@ -177,9 +157,7 @@ impl Agent {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_text(&self) -> String {
@@ -220,42 +198,23 @@ pub fn score_from(v: serde_json::Value) -> IotScore {
 /// Plain HTTP GET on 127.0.0.1; returns (status code, body).
 pub async fn http_get(port: u16) -> Option<(u16, String)> {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await
-            .ok()?;
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf).into_owned();
         let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or("")
-            .trim()
-            .to_owned();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
         Some((code, body))
     };
-    tokio::time::timeout(Duration::from_secs(3), fut)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
 }
 
 /// Waits for HTTP 200 with `body` on the port.
 pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
-    wait_until(
-        WAIT,
-        &format!("HTTP 200 {body:?} on port {port}"),
-        || async {
-            http_get(port)
-                .await
-                .filter(|(c, b)| *c == 200 && b == body)
-                .map(drop)
-        },
-    )
+    wait_until(WAIT, &format!("HTTP 200 {body:?} on port {port}"), || async {
+        http_get(port).await.filter(|(c, b)| *c == 200 && b == body).map(drop)
+    })
     .await
 }
 

@@ -1,0 +1,197 @@
+//! Folding device reports into one deployment's `.status.aggregate`. Pure.
+//!
+//! A device counts as `succeeded` or `failed` only for the *current* spec hash, so a
+//! device still running an old version is `pending`, never `succeeded`. A device
+//! whose last heartbeat is older than the threshold is `unreported`, whatever it
+//! said last: silence must never look like success.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration, Utc};
+use harmony_reconciler_contracts::{AgentStatus, DeploymentPhase, DeploymentRef, EventEntry, Id, Phase, SpecHash};
+
+use crate::aggregate_types::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup};
+
+/// Limits that keep `.status` small whatever the fleet size.
+#[derive(Debug, Clone, Copy)]
+pub struct AggregateLimits {
+    pub recent_events: usize,
+    pub error_groups: usize,
+    pub example_devices: usize,
+}
+
+impl Default for AggregateLimits {
+    fn default() -> Self {
+        Self {
+            recent_events: 10,
+            error_groups: 5,
+            example_devices: 3,
+        }
+    }
+}
+
+/// What the aggregator keeps per device: the last report, trimmed to what
+/// aggregation needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReport {
+    pub heartbeat_at: DateTime<Utc>,
+    pub deployments: BTreeMap<DeploymentRef, DeploymentPhase>,
+    /// Deployment-tagged events, newest last, at most a few per device.
+    pub events: Vec<EventEntry>,
+}
+
+/// Events kept per device in memory.
+pub const EVENTS_KEPT_PER_DEVICE: usize = 8;
+
+impl From<AgentStatus> for DeviceReport {
+    fn from(s: AgentStatus) -> Self {
+        let mut events: Vec<EventEntry> = s.recent_events.into_iter().filter(|e| e.deployment.is_some()).collect();
+        if events.len() > EVENTS_KEPT_PER_DEVICE {
+            events.drain(..events.len() - EVENTS_KEPT_PER_DEVICE);
+        }
+        Self {
+            heartbeat_at: s.heartbeat_at,
+            deployments: s.deployments,
+            events,
+        }
+    }
+}
+
+/// How one target device counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceVerdict {
+    Succeeded,
+    Failed,
+    Pending,
+    Unreported,
+}
+
+pub fn verdict(
+    report: Option<&DeviceReport>,
+    deployment: &DeploymentRef,
+    spec_hash: &SpecHash,
+    now: DateTime<Utc>,
+    stale_after: Duration,
+) -> DeviceVerdict {
+    let Some(report) = report else {
+        return DeviceVerdict::Unreported;
+    };
+    if now - report.heartbeat_at > stale_after {
+        return DeviceVerdict::Unreported;
+    }
+    let Some(phase) = report.deployments.get(deployment) else {
+        return DeviceVerdict::Pending;
+    };
+    let current = match &phase.spec_hash {
+        Some(h) => h == spec_hash,
+        // A payload the device could not even parse has no hash; its failure is about
+        // whatever it was sent, which is the current spec once the write path is done.
+        None => phase.phase == Phase::Failed,
+    };
+    match (current, phase.phase) {
+        (true, Phase::Running) => DeviceVerdict::Succeeded,
+        (true, Phase::Failed) => DeviceVerdict::Failed,
+        _ => DeviceVerdict::Pending,
+    }
+}
+
+/// The aggregate for one deployment over its targets.
+pub fn aggregate(
+    deployment: &DeploymentRef,
+    spec_hash: &SpecHash,
+    targets: &BTreeSet<Id>,
+    reports: &HashMap<Id, DeviceReport>,
+    now: DateTime<Utc>,
+    stale_after: Duration,
+    limits: AggregateLimits,
+) -> AggregateStatus {
+    let mut agg = AggregateStatus {
+        targets: targets.len() as u32,
+        spec_hash: spec_hash.to_string(),
+        ..Default::default()
+    };
+    // message (device id masked) -> devices
+    let mut groups: BTreeMap<String, Vec<&Id>> = BTreeMap::new();
+    let mut events: Vec<(&Id, &EventEntry)> = Vec::new();
+    for device in targets {
+        let report = reports.get(device);
+        if let Some(r) = report {
+            agg.last_heartbeat_at = agg.last_heartbeat_at.max(Some(r.heartbeat_at));
+            events.extend(
+                r.events
+                    .iter()
+                    .filter(|e| e.deployment.as_ref() == Some(deployment))
+                    .map(|e| (device, e)),
+            );
+        }
+        match verdict(report, deployment, spec_hash, now, stale_after) {
+            DeviceVerdict::Succeeded => agg.succeeded += 1,
+            DeviceVerdict::Pending => agg.pending += 1,
+            DeviceVerdict::Unreported => agg.unreported += 1,
+            DeviceVerdict::Failed => {
+                agg.failed += 1;
+                let phase = report.and_then(|r| r.deployments.get(deployment));
+                let message = phase
+                    .and_then(|p| p.last_error.clone())
+                    .unwrap_or_else(|| "failed (no error message)".into());
+                let at = phase.map(|p| p.last_event_at).unwrap_or(now);
+                if agg.last_error.as_ref().is_none_or(|e| at > e.at) {
+                    agg.last_error = Some(DeviceError {
+                        device: device.clone(),
+                        message: message.clone(),
+                        at,
+                    });
+                }
+                groups
+                    .entry(message.replace(device.as_str(), "<device>"))
+                    .or_default()
+                    .push(device);
+            }
+        }
+    }
+    let mut top: Vec<ErrorGroup> = groups
+        .into_iter()
+        .map(|(message, devices)| ErrorGroup {
+            message,
+            devices: devices.len() as u32,
+            example_devices: devices.into_iter().take(limits.example_devices).cloned().collect(),
+        })
+        .collect();
+    top.sort_by(|a, b| b.devices.cmp(&a.devices).then_with(|| a.message.cmp(&b.message)));
+    top.truncate(limits.error_groups);
+    agg.top_errors = top;
+
+    // Newest first; the same message from many devices is shown once.
+    events.sort_by(|a, b| b.1.at.cmp(&a.1.at).then_with(|| a.0.cmp(b.0)));
+    let mut seen = BTreeSet::new();
+    agg.recent_events = events
+        .into_iter()
+        .filter(|(device, e)| seen.insert(e.message.replace(device.as_str(), "<device>")))
+        .take(limits.recent_events)
+        .map(|(device, e)| DeviceEvent {
+            at: e.at,
+            device: device.clone(),
+            severity: e.severity,
+            message: e.message.clone(),
+        })
+        .collect();
+    agg
+}
+
+/// Keeps status writes rare in a healthy fleet: if only `last_heartbeat_at` moved,
+/// and by less than `granularity`, the previous value is kept so the aggregate
+/// compares equal and nothing is written.
+pub fn damp_heartbeat(
+    previous: Option<&AggregateStatus>,
+    mut next: AggregateStatus,
+    granularity: Duration,
+) -> AggregateStatus {
+    if let Some(prev) = previous
+        && let (Some(p), Some(n)) = (prev.last_heartbeat_at, next.last_heartbeat_at)
+        && n >= p
+        && n - p < granularity
+    {
+        next.last_heartbeat_at = Some(p);
+    }
+    next
+}

@@ -1,0 +1,207 @@
+//! The pure aggregation: counts, staleness, rollouts, error grouping, events.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use harmony_reconciler_contracts::*;
+use iot_operator::aggregate::{AggregateLimits, DeviceReport, aggregate, damp_heartbeat};
+use iot_operator::conditions::{READY, fleet_conditions};
+
+fn now() -> DateTime<Utc> {
+    Utc.timestamp_opt(1_900_000_000, 0).single().expect("time")
+}
+
+fn dep() -> DeploymentRef {
+    DeploymentRef::new("ns", "web").expect("ref")
+}
+
+fn h(s: &str) -> SpecHash {
+    SpecHash::from_reported(s)
+}
+
+fn report(age_s: i64, phase: Option<(Phase, &str, Option<&str>)>) -> DeviceReport {
+    let mut deployments = BTreeMap::new();
+    if let Some((p, hash, err)) = phase {
+        deployments.insert(
+            dep(),
+            DeploymentPhase {
+                phase: p,
+                spec_hash: Some(h(hash)),
+                last_error: err.map(str::to_owned),
+                last_event_at: now() - Duration::seconds(age_s),
+            },
+        );
+    }
+    DeviceReport {
+        heartbeat_at: now() - Duration::seconds(age_s),
+        deployments,
+        events: vec![],
+    }
+}
+
+fn targets(n: usize) -> BTreeSet<Id> {
+    (0..n).map(|i| Id::new(format!("d{i}")).expect("id")).collect()
+}
+
+fn run(reports: &HashMap<Id, DeviceReport>, n: usize) -> iot_operator::crd::AggregateStatus {
+    aggregate(
+        &dep(),
+        &h("new"),
+        &targets(n),
+        reports,
+        now(),
+        Duration::seconds(30),
+        AggregateLimits::default(),
+    )
+}
+
+fn id(s: &str) -> Id {
+    Id::new(s).expect("id")
+}
+
+#[test]
+fn counts_partition_the_targets() {
+    let mut r = HashMap::new();
+    r.insert(id("d0"), report(1, Some((Phase::Running, "new", None))));
+    r.insert(id("d1"), report(1, Some((Phase::Failed, "new", Some("boom")))));
+    r.insert(id("d2"), report(1, Some((Phase::Pending, "new", None))));
+    r.insert(id("d3"), report(1, None)); // alive, has not picked it up yet
+    // d4: never reported
+    let a = run(&r, 5);
+    assert_eq!(
+        (a.targets, a.succeeded, a.failed, a.pending, a.unreported),
+        (5, 1, 1, 2, 1)
+    );
+    assert_eq!(a.succeeded + a.failed + a.pending + a.unreported, a.targets);
+}
+
+#[test]
+fn old_spec_counts_as_pending_never_succeeded() {
+    let mut r = HashMap::new();
+    r.insert(id("d0"), report(1, Some((Phase::Running, "old", None))));
+    r.insert(id("d1"), report(1, Some((Phase::Failed, "old", Some("old failure")))));
+    let a = run(&r, 2);
+    assert_eq!((a.succeeded, a.failed, a.pending), (0, 0, 2));
+    assert!(a.last_error.is_none());
+}
+
+#[test]
+fn silent_device_is_unreported_even_if_it_last_said_running() {
+    let mut r = HashMap::new();
+    r.insert(id("d0"), report(31, Some((Phase::Running, "new", None))));
+    r.insert(id("d1"), report(29, Some((Phase::Running, "new", None))));
+    let a = run(&r, 2);
+    assert_eq!((a.succeeded, a.unreported), (1, 1));
+    assert_eq!(a.last_heartbeat_at, Some(now() - Duration::seconds(29)));
+    let ready = fleet_conditions(&a).into_iter().find(|c| c.0 == READY).expect("ready");
+    assert_eq!(ready.1, "False");
+}
+
+#[test]
+fn failures_are_grouped_by_message_with_examples() {
+    let mut r = HashMap::new();
+    for i in 0..500 {
+        let msg = match i % 3 {
+            0 => "image x not present".to_owned(),
+            1 => format!("container d{i}.ns.web.web created but failed to start: port busy"),
+            _ => "invalid score".to_owned(),
+        };
+        r.insert(
+            id(&format!("d{i}")),
+            report(1, Some((Phase::Failed, "new", Some(&msg)))),
+        );
+    }
+    let a = run(&r, 500);
+    assert_eq!(a.failed, 500);
+    assert_eq!(a.top_errors.len(), 3, "{:#?}", a.top_errors);
+    assert_eq!(a.top_errors.iter().map(|g| g.devices).sum::<u32>(), 500);
+    assert!(a.top_errors.iter().all(|g| g.example_devices.len() == 3));
+    // Device ids inside messages are masked so per-device wording still groups.
+    assert!(a.top_errors.iter().any(|g| g.message.contains("<device>.ns.web.web")));
+    let degraded = fleet_conditions(&a)
+        .into_iter()
+        .find(|c| c.0 == "Degraded")
+        .expect("degraded");
+    assert!(degraded.3.contains("most common error"), "{}", degraded.3);
+}
+
+#[test]
+fn unparseable_payload_failure_without_hash_counts_as_failed() {
+    let mut rep = report(1, None);
+    rep.deployments.insert(
+        dep(),
+        DeploymentPhase {
+            phase: Phase::Failed,
+            spec_hash: None,
+            last_error: Some("does not parse".into()),
+            last_event_at: now(),
+        },
+    );
+    let a = run(&HashMap::from([(id("d0"), rep)]), 1);
+    assert_eq!(a.failed, 1);
+    assert_eq!(a.last_error.expect("error").message, "does not parse");
+}
+
+#[test]
+fn recent_events_are_newest_first_deduplicated_and_bounded() {
+    let mut r = HashMap::new();
+    for i in 0..30 {
+        let mut rep = report(1, Some((Phase::Running, "new", None)));
+        rep.events = vec![
+            EventEntry {
+                at: now() - Duration::seconds(100 - i),
+                severity: Severity::Info,
+                deployment: Some(dep()),
+                message: "running spec new".into(),
+            },
+            EventEntry {
+                at: now() - Duration::seconds(50 - i),
+                severity: Severity::Warning,
+                deployment: Some(dep()),
+                message: format!("restored container d{i}.ns.web.web"),
+            },
+            EventEntry {
+                at: now(),
+                severity: Severity::Info,
+                deployment: Some(DeploymentRef::new("ns", "other").expect("ref")),
+                message: "not mine".into(),
+            },
+        ];
+        r.insert(id(&format!("d{i}")), rep);
+    }
+    let a = run(&r, 30);
+    assert_eq!(a.recent_events.len(), 2, "{:#?}", a.recent_events);
+    assert!(a.recent_events[0].at >= a.recent_events[1].at);
+    assert!(a.recent_events.iter().all(|e| e.message != "not mine"));
+}
+
+#[test]
+fn heartbeat_only_changes_are_damped() {
+    let mut r = HashMap::new();
+    r.insert(id("d0"), report(5, Some((Phase::Running, "new", None))));
+    let first = run(&r, 1);
+    r.insert(id("d0"), report(2, Some((Phase::Running, "new", None))));
+    let second = damp_heartbeat(Some(&first), run(&r, 1), Duration::seconds(10));
+    assert_eq!(second, first, "3 s of heartbeat progress alone must not cause a write");
+    r.insert(id("d0"), report(1, Some((Phase::Failed, "new", Some("x")))));
+    let third = damp_heartbeat(Some(&first), run(&r, 1), Duration::seconds(10));
+    assert_ne!(third, first);
+}
+
+#[test]
+fn reports_from_older_and_newer_agents_aggregate() {
+    // Oldest agents sent only id + heartbeat; a future agent sends unknown fields and phases.
+    let old: AgentStatus =
+        serde_json::from_value(serde_json::json!({"device_id": "d0", "heartbeat_at": now()})).expect("old");
+    let future: AgentStatus = serde_json::from_value(serde_json::json!({
+        "format": 7, "device_id": "d1", "heartbeat_at": now(), "satellites": 3,
+        "deployments": {"ns/web": {"phase": "Hibernating", "spec_hash": "new", "last_event_at": now()}}
+    }))
+    .expect("future");
+    let r = HashMap::from([
+        (id("d0"), DeviceReport::from(old)),
+        (id("d1"), DeviceReport::from(future)),
+    ]);
+    let a = run(&r, 2);
+    assert_eq!((a.pending, a.succeeded, a.unreported), (2, 0, 0));
+}
