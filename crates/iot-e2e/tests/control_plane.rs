@@ -114,6 +114,14 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
     wait_http(port, "v1").await?;
     let v1 = running_ids(&guard);
     assert_eq!(v1.len(), 1);
+    // The fleet's truth reaches .status.
+    let st = stack
+        .wait_resource_status("default", "web", "aggregate.succeeded == 1", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1 && a.targets == 1)
+        })
+        .await?;
+    let agg = st.aggregate.expect("aggregate");
+    assert_eq!((agg.failed, agg.pending, agg.unreported), (0, 0, 0));
     assert_eq!(stack.keys_of(&dep).await?, vec![format!("{dev}.default_web")]);
 
     apply(&stack, via, "default", "web", &dev, "localhost/iot-web:v2", port)?;
@@ -124,6 +132,12 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
     })
     .await?;
     assert_ne!(v1, v2, "upgrade must replace the container");
+    let v2_hash = stack.deployments("default").get("web").await?.spec.score.spec_hash().to_string();
+    stack
+        .wait_resource_status("default", "web", "succeeded on v2", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1 && a.spec_hash == v2_hash)
+        })
+        .await?;
 
     delete(&stack, via, "default", "web")?;
     wait_until(WAIT, "container gone", || async {
