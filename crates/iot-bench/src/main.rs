@@ -3,6 +3,7 @@
 
 mod agent_bench;
 mod fanout_bench;
+mod fleet_bench;
 mod follow_bench;
 mod util;
 
@@ -30,6 +31,13 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         devices: usize,
     },
+    /// Aggregator at scale: N synthetic devices over 20 Deployments.
+    FleetStatus {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        #[arg(long, default_value_t = 30)]
+        steady_secs: u64,
+    },
     FollowScale {
         #[arg(long, default_value_t = 1000)]
         devices: usize,
@@ -48,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::AgentFootprint => agent_bench::footprint().await,
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
         Cmd::Fanout { devices } => fanout_bench::run(devices).await,
+        Cmd::FleetStatus { devices, steady_secs } => fleet_bench::run(devices, steady_secs).await,
         Cmd::FollowScale { devices, connections } => follow_bench::run(devices, connections).await,
     }
 }
