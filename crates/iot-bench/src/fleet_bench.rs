@@ -53,15 +53,28 @@ fn encode(device: &Id, dep: &DeploymentRef, hash: &SpecHash, state: State, since
         heartbeat_at: now,
         deployments: BTreeMap::from([(
             dep.clone(),
-            DeploymentPhase { phase, spec_hash: Some(hash.clone()), last_error: last_error.clone(), last_event_at: since },
+            DeploymentPhase {
+                phase,
+                spec_hash: Some(hash.clone()),
+                last_error: last_error.clone(),
+                last_event_at: since,
+            },
         )]),
         recent_events: vec![EventEntry {
             at: since,
-            severity: if state == State::Failed { Severity::Error } else { Severity::Info },
+            severity: if state == State::Failed {
+                Severity::Error
+            } else {
+                Severity::Info
+            },
             deployment: Some(dep.clone()),
             message: last_error.unwrap_or_else(|| format!("running spec {hash}")),
         }],
-        inventory: Some(InventorySnapshot { cpu_cores: 4, arch: "aarch64".into(), ..Default::default() }),
+        inventory: Some(InventorySnapshot {
+            cpu_cores: 4,
+            arch: "aarch64".into(),
+            ..Default::default()
+        }),
     };
     Bytes::from(serde_json::to_vec(&status).unwrap_or_default())
 }
@@ -76,23 +89,40 @@ impl Fleet {
         let (state, since) = *self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.devices[range]
             .iter()
-            .map(|(d, dep, h)| KvOp::Put { key: agent_status_key(d), value: encode(d, dep, h, state, since) })
+            .map(|(d, dep, h)| KvOp::Put {
+                key: agent_status_key(d),
+                value: encode(d, dep, h, state, since),
+            })
             .collect()
     }
 }
 
 /// Lists the deployments and checks every one against `pred`.
-async fn all_match(api: &Api<Deployment>, per_dep: u32, pred: impl Fn(&iot_operator::crd::AggregateStatus, u32) -> bool) -> bool {
+async fn all_match(
+    api: &Api<Deployment>,
+    per_dep: u32,
+    pred: impl Fn(&iot_operator::crd::AggregateStatus, u32) -> bool,
+) -> bool {
     match api.list(&ListParams::default()).await {
         Ok(list) => {
             list.items.len() == DEPLOYMENTS
-                && list.items.iter().all(|d| d.status.as_ref().and_then(|s| s.aggregate.as_ref()).is_some_and(|a| pred(a, per_dep)))
+                && list.items.iter().all(|d| {
+                    d.status
+                        .as_ref()
+                        .and_then(|s| s.aggregate.as_ref())
+                        .is_some_and(|a| pred(a, per_dep))
+                })
         }
         Err(_) => false,
     }
 }
 
-async fn wait_all(api: &Api<Deployment>, per_dep: u32, what: &str, pred: impl Fn(&iot_operator::crd::AggregateStatus, u32) -> bool) -> anyhow::Result<Duration> {
+async fn wait_all(
+    api: &Api<Deployment>,
+    per_dep: u32,
+    what: &str,
+    pred: impl Fn(&iot_operator::crd::AggregateStatus, u32) -> bool,
+) -> anyhow::Result<Duration> {
     let t = Instant::now();
     while !all_match(api, per_dep, &pred).await {
         anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "timed out waiting for {what}");
@@ -102,7 +132,10 @@ async fn wait_all(api: &Api<Deployment>, per_dep: u32, what: &str, pred: impl Fn
 }
 
 pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(devices % DEPLOYMENTS == 0, "--devices must be a multiple of {DEPLOYMENTS}");
+    anyhow::ensure!(
+        devices.is_multiple_of(DEPLOYMENTS),
+        "--devices must be a multiple of {DEPLOYMENTS}"
+    );
     let per_dep = (devices / DEPLOYMENTS) as u32;
     let api_server = ApiServer::start().await?;
     let nats = NatsServer::start().await?;
@@ -110,10 +143,18 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let js = jetstream::new(conn.client.clone());
     iot_kv::buckets::ensure_buckets(&js).await?;
     let operator_bin = sibling_binary("iot-operator")?;
-    let out = Command::new(&operator_bin).env("KUBECONFIG", api_server.kubeconfig()).arg("install").stderr(Stdio::null()).output()?;
+    let out = Command::new(&operator_bin)
+        .env("KUBECONFIG", api_server.kubeconfig())
+        .arg("install")
+        .stderr(Stdio::null())
+        .output()?;
     anyhow::ensure!(out.status.success(), "install failed");
     let mut cmd = Command::new(&operator_bin);
-    cmd.env("KUBECONFIG", api_server.kubeconfig()).env("NATS_URL", nats.url()).env("RUST_LOG", "warn").env("IOT_STALE_AFTER", "30s").arg("run");
+    cmd.env("KUBECONFIG", api_server.kubeconfig())
+        .env("NATS_URL", nats.url())
+        .env("RUST_LOG", "warn")
+        .env("IOT_STALE_AFTER", "30s")
+        .arg("run");
     let operator = LoggedProcess::spawn("iot-operator", cmd, api_server.dir().join("operator.log"))?;
     let operator_pid = operator.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
 
@@ -122,19 +163,34 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let api: Api<Deployment> = Api::namespaced(client, "default");
     let mut fleet = Vec::with_capacity(devices);
     for d in 0..DEPLOYMENTS {
-        let score: IotScore = serde_json::from_value(serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": format!("localhost/app:{d}")}]}}))?;
-        let targets: Vec<String> = (0..devices).filter(|i| i % DEPLOYMENTS == d).map(|i| format!("dev{i}")).collect();
+        let score: IotScore = serde_json::from_value(
+            serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": format!("localhost/app:{d}")}]}}),
+        )?;
+        let targets: Vec<String> = (0..devices)
+            .filter(|i| i % DEPLOYMENTS == d)
+            .map(|i| format!("dev{i}"))
+            .collect();
         let dep = DeploymentRef::new("default", format!("app{d}"))?;
         let hash = score.spec_hash();
         for t in &targets {
             fleet.push((Id::new(t.as_str())?, dep.clone(), hash.clone()));
         }
-        let mut obj = Deployment::new(dep.name(), DeploymentSpec { target_devices: targets, score });
+        let mut obj = Deployment::new(
+            dep.name(),
+            DeploymentSpec {
+                target_devices: targets,
+                score,
+            },
+        );
         obj.metadata.namespace = Some("default".into());
-        api.patch(dep.name(), &PatchParams::apply("bench").force(), &Patch::Apply(&obj)).await?;
+        api.patch(dep.name(), &PatchParams::apply("bench").force(), &Patch::Apply(&obj))
+            .await?;
     }
     fleet.sort_by_key(|(d, _, _)| d.as_str().trim_start_matches("dev").parse::<usize>().unwrap_or(0));
-    let fleet = Arc::new(Fleet { devices: fleet, state: RwLock::new((State::Running, Utc::now())) });
+    let fleet = Arc::new(Fleet {
+        devices: fleet,
+        state: RwLock::new((State::Running, Utc::now())),
+    });
 
     // Everyone reports Running.
     let t = Instant::now();
@@ -175,7 +231,11 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (w0, p0, t0) = (writes.load(Ordering::Relaxed), published.load(Ordering::Relaxed), Instant::now());
+    let (w0, p0, t0) = (
+        writes.load(Ordering::Relaxed),
+        published.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     tokio::time::sleep(Duration::from_secs(steady_secs)).await;
     let span = t0.elapsed().as_secs_f64();
     let steady_writes = (writes.load(Ordering::Relaxed) - w0) as f64 / span;
@@ -206,12 +266,18 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let burst_publish = t1.elapsed();
     // Heartbeats keep flowing, so count until at least one report per device arrived.
     while probe.metrics.reports_processed.load(Ordering::Relaxed) - probe_before < devices as u64 {
-        anyhow::ensure!(t1.elapsed() < Duration::from_secs(120), "probe index did not ingest the burst");
+        anyhow::ensure!(
+            t1.elapsed() < Duration::from_secs(120),
+            "probe index did not ingest the burst"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ingest = t1.elapsed();
     probe_task.abort();
-    let burst = wait_all(&api, per_dep, "all failed with 3 grouped errors", |a, n| a.failed == n && a.top_errors.len() == REASONS.len().min(n as usize)).await?;
+    let burst = wait_all(&api, per_dep, "all failed with 3 grouped errors", |a, n| {
+        a.failed == n && a.top_errors.len() == REASONS.len().min(n as usize)
+    })
+    .await?;
     let burst_total = t1.elapsed();
     let burst_writes = writes.load(Ordering::Relaxed) - w1;
     let rss_burst = rss_kib(operator_pid)?;
@@ -221,10 +287,14 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
 
     // Raw processing rate of the aggregator's decode+index step, in this process.
     let index = DeviceIndex::default();
-    let samples: Vec<(String, Bytes)> = fleet.ops(0..devices).into_iter().map(|op| match op {
-        KvOp::Put { key, value } => (key, value),
-        KvOp::Purge { key } => (key, Bytes::new()),
-    }).collect();
+    let samples: Vec<(String, Bytes)> = fleet
+        .ops(0..devices)
+        .into_iter()
+        .map(|op| match op {
+            KvOp::Put { key, value } => (key, value),
+            KvOp::Purge { key } => (key, Bytes::new()),
+        })
+        .collect();
     let t = Instant::now();
     for (k, v) in &samples {
         index.record(k, Some(v));
@@ -232,16 +302,39 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let decode_rate = devices as f64 / t.elapsed().as_secs_f64();
 
     println!("| devices / deployments | {devices} / {DEPLOYMENTS} |");
-    println!("| initial: all Running published -> every resource correct | {:.2} s |", initial_total.as_secs_f64());
+    println!(
+        "| initial: all Running published -> every resource correct | {:.2} s |",
+        initial_total.as_secs_f64()
+    );
     println!("| steady state: status reports published per second | {steady_reports:.0} /s |");
     println!("| steady state: status writes to the API server | {steady_writes:.2} /s ({DEPLOYMENTS} resources) |");
-    println!("| burst: {devices} phase changes published in | {:.2} s |", burst_publish.as_secs_f64());
-    println!("| burst: first publish -> every resource's status correct | {:.2} s |", burst_total.as_secs_f64());
-    println!("| burst: ingestion through the watch (publish + deliver + decode + index) | {:.2} s = {:.0} reports/s |", ingest.as_secs_f64(), devices as f64 / ingest.as_secs_f64());
-    println!("| burst: end-to-end rate incl. 1 s status coalescing | {:.0} reports/s |", devices as f64 / burst_total.as_secs_f64());
-    println!("| burst: status writes it caused | {burst_writes} (wait after publish {:.2} s) |", burst.as_secs_f64());
+    println!(
+        "| burst: {devices} phase changes published in | {:.2} s |",
+        burst_publish.as_secs_f64()
+    );
+    println!(
+        "| burst: first publish -> every resource's status correct | {:.2} s |",
+        burst_total.as_secs_f64()
+    );
+    println!(
+        "| burst: ingestion through the watch (publish + deliver + decode + index) | {:.2} s = {:.0} reports/s |",
+        ingest.as_secs_f64(),
+        devices as f64 / ingest.as_secs_f64()
+    );
+    println!(
+        "| burst: end-to-end rate incl. 1 s status coalescing | {:.0} reports/s |",
+        devices as f64 / burst_total.as_secs_f64()
+    );
+    println!(
+        "| burst: status writes it caused | {burst_writes} (wait after publish {:.2} s) |",
+        burst.as_secs_f64()
+    );
     println!("| aggregator decode+index rate (in-process, one core) | {decode_rate:.0} reports/s |");
-    println!("| operator RSS steady / after burst | {:.1} MiB / {:.1} MiB |", rss_steady as f64 / 1024.0, rss_burst as f64 / 1024.0);
+    println!(
+        "| operator RSS steady / after burst | {:.1} MiB / {:.1} MiB |",
+        rss_steady as f64 / 1024.0,
+        rss_burst as f64 / 1024.0
+    );
     println!("| JetStream consumers on agent-status / desired-state | {consumers_status} / {consumers_desired} |");
     drop(operator);
     Ok(())

@@ -132,10 +132,19 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
     })
     .await?;
     assert_ne!(v1, v2, "upgrade must replace the container");
-    let v2_hash = stack.deployments("default").get("web").await?.spec.score.spec_hash().to_string();
+    let v2_hash = stack
+        .deployments("default")
+        .get("web")
+        .await?
+        .spec
+        .score
+        .spec_hash()
+        .to_string();
     stack
         .wait_resource_status("default", "web", "succeeded on v2", |s| {
-            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1 && a.spec_hash == v2_hash)
+            s.aggregate
+                .as_ref()
+                .is_some_and(|a| a.succeeded == 1 && a.spec_hash == v2_hash)
         })
         .await?;
 

@@ -34,10 +34,18 @@ fn apply(stack: &Stack, name: &str, devices: &[&str], image: &str, port: Option<
 async fn ready_after_apply_and_printer_columns_read_like_a_fleet_summary() -> anyhow::Result<()> {
     let mut stack = stack_with_operator("6s").await?;
     let (dev, _guard) = stack.start_agent()?;
-    apply(&stack, "web", &[&dev, "never-seen"], "localhost/iot-web:v1", Some(free_port()?))?;
+    apply(
+        &stack,
+        "web",
+        &[&dev, "never-seen"],
+        "localhost/iot-web:v1",
+        Some(free_port()?),
+    )?;
     let st = stack
         .wait_resource_status("default", "web", "1 succeeded, 1 unreported", |s| {
-            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1 && a.unreported == 1)
+            s.aggregate
+                .as_ref()
+                .is_some_and(|a| a.succeeded == 1 && a.unreported == 1)
         })
         .await?;
     assert_eq!(cond(&st, READY), Some("False"), "one silent target means not Ready");
@@ -52,10 +60,15 @@ async fn ready_after_apply_and_printer_columns_read_like_a_fleet_summary() -> an
         .wait_resource_status("default", "web", "Ready", |s| cond(s, READY) == Some("True"))
         .await?;
     assert_eq!(st.observed_generation, Some(2));
-    let (ok, out, err) = stack.api.kubectl(&["get", "deployments.iot.nationtech.io", "-n", "default"], None)?;
+    let (ok, out, err) = stack
+        .api
+        .kubectl(&["get", "deployments.iot.nationtech.io", "-n", "default"], None)?;
     assert!(ok, "{err}");
     let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
-    assert_eq!(header, ["NAME", "TARGETS", "SUCCEEDED", "FAILED", "PENDING", "UNREPORTED", "AGE"]);
+    assert_eq!(
+        header,
+        ["NAME", "TARGETS", "SUCCEEDED", "FAILED", "PENDING", "UNREPORTED", "AGE"]
+    );
     let row: Vec<&str> = out.lines().nth(1).unwrap_or("").split_whitespace().collect();
     assert_eq!(&row[..6], ["web", "1", "1", "0", "0", "0"], "{out}");
     Ok(())
@@ -67,7 +80,9 @@ async fn container_killed_out_of_band_shows_in_status_and_recovers() -> anyhow::
     let (dev, guard) = stack.start_agent()?;
     let port = free_port()?;
     apply(&stack, "web", &[&dev], "localhost/iot-web:v1", Some(port))?;
-    stack.wait_resource_status("default", "web", "Ready", |s| cond(s, READY) == Some("True")).await?;
+    stack
+        .wait_resource_status("default", "web", "Ready", |s| cond(s, READY) == Some("True"))
+        .await?;
     let ids = running_ids(&guard);
     assert_eq!(ids.len(), 1);
 
@@ -76,12 +91,17 @@ async fn container_killed_out_of_band_shows_in_status_and_recovers() -> anyhow::
     let t = Instant::now();
     let st = stack
         .wait_resource_status("default", "web", "restart event in .status", |s| {
-            s.aggregate.as_ref().is_some_and(|a| a.recent_events.iter().any(|e| e.message.contains("which had stopped")))
+            s.aggregate
+                .as_ref()
+                .is_some_and(|a| a.recent_events.iter().any(|e| e.message.contains("which had stopped")))
         })
         .await?;
     let latency = t.elapsed();
     eprintln!("out-of-band stop visible in .status after {latency:?}");
-    assert!(latency < Duration::from_secs(30), "plan requires < 30 s, took {latency:?}");
+    assert!(
+        latency < Duration::from_secs(30),
+        "plan requires < 30 s, took {latency:?}"
+    );
     let agg = st.aggregate.expect("aggregate");
     assert_eq!(agg.targets, 1);
 
@@ -91,7 +111,9 @@ async fn container_killed_out_of_band_shows_in_status_and_recovers() -> anyhow::
     let t = Instant::now();
     stack
         .wait_resource_status("default", "web", "restore event", |s| {
-            s.aggregate.as_ref().is_some_and(|a| a.recent_events.iter().any(|e| e.message.contains("restored container")))
+            s.aggregate
+                .as_ref()
+                .is_some_and(|a| a.recent_events.iter().any(|e| e.message.contains("restored container")))
         })
         .await?;
     eprintln!("out-of-band removal visible in .status after {:?}", t.elapsed());
@@ -109,23 +131,37 @@ async fn silent_agent_becomes_unreported_then_recovers() -> anyhow::Result<()> {
     let mut stack = stack_with_operator("5s").await?;
     let (dev, _guard) = stack.start_agent()?;
     apply(&stack, "web", &[&dev], "localhost/iot-web:v1", None)?;
-    stack.wait_resource_status("default", "web", "Ready", |s| cond(s, READY) == Some("True")).await?;
+    stack
+        .wait_resource_status("default", "web", "Ready", |s| cond(s, READY) == Some("True"))
+        .await?;
 
     stack.kill_agent(&dev);
     let t = Instant::now();
     let st = stack
-        .wait_resource_status("default", "web", "unreported", |s| s.aggregate.as_ref().is_some_and(|a| a.unreported == 1))
+        .wait_resource_status("default", "web", "unreported", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.unreported == 1)
+        })
         .await?;
     let after = t.elapsed();
     eprintln!("silent device unreported after {after:?} (threshold 5 s)");
-    assert!(after >= Duration::from_secs(3), "marked unreported too early: {after:?}");
+    assert!(
+        after >= Duration::from_secs(3),
+        "marked unreported too early: {after:?}"
+    );
     assert_eq!(cond(&st, READY), Some("False"));
-    assert_eq!(st.aggregate.as_ref().map(|a| a.succeeded), Some(0), "a silent device must not count as succeeded");
+    assert_eq!(
+        st.aggregate.as_ref().map(|a| a.succeeded),
+        Some(0),
+        "a silent device must not count as succeeded"
+    );
 
     stack.spawn_agent(&dev)?;
     stack
         .wait_resource_status("default", "web", "recovered", |s| {
-            cond(s, READY) == Some("True") && s.aggregate.as_ref().is_some_and(|a| a.unreported == 0 && a.succeeded == 1)
+            cond(s, READY) == Some("True")
+                && s.aggregate
+                    .as_ref()
+                    .is_some_and(|a| a.unreported == 0 && a.succeeded == 1)
         })
         .await?;
     Ok(())
@@ -138,7 +174,9 @@ async fn during_an_upgrade_devices_on_the_old_spec_are_pending_not_succeeded() -
     let (slow, _g2) = stack.start_agent()?;
     apply(&stack, "web", &[&fast, &slow], "localhost/iot-web:v1", None)?;
     stack
-        .wait_resource_status("default", "web", "2 succeeded", |s| s.aggregate.as_ref().is_some_and(|a| a.succeeded == 2))
+        .wait_resource_status("default", "web", "2 succeeded", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 2)
+        })
         .await?;
 
     // The slow device's agent is down (within the stale threshold) while v2 rolls out.
@@ -153,7 +191,12 @@ async fn during_an_upgrade_devices_on_the_old_spec_are_pending_not_succeeded() -
     assert_eq!(cond(&st, READY), Some("False"));
     // Its heartbeat said Running (old hash) just before: still not succeeded.
     let slow_status = stack.agent_status(&slow).await.expect("slow device reported before");
-    assert!(slow_status.deployments.values().all(|p| p.phase == harmony_reconciler_contracts::Phase::Running));
+    assert!(
+        slow_status
+            .deployments
+            .values()
+            .all(|p| p.phase == harmony_reconciler_contracts::Phase::Running)
+    );
 
     stack.spawn_agent(&slow)?;
     stack

@@ -20,9 +20,14 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts etcd and the API server on free loopback ports. Takes 1-3 s.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_in(&std::env::temp_dir()).await
+    }
+
+    /// Like [`start`](Self::start), with certificates, etcd data and logs under `parent`.
+    pub async fn start_in(parent: &Path) -> anyhow::Result<Self> {
         let apiserver_bin = find_binary("iot-apiserver", "IOT_APISERVER")?;
         let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
-        let dir = tempfile::Builder::new().prefix("iot-apiserver-").tempdir()?;
+        let dir = tempfile::Builder::new().prefix("iot-apiserver-").tempdir_in(parent)?;
         let d = dir.path();
         make_certs(d)?;
         let (client_port, peer_port, port) = (free_port()?, free_port()?, free_port()?);

@@ -12,6 +12,7 @@ use crate::process::{free_port, kill_child};
 /// A nats-server process. Dropping it kills the server and deletes its store.
 pub struct NatsServer {
     child: Option<Child>,
+    host: String,
     port: u16,
     store: TempDir,
     binary: PathBuf,
@@ -21,11 +22,23 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server on a free loopback port, JetStream stored in a temp dir.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Starts a server listening on `host` only (e.g. the gateway address of a
+    /// bridge that device namespaces reach it through).
+    pub async fn start_on(host: &str) -> anyhow::Result<Self> {
+        Self::start_on_in(host, &std::env::temp_dir()).await
+    }
+
+    /// Like [`start_on`](Self::start_on), with its store under `parent`.
+    pub async fn start_on_in(host: &str, parent: &std::path::Path) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
-        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir()?;
+        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
         let log = store.path().join("nats.log");
         let mut me = Self {
             child: None,
+            host: host.to_owned(),
             port: free_port()?,
             store,
             binary,
@@ -36,7 +49,11 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
+    }
+
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     pub fn port(&self) -> u16 {
@@ -63,13 +80,13 @@ impl NatsServer {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args(["-a", &self.host, "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store.path().join("js"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
         self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
+        let addr = format!("{}:{}", self.host, self.port);
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(&addr).await.is_ok() {
                 return Ok(());

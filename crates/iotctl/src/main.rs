@@ -18,10 +18,20 @@ use kube::{Api, ResourceExt};
 use table::{Table, age, bytes_gib};
 
 #[derive(Parser)]
-#[command(name = "iotctl", version, about = "Inspect the IoT fleet: KV state, devices, deployments")]
+#[command(
+    name = "iotctl",
+    version,
+    about = "Inspect the IoT fleet: KV state, devices, deployments"
+)]
 struct Cli {
     /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "NATS_URL", value_delimiter = ',', default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long,
+        env = "NATS_URL",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     nats_url: Vec<String>,
     #[arg(long, env = "NATS_CREDS", global = true)]
     nats_creds: Option<std::path::PathBuf>,
@@ -109,7 +119,10 @@ impl Cli {
         } else if let Some(t) = &self.nats_token {
             Box::new(TokenAuth(t.clone()))
         } else if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
-            Box::new(UserPassword { user: u.clone(), password: p.clone() })
+            Box::new(UserPassword {
+                user: u.clone(),
+                password: p.clone(),
+            })
         } else {
             Box::new(Anonymous)
         }
@@ -170,17 +183,26 @@ async fn kv_cmd(cli: &Cli, cmd: &KvCmd) -> anyhow::Result<()> {
                 }
             }
         }
-        KvCmd::Get { bucket, target, deployment } => {
+        KvCmd::Get {
+            bucket,
+            target,
+            deployment,
+        } => {
             let key = match (bucket, deployment) {
                 (BucketArg::Desired, Some(d)) => {
                     let dep: DeploymentRef = d.parse().context("deployment must be NAMESPACE/NAME")?;
                     desired_state_key(&Id::new(target.as_str())?, &dep)
                 }
-                (BucketArg::Status, None) if !target.starts_with("status.") => agent_status_key(&Id::new(target.as_str())?),
+                (BucketArg::Status, None) if !target.starts_with("status.") => {
+                    agent_status_key(&Id::new(target.as_str())?)
+                }
                 _ => target.clone(),
             };
             let store = cli.store(bucket.name()).await?;
-            let value = store.get(&key).await?.with_context(|| format!("no value for key {key:?} in {}", bucket.name()))?;
+            let value = store
+                .get(&key)
+                .await?
+                .with_context(|| format!("no value for key {key:?} in {}", bucket.name()))?;
             // Values are JSON; pretty-print them whatever the output mode, raw if not JSON.
             match serde_json::from_slice::<serde_json::Value>(&value) {
                 Ok(v) => print_json(&v),
@@ -207,14 +229,32 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
         return print_json(&statuses);
     }
     let now = Utc::now();
-    let mut t = Table::new(&["DEVICE", "HEARTBEAT", "STATE", "DEPLOYMENTS", "ARCH", "CPUS", "MEM", "OS", "AGENT"]);
+    let mut t = Table::new(&[
+        "DEVICE",
+        "HEARTBEAT",
+        "STATE",
+        "DEPLOYMENTS",
+        "ARCH",
+        "CPUS",
+        "MEM",
+        "OS",
+        "AGENT",
+    ]);
     for s in statuses {
         let secs = (now - s.heartbeat_at).num_seconds();
-        let state = if secs > cli.stale_after.as_secs() as i64 { "stale" } else { "fresh" };
+        let state = if secs > cli.stale_after.as_secs() as i64 {
+            "stale"
+        } else {
+            "fresh"
+        };
         let deps = if s.deployments.is_empty() {
             "-".to_owned()
         } else {
-            s.deployments.iter().map(|(d, p)| format!("{d}={:?}", p.phase)).collect::<Vec<_>>().join(",")
+            s.deployments
+                .iter()
+                .map(|(d, p)| format!("{d}={:?}", p.phase))
+                .collect::<Vec<_>>()
+                .join(",")
         };
         let inv = s.inventory.unwrap_or_default();
         t.row(vec![
@@ -242,7 +282,9 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
         None => Api::all(client),
     };
     let list = api.list(&ListParams::default()).await.map_err(|e| match e {
-        kube::Error::Api(ae) if ae.code == 404 => anyhow::anyhow!("the Deployment CRD is not installed (run `iot-operator install`)"),
+        kube::Error::Api(ae) if ae.code == 404 => {
+            anyhow::anyhow!("the Deployment CRD is not installed (run `iot-operator install`)")
+        }
         other => anyhow::anyhow!("cannot list deployments: {other}"),
     })?;
     if cli.output == Output::Json {
@@ -260,10 +302,25 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
             .collect();
         return print_json(&items);
     }
-    let mut t = Table::new(&["NAMESPACE", "NAME", "TARGETS", "SUCCEEDED", "FAILED", "PENDING", "UNREPORTED", "READY", "TOP ERROR"]);
+    let mut t = Table::new(&[
+        "NAMESPACE",
+        "NAME",
+        "TARGETS",
+        "SUCCEEDED",
+        "FAILED",
+        "PENDING",
+        "UNREPORTED",
+        "READY",
+        "TOP ERROR",
+    ]);
     for d in &list.items {
         let status = d.status.clone().unwrap_or_default();
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.status.clone()).unwrap_or_else(|| "-".into());
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.status.clone())
+            .unwrap_or_else(|| "-".into());
         let agg = status.aggregate.unwrap_or_default();
         let top = agg
             .top_errors

@@ -7,7 +7,10 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
-        Self { header: header.iter().map(|s| s.to_string()).collect(), rows: Vec::new() }
+        Self {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -56,5 +59,9 @@ pub fn age(secs: i64) -> String {
 }
 
 pub fn bytes_gib(b: u64) -> String {
-    if b == 0 { "-".into() } else { format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64) }
+    if b == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64)
+    }
 }

@@ -1,0 +1,187 @@
+//! `iot-up`: the whole platform on this machine, then a command menu (or, with
+//! `--auto`, the end-to-end regression). Run through `scripts/up.sh`, which installs
+//! and builds what is missing first.
+
+mod menu;
+mod net;
+mod regression;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "iot-up", about = "Bring up API server, NATS, operator and devices locally")]
+struct Args {
+    /// Number of devices (each an agent in its own network namespace).
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    /// Run the regression (apply -> HTTP 200 -> upgrade -> delete) and exit 0/1.
+    #[arg(long)]
+    auto: bool,
+    /// Where logs, kubeconfig and device sockets live while up.
+    #[arg(long, env = "IOT_UP_STATE_DIR", default_value = "/run/iot-up")]
+    state_dir: PathBuf,
+    /// Instance name (1-8 lowercase letters/digits): names the bridge, namespaces and
+    /// veths, so separate instances never collide.
+    #[arg(long, default_value = net::DEFAULT_NAME)]
+    name: String,
+    /// First three octets of the device subnet (the gateway is .1, devices .11 and up).
+    #[arg(long, default_value = "10.77.0")]
+    subnet: String,
+    /// Keep the logs in the state directory after teardown (everything else goes).
+    #[arg(long)]
+    keep_logs: bool,
+    /// Directory with the release binaries (default: next to this one).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let code = match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("\x1b[1;31mERROR:\x1b[0m {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(args: Args) -> anyhow::Result<i32> {
+    anyhow::ensure!((1..=200).contains(&args.devices), "--devices must be 1-200");
+    anyhow::ensure!(
+        args.subnet.split('.').count() == 3 && args.subnet.split('.').all(|o| o.parse::<u8>().is_ok()),
+        "--subnet must be three octets like 10.77.0"
+    );
+    anyhow::ensure!(
+        (1..=8).contains(&args.name.len()) && args.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "--name must be 1-8 lowercase letters or digits"
+    );
+    let net = net::Net {
+        name: args.name.clone(),
+        prefix: args.subnet.clone(),
+    };
+    let bin_dir = match args.bin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow::anyhow!("no binary dir"))?,
+    };
+    for b in ["iot-operator", "iot-agent", "example_iot_apply_deployment", "iotctl"] {
+        anyhow::ensure!(
+            bin_dir.join(b).exists(),
+            "{} missing in {}; run scripts/up.sh (it builds them)",
+            b,
+            bin_dir.display()
+        );
+    }
+    // Whatever a previous run left behind (if it was killed) goes first.
+    if std::env::var_os("IOT_UP_STATE_DIR").is_none() {
+        eprintln!(
+            "note: IOT_UP_STATE_DIR is not exported (scripts/up.sh does it); processes of a crashed run cannot be found later"
+        );
+    }
+    cleanup_leftovers(&net, &args.state_dir);
+    std::fs::create_dir_all(args.state_dir.join("logs"))?;
+
+    let mut up = up::Up {
+        bin_dir,
+        state_dir: args.state_dir.clone(),
+        net: net.clone(),
+        devices: Vec::new(),
+        api: None,
+        nats: None,
+        operator: None,
+        containers_conf: iot_testkit::paths::containers_conf(),
+        keep_logs: args.keep_logs,
+    };
+    let started = tokio::select! {
+        r = up.start(args.devices) => r,
+        _ = shutdown_signal() => Err(anyhow::anyhow!("interrupted during bring-up")),
+    };
+    if let Err(e) = started {
+        drop(up);
+        return Err(e);
+    }
+    menu::write_env_file(&up)?;
+    if args.auto {
+        let ok = regression::run(&up).await;
+        // A failed regression keeps its logs for whoever investigates.
+        up.keep_logs |= !ok;
+        drop(up);
+        return Ok(if ok { 0 } else { 1 });
+    }
+    menu::print(&up);
+    shutdown_signal().await;
+    drop(up);
+    eprintln!("\x1b[1;32mstopped cleanly\x1b[0m");
+    Ok(0)
+}
+
+fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
+    let leftover_devices = net.existing_devices();
+    if leftover_devices.is_empty() && !state_dir.exists() {
+        return;
+    }
+    eprintln!("\x1b[1;34m==>\x1b[0m cleaning up what a previous run left behind");
+    // Processes of a previous run: scripts/up.sh exports IOT_UP_STATE_DIR, so every
+    // process it started (and their children) carries it in its environment.
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        let me = std::process::id();
+        let state = state_dir.display().to_string();
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let marker = format!("IOT_UP_STATE_DIR={state}");
+            let ours = environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes());
+            if ours {
+                let killed = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .output();
+                if !killed.is_ok_and(|o| o.status.success()) {
+                    eprintln!("  warning: could not stop leftover process {pid}");
+                }
+            }
+        }
+    }
+    for index in leftover_devices {
+        up::remove_device_containers(
+            net,
+            index,
+            &net.device_id(index),
+            &iot_testkit::paths::containers_conf(),
+        );
+    }
+    net.remove_all();
+    if let Err(e) = std::fs::remove_dir_all(state_dir) {
+        eprintln!("  warning: could not remove {}: {e}", state_dir.display());
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                r = tokio::signal::ctrl_c() => if let Err(e) = r { eprintln!("ctrl-c handler failed: {e}") },
+            }
+        }
+        Err(e) => {
+            eprintln!("cannot listen for SIGTERM ({e}); Ctrl-C still works");
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                eprintln!("ctrl-c handler failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! `--auto`: the end-to-end regression on the live platform, three ways (typed
+//! applier, `--print | kubectl apply -f -`, a hand-written YAML manifest):
+//! apply v1 -> HTTP 200 "v1" from the device -> v2 (container id changes, "v2",
+//! aggregate counts the new spec) -> delete (container and keys gone).
+
+use std::future::Future;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use harmony_reconciler_contracts::DESIRED_STATE_BUCKET;
+use iot_operator::crd::{Deployment, DeploymentStatus};
+use kube::Api;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::up::Up;
+
+const WAIT: Duration = Duration::from_secs(90);
+const PORT: u16 = 8080;
+
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    TypedApplier,
+    PrintedJson,
+    YamlManifest,
+}
+
+pub async fn run(up: &Up) -> bool {
+    let mut results: Vec<(String, Result<Duration, String>)> = Vec::new();
+    for via in [Via::TypedApplier, Via::PrintedJson, Via::YamlManifest] {
+        let t = Instant::now();
+        eprintln!("\x1b[1;34m==>\x1b[0m regression via {via:?}");
+        let r = lifecycle(up, via)
+            .await
+            .map(|()| t.elapsed())
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &r {
+            eprintln!("      \x1b[31mFAIL\x1b[0m {e}");
+        }
+        results.push((
+            format!("{via:?}: apply v1 -> HTTP 200 -> v2 (new container) -> delete"),
+            r,
+        ));
+    }
+    eprintln!("\n\x1b[1mRegression summary\x1b[0m");
+    let mut ok = true;
+    for (name, r) in &results {
+        match r {
+            Ok(d) => eprintln!("  \x1b[32mPASS\x1b[0m {name} ({:.1} s)", d.as_secs_f64()),
+            Err(e) => {
+                ok = false;
+                eprintln!("  \x1b[31mFAIL\x1b[0m {name}: {e}");
+            }
+        }
+    }
+    eprintln!(
+        "{}",
+        if ok {
+            "\x1b[1;32mALL PASSED\x1b[0m"
+        } else {
+            "\x1b[1;31mFAILED\x1b[0m"
+        }
+    );
+    ok
+}
+
+async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
+    let device = &up.devices[0];
+    let kube = kube_client(up).await?;
+    let api: Api<Deployment> = Api::namespaced(kube, "default");
+
+    apply(up, via, "localhost/iot-web:v1")?;
+    wait_http(&device.ip, "v1").await?;
+    let v1 = up.device_containers(device.index, &device.id);
+    anyhow::ensure!(v1.len() == 1, "expected one container after v1, found {}", v1.len());
+    let hash = wait_status(&api, "v1 counted as succeeded", |s| {
+        s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1)
+    })
+    .await?;
+    eprintln!(
+        "      ok v1 answers on http://{}:{PORT}/, container {}, aggregate spec {hash}",
+        device.ip,
+        short(&v1[0])
+    );
+
+    apply(up, via, "localhost/iot-web:v2")?;
+    wait_http(&device.ip, "v2").await?;
+    let v2 = eventually("one new container", || async {
+        let ids = up.device_containers(device.index, &device.id);
+        (ids.len() == 1 && ids != v1).then_some(ids)
+    })
+    .await?;
+    let hash2 = wait_status(&api, "v2 counted as succeeded", |s| {
+        s.aggregate
+            .as_ref()
+            .is_some_and(|a| a.succeeded == 1 && a.spec_hash != hash)
+    })
+    .await?;
+    eprintln!(
+        "      ok upgraded: container {} -> {}, aggregate spec {hash2}",
+        short(&v1[0]),
+        short(&v2[0])
+    );
+
+    delete(up, via)?;
+    eventually("container removed", || async {
+        up.device_containers(device.index, &device.id).is_empty().then_some(())
+    })
+    .await?;
+    eventually("desired-state keys removed", || async {
+        (desired_keys(up).await.ok()? == 0).then_some(())
+    })
+    .await?;
+    eventually("resource gone", || async {
+        api.get_opt("web").await.ok().flatten().is_none().then_some(())
+    })
+    .await?;
+    eprintln!("      ok deleted: no container, no keys, no resource");
+    Ok(())
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+fn apply(up: &Up, via: Via, image: &str) -> anyhow::Result<()> {
+    let device = &up.devices[0].id;
+    let port = PORT.to_string();
+    let flags = [
+        "--name",
+        "web",
+        "--target-device",
+        device,
+        "--image",
+        image,
+        "--port",
+        &port,
+    ];
+    match via {
+        Via::TypedApplier => {
+            let mut cmd = applier(up);
+            cmd.args(flags);
+            run_ok(cmd, None).map(drop)
+        }
+        Via::PrintedJson => {
+            let mut cmd = applier(up);
+            cmd.args(flags).arg("--print");
+            let json = run_ok(cmd, None)?;
+            run_ok(kubectl(up, &["apply", "-f", "-"]), Some(&json)).map(drop)
+        }
+        Via::YamlManifest => {
+            let yaml = format!(
+                "apiVersion: iot.nationtech.io/v1alpha1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: default\nspec:\n  target_devices:\n    - {device}\n  score:\n    PodmanV0:\n      services:\n        - name: web\n          image: {image}\n          ports:\n            - host_port: {PORT}\n              container_port: 80\n"
+            );
+            run_ok(kubectl(up, &["apply", "-f", "-"]), Some(&yaml)).map(drop)
+        }
+    }
+}
+
+fn delete(up: &Up, via: Via) -> anyhow::Result<()> {
+    match via {
+        Via::TypedApplier => {
+            let mut cmd = applier(up);
+            cmd.args(["--name", "web", "--delete"]);
+            run_ok(cmd, None).map(drop)
+        }
+        Via::PrintedJson | Via::YamlManifest => run_ok(
+            kubectl(up, &["delete", "deployments.iot.nationtech.io", "web", "-n", "default"]),
+            None,
+        )
+        .map(drop),
+    }
+}
+
+fn applier(up: &Up) -> Command {
+    let mut cmd = Command::new(up.bin("example_iot_apply_deployment"));
+    cmd.env("KUBECONFIG", up.kubeconfig());
+    cmd
+}
+
+fn kubectl(up: &Up, args: &[&str]) -> Command {
+    let mut cmd = Command::new("kubectl");
+    cmd.env("KUBECONFIG", up.kubeconfig()).args(args);
+    cmd
+}
+
+fn run_ok(mut cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut sin) = child.stdin.take() {
+        sin.write_all(stdin.unwrap_or("").as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn kube_client(up: &Up) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(up.kubeconfig())?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn desired_keys(up: &Up) -> anyhow::Result<usize> {
+    use futures::TryStreamExt;
+    let conn = iot_kv::connect(&[up.nats_url()], &iot_kv::Anonymous, "iot-up-check", true).await?;
+    let store = jetstream::new(conn.client).get_key_value(DESIRED_STATE_BUCKET).await?;
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| anyhow::anyhow!("listing keys: {e}"))?
+        .try_collect()
+        .await?;
+    Ok(keys.len())
+}
+
+async fn wait_status(
+    api: &Api<Deployment>,
+    what: &str,
+    pred: impl Fn(&DeploymentStatus) -> bool,
+) -> anyhow::Result<String> {
+    eventually(what, || async {
+        let s = api.get("web").await.ok()?.status?;
+        pred(&s).then(|| s.aggregate.map(|a| a.spec_hash).unwrap_or_default())
+    })
+    .await
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(start.elapsed() < WAIT, "timed out after {WAIT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn http_get(ip: &str) -> Option<(u16, String)> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect((ip, PORT)).await.ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: device\r\n\r\n").await.ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
+}
+
+async fn wait_http(ip: &str, body: &str) -> anyhow::Result<()> {
+    eventually(&format!("HTTP 200 {body:?} from http://{ip}:{PORT}/"), || async {
+        http_get(ip).await.filter(|(c, b)| *c == 200 && b == body).map(drop)
+    })
+    .await
+}

@@ -1,0 +1,309 @@
+//! Bring-up and teardown of the local platform.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
+use iot_kv::{Anonymous, connect};
+use iot_testkit::{ApiServer, LoggedProcess, NatsServer};
+
+use crate::net::Net;
+
+/// Everything `up` started. Dropping it tears everything down, in the order that
+/// leaves nothing behind: agents first (they would restore containers), then the
+/// devices' containers, podman services, operator, NATS, API server, network.
+pub struct Up {
+    pub bin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub net: Net,
+    pub devices: Vec<Device>,
+    pub api: Option<ApiServer>,
+    pub nats: Option<NatsServer>,
+    pub operator: Option<LoggedProcess>,
+    pub containers_conf: PathBuf,
+    /// Keep logs (and only logs) in the state directory after teardown.
+    pub keep_logs: bool,
+}
+
+pub struct Device {
+    pub index: usize,
+    pub id: String,
+    pub ip: String,
+    pub podman_socket: PathBuf,
+    pub podman: Option<LoggedProcess>,
+    pub agent: Option<LoggedProcess>,
+}
+
+pub fn step(n: usize, total: usize, what: &str) -> Instant {
+    eprintln!("\x1b[1;34m[{n}/{total}]\x1b[0m {what}");
+    Instant::now()
+}
+
+pub fn done(t: Instant, detail: &str) {
+    eprintln!("      \x1b[32mok\x1b[0m {detail} ({:.1} s)", t.elapsed().as_secs_f64());
+}
+
+impl Up {
+    pub fn logs_dir(&self) -> PathBuf {
+        self.state_dir.join("logs")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.state_dir.join("kubeconfig")
+    }
+
+    pub fn nats_url(&self) -> String {
+        self.nats.as_ref().map(NatsServer::url).unwrap_or_default()
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    fn nsenter(&self, index: usize) -> Command {
+        nsenter(&self.net, index)
+    }
+
+    pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
+        let total = 7;
+        let t = step(
+            1,
+            total,
+            "Kubernetes API server (apiextensions-apiserver + etcd) on 127.0.0.1",
+        );
+        // Under the state directory, so even a killed run leaves nothing in /tmp.
+        let api = ApiServer::start_in(&self.state_dir).await?;
+        // A stable path for users; the certificates it names live until teardown.
+        std::fs::copy(api.kubeconfig(), self.kubeconfig())?;
+        done(t, &api.url());
+        self.api = Some(api);
+
+        let t = step(
+            2,
+            total,
+            &format!("device network: bridge {} {}/24", self.net.bridge(), self.net.gateway()),
+        );
+        self.net.check_free()?;
+        self.net.create_bridge()?;
+        done(t, &format!("gateway {}", self.net.gateway()));
+
+        let t = step(
+            3,
+            total,
+            "nats-server with JetStream on file storage, on the gateway address",
+        );
+        let nats = NatsServer::start_on_in(&self.net.gateway(), &self.state_dir).await?;
+        done(t, &nats.url());
+        self.nats = Some(nats);
+
+        let t = step(4, total, "CRD deployments.iot.nationtech.io via `iot-operator install`");
+        let out = Command::new(self.bin("iot-operator"))
+            .env("KUBECONFIG", self.kubeconfig())
+            .args(["install", "--timeout", "60s"])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "iot-operator install failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        done(t, "Established");
+
+        let t = step(5, total, "iot-operator run");
+        let mut cmd = Command::new(self.bin("iot-operator"));
+        cmd.env("KUBECONFIG", self.kubeconfig())
+            .env("NATS_URL", self.nats_url())
+            .env("IOT_STALE_AFTER", "30s")
+            .env("RUST_LOG", "info")
+            .arg("run");
+        self.operator = Some(LoggedProcess::spawn(
+            "iot-operator",
+            cmd,
+            self.logs_dir().join("operator.log"),
+        )?);
+        wait_for_log(self.operator.as_ref(), "KV bucket ready", Duration::from_secs(60)).await?;
+        done(t, "logged \"KV bucket ready\"");
+
+        let t = step(
+            6,
+            total,
+            &format!("{device_count} device(s): network namespace + podman service + iot-agent each"),
+        );
+        for index in 1..=device_count {
+            self.start_device(index)?;
+        }
+        for d in &self.devices {
+            wait_for_log(d.agent.as_ref(), "watching KV keys", Duration::from_secs(60)).await?;
+        }
+        done(
+            t,
+            &self
+                .devices
+                .iter()
+                .map(|d| format!("{}@{}", d.id, d.ip))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+
+        let t = step(7, total, "sanity: every device has published status.<device>");
+        self.wait_device_status(Duration::from_secs(60)).await?;
+        done(t, "all devices reporting");
+        Ok(())
+    }
+
+    fn start_device(&mut self, index: usize) -> anyhow::Result<()> {
+        self.net.create_device(index)?;
+        let id = self.net.device_id(index);
+        let dir = self.state_dir.join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("podman.sock");
+        let mut podman = self.nsenter(index);
+        podman
+            .env("CONTAINERS_CONF", &self.containers_conf)
+            .args(["podman", "system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()));
+        let podman = LoggedProcess::spawn(
+            &format!("podman {id}"),
+            podman,
+            self.logs_dir().join(format!("podman-{id}.log")),
+        )?;
+        let mut agent = self.nsenter(index);
+        agent
+            .arg(self.bin("iot-agent"))
+            .env("IOT_DEVICE_ID", &id)
+            .env("NATS_URL", self.nats_url())
+            .env("PODMAN_SOCKET", &socket)
+            .env("IOT_STOP_TIMEOUT", "2s")
+            .env("RUST_LOG", "info");
+        let agent = LoggedProcess::spawn(
+            &format!("agent {id}"),
+            agent,
+            self.logs_dir().join(format!("agent-{id}.log")),
+        )?;
+        self.devices.push(Device {
+            index,
+            ip: self.net.device_ip(index),
+            id,
+            podman_socket: socket,
+            podman: Some(podman),
+            agent: Some(agent),
+        });
+        Ok(())
+    }
+
+    async fn wait_device_status(&self, timeout: Duration) -> anyhow::Result<()> {
+        let conn = connect(&[self.nats_url()], &Anonymous, "iot-up", true).await?;
+        let store = jetstream::new(conn.client).get_key_value(AGENT_STATUS_BUCKET).await?;
+        let deadline = Instant::now() + timeout;
+        for d in &self.devices {
+            let key = agent_status_key(&Id::new(d.id.as_str())?);
+            loop {
+                if store.get(&key).await.ok().flatten().is_some() {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "no {key} in {AGENT_STATUS_BUCKET} after {timeout:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Container ids (running or not) of a device, from inside its namespace.
+    pub fn device_containers(&self, index: usize, id: &str) -> Vec<String> {
+        let mut cmd = self.nsenter(index);
+        cmd.env("CONTAINERS_CONF", &self.containers_conf)
+            .args(["podman", "ps", "-a", "-q", "--no-trunc", "--filter"])
+            .arg(format!("label=iot.nationtech.io/device={id}"));
+        cmd.output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn teardown(&mut self) {
+        eprintln!("\x1b[1;34m==>\x1b[0m tearing down");
+        for d in &mut self.devices {
+            if let Some(mut a) = d.agent.take() {
+                a.kill();
+            }
+        }
+        let ids: Vec<(usize, String)> = self.devices.iter().map(|d| (d.index, d.id.clone())).collect();
+        for (index, id) in ids {
+            remove_device_containers(&self.net, index, &id, &self.containers_conf);
+        }
+        for d in &mut self.devices {
+            if let Some(mut p) = d.podman.take() {
+                p.kill();
+            }
+        }
+        self.devices.clear();
+        if let Some(mut op) = self.operator.take() {
+            op.kill();
+        }
+        self.nats = None;
+        self.api = None;
+        self.net.remove_all();
+        if self.keep_logs {
+            eprintln!("      logs kept in {}", self.logs_dir().display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.state_dir) {
+            eprintln!("      warning: could not remove {}: {e}", self.state_dir.display());
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Removes a device's containers from inside its namespace (so podman tears down
+/// their networking where it was set up).
+pub fn remove_device_containers(net: &Net, index: usize, id: &str, containers_conf: &Path) {
+    let mut cmd = nsenter(net, index);
+    cmd.env("CONTAINERS_CONF", containers_conf)
+        .args(["podman", "ps", "-a", "-q", "--no-trunc", "--filter"])
+        .arg(format!("label=iot.nationtech.io/device={id}"));
+    let ids: Vec<String> = cmd
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
+        .unwrap_or_default();
+    for cid in ids {
+        let status = nsenter(net, index)
+            .env("CONTAINERS_CONF", containers_conf)
+            .args(["podman", "rm", "-f", "-t", "0", &cid])
+            .output();
+        if !status.is_ok_and(|o| o.status.success()) {
+            eprintln!("  warning: could not remove container {cid} of {id}");
+        }
+    }
+}
+
+/// A command run inside a device's network namespace. Only the network namespace:
+/// `ip netns exec` would also remount /sys and hide the cgroup mounts podman needs.
+pub fn nsenter(net: &Net, index: usize) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", net.netns_path(index)));
+    cmd
+}
+
+/// Waits until a process's log contains `needle`.
+pub async fn wait_for_log(proc_: Option<&LoggedProcess>, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    let p = proc_.ok_or_else(|| anyhow::anyhow!("process not started"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if p.log_text().contains(needle) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} did not log {needle:?} within {timeout:?}; see {}",
+            p.name,
+            p.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
