@@ -1,0 +1,171 @@
+//! The fleet CLI against a real running stack.
+
+use std::process::Command;
+
+use iot_e2e::stack::*;
+use iot_testkit::{cargo_bin, free_port};
+
+fn iotctl(stack: &Stack, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = Command::new(cargo_bin("iotctl")?)
+        .env("NATS_URL", stack.nats.url())
+        .env("KUBECONFIG", stack.kubeconfig())
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let (dev, _guard) = stack.start_agent()?;
+    let port = free_port()?;
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        &dev,
+        "--image",
+        "localhost/iot-web:v1",
+        "--port",
+        &port.to_string(),
+    ]);
+    run_ok(cmd)?;
+    let mut broken = stack.applier()?;
+    broken.args([
+        "--name",
+        "broken",
+        "--target-device",
+        &dev,
+        "--image",
+        "localhost/iot-web:missing",
+    ]);
+    run_ok(broken)?;
+    stack
+        .wait_resource_status("default", "broken", "broken failed", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.failed == 1)
+        })
+        .await?;
+    stack
+        .wait_resource_status("default", "web", "web succeeded", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1)
+        })
+        .await?;
+
+    // kv ls / get
+    let (ok, out, err) = iotctl(&stack, &["kv", "ls", "desired"])?;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [format!("{dev}.default_broken"), format!("{dev}.default_web")]
+    );
+    let (ok, out, err) = iotctl(&stack, &["kv", "ls", "status", "-o", "json"])?;
+    assert!(ok, "{err}");
+    let keys: Vec<String> = serde_json::from_str(&out)?;
+    assert!(keys.contains(&format!("status.{dev}")), "{keys:?}");
+    let (ok, out, err) = iotctl(&stack, &["kv", "get", "desired", &dev, "default/web"])?;
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["score"]["PodmanV0"]["services"][0]["image"], "localhost/iot-web:v1");
+    let (ok, out, err) = iotctl(&stack, &["kv", "get", "status", &dev])?;
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["device_id"], dev.as_str());
+
+    // devices: table and JSON
+    let (ok, out, err) = iotctl(&stack, &["devices"])?;
+    assert!(ok, "{err}");
+    let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "DEVICE",
+            "HEARTBEAT",
+            "STATE",
+            "DEPLOYMENTS",
+            "ARCH",
+            "CPUS",
+            "MEM",
+            "OS",
+            "AGENT"
+        ]
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&dev))
+        .unwrap_or_else(|| panic!("no row for {dev}:\n{out}"));
+    assert!(
+        row.contains("fresh") && row.contains("default/web=Running") && row.contains("default/broken=Failed"),
+        "{row}"
+    );
+    let (ok, out, _) = iotctl(&stack, &["devices", "-o", "json"])?;
+    assert!(ok);
+    let devices: Vec<harmony_reconciler_contracts::AgentStatus> = serde_json::from_str(&out)?;
+    assert_eq!(devices.len(), 1);
+    assert!(devices[0].inventory.as_ref().is_some_and(|i| i.cpu_cores > 0));
+
+    // deployments: aggregate counts and the top error
+    let (ok, out, err) = iotctl(&stack, &["deployments"])?;
+    assert!(ok, "{err}");
+    let broken_row = out
+        .lines()
+        .find(|l| l.contains(" broken "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = broken_row.split_whitespace().collect();
+    assert_eq!(
+        &cols[..8],
+        ["default", "broken", "1", "0", "1", "0", "0", "False"],
+        "{broken_row}"
+    );
+    assert!(
+        broken_row.contains("1 device(s): service web: image localhost/iot-web:missing"),
+        "{broken_row}"
+    );
+    let web_row = out
+        .lines()
+        .find(|l| l.contains(" web "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(
+        &web_row.split_whitespace().collect::<Vec<_>>()[..8],
+        ["default", "web", "1", "1", "0", "0", "0", "True"]
+    );
+    let (ok, out, _) = iotctl(&stack, &["deployments", "-n", "default", "-o", "json"])?;
+    assert!(ok);
+    let items: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    assert_eq!(items.len(), 2);
+    assert!(
+        items
+            .iter()
+            .any(|i| i["status"]["aggregate"]["top_errors"][0]["devices"] == 1)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn iotctl_errors_clearly_when_nothing_is_reachable() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let out = Command::new(cargo_bin("iotctl")?)
+        .env("NATS_URL", format!("nats://127.0.0.1:{port}"))
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .arg("devices")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot reach NATS at nats://127.0.0.1:{port}")),
+        "{err}"
+    );
+    let out = Command::new(cargo_bin("iotctl")?)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .arg("deployments")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach a Kubernetes API server"), "{err}");
+    Ok(())
+}
