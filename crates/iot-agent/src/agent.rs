@@ -17,10 +17,10 @@ use crate::runtime::{ContainerRuntime, PodmanRuntime};
 /// Runs the agent until `shutdown` completes. Containers keep running after the
 /// agent exits: they belong to the device, not to the agent process.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let creds = config.credentials();
+    let creds = config.nats.credentials();
     tracing::info!(
         device = %config.device_id,
-        nats = %config.nats_url.join(","),
+        nats = %config.nats.nats_url.join(","),
         credentials = %creds.describe(),
         podman = %config.podman_socket.display(),
         "starting iot-agent {}", crate::interpret::AGENT_VERSION
@@ -36,7 +36,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
 
     // Do not wait for NATS: the device keeps running its containers while offline.
     let conn = connect(
-        &config.nats_url,
+        &config.nats.nats_url,
         creds.as_ref(),
         &format!("iot-agent-{}", config.device_id),
         false,

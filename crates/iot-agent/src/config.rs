@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use harmony_reconciler_contracts::Id;
-use iot_kv::{Anonymous, CredentialSource, CredsFile, TokenAuth, UserPassword};
+use iot_kv::NatsArgs;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "iot-agent", version, about = "Runs this device's desired state with podman")]
@@ -14,30 +14,8 @@ pub struct AgentConfig {
     #[arg(long, env = "IOT_DEVICE_ID", value_parser = parse_id)]
     pub device_id: Id,
 
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: Vec<String>,
-
-    /// NATS credentials file (JWT + nkey seed).
-    #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nats_token", "nats_user"])]
-    pub nats_creds: Option<PathBuf>,
-
-    /// NATS token.
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
-    pub nats_token: Option<String>,
-
-    /// NATS user name (with --nats-password).
-    #[arg(long, env = "NATS_USER", requires = "nats_password")]
-    pub nats_user: Option<String>,
-
-    /// NATS password.
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// Podman API socket (`podman system service`).
     #[arg(long, env = "PODMAN_SOCKET", default_value = "/run/podman/podman.sock")]
@@ -62,23 +40,4 @@ pub struct AgentConfig {
 
 fn parse_id(s: &str) -> Result<Id, String> {
     Id::new(s).map_err(|e| e.to_string())
-}
-
-impl AgentConfig {
-    /// The credential source the flags select. No flags means no credentials, which
-    /// only a NATS server without auth accepts; there are no built-in defaults.
-    pub fn credentials(&self) -> Box<dyn CredentialSource> {
-        if let Some(path) = &self.nats_creds {
-            Box::new(CredsFile(path.clone()))
-        } else if let Some(token) = &self.nats_token {
-            Box::new(TokenAuth(token.clone()))
-        } else if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
-            Box::new(UserPassword {
-                user: user.clone(),
-                password: password.clone(),
-            })
-        } else {
-            Box::new(Anonymous)
-        }
-    }
 }

@@ -2,20 +2,17 @@
 //! KV, against a raw client putting the same number of keys in the same run.
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
-use iot_kv::{Anonymous, KvOp, connect, write_batch};
+use iot_kv::{KvOp, write_batch};
 use iot_operator::crd::{Deployment, DeploymentSpec};
-use iot_testkit::{ApiServer, LoggedProcess, NatsServer};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
-use crate::util::{rss_kib, sibling_binary};
+use crate::util::{control_plane, rss_kib};
 
 /// Counts distinct keys seen on a subject filter until `n`, or times out. Returns
 /// when the first key was seen.
@@ -36,31 +33,12 @@ async fn wait_keys(sub: &mut async_nats::Subscriber, n: usize, timeout: Duration
 }
 
 pub async fn run(devices: usize) -> anyhow::Result<()> {
-    let api = ApiServer::start().await?;
-    let nats = NatsServer::start().await?;
-    let conn = connect(&[nats.url()], &Anonymous, "bench", true).await?;
-    let js = jetstream::new(conn.client.clone());
-    iot_kv::buckets::ensure_buckets(&js).await?;
-    let operator_bin = sibling_binary("iot-operator")?;
-    let out = Command::new(&operator_bin)
-        .env("KUBECONFIG", api.kubeconfig())
-        .arg("install")
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "install failed");
-    let mut cmd = Command::new(&operator_bin);
-    cmd.env("KUBECONFIG", api.kubeconfig())
-        .env("NATS_URL", nats.url())
-        .env("RUST_LOG", "warn")
-        .arg("run");
-    let operator = LoggedProcess::spawn("iot-operator", cmd, api.dir().join("operator.log"))?;
-    let operator_pid = operator.pid().ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
+    let cp = control_plane().await?;
+    let (conn_client, js, operator_pid) = (cp.client.clone(), cp.js.clone(), cp.operator_pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = rss_kib(operator_pid)?;
 
-    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
-    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
-    let deployments: Api<Deployment> = Api::namespaced(client, "default");
+    let deployments: Api<Deployment> = Api::namespaced(cp.kube.clone(), "default");
     let targets: Vec<String> = (0..devices).map(|i| format!("dev{i}")).collect();
     let score: IotScore = serde_json::from_value(
         serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v1"}]}}),
@@ -71,8 +49,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
 
     // Baseline first: a raw client putting the same number of keys, same payload size,
     // pipelined the same way as the operator does it.
-    let mut raw_sub = conn
-        .client
+    let mut raw_sub = conn_client
         .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_raw"))
         .await?;
     let raw_dep = DeploymentRef::new("default", "raw")?;
@@ -93,8 +70,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
     let raw = t.elapsed();
 
     // A naive raw client: one acknowledged `kv.put` after another.
-    let mut seq_sub = conn
-        .client
+    let mut seq_sub = conn_client
         .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_seq"))
         .await?;
     let store = js.get_key_value(DESIRED_STATE_BUCKET).await?;
@@ -107,8 +83,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
     let sequential = t.elapsed();
 
     // Ours: apply the resource, wait for every key.
-    let mut sub = conn
-        .client
+    let mut sub = conn_client
         .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_fanout"))
         .await?;
     let mut dep = Deployment::new(
@@ -169,6 +144,6 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         rss_idle as f64 / 1024.0,
         rss_after as f64 / 1024.0
     );
-    drop(operator);
+    drop(cp);
     Ok(())
 }

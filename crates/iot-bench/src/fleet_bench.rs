@@ -3,26 +3,23 @@
 //! release operator binary aggregating them.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
-use iot_kv::{Anonymous, KvOp, connect, write_batch};
+use iot_kv::{KvOp, write_batch};
 use iot_operator::aggregator::DeviceIndex;
 use iot_operator::crd::{Deployment, DeploymentSpec};
-use iot_testkit::{ApiServer, LoggedProcess, NatsServer};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 
-use crate::util::{consumer_count, rss_kib, sibling_binary};
+use crate::util::{consumer_count, control_plane, rss_kib};
 
 const DEPLOYMENTS: usize = 20;
 const REASONS: [&str; 3] = [
@@ -137,30 +134,9 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         "--devices must be a multiple of {DEPLOYMENTS}"
     );
     let per_dep = (devices / DEPLOYMENTS) as u32;
-    let api_server = ApiServer::start().await?;
-    let nats = NatsServer::start().await?;
-    let conn = connect(&[nats.url()], &Anonymous, "bench", true).await?;
-    let js = jetstream::new(conn.client.clone());
-    iot_kv::buckets::ensure_buckets(&js).await?;
-    let operator_bin = sibling_binary("iot-operator")?;
-    let out = Command::new(&operator_bin)
-        .env("KUBECONFIG", api_server.kubeconfig())
-        .arg("install")
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "install failed");
-    let mut cmd = Command::new(&operator_bin);
-    cmd.env("KUBECONFIG", api_server.kubeconfig())
-        .env("NATS_URL", nats.url())
-        .env("RUST_LOG", "warn")
-        .env("IOT_STALE_AFTER", "30s")
-        .arg("run");
-    let operator = LoggedProcess::spawn("iot-operator", cmd, api_server.dir().join("operator.log"))?;
-    let operator_pid = operator.pid().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-
-    let kubeconfig = kube::config::Kubeconfig::read_from(api_server.kubeconfig())?;
-    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?)?;
-    let api: Api<Deployment> = Api::namespaced(client, "default");
+    let cp = control_plane().await?;
+    let (js, operator_pid) = (cp.js.clone(), cp.operator_pid);
+    let api: Api<Deployment> = Api::namespaced(cp.kube.clone(), "default");
     let mut fleet = Vec::with_capacity(devices);
     for d in 0..DEPLOYMENTS {
         let score: IotScore = serde_json::from_value(
@@ -336,6 +312,6 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         rss_burst as f64 / 1024.0
     );
     println!("| JetStream consumers on agent-status / desired-state | {consumers_status} / {consumers_desired} |");
-    drop(operator);
+    drop(cp);
     Ok(())
 }

@@ -52,3 +52,49 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
 pub fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
+
+/// API server with the CRD, nats-server with the buckets, and the release operator.
+/// The servers are owned here so they live exactly as long as the benchmark.
+pub struct ControlPlane {
+    _api: iot_testkit::ApiServer,
+    _nats: iot_testkit::NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    _operator: iot_testkit::LoggedProcess,
+    pub operator_pid: u32,
+    pub kube: kube::Client,
+}
+
+pub async fn control_plane() -> anyhow::Result<ControlPlane> {
+    use std::process::{Command, Stdio};
+    let api = iot_testkit::ApiServer::start().await?;
+    let nats = iot_testkit::NatsServer::start().await?;
+    let conn = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "bench", true).await?;
+    let js = jetstream::new(conn.client.clone());
+    iot_kv::buckets::ensure_buckets(&js).await?;
+    let operator_bin = sibling_binary("iot-operator")?;
+    let out = Command::new(&operator_bin)
+        .env("KUBECONFIG", api.kubeconfig())
+        .arg("install")
+        .stderr(Stdio::null())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "iot-operator install failed");
+    let mut cmd = Command::new(&operator_bin);
+    cmd.env("KUBECONFIG", api.kubeconfig())
+        .env("NATS_URL", nats.url())
+        .env("RUST_LOG", "warn")
+        .env("IOT_STALE_AFTER", "30s")
+        .arg("run");
+    let operator = iot_testkit::LoggedProcess::spawn("iot-operator", cmd, api.dir().join("operator.log"))?;
+    let operator_pid = operator.pid().ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
+    let kube = api.kube_client().await?;
+    Ok(ControlPlane {
+        _api: api,
+        _nats: nats,
+        client: conn.client,
+        js,
+        _operator: operator,
+        operator_pid,
+        kube,
+    })
+}

@@ -53,7 +53,7 @@ impl Stack {
         let api = ApiServer::start().await?;
         let nats = NatsServer::start().await?;
         let podman = PodmanService::start().await?;
-        let kube = kube_client(&api).await?;
+        let kube = api.kube_client().await?;
         let out = Command::new(cargo_bin("iot-operator")?)
             .env("KUBECONFIG", api.kubeconfig())
             .args(["install", "--timeout", "60s"])
@@ -204,12 +204,6 @@ impl Stack {
     }
 }
 
-pub async fn kube_client(api: &ApiServer) -> anyhow::Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
-}
-
 /// Every key in a bucket (a transient consumer; fine for a test).
 pub async fn collect_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     use futures::TryStreamExt;
@@ -217,27 +211,9 @@ pub async fn collect_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     Ok(keys.try_collect().await?)
 }
 
-/// Plain HTTP GET on 127.0.0.1: (status, body).
-pub async fn http_get(port: u16) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
-        Some((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
-}
-
+/// Waits for HTTP 200 with `body` on 127.0.0.1:port.
 pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
-    wait_until(WAIT, &format!("HTTP 200 {body:?} on port {port}"), || async {
-        http_get(port).await.filter(|(c, b)| *c == 200 && b == body).map(drop)
-    })
-    .await
+    iot_testkit::http::wait_http("127.0.0.1", port, body, WAIT).await
 }
 
 /// Running container ids of a device, via the podman CLI.

@@ -10,12 +10,14 @@
 //! - writes are plain JetStream publishes, acknowledged by the stream.
 
 pub mod buckets;
+pub mod cli;
 pub mod connect;
 pub mod direct;
 pub mod error;
 pub mod follow;
 pub mod write;
 
+pub use cli::NatsArgs;
 pub use connect::{Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect};
 pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;

@@ -1,8 +1,7 @@
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use iot_kv::{Anonymous, CredentialSource, CredsFile, TokenAuth, UserPassword};
+use iot_kv::NatsArgs;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -34,22 +33,8 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats_url: Vec<String>,
-    #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nats_token", "nats_user"])]
-    nats_creds: Option<PathBuf>,
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
-    nats_token: Option<String>,
-    #[arg(long, env = "NATS_USER", requires = "nats_password")]
-    nats_user: Option<String>,
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
-    nats_password: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Re-check every resource this often even without changes.
     #[arg(long, env = "IOT_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     resync: Duration,
@@ -60,23 +45,6 @@ struct RunArgs {
     /// (default: 3x the agents' default 10 s heartbeat).
     #[arg(long, env = "IOT_STALE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
     stale_after: Duration,
-}
-
-impl RunArgs {
-    fn credentials(&self) -> Box<dyn CredentialSource> {
-        if let Some(p) = &self.nats_creds {
-            Box::new(CredsFile(p.clone()))
-        } else if let Some(t) = &self.nats_token {
-            Box::new(TokenAuth(t.clone()))
-        } else if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
-            Box::new(UserPassword {
-                user: u.clone(),
-                password: p.clone(),
-            })
-        } else {
-            Box::new(Anonymous)
-        }
-    }
 }
 
 #[tokio::main]
@@ -104,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let client = kube_client().await?;
             let opts = iot_operator::run::RunOptions {
-                nats_url: args.nats_url.clone(),
+                nats_url: args.nats.nats_url.clone(),
                 resync: args.resync,
                 status_min_interval: args.status_min_interval,
                 aggregator: iot_operator::aggregator::AggregatorConfig {
@@ -112,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
             };
-            iot_operator::run::run(client, args.credentials(), opts).await
+            iot_operator::run::run(client, args.nats.credentials(), opts).await
         }
     }
 }

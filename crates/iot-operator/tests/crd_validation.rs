@@ -8,15 +8,9 @@ use iot_testkit::ApiServer;
 
 async fn server_with_crd() -> anyhow::Result<ApiServer> {
     let api = ApiServer::start().await?;
-    let client = kube_client(&api).await?;
+    let client = api.kube_client().await?;
     install_crd(client, Duration::from_secs(30)).await?;
     Ok(api)
-}
-
-pub async fn kube_client(api: &ApiServer) -> anyhow::Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig())?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
 }
 
 fn manifest(name: &str, spec: serde_json::Value) -> String {
@@ -47,7 +41,7 @@ async fn installed_crd_is_discoverable_and_explained() -> anyhow::Result<()> {
     assert!(ok, "{err}");
     assert!(out.contains("NATS subject token"), "{out}");
     // Installing twice is fine.
-    install_crd(kube_client(&api).await?, Duration::from_secs(30)).await?;
+    install_crd(api.kube_client().await?, Duration::from_secs(30)).await?;
     Ok(())
 }
 

@@ -79,6 +79,11 @@ impl ApiServer {
         self.dir.path().join("kubeconfig")
     }
 
+    /// A kube client for this server.
+    pub async fn kube_client(&self) -> anyhow::Result<kube::Client> {
+        kube_client_from(&self.kubeconfig()).await
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -262,4 +267,11 @@ fn make_certs(d: &Path) -> anyhow::Result<()> {
         "client.ext",
     ])?;
     Ok(())
+}
+
+/// A kube client from a kubeconfig file (without touching `KUBECONFIG`).
+pub async fn kube_client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }

@@ -5,6 +5,7 @@
 //! in parallel and leave nothing behind even when they fail.
 
 pub mod apiserver;
+pub mod http;
 pub mod nats;
 pub mod paths;
 pub mod podman;

@@ -11,7 +11,6 @@ use async_nats::jetstream;
 use harmony_reconciler_contracts::DESIRED_STATE_BUCKET;
 use iot_operator::crd::{Deployment, DeploymentStatus};
 use kube::Api;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::up::Up;
 
@@ -66,7 +65,7 @@ pub async fn run(up: &Up) -> bool {
 
 async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
     let device = &up.devices[0];
-    let kube = kube_client(up).await?;
+    let kube = iot_testkit::apiserver::kube_client_from(&up.kubeconfig()).await?;
     let api: Api<Deployment> = Api::namespaced(kube, "default");
 
     apply(up, via, "localhost/iot-web:v1")?;
@@ -203,12 +202,6 @@ fn run_ok(mut cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn kube_client(up: &Up) -> anyhow::Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(up.kubeconfig())?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
-}
-
 async fn desired_keys(up: &Up) -> anyhow::Result<usize> {
     use futures::TryStreamExt;
     let conn = iot_kv::connect(&[up.nats_url()], &iot_kv::Anonymous, "iot-up-check", true).await?;
@@ -249,22 +242,6 @@ where
     }
 }
 
-async fn http_get(ip: &str) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect((ip, PORT)).await.ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: device\r\n\r\n").await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
-}
-
 async fn wait_http(ip: &str, body: &str) -> anyhow::Result<()> {
-    eventually(&format!("HTTP 200 {body:?} from http://{ip}:{PORT}/"), || async {
-        http_get(ip).await.filter(|(c, b)| *c == 200 && b == body).map(drop)
-    })
-    .await
+    iot_testkit::http::wait_http(ip, PORT, body, WAIT).await
 }

@@ -11,7 +11,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::TryStreamExt;
 use harmony_reconciler_contracts::*;
-use iot_kv::{Anonymous, CredentialSource, CredsFile, TokenAuth, UserPassword};
+use iot_kv::NatsArgs;
 use iot_operator::crd::Deployment;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
@@ -24,23 +24,8 @@ use table::{Table, age, bytes_gib};
     about = "Inspect the IoT fleet: KV state, devices, deployments"
 )]
 struct Cli {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    nats_url: Vec<String>,
-    #[arg(long, env = "NATS_CREDS", global = true)]
-    nats_creds: Option<std::path::PathBuf>,
-    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, global = true)]
-    nats_token: Option<String>,
-    #[arg(long, env = "NATS_USER", global = true)]
-    nats_user: Option<String>,
-    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, global = true)]
-    nats_password: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -113,26 +98,11 @@ enum KvCmd {
 }
 
 impl Cli {
-    fn credentials(&self) -> Box<dyn CredentialSource> {
-        if let Some(p) = &self.nats_creds {
-            Box::new(CredsFile(p.clone()))
-        } else if let Some(t) = &self.nats_token {
-            Box::new(TokenAuth(t.clone()))
-        } else if let (Some(u), Some(p)) = (&self.nats_user, &self.nats_password) {
-            Box::new(UserPassword {
-                user: u.clone(),
-                password: p.clone(),
-            })
-        } else {
-            Box::new(Anonymous)
-        }
-    }
-
     async fn store(&self, bucket: &str) -> anyhow::Result<kv::Store> {
-        let urls = self.nats_url.join(",");
+        let urls = self.nats.nats_url.join(",");
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            iot_kv::connect(&self.nats_url, self.credentials().as_ref(), "iotctl", true),
+            iot_kv::connect(&self.nats.nats_url, self.nats.credentials().as_ref(), "iotctl", true),
         )
         .await
         .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} (timed out); set --nats-url or NATS_URL"))?

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use harmony_reconciler_contracts::*;
 use iot_kv::{Anonymous, connect};
 use iot_testkit::{DeviceContainers, NatsServer, PodmanService, unique_id, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -195,27 +194,9 @@ pub fn score_from(v: serde_json::Value) -> IotScore {
     serde_json::from_value(v).expect("test score")
 }
 
-/// Plain HTTP GET on 127.0.0.1; returns (status code, body).
-pub async fn http_get(port: u16) -> Option<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
-        Some((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(3), fut).await.ok().flatten()
-}
-
-/// Waits for HTTP 200 with `body` on the port.
+/// Waits for HTTP 200 with `body` on 127.0.0.1:port.
 pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
-    wait_until(WAIT, &format!("HTTP 200 {body:?} on port {port}"), || async {
-        http_get(port).await.filter(|(c, b)| *c == 200 && b == body).map(drop)
-    })
-    .await
+    iot_testkit::http::wait_http("127.0.0.1", port, body, WAIT).await
 }
 
 /// Ids of running containers of a device (podman CLI, independent of the agent).
