@@ -12,6 +12,7 @@ use crate::process::{free_port, kill_child};
 /// A nats-server process. Dropping it kills the server and deletes its store.
 pub struct NatsServer {
     child: Option<Child>,
+    extra_args: Vec<String>,
     host: String,
     port: u16,
     store: TempDir,
@@ -38,7 +39,26 @@ impl NatsServer {
         let log = store.path().join("nats.log");
         let mut me = Self {
             child: None,
+            extra_args: Vec::new(),
             host: host.to_owned(),
+            port: free_port()?,
+            store,
+            binary,
+            log,
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    /// Starts a loopback server with extra command-line flags (e.g. `--auth TOKEN`).
+    pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+        let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
+        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir()?;
+        let log = store.path().join("nats.log");
+        let mut me = Self {
+            child: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            host: "127.0.0.1".into(),
             port: free_port()?,
             store,
             binary,
@@ -82,6 +102,7 @@ impl NatsServer {
         let child = Command::new(&self.binary)
             .args(["-a", &self.host, "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store.path().join("js"))
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

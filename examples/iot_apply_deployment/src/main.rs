@@ -121,9 +121,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let dep = if args.delete { None } else { Some(build(&args)?) };
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("cannot reach a Kubernetes API server (is KUBECONFIG set?)")?;
+        .context("no Kubernetes API server configured (set KUBECONFIG)")?;
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config).context("cannot build a client for the Kubernetes API server")?;
     let api: Api<Deployment> = Api::namespaced(client, &args.namespace);
     match dep {
         None => match api.delete(&args.name, &DeleteParams::default()).await {
@@ -139,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
                     crd_hint(&e.message)
                 )
             }
-            Err(e) => return Err(explain(e)),
+            Err(e) => return Err(explain(e, &server)),
         },
         Some(dep) => {
             let applied = api
@@ -149,14 +151,21 @@ async fn main() -> anyhow::Result<()> {
                     &Patch::Apply(&dep),
                 )
                 .await
-                .map_err(explain)?;
+                .map_err(|e| explain(e, &server))?;
             println!(
                 "deployment.iot.nationtech.io/{} applied (generation {})",
                 applied.name_any(),
                 applied.metadata.generation.unwrap_or(0)
             );
             if let Some(timeout) = args.wait {
-                wait_rolled_out(&api, &args.name, applied.metadata.generation.unwrap_or(0), timeout).await?;
+                wait_rolled_out(
+                    &api,
+                    &args.name,
+                    applied.metadata.generation.unwrap_or(0),
+                    timeout,
+                    &server,
+                )
+                .await?;
             }
         }
     }
@@ -164,10 +173,16 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Waits until the status counts every target as succeeded on this generation.
-async fn wait_rolled_out(api: &Api<Deployment>, name: &str, generation: i64, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_rolled_out(
+    api: &Api<Deployment>,
+    name: &str,
+    generation: i64,
+    timeout: Duration,
+    server: &str,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let d = api.get(name).await.map_err(explain)?;
+        let d = api.get(name).await.map_err(|e| explain(e, server))?;
         if let Some(status) = &d.status
             && status.observed_generation == Some(generation)
             && let Some(agg) = &status.aggregate
@@ -200,21 +215,33 @@ async fn wait_rolled_out(api: &Api<Deployment>, name: &str, generation: i64, tim
     }
 }
 
+const CRD_MISSING: &str = "the Deployment CRD is not installed; run `iot-operator install`";
+
 fn crd_hint(message: &str) -> String {
-    if message.contains("the server could not find the requested resource") {
-        "the Deployment CRD is not installed; run `iot-operator install`".into()
+    // A server without the CRD answers either with a Status naming the resource or a
+    // bare "404 page not found"; an object that is merely absent names itself.
+    if message.contains("the server could not find the requested resource") || message.contains("page not found") {
+        CRD_MISSING.into()
     } else {
         message.to_owned()
     }
 }
 
-fn explain(e: kube::Error) -> anyhow::Error {
+fn explain(e: kube::Error, server: &str) -> anyhow::Error {
     match e {
-        kube::Error::Api(ae) if ae.code == 404 => anyhow::anyhow!("{}", crd_hint(&ae.message)),
+        // Server-side apply creates missing objects, so a 404 means the type is unknown.
+        kube::Error::Api(ae) if ae.code == 404 => anyhow::anyhow!("{CRD_MISSING}"),
         kube::Error::Api(ae) if ae.code == 422 => {
             anyhow::anyhow!("the API server rejected the resource: {}", ae.message)
         }
         kube::Error::Api(ae) => anyhow::anyhow!("API server error {}: {}", ae.code, ae.message),
-        other => anyhow::anyhow!("cannot talk to the Kubernetes API server: {other}"),
+        other => {
+            // The innermost cause ("Connection refused", a TLS error) is what helps.
+            let mut root: &dyn std::error::Error = &other;
+            while let Some(next) = root.source() {
+                root = next;
+            }
+            anyhow::anyhow!("cannot talk to the Kubernetes API server at {server}: {root}")
+        }
     }
 }
