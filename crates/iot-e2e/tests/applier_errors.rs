@@ -43,7 +43,10 @@ async fn no_cluster_and_no_crd_are_explained() -> anyhow::Result<()> {
     )?;
     let (ok, msg) = applier(&kc, &GOOD)?;
     assert!(!ok);
-    assert!(msg.contains("cannot talk to the Kubernetes API server at https://127.0.0.1:") && msg.contains("refused"), "{msg}");
+    assert!(
+        msg.contains("cannot talk to the Kubernetes API server at https://127.0.0.1:") && msg.contains("refused"),
+        "{msg}"
+    );
 
     // A real server without the CRD.
     let api = ApiServer::start().await?;

@@ -402,3 +402,61 @@ async fn nats_outage_is_reported_in_a_condition_and_converges_after() -> anyhow:
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn keys_of_a_resource_whose_finalizer_was_stripped_are_collected() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        "d1",
+        "--target-device",
+        "d2",
+        "--image",
+        "localhost/iot-web:v1",
+    ]);
+    run_ok(cmd)?;
+    let dep = DeploymentRef::new("default", "web")?;
+    wait_until(WAIT, "keys written", || async {
+        stack.keys_of(&dep).await.ok().filter(|k| k.len() == 2)
+    })
+    .await?;
+    // While the operator is down, a user forces the resource away (a live operator
+    // would simply put its finalizer back).
+    stack.stop_operator();
+    let (ok, _, err) = stack.api.kubectl(
+        &[
+            "patch",
+            "deployments.iot.nationtech.io",
+            "web",
+            "-n",
+            "default",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ],
+        None,
+    )?;
+    assert!(ok, "{err}");
+    let (ok, _, err) = stack.api.kubectl(
+        &["delete", "deployments.iot.nationtech.io", "web", "-n", "default"],
+        None,
+    )?;
+    assert!(ok, "{err}");
+    assert_eq!(stack.keys_of(&dep).await?.len(), 2, "nothing has removed the keys yet");
+    stack.start_operator()?;
+    // Collected after two resync passes (5 s each here).
+    wait_until(WAIT, "orphaned keys purged", || async {
+        stack.keys_of(&dep).await.ok().filter(|k| k.is_empty())
+    })
+    .await?;
+    assert!(
+        stack
+            .operator_log()
+            .contains("removing desired state of a deployment that no longer exists")
+    );
+    Ok(())
+}

@@ -71,6 +71,11 @@ impl DesiredIndex {
         }
     }
 
+    /// Every deployment that has at least one key.
+    pub fn deployments(&self) -> std::collections::BTreeSet<DeploymentRef> {
+        self.lock().keys().cloned().collect()
+    }
+
     pub fn key_count(&self) -> usize {
         self.lock().values().map(BTreeMap::len).sum()
     }

@@ -12,6 +12,7 @@ pub mod aggregator;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod gc;
 pub mod install;
 pub mod kv_index;
 pub mod kv_plan;

@@ -65,6 +65,12 @@ pub async fn run(client: kube::Client, creds: Box<dyn CredentialSource>, opts: R
         status_tx.clone(),
         opts.aggregator.clone(),
     ));
+    tokio::spawn(crate::gc::run_gc(
+        index.clone(),
+        client.clone(),
+        js_cell.clone(),
+        opts.resync,
+    ));
     let ctx = Arc::new(Ctx::new(client, js_cell, index, status_tx, opts.resync));
     run_controller(controller, ctx).await;
     tracing::info!("controller stopped");

@@ -85,3 +85,13 @@ fn invalid_target_is_a_typed_error() {
     s.target_devices.push("bad.id".into());
     assert!(target_ids(&s).is_err());
 }
+
+#[test]
+fn orphans_are_deployments_with_keys_but_no_resource() {
+    use iot_operator::gc::orphaned;
+    let r = |n: &str| DeploymentRef::new("ns", n).expect("ref");
+    let in_kv: BTreeSet<DeploymentRef> = [r("a"), r("b"), r("c")].into();
+    let resources: BTreeSet<DeploymentRef> = [r("a"), r("c"), r("d")].into();
+    assert_eq!(orphaned(&in_kv, &resources), [r("b")].into());
+    assert!(orphaned(&BTreeSet::new(), &resources).is_empty());
+}
