@@ -20,14 +20,14 @@ async fn v1_then_v2_then_delete() -> anyhow::Result<()> {
     let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
     stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
     wait_http(port, "v1").await?;
-    let ids_v1 = running_ids(&guard);
+    let ids_v1 = guard.running_ids();
     assert_eq!(ids_v1.len(), 1, "one container for one service");
 
     let h2 = stack.put(&dev, &web, &web_score("localhost/iot-web:v2", port)).await?;
     assert_ne!(h1, h2);
     stack.wait_phase(&dev, &web, Phase::Running, Some(&h2)).await?;
     wait_http(port, "v2").await?;
-    let ids_v2 = running_ids(&guard);
+    let ids_v2 = guard.running_ids();
     assert_eq!(ids_v2.len(), 1);
     assert_ne!(ids_v1, ids_v2, "upgrade must replace the container");
 
@@ -67,13 +67,13 @@ async fn container_removed_out_of_band_is_restored_within_resync() -> anyhow::Re
     let port = free_port()?;
     let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
     stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
-    let before = running_ids(&guard);
+    let before = guard.running_ids();
     assert_eq!(before.len(), 1);
 
     podman_cli(&["rm", "-f", "-t", "0", &before[0]])?;
     let removed_at = Instant::now();
     let after = wait_until(WAIT, "replacement container", || async {
-        let ids = running_ids(&guard);
+        let ids = guard.running_ids();
         (ids.len() == 1 && ids != before).then_some(ids)
     })
     .await?;
@@ -109,7 +109,7 @@ async fn agent_restart_adopts_containers_without_recreating() -> anyhow::Result<
     let port = free_port()?;
     let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
     stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
-    let before = running_ids(&guard);
+    let before = guard.running_ids();
 
     agent.kill();
     // Containers outlive the agent.
@@ -122,7 +122,7 @@ async fn agent_restart_adopts_containers_without_recreating() -> anyhow::Result<
         })
         .await?;
     assert_eq!(
-        running_ids(&guard),
+        guard.running_ids(),
         before,
         "restart must not recreate an unchanged container"
     );
@@ -152,7 +152,7 @@ async fn nats_outage_keeps_containers_and_converges_after() -> anyhow::Result<()
     tokio::time::sleep(Duration::from_secs(6)).await;
     wait_http(port, "v1").await?;
     assert!(agent.is_running(), "agent died during the outage");
-    assert_eq!(running_ids(&guard).len(), 1);
+    assert_eq!(guard.running_ids().len(), 1);
 
     stack.nats.restart().await?;
     stack.reconnect().await?;
@@ -177,7 +177,7 @@ async fn each_bad_input_fails_only_its_deployment() -> anyhow::Result<()> {
         .put(&dev, &good, &web_score("localhost/iot-web:v1", good_port))
         .await?;
     stack.wait_phase(&dev, &good, Phase::Running, Some(&hg)).await?;
-    let good_ids = running_ids(&guard);
+    let good_ids = guard.running_ids();
 
     // A port something else already holds.
     let taken_port = free_port()?;
@@ -237,7 +237,7 @@ async fn each_bad_input_fails_only_its_deployment() -> anyhow::Result<()> {
     assert!(agent.is_running());
     let status = stack.status_of(&dev).await.expect("status");
     assert_eq!(status.deployments[&good].phase, Phase::Running);
-    let running = running_ids(&guard);
+    let running = guard.running_ids();
     assert!(
         good_ids.iter().all(|id| running.contains(id)),
         "good deployment's container changed"
@@ -268,8 +268,8 @@ async fn two_agents_on_one_podman_host_never_touch_each_other() -> anyhow::Resul
     let hb = stack.put(&dev_b, &web, &web_score("localhost/iot-web:v2", pb)).await?;
     stack.wait_phase(&dev_a, &web, Phase::Running, Some(&ha)).await?;
     stack.wait_phase(&dev_b, &web, Phase::Running, Some(&hb)).await?;
-    let b_ids = running_ids(&guard_b);
-    assert_eq!((running_ids(&guard_a).len(), b_ids.len()), (1, 1));
+    let b_ids = guard_b.running_ids();
+    assert_eq!((guard_a.running_ids().len(), b_ids.len()), (1, 1));
 
     // Deleting A's deployment removes only A's container.
     stack.delete(&dev_a, &web).await?;
@@ -279,7 +279,7 @@ async fn two_agents_on_one_podman_host_never_touch_each_other() -> anyhow::Resul
     .await?;
     // Give B several passes to misbehave.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(running_ids(&guard_b), b_ids, "B's container was touched");
+    assert_eq!(guard_b.running_ids(), b_ids, "B's container was touched");
     wait_http(pb, "v2").await?;
     Ok(())
 }

@@ -216,13 +216,6 @@ pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
     iot_testkit::http::wait_http("127.0.0.1", port, body, WAIT).await
 }
 
-/// Running container ids of a device, via the podman CLI.
-pub fn running_ids(guard: &DeviceContainers) -> Vec<String> {
-    iot_testkit::podman::podman_cli(&["ps", "-q", "--no-trunc", "--filter", &guard.label_filter()])
-        .map(|o| o.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
 /// Runs a command, failing with its stderr if it fails; returns stdout.
 pub fn run_ok(mut cmd: Command) -> anyhow::Result<String> {
     let out = cmd.output()?;

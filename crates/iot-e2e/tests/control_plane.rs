@@ -112,7 +112,7 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
 
     apply(&stack, via, "default", "web", &dev, "localhost/iot-web:v1", port)?;
     wait_http(port, "v1").await?;
-    let v1 = running_ids(&guard);
+    let v1 = guard.running_ids();
     assert_eq!(v1.len(), 1);
     // The fleet's truth reaches .status.
     let st = stack
@@ -127,7 +127,7 @@ async fn lifecycle(via: Via) -> anyhow::Result<()> {
     apply(&stack, via, "default", "web", &dev, "localhost/iot-web:v2", port)?;
     wait_http(port, "v2").await?;
     let v2 = wait_until(WAIT, "one new container", || async {
-        let ids = running_ids(&guard);
+        let ids = guard.running_ids();
         (ids.len() == 1 && ids != v1).then_some(ids)
     })
     .await?;
@@ -201,11 +201,11 @@ async fn same_name_in_two_namespaces_runs_twice_and_deletes_independently() -> a
     apply(&stack, Via::Applier, "team-b", "web", &dev, "localhost/iot-web:v2", pb)?;
     wait_http(pa, "v1").await?;
     wait_http(pb, "v2").await?;
-    assert_eq!(running_ids(&guard).len(), 2);
+    assert_eq!(guard.running_ids().len(), 2);
 
     delete(&stack, Via::Applier, "team-a", "web")?;
     wait_until(WAIT, "team-a container gone", || async {
-        (running_ids(&guard).len() == 1).then_some(())
+        (guard.running_ids().len() == 1).then_some(())
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -273,7 +273,7 @@ async fn targets_that_do_not_exist_get_keys_and_harm_nothing() -> anyhow::Result
             .filter(|k| k.len() == 1 && k[0].starts_with(&dev))
     })
     .await?;
-    assert_eq!(running_ids(&guard).len(), 1);
+    assert_eq!(guard.running_ids().len(), 1);
     Ok(())
 }
 

@@ -83,7 +83,7 @@ async fn container_killed_out_of_band_shows_in_status_and_recovers() -> anyhow::
     stack
         .wait_resource_status("default", "web", "Ready", |s| cond(s, READY) == Some("True"))
         .await?;
-    let ids = running_ids(&guard);
+    let ids = guard.running_ids();
     assert_eq!(ids.len(), 1);
 
     // Stop it behind the agent's back: podman does not restart a user-stopped container.
@@ -106,7 +106,7 @@ async fn container_killed_out_of_band_shows_in_status_and_recovers() -> anyhow::
     assert_eq!(agg.targets, 1);
 
     // Remove it entirely: restored, with a warning event, and the aggregate recovers.
-    let ids = running_ids(&guard);
+    let ids = guard.running_ids();
     podman_cli(&["rm", "-f", "-t", "0", &ids[0]])?;
     let t = Instant::now();
     stack

@@ -92,6 +92,13 @@ impl DeviceContainers {
             .unwrap_or_default()
     }
 
+    /// IDs of this device's running containers, via the podman CLI.
+    pub fn running_ids(&self) -> Vec<String> {
+        podman_cli(&["ps", "-q", "--no-trunc", "--filter", &self.label_filter()])
+            .map(|out| out.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
     pub fn label_filter(&self) -> String {
         format!("label=iot.nationtech.io/device={}", self.device)
     }

@@ -198,10 +198,3 @@ pub fn score_from(v: serde_json::Value) -> IotScore {
 pub async fn wait_http(port: u16, body: &str) -> anyhow::Result<()> {
     iot_testkit::http::wait_http("127.0.0.1", port, body, WAIT).await
 }
-
-/// Ids of running containers of a device (podman CLI, independent of the agent).
-pub fn running_ids(guard: &DeviceContainers) -> Vec<String> {
-    iot_testkit::podman::podman_cli(&["ps", "-q", "--no-trunc", "--filter", &guard.label_filter()])
-        .map(|o| o.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
