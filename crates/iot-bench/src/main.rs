@@ -43,6 +43,9 @@ enum Cmd {
         devices: usize,
         #[arg(long, default_value_t = 20)]
         connections: usize,
+        /// Full re-read period of every simulated device (the agent default is 10 s).
+        #[arg(long, default_value_t = 10)]
+        resync_secs: u64,
     },
 }
 
@@ -57,6 +60,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
         Cmd::Fanout { devices } => fanout_bench::run(devices).await,
         Cmd::FleetStatus { devices, steady_secs } => fleet_bench::run(devices, steady_secs).await,
-        Cmd::FollowScale { devices, connections } => follow_bench::run(devices, connections).await,
+        Cmd::FollowScale {
+            devices,
+            connections,
+            resync_secs,
+        } => follow_bench::run(devices, connections, resync_secs).await,
     }
 }

@@ -112,7 +112,7 @@ pub async fn follow_desired_state(
                         }
                         view = fresh;
                         publish(&out, &view);
-                        next_read = tokio::time::Instant::now() + config.resync;
+                        next_read = tokio::time::Instant::now() + jittered(config.resync);
                     }
                     Err(e) => {
                         failures += 1;
@@ -154,6 +154,18 @@ fn publish(out: &watch::Sender<DesiredView>, view: &DesiredView) {
     });
 }
 
+/// `period` +/- 10 %, so a fleet that (re)connected at the same moment does not
+/// re-read in lockstep forever.
+pub fn jittered(period: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // A fraction in [0.9, 1.1) from the clock's low bits: cheap and good enough here.
+    let factor = 0.9 + f64::from(nanos % 1000) / 5000.0;
+    period.mul_f64(factor)
+}
+
 /// 1 s, 2 s, 4 s ... capped.
 pub fn backoff(failures: u32, cap: Duration) -> Duration {
     let secs = 1u64 << failures.saturating_sub(1).min(16);
@@ -163,6 +175,14 @@ pub fn backoff(failures: u32, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..1000 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(d >= Duration::from_secs(9) && d < Duration::from_secs(11), "{d:?}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
