@@ -62,6 +62,8 @@ pub struct Reconciler<R> {
     phases: BTreeMap<DeploymentRef, DeploymentPhase>,
     events: EventRing,
     last_list_error: Option<String>,
+    /// Malformed keys under this device's prefix already reported as events.
+    reported_invalid_keys: BTreeSet<String>,
     report: watch::Sender<Report>,
 }
 
@@ -75,6 +77,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             phases: BTreeMap::new(),
             events: EventRing::new(event_capacity),
             last_list_error: None,
+            reported_invalid_keys: BTreeSet::new(),
             report,
         }
     }
@@ -87,6 +90,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
     #[tracing::instrument(skip_all, fields(device = %self.device, deployments = view.entries.len()))]
     pub async fn reconcile(&mut self, view: &DesiredView) -> PassSummary {
         let desired = interpret_all(&view.entries);
+        for key in &view.invalid_keys {
+            if self.reported_invalid_keys.insert(key.clone()) {
+                self.event(
+                    Severity::Warning,
+                    None,
+                    format!("ignoring desired-state key {key:?}: expected <device>.<namespace>_<name>"),
+                );
+            }
+        }
         let Some(observed) = self.observe().await else {
             return PassSummary::default();
         };

@@ -127,3 +127,26 @@ async fn event_ring_stays_bounded() {
     }
     assert_eq!(rx.borrow().events.len(), 8);
 }
+
+#[tokio::test]
+async fn malformed_keys_are_reported_once_as_warnings() {
+    let (mut rec, _rt, rx) = setup(&["img:1"]);
+    let mut v = view(&[("web", payload("web", "img:1"))]);
+    v.invalid_keys = vec!["dev1.not-a-deployment".into()];
+    rec.reconcile(&v).await;
+    rec.reconcile(&v).await;
+    let warnings: Vec<_> = rx
+        .borrow()
+        .events
+        .iter()
+        .filter(|e| e.message.contains("not-a-deployment"))
+        .cloned()
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0].severity, Severity::Warning);
+    assert_eq!(
+        rx.borrow().deployments[&dep("web")].phase,
+        Phase::Running,
+        "other deployments unaffected"
+    );
+}
