@@ -34,31 +34,22 @@ impl NatsServer {
 
     /// Like [`start_on`](Self::start_on), with its store under `parent`.
     pub async fn start_on_in(host: &str, parent: &std::path::Path) -> anyhow::Result<Self> {
+        Self::launch(host, parent, &[]).await
+    }
+
+    /// Starts a loopback server with extra command-line flags (e.g. `--auth TOKEN`).
+    pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+        Self::launch("127.0.0.1", &std::env::temp_dir(), args).await
+    }
+
+    async fn launch(host: &str, parent: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
         let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
         let log = store.path().join("nats.log");
         let mut me = Self {
             child: None,
-            extra_args: Vec::new(),
-            host: host.to_owned(),
-            port: free_port()?,
-            store,
-            binary,
-            log,
-        };
-        me.spawn().await?;
-        Ok(me)
-    }
-
-    /// Starts a loopback server with extra command-line flags (e.g. `--auth TOKEN`).
-    pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
-        let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
-        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir()?;
-        let log = store.path().join("nats.log");
-        let mut me = Self {
-            child: None,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
-            host: "127.0.0.1".into(),
+            host: host.to_owned(),
             port: free_port()?,
             store,
             binary,
