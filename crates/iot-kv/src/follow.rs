@@ -34,8 +34,6 @@ pub struct DesiredView {
     /// False until the first full read succeeded. A reader must not remove anything
     /// before that: an empty view then means "unknown", not "nothing desired".
     pub synced: bool,
-    /// Count of completed full reads (for tests and metrics).
-    pub full_reads: u64,
 }
 
 /// Timing knobs of a follower.
@@ -103,7 +101,9 @@ pub async fn follow_desired_state(
                 match last_values_for(&client, DESIRED_STATE_BUCKET, &key_prefix, config.read_timeout).await {
                     Ok(records) => {
                         failures = 0;
-                        let mut fresh = DesiredView { synced: true, full_reads: view.full_reads + 1, ..Default::default() };
+                        // Published only if it differs from what readers already have, so an
+                        // unchanged periodic re-read does not cause an extra reconcile pass.
+                        let mut fresh = DesiredView { synced: true, ..Default::default() };
                         for r in records {
                             apply_record(&mut fresh, &r.key, r.value);
                         }

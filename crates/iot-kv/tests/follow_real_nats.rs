@@ -148,3 +148,31 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn unchanged_rereads_publish_nothing() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
+    let (desired, _) = ensure_buckets(&jetstream::new(admin.client.clone())).await?;
+    desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "dev1", true).await?;
+    let (tx, mut rx) = watch::channel(DesiredView::default());
+    let cfg = FollowConfig {
+        resync: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let task = tokio::spawn(follow_desired_state(conn, Id::new("dev1")?, cfg, tx));
+    wait_view(&mut rx, "initial read", |v| v.synced).await?;
+    rx.borrow_and_update();
+    // Several re-reads happen here; none of them changes anything.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!rx.has_changed()?, "an unchanged re-read woke the reconciler");
+    // A real change still does.
+    desired.put("dev1.default_web", Bytes::from_static(b"v2")).await?;
+    wait_view(&mut rx, "v2", |v| {
+        v.entries.get(&dep("web")).map(|b| &b[..]) == Some(b"v2")
+    })
+    .await?;
+    task.abort();
+    Ok(())
+}
