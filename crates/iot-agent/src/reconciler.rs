@@ -38,7 +38,7 @@ struct Failure {
 
 /// Backoff after the n-th consecutive failure: 1 s, 2 s, 4 s ... capped at 60 s.
 pub fn failure_backoff(attempts: u32) -> Duration {
-    Duration::from_secs(1u64 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+    iot_kv::backoff(attempts, Duration::from_secs(60))
 }
 
 fn action_failed(deployment: Option<DeploymentRef>, message: String) -> String {

@@ -166,7 +166,8 @@ pub fn jittered(period: Duration) -> Duration {
     period.mul_f64(factor)
 }
 
-/// 1 s, 2 s, 4 s ... capped.
+/// Retry delay after the n-th consecutive failure: 1 s, 2 s, 4 s ... capped at `cap`.
+/// The one backoff rule of the platform (follower, agent reconciler, operator).
 pub fn backoff(failures: u32, cap: Duration) -> Duration {
     let secs = 1u64 << failures.saturating_sub(1).min(16);
     Duration::from_secs(secs).min(cap)

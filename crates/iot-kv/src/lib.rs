@@ -21,5 +21,5 @@ pub use cli::NatsArgs;
 pub use connect::{Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect};
 pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;
-pub use follow::{DesiredView, follow_desired_state};
+pub use follow::{DesiredView, backoff, follow_desired_state};
 pub use write::{KvOp, write_batch};

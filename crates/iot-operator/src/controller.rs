@@ -92,7 +92,7 @@ impl Ctx {
 
 /// Retry delay after the n-th consecutive failure of one resource: 1 s doubling to 60 s.
 pub fn error_backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+    iot_kv::backoff(failures, Duration::from_secs(60))
 }
 
 fn deployment_ref(obj: &Deployment) -> Result<DeploymentRef, Error> {
