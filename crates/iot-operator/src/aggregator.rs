@@ -25,8 +25,6 @@ use crate::status_writer::StatusUpdate;
 #[derive(Debug, Default)]
 pub struct AggregatorMetrics {
     pub reports_processed: AtomicU64,
-    pub reports_undecodable: AtomicU64,
-    pub recomputes: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -81,11 +79,9 @@ impl DeviceIndex {
                 Ok(status) => {
                     // One writer per key: a report under someone else's key is ignored.
                     tracing::warn!(key, claimed = %status.device_id, "status names a different device than its key; ignored");
-                    self.metrics.reports_undecodable.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::warn!(key, error = %e, "undecodable device status; keeping the previous one");
-                    self.metrics.reports_undecodable.fetch_add(1, Ordering::Relaxed);
                 }
             },
         }
@@ -145,7 +141,6 @@ pub async fn run_aggregator(
             continue;
         }
         last_full = tokio::time::Instant::now();
-        index.metrics.recomputes.fetch_add(1, Ordering::Relaxed);
         let now = Utc::now();
         let mut fresh = Vec::new();
         {

@@ -56,7 +56,7 @@ pub async fn run(client: kube::Client, creds: Box<dyn CredentialSource>, opts: R
         });
     }
 
-    let (writer, status_tx, _metrics) = StatusWriter::new(client.clone(), opts.status_min_interval);
+    let (writer, status_tx) = StatusWriter::new(client.clone(), opts.status_min_interval);
     tokio::spawn(writer.run());
     let controller = controller(client.clone());
     tokio::spawn(run_aggregator(

@@ -7,8 +7,6 @@
 //! with field manager `iot-operator`, so fields that disappear are removed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -39,14 +37,6 @@ pub enum StatusUpdate {
     },
 }
 
-/// Counters for benchmarks and logs.
-#[derive(Debug, Default)]
-pub struct StatusMetrics {
-    pub writes_ok: AtomicU64,
-    pub writes_failed: AtomicU64,
-    pub unchanged: AtomicU64,
-}
-
 #[derive(Debug, Default)]
 struct Entry {
     inputs: StatusInputs,
@@ -59,22 +49,18 @@ pub struct StatusWriter {
     client: kube::Client,
     rx: mpsc::Receiver<StatusUpdate>,
     min_interval: Duration,
-    pub metrics: Arc<StatusMetrics>,
 }
 
 impl StatusWriter {
-    pub fn new(client: kube::Client, min_interval: Duration) -> (Self, mpsc::Sender<StatusUpdate>, Arc<StatusMetrics>) {
+    pub fn new(client: kube::Client, min_interval: Duration) -> (Self, mpsc::Sender<StatusUpdate>) {
         let (tx, rx) = mpsc::channel(4096);
-        let metrics = Arc::new(StatusMetrics::default());
         (
             Self {
                 client,
                 rx,
                 min_interval,
-                metrics: metrics.clone(),
             },
             tx,
-            metrics,
         )
     }
 
@@ -110,17 +96,14 @@ impl StatusWriter {
             entry.dirty = false;
             let status = build_status(entry.written.as_ref(), &entry.inputs, Utc::now());
             if entry.written.as_ref() == Some(&status) {
-                self.metrics.unchanged.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             match self.write(dep, &status).await {
                 Ok(()) => {
-                    self.metrics.writes_ok.fetch_add(1, Ordering::Relaxed);
                     entry.written = Some(status);
                     entry.last_write = Some(Instant::now());
                 }
                 Err(e) => {
-                    self.metrics.writes_failed.fetch_add(1, Ordering::Relaxed);
                     entry.dirty = true;
                     entry.last_write = Some(Instant::now());
                     tracing::warn!(deployment = %dep, error = %e, "status write failed; will retry");
