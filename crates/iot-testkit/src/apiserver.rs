@@ -98,23 +98,9 @@ impl ApiServer {
 
     /// Runs kubectl against this server; returns (success, stdout, stderr).
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
-        use std::io::Write;
-        let mut child = Command::new("kubectl")
-            .env("KUBECONFIG", self.kubeconfig())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let Some(mut sin) = child.stdin.take() {
-            sin.write_all(stdin.unwrap_or("").as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
+        crate::process::run_captured(cmd, stdin)
     }
 
     fn write_kubeconfig(&self) -> anyhow::Result<()> {
@@ -181,92 +167,51 @@ fn make_certs(d: &Path) -> anyhow::Result<()> {
         );
         Ok(())
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "30",
-        "-subj",
-        "/CN=iot-local-ca",
-    ])?;
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ])?;
+    const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    // A new P-256 key and a CSR (or, for the CA, a self-signed certificate).
+    let new_key = |name: &str, subject: &str, self_signed: bool| {
+        let (out_ext, days): (&str, &[&str]) = if self_signed {
+            ("crt", &["-x509", "-days", "30"])
+        } else {
+            ("csr", &[])
+        };
+        let (key, out) = (format!("{name}.key"), format!("{name}.{out_ext}"));
+        let mut args = vec!["req"];
+        args.extend_from_slice(days);
+        args.extend_from_slice(&EC_KEY);
+        args.extend_from_slice(&["-nodes", "-keyout", &key, "-out", &out, "-subj", subject]);
+        run(&args)
+    };
     // Extensions make these X.509 v3 certificates, which rustls requires.
-    std::fs::write(
-        d.join("san.ext"),
+    let sign = |name: &str, extensions: &str| {
+        let (csr, crt, ext) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        std::fs::write(d.join(&ext), extensions)?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "30",
+            "-extfile",
+            &ext,
+        ])
+    };
+    new_key("ca", "/CN=iot-local-ca", true)?;
+    new_key("server", "/CN=localhost", false)?;
+    sign(
+        "server",
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     )?;
-    std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "30",
-        "-extfile",
-        "san.ext",
-    ])?;
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "admin.key",
-        "-out",
-        "admin.csr",
-        "-subj",
-        "/O=system:masters/CN=iot-admin",
-    ])?;
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "admin.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "admin.crt",
-        "-days",
-        "30",
-        "-extfile",
-        "client.ext",
-    ])?;
-    Ok(())
+    new_key("admin", "/O=system:masters/CN=iot-admin", false)?;
+    sign("admin", "extendedKeyUsage=clientAuth\n")
 }
 
 /// A kube client from a kubeconfig file (without touching `KUBECONFIG`).

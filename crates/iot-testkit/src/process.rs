@@ -129,3 +129,23 @@ pub fn cargo_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     anyhow::ensure!(path.exists(), "{} does not exist after building", path.display());
     Ok(path)
 }
+
+/// Runs a command to completion with `stdin` fed in; returns (success, stdout, stderr).
+pub fn run_captured(mut cmd: std::process::Command, stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut sin) = child.stdin.take() {
+        sin.write_all(stdin.unwrap_or("").as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}

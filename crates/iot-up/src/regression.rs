@@ -4,7 +4,7 @@
 //! aggregate counts the new spec) -> delete (container and keys gone).
 
 use std::future::Future;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -183,23 +183,11 @@ fn kubectl(up: &Up, args: &[&str]) -> Command {
     cmd
 }
 
-fn run_ok(mut cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
-    use std::io::Write;
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut sin) = child.stdin.take() {
-        sin.write_all(stdin.unwrap_or("").as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+fn run_ok(cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
+    let what = format!("{cmd:?}");
+    let (ok, stdout, stderr) = iot_testkit::process::run_captured(cmd, stdin)?;
+    anyhow::ensure!(ok, "{what} failed: {}", stderr.trim());
+    Ok(stdout)
 }
 
 async fn desired_keys(up: &Up) -> anyhow::Result<usize> {

@@ -214,13 +214,7 @@ impl Up {
 
     /// Container ids (running or not) of a device, from inside its namespace.
     pub fn device_containers(&self, index: usize, id: &str) -> Vec<String> {
-        let mut cmd = self.nsenter(index);
-        cmd.env("CONTAINERS_CONF", &self.containers_conf)
-            .args(["podman", "ps", "-a", "-q", "--no-trunc", "--filter"])
-            .arg(format!("label=iot.nationtech.io/device={id}"));
-        cmd.output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
-            .unwrap_or_default()
+        device_container_ids(&self.net, index, id, &self.containers_conf)
     }
 
     pub fn teardown(&mut self) {
@@ -263,15 +257,7 @@ impl Drop for Up {
 /// Removes a device's containers from inside its namespace (so podman tears down
 /// their networking where it was set up).
 pub fn remove_device_containers(net: &Net, index: usize, id: &str, containers_conf: &Path) {
-    let mut cmd = nsenter(net, index);
-    cmd.env("CONTAINERS_CONF", containers_conf)
-        .args(["podman", "ps", "-a", "-q", "--no-trunc", "--filter"])
-        .arg(format!("label=iot.nationtech.io/device={id}"));
-    let ids: Vec<String> = cmd
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
-        .unwrap_or_default();
-    for cid in ids {
+    for cid in device_container_ids(net, index, id, containers_conf) {
         let status = nsenter(net, index)
             .env("CONTAINERS_CONF", containers_conf)
             .args(["podman", "rm", "-f", "-t", "0", &cid])
@@ -280,6 +266,17 @@ pub fn remove_device_containers(net: &Net, index: usize, id: &str, containers_co
             eprintln!("  warning: could not remove container {cid} of {id}");
         }
     }
+}
+
+/// Container ids (any state) of a device, listed from inside its namespace.
+fn device_container_ids(net: &Net, index: usize, id: &str, containers_conf: &Path) -> Vec<String> {
+    let mut cmd = nsenter(net, index);
+    cmd.env("CONTAINERS_CONF", containers_conf)
+        .args(["podman", "ps", "-a", "-q", "--no-trunc", "--filter"])
+        .arg(format!("label=iot.nationtech.io/device={id}"));
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// A command run inside a device's network namespace. Only the network namespace:
@@ -293,17 +290,6 @@ pub fn nsenter(net: &Net, index: usize) -> Command {
 /// Waits until a process's log contains `needle`.
 pub async fn wait_for_log(proc_: Option<&LoggedProcess>, needle: &str, timeout: Duration) -> anyhow::Result<()> {
     let p = proc_.ok_or_else(|| anyhow::anyhow!("process not started"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        if p.log_text().contains(needle) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{} did not log {needle:?} within {timeout:?}; see {}",
-            p.name,
-            p.log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("{} to log {needle:?} (see {})", p.name, p.log.display());
+    iot_testkit::wait_until(timeout, &what, || async { p.log_text().contains(needle).then_some(()) }).await
 }

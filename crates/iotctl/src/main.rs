@@ -125,6 +125,28 @@ async fn keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     Ok(keys)
 }
 
+/// The current value of every key, streamed by one history watch instead of one
+/// request per key (which would be thousands of round trips on a large fleet).
+async fn latest_values(store: &kv::Store) -> anyhow::Result<Vec<(String, bytes::Bytes)>> {
+    use futures::StreamExt;
+    if store.status().await?.values() == 0 {
+        return Ok(Vec::new());
+    }
+    let mut watch = store.watch_with_history(">").await?;
+    let mut out = Vec::new();
+    while let Some(entry) = watch.next().await {
+        let entry = entry?;
+        if entry.operation == kv::Operation::Put {
+            out.push((entry.key, entry.value));
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -188,8 +210,7 @@ async fn kv_cmd(cli: &Cli, cmd: &KvCmd) -> anyhow::Result<()> {
 async fn devices(cli: &Cli) -> anyhow::Result<()> {
     let store = cli.store(AGENT_STATUS_BUCKET).await?;
     let mut statuses = Vec::new();
-    for key in keys(&store).await? {
-        let Some(bytes) = store.get(&key).await? else { continue };
+    for (key, bytes) in latest_values(&store).await? {
         match serde_json::from_slice::<AgentStatus>(&bytes) {
             Ok(s) => statuses.push(s),
             Err(e) => eprintln!("warning: {key}: undecodable status: {e}"),
