@@ -12,6 +12,7 @@ pub mod id;
 pub mod keys;
 pub mod score;
 pub mod status;
+pub mod text;
 pub mod validate;
 
 pub use hash::{SpecHash, spec_hash_of, spec_hash_of_value};
@@ -24,5 +25,8 @@ pub use score::{
     DecodedDesiredState, DesiredState, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, ResourceLimits,
     RestartPolicy, ScoreSlot,
 };
-pub use status::{AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, Severity};
+pub use status::{
+    AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, RuntimeState, RuntimeStatus,
+    Severity,
+};
 pub use validate::{ScoreProblem, describe_problems, validate_score};

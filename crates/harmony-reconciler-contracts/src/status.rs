@@ -39,6 +39,16 @@ pub struct AgentStatus {
     pub recent_events: Vec<EventEntry>,
     #[serde(default)]
     pub inventory: Option<InventorySnapshot>,
+    /// When the reconcile loop last finished a pass, on the device's clock. Compare it
+    /// with `heartbeat_at` (same clock): a gap of several resync periods means the
+    /// loop is wedged while the heartbeat still runs. `None` from agents that predate
+    /// the field, and until the first pass.
+    #[serde(default)]
+    pub last_reconcile_at: Option<DateTime<Utc>>,
+    /// Whether the device's container runtime answers. While it does not, the phases
+    /// above say Failed with the runtime's error: the device cannot see its containers.
+    #[serde(default)]
+    pub runtime: RuntimeStatus,
 }
 
 fn default_status_format() -> u32 {
@@ -58,6 +68,67 @@ pub struct DeploymentPhase {
     pub last_error: Option<String>,
     /// When the phase or error last changed.
     pub last_event_at: DateTime<Utc>,
+    /// What is under way while Pending ("pulling image ...", "restoring service ..."),
+    /// for people; not an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Times a container of this deployment was started again after it stopped (by
+    /// podman's restart policy or by the agent), for the current spec, since the agent
+    /// started.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Times a container of this deployment was re-created after something outside
+    /// the agent removed it, for the current spec, since the agent started.
+    #[serde(default)]
+    pub restores: u32,
+    /// Restarts plus restores within the last [`RECENT_RESTART_WINDOW_SECS`], measured
+    /// on the agent's monotonic clock so a skewed device clock cannot distort it. A
+    /// reader flags a deployment whose containers keep coming back.
+    #[serde(default)]
+    pub recent_restarts: u32,
+}
+
+impl DeploymentPhase {
+    /// A phase with no restart history and no detail.
+    pub fn new(phase: Phase, spec_hash: Option<SpecHash>, last_error: Option<String>, at: DateTime<Utc>) -> Self {
+        Self {
+            phase,
+            spec_hash,
+            last_error,
+            last_event_at: at,
+            detail: None,
+            restarts: 0,
+            restores: 0,
+            recent_restarts: 0,
+        }
+    }
+}
+
+/// The window of [`DeploymentPhase::recent_restarts`].
+pub const RECENT_RESTART_WINDOW_SECS: u64 = 600;
+
+/// The device's container runtime as the agent last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RuntimeStatus {
+    pub state: RuntimeState,
+    /// What went wrong, or what the agent waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RuntimeState {
+    /// The runtime answered the last call.
+    Available,
+    /// The agent has not reached the runtime yet since it started (its socket may not
+    /// exist yet during boot). Not an error.
+    Starting,
+    /// The runtime answered before and does not now.
+    Unavailable,
+    /// Not reported (an older agent), or a state this reader does not know.
+    #[default]
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]

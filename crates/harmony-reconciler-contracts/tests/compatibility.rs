@@ -72,6 +72,24 @@ fn older_agent_status_is_read_by_newer_reader() {
         serde_json::from_value(json!({"phase": "Running", "last_event_at": "2026-04-21T00:00:00Z"}))
             .expect("phase without hash/error");
     assert_eq!((phase.spec_hash, phase.last_error), (None, None));
+    // Fields added for restart accounting and runtime health default to "nothing seen".
+    assert_eq!(
+        (phase.restarts, phase.restores, phase.recent_restarts, phase.detail),
+        (0, 0, 0, None)
+    );
+    assert_eq!(status.runtime.state, RuntimeState::Unknown);
+    assert_eq!(status.last_reconcile_at, None);
+}
+
+#[test]
+fn a_runtime_state_from_a_newer_agent_reads_as_unknown() {
+    let status: AgentStatus = serde_json::from_value(json!({
+        "device_id": "dev1", "heartbeat_at": "2026-04-21T00:00:00Z",
+        "runtime": {"state": "Hibernating", "message": "zzz"}
+    }))
+    .expect("decodes");
+    assert_eq!(status.runtime.state, RuntimeState::Unknown);
+    assert_eq!(status.runtime.message.as_deref(), Some("zzz"));
 }
 
 #[test]

@@ -99,6 +99,10 @@ fn agent_status_shape() {
                 spec_hash: Some(SpecHash::from_reported("0123456789abcdef")),
                 last_error: Some("image not found".into()),
                 last_event_at: t(5),
+                detail: None,
+                restarts: 2,
+                restores: 1,
+                recent_restarts: 3,
             },
         )]),
         recent_events: vec![EventEntry {
@@ -118,6 +122,11 @@ fn agent_status_shape() {
             os: "Debian".into(),
             agent_version: "0.1.0".into(),
         }),
+        last_reconcile_at: Some(t(9)),
+        runtime: RuntimeStatus {
+            state: RuntimeState::Available,
+            message: None,
+        },
     };
     let expected = json!({
         "format": 1,
@@ -128,7 +137,10 @@ fn agent_status_shape() {
             "phase": "Failed",
             "spec_hash": "0123456789abcdef",
             "last_error": "image not found",
-            "last_event_at": "2027-01-15T08:00:05Z"
+            "last_event_at": "2027-01-15T08:00:05Z",
+            "restarts": 2,
+            "restores": 1,
+            "recent_restarts": 3
         }},
         "recent_events": [{
             "at": "2027-01-15T08:00:05Z",
@@ -140,7 +152,9 @@ fn agent_status_shape() {
             "hostname": "pi", "cpu_cores": 4, "memory_bytes": 1024,
             "disk_total_bytes": 2048, "disk_free_bytes": 1000, "kernel": "6.1",
             "arch": "aarch64", "os": "Debian", "agent_version": "0.1.0"
-        }
+        },
+        "last_reconcile_at": "2027-01-15T08:00:09Z",
+        "runtime": {"state": "Available"}
     });
     roundtrip(&status, expected);
 }

@@ -1,18 +1,36 @@
-//! Wiring: NATS connection, desired-state follower, reconcile loop, status reporter.
+//! Wiring: NATS connection, desired-state follower, runtime event watcher, reconcile
+//! loop, status reporter, metrics endpoint; and their supervision.
+//!
+//! Every task the agent spawns is essential. If one ends, the agent logs which and
+//! why and exits non-zero, so a supervisor (systemd `Restart=on-failure`) restarts
+//! it; running on with a dead follower would leave the device deaf to its desired
+//! state while its heartbeat says all is well.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream;
 use iot_kv::follow::FollowConfig;
-use iot_kv::{DesiredView, connect, follow_desired_state};
-use tokio::sync::watch;
+use iot_kv::{DesiredView, connect_with, follow_desired_state};
+use iot_observe::Readiness;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use crate::config::AgentConfig;
+use crate::metrics::AgentMetrics;
 use crate::podman::PodmanClient;
-use crate::reconciler::{Reconciler, Report};
+use crate::reconciler::{Reconciler, ReconcilerConfig, Report};
 use crate::report::StatusReporter;
-use crate::runtime::{ContainerRuntime, PodmanRuntime};
+use crate::runtime::{ContainerRuntime, PodmanRuntime, RuntimeEvent};
+
+/// How long shutdown may take, whatever the network does.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Runtime events within this window trigger one pass, not one each.
+const EVENT_COALESCE: Duration = Duration::from_millis(250);
+
+type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// Runs the agent until `shutdown` completes. Containers keep running after the
 /// agent exits: they belong to the device, not to the agent process.
@@ -25,76 +43,169 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         podman = %config.podman_socket.display(),
         "starting iot-agent {}", crate::interpret::AGENT_VERSION
     );
-    let podman = PodmanClient::new(&config.podman_socket);
-    if let Err(e) = podman.ping().await {
-        tracing::warn!(error = %e, "podman API not reachable yet; will keep retrying");
+    let metrics = Arc::new(AgentMetrics::default());
+    let readiness = Readiness::default();
+    let mut tasks: Tasks = JoinSet::new();
+
+    if let Some(addr) = config.metrics_addr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let server = iot_observe::serve(addr, Arc::new(Mutex::new(registry)), readiness.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tasks.spawn(async move { ("metrics server", server.await.context("metrics server stopped")) });
     }
+
     let runtime = PodmanRuntime {
-        client: podman,
+        client: PodmanClient::new(&config.podman_socket),
         stop_timeout: config.stop_timeout,
+        pull_timeout: config.pull_timeout,
     };
 
     // Do not wait for NATS: the device keeps running its containers while offline.
-    let conn = connect(
+    let conn = connect_with(
         &config.nats.nats_url,
         creds.as_ref(),
         &format!("iot-agent-{}", config.device_id),
         false,
+        config.nats.nats_ping_interval,
     )
     .await?;
     let js = jetstream::new(conn.client.clone());
+    {
+        let mut connects = conn.connects.clone();
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            while connects.changed().await.is_ok() {
+                metrics.nats_connects.inc();
+            }
+            (
+                "NATS connection watcher",
+                Err(anyhow::anyhow!("the NATS client went away")),
+            )
+        });
+    }
 
     let (desired_tx, desired_rx) = watch::channel(DesiredView::default());
     let follow_cfg = FollowConfig {
         resync: config.resync_interval,
         ..Default::default()
     };
-    let follower = tokio::spawn(follow_desired_state(
-        conn.clone(),
-        config.device_id.clone(),
-        follow_cfg,
-        desired_tx,
-    ));
+    let follower = follow_desired_state(conn.clone(), config.device_id.clone(), follow_cfg, desired_tx);
+    tasks.spawn(async move {
+        let why = match follower.await {
+            Ok(()) => anyhow::anyhow!("stopped"),
+            Err(e) => anyhow::Error::new(e),
+        };
+        ("desired-state follower", Err(why))
+    });
 
     let (report_tx, report_rx) = watch::channel(Report::default());
+    let (published_tx, published_rx) = watch::channel(0u64);
     let reporter = StatusReporter {
         js,
         device: config.device_id.clone(),
         heartbeat: config.heartbeat_interval,
         inventory_refresh: Duration::from_secs(300),
         publish_timeout: Duration::from_secs(5),
+        min_gap: Duration::from_millis(500),
+        published: published_tx,
+        metrics: metrics.clone(),
     };
-    let reporter = tokio::spawn(reporter.run(report_rx));
+    tasks.spawn(async move {
+        reporter.run(report_rx).await;
+        ("status reporter", Err(anyhow::anyhow!("stopped")))
+    });
+
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    {
+        let runtime = runtime.clone();
+        let device = config.device_id.clone();
+        tasks.spawn(async move {
+            watch_runtime_events(runtime, device, events_tx).await;
+            ("runtime event watcher", Err(anyhow::anyhow!("stopped")))
+        });
+    }
 
     let reconciler = Reconciler::new(
         runtime,
-        config.device_id.clone(),
-        harmony_reconciler_contracts::status::DEFAULT_EVENT_RING_CAPACITY,
+        ReconcilerConfig {
+            device: config.device_id.clone(),
+            event_capacity: harmony_reconciler_contracts::status::DEFAULT_EVENT_RING_CAPACITY,
+            settle: config.upgrade_settle,
+            runtime_name: format!("podman socket {}", config.podman_socket.display()),
+        },
         report_tx,
-    );
-    tokio::select! {
-        () = reconcile_loop(reconciler, desired_rx, config.resync_interval) => {}
-        () = shutdown => tracing::info!("shutting down; containers keep running"),
+    )
+    .with_published(published_rx)
+    .with_metrics(metrics.clone());
+
+    let outcome = tokio::select! {
+        () = reconcile_loop(reconciler, desired_rx, events_rx, config.resync_interval, Some(readiness)) => {
+            Err(anyhow::anyhow!("the reconcile loop stopped"))
+        }
+        Some(joined) = tasks.join_next() => Err(match joined {
+            Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
+            Ok((task, Err(e))) => e.context(format!("{task} ended")),
+            Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
+            Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
+        }),
+        () = shutdown => {
+            tracing::info!("shutting down; containers keep running");
+            Ok(())
+        }
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "a part of the agent stopped; exiting so a supervisor can restart it"
+        );
     }
-    follower.abort();
-    reporter.abort();
-    if let Err(e) = conn.client.flush().await {
-        tracing::debug!(error = %e, "flush on shutdown failed");
+    tasks.abort_all();
+    if tokio::time::timeout(SHUTDOWN_GRACE, conn.client.flush()).await.is_err() {
+        tracing::debug!("NATS flush did not finish before shutdown");
     }
-    Ok(())
+    outcome
 }
 
-/// Level-triggered loop: any desired-state change or the resync timer causes a full
-/// pass over everything. No debounce: the watch channel keeps only the latest view,
-/// so changes arriving while a pass runs are coalesced into the next pass, and a
-/// lone change is acted on at once.
+/// Follows the runtime's event stream forever, reconnecting with backoff (podman's
+/// service may restart, or not be up yet).
+async fn watch_runtime_events<R: ContainerRuntime>(
+    runtime: R,
+    device: harmony_reconciler_contracts::Id,
+    tx: mpsc::Sender<RuntimeEvent>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let started = tokio::time::Instant::now();
+        match runtime.watch_events(&device, tx.clone()).await {
+            Ok(()) if tx.is_closed() => return,
+            Ok(()) => tracing::debug!("runtime event stream ended; reconnecting"),
+            Err(e) => tracing::debug!(error = %e, "runtime event stream failed; reconnecting"),
+        }
+        failures = if started.elapsed() > Duration::from_secs(30) {
+            1
+        } else {
+            failures + 1
+        };
+        tokio::time::sleep(iot_kv::backoff(failures, Duration::from_secs(10))).await;
+    }
+}
+
+/// Level-triggered loop: any desired-state change, a finished pull, a burst of
+/// runtime events or the resync timer causes a full pass over everything. The watch
+/// channel keeps only the latest view, so changes arriving while a pass runs are
+/// coalesced into the next pass, and a lone change is acted on at once.
 pub async fn reconcile_loop<R: ContainerRuntime>(
     mut reconciler: Reconciler<R>,
     mut desired: watch::Receiver<DesiredView>,
+    mut events: mpsc::Receiver<RuntimeEvent>,
     resync: Duration,
+    readiness: Option<Readiness>,
 ) {
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events_open = true;
     loop {
         tokio::select! {
             changed = desired.changed() => {
@@ -104,11 +215,28 @@ pub async fn reconcile_loop<R: ContainerRuntime>(
                 }
             }
             _ = tick.tick() => {}
+            Some(outcome) = reconciler.next_pull() => reconciler.pull_finished(outcome),
+            ev = events.recv(), if events_open => match ev {
+                Some(ev) => {
+                    reconciler.runtime_event(&ev);
+                    let until = tokio::time::Instant::now() + EVENT_COALESCE;
+                    while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.recv()).await {
+                        reconciler.runtime_event(&ev);
+                    }
+                }
+                None => events_open = false,
+            },
         }
         let view = desired.borrow_and_update().clone();
         let summary = reconciler.reconcile(&view).await;
-        if summary.executed > 0 {
+        if summary.executed > 0 || summary.pulls_started > 0 {
             tracing::debug!(?summary, "reconcile pass");
+        }
+        if let Some(r) = &readiness {
+            match reconciler.readiness(&view) {
+                Ok(()) => r.set_ready(),
+                Err(why) => r.set_not_ready(why),
+            }
         }
     }
 }

@@ -33,6 +33,19 @@ pub struct AgentConfig {
     #[arg(long, env = "IOT_STOP_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stop_timeout: Duration,
 
+    /// Longest an image pull may take (pulls run in the background, one per image).
+    #[arg(long, env = "IOT_PULL_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub pull_timeout: Duration,
+
+    /// How long a replacement container must stay up, without restarting, before the
+    /// container it replaces is removed. 0s disables the check.
+    #[arg(long, env = "IOT_UPGRADE_SETTLE", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub upgrade_settle: Duration,
+
+    /// Serve Prometheus metrics, /healthz and /readyz on this address (off by default).
+    #[arg(long, env = "IOT_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log as JSON lines instead of text.
     #[arg(long, env = "IOT_LOG_JSON")]
     pub log_json: bool,

@@ -8,12 +8,16 @@
 
 pub mod agent;
 pub mod config;
+pub mod images;
 pub mod interpret;
 pub mod inventory;
 pub mod labels;
+#[cfg(feature = "test-support")]
 pub mod memory_runtime;
+pub mod metrics;
 pub mod plan;
 pub mod podman;
 pub mod reconciler;
 pub mod report;
+pub mod restarts;
 pub mod runtime;

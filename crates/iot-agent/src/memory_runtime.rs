@@ -1,25 +1,49 @@
 //! An in-memory container runtime: the podman stand-in for planner/reconciler tests
-//! and for benchmarks that measure the follow path rather than podman.
+//! and for benchmarks that measure the follow path rather than podman. Only built
+//! with the `test-support` feature; the agent binary never contains it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use harmony_reconciler_contracts::Id;
+use tokio::sync::mpsc;
 
-use crate::runtime::{ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError};
+use crate::runtime::{
+    ContainerHealth, ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError, RuntimeEvent,
+    RuntimeEventKind,
+};
 
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
-    containers: BTreeMap<String, (Id, ObservedContainer)>,
-    /// Images that "exist"; creating anything else fails like podman would.
+    containers: BTreeMap<String, (Id, ObservedContainer, String)>,
+    /// Images on the "device"; creating from anything else fails like podman would.
     images: Vec<String>,
+    /// Images a pull can fetch (after `pull_delay`).
+    pullable: Vec<String>,
+    pull_delay: Duration,
+    /// Images whose containers exit with code 1 as soon as they start.
+    crashing: Vec<String>,
     calls: Vec<String>,
+    available: bool,
+    watchers: Vec<mpsc::Sender<RuntimeEvent>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryRuntime {
     inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for MemoryRuntime {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                available: true,
+                ..Default::default()
+            })),
+        }
+    }
 }
 
 impl MemoryRuntime {
@@ -29,54 +53,143 @@ impl MemoryRuntime {
         rt
     }
 
+    /// Images a pull succeeds for, after `delay`.
+    pub fn with_pullable(self, images: &[&str], delay: Duration) -> Self {
+        {
+            let mut inner = self.lock();
+            inner.pullable = images.iter().map(|s| s.to_string()).collect();
+            inner.pull_delay = delay;
+        }
+        self
+    }
+
+    /// Containers of these images exit with code 1 right after they start.
+    pub fn with_crashing(self, images: &[&str]) -> Self {
+        self.lock().crashing = images.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Every container, any device.
     pub fn containers(&self) -> Vec<ObservedContainer> {
-        self.lock().containers.values().map(|(_, c)| c.clone()).collect()
+        self.lock().containers.values().map(|(_, c, _)| c.clone()).collect()
     }
 
     /// Simulates `podman rm -f` behind the agent's back.
     pub fn remove_out_of_band(&self, id: &str) {
-        self.lock().containers.remove(id);
+        let removed = self.lock().containers.remove(id);
+        if let Some((_, c, _)) = removed {
+            self.emit(RuntimeEvent {
+                container_id: id.to_owned(),
+                deployment: c.deployment,
+                kind: RuntimeEventKind::Removed,
+            });
+        }
     }
 
-    /// Simulates a container stopping.
+    /// Simulates a container changing state (stopping, pausing).
     pub fn set_state(&self, id: &str, state: ContainerState) {
-        if let Some((_, c)) = self.lock().containers.get_mut(id) {
+        if let Some((_, c, _)) = self.lock().containers.get_mut(id) {
             c.state = state;
         }
     }
 
-    /// The calls made so far, like `create dev1.ns.web.web`.
+    /// Simulates a crash that the runtime's restart policy answers at once.
+    pub fn crash_and_restart(&self, id: &str, exit_code: i32) {
+        let dep = self
+            .lock()
+            .containers
+            .get(id)
+            .and_then(|(_, c, _)| c.deployment.clone());
+        for kind in [
+            RuntimeEventKind::Died {
+                exit_code: Some(exit_code),
+            },
+            RuntimeEventKind::Restarted,
+        ] {
+            self.emit(RuntimeEvent {
+                container_id: id.to_owned(),
+                deployment: dep.clone(),
+                kind,
+            });
+        }
+    }
+
+    /// Makes every call fail like an unreachable socket (or work again).
+    pub fn set_available(&self, available: bool) {
+        self.lock().available = available;
+    }
+
+    pub fn has_image(&self, image: &str) -> bool {
+        self.lock().images.iter().any(|i| i == image)
+    }
+
+    /// The calls made so far, like `create dev1.ns.web.web.1234abcd`.
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
+    }
+
+    fn emit(&self, ev: RuntimeEvent) {
+        let watchers = self.lock().watchers.clone();
+        for w in watchers {
+            if w.try_send(ev.clone()).is_err() {
+                tracing::debug!("memory runtime: event watcher full or gone");
+            }
+        }
+    }
+
+    fn check(&self, call: String) -> Result<std::sync::MutexGuard<'_, Inner>, RuntimeError> {
+        let mut inner = self.lock();
+        inner.calls.push(call);
+        if inner.available {
+            Ok(inner)
+        } else {
+            Err(RuntimeError("connection refused".into()))
+        }
     }
 }
 
 impl ContainerRuntime for MemoryRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.check("ping".into()).map(drop)
+    }
+
     async fn list(&self, device: &Id) -> Result<Vec<ObservedContainer>, RuntimeError> {
-        let inner = self.lock();
+        let inner = self.check("list".into())?;
         Ok(inner
             .containers
             .values()
-            .filter(|(d, _)| d == device)
-            .map(|(_, c)| c.clone())
+            .filter(|(d, _, _)| d == device)
+            .map(|(_, c, _)| c.clone())
             .collect())
     }
 
-    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        let inner = self.check(format!("image_present {image}"))?;
+        Ok(inner.images.iter().any(|i| i == image))
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        let delay = self.check(format!("pull {image}"))?.pull_delay;
+        tokio::time::sleep(delay).await;
         let mut inner = self.lock();
-        inner.calls.push(format!("create {}", spec.name));
-        if !inner.images.contains(&spec.service.image) {
-            return Err(RuntimeError(format!(
-                "image {} is not present on the device",
-                spec.service.image
-            )));
+        if inner.pullable.iter().any(|i| i == image) {
+            inner.images.push(image.to_owned());
+            Ok(())
+        } else {
+            Err(RuntimeError(format!("{image}: manifest unknown")))
         }
-        if inner.containers.values().any(|(_, c)| c.name == spec.name) {
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let mut inner = self.check(format!("create {}", spec.name))?;
+        if !inner.images.contains(&spec.service.image) {
+            return Err(RuntimeError(format!("{}: image not known", spec.service.image)));
+        }
+        if inner.containers.values().any(|(_, c, _)| c.name == spec.name) {
             return Err(RuntimeError(format!("name {} is in use", spec.name)));
         }
         inner.next_id += 1;
@@ -87,28 +200,81 @@ impl ContainerRuntime for MemoryRuntime {
             deployment: Some(spec.deployment.clone()),
             service: spec.service.name.clone(),
             service_hash: spec.service_hash.to_string(),
-            state: ContainerState::Running,
+            state: ContainerState::Created,
         };
-        inner.containers.insert(id.clone(), (spec.device.clone(), observed));
+        inner
+            .containers
+            .insert(id.clone(), (spec.device.clone(), observed, spec.service.image.clone()));
         Ok(id)
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut inner = self.lock();
-        inner.calls.push(format!("start {id}"));
+        let mut inner = self.check(format!("start {id}"))?;
+        let crashing = inner.crashing.clone();
         match inner.containers.get_mut(id) {
-            Some((_, c)) => {
-                c.state = ContainerState::Running;
+            Some((_, c, image)) => {
+                c.state = if crashing.contains(image) {
+                    ContainerState::Exited { code: 1 }
+                } else {
+                    ContainerState::Running
+                };
                 Ok(())
             }
             None => Err(RuntimeError(format!("no such container {id}"))),
         }
     }
 
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut inner = self.check(format!("stop {id}"))?;
+        if let Some((_, c, _)) = inner.containers.get_mut(id) {
+            c.state = ContainerState::Exited { code: 0 };
+        }
+        Ok(())
+    }
+
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut inner = self.check(format!("unpause {id}"))?;
+        match inner.containers.get_mut(id) {
+            Some((_, c, _)) if c.state == ContainerState::Paused => {
+                c.state = ContainerState::Running;
+                Ok(())
+            }
+            Some(_) => Err(RuntimeError("container state improper".into())),
+            None => Err(RuntimeError(format!("no such container {id}"))),
+        }
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut inner = self.lock();
-        inner.calls.push(format!("remove {id}"));
+        let mut inner = self.check(format!("remove {id}"))?;
         inner.containers.remove(id);
+        Ok(())
+    }
+
+    async fn health(&self, id: &str) -> Result<ContainerHealth, RuntimeError> {
+        let inner = self.check(format!("health {id}"))?;
+        match inner.containers.get(id).map(|(_, c, _)| &c.state) {
+            Some(ContainerState::Running) => Ok(ContainerHealth {
+                running: true,
+                restart_count: 0,
+                exit_code: 0,
+            }),
+            Some(ContainerState::Exited { code }) => Ok(ContainerHealth {
+                running: false,
+                restart_count: 0,
+                exit_code: *code,
+            }),
+            Some(_) => Ok(ContainerHealth {
+                running: false,
+                restart_count: 0,
+                exit_code: 0,
+            }),
+            None => Err(RuntimeError(format!("no such container {id}"))),
+        }
+    }
+
+    async fn watch_events(&self, _device: &Id, tx: mpsc::Sender<RuntimeEvent>) -> Result<(), RuntimeError> {
+        self.lock().watchers.push(tx.clone());
+        tx.closed().await;
         Ok(())
     }
 }

@@ -1,7 +1,16 @@
-//! The pure planner: desired deployments + observed containers -> actions.
+//! The pure planner: desired deployments + observed containers + image availability
+//! -> actions.
 //!
 //! No I/O here. The reconciler calls [`plan`] with everything it knows and executes
 //! the result; most agent behaviour is tested through this function alone.
+//!
+//! Safety rules the planner guarantees:
+//! - A container with an outdated spec is never removed on its own: it is *replaced*
+//!   ([`Action::Replace`]), and only once the new image is on the device. The
+//!   executor starts the new container before it removes the old one, and rolls back
+//!   if the new one does not come up (see the reconciler).
+//! - Nothing is removed before the desired state was read in full once.
+//! - Invalid desired state leaves the deployment's containers alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,22 +40,39 @@ impl DesiredContent {
     }
 }
 
+/// What the agent knows about an image the plan needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageState {
+    Present,
+    /// A pull runs in the background.
+    Pulling,
+    /// The last pull failed and its retry is not due yet.
+    Failed(String),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateCause {
     /// First time this service is created.
     New,
     /// The container disappeared (removed out of band) and is put back.
     Restore,
-    /// Replaces a container with an outdated spec.
-    Upgrade,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoveCause {
     DeploymentDeleted,
+    /// A service dropped from the score, or a leftover of an earlier replacement.
     SpecChanged,
     Duplicate,
     UnknownDeployment,
+}
+
+/// A container a replacement supersedes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldContainer {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,9 +83,22 @@ pub enum Action {
         name: String,
         cause: RemoveCause,
     },
+    /// Find out whether `image` is on the device, and pull it in the background if not.
+    EnsureImage {
+        image: String,
+        deployments: Vec<DeploymentRef>,
+    },
     Create {
         spec: Box<ContainerSpec>,
         cause: CreateCause,
+    },
+    /// Bring up `spec` in place of `old`. With `stop_first` (the service publishes host
+    /// ports, which the old container holds) the old one is stopped first and started
+    /// again if the new one fails; otherwise the old one runs until the new one is up.
+    Replace {
+        spec: Box<ContainerSpec>,
+        old: Vec<OldContainer>,
+        stop_first: bool,
     },
     Start {
         deployment: DeploymentRef,
@@ -68,14 +107,22 @@ pub enum Action {
         /// Exit code if it had exited, `None` if it was only created.
         exit_code: Option<i32>,
     },
+    /// A container paused outside the agent holds its ports and serves nothing.
+    Unpause {
+        deployment: DeploymentRef,
+        container_id: String,
+        name: String,
+    },
 }
 
 impl Action {
+    /// The one deployment this action is for (`EnsureImage` may serve several).
     pub fn deployment(&self) -> Option<&DeploymentRef> {
         match self {
             Action::Remove { deployment, .. } => deployment.as_ref(),
-            Action::Create { spec, .. } => Some(&spec.deployment),
-            Action::Start { deployment, .. } => Some(deployment),
+            Action::EnsureImage { .. } => None,
+            Action::Create { spec, .. } | Action::Replace { spec, .. } => Some(&spec.deployment),
+            Action::Start { deployment, .. } | Action::Unpause { deployment, .. } => Some(deployment),
         }
     }
 }
@@ -85,19 +132,35 @@ impl Action {
 pub enum Assessment {
     /// Every service runs with the desired spec; nothing to do.
     Converged,
-    /// Actions are planned.
-    InProgress,
+    /// Actions are planned or something is under way; the note says what, for people.
+    InProgress(Option<String>),
     /// The desired state cannot be acted on.
     Invalid(String),
     /// A container exited and its restart policy says to leave it.
     Stopped(String),
+    /// An image the deployment needs could not be pulled; whatever ran before still runs.
+    ImageUnavailable(String),
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
-    /// Removals first (they free names and host ports), then creates, then starts.
+    /// Removals first (they free names and host ports), then image checks, creates,
+    /// replacements, starts and unpauses.
     pub actions: Vec<Action>,
     pub assessments: BTreeMap<DeploymentRef, Assessment>,
+}
+
+impl Plan {
+    /// Deployments that will get a container back that was removed out of band.
+    pub fn restoring(&self) -> impl Iterator<Item = &DeploymentRef> {
+        self.actions.iter().filter_map(|a| match a {
+            Action::Create {
+                spec,
+                cause: CreateCause::Restore,
+            } => Some(&spec.deployment),
+            _ => None,
+        })
+    }
 }
 
 /// Everything the planner needs.
@@ -112,6 +175,9 @@ pub struct PlanInput<'a> {
     /// (deployment, service) pairs this agent has seen running before, so a missing
     /// container can be told apart as "removed out of band".
     pub seen: &'a BTreeSet<(DeploymentRef, String)>,
+    /// Images known to be present, being pulled, or failing. An image the plan needs
+    /// that is not listed gets an [`Action::EnsureImage`] and nothing else.
+    pub images: &'a BTreeMap<String, ImageState>,
 }
 
 /// Hash of one service's spec; the container label that decides "up to date".
@@ -119,9 +185,34 @@ pub fn service_hash(service: &PodmanService) -> SpecHash {
     spec_hash_of(service)
 }
 
+/// Per-deployment findings while planning.
+#[derive(Default)]
+struct Findings {
+    acted: bool,
+    notes: Vec<String>,
+    problems: Vec<String>,
+    image_problems: Vec<String>,
+}
+
+impl Findings {
+    fn assessment(self) -> Assessment {
+        if !self.image_problems.is_empty() {
+            Assessment::ImageUnavailable(self.image_problems.join("; "))
+        } else if !self.problems.is_empty() && !self.acted {
+            Assessment::Stopped(self.problems.join("; "))
+        } else if self.acted || !self.notes.is_empty() {
+            Assessment::InProgress((!self.notes.is_empty()).then(|| self.notes.join("; ")))
+        } else {
+            Assessment::Converged
+        }
+    }
+}
+
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let mut removes = Vec::new();
+    let mut ensure: BTreeMap<String, Vec<DeploymentRef>> = BTreeMap::new();
     let mut creates = Vec::new();
+    let mut replaces = Vec::new();
     let mut starts = Vec::new();
     let mut assessments = BTreeMap::new();
 
@@ -159,90 +250,137 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
             }
             DesiredContent::Valid { spec_hash, services } => (spec_hash, services),
         };
-        let mut acted = false;
-        let mut stopped = None;
+        let mut f = Findings::default();
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         // Services dropped from the score.
         for c in observed.iter().filter(|c| !wanted.contains(c.service.as_str())) {
             removes.push(remove(dep, c, RemoveCause::SpecChanged));
-            acted = true;
+            f.acted = true;
         }
         for svc in services {
             let hash = service_hash(svc);
-            let mine: Vec<&&ObservedContainer> = observed.iter().filter(|c| c.service == svc.name).collect();
-            let mut keeper = None;
-            let mut outdated = false;
-            for c in &mine {
-                if c.service_hash == hash.as_str() && keeper.is_none() {
-                    keeper = Some(*c);
-                } else {
-                    let cause = if c.service_hash == hash.as_str() {
-                        RemoveCause::Duplicate
-                    } else {
-                        outdated = true;
-                        RemoveCause::SpecChanged
-                    };
-                    removes.push(remove(dep, c, cause));
-                    acted = true;
+            let mine: Vec<&ObservedContainer> = observed.iter().copied().filter(|c| c.service == svc.name).collect();
+            let keeper = mine.iter().copied().find(|c| c.service_hash == hash.as_str());
+            let outdated: Vec<&ObservedContainer> = mine
+                .iter()
+                .copied()
+                .filter(|c| c.service_hash != hash.as_str())
+                .collect();
+            for c in mine.iter().filter(|c| c.service_hash == hash.as_str()) {
+                if keeper.is_some_and(|k| k.id != c.id) {
+                    removes.push(remove(dep, c, RemoveCause::Duplicate));
+                    f.acted = true;
                 }
             }
-            match keeper {
-                None => {
-                    let cause = if outdated {
-                        CreateCause::Upgrade
-                    } else if input.seen.contains(&(dep.clone(), svc.name.clone())) {
-                        CreateCause::Restore
-                    } else {
-                        CreateCause::New
-                    };
-                    creates.push(Action::Create {
-                        spec: Box::new(ContainerSpec {
-                            device: input.device.clone(),
-                            deployment: dep.clone(),
-                            name: container_name(input.device, dep, &svc.name),
-                            service: svc.clone(),
-                            service_hash: hash,
-                            spec_hash: spec_hash.clone(),
-                        }),
-                        cause,
-                    });
-                    acted = true;
+            let Some(keeper) = keeper else {
+                let spec = Box::new(ContainerSpec {
+                    device: input.device.clone(),
+                    deployment: dep.clone(),
+                    name: container_name(input.device, dep, &svc.name, &hash),
+                    service: svc.clone(),
+                    service_hash: hash,
+                    spec_hash: spec_hash.clone(),
+                });
+                match input.images.get(&svc.image) {
+                    Some(ImageState::Present) => {}
+                    Some(ImageState::Pulling) => {
+                        f.notes.push(format!("pulling image {}", svc.image));
+                        continue;
+                    }
+                    Some(ImageState::Failed(e)) => {
+                        f.image_problems.push(format!("service {}: {e}", svc.name));
+                        continue;
+                    }
+                    None => {
+                        ensure.entry(svc.image.clone()).or_default().push(dep.clone());
+                        f.notes.push(format!("checking image {}", svc.image));
+                        continue;
+                    }
                 }
-                Some(c) => match &c.state {
-                    ContainerState::Running | ContainerState::Other(_) => {}
-                    ContainerState::Created => {
-                        starts.push(start(dep, c, None));
-                        acted = true;
+                f.acted = true;
+                if outdated.is_empty() {
+                    let restore = input.seen.contains(&(dep.clone(), svc.name.clone()));
+                    if restore {
+                        f.notes.push(format!(
+                            "restoring service {}, whose container was removed outside the agent",
+                            svc.name
+                        ));
                     }
-                    ContainerState::Exited { code } => {
-                        let restart = match svc.restart_policy {
-                            RestartPolicy::Always => true,
-                            RestartPolicy::OnFailure => *code != 0,
-                            RestartPolicy::Never => false,
-                        };
-                        if restart {
-                            starts.push(start(dep, c, Some(*code)));
-                            acted = true;
+                    creates.push(Action::Create {
+                        spec,
+                        cause: if restore {
+                            CreateCause::Restore
                         } else {
-                            stopped = Some(format!(
-                                "service {} exited with code {code} and its restart policy is {:?}",
-                                svc.name, svc.restart_policy
-                            ));
-                        }
+                            CreateCause::New
+                        },
+                    });
+                } else {
+                    let old: Vec<OldContainer> = outdated
+                        .iter()
+                        .map(|c| OldContainer {
+                            id: c.id.clone(),
+                            name: c.name.clone(),
+                            running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
+                        })
+                        .collect();
+                    let stop_first = !svc.ports.is_empty() && old.iter().any(|o| o.running);
+                    replaces.push(Action::Replace { spec, old, stop_first });
+                }
+                continue;
+            };
+            // Leftovers of an earlier replacement (say, the agent died half-way).
+            for c in &outdated {
+                removes.push(remove(dep, c, RemoveCause::SpecChanged));
+                f.acted = true;
+            }
+            match &keeper.state {
+                ContainerState::Running => {}
+                ContainerState::Created => {
+                    starts.push(start(dep, keeper, None));
+                    f.acted = true;
+                }
+                ContainerState::Paused => {
+                    starts.push(Action::Unpause {
+                        deployment: dep.clone(),
+                        container_id: keeper.id.clone(),
+                        name: keeper.name.clone(),
+                    });
+                    f.acted = true;
+                    f.notes
+                        .push(format!("service {} was paused outside the agent", svc.name));
+                }
+                ContainerState::Other(state) => {
+                    f.notes.push(format!("service {}: container is {state}", svc.name));
+                }
+                ContainerState::Exited { code } => {
+                    let restart = match svc.restart_policy {
+                        RestartPolicy::Always => true,
+                        RestartPolicy::OnFailure => *code != 0,
+                        RestartPolicy::Never => false,
+                    };
+                    if restart {
+                        starts.push(start(dep, keeper, Some(*code)));
+                        f.acted = true;
+                    } else {
+                        f.problems.push(format!(
+                            "service {} exited with code {code} and its restart policy is {:?}",
+                            svc.name, svc.restart_policy
+                        ));
                     }
-                },
+                }
             }
         }
-        let assessment = match (acted, stopped) {
-            (true, _) => Assessment::InProgress,
-            (false, Some(msg)) => Assessment::Stopped(msg),
-            (false, None) => Assessment::Converged,
-        };
-        assessments.insert(dep.clone(), assessment);
+        assessments.insert(dep.clone(), f.assessment());
     }
 
     let mut actions = removes;
+    actions.extend(
+        ensure
+            .into_iter()
+            .map(|(image, deployments)| Action::EnsureImage { image, deployments }),
+    );
     actions.extend(creates);
+    actions.extend(replaces);
     actions.extend(starts);
     Plan { actions, assessments }
 }

@@ -1,9 +1,9 @@
 //! A small client for podman's libpod REST API over its unix socket.
 //!
-//! Only what the agent needs: list, create, start, remove, image exists, pull. One
-//! HTTP/1.1 connection per request keeps it simple and robust across podman
-//! service restarts; the cost (a unix-socket connect) is negligible next to what
-//! podman itself does per call.
+//! Only what the agent needs: list, inspect, create, start, stop, unpause, remove,
+//! image exists, pull, and the event stream. One HTTP/1.1 connection per request
+//! keeps it simple and robust across podman service restarts; the cost (a
+//! unix-socket connect) is negligible next to what podman itself does per call.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -88,6 +88,47 @@ pub struct PortMappingSpec {
     pub protocol: String,
 }
 
+/// What `GET /libpod/containers/{id}/json` says about a container's health.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct InspectedContainer {
+    #[serde(default)]
+    pub restart_count: u32,
+    pub state: InspectedState,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct InspectedState {
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub running: bool,
+    #[serde(default)]
+    pub exit_code: i32,
+}
+
+/// One line of `GET /libpod/events?stream=true`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodmanEvent {
+    #[serde(rename = "Type", default)]
+    pub type_: String,
+    #[serde(rename = "Action", default)]
+    pub action: String,
+    #[serde(rename = "Actor", default)]
+    pub actor: EventActor,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct EventActor {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    /// Container labels, plus podman's own attributes (`name`, `image`,
+    /// `containerExitCode`).
+    #[serde(rename = "Attributes", default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct CreateResponse {
@@ -167,6 +208,43 @@ impl PodmanClient {
         }
     }
 
+    /// Stops a container, giving it `timeout` before it is killed. Stopping a stopped
+    /// container succeeds.
+    pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), PodmanError> {
+        let path = format!("{API}/containers/{id}/stop?timeout={}", timeout.as_secs());
+        // Podman waits up to `timeout` for the process, then kills it.
+        let limit = self.timeout + timeout;
+        match self
+            .call_with(Method::POST, &path, None, &format!("stop {}", short(id)), limit)
+            .await
+        {
+            Err(e) if e.status() == 304 => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    pub async fn unpause(&self, id: &str) -> Result<(), PodmanError> {
+        self.call(
+            Method::POST,
+            &format!("{API}/containers/{id}/unpause"),
+            None,
+            &format!("unpause {}", short(id)),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn inspect(&self, id: &str) -> Result<InspectedContainer, PodmanError> {
+        let what = format!("inspect {}", short(id));
+        let body = self
+            .call(Method::GET, &format!("{API}/containers/{id}/json"), None, &what)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
+            what,
+            message: format!("unexpected response: {e}"),
+        })
+    }
+
     /// Force-removes a container, giving it `stop_timeout` to stop. A container that
     /// is already gone counts as removed.
     pub async fn remove(&self, id: &str, stop_timeout: Duration) -> Result<(), PodmanError> {
@@ -189,12 +267,13 @@ impl PodmanClient {
         }
     }
 
-    /// Pulls an image. Libpod answers 200 and streams JSON lines; failures arrive as
-    /// a line with an `error` field.
-    pub async fn pull(&self, image: &str) -> Result<(), PodmanError> {
+    /// Pulls an image, allowing it `timeout` (pulls of large images over a slow link
+    /// take far longer than any other call). Libpod answers 200 and streams JSON
+    /// lines; failures arrive as a line with an `error` field.
+    pub async fn pull(&self, image: &str, timeout: Duration) -> Result<(), PodmanError> {
         let what = format!("pull {image}");
         let path = format!("{API}/images/pull?reference={}&quiet=true", urlencoding::encode(image));
-        let body = self.call(Method::POST, &path, None, &what).await?;
+        let body = self.call_with(Method::POST, &path, None, &what, timeout).await?;
         for line in body.split(|b| *b == b'\n') {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line)
                 && let Some(err) = v.get("error").and_then(|e| e.as_str())
@@ -209,23 +288,103 @@ impl PodmanClient {
         Ok(())
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, what: &str) -> Result<Bytes, PodmanError> {
-        match tokio::time::timeout(self.timeout, self.call_inner(method, path, body, what)).await {
-            Ok(r) => r,
-            Err(_) => Err(PodmanError::Timeout {
+    /// Follows podman's event stream for containers carrying `label=value`, sending
+    /// each event to `tx`. Returns when the stream ends (podman restarted) or `tx` is
+    /// closed; the caller reconnects.
+    pub async fn stream_events(
+        &self,
+        label: &str,
+        value: &str,
+        tx: &tokio::sync::mpsc::Sender<PodmanEvent>,
+    ) -> Result<(), PodmanError> {
+        let what = "events";
+        let filters = serde_json::json!({"label": [format!("{label}={value}")], "type": ["container"]}).to_string();
+        let path = format!("{API}/events?stream=true&filters={}", urlencoding::encode(&filters));
+        let resp = tokio::time::timeout(self.timeout, self.send(Method::GET, &path, None, what))
+            .await
+            .map_err(|_| PodmanError::Timeout {
                 what: what.to_owned(),
                 after: self.timeout,
-            }),
+            })??;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            return Err(api_error(what, status, &bytes));
         }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| PodmanError::Transport {
+                what: what.to_owned(),
+                message: e.to_string(),
+            })?;
+            let Ok(data) = frame.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                match serde_json::from_slice::<PodmanEvent>(&line) {
+                    Ok(ev) => {
+                        if tx.send(ev).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if !line.iter().all(u8::is_ascii_whitespace) => {
+                        tracing::debug!(error = %e, "skipping an event line that does not parse");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(())
     }
 
-    async fn call_inner(
+    async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>, what: &str) -> Result<Bytes, PodmanError> {
+        self.call_with(method, path, body, what, self.timeout).await
+    }
+
+    async fn call_with(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
         what: &str,
+        timeout: Duration,
     ) -> Result<Bytes, PodmanError> {
+        let call = async {
+            let resp = self.send(method, path, body, what).await?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| PodmanError::Transport {
+                    what: what.to_owned(),
+                    message: e.to_string(),
+                })?
+                .to_bytes();
+            if status.is_success() {
+                Ok(bytes)
+            } else {
+                Err(api_error(what, status, &bytes))
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(PodmanError::Timeout {
+                what: what.to_owned(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Sends one request on a fresh connection; the response body streams from it.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        what: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, PodmanError> {
         let transport = |e: &dyn std::fmt::Display| PodmanError::Transport {
             what: what.to_owned(),
             message: e.to_string(),
@@ -252,25 +411,25 @@ impl PodmanClient {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| transport(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| transport(&e))?.to_bytes();
-        conn_task.abort();
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        let message = serde_json::from_slice::<ErrorBody>(&bytes)
-            .map(|b| b.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_owned());
-        let message = if message.is_empty() && status == StatusCode::NOT_MODIFIED {
-            "not modified".to_owned()
-        } else {
-            message
-        };
-        Err(PodmanError::Api {
-            what: what.to_owned(),
-            status: status.as_u16(),
-            message,
-        })
+        // The connection task ends with the response body (or when podman closes).
+        drop(conn_task);
+        Ok(resp)
+    }
+}
+
+fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> PodmanError {
+    let message = serde_json::from_slice::<ErrorBody>(bytes)
+        .map(|b| b.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).trim().to_owned());
+    let message = if message.is_empty() && status == StatusCode::NOT_MODIFIED {
+        "not modified".to_owned()
+    } else {
+        message
+    };
+    PodmanError::Api {
+        what: what.to_owned(),
+        status: status.as_u16(),
+        message,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Publishes this device's `AgentStatus` to `agent-status/status.<device>`.
 //!
 //! A plain JetStream publish acknowledged by the stream: no consumer. It publishes on
-//! every heartbeat tick and immediately when the reconciler's report changes
-//! (bursts coalesce: a change arriving during a publish is sent right after it).
+//! every heartbeat tick and soon after the reconciler's report changes: at once if
+//! the last publish is older than `min_gap`, else when it is (bursts, such as a
+//! crash-looping container, coalesce into one publish per `min_gap`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::interpret::AGENT_VERSION;
 use crate::inventory;
+use crate::metrics::{AgentMetrics, result};
 use crate::reconciler::Report;
 
 pub struct StatusReporter {
@@ -23,6 +26,10 @@ pub struct StatusReporter {
     pub heartbeat: Duration,
     pub inventory_refresh: Duration,
     pub publish_timeout: Duration,
+    pub min_gap: Duration,
+    /// The report revision of the last acknowledged publish.
+    pub published: watch::Sender<u64>,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 impl StatusReporter {
@@ -36,12 +43,16 @@ impl StatusReporter {
         let mut inventory_tick = tokio::time::interval(self.inventory_refresh);
         inventory_tick.tick().await;
         let mut failing = false;
+        let mut last_publish: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {}
                 changed = report.changed() => {
                     if changed.is_err() {
                         return;
+                    }
+                    if let Some(at) = last_publish {
+                        tokio::time::sleep_until(at + self.min_gap).await;
                     }
                 }
                 _ = inventory_tick.tick() => {
@@ -55,15 +66,22 @@ impl StatusReporter {
                     inventory = fresh;
                 }
             }
-            let status = self.build(&report.borrow_and_update(), &inventory);
+            let (status, revision) = {
+                let current = report.borrow_and_update();
+                (self.build(&current, &inventory), current.revision)
+            };
+            last_publish = Some(tokio::time::Instant::now());
             match self.publish(&subject, &status).await {
                 Ok(()) => {
+                    self.metrics.status_publishes.get_or_create(&result("ok")).inc();
+                    self.published.send_replace(revision);
                     if failing {
                         tracing::info!("status publishing works again");
                         failing = false;
                     }
                 }
                 Err(e) => {
+                    self.metrics.status_publishes.get_or_create(&result("error")).inc();
                     // Logged once per outage; the next tick retries.
                     if !failing {
                         tracing::warn!(error = %e, "cannot publish status; retrying every heartbeat");
@@ -83,6 +101,8 @@ impl StatusReporter {
             deployments: report.deployments.clone(),
             recent_events: report.events.clone(),
             inventory: Some(inventory.clone()),
+            last_reconcile_at: report.last_reconcile_at,
+            runtime: report.runtime.clone(),
         }
     }
 

@@ -1,15 +1,16 @@
 //! The container runtime as the reconciler sees it. The podman implementation talks
-//! to the libpod API; an in-memory one serves unit tests and benchmarks that must
-//! not depend on podman's speed.
+//! to the libpod API; an in-memory one (feature `test-support`) serves unit tests and
+//! benchmarks that must not depend on podman's speed.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash};
+use tokio::sync::mpsc;
 
 use crate::labels;
-use crate::podman::{CreateSpec, PodmanClient, PodmanError, PortMappingSpec};
+use crate::podman::{CreateSpec, PodmanClient, PodmanError, PodmanEvent, PortMappingSpec};
 
 /// Observed state of a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +21,9 @@ pub enum ContainerState {
     Exited {
         code: i32,
     },
-    /// Paused, stopping, removing...: left alone until it settles.
+    /// Frozen by `podman pause`: it holds its ports but serves nothing.
+    Paused,
+    /// Stopping, removing...: left alone until it settles.
     Other(String),
 }
 
@@ -47,18 +50,64 @@ pub struct ContainerSpec {
     pub spec_hash: SpecHash,
 }
 
+/// How a just-started container is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerHealth {
+    pub running: bool,
+    /// Restarts by the runtime's restart policy since the container was created.
+    pub restart_count: u32,
+    pub exit_code: i32,
+}
+
+/// Something happened to one of this device's containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeEvent {
+    pub container_id: String,
+    pub deployment: Option<DeploymentRef>,
+    pub kind: RuntimeEventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeEventKind {
+    /// The process ended (a crash, a kill, or a stop).
+    Died {
+        exit_code: Option<i32>,
+    },
+    /// The runtime's restart policy (or `podman restart`) started it again.
+    Restarted,
+    Removed,
+    /// Anything else (start, pause, ...): only a reason to look again.
+    Other(String),
+}
+
 /// Why a runtime call failed, worded for `last_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct RuntimeError(pub String);
 
-pub trait ContainerRuntime: Send + Sync + 'static {
+/// Everything the reconciler asks of the container runtime. Cloneable so image pulls
+/// can run on their own tasks, off the serial action loop.
+pub trait ContainerRuntime: Clone + Send + Sync + 'static {
+    fn ping(&self) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Every container labelled as managed by the agent for `device`.
     fn list(&self, device: &Id) -> impl Future<Output = Result<Vec<ObservedContainer>, RuntimeError>> + Send;
-    /// Creates and starts a container; returns its id.
-    fn create_and_start(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Fetches an image from its registry. May take minutes.
+    fn pull(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Creates (does not start) a container; returns its id. The image must be present.
+    fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn unpause(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn health(&self, id: &str) -> impl Future<Output = Result<ContainerHealth, RuntimeError>> + Send;
+    /// Streams events of `device`'s containers into `tx` until the stream breaks or
+    /// `tx` closes.
+    fn watch_events(
+        &self,
+        device: &Id,
+        tx: mpsc::Sender<RuntimeEvent>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
 
 /// The real runtime: podman's libpod REST API.
@@ -66,6 +115,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 pub struct PodmanRuntime {
     pub client: PodmanClient,
     pub stop_timeout: Duration,
+    pub pull_timeout: Duration,
 }
 
 impl PodmanRuntime {
@@ -78,6 +128,10 @@ impl PodmanRuntime {
             (labels::SERVICE.to_owned(), svc.name.clone()),
             (labels::SERVICE_HASH.to_owned(), spec.service_hash.to_string()),
             (labels::SPEC_HASH.to_owned(), spec.spec_hash.to_string()),
+            (labels::K8S_NAME.to_owned(), spec.deployment.name().to_owned()),
+            (labels::K8S_INSTANCE.to_owned(), spec.deployment.to_token()),
+            (labels::K8S_COMPONENT.to_owned(), svc.name.clone()),
+            (labels::K8S_MANAGED_BY.to_owned(), labels::MANAGED_BY_VALUE.to_owned()),
         ]);
         let resource_limits = svc.resources.as_ref().map(|r| {
             let mut limits = serde_json::Map::new();
@@ -121,17 +175,46 @@ impl PodmanRuntime {
     }
 }
 
+/// Podman's own message, without our request description (which names container
+/// ids): the reconciler says which service it was about.
 fn podman_err(e: PodmanError) -> RuntimeError {
-    RuntimeError(e.to_string())
+    match e {
+        PodmanError::Api { message, .. } if !message.is_empty() => RuntimeError(message),
+        other => RuntimeError(other.to_string()),
+    }
+}
+
+fn event_from(ev: PodmanEvent) -> Option<RuntimeEvent> {
+    if ev.type_ != "container" {
+        return None;
+    }
+    let attrs = &ev.actor.attributes;
+    let kind = match ev.action.as_str() {
+        "died" => RuntimeEventKind::Died {
+            exit_code: attrs.get("containerExitCode").and_then(|c| c.parse().ok()),
+        },
+        "restart" => RuntimeEventKind::Restarted,
+        "remove" => RuntimeEventKind::Removed,
+        other => RuntimeEventKind::Other(other.to_owned()),
+    };
+    Some(RuntimeEvent {
+        container_id: ev.actor.id,
+        deployment: attrs.get(labels::DEPLOYMENT).and_then(|d| d.parse().ok()),
+        kind,
+    })
 }
 
 impl ContainerRuntime for PodmanRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.client.ping().await.map_err(|e| RuntimeError(e.to_string()))
+    }
+
     async fn list(&self, device: &Id) -> Result<Vec<ObservedContainer>, RuntimeError> {
         let listed = self
             .client
             .list_by_label(labels::DEVICE, device.as_str())
             .await
-            .map_err(podman_err)?;
+            .map_err(|e| RuntimeError(e.to_string()))?;
         Ok(listed
             .into_iter()
             .filter_map(|c| {
@@ -141,8 +224,9 @@ impl ContainerRuntime for PodmanRuntime {
                 }
                 let state = match c.state.as_str() {
                     "running" => ContainerState::Running,
-                    "created" | "configured" => ContainerState::Created,
+                    "created" | "configured" | "initialized" => ContainerState::Created,
                     "exited" | "stopped" => ContainerState::Exited { code: c.exit_code },
+                    "paused" => ContainerState::Paused,
                     other => ContainerState::Other(other.to_owned()),
                 };
                 Some(ObservedContainer {
@@ -157,38 +241,67 @@ impl ContainerRuntime for PodmanRuntime {
             .collect())
     }
 
-    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
-        let image = &spec.service.image;
-        let present = self.client.image_exists(image).await.map_err(podman_err)?;
-        if !present {
-            tracing::info!(image = %image, "image not present locally; pulling");
-            if let Err(e) = self.client.pull(image).await {
-                return Err(RuntimeError(format!(
-                    "image {image} is not present on the device and pulling it failed: {e}"
-                )));
-            }
-        }
-        let id = self
-            .client
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.client.image_exists(image).await.map_err(podman_err)
+    }
+
+    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        self.client.pull(image, self.pull_timeout).await.map_err(podman_err)
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.client
             .create(&Self::create_spec(spec, self.stop_timeout))
             .await
-            .map_err(podman_err)?;
-        if let Err(e) = self.client.start(&id).await {
-            // Keep the created container: the next pass retries `start`, and the
-            // container shows up in `podman ps -a` for whoever debugs it.
-            return Err(RuntimeError(format!(
-                "container {} created but failed to start: {e}",
-                spec.name
-            )));
-        }
-        Ok(id)
+            .map_err(podman_err)
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.client.start(id).await.map_err(podman_err)
     }
 
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.client.stop(id, self.stop_timeout).await.map_err(podman_err)
+    }
+
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.client.unpause(id).await.map_err(podman_err)
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         self.client.remove(id, self.stop_timeout).await.map_err(podman_err)
+    }
+
+    async fn health(&self, id: &str) -> Result<ContainerHealth, RuntimeError> {
+        let c = self.client.inspect(id).await.map_err(podman_err)?;
+        Ok(ContainerHealth {
+            running: c.state.running && c.state.status == "running",
+            restart_count: c.restart_count,
+            exit_code: c.state.exit_code,
+        })
+    }
+
+    async fn watch_events(&self, device: &Id, tx: mpsc::Sender<RuntimeEvent>) -> Result<(), RuntimeError> {
+        let (raw_tx, mut raw_rx) = mpsc::channel(256);
+        let client = self.client.clone();
+        let device = device.clone();
+        // The stream ends by dropping `raw_tx`, which lets `forward` drain and end; a
+        // closed `tx` ends `forward`, whose dropped receiver then ends the stream.
+        let stream = async move {
+            let r = client.stream_events(labels::DEVICE, device.as_str(), &raw_tx).await;
+            drop(raw_tx);
+            r
+        };
+        let forward = async move {
+            while let Some(ev) = raw_rx.recv().await {
+                if let Some(ev) = event_from(ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    return;
+                }
+            }
+        };
+        let (streamed, ()) = tokio::join!(stream, forward);
+        streamed.map_err(|e| RuntimeError(e.to_string()))
     }
 }

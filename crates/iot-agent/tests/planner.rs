@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash};
-use iot_agent::plan::{Action, Assessment, CreateCause, DesiredContent, PlanInput, RemoveCause, plan, service_hash};
+use iot_agent::plan::{Action, Assessment, DesiredContent, ImageState, PlanInput, plan, service_hash};
 use iot_agent::runtime::{ContainerState, ObservedContainer};
 
 fn dev() -> Id {
@@ -41,6 +41,8 @@ struct Case {
     observed: Vec<ObservedContainer>,
     synced: bool,
     seen: BTreeSet<(DeploymentRef, String)>,
+    /// `None`: every image the case uses is present.
+    images: Option<BTreeMap<String, ImageState>>,
 }
 
 impl Case {
@@ -50,16 +52,29 @@ impl Case {
             observed: vec![],
             synced: true,
             seen: BTreeSet::new(),
+            images: None,
         }
     }
     fn run(&self) -> iot_agent::plan::Plan {
         let device = dev();
+        let all_present: BTreeMap<String, ImageState> = self
+            .desired
+            .values()
+            .filter_map(|c| match c {
+                DesiredContent::Valid { services, .. } => {
+                    Some(services.iter().map(|s| (s.image.clone(), ImageState::Present)))
+                }
+                DesiredContent::Invalid { .. } => None,
+            })
+            .flatten()
+            .collect();
         plan(PlanInput {
             device: &device,
             desired: &self.desired,
             observed: &self.observed,
             synced: self.synced,
             seen: &self.seen,
+            images: self.images.as_ref().unwrap_or(&all_present),
         })
     }
 }
@@ -71,8 +86,18 @@ fn kinds(p: &iot_agent::plan::Plan) -> Vec<String> {
             Action::Remove {
                 container_id, cause, ..
             } => format!("remove {container_id} {cause:?}"),
-            Action::Create { spec, cause } => format!("create {} {cause:?}", spec.name),
+            Action::Create { spec, cause } => {
+                format!("create {}/{} {cause:?}", spec.deployment.name(), spec.service.name)
+            }
+            Action::Replace { spec, old, stop_first } => format!(
+                "replace {}/{} {} stop_first={stop_first}",
+                spec.deployment.name(),
+                spec.service.name,
+                old.iter().map(|o| o.id.as_str()).collect::<Vec<_>>().join(",")
+            ),
+            Action::EnsureImage { image, .. } => format!("ensure {image}"),
             Action::Start { container_id, .. } => format!("start {container_id}"),
+            Action::Unpause { container_id, .. } => format!("unpause {container_id}"),
         })
         .collect()
 }
@@ -83,11 +108,19 @@ fn new_deployment_creates_each_service() {
     c.desired
         .insert(dep("web"), valid(vec![svc("web", "img:1"), svc("db", "db:1")]));
     let p = c.run();
+    assert_eq!(kinds(&p), ["create web/web New", "create web/db New"]);
+    assert_eq!(p.assessments[&dep("web")], Assessment::InProgress(None));
+    // Container names carry the service hash, so a replacement can sit next to the old one.
+    let Action::Create { spec, .. } = &p.actions[0] else {
+        panic!("a create")
+    };
     assert_eq!(
-        kinds(&p),
-        ["create dev1.default.web.web New", "create dev1.default.web.db New"]
+        spec.name,
+        format!(
+            "dev1.default.web.web.{}",
+            &service_hash(&svc("web", "img:1")).as_str()[..8]
+        )
     );
-    assert_eq!(p.assessments[&dep("web")], Assessment::InProgress);
 }
 
 #[test]
@@ -102,16 +135,98 @@ fn converged_deployment_plans_nothing() {
 }
 
 #[test]
-fn changed_spec_removes_then_recreates() {
+fn changed_spec_replaces_and_never_removes_the_old_container_on_its_own() {
     let old = svc("web", "img:1");
     let new = svc("web", "img:2");
     let mut c = Case::new();
     c.desired.insert(dep("web"), valid(vec![new]));
     c.observed.push(running("c1", "web", &old));
-    assert_eq!(
-        kinds(&c.run()),
-        ["remove c1 SpecChanged", "create dev1.default.web.web Upgrade"]
+    assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=false"]);
+}
+
+#[test]
+fn host_ports_make_a_replacement_stop_the_old_container_first() {
+    let mut old = svc("web", "img:1");
+    old.ports = serde_json::from_value(serde_json::json!([{"host_port": 8080, "container_port": 80}])).expect("ports");
+    let mut new = old.clone();
+    new.image = "img:2".into();
+    let mut c = Case::new();
+    c.desired.insert(dep("web"), valid(vec![new]));
+    c.observed.push(running("c1", "web", &old));
+    assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=true"]);
+    // An old container that is not running holds no port.
+    c.observed[0].state = ContainerState::Exited { code: 1 };
+    assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=false"]);
+}
+
+#[test]
+fn an_image_not_known_to_be_present_is_ensured_first_and_nothing_else_happens() {
+    let old = svc("web", "img:1");
+    let mut c = Case::new();
+    c.desired.insert(dep("web"), valid(vec![svc("web", "img:2")]));
+    c.desired.insert(dep("other"), valid(vec![svc("web", "img:2")]));
+    c.observed.push(running("c1", "web", &old));
+    c.images = Some(BTreeMap::new());
+    let p = c.run();
+    // One check for the image both deployments need; the old container is untouched.
+    assert_eq!(kinds(&p), ["ensure img:2"]);
+    assert!(
+        matches!(&p.assessments[&dep("web")], Assessment::InProgress(Some(n)) if n.contains("checking image img:2"))
     );
+}
+
+#[test]
+fn a_pulling_or_failed_image_keeps_the_old_container_and_says_why() {
+    let old = svc("web", "img:1");
+    let mut c = Case::new();
+    c.desired.insert(dep("web"), valid(vec![svc("web", "img:2")]));
+    c.observed.push(running("c1", "web", &old));
+    c.images = Some(BTreeMap::from([("img:2".to_string(), ImageState::Pulling)]));
+    let p = c.run();
+    assert!(p.actions.is_empty(), "{:?}", kinds(&p));
+    assert!(
+        matches!(&p.assessments[&dep("web")], Assessment::InProgress(Some(n)) if n.contains("pulling image img:2"))
+    );
+
+    c.images = Some(BTreeMap::from([(
+        "img:2".to_string(),
+        ImageState::Failed("manifest unknown".into()),
+    )]));
+    let p = c.run();
+    assert!(p.actions.is_empty(), "{:?}", kinds(&p));
+    assert_eq!(
+        p.assessments[&dep("web")],
+        Assessment::ImageUnavailable("service web: manifest unknown".into())
+    );
+}
+
+#[test]
+fn leftovers_of_a_half_done_replacement_are_removed() {
+    let old = svc("web", "img:1");
+    let new = svc("web", "img:2");
+    let mut c = Case::new();
+    c.desired.insert(dep("web"), valid(vec![new.clone()]));
+    c.observed.push(running("c1", "web", &old));
+    c.observed.push(running("c2", "web", &new));
+    assert_eq!(kinds(&c.run()), ["remove c1 SpecChanged"]);
+}
+
+#[test]
+fn paused_containers_are_unpaused_and_transitional_ones_are_not_running() {
+    let web = svc("web", "img:1");
+    let mut c = Case::new();
+    c.desired.insert(dep("web"), valid(vec![web.clone()]));
+    let mut obs = running("c1", "web", &web);
+    obs.state = ContainerState::Paused;
+    c.observed.push(obs);
+    let p = c.run();
+    assert_eq!(kinds(&p), ["unpause c1"]);
+    assert!(matches!(&p.assessments[&dep("web")], Assessment::InProgress(Some(n)) if n.contains("paused")));
+
+    c.observed[0].state = ContainerState::Other("stopping".into());
+    let p = c.run();
+    assert!(p.actions.is_empty());
+    assert!(matches!(&p.assessments[&dep("web")], Assessment::InProgress(Some(n)) if n.contains("stopping")));
 }
 
 #[test]
@@ -129,7 +244,12 @@ fn container_removed_out_of_band_is_restored() {
     let mut c = Case::new();
     c.desired.insert(dep("web"), valid(vec![svc("web", "img:1")]));
     c.seen.insert((dep("web"), "web".into()));
-    assert_eq!(kinds(&c.run()), ["create dev1.default.web.web Restore"]);
+    let p = c.run();
+    assert_eq!(kinds(&p), ["create web/web Restore"]);
+    assert_eq!(p.restoring().collect::<Vec<_>>(), [&dep("web")]);
+    // Without having seen it, a missing container is simply new.
+    c.seen.clear();
+    assert_eq!(kinds(&c.run()), ["create web/web New"]);
 }
 
 #[test]
@@ -225,35 +345,19 @@ fn container_with_unreadable_deployment_label_is_removed_when_synced() {
 }
 
 #[test]
-fn removals_come_before_creates() {
+fn removals_come_before_creates_and_replacements() {
     let old = svc("web", "img:1");
     let mut c = Case::new();
     c.desired.insert(dep("a"), valid(vec![svc("web", "img:2")]));
+    c.desired.insert(dep("b"), valid(vec![svc("web", "img:3")]));
     c.observed.push(running("c1", "a", &old));
     c.observed.push(running("c2", "gone", &old));
-    let p = c.run();
-    let first_create = p
-        .actions
-        .iter()
-        .position(|a| matches!(a, Action::Create { .. }))
-        .expect("a create");
-    assert!(
-        p.actions[..first_create]
-            .iter()
-            .all(|a| matches!(a, Action::Remove { .. }))
+    assert_eq!(
+        kinds(&c.run()),
+        [
+            "remove c2 DeploymentDeleted",
+            "create b/web New",
+            "replace a/web c1 stop_first=false"
+        ]
     );
-    assert!(p.actions.iter().any(|a| matches!(
-        a,
-        Action::Remove {
-            cause: RemoveCause::DeploymentDeleted,
-            ..
-        }
-    )));
-    assert!(p.actions.iter().any(|a| matches!(
-        a,
-        Action::Create {
-            cause: CreateCause::Upgrade,
-            ..
-        }
-    )));
 }

@@ -50,12 +50,7 @@ fn encode(device: &Id, dep: &DeploymentRef, hash: &SpecHash, state: State, since
         heartbeat_at: now,
         deployments: BTreeMap::from([(
             dep.clone(),
-            DeploymentPhase {
-                phase,
-                spec_hash: Some(hash.clone()),
-                last_error: last_error.clone(),
-                last_event_at: since,
-            },
+            DeploymentPhase::new(phase, Some(hash.clone()), last_error.clone(), since),
         )]),
         recent_events: vec![EventEntry {
             at: since,
@@ -67,6 +62,11 @@ fn encode(device: &Id, dep: &DeploymentRef, hash: &SpecHash, state: State, since
             deployment: Some(dep.clone()),
             message: last_error.unwrap_or_else(|| format!("running spec {hash}")),
         }],
+        last_reconcile_at: Some(now),
+        runtime: RuntimeStatus {
+            state: RuntimeState::Available,
+            message: None,
+        },
         inventory: Some(InventorySnapshot {
             cpu_cores: 4,
             arch: "aarch64".into(),

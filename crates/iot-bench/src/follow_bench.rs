@@ -11,7 +11,7 @@ use harmony_reconciler_contracts::*;
 use iot_agent::agent::reconcile_loop;
 use iot_agent::memory_runtime::MemoryRuntime;
 use iot_agent::plan::service_hash;
-use iot_agent::reconciler::{Reconciler, Report};
+use iot_agent::reconciler::{Reconciler, ReconcilerConfig, Report};
 use iot_kv::follow::FollowConfig;
 use iot_kv::{Anonymous, DesiredView, connect, follow_desired_state};
 use iot_testkit::NatsServer;
@@ -81,8 +81,22 @@ pub async fn run(devices: usize, connections: usize, resync_secs: u64) -> anyhow
             tx,
         ));
         let (report_tx, _report_rx) = watch::channel(Report::default());
-        let rec = Reconciler::new(runtime.clone(), id, 8, report_tx);
-        tokio::spawn(reconcile_loop(rec, rx.clone(), Duration::from_secs(resync_secs)));
+        let config = ReconcilerConfig {
+            device: id,
+            event_capacity: 8,
+            settle: Duration::ZERO,
+            runtime_name: "memory".into(),
+        };
+        let rec = Reconciler::new(runtime.clone(), config, report_tx);
+        // No runtime events in the memory runtime: the sender is dropped at once.
+        let (_, events) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reconcile_loop(
+            rec,
+            rx.clone(),
+            events,
+            Duration::from_secs(resync_secs),
+            None,
+        ));
         views.push(rx);
     }
     wait_all(&views, |v| v.synced && v.entries.len() == 1, Duration::from_secs(300)).await?;

@@ -31,6 +31,11 @@ pub struct NatsArgs {
     /// NATS password.
     #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+
+    /// Ping the server this often; a link that stops answering is dropped after two
+    /// to three intervals and reconnected.
+    #[arg(long, env = "NATS_PING_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub nats_ping_interval: std::time::Duration,
 }
 
 impl NatsArgs {

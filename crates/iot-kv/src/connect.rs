@@ -107,20 +107,30 @@ pub struct NatsConnection {
     pub connects: watch::Receiver<u64>,
 }
 
-/// Reconnect delay: 100 ms doubling to a 10 s cap, so a fleet reconnecting after a
-/// server restart spreads out instead of hammering it.
-pub fn reconnect_delay(attempt: usize) -> Duration {
-    let exp = attempt.min(7) as u32;
-    Duration::from_millis(100u64.saturating_mul(1u64 << exp)).min(Duration::from_secs(10))
-}
+/// How often a client pings the server. async-nats drops a connection once more than
+/// two pings are unanswered, so a dead link (a cut cable, a NAT that forgot us) is
+/// noticed within two to three intervals, instead of waiting minutes for TCP
+/// retransmits to give up.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Connects (retrying forever in the background if the server is not up yet when
-/// `wait_for_first` is false).
+/// `wait_for_first` is false), pinging every [`DEFAULT_PING_INTERVAL`].
 pub async fn connect(
     servers: &[String],
     creds: &dyn CredentialSource,
     client_name: &str,
     wait_for_first: bool,
+) -> Result<NatsConnection, KvError> {
+    connect_with(servers, creds, client_name, wait_for_first, DEFAULT_PING_INTERVAL).await
+}
+
+/// [`connect`] with an explicit ping interval.
+pub async fn connect_with(
+    servers: &[String],
+    creds: &dyn CredentialSource,
+    client_name: &str,
+    wait_for_first: bool,
+    ping_interval: Duration,
 ) -> Result<NatsConnection, KvError> {
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
@@ -132,7 +142,8 @@ pub async fn connect(
         .name(client_name)
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5))
-        .reconnect_delay_callback(reconnect_delay)
+        .ping_interval(ping_interval)
+        .reconnect_delay_callback(crate::timing::reconnect_delay)
         .event_callback(move |event| {
             let tx = tx.clone();
             let count = count.clone();

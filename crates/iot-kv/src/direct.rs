@@ -1,14 +1,26 @@
 //! Consumer-free reads of KV state with JetStream batched direct get.
 //!
-//! `$JS.API.DIRECT.GET.KV_<bucket>` with `{"multi_last": [filter], "batch": N}`
-//! answers with one message per matching key (its latest value or delete marker),
-//! then an end-of-batch message with status 204. No consumer is created, which is
-//! what lets every device re-read its state at will (nats-server 2.11+, bucket
-//! stream with `allow_direct`).
+//! No read here creates a consumer, which is what lets every device re-read its state
+//! at will (nats-server 2.11+, bucket stream with `allow_direct`). Two request forms:
+//!
+//! - `multi_last`: `{"multi_last": [filter], "batch": N}` answers with the latest
+//!   record of every matching key, then an end-of-batch (EOB, status 204). One round
+//!   trip, but the server refuses it with 413 when more than 1024 subjects match,
+//!   and delete markers count.
+//! - a paged scan: `{"next_by_subj": filter, "seq": S, "batch": N}` answers with the
+//!   stored messages matching `filter` from sequence `S` on, and the EOB says how many
+//!   are left. KV buckets keep one message per key (history 1), so the stored messages
+//!   *are* the latest records. Pages continue from the last sequence seen, without an
+//!   upper bound: a key rewritten during the scan moves to a higher sequence, which a
+//!   later page reaches, so every key is read at its newest value.
+//!
+//! [`last_values_for`] uses the first and falls back to the second on 413, so a read
+//! is either complete or an error, never silently truncated.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use harmony_reconciler_contracts::keys::{key_from_subject, kv_stream_name};
 
@@ -22,23 +34,84 @@ pub const MAX_BATCH: usize = 1024;
 pub struct KvRecord {
     pub key: String,
     pub sequence: u64,
+    /// When the server stored it (the server's clock, not the writer's).
+    pub stored_at: Option<DateTime<Utc>>,
     /// `None` for a key whose latest record is a delete or purge marker.
     pub value: Option<Bytes>,
 }
 
 /// Latest record of every key in `bucket` whose subject matches `key_filter`
 /// (a KV key pattern such as `dev1.>`). Deleted keys are returned with
-/// `value: None` so a caller can tell "deleted" from "never seen".
+/// `value: None` so a caller can tell "deleted" from "never seen". `timeout` bounds
+/// each request, not the whole read.
 pub async fn last_values_for(
     client: &async_nats::Client,
     bucket: &str,
     key_filter: &str,
     timeout: Duration,
 ) -> Result<Vec<KvRecord>, KvError> {
-    let api = format!("$JS.API.DIRECT.GET.{}", kv_stream_name(bucket));
     let filter = format!("$KV.{bucket}.{key_filter}");
-    let body =
-        serde_json::to_vec(&serde_json::json!({"multi_last": [filter], "batch": MAX_BATCH})).map_err(KvError::js)?;
+    let body = serde_json::json!({"multi_last": [filter], "batch": MAX_BATCH});
+    match request_batch(client, bucket, &body, timeout).await? {
+        Batch::Records { records, .. } => Ok(records),
+        Batch::TooManySubjects => scan(client, bucket, &filter, timeout).await,
+    }
+}
+
+/// Every stored message matching `filter`, page by page (see the module docs).
+async fn scan(
+    client: &async_nats::Client,
+    bucket: &str,
+    filter: &str,
+    timeout: Duration,
+) -> Result<Vec<KvRecord>, KvError> {
+    let mut out: Vec<KvRecord> = Vec::new();
+    let mut next_seq = 1u64;
+    loop {
+        let body = serde_json::json!({"next_by_subj": filter, "seq": next_seq, "batch": MAX_BATCH});
+        match request_batch(client, bucket, &body, timeout).await? {
+            Batch::Records { records, pending } => {
+                let Some(last) = records.last().map(|r| r.sequence) else {
+                    break;
+                };
+                out.extend(records);
+                if pending == Some(0) || pending.is_none() {
+                    break;
+                }
+                next_seq = last + 1;
+            }
+            Batch::TooManySubjects => {
+                return Err(request_err(&api_subject(bucket), "scan refused with 413"));
+            }
+        }
+    }
+    // A key rewritten during the scan was seen twice; its higher sequence is newer.
+    out.sort_by(|a, b| a.key.cmp(&b.key).then(b.sequence.cmp(&a.sequence)));
+    out.dedup_by(|later, first| later.key == first.key);
+    Ok(out)
+}
+
+enum Batch {
+    Records {
+        records: Vec<KvRecord>,
+        /// `Nats-Num-Pending` of the end-of-batch message: matches not yet returned.
+        pending: Option<u64>,
+    },
+    TooManySubjects,
+}
+
+fn api_subject(bucket: &str) -> String {
+    format!("$JS.API.DIRECT.GET.{}", kv_stream_name(bucket))
+}
+
+async fn request_batch(
+    client: &async_nats::Client,
+    bucket: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<Batch, KvError> {
+    let api = api_subject(bucket);
+    let body = serde_json::to_vec(body).map_err(KvError::js)?;
     let inbox = client.new_inbox();
     let mut sub = client
         .subscribe(inbox.clone())
@@ -49,7 +122,7 @@ pub async fn last_values_for(
         .await
         .map_err(|e| request_err(&api, e))?;
 
-    let mut out = Vec::new();
+    let mut records = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
@@ -57,48 +130,86 @@ pub async fn last_values_for(
             Ok(None) => return Err(request_err(&api, "reply subscription closed")),
             Ok(Some(msg)) => msg,
         };
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
         if let Some(status) = msg.status {
             match status.as_u16() {
                 // End of batch.
-                204 => break,
+                204 => {
+                    let pending = header("Nats-Num-Pending").and_then(|p| p.parse().ok());
+                    return Ok(Batch::Records { records, pending });
+                }
                 // Nothing matches the filter: an empty result, not an error.
-                404 => break,
-                503 => {
-                    return Err(KvError::BucketMissing {
-                        bucket: bucket.to_owned(),
+                404 => {
+                    return Ok(Batch::Records {
+                        records,
+                        pending: Some(0),
                     });
                 }
+                413 => return Ok(Batch::TooManySubjects),
+                503 => return Err(explain_no_responders(client, bucket).await),
                 code => {
                     let text = msg.description.clone().unwrap_or_default();
                     return Err(request_err(&api, format!("status {code} {text}")));
                 }
             }
         }
-        let headers = msg.headers.as_ref();
-        let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
-        let Some(subject) = get("Nats-Subject") else {
+        let Some(subject) = header("Nats-Subject") else {
             // A JSON error body without status (e.g. bad request) lands here.
             return Err(request_err(&api, String::from_utf8_lossy(&msg.payload)));
         };
         let Some(key) = key_from_subject(bucket, &subject) else {
             continue;
         };
-        let sequence = get("Nats-Sequence").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let deleted = matches!(get("KV-Operation").as_deref(), Some("DEL") | Some("PURGE"));
-        out.push(KvRecord {
+        let deleted = matches!(header("KV-Operation").as_deref(), Some("DEL") | Some("PURGE"));
+        records.push(KvRecord {
             key: key.to_owned(),
-            sequence,
+            sequence: header("Nats-Sequence").and_then(|s| s.parse().ok()).unwrap_or(0),
+            stored_at: header("Nats-Time-Stamp").and_then(|t| DateTime::parse_from_rfc3339(&t).ok().map(Into::into)),
             value: (!deleted).then(|| msg.payload.clone()),
         });
     }
-    if out.len() >= MAX_BATCH {
-        tracing::warn!(
-            bucket,
-            key_filter,
-            "direct get returned a full batch; keys beyond {MAX_BATCH} are not read"
-        );
-    }
-    Ok(out)
+}
+
+/// "No responders" on a direct get means the stream does not exist, does not allow
+/// direct get, or JetStream is off. One stream-info request tells which.
+async fn explain_no_responders(client: &async_nats::Client, bucket: &str) -> KvError {
+    let info_subject = format!("$JS.API.STREAM.INFO.{}", kv_stream_name(bucket));
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(info_subject.clone(), Bytes::new()),
+    )
+    .await;
+    let message = match reply {
+        Err(_) => "no responder, and stream info timed out".to_owned(),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            "no responder: JetStream is not enabled for this account".to_owned()
+        }
+        Ok(Err(e)) => format!("no responder, and stream info failed: {e}"),
+        Ok(Ok(msg)) => {
+            let info: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            // JSApiStreamNotFound
+            if info.pointer("/error/err_code").and_then(serde_json::Value::as_u64) == Some(10059) {
+                return KvError::BucketMissing {
+                    bucket: bucket.to_owned(),
+                };
+            }
+            if info
+                .pointer("/config/allow_direct")
+                .and_then(serde_json::Value::as_bool)
+                == Some(false)
+            {
+                "no responder: the bucket's stream does not allow direct get".to_owned()
+            } else {
+                "no responder for direct get".to_owned()
+            }
+        }
+    };
+    request_err(&api_subject(bucket), message)
 }
 
 fn request_err(subject: &str, e: impl std::fmt::Display) -> KvError {

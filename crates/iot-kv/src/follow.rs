@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::connect::NatsConnection;
 use crate::direct::last_values_for;
 use crate::error::KvError;
+use crate::timing::{backoff, jittered, spread};
 
 /// The device's desired state as last seen.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -45,6 +46,11 @@ pub struct FollowConfig {
     pub read_timeout: Duration,
     /// Cap of the retry backoff after a failed full read.
     pub max_backoff: Duration,
+    /// The full read after a reconnect waits a random delay below this. After a server
+    /// restart the whole fleet reconnects within seconds; without the spread every
+    /// device would re-read in the same instant. Changes published after the
+    /// reconnect still arrive at once through the subscription.
+    pub reconnect_read_spread: Duration,
 }
 
 impl Default for FollowConfig {
@@ -53,6 +59,7 @@ impl Default for FollowConfig {
             resync: Duration::from_secs(10),
             read_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
+            reconnect_read_spread: Duration::from_secs(3),
         }
     }
 }
@@ -94,8 +101,9 @@ pub async fn follow_desired_state(
                 if changed.is_err() {
                     return Ok(());
                 }
-                tracing::info!(%device, "reconnected; re-reading desired state");
-                next_read = tokio::time::Instant::now();
+                let delay = if view.synced { spread(config.reconnect_read_spread) } else { Duration::ZERO };
+                tracing::info!(%device, read_in = ?delay, "reconnected; re-reading desired state");
+                next_read = tokio::time::Instant::now() + delay;
             }
             _ = tokio::time::sleep_until(next_read) => {
                 match last_values_for(&client, DESIRED_STATE_BUCKET, &key_prefix, config.read_timeout).await {
@@ -154,43 +162,9 @@ fn publish(out: &watch::Sender<DesiredView>, view: &DesiredView) {
     });
 }
 
-/// `period` +/- 10 %, so a fleet that (re)connected at the same moment does not
-/// re-read in lockstep forever.
-pub fn jittered(period: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    // A fraction in [0.9, 1.1) from the clock's low bits: cheap and good enough here.
-    let factor = 0.9 + f64::from(nanos % 1000) / 5000.0;
-    period.mul_f64(factor)
-}
-
-/// Retry delay after the n-th consecutive failure: 1 s, 2 s, 4 s ... capped at `cap`.
-/// The one backoff rule of the platform (follower, agent reconciler, operator).
-pub fn backoff(failures: u32, cap: Duration) -> Duration {
-    let secs = 1u64 << failures.saturating_sub(1).min(16);
-    Duration::from_secs(secs).min(cap)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn jitter_stays_within_ten_percent() {
-        for _ in 0..1000 {
-            let d = jittered(Duration::from_secs(10));
-            assert!(d >= Duration::from_secs(9) && d < Duration::from_secs(11), "{d:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let cap = Duration::from_secs(30);
-        let got: Vec<u64> = (1..=7).map(|n| backoff(n, cap).as_secs()).collect();
-        assert_eq!(got, [1, 2, 4, 8, 16, 30, 30]);
-    }
 
     #[test]
     fn records_update_and_delete_entries() {

@@ -15,11 +15,15 @@ pub mod connect;
 pub mod direct;
 pub mod error;
 pub mod follow;
+pub mod timing;
 pub mod write;
 
 pub use cli::NatsArgs;
-pub use connect::{Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect};
+pub use connect::{
+    Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect, connect_with,
+};
 pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;
-pub use follow::{DesiredView, backoff, follow_desired_state};
+pub use follow::{DesiredView, follow_desired_state};
+pub use timing::backoff;
 pub use write::{KvOp, write_batch};

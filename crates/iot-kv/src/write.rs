@@ -17,7 +17,8 @@ pub enum KvOp {
         key: String,
         value: Bytes,
     },
-    /// Removes the key's value, leaving a single purge marker (readers see a delete).
+    /// Removes the key's value, leaving a single purge marker (readers see a delete)
+    /// that expires after [`PURGE_MARKER_TTL`].
     Purge {
         key: String,
     },
@@ -30,6 +31,12 @@ impl KvOp {
         }
     }
 }
+
+/// How long a purge marker outlives its key. Markers only matter to readers that
+/// follow changes live (they see the purge as it happens) and to history watches;
+/// consumer-free full reads treat an absent key and a marker alike. Without a TTL the
+/// markers of every deployment a device ever had would pile up in the bucket.
+pub const PURGE_MARKER_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Default number of unacknowledged writes in flight.
 pub const DEFAULT_WINDOW: usize = 512;
@@ -51,7 +58,8 @@ pub async fn write_batch(
             KvOp::Put { value, .. } => PublishMessage::build().payload(value.clone()),
             KvOp::Purge { .. } => PublishMessage::build()
                 .header("KV-Operation", "PURGE")
-                .header("Nats-Rollup", "sub"),
+                .header("Nats-Rollup", "sub")
+                .header("Nats-TTL", format!("{}s", PURGE_MARKER_TTL.as_secs()).as_str()),
         };
         match js.send_publish(subject, msg).await {
             Ok(ack) => inflight.push(std::future::IntoFuture::into_future(ack)),

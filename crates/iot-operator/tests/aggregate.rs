@@ -24,12 +24,12 @@ fn report(age_s: i64, phase: Option<(Phase, &str, Option<&str>)>) -> DeviceRepor
     if let Some((p, hash, err)) = phase {
         deployments.insert(
             dep(),
-            DeploymentPhase {
-                phase: p,
-                spec_hash: Some(h(hash)),
-                last_error: err.map(str::to_owned),
-                last_event_at: now() - Duration::seconds(age_s),
-            },
+            DeploymentPhase::new(
+                p,
+                Some(h(hash)),
+                err.map(str::to_owned),
+                now() - Duration::seconds(age_s),
+            ),
         );
     }
     DeviceReport {
@@ -130,12 +130,7 @@ fn unparseable_payload_failure_without_hash_counts_as_failed() {
     let mut rep = report(1, None);
     rep.deployments.insert(
         dep(),
-        DeploymentPhase {
-            phase: Phase::Failed,
-            spec_hash: None,
-            last_error: Some("does not parse".into()),
-            last_event_at: now(),
-        },
+        DeploymentPhase::new(Phase::Failed, None, Some("does not parse".into()), now()),
     );
     let a = run(&HashMap::from([(id("d0"), rep)]), 1);
     assert_eq!(a.failed, 1);
