@@ -716,9 +716,10 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
         let settle = humantime::format_duration(self.config.settle);
         if h.running {
+            // Restarted by podman's policy; inspect shows the current run, whose exit
+            // code is not known yet, so none is claimed.
             Err(format!(
-                "service {svc}: the new container exited with code {} and was restarted within {settle}",
-                h.exit_code
+                "service {svc}: the new container kept exiting and being restarted within {settle}"
             ))
         } else {
             Err(format!(

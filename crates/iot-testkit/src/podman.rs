@@ -18,29 +18,54 @@ pub struct PodmanService {
 
 impl PodmanService {
     pub async fn start() -> anyhow::Result<Self> {
+        let mut me = Self::unstarted()?;
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    /// A socket path with no service behind it yet (see [`spawn`](Self::spawn)), for
+    /// tests of an agent that starts before podman does.
+    pub fn unstarted() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("iot-podman-").tempdir()?;
-        let socket = dir.path().join("podman.sock");
+        Ok(Self { child: None, dir })
+    }
+
+    /// Starts (or restarts) the service on this socket and waits until it answers.
+    pub async fn spawn(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        let socket = self.socket();
+        if socket.exists() {
+            std::fs::remove_file(&socket)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("podman-service.log"))?;
         let child = Command::new("podman")
             .env("CONTAINERS_CONF", containers_conf())
             .args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", socket.display()))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("podman-service.log"))?)
+            .stderr(log)
             .spawn()
             .map_err(|e| {
                 anyhow::anyhow!("starting podman system service: {e} (is podman installed? run scripts/setup-host.sh)")
             })?;
-        let me = Self {
-            child: Some(child),
-            dir,
-        };
+        self.child = Some(child);
         for _ in 0..400 {
             if socket.exists() && tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                return Ok(me);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         anyhow::bail!("podman service socket {} never came up", socket.display())
+    }
+
+    /// Stops the service (containers keep running: they are not its children).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c);
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -54,9 +79,7 @@ impl PodmanService {
 
 impl Drop for PodmanService {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            kill_child(&mut c);
-        }
+        self.stop();
     }
 }
 

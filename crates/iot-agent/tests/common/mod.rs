@@ -130,21 +130,76 @@ impl Agent {
         Ok(me)
     }
 
+    /// An agent with extra environment (flags), e.g. a different podman socket.
+    pub fn spawn_with(stack: &Stack, device: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("agent.log");
+        let mut me = Self {
+            device: device.into(),
+            child: None,
+            log,
+            _dir: dir,
+        };
+        me.start_with(stack, env)?;
+        Ok(me)
+    }
+
     pub fn start(&mut self, stack: &Stack) -> anyhow::Result<()> {
+        self.start_with(stack, &[])
+    }
+
+    pub fn start_with(&mut self, stack: &Stack, env: &[(&str, String)]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_iot-agent"))
-            .env("IOT_DEVICE_ID", &self.device)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_iot-agent"));
+        cmd.env("IOT_DEVICE_ID", &self.device)
             .env("NATS_URL", stack.nats.url())
             .env("PODMAN_SOCKET", stack.podman.socket())
             .env("IOT_HEARTBEAT_INTERVAL", "1s")
             .env("IOT_RESYNC_INTERVAL", "2s")
             .env("IOT_STOP_TIMEOUT", "1s")
-            .env("RUST_LOG", "info,iot_agent=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+            .env("IOT_UPGRADE_SETTLE", "2s")
+            .env("RUST_LOG", "info,iot_agent=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn()?;
         self.child = Some(child);
         Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the exit; returns the exit status
+    /// and how long it took, or None if it did not exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+        let child = self.child.as_mut()?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).ok()?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).ok()?;
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some((status, start.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = std::time::Instant::now();
+        while start.elapsed() < within {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGKILL, like a crash or power loss of the agent process.
@@ -173,6 +228,44 @@ impl Drop for Agent {
     }
 }
 
+/// Every status a device publishes, in order, captured with a core subscription on
+/// its KV subject (so short-lived states are seen even if the KV value moves on).
+pub struct StatusRecorder {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<AgentStatus>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatusRecorder {
+    pub async fn start(stack: &Stack, device: &str) -> anyhow::Result<Self> {
+        use futures::StreamExt;
+        let subject = keys::kv_subject(AGENT_STATUS_BUCKET, &agent_status_key(&Id::new(device)?));
+        let mut sub = stack.client.subscribe(subject).await?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Ok(s) = serde_json::from_slice::<AgentStatus>(&msg.payload) {
+                    sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(s);
+                }
+            }
+        });
+        Ok(Self { seen, task })
+    }
+
+    pub fn all(&self) -> Vec<AgentStatus> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for StatusRecorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 pub fn device() -> (String, DeviceContainers) {
     let id = unique_id("t");
     let guard = DeviceContainers::new(&id);
@@ -181,6 +274,11 @@ pub fn device() -> (String, DeviceContainers) {
 
 pub fn dep(ns: &str, name: &str) -> DeploymentRef {
     DeploymentRef::new(ns, name).expect("valid")
+}
+
+/// A one-service score from a service's JSON.
+pub fn service_score(service: serde_json::Value) -> IotScore {
+    score_from(serde_json::json!({"PodmanV0": {"services": [service]}}))
 }
 
 /// A one-service score publishing `host_port` to the image's port 80.
