@@ -26,4 +26,4 @@ pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;
 pub use follow::{DesiredView, follow_desired_state};
 pub use timing::backoff;
-pub use write::{KvOp, write_batch};
+pub use write::{KvOp, write_batch, write_batch_with};

@@ -50,6 +50,18 @@ pub async fn write_batch(
     ops: &[KvOp],
     window: usize,
 ) -> (usize, Option<KvError>) {
+    write_batch_with(js, bucket, ops, window, PURGE_MARKER_TTL).await
+}
+
+/// [`write_batch`] with purge markers that expire after `marker_ttl` (at least 1 s).
+pub async fn write_batch_with(
+    js: &jetstream::Context,
+    bucket: &str,
+    ops: &[KvOp],
+    window: usize,
+    marker_ttl: std::time::Duration,
+) -> (usize, Option<KvError>) {
+    let ttl = format!("{}s", marker_ttl.as_secs().max(1));
     let mut inflight = FuturesUnordered::new();
     let mut acked = 0usize;
     for op in ops {
@@ -59,7 +71,7 @@ pub async fn write_batch(
             KvOp::Purge { .. } => PublishMessage::build()
                 .header("KV-Operation", "PURGE")
                 .header("Nats-Rollup", "sub")
-                .header("Nats-TTL", format!("{}s", PURGE_MARKER_TTL.as_secs()).as_str()),
+                .header("Nats-TTL", ttl.as_str()),
         };
         match js.send_publish(subject, msg).await {
             Ok(ack) => inflight.push(std::future::IntoFuture::into_future(ack)),
