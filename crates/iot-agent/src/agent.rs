@@ -30,7 +30,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Runtime events within this window trigger one pass, not one each.
 const EVENT_COALESCE: Duration = Duration::from_millis(250);
 
-type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
+/// The agent's essential tasks, each named for the error that reports its end.
+pub type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
 
 /// Runs the agent until `shutdown` completes. Containers keep running after the
 /// agent exits: they belong to the device, not to the agent process.
@@ -140,21 +141,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     .with_published(published_rx)
     .with_metrics(metrics.clone());
 
-    let outcome = tokio::select! {
-        () = reconcile_loop(reconciler, desired_rx, events_rx, config.resync_interval, Some(readiness)) => {
-            Err(anyhow::anyhow!("the reconcile loop stopped"))
-        }
-        Some(joined) = tasks.join_next() => Err(match joined {
-            Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
-            Ok((task, Err(e))) => e.context(format!("{task} ended")),
-            Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
-            Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
-        }),
-        () = shutdown => {
-            tracing::info!("shutting down; containers keep running");
-            Ok(())
-        }
-    };
+    let work = reconcile_loop(
+        reconciler,
+        desired_rx,
+        events_rx,
+        config.resync_interval,
+        Some(readiness),
+    );
+    let outcome = supervise(&mut tasks, work, shutdown).await;
     if let Err(e) = &outcome {
         tracing::error!(
             error = format!("{e:#}"),
@@ -166,6 +160,28 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         tracing::debug!("NATS flush did not finish before shutdown");
     }
     outcome
+}
+
+/// Runs `work` (which should never end) until `shutdown`, or until `work` or any of
+/// `tasks` ends; those endings are errors naming what stopped.
+pub async fn supervise(
+    tasks: &mut Tasks,
+    work: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        () = work => Err(anyhow::anyhow!("the reconcile loop stopped")),
+        Some(joined) = tasks.join_next() => Err(match joined {
+            Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
+            Ok((task, Err(e))) => e.context(format!("{task} ended")),
+            Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
+            Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
+        }),
+        () = shutdown => {
+            tracing::info!("shutting down; containers keep running");
+            Ok(())
+        }
+    }
 }
 
 /// Follows the runtime's event stream forever, reconnecting with backoff (podman's
@@ -238,5 +254,65 @@ pub async fn reconcile_loop<R: ContainerRuntime>(
                 Err(why) => r.set_not_ready(why),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A real follower or reporter cannot be made to die on demand against real
+    // servers, so these tasks stand in for them; what is under test is that any
+    // ending is fatal and named.
+
+    #[tokio::test]
+    async fn a_task_that_ends_stops_the_agent_with_its_name() {
+        let mut tasks = Tasks::new();
+        tasks.spawn(async { ("desired-state follower", Err(anyhow::anyhow!("subscription closed"))) });
+        tasks.spawn(async {
+            std::future::pending::<()>().await;
+            ("status reporter", Ok(()))
+        });
+        let err = supervise(&mut tasks, std::future::pending(), std::future::pending())
+            .await
+            .expect_err("must fail");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("desired-state follower ended: subscription closed"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_or_a_finished_loop_stops_the_agent() {
+        let mut tasks = Tasks::new();
+        tasks.spawn(async {
+            if std::hint::black_box(true) {
+                panic!("boom");
+            }
+            ("x", Ok(()))
+        });
+        let err = supervise(&mut tasks, std::future::pending(), std::future::pending())
+            .await
+            .expect_err("must fail");
+        assert!(err.to_string().contains("panicked"), "{err}");
+
+        let mut tasks = Tasks::new();
+        let err = supervise(&mut tasks, async {}, std::future::pending())
+            .await
+            .expect_err("must fail");
+        assert!(err.to_string().contains("reconcile loop stopped"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_not_an_error() {
+        let mut tasks = Tasks::new();
+        tasks.spawn(async {
+            std::future::pending::<()>().await;
+            ("x", Ok(()))
+        });
+        supervise(&mut tasks, std::future::pending(), async {})
+            .await
+            .expect("clean shutdown");
     }
 }

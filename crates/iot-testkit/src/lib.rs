@@ -7,11 +7,13 @@
 pub mod apiserver;
 pub mod http;
 pub mod nats;
+pub mod netns;
 pub mod paths;
 pub mod podman;
 pub mod process;
 
 pub use apiserver::ApiServer;
 pub use nats::NatsServer;
+pub use netns::NetNs;
 pub use podman::{DeviceContainers, PodmanService};
 pub use process::{LoggedProcess, cargo_bin, free_port, unique_id, wait_until};

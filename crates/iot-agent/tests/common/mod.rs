@@ -112,6 +112,8 @@ async fn admin(nats: &NatsServer) -> anyhow::Result<(async_nats::Client, jetstre
 pub struct Agent {
     pub device: String,
     child: Option<Child>,
+    /// Runs the agent inside this network namespace (see `spawn_in`).
+    netns: Option<String>,
     pub log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -123,10 +125,31 @@ impl Agent {
         let mut me = Self {
             device: device.into(),
             child: None,
+            netns: None,
             log,
             _dir: dir,
         };
         me.start(stack)?;
+        Ok(me)
+    }
+
+    /// An agent on a "machine" of its own: inside `netns`, reaching NATS at `nats_url`.
+    pub fn spawn_in(
+        stack: &Stack,
+        device: &str,
+        netns: &iot_testkit::NetNs,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("agent.log");
+        let mut me = Self {
+            device: device.into(),
+            child: None,
+            netns: Some(netns.path()),
+            log,
+            _dir: dir,
+        };
+        me.start_with(stack, env)?;
         Ok(me)
     }
 
@@ -137,6 +160,7 @@ impl Agent {
         let mut me = Self {
             device: device.into(),
             child: None,
+            netns: None,
             log,
             _dir: dir,
         };
@@ -150,7 +174,14 @@ impl Agent {
 
     pub fn start_with(&mut self, stack: &Stack, env: &[(&str, String)]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_iot-agent"));
+        let mut cmd = match &self.netns {
+            Some(path) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={path}")).arg(env!("CARGO_BIN_EXE_iot-agent"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_iot-agent")),
+        };
         cmd.env("IOT_DEVICE_ID", &self.device)
             .env("NATS_URL", stack.nats.url())
             .env("PODMAN_SOCKET", stack.podman.socket())
