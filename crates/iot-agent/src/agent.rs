@@ -235,6 +235,9 @@ pub async fn reconcile_loop<R: ContainerRuntime>(
             ev = events.recv(), if events_open => match ev {
                 Some(ev) => {
                     reconciler.runtime_event(&ev);
+                    if !ev.kind.needs_pass() {
+                        continue;
+                    }
                     let until = tokio::time::Instant::now() + EVENT_COALESCE;
                     while let Ok(Some(ev)) = tokio::time::timeout_at(until, events.recv()).await {
                         reconciler.runtime_event(&ev);

@@ -185,7 +185,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 self.metrics.restarts.inc();
             }
             RuntimeEventKind::Died { exit_code } => self.restarts.died(dep, exit_code),
-            RuntimeEventKind::Removed | RuntimeEventKind::Other(_) => {}
+            RuntimeEventKind::Removed | RuntimeEventKind::Paused | RuntimeEventKind::Other(_) => {}
         }
     }
 
@@ -237,12 +237,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let mut present: BTreeSet<String> = BTreeSet::new();
         let mut observed = Vec::new();
         // A second round runs only when images were found on the device in the first,
-        // so their creates happen in this pass instead of the next.
-        for _round in 0..2 {
-            observed = match self.observe(&desired).await {
-                Some(o) => o,
-                None => return summary,
-            };
+        // so their creates happen in this pass instead of the next. It lists the
+        // containers again only if the first round changed any.
+        for round in 0..2 {
+            if round == 0 || summary.executed > 0 {
+                observed = match self.observe(&desired).await {
+                    Some(o) => o,
+                    None => return summary,
+                };
+            }
             let images = self.images.planner_view(&present, Instant::now());
             let planned = plan(PlanInput {
                 device: self.device(),

@@ -1,9 +1,10 @@
 //! Publishes this device's `AgentStatus` to `agent-status/status.<device>`.
 //!
 //! A plain JetStream publish acknowledged by the stream: no consumer. It publishes on
-//! every heartbeat tick and soon after the reconciler's report changes: at once if
-//! the last publish is older than `min_gap`, else when it is (bursts, such as a
-//! crash-looping container, coalesce into one publish per `min_gap`).
+//! every heartbeat tick and right after the reconciler's report changes, within a
+//! budget: a burst of [`CHANGE_BURST`] publishes goes out at once, after that one per
+//! `min_gap` (a crash-looping container changes the report many times a second; its
+//! changes coalesce instead of flooding the bucket).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,10 +27,57 @@ pub struct StatusReporter {
     pub heartbeat: Duration,
     pub inventory_refresh: Duration,
     pub publish_timeout: Duration,
+    /// Spacing of change-triggered publishes once the burst is used up.
     pub min_gap: Duration,
     /// The report revision of the last acknowledged publish.
     pub published: watch::Sender<u64>,
     pub metrics: Arc<AgentMetrics>,
+}
+
+/// Publishes allowed at once before spacing sets in.
+pub const CHANGE_BURST: u32 = 3;
+
+/// A token bucket: [`CHANGE_BURST`] tokens, one more every `gap`.
+#[derive(Debug)]
+struct PublishBudget {
+    gap: Duration,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl PublishBudget {
+    fn new(gap: Duration) -> Self {
+        Self {
+            gap,
+            tokens: f64::from(CHANGE_BURST),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = tokio::time::Instant::now();
+        if !self.gap.is_zero() {
+            let earned = now.duration_since(self.at).as_secs_f64() / self.gap.as_secs_f64();
+            self.tokens = (self.tokens + earned).min(f64::from(CHANGE_BURST));
+        } else {
+            self.tokens = f64::from(CHANGE_BURST);
+        }
+        self.at = now;
+    }
+
+    fn next_allowed(&mut self) -> tokio::time::Instant {
+        self.refill();
+        if self.tokens >= 1.0 {
+            self.at
+        } else {
+            self.at + self.gap.mul_f64(1.0 - self.tokens)
+        }
+    }
+
+    fn spend(&mut self) {
+        self.refill();
+        self.tokens = (self.tokens - 1.0).max(0.0);
+    }
 }
 
 impl StatusReporter {
@@ -43,7 +91,7 @@ impl StatusReporter {
         let mut inventory_tick = tokio::time::interval(self.inventory_refresh);
         inventory_tick.tick().await;
         let mut failing = false;
-        let mut last_publish: Option<tokio::time::Instant> = None;
+        let mut budget = PublishBudget::new(self.min_gap);
         loop {
             tokio::select! {
                 _ = heartbeat.tick() => {}
@@ -51,9 +99,7 @@ impl StatusReporter {
                     if changed.is_err() {
                         return;
                     }
-                    if let Some(at) = last_publish {
-                        tokio::time::sleep_until(at + self.min_gap).await;
-                    }
+                    tokio::time::sleep_until(budget.next_allowed()).await;
                 }
                 _ = inventory_tick.tick() => {
                     let fresh = inventory::collect();
@@ -70,7 +116,7 @@ impl StatusReporter {
                 let current = report.borrow_and_update();
                 (self.build(&current, &inventory), current.revision)
             };
-            last_publish = Some(tokio::time::Instant::now());
+            budget.spend();
             match self.publish(&subject, &status).await {
                 Ok(()) => {
                     self.metrics.status_publishes.get_or_create(&result("ok")).inc();
@@ -119,5 +165,32 @@ impl StatusReporter {
         tokio::time::timeout(self.publish_timeout, send)
             .await
             .map_err(|_| format!("no ack within {:?}", self.publish_timeout))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_goes_out_at_once_then_changes_are_spaced() {
+        let gap = Duration::from_millis(500);
+        let mut b = PublishBudget::new(gap);
+        let start = tokio::time::Instant::now();
+        for _ in 0..CHANGE_BURST {
+            assert_eq!(b.next_allowed(), start);
+            b.spend();
+        }
+        assert_eq!(b.next_allowed(), start + gap);
+        tokio::time::advance(gap).await;
+        assert_eq!(b.next_allowed(), start + gap);
+        b.spend();
+        // A quiet period refills the burst.
+        tokio::time::advance(gap * 10).await;
+        let now = tokio::time::Instant::now();
+        for _ in 0..CHANGE_BURST {
+            assert_eq!(b.next_allowed(), now);
+            b.spend();
+        }
     }
 }

@@ -76,8 +76,18 @@ pub enum RuntimeEventKind {
     /// The runtime's restart policy (or `podman restart`) started it again.
     Restarted,
     Removed,
-    /// Anything else (start, pause, ...): only a reason to look again.
+    /// Frozen by `podman pause`.
+    Paused,
+    /// Anything else (create, start, ...): what the agent itself does; no news.
     Other(String),
+}
+
+impl RuntimeEventKind {
+    /// Whether the event may mean the device drifted from its desired state, so a
+    /// pass should look. Events of the agent's own creates and starts do not.
+    pub fn needs_pass(&self) -> bool {
+        !matches!(self, RuntimeEventKind::Other(_))
+    }
 }
 
 /// Why a runtime call failed, worded for `last_error`.
@@ -195,6 +205,7 @@ fn event_from(ev: PodmanEvent) -> Option<RuntimeEvent> {
         },
         "restart" => RuntimeEventKind::Restarted,
         "remove" => RuntimeEventKind::Removed,
+        "pause" => RuntimeEventKind::Paused,
         other => RuntimeEventKind::Other(other.to_owned()),
     };
     Some(RuntimeEvent {

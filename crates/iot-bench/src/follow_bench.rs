@@ -48,8 +48,10 @@ async fn put_all(js: &jetstream::Context, n: usize, value: &Bytes) -> anyhow::Re
     Ok(t.elapsed())
 }
 
-pub async fn run(devices: usize, connections: usize, resync_secs: u64) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
+pub async fn run(devices: usize, connections: usize, resync_secs: u64, spread_secs: f64) -> anyhow::Result<()> {
+    let monitor_port = iot_testkit::free_port()?;
+    let monitor_arg = monitor_port.to_string();
+    let mut nats = NatsServer::start_with_args(&["-m", &monitor_arg]).await?;
     let nats_pid = nats.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
     let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
     let js = jetstream::new(admin.client.clone());
@@ -69,6 +71,7 @@ pub async fn run(devices: usize, connections: usize, resync_secs: u64) -> anyhow
     let cfg = FollowConfig {
         resync: Duration::from_secs(resync_secs),
         read_timeout: Duration::from_secs(30),
+        reconnect_read_spread: Duration::from_secs_f64(spread_secs),
         ..Default::default()
     };
     for i in 0..devices {
@@ -155,7 +158,58 @@ pub async fn run(devices: usize, connections: usize, resync_secs: u64) -> anyhow
         self_rss_kib()? as f64 / 1024.0
     );
     println!("| nats-server CPU in steady state (periodic re-reads only) | {cpu_pct:.1} % of one core |");
+
+    // The reconnect herd: the server restarts and every follower re-reads.
+    let steady = sample_rates(monitor_port, Duration::from_secs(10)).await?;
+    nats.restart().await?;
+    let after = sample_rates(monitor_port, Duration::from_secs(20)).await?;
+    let total_after: u64 = after.iter().sum();
+    println!(
+        "| messages into nats-server per second, steady state: peak (median) | {} ({}) |",
+        steady.iter().max().copied().unwrap_or(0),
+        median(&steady)
+    );
+    println!(
+        "| same, in the 20 s after a server restart (read spread {spread_secs} s): peak | {} |",
+        after.iter().max().copied().unwrap_or(0)
+    );
+    println!("| messages in the 20 s after the restart (re-reads + resyncs) | {total_after} |");
     Ok(())
+}
+
+/// Messages the server received in each whole second of `window`, read from its
+/// monitoring endpoint (`/varz` `in_msgs`). Here every message is a follower's
+/// direct-get request, bar a handful.
+async fn sample_rates(monitor_port: u16, window: Duration) -> anyhow::Result<Vec<u64>> {
+    async fn in_msgs(port: u16) -> Option<u64> {
+        let body = iot_testkit::http::get_text("127.0.0.1", port, "/varz").await.ok()?;
+        serde_json::from_str::<serde_json::Value>(&body).ok()?["in_msgs"].as_u64()
+    }
+    let start = Instant::now();
+    let mut last: Option<u64> = None;
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while start.elapsed() < window {
+        tick.tick().await;
+        // While the server restarts, /varz does not answer; the counter starts at 0.
+        let Some(now) = in_msgs(monitor_port).await else {
+            last = None;
+            continue;
+        };
+        if let Some(prev) = last {
+            out.push(now.saturating_sub(prev));
+        } else if start.elapsed() > Duration::from_millis(1500) {
+            out.push(now);
+        }
+        last = Some(now);
+    }
+    Ok(out)
+}
+
+fn median(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 async fn wait_all(

@@ -25,7 +25,6 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
-    /// N devices following desired state without consumers.
     /// One Deployment targeting N devices: apply -> every key, vs raw puts.
     Fanout {
         #[arg(long, default_value_t = 1000)]
@@ -38,6 +37,9 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         steady_secs: u64,
     },
+    /// N devices following their desired state without consumers: server RSS,
+    /// consumers, change propagation, steady-state CPU, and the re-read herd after a
+    /// server restart.
     FollowScale {
         #[arg(long, default_value_t = 1000)]
         devices: usize,
@@ -46,6 +48,10 @@ enum Cmd {
         /// Full re-read period of every simulated device (the agent default is 10 s).
         #[arg(long, default_value_t = 10)]
         resync_secs: u64,
+        /// Spread of the full re-read after a reconnect (the agent default is 3 s;
+        /// 0 re-reads at once, as agents before the fix did).
+        #[arg(long, default_value_t = 3.0)]
+        reconnect_read_spread_secs: f64,
     },
 }
 
@@ -64,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             devices,
             connections,
             resync_secs,
-        } => follow_bench::run(devices, connections, resync_secs).await,
+            reconnect_read_spread_secs,
+        } => follow_bench::run(devices, connections, resync_secs, reconnect_read_spread_secs).await,
     }
 }
