@@ -60,6 +60,19 @@ impl Instance {
         );
         assert!(!self.state_dir().exists(), "state directory left behind");
         assert!(our_pids(&self.state_dir()).is_empty(), "processes left behind");
+        // Containers live in each device's own store under the state directory; their
+        // conmon processes name it on their command line.
+        let state = self.state_dir().display().to_string();
+        let conmons: Vec<String> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .filter(|c| c.contains(&state))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(conmons.is_empty(), "container processes left behind: {conmons:?}");
     }
 }
 
@@ -96,19 +109,96 @@ fn wait_for_output(log: &Path, needle: &str, timeout: Duration) -> anyhow::Resul
     )
 }
 
+/// Runs the menu's first apply command and every curl line exactly as printed,
+/// through a shell that sources the printed env file; then checks that each device
+/// sees only its own containers.
+fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()> {
+    let env_file = inst.state_dir().join("env");
+    let shell = |line: &str| -> anyhow::Result<String> {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("source {} && {line}", env_file.display()))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "menu command failed: {line}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let commands: Vec<&str> = menu.lines().map(str::trim).collect();
+    let apply = commands
+        .iter()
+        .find(|l| l.starts_with("example_iot_apply_deployment") && !l.contains("--print"))
+        .ok_or_else(|| anyhow::anyhow!("no apply command in the menu"))?;
+    shell(&format!("{apply} --wait 90s"))?;
+    let curls: Vec<&str> = commands
+        .iter()
+        .filter(|l| l.starts_with("curl "))
+        .map(|l| l.split('#').next().unwrap_or(l).trim())
+        .collect();
+    assert_eq!(curls.len(), 2, "{menu}");
+    for curl in curls {
+        let body = shell(&format!("curl -sf --max-time 5 {}", curl.trim_start_matches("curl ")))?;
+        assert_eq!(body.trim(), "v1", "{curl}");
+    }
+    // Each device's podman lists its own container only.
+    let listings: Vec<String> = commands
+        .iter()
+        .filter(|l| l.starts_with("podman --url"))
+        .map(|l| {
+            shell(&format!(
+                "{} --format '{{{{.Names}}}}'",
+                l.split('#').next().unwrap_or(l).trim()
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(listings.len(), 2, "{menu}");
+    for (i, list) in listings.iter().enumerate() {
+        let names: Vec<&str> = list.lines().collect();
+        assert_eq!(names.len(), 1, "device {} lists {names:?}", i + 1);
+        assert!(names[0].starts_with(&format!("iott2-device-{}.", i + 1)), "{names:?}");
+    }
+    Ok(())
+}
+
+/// The tail of every log a failed run kept, for the failure message.
+fn kept_logs(inst: &Instance) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(inst.state_dir().join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        out.push_str(&format!("---- {} ----\n", entry.path().display()));
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[test]
 fn auto_regression_passes_and_leaves_nothing_behind() -> anyhow::Result<()> {
     let inst = Instance::new("iott1", 78)?;
     let out = inst.command(&["--auto"])?.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "iot-up --auto failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "iot-up --auto failed:\n{stderr}\n{}",
+        kept_logs(&inst)
+    );
     assert!(stderr.contains("ALL PASSED"), "{stderr}");
     for via in ["TypedApplier", "PrintedJson", "YamlManifest"] {
-        assert!(
-            stderr.contains(&format!("PASS\u{1b}[0m {via}")),
-            "{via} did not pass:\n{stderr}"
-        );
+        assert!(stderr.contains(&format!("PASS {via}")), "{via} did not pass:\n{stderr}");
     }
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in output that is not a terminal"
+    );
     inst.assert_clean();
     Ok(())
 }
@@ -127,15 +217,16 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
     wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     let text = std::fs::read_to_string(&log)?;
     for needle in [
-        "KV bucket ready",
         "iott2-device-1@10.79.99.11",
         "iott2-device-2@10.79.99.12",
         "kubectl get deployments.iot.nationtech.io -A -w",
         "iotctl kv ls desired",
         "curl http://10.79.99.11:8080/",
+        "curl http://10.79.99.12:8080/",
     ] {
         assert!(text.contains(needle), "menu lacks {needle:?}:\n{text}");
     }
+    menu_commands_work_verbatim(&inst, &text)?;
     let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     assert!(term.success());
     let status = child.wait()?;
@@ -166,6 +257,52 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
         stderr.contains("cleaning up what a previous run left behind"),
         "{stderr}"
     );
+    inst.assert_clean();
+    Ok(())
+}
+
+#[test]
+fn ctrl_c_with_output_piped_through_tee_still_tears_down() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let inst = Instance::new("iott3", 80)?;
+    let log = inst.state.path().join("tee.log");
+    let cmd = inst.command(&[])?;
+    // `iot-up ... 2>&1 | tee log`, in a process group of its own like a terminal job.
+    let line = format!(
+        "{} 2>&1 | tee {}",
+        std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        log.display()
+    );
+    let mut shell = Command::new("bash");
+    shell.arg("-c").arg(line).stdout(Stdio::null()).process_group(0);
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            shell.env(k, v);
+        }
+    }
+    let mut child = shell.spawn()?;
+    wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
+    // Ctrl-C: SIGINT to the whole job, so tee dies too and stderr becomes a dead pipe.
+    let pgid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT)?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "not stopped after 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Wait for iot-up itself (the pipeline's exit is tee's).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !our_pids(&inst.state_dir()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("pipeline exited with {status}");
     inst.assert_clean();
     Ok(())
 }

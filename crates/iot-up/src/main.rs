@@ -4,8 +4,11 @@
 
 mod menu;
 mod net;
+mod out;
 mod regression;
 mod up;
+
+pub use out::say;
 
 use std::path::PathBuf;
 
@@ -44,7 +47,7 @@ async fn main() {
     let code = match run(args).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("\x1b[1;31mERROR:\x1b[0m {e:#}");
+            say(&format!("{} {e:#}", out::bad("ERROR:")));
             1
         }
     };
@@ -82,8 +85,8 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     }
     // Whatever a previous run left behind (if it was killed) goes first.
     if std::env::var_os("IOT_UP_STATE_DIR").is_none() {
-        eprintln!(
-            "note: IOT_UP_STATE_DIR is not exported (scripts/up.sh does it); processes of a crashed run cannot be found later"
+        say(
+            "note: IOT_UP_STATE_DIR is not exported (scripts/up.sh does it); processes of a crashed run cannot be found later",
         );
     }
     cleanup_leftovers(&net, &args.state_dir);
@@ -119,7 +122,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     menu::print(&up);
     shutdown_signal().await;
     drop(up);
-    eprintln!("\x1b[1;32mstopped cleanly\x1b[0m");
+    say(&out::good("stopped cleanly"));
     Ok(0)
 }
 
@@ -128,7 +131,10 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
     if leftover_devices.is_empty() && !state_dir.exists() {
         return;
     }
-    eprintln!("\x1b[1;34m==>\x1b[0m cleaning up what a previous run left behind");
+    say(&format!(
+        "{} cleaning up what a previous run left behind",
+        out::step("==>")
+    ));
     // Processes of a previous run: scripts/up.sh exports IOT_UP_STATE_DIR, so every
     // process it started (and their children) carries it in its environment.
     if let Ok(entries) = std::fs::read_dir("/proc") {
@@ -149,7 +155,7 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
                     .args(["-9", &pid.to_string()])
                     .output();
                 if !killed.is_ok_and(|o| o.status.success()) {
-                    eprintln!("  warning: could not stop leftover process {pid}");
+                    say(&format!("  warning: could not stop leftover process {pid}"));
                 }
             }
         }
@@ -158,13 +164,13 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
         up::remove_device_containers(
             net,
             index,
-            &net.device_id(index),
+            &state_dir.join(net.device_id(index)),
             &iot_testkit::paths::containers_conf(),
         );
     }
     net.remove_all();
     if let Err(e) = std::fs::remove_dir_all(state_dir) {
-        eprintln!("  warning: could not remove {}: {e}", state_dir.display());
+        say(&format!("  warning: could not remove {}: {e}", state_dir.display()));
     }
 }
 
@@ -174,13 +180,13 @@ async fn shutdown_signal() {
         Ok(mut term) => {
             tokio::select! {
                 _ = term.recv() => {}
-                r = tokio::signal::ctrl_c() => if let Err(e) = r { eprintln!("ctrl-c handler failed: {e}") },
+                r = tokio::signal::ctrl_c() => if let Err(e) = r { say(&format!("ctrl-c handler failed: {e}")) },
             }
         }
         Err(e) => {
-            eprintln!("cannot listen for SIGTERM ({e}); Ctrl-C still works");
+            say(&format!("cannot listen for SIGTERM ({e}); Ctrl-C still works"));
             if let Err(e) = tokio::signal::ctrl_c().await {
-                eprintln!("ctrl-c handler failed: {e}");
+                say(&format!("ctrl-c handler failed: {e}"));
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The hand-off: an env file and a menu of exact commands with real values.
 
+use crate::out;
 use crate::up::Up;
 
 pub fn env_file(up: &Up) -> std::path::PathBuf {
@@ -19,8 +20,8 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn say(m: &mut String, line: impl AsRef<str>) {
-    m.push_str(line.as_ref());
+fn line(m: &mut String, text: impl AsRef<str>) {
+    m.push_str(text.as_ref());
     m.push('\n');
 }
 
@@ -28,60 +29,64 @@ pub fn print(up: &Up) {
     let d = &up.devices[0];
     let mut m = String::new();
     let env = env_file(up);
-    say(
-        &mut m,
-        "\n\x1b[1;32mThe platform is up.\x1b[0m Open another terminal and load its settings:\n",
-    );
-    say(&mut m, format!("  source {}\n", env.display()));
-    say(&mut m, "\x1b[1mWatch resources\x1b[0m");
-    say(&mut m, "  kubectl get deployments.iot.nationtech.io -A -w");
-    say(&mut m, "  iotctl deployments");
-    say(
-        &mut m,
-        format!(
-            "\n\x1b[1mDeploy a web server to {} with the typed applier\x1b[0m (v1 and v2 images are built locally)",
-            d.id
-        ),
-    );
-    say(
+    // The suggested deployment targets every device, so every curl below answers.
+    let targets: String = up
+        .devices
+        .iter()
+        .map(|d| format!(" --target-device {}", d.id))
+        .collect();
+    let apply = |image: &str| format!("example_iot_apply_deployment --name web{targets} --image {image} --port 8080");
+    line(
         &mut m,
         format!(
-            "  example_iot_apply_deployment --name web --target-device {} --image localhost/iot-web:v1 --port 8080",
-            d.id
+            "\n{} Open another terminal and load its settings:\n",
+            out::good("The platform is up.")
         ),
     );
-    say(&mut m, "  # the same resource through kubectl:");
-    say(
+    line(&mut m, format!("  source {}\n", env.display()));
+    line(&mut m, out::bold("Watch resources"));
+    line(&mut m, "  kubectl get deployments.iot.nationtech.io -A -w");
+    line(&mut m, "  iotctl deployments");
+    line(
         &mut m,
         format!(
-            "  example_iot_apply_deployment --name web --target-device {} --image localhost/iot-web:v1 --port 8080 --print | kubectl apply -f -",
-            d.id
+            "\n{} (v1 and v2 images are in every device's store)",
+            out::bold("Deploy a web server to every device with the typed applier")
         ),
     );
-    say(&mut m, "  # upgrade, wait until every device runs it, then delete:");
-    say(
+    line(&mut m, format!("  {}", apply("localhost/iot-web:v1")));
+    line(&mut m, "  # the same resource through kubectl:");
+    line(
         &mut m,
-        format!(
-            "  example_iot_apply_deployment --name web --target-device {} --image localhost/iot-web:v2 --port 8080 --wait 60s",
-            d.id
-        ),
+        format!("  {} --print | kubectl apply -f -", apply("localhost/iot-web:v1")),
     );
-    say(&mut m, "  example_iot_apply_deployment --name web --delete");
-    say(&mut m, "\n\x1b[1mCurl the service on the device\x1b[0m");
+    line(&mut m, "  # upgrade, wait until every device runs it, then delete:");
+    line(&mut m, format!("  {} --wait 60s", apply("localhost/iot-web:v2")));
+    line(&mut m, "  example_iot_apply_deployment --name web --delete");
+    line(&mut m, format!("\n{}", out::bold("Curl the service on each device")));
     for dev in &up.devices {
-        say(&mut m, format!("  curl http://{}:8080/        # {}", dev.ip, dev.id));
+        line(&mut m, format!("  curl http://{}:8080/        # {}", dev.ip, dev.id));
     }
-    say(
+    line(
         &mut m,
-        "\n\x1b[1mInspect NATS KV\x1b[0m (instead of nats-box: no image can be pulled here)",
+        format!(
+            "\n{} (instead of nats-box: no image can be pulled here)",
+            out::bold("Inspect NATS KV")
+        ),
     );
-    say(&mut m, "  iotctl kv ls desired");
-    say(&mut m, format!("  iotctl kv get desired {} default/web", d.id));
-    say(&mut m, format!("  iotctl kv get status {}", d.id));
-    say(&mut m, "  iotctl devices");
-    say(&mut m, "\n\x1b[1mContainers on a device\x1b[0m");
+    line(&mut m, "  iotctl kv ls desired");
+    line(&mut m, format!("  iotctl kv get desired {} default/web", d.id));
+    line(&mut m, format!("  iotctl kv get status {}", d.id));
+    line(&mut m, "  iotctl devices");
+    line(
+        &mut m,
+        format!(
+            "\n{} (each device has its own store)",
+            out::bold("Containers on a device")
+        ),
+    );
     for dev in &up.devices {
-        say(
+        line(
             &mut m,
             format!(
                 "  podman --url unix://{} ps -a       # {}",
@@ -90,27 +95,27 @@ pub fn print(up: &Up) {
             ),
         );
     }
-    say(
+    line(
         &mut m,
         format!(
-            "  nsenter --net=/var/run/netns/iotup-{} ip addr   # a shell-level look inside the device",
-            d.index
+            "  nsenter --net={} ip addr   # a shell-level look inside the device",
+            up.net.netns_path(d.index)
         ),
     );
-    say(&mut m, "\n\x1b[1mLogs\x1b[0m");
-    say(&mut m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
+    line(&mut m, format!("\n{}", out::bold("Logs")));
+    line(&mut m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
     for dev in &up.devices {
-        say(
+        line(
             &mut m,
             format!("  tail -f {}/agent-{}.log", up.logs_dir().display(), dev.id),
         );
     }
     if let Some(api) = &up.api {
-        say(&mut m, format!("  tail -f {}/apiserver.log", api.dir().display()));
+        line(&mut m, format!("  tail -f {}/apiserver.log", api.dir().display()));
     }
     if let Some(nats) = &up.nats {
-        say(&mut m, format!("  tail -f {}", nats.log_path().display()));
+        line(&mut m, format!("  tail -f {}", nats.log_path().display()));
     }
-    say(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
-    eprintln!("{m}");
+    line(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
+    crate::say(&m);
 }

@@ -116,7 +116,7 @@ impl Net {
         for index in self.existing_devices() {
             let ns = self.netns(index);
             if let Err(e) = run(&["ip", "netns", "del", &ns]) {
-                eprintln!("  warning: could not delete netns {ns}: {e}");
+                crate::say(&format!("  warning: could not delete netns {ns}: {e}"));
             }
         }
         let bridge = self.bridge();
@@ -126,7 +126,7 @@ impl Net {
             .is_ok_and(|o| o.status.success())
             && let Err(e) = run(&["ip", "link", "del", &bridge])
         {
-            eprintln!("  warning: could not delete bridge {bridge}: {e}");
+            crate::say(&format!("  warning: could not delete bridge {bridge}: {e}"));
         }
     }
 }

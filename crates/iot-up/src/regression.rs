@@ -13,6 +13,7 @@ use iot_operator::crd::{Deployment, DeploymentStatus};
 use kube::Api;
 
 use crate::up::Up;
+use crate::{out, say};
 
 const WAIT: Duration = Duration::from_secs(90);
 const PORT: u16 = 8080;
@@ -28,38 +29,35 @@ pub async fn run(up: &Up) -> bool {
     let mut results: Vec<(String, Result<Duration, String>)> = Vec::new();
     for via in [Via::TypedApplier, Via::PrintedJson, Via::YamlManifest] {
         let t = Instant::now();
-        eprintln!("\x1b[1;34m==>\x1b[0m regression via {via:?}");
+        say(&format!("{} regression via {via:?}", out::step("==>")));
         let r = lifecycle(up, via)
             .await
             .map(|()| t.elapsed())
             .map_err(|e| format!("{e:#}"));
         if let Err(e) = &r {
-            eprintln!("      \x1b[31mFAIL\x1b[0m {e}");
+            say(&format!("      {} {e}", out::fail("FAIL")));
         }
         results.push((
             format!("{via:?}: apply v1 -> HTTP 200 -> v2 (new container) -> delete"),
             r,
         ));
     }
-    eprintln!("\n\x1b[1mRegression summary\x1b[0m");
+    say(&format!("\n{}", out::bold("Regression summary")));
     let mut ok = true;
     for (name, r) in &results {
         match r {
-            Ok(d) => eprintln!("  \x1b[32mPASS\x1b[0m {name} ({:.1} s)", d.as_secs_f64()),
+            Ok(d) => say(&format!("  {} {name} ({:.1} s)", out::ok("PASS"), d.as_secs_f64())),
             Err(e) => {
                 ok = false;
-                eprintln!("  \x1b[31mFAIL\x1b[0m {name}: {e}");
+                say(&format!("  {} {name}: {e}", out::fail("FAIL")));
             }
         }
     }
-    eprintln!(
-        "{}",
-        if ok {
-            "\x1b[1;32mALL PASSED\x1b[0m"
-        } else {
-            "\x1b[1;31mFAILED\x1b[0m"
-        }
-    );
+    say(&if ok {
+        out::good("ALL PASSED")
+    } else {
+        out::bad("FAILED")
+    });
     ok
 }
 
@@ -76,11 +74,11 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
         s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1)
     })
     .await?;
-    eprintln!(
+    say(&format!(
         "      ok v1 answers on http://{}:{PORT}/, container {}, aggregate spec {hash}",
         device.ip,
         short(&v1[0])
-    );
+    ));
 
     apply(up, via, "localhost/iot-web:v2")?;
     wait_http(&device.ip, "v2").await?;
@@ -95,11 +93,11 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
             .is_some_and(|a| a.succeeded == 1 && a.spec_hash != hash)
     })
     .await?;
-    eprintln!(
+    say(&format!(
         "      ok upgraded: container {} -> {}, aggregate spec {hash2}",
         short(&v1[0]),
         short(&v2[0])
-    );
+    ));
 
     delete(up, via)?;
     eventually("container removed", || async {
@@ -114,7 +112,7 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
         api.get_opt("web").await.ok().flatten().is_none().then_some(())
     })
     .await?;
-    eprintln!("      ok deleted: no container, no keys, no resource");
+    say("      ok deleted: no container, no keys, no resource");
     Ok(())
 }
 

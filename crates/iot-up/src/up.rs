@@ -36,13 +36,20 @@ pub struct Device {
     pub agent: Option<LoggedProcess>,
 }
 
+/// Images every device gets in its own store.
+pub const TEST_IMAGES: [&str; 2] = ["localhost/iot-web:v1", "localhost/iot-web:v2"];
+
 pub fn step(n: usize, total: usize, what: &str) -> Instant {
-    eprintln!("\x1b[1;34m[{n}/{total}]\x1b[0m {what}");
+    crate::say(&format!("{} {what}", crate::out::step(&format!("[{n}/{total}]"))));
     Instant::now()
 }
 
 pub fn done(t: Instant, detail: &str) {
-    eprintln!("      \x1b[32mok\x1b[0m {detail} ({:.1} s)", t.elapsed().as_secs_f64());
+    crate::say(&format!(
+        "      {} {detail} ({:.1} s)",
+        crate::out::ok("ok"),
+        t.elapsed().as_secs_f64()
+    ));
 }
 
 impl Up {
@@ -152,16 +159,50 @@ impl Up {
         Ok(())
     }
 
+    /// The test images, saved once from the host's store, for loading into each
+    /// device's own store (as if the device had pulled them).
+    fn images_archive(&self) -> anyhow::Result<PathBuf> {
+        let archive = self.state_dir.join("images.tar");
+        if !archive.exists() {
+            let out = Command::new("podman")
+                .env("CONTAINERS_CONF", &self.containers_conf)
+                // -m: one archive with each image as itself (without it both tags
+                // would name the first image).
+                .args(["save", "--multi-image-archive", "--quiet", "-o"])
+                .arg(&archive)
+                .args(TEST_IMAGES)
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "podman save {}: {} (run scripts/setup-host.sh, which builds them)",
+                TEST_IMAGES.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(archive)
+    }
+
     fn start_device(&mut self, index: usize) -> anyhow::Result<()> {
         self.net.create_device(index)?;
         let id = self.net.device_id(index);
         let dir = self.state_dir.join(&id);
         std::fs::create_dir_all(&dir)?;
+        // Each device has its own container store, so its podman sees only its own
+        // containers and images, as on a separate machine.
+        let archive = self.images_archive()?;
+        let out = device_podman(&self.net, index, &dir, &self.containers_conf)
+            .args(["load", "--quiet", "-i"])
+            .arg(&archive)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "loading the test images into {id}'s store: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let socket = dir.join("podman.sock");
-        let mut podman = self.nsenter(index);
+        let mut podman = device_podman(&self.net, index, &dir, &self.containers_conf);
         podman
-            .env("CONTAINERS_CONF", &self.containers_conf)
-            .args(["podman", "system", "service", "--time=0"])
+            .args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", socket.display()));
         let podman = LoggedProcess::spawn(
             &format!("podman {id}"),
@@ -214,11 +255,11 @@ impl Up {
 
     /// Container ids (running or not) of a device, from inside its namespace.
     pub fn device_containers(&self, index: usize, id: &str) -> Vec<String> {
-        device_container_ids(&self.net, index, id, &self.containers_conf)
+        device_container_ids(&self.net, index, &self.state_dir.join(id), &self.containers_conf)
     }
 
     pub fn teardown(&mut self) {
-        eprintln!("\x1b[1;34m==>\x1b[0m tearing down");
+        crate::say(&format!("{} tearing down", crate::out::step("==>")));
         for d in &mut self.devices {
             if let Some(mut a) = d.agent.take() {
                 a.kill();
@@ -226,7 +267,7 @@ impl Up {
         }
         let ids: Vec<(usize, String)> = self.devices.iter().map(|d| (d.index, d.id.clone())).collect();
         for (index, id) in ids {
-            remove_device_containers(&self.net, index, &id, &self.containers_conf);
+            remove_device_containers(&self.net, index, &self.state_dir.join(&id), &self.containers_conf);
         }
         for d in &mut self.devices {
             if let Some(mut p) = d.podman.take() {
@@ -241,9 +282,12 @@ impl Up {
         self.api = None;
         self.net.remove_all();
         if self.keep_logs {
-            eprintln!("      logs kept in {}", self.logs_dir().display());
+            crate::say(&format!("      logs kept in {}", self.logs_dir().display()));
         } else if let Err(e) = std::fs::remove_dir_all(&self.state_dir) {
-            eprintln!("      warning: could not remove {}: {e}", self.state_dir.display());
+            crate::say(&format!(
+                "      warning: could not remove {}: {e}",
+                self.state_dir.display()
+            ));
         }
     }
 }
@@ -255,28 +299,44 @@ impl Drop for Up {
 }
 
 /// Removes a device's containers from inside its namespace (so podman tears down
-/// their networking where it was set up).
-pub fn remove_device_containers(net: &Net, index: usize, id: &str, containers_conf: &Path) {
-    for cid in device_container_ids(net, index, id, containers_conf) {
-        let status = nsenter(net, index)
-            .env("CONTAINERS_CONF", containers_conf)
-            .args(["podman", "rm", "-f", "-t", "0", &cid])
+/// their networking where it was set up). Its store is plain files afterwards and
+/// goes with the state directory. (Not `podman system reset`: that also resets
+/// network state that all devices on this host share, and breaks the removal of the
+/// next device's containers.)
+pub fn remove_device_containers(net: &Net, index: usize, device_dir: &Path, containers_conf: &Path) {
+    for cid in device_container_ids(net, index, device_dir, containers_conf) {
+        let status = device_podman(net, index, device_dir, containers_conf)
+            .args(["rm", "-f", "-t", "0", &cid])
             .output();
         if !status.is_ok_and(|o| o.status.success()) {
-            eprintln!("  warning: could not remove container {cid} of {id}");
+            crate::say(&format!(
+                "  warning: could not remove container {cid} in {}",
+                device_dir.display()
+            ));
         }
     }
 }
 
 /// Container ids (any state) of a device, listed from inside its namespace.
-fn device_container_ids(net: &Net, index: usize, id: &str, containers_conf: &Path) -> Vec<String> {
-    let mut cmd = nsenter(net, index);
-    cmd.env("CONTAINERS_CONF", containers_conf)
-        .args(["podman", "ps", "-a", "-q", "--no-trunc", "--filter"])
-        .arg(format!("label=iot.nationtech.io/device={id}"));
-    cmd.output()
+fn device_container_ids(net: &Net, index: usize, device_dir: &Path, containers_conf: &Path) -> Vec<String> {
+    device_podman(net, index, device_dir, containers_conf)
+        .args(["ps", "-a", "-q", "--no-trunc"])
+        .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect())
         .unwrap_or_default()
+}
+
+/// The podman CLI of one device: its network namespace, its own store and run
+/// directory under `device_dir`.
+pub fn device_podman(net: &Net, index: usize, device_dir: &Path, containers_conf: &Path) -> Command {
+    let mut cmd = nsenter(net, index);
+    cmd.env("CONTAINERS_CONF", containers_conf)
+        .arg("podman")
+        .arg("--root")
+        .arg(device_dir.join("storage"))
+        .arg("--runroot")
+        .arg(device_dir.join("run"));
+    cmd
 }
 
 /// A command run inside a device's network namespace. Only the network namespace:
