@@ -12,5 +12,5 @@ cargo fmt --all --check
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test (unit + integration against real nats-server, podman and the API server)"
-cargo test --workspace --quiet
+cargo test --workspace --quiet --no-fail-fast
 log "all tests passed"
