@@ -197,9 +197,10 @@ pub struct DesiredState {
     #[serde(default = "default_format")]
     pub format: u32,
     pub deployment: DeploymentRef,
-    /// `metadata.generation` of the resource this was written from (0 if unknown).
-    #[serde(default)]
-    pub generation: i64,
+    /// Nothing else: every byte here changes only with the score, so a change to the
+    /// resource that leaves a device's score alone (another device added to the
+    /// targets, say) rewrites no key and wakes no agent. Payloads from older
+    /// operators also carry `generation`; readers ignore it.
     pub score: ScoreSlot,
 }
 
@@ -208,11 +209,10 @@ fn default_format() -> u32 {
 }
 
 impl DesiredState {
-    pub fn new(deployment: DeploymentRef, generation: i64, score: IotScore) -> Self {
+    pub fn new(deployment: DeploymentRef, score: IotScore) -> Self {
         Self {
             format: DESIRED_STATE_FORMAT,
             deployment,
-            generation,
             score: ScoreSlot::Known(score),
         }
     }
@@ -240,8 +240,6 @@ impl DecodedDesiredState {
             #[serde(default = "default_format")]
             format: u32,
             deployment: DeploymentRef,
-            #[serde(default)]
-            generation: i64,
             score: Value,
         }
         let raw: Raw = serde_json::from_slice(bytes)?;
@@ -251,7 +249,6 @@ impl DecodedDesiredState {
             state: DesiredState {
                 format: raw.format,
                 deployment: raw.deployment,
-                generation: raw.generation,
                 score,
             },
             spec_hash,

@@ -46,11 +46,10 @@ where
 
 #[test]
 fn desired_state_shape() {
-    let ds = DesiredState::new(DeploymentRef::new("default", "web").expect("ok"), 3, sample_score());
+    let ds = DesiredState::new(DeploymentRef::new("default", "web").expect("ok"), sample_score());
     let expected = json!({
         "format": 1,
         "deployment": "default/web",
-        "generation": 3,
         "score": {"PodmanV0": {"services": [{
             "name": "web",
             "image": "localhost/iot-web:v1",
@@ -177,7 +176,7 @@ fn spec_hash_is_pinned_and_ignores_key_order() {
 
 #[test]
 fn reader_hash_from_raw_bytes_matches_writer_hash() {
-    let ds = DesiredState::new(DeploymentRef::new("ns", "web").expect("ok"), 1, sample_score());
+    let ds = DesiredState::new(DeploymentRef::new("ns", "web").expect("ok"), sample_score());
     let decoded = DecodedDesiredState::from_slice(&ds.to_bytes()).expect("decodes");
     assert_eq!(decoded.spec_hash, sample_score().spec_hash());
     assert_eq!(decoded.state, ds);

@@ -330,8 +330,12 @@ async fn the_same_failure_on_two_devices_reads_the_same() -> anyhow::Result<()> 
     let taken = free_port()?;
     let _holder = std::net::TcpListener::bind(("0.0.0.0", taken))?;
     let web = dep("default", "web");
-    let h = stack.put(&dev_a, &web, &web_score("localhost/iot-web:v1", taken)).await?;
-    stack.put(&dev_b, &web, &web_score("localhost/iot-web:v1", taken)).await?;
+    let h = stack
+        .put(&dev_a, &web, &web_score("localhost/iot-web:v1", taken))
+        .await?;
+    stack
+        .put(&dev_b, &web, &web_score("localhost/iot-web:v1", taken))
+        .await?;
     let a = stack.wait_phase(&dev_a, &web, Phase::Failed, Some(&h)).await?;
     let b = stack.wait_phase(&dev_b, &web, Phase::Failed, Some(&h)).await?;
     let (ea, eb) = (

@@ -30,7 +30,7 @@ fn ops(device: &str, range: std::ops::Range<usize>, delete: bool) -> anyhow::Res
                 let score = service_score(serde_json::json!({"name": "web", "image": "localhost/iot-web:v1"}));
                 KvOp::Put {
                     key,
-                    value: Bytes::from(DesiredState::new(d, 1, score).to_bytes()),
+                    value: Bytes::from(DesiredState::new(d, score).to_bytes()),
                 }
             })
         })

@@ -24,7 +24,7 @@ fn payload(name: &str, image: &str) -> Bytes {
 fn payload_with(name: &str, service: serde_json::Value) -> Bytes {
     let score: IotScore =
         serde_json::from_value(serde_json::json!({"PodmanV0": {"services": [service]}})).expect("score");
-    Bytes::from(DesiredState::new(dep(name), 1, score).to_bytes())
+    Bytes::from(DesiredState::new(dep(name), score).to_bytes())
 }
 
 fn view(entries: &[(&str, Bytes)]) -> DesiredView {

@@ -75,7 +75,7 @@ impl Env {
         self.desired
             .put(
                 key,
-                Bytes::from(DesiredState::new(dep.clone(), 1, score.clone()).to_bytes()),
+                Bytes::from(DesiredState::new(dep.clone(), score.clone()).to_bytes()),
             )
             .await?;
         Ok(())

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
+use iot_api::{Deployment, DeploymentSpec};
 use iot_kv::{KvOp, write_batch};
-use iot_operator::crd::{Deployment, DeploymentSpec};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
@@ -43,7 +43,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
     let score: IotScore = serde_json::from_value(
         serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v1"}]}}),
     )?;
-    let payload_len = DesiredState::new(DeploymentRef::new("default", "fanout")?, 1, score.clone())
+    let payload_len = DesiredState::new(DeploymentRef::new("default", "fanout")?, score.clone())
         .to_bytes()
         .len();
 
@@ -53,7 +53,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.*.default_raw"))
         .await?;
     let raw_dep = DeploymentRef::new("default", "raw")?;
-    let raw_value = Bytes::from(DesiredState::new(raw_dep.clone(), 1, score.clone()).to_bytes());
+    let raw_value = Bytes::from(DesiredState::new(raw_dep.clone(), score.clone()).to_bytes());
     let ops: Vec<KvOp> = targets
         .iter()
         .map(|d| {
@@ -90,7 +90,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         "fanout",
         DeploymentSpec {
             target_devices: targets,
-            score,
+            score: iot_api::IotScore::from_wire(&score),
         },
     );
     dep.metadata.namespace = Some("default".into());

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
+use iot_api::{Deployment, DeploymentSpec};
 use iot_kv::{KvOp, write_batch};
 use iot_operator::aggregator::DeviceIndex;
-use iot_operator::crd::{Deployment, DeploymentSpec};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -95,11 +95,7 @@ impl Fleet {
 }
 
 /// Lists the deployments and checks every one against `pred`.
-async fn all_match(
-    api: &Api<Deployment>,
-    per_dep: u32,
-    pred: impl Fn(&iot_operator::crd::AggregateStatus, u32) -> bool,
-) -> bool {
+async fn all_match(api: &Api<Deployment>, per_dep: u32, pred: impl Fn(&iot_api::AggregateStatus, u32) -> bool) -> bool {
     match api.list(&ListParams::default()).await {
         Ok(list) => {
             list.items.len() == DEPLOYMENTS
@@ -118,7 +114,7 @@ async fn wait_all(
     api: &Api<Deployment>,
     per_dep: u32,
     what: &str,
-    pred: impl Fn(&iot_operator::crd::AggregateStatus, u32) -> bool,
+    pred: impl Fn(&iot_api::AggregateStatus, u32) -> bool,
 ) -> anyhow::Result<Duration> {
     let t = Instant::now();
     while !all_match(api, per_dep, &pred).await {
@@ -155,7 +151,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
             dep.name(),
             DeploymentSpec {
                 target_devices: targets,
-                score,
+                score: iot_api::IotScore::from_wire(&score),
             },
         );
         obj.metadata.namespace = Some("default".into());
@@ -234,14 +230,14 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     }
 
     // Burst: every device changes phase at once.
-    let probe_before = probe.metrics.reports_processed.load(Ordering::Relaxed);
+    let probe_before = probe.reports_processed();
     *fleet.state.write().unwrap_or_else(std::sync::PoisonError::into_inner) = (State::Failed, Utc::now());
     let (w1, t1) = (writes.load(Ordering::Relaxed), Instant::now());
     let (n, err) = write_batch(&js, AGENT_STATUS_BUCKET, &fleet.ops(0..devices), 512).await;
     anyhow::ensure!(err.is_none() && n == devices, "burst publish failed: {err:?}");
     let burst_publish = t1.elapsed();
     // Heartbeats keep flowing, so count until at least one report per device arrived.
-    while probe.metrics.reports_processed.load(Ordering::Relaxed) - probe_before < devices as u64 {
+    while probe.reports_processed() - probe_before < devices as u64 {
         anyhow::ensure!(
             t1.elapsed() < Duration::from_secs(120),
             "probe index did not ingest the burst"
@@ -273,7 +269,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         .collect();
     let t = Instant::now();
     for (k, v) in &samples {
-        index.record(k, Some(v));
+        index.record(k, Some(v), Utc::now());
     }
     let decode_rate = devices as f64 / t.elapsed().as_secs_f64();
 

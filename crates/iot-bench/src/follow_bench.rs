@@ -26,7 +26,7 @@ fn payload(image: &str) -> (Bytes, String) {
     let IotScore::PodmanV0(p) = &score;
     let hash = service_hash(&p.services[0]).to_string();
     let dep = DeploymentRef::new("default", "web").unwrap_or_else(|e| panic!("{e}"));
-    (Bytes::from(DesiredState::new(dep, 1, score).to_bytes()), hash)
+    (Bytes::from(DesiredState::new(dep, score).to_bytes()), hash)
 }
 
 async fn put_all(js: &jetstream::Context, n: usize, value: &Bytes) -> anyhow::Result<Duration> {

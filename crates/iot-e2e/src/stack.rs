@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use harmony_reconciler_contracts::*;
+use iot_api::{Deployment, DeploymentStatus};
 use iot_kv::{Anonymous, connect};
-use iot_operator::crd::{Deployment, DeploymentStatus};
 use iot_testkit::{
     ApiServer, DeviceContainers, LoggedProcess, NatsServer, PodmanService, cargo_bin, unique_id, wait_until,
 };

@@ -101,7 +101,7 @@ fn invalid_flags_are_rejected_before_anything_is_sent() -> anyhow::Result<()> {
         ],
     )?;
     assert!(ok, "{json}");
-    let dep: iot_operator::crd::Deployment = serde_json::from_str(&json)?;
+    let dep: iot_api::Deployment = serde_json::from_str(&json)?;
     assert_eq!(dep.spec.target_devices, ["dev1"]);
     Ok(())
 }

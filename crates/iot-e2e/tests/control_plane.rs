@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use harmony_reconciler_contracts::DeploymentRef;
+use iot_api::conditions::{DESIRED_STATE_WRITTEN, REASON_NATS_UNAVAILABLE};
 use iot_e2e::stack::*;
-use iot_operator::conditions::{DESIRED_STATE_WRITTEN, REASON_NATS_UNAVAILABLE};
 use iot_testkit::{free_port, wait_until};
 
 /// How a user drives the resource.

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use iot_api::DeploymentStatus;
+use iot_api::conditions::{DEGRADED, PROGRESSING, READY};
 use iot_e2e::stack::*;
-use iot_operator::conditions::{DEGRADED, PROGRESSING, READY};
-use iot_operator::crd::DeploymentStatus;
 use iot_testkit::{free_port, podman::podman_cli};
 
 fn cond<'a>(s: &'a DeploymentStatus, t: &str) -> Option<&'a str> {

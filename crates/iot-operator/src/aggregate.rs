@@ -2,15 +2,21 @@
 //!
 //! A device counts as `succeeded` or `failed` only for the *current* spec hash, so a
 //! device still running an old version is `pending`, never `succeeded`. A device
-//! whose last heartbeat is older than the threshold is `unreported`, whatever it
-//! said last: silence must never look like success.
+//! whose last report reached NATS longer ago than the threshold is `unreported`,
+//! whatever it said last: silence must never look like success. "Reached NATS" is
+//! the server's timestamp on the KV entry, never the device's own clock, so a Pi
+//! without a real-time clock reads neither as always stale nor as never stale.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
+use harmony_reconciler_contracts::text::normalize_error;
 use harmony_reconciler_contracts::{AgentStatus, DeploymentPhase, DeploymentRef, EventEntry, Id, Phase, SpecHash};
+use iot_api::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup};
 
-use crate::aggregate_types::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup};
+/// Restarts or restores within the agent's recent window (10 minutes) that mark a
+/// device as `restarting` for a deployment.
+pub const RESTARTING_THRESHOLD: u32 = 3;
 
 /// Limits that keep `.status` small whatever the fleet size.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +40,8 @@ impl Default for AggregateLimits {
 /// aggregation needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceReport {
-    pub heartbeat_at: DateTime<Utc>,
+    /// When the report reached NATS (the server's clock).
+    pub received_at: DateTime<Utc>,
     pub deployments: BTreeMap<DeploymentRef, DeploymentPhase>,
     /// Deployment-tagged events, newest last, at most a few per device.
     pub events: Vec<EventEntry>,
@@ -43,14 +50,15 @@ pub struct DeviceReport {
 /// Events kept per device in memory.
 pub const EVENTS_KEPT_PER_DEVICE: usize = 8;
 
-impl From<AgentStatus> for DeviceReport {
-    fn from(s: AgentStatus) -> Self {
+impl DeviceReport {
+    /// The parts of a status aggregation needs, stamped with the server's time.
+    pub fn new(s: AgentStatus, received_at: DateTime<Utc>) -> Self {
         let mut events: Vec<EventEntry> = s.recent_events.into_iter().filter(|e| e.deployment.is_some()).collect();
         if events.len() > EVENTS_KEPT_PER_DEVICE {
             events.drain(..events.len() - EVENTS_KEPT_PER_DEVICE);
         }
         Self {
-            heartbeat_at: s.heartbeat_at,
+            received_at,
             deployments: s.deployments,
             events,
         }
@@ -76,7 +84,7 @@ pub fn verdict(
     let Some(report) = report else {
         return DeviceVerdict::Unreported;
     };
-    if now - report.heartbeat_at > stale_after {
+    if now - report.received_at > stale_after {
         return DeviceVerdict::Unreported;
     }
     let Some(phase) = report.deployments.get(deployment) else {
@@ -96,27 +104,41 @@ pub fn verdict(
 }
 
 /// The aggregate for one deployment over its targets.
+/// What one aggregate is computed for.
+#[derive(Debug, Clone, Copy)]
+pub struct AggregateInput<'a> {
+    pub deployment: &'a DeploymentRef,
+    pub generation: Option<i64>,
+    pub spec_hash: &'a SpecHash,
+    pub targets: &'a BTreeSet<Id>,
+}
+
 pub fn aggregate(
-    deployment: &DeploymentRef,
-    spec_hash: &SpecHash,
-    targets: &BTreeSet<Id>,
+    input: AggregateInput<'_>,
     reports: &HashMap<Id, DeviceReport>,
     now: DateTime<Utc>,
     stale_after: Duration,
     limits: AggregateLimits,
 ) -> AggregateStatus {
+    let AggregateInput {
+        deployment,
+        generation,
+        spec_hash,
+        targets,
+    } = input;
     let mut agg = AggregateStatus {
+        observed_generation: generation,
         targets: targets.len() as u32,
         spec_hash: spec_hash.to_string(),
         ..Default::default()
     };
-    // message (device id masked) -> devices
+    // message (volatile tokens masked) -> devices
     let mut groups: BTreeMap<String, Vec<&Id>> = BTreeMap::new();
     let mut events: Vec<(&Id, &EventEntry)> = Vec::new();
     for device in targets {
         let report = reports.get(device);
         if let Some(r) = report {
-            agg.last_heartbeat_at = agg.last_heartbeat_at.max(Some(r.heartbeat_at));
+            agg.last_heartbeat_at = agg.last_heartbeat_at.max(Some(r.received_at));
             events.extend(
                 r.events
                     .iter()
@@ -124,7 +146,15 @@ pub fn aggregate(
                     .map(|e| (device, e)),
             );
         }
-        match verdict(report, deployment, spec_hash, now, stale_after) {
+        let verdict = verdict(report, deployment, spec_hash, now, stale_after);
+        if matches!(verdict, DeviceVerdict::Succeeded | DeviceVerdict::Failed)
+            && report
+                .and_then(|r| r.deployments.get(deployment))
+                .is_some_and(|p| p.recent_restarts >= RESTARTING_THRESHOLD)
+        {
+            agg.restarting += 1;
+        }
+        match verdict {
             DeviceVerdict::Succeeded => agg.succeeded += 1,
             DeviceVerdict::Pending => agg.pending += 1,
             DeviceVerdict::Unreported => agg.unreported += 1,
@@ -143,7 +173,7 @@ pub fn aggregate(
                     });
                 }
                 groups
-                    .entry(message.replace(device.as_str(), "<device>"))
+                    .entry(normalize_error(&message, Some(device.as_str())))
                     .or_default()
                     .push(device);
             }
@@ -166,7 +196,7 @@ pub fn aggregate(
     let mut seen = BTreeSet::new();
     agg.recent_events = events
         .into_iter()
-        .filter(|(device, e)| seen.insert(e.message.replace(device.as_str(), "<device>")))
+        .filter(|(device, e)| seen.insert(normalize_error(&e.message, Some(device.as_str()))))
         .take(limits.recent_events)
         .map(|(device, e)| DeviceEvent {
             at: e.at,
@@ -178,20 +208,19 @@ pub fn aggregate(
     agg
 }
 
-/// Keeps status writes rare in a healthy fleet: if only `last_heartbeat_at` moved,
-/// and by less than `granularity`, the previous value is kept so the aggregate
-/// compares equal and nothing is written.
-pub fn damp_heartbeat(
-    previous: Option<&AggregateStatus>,
-    mut next: AggregateStatus,
-    granularity: Duration,
-) -> AggregateStatus {
-    if let Some(prev) = previous
-        && let (Some(p), Some(n)) = (prev.last_heartbeat_at, next.last_heartbeat_at)
-        && n >= p
-        && n - p < granularity
-    {
-        next.last_heartbeat_at = Some(p);
+/// Keeps status writes to meaningful changes: if `next` differs from `previous` only
+/// in `last_heartbeat_at`, `previous` is kept as it is. A healthy fleet then causes
+/// no writes at all; silence shows as `unreported`, which is a real change.
+pub fn without_heartbeat_churn(previous: Option<&AggregateStatus>, next: AggregateStatus) -> AggregateStatus {
+    match previous {
+        Some(prev)
+            if AggregateStatus {
+                last_heartbeat_at: prev.last_heartbeat_at,
+                ..next.clone()
+            } == *prev =>
+        {
+            prev.clone()
+        }
+        _ => next,
     }
-    next
 }

@@ -1,26 +1,16 @@
-//! Condition types, reasons, and how `.status` is computed from what the operator
-//! knows. Pure functions; every string a user may match on lives here.
+//! How `.status` is computed from what the operator knows. Pure functions; the
+//! strings users match on are in `iot_api::conditions`.
+//!
+//! Two inputs arrive independently: the write path's outcome for some generation,
+//! and the fleet aggregate for some generation. Each condition carries the
+//! generation of the input it was computed from, and `status.observedGeneration` is
+//! the older of the two, so kstatus, Argo CD and Flux never take an aggregate of the
+//! previous spec for the current one.
 
 use chrono::{DateTime, Utc};
+use iot_api::conditions::*;
+use iot_api::{AggregateStatus, DeploymentStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-
-use crate::crd::{AggregateStatus, DeploymentStatus};
-
-pub const DESIRED_STATE_WRITTEN: &str = "DesiredStateWritten";
-pub const READY: &str = "Ready";
-pub const PROGRESSING: &str = "Progressing";
-pub const DEGRADED: &str = "Degraded";
-
-pub const REASON_WRITTEN: &str = "Written";
-pub const REASON_NATS_UNAVAILABLE: &str = "NatsUnavailable";
-pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
-pub const REASON_ALL_RUNNING: &str = "AllDevicesRunning";
-pub const REASON_NO_REPORTS_YET: &str = "AwaitingReports";
-pub const REASON_DEVICES_FAILED: &str = "DevicesFailed";
-pub const REASON_DEVICES_UNREPORTED: &str = "DevicesUnreported";
-pub const REASON_ROLLING_OUT: &str = "RollingOut";
-pub const REASON_ROLLOUT_COMPLETE: &str = "RolloutComplete";
-pub const REASON_HEALTHY: &str = "Healthy";
 
 /// Outcome of the last write-path reconcile of a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,18 +22,17 @@ pub enum WriteOutcome {
 /// Everything status is computed from.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatusInputs {
-    pub generation: Option<i64>,
+    /// The generation `write` is about.
+    pub write_generation: Option<i64>,
     pub write: Option<WriteOutcome>,
+    /// Carries the generation it was computed for.
     pub aggregate: Option<AggregateStatus>,
 }
 
-/// The status to write. `previous` supplies lastTransitionTime of conditions whose
-/// status did not change.
-pub fn build_status(
-    previous: Option<&DeploymentStatus>,
-    inputs: &StatusInputs,
-    now: DateTime<Utc>,
-) -> DeploymentStatus {
+/// The status to write. `live` is the object's current status: conditions whose
+/// status did not change keep its `lastTransitionTime`, so an operator restart
+/// changes nothing.
+pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now: DateTime<Utc>) -> DeploymentStatus {
     let mut conditions = Vec::new();
     if let Some(write) = &inputs.write {
         let (status, reason, message) = match write {
@@ -55,30 +44,35 @@ pub fn build_status(
             WriteOutcome::Failed { reason, message } => ("False", *reason, message.clone()),
         };
         conditions.push(condition(
-            previous,
+            live,
             DESIRED_STATE_WRITTEN,
             status,
             reason,
             &message,
-            inputs.generation,
+            inputs.write_generation,
             now,
         ));
     }
+    let aggregate_generation = inputs.aggregate.as_ref().and_then(|a| a.observed_generation);
     if let Some(agg) = &inputs.aggregate {
         for (type_, status, reason, message) in fleet_conditions(agg) {
             conditions.push(condition(
-                previous,
+                live,
                 type_,
                 status,
                 reason,
                 &message,
-                inputs.generation,
+                aggregate_generation,
                 now,
             ));
         }
     }
+    let observed_generation = match (inputs.write_generation, aggregate_generation) {
+        (Some(w), Some(a)) => Some(w.min(a)),
+        (w, a) => w.or(a),
+    };
     DeploymentStatus {
-        observed_generation: inputs.generation,
+        observed_generation,
         conditions,
         aggregate: inputs.aggregate.clone(),
     }
@@ -131,8 +125,21 @@ pub fn fleet_conditions(agg: &AggregateStatus) -> Vec<(&'static str, &'static st
             REASON_DEVICES_UNREPORTED,
             format!("{} device(s) have not reported recently", agg.unreported),
         )
+    } else if agg.restarting > 0 {
+        (
+            "True",
+            REASON_REPEATED_RESTARTS,
+            format!(
+                "on {} device(s) the containers keep stopping and coming back (restarts or restores in the last 10 minutes)",
+                agg.restarting
+            ),
+        )
     } else {
-        ("False", REASON_HEALTHY, "no failed or silent devices".to_owned())
+        (
+            "False",
+            REASON_HEALTHY,
+            "no failed, silent or restarting devices".to_owned(),
+        )
     };
     vec![
         (READY, ready.0, ready.1, summary),
@@ -142,7 +149,7 @@ pub fn fleet_conditions(agg: &AggregateStatus) -> Vec<(&'static str, &'static st
 }
 
 fn condition(
-    previous: Option<&DeploymentStatus>,
+    live: Option<&DeploymentStatus>,
     type_: &str,
     status: &str,
     reason: &str,
@@ -150,7 +157,7 @@ fn condition(
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) -> Condition {
-    let since = previous
+    let since = live
         .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())

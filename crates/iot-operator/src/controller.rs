@@ -3,26 +3,32 @@
 //! Level-triggered with kube-runtime's Controller: every reconcile compares the
 //! whole resource with what KV holds (via the index) and writes only differences.
 //! A finalizer guarantees the resource's keys are removed before it disappears.
+//! Only changes of the spec (generation) or finalizers trigger a reconcile: the
+//! operator's own status writes do not, and neither do devices' reports. A resync
+//! timer still looks at everything.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
+use iot_api::Deployment;
+use iot_api::conditions::{REASON_INVALID_SPEC, REASON_NATS_UNAVAILABLE};
 use iot_kv::write::{DEFAULT_WINDOW, write_batch};
+use kube::runtime::Predicate;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, ResourceExt};
-use tokio::sync::mpsc;
 
-use crate::conditions::{REASON_INVALID_SPEC, REASON_NATS_UNAVAILABLE, WriteOutcome};
-use crate::crd::Deployment;
+use crate::conditions::WriteOutcome;
 use crate::kv_index::DesiredIndex;
 use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
-use crate::status_writer::StatusUpdate;
+use crate::metrics::OperatorMetrics;
+use crate::status_writer::StatusInbox;
 
 pub const FINALIZER: &str = "iot.nationtech.io/desired-state";
 
@@ -59,21 +65,22 @@ impl Error {
 /// Shared state of the controller.
 pub struct Ctx {
     pub client: kube::Client,
-    /// Set once the buckets exist (NATS may come up after the operator).
-    pub js: Arc<OnceLock<jetstream::Context>>,
+    pub js: jetstream::Context,
     pub index: Arc<DesiredIndex>,
-    pub status: mpsc::Sender<StatusUpdate>,
+    pub status: StatusInbox,
     pub resync: Duration,
+    pub metrics: Arc<OperatorMetrics>,
     failures: Mutex<HashMap<DeploymentRef, u32>>,
 }
 
 impl Ctx {
     pub fn new(
         client: kube::Client,
-        js: Arc<OnceLock<jetstream::Context>>,
+        js: jetstream::Context,
         index: Arc<DesiredIndex>,
-        status: mpsc::Sender<StatusUpdate>,
+        status: StatusInbox,
         resync: Duration,
+        metrics: Arc<OperatorMetrics>,
     ) -> Self {
         Self {
             client,
@@ -81,6 +88,7 @@ impl Ctx {
             index,
             status,
             resync,
+            metrics,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -100,12 +108,6 @@ fn deployment_ref(obj: &Deployment) -> Result<DeploymentRef, Error> {
     DeploymentRef::new(ns, obj.name_any()).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-async fn send_status(ctx: &Ctx, update: StatusUpdate) {
-    if ctx.status.send(update).await.is_err() {
-        tracing::error!("status writer stopped; status will not be updated");
-    }
-}
-
 pub async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let dep = deployment_ref(&obj)?;
     tracing::info!(namespace = dep.namespace(), name = dep.name(), generation = ?obj.metadata.generation, "reconcile");
@@ -120,6 +122,10 @@ pub async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Er
     match result {
         Ok(action) => {
             ctx.failures().remove(&dep);
+            ctx.metrics
+                .reconciles
+                .get_or_create(&crate::metrics::result("ok"))
+                .inc();
             Ok(action)
         }
         Err(kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e)) => {
@@ -130,11 +136,12 @@ pub async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Er
 }
 
 fn ready_js(ctx: &Ctx) -> Result<&jetstream::Context, Error> {
-    let js = ctx.js.get().ok_or(Error::NatsNotReady("KV buckets not ready"))?;
+    // The controller starts after the index has caught up; it is reset (and so not
+    // ready) only while its watch is being rebuilt.
     if !ctx.index.is_ready() {
-        return Err(Error::NatsNotReady("desired-state index still loading"));
+        return Err(Error::NatsNotReady("desired-state index is being rebuilt"));
     }
-    Ok(js)
+    Ok(&ctx.js)
 }
 
 async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
@@ -143,42 +150,49 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         Ok(t) => t,
         Err(e) => {
             // Not retried quickly: only a spec change can fix it.
-            let message = format!("spec.target_devices: {e}");
+            let message = format!("spec.targetDevices: {e}");
             tracing::warn!(deployment = %dep, error = %message, "invalid resource");
-            send_status(
-                ctx,
-                StatusUpdate::Written {
-                    deployment: dep.clone(),
-                    generation,
-                    outcome: WriteOutcome::Failed {
-                        reason: REASON_INVALID_SPEC,
-                        message,
-                    },
+            ctx.status.written(
+                dep.clone(),
+                generation,
+                WriteOutcome::Failed {
+                    reason: REASON_INVALID_SPEC,
+                    message,
                 },
-            )
-            .await;
+            );
             return Ok(Action::requeue(ctx.resync));
         }
     };
     let js = ready_js(ctx)?;
-    let plan = plan_apply(
-        &targets,
-        &payload(dep, generation.unwrap_or(0), &obj.spec),
-        &ctx.index.existing(dep),
-    );
+    let problems = harmony_reconciler_contracts::validate_score(&obj.spec.score.to_wire());
+    if !problems.is_empty() {
+        // The schema cannot express every rule (unique service names, say); devices
+        // would each reject it, so say it once, here.
+        let message = format!(
+            "spec.score: {}",
+            harmony_reconciler_contracts::describe_problems(&problems)
+        );
+        tracing::warn!(deployment = %dep, error = %message, "invalid resource");
+        ctx.status.written(
+            dep.clone(),
+            generation,
+            WriteOutcome::Failed {
+                reason: REASON_INVALID_SPEC,
+                message,
+            },
+        );
+        return Ok(Action::requeue(ctx.resync));
+    }
+    let plan = plan_apply(&targets, &payload(dep, &obj.spec), &ctx.index.existing(dep));
     if !plan.is_empty() {
         tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), "writing desired state");
         write(js, ctx, dep, &plan).await?;
     }
-    send_status(
-        ctx,
-        StatusUpdate::Written {
-            deployment: dep.clone(),
-            generation,
-            outcome: WriteOutcome::Written { devices: targets.len() },
-        },
-    )
-    .await;
+    ctx.status.written(
+        dep.clone(),
+        generation,
+        WriteOutcome::Written { devices: targets.len() },
+    );
     Ok(Action::requeue(ctx.resync))
 }
 
@@ -187,13 +201,7 @@ async fn cleanup(dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
     let plan = plan_cleanup(&ctx.index.existing(dep));
     tracing::info!(deployment = %dep, purges = plan.purges.len(), "deployment deleted; removing its desired state");
     write(js, ctx, dep, &plan).await?;
-    send_status(
-        ctx,
-        StatusUpdate::Forget {
-            deployment: dep.clone(),
-        },
-    )
-    .await;
+    ctx.status.forget(dep);
     Ok(Action::await_change())
 }
 
@@ -205,6 +213,7 @@ async fn write(
 ) -> Result<(), Error> {
     let ops = plan.ops(dep);
     let (acked, err) = write_batch(js, DESIRED_STATE_BUCKET, &ops, DEFAULT_WINDOW).await;
+    record_kv_writes(&ctx.metrics, &ops, acked, err.is_none());
     // Acks may complete out of order, so only a fully acknowledged batch is recorded
     // here; after a partial failure the watch brings the index up to date.
     if err.is_none() {
@@ -225,6 +234,20 @@ async fn write(
     }
 }
 
+/// Counts writes by kind; after a failure, the ones not acknowledged count as errors.
+pub fn record_kv_writes(metrics: &OperatorMetrics, ops: &[iot_kv::KvOp], acked: usize, complete: bool) {
+    let puts = ops.iter().filter(|o| matches!(o, iot_kv::KvOp::Put { .. })).count() as u64;
+    let purges = ops.len() as u64 - puts;
+    if complete {
+        metrics.kv_write("put", true, puts);
+        metrics.kv_write("purge", true, purges);
+    } else {
+        // Acks complete out of order; only the total is known.
+        metrics.kv_write("any", true, acked as u64);
+        metrics.kv_write("any", false, (ops.len() - acked) as u64);
+    }
+}
+
 pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action {
     let Ok(dep) = deployment_ref(&obj) else {
         tracing::warn!(error = %err, "reconcile failed for a resource without a usable name");
@@ -237,6 +260,10 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
         *n
     };
     let delay = error_backoff(n);
+    ctx.metrics
+        .reconciles
+        .get_or_create(&crate::metrics::result(err.kind()))
+        .inc();
     tracing::warn!(deployment = %dep, error = %err, kind = err.kind(), attempt = n, retry_in = ?delay, "reconcile failed");
     let reason = match err {
         Error::NatsNotReady(_) | Error::Nats { .. } => Some(REASON_NATS_UNAVAILABLE),
@@ -244,25 +271,33 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
         _ => None,
     };
     if let Some(reason) = reason {
-        let update = StatusUpdate::Written {
-            deployment: dep,
-            generation: obj.metadata.generation,
-            outcome: WriteOutcome::Failed {
+        ctx.status.written(
+            dep,
+            obj.metadata.generation,
+            WriteOutcome::Failed {
                 reason,
                 message: err.to_string(),
             },
-        };
-        if ctx.status.try_send(update).is_err() {
-            tracing::warn!("status channel full; dropping a failure condition update");
-        }
+        );
     }
     Action::requeue(delay)
 }
 
-/// The controller, built before it runs so its object store can be shared.
-pub fn controller(client: kube::Client) -> Controller<Deployment> {
+/// The controller and the reflector store it fills. Only generation (spec) and
+/// finalizer changes trigger reconciles; the store still sees every change, status
+/// included, for the aggregator and the status writer.
+pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deployment>) {
     let api: Api<Deployment> = Api::all(client);
-    Controller::new(api, watcher::Config::default())
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    (Controller::for_stream(stream, reader.clone()), reader)
 }
 
 /// Runs the controller until the process is asked to stop.

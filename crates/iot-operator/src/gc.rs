@@ -8,7 +8,7 @@
 //! only on deployments found orphaned on two consecutive passes.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -17,9 +17,11 @@ use iot_kv::write::{DEFAULT_WINDOW, write_batch};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
-use crate::crd::Deployment;
+use iot_api::Deployment;
+
 use crate::kv_index::DesiredIndex;
 use crate::kv_plan::plan_cleanup;
+use crate::metrics::OperatorMetrics;
 
 /// Deployments with keys in KV and no resource. Pure.
 pub fn orphaned(in_kv: &BTreeSet<DeploymentRef>, resources: &BTreeSet<DeploymentRef>) -> BTreeSet<DeploymentRef> {
@@ -29,15 +31,15 @@ pub fn orphaned(in_kv: &BTreeSet<DeploymentRef>, resources: &BTreeSet<Deployment
 pub async fn run_gc(
     index: Arc<DesiredIndex>,
     client: kube::Client,
-    js: Arc<OnceLock<jetstream::Context>>,
+    js: jetstream::Context,
     every: Duration,
+    metrics: Arc<OperatorMetrics>,
 ) {
     let api: Api<Deployment> = Api::all(client);
     let mut suspects: BTreeSet<DeploymentRef> = BTreeSet::new();
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let Some(js) = js.get() else { continue };
         if !index.is_ready() {
             suspects.clear();
             continue;
@@ -66,7 +68,8 @@ pub async fn run_gc(
             let plan = plan_cleanup(&index.existing(&dep));
             let ops = plan.ops(&dep);
             tracing::warn!(deployment = %dep, keys = ops.len(), "removing desired state of a deployment that no longer exists");
-            let (acked, err) = write_batch(js, DESIRED_STATE_BUCKET, &ops, DEFAULT_WINDOW).await;
+            let (acked, err) = write_batch(&js, DESIRED_STATE_BUCKET, &ops, DEFAULT_WINDOW).await;
+            crate::controller::record_kv_writes(&metrics, &ops, acked, err.is_none());
             match err {
                 None => {
                     for op in &ops {

@@ -3,16 +3,31 @@
 
 use std::time::Duration;
 
+use iot_api::{Deployment, labels};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, CustomResourceExt};
 
-use crate::crd::Deployment;
+/// The CRD from the typed Rust definition, with the well-known labels.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = Deployment::crd();
+    crd.metadata.labels = Some(
+        [
+            (labels::PART_OF, labels::PLATFORM),
+            (labels::NAME, "iot-operator"),
+            (labels::COMPONENT, "crd"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
+    crd
+}
 
 pub async fn install_crd(client: kube::Client, timeout: Duration) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client);
-    let crd = Deployment::crd();
+    let crd = crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
     crds.patch(&name, &PatchParams::apply("iot-operator").force(), &Patch::Apply(&crd))
         .await
@@ -28,5 +43,5 @@ pub async fn install_crd(client: kube::Client, timeout: Duration) -> anyhow::Res
 
 /// The CRD as YAML, for the Helm chart (generated at publish time, never at runtime).
 pub fn crd_yaml() -> anyhow::Result<String> {
-    Ok(serde_yaml::to_string(&Deployment::crd())?)
+    Ok(crate::yaml::to_yaml(&serde_json::to_value(crd())?))
 }

@@ -40,8 +40,12 @@ impl DesiredIndex {
         *self.ready.borrow()
     }
 
-    pub fn subscribe_ready(&self) -> watch::Receiver<bool> {
-        self.ready.subscribe()
+    /// Waits until the index has caught up with the bucket.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        if rx.wait_for(|r| *r).await.is_err() {
+            tracing::debug!("desired-state index dropped while waiting");
+        }
     }
 
     /// Current values of one deployment's keys.

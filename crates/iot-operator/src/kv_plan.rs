@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use harmony_reconciler_contracts::{DeploymentRef, DesiredState, Id, IdError, desired_state_key};
+use iot_api::DeploymentSpec;
 use iot_kv::KvOp;
-
-use crate::crd::DeploymentSpec;
 
 /// Changes for one deployment, keyed by device.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -37,13 +36,14 @@ impl KvPlan {
 /// Targets as validated device ids. The CRD schema already enforces the pattern;
 /// this guards against objects written around it.
 pub fn target_ids(spec: &DeploymentSpec) -> Result<BTreeSet<Id>, IdError> {
-    spec.target_devices.iter().map(|d| Id::new(d.as_str())).collect()
+    spec.target_ids()
 }
 
-/// The bytes every targeted device gets. Deterministic, so an unchanged resource
-/// produces byte-identical values and no writes.
-pub fn payload(deployment: &DeploymentRef, generation: i64, spec: &DeploymentSpec) -> Bytes {
-    Bytes::from(DesiredState::new(deployment.clone(), generation, spec.score.clone()).to_bytes())
+/// The bytes every targeted device gets: the deployment's name and its score in the
+/// wire form, nothing that changes without the score. Deterministic, so an
+/// unchanged score produces byte-identical values and no writes.
+pub fn payload(deployment: &DeploymentRef, spec: &DeploymentSpec) -> Bytes {
+    Bytes::from(DesiredState::new(deployment.clone(), spec.score.to_wire()).to_bytes())
 }
 
 /// Puts for targets whose value differs (or is missing), purges for devices that

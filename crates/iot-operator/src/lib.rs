@@ -4,17 +4,17 @@
 //!   the pure planner in [`kv_plan`] and the bucket index in [`kv_index`].
 //! - [`status_writer`]: the one writer of `.status`, fed by the controller and the
 //!   aggregator.
-//! - [`install`]: the CRD from typed Rust.
+//! - [`install`]: the CRD from typed Rust (the resource types are in `iot-api`).
 
 pub mod aggregate;
-pub mod aggregate_types;
 pub mod aggregator;
 pub mod conditions;
 pub mod controller;
-pub mod crd;
 pub mod gc;
 pub mod install;
 pub mod kv_index;
 pub mod kv_plan;
+pub mod metrics;
 pub mod run;
 pub mod status_writer;
+pub mod yaml;

@@ -41,10 +41,22 @@ struct RunArgs {
     /// At most one status write per resource per this interval.
     #[arg(long, env = "IOT_STATUS_MIN_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     status_min_interval: Duration,
-    /// A device whose last heartbeat is older than this counts as unreported
-    /// (default: 3x the agents' default 10 s heartbeat).
+    /// A device whose last report reached NATS longer ago than this counts as
+    /// unreported (default: 3x the agents' default 10 s heartbeat).
     #[arg(long, env = "IOT_STALE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
     stale_after: Duration,
+    /// Serve /metrics (Prometheus), /healthz and /readyz here; "off" to disable.
+    #[arg(long, env = "IOT_HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
+    http_addr: Option<std::net::SocketAddr>,
+}
+
+fn parse_addr(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: {e} (expected HOST:PORT or off)"))
 }
 
 #[tokio::main]
@@ -73,14 +85,34 @@ async fn main() -> anyhow::Result<()> {
             let client = kube_client().await?;
             let opts = iot_operator::run::RunOptions {
                 nats_url: args.nats.nats_url.clone(),
+                nats_ping_interval: args.nats.nats_ping_interval,
                 resync: args.resync,
                 status_min_interval: args.status_min_interval,
                 aggregator: iot_operator::aggregator::AggregatorConfig {
                     stale_after: args.stale_after,
                     ..Default::default()
                 },
+                http_addr: args.http_addr,
             };
-            iot_operator::run::run(client, args.nats.credentials(), opts).await
+            iot_operator::run::run(client, args.nats.credentials(), opts, shutdown_signal()).await
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                r = tokio::signal::ctrl_c() => if let Err(e) = r { tracing::warn!(error = %e, "ctrl-c handler failed") },
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                tracing::warn!(error = %e, "ctrl-c handler failed");
+            }
         }
     }
 }

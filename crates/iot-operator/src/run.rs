@@ -1,78 +1,217 @@
-//! `iot-operator run`: wires NATS, the desired-state index, the status writer, the
-//! aggregator and the controller.
+//! `iot-operator run`: wires NATS, the two bucket indexes, the controller, the
+//! status writer, the aggregator, the orphan collector and the HTTP endpoints; and
+//! supervises them.
+//!
+//! Order matters for an operator restart to change nothing: the controller, the
+//! aggregator and the status writer start only after the desired-state index and
+//! the device index have caught up with their buckets. Before that, a reconcile
+//! would see no keys and an aggregate would see no devices. Every task is essential:
+//! if one ends, the operator logs which and exits non-zero.
 
-use std::sync::{Arc, OnceLock};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream;
-use iot_kv::{CredentialSource, connect};
+use futures::StreamExt;
+use iot_kv::{CredentialSource, connect_with};
+use iot_observe::Readiness;
+use tokio::task::JoinSet;
 
 use crate::aggregator::{AggregatorConfig, DeviceIndex, run_aggregator};
-use crate::controller::{Ctx, controller, run_controller};
+use crate::controller::{Ctx, controller, error_policy, reconcile};
 use crate::kv_index::DesiredIndex;
-use crate::status_writer::StatusWriter;
+use crate::metrics::OperatorMetrics;
+use crate::status_writer::{StatusInbox, StatusWriter};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub nats_url: Vec<String>,
+    pub nats_ping_interval: Duration,
     pub resync: Duration,
     pub status_min_interval: Duration,
     pub aggregator: AggregatorConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere).
+    pub http_addr: Option<SocketAddr>,
 }
 
-pub async fn run(client: kube::Client, creds: Box<dyn CredentialSource>, opts: RunOptions) -> anyhow::Result<()> {
-    tracing::info!(nats = %opts.nats_url.join(","), credentials = %creds.describe(), "starting iot-operator {}", env!("CARGO_PKG_VERSION"));
-    let conn = connect(&opts.nats_url, creds.as_ref(), "iot-operator", false).await?;
-    let js_cell: Arc<OnceLock<jetstream::Context>> = Arc::new(OnceLock::new());
-    let index = Arc::new(DesiredIndex::default());
+type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
 
-    let devices = Arc::new(DeviceIndex::default());
-    // Buckets: retried until NATS answers; then one watch per bucket feeds the
-    // desired-state index and the device index.
-    {
-        let js = jetstream::new(conn.client.clone());
-        let cell = js_cell.clone();
-        let index = index.clone();
-        let devices = devices.clone();
-        tokio::spawn(async move {
-            let mut attempt = 0u32;
-            let (desired, status) = loop {
-                match iot_kv::buckets::ensure_buckets(&js).await {
-                    Ok(stores) => break stores,
-                    Err(e) => {
-                        attempt += 1;
-                        let delay = crate::controller::error_backoff(attempt);
-                        tracing::warn!(error = %e, retry_in = ?delay, "KV buckets not ready");
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-            };
-            tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], "KV bucket ready");
-            if cell.set(js).is_err() {
-                tracing::debug!("jetstream context already set");
-            }
-            tokio::spawn(async move { devices.follow(status).await });
-            index.run(desired).await;
-        });
+/// Tasks started during startup, handed to the supervisor once it is done.
+type Started = Vec<(&'static str, tokio::task::JoinHandle<()>)>;
+
+fn forever<F>(started: &mut Started, name: &'static str, f: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    started.push((name, tokio::spawn(f)));
+}
+
+pub async fn run(
+    client: kube::Client,
+    creds: Box<dyn CredentialSource>,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tracing::info!(nats = %opts.nats_url.join(","), credentials = %creds.describe(), "starting iot-operator {}", env!("CARGO_PKG_VERSION"));
+    let metrics = Arc::new(OperatorMetrics::default());
+    let readiness = Readiness::default();
+    let mut tasks: Tasks = JoinSet::new();
+    if let Some(addr) = opts.http_addr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let server = iot_observe::serve(addr, Arc::new(Mutex::new(registry)), readiness.clone())
+            .await
+            .with_context(|| format!("cannot serve /metrics and probes on {addr}"))?;
+        tasks.spawn(async move { ("HTTP endpoints", server.await.context("stopped")) });
     }
 
-    let (writer, status_tx) = StatusWriter::new(client.clone(), opts.status_min_interval);
-    tokio::spawn(writer.run());
-    let controller = controller(client.clone());
-    tokio::spawn(run_aggregator(
-        devices,
-        controller.store(),
-        status_tx.clone(),
-        opts.aggregator.clone(),
-    ));
-    tokio::spawn(crate::gc::run_gc(
-        index.clone(),
-        client.clone(),
-        js_cell.clone(),
-        opts.resync,
-    ));
-    let ctx = Arc::new(Ctx::new(client, js_cell, index, status_tx, opts.resync));
-    run_controller(controller, ctx).await;
-    tracing::info!("controller stopped");
-    Ok(())
+    let mut started: Started = Vec::new();
+    let startup = start(client, creds.as_ref(), &opts, metrics, &readiness, &mut started);
+    tokio::pin!(shutdown);
+    // None: interrupted by the shutdown signal.
+    let ctrl: Option<anyhow::Result<Ready>> = tokio::select! {
+        r = startup => Some(r),
+        () = &mut shutdown => None,
+        Some(joined) = tasks.join_next() => Some(Err(ended(joined))),
+    };
+    let ctrl = match ctrl {
+        Some(Ok(c)) => c,
+        other => {
+            for (_, h) in &started {
+                h.abort();
+            }
+            return match other {
+                Some(Err(e)) => Err(e),
+                _ => {
+                    tracing::info!("shutting down before startup finished");
+                    Ok(())
+                }
+            };
+        }
+    };
+    for (name, handle) in started {
+        tasks.spawn(async move {
+            let why = match handle.await {
+                Ok(()) => anyhow::anyhow!("stopped"),
+                Err(e) => anyhow::anyhow!("failed: {e}"),
+            };
+            (name, Err(why))
+        });
+    }
+    readiness.set_ready();
+    tracing::info!("ready");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (controller, ctx) = ctrl;
+    let mut controller_task = tokio::spawn(async move {
+        controller
+            .graceful_shutdown_on(async {
+                if stop_rx.await.is_err() {
+                    tracing::debug!("shutdown trigger dropped");
+                }
+            })
+            .run(reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            })
+            .await;
+    });
+    let outcome = tokio::select! {
+        () = &mut shutdown => {
+            tracing::info!("shutting down: finishing reconciles in flight");
+            if stop_tx.send(()).is_err() {
+                tracing::debug!("controller already stopped");
+            }
+            if tokio::time::timeout(Duration::from_secs(10), &mut controller_task).await.is_err() {
+                tracing::warn!("reconciles did not finish within 10 s");
+            }
+            Ok(())
+        }
+        r = &mut controller_task => Err(match r {
+            Ok(()) => anyhow::anyhow!("the controller stopped"),
+            Err(e) => anyhow::anyhow!("the controller task failed: {e}"),
+        }),
+        Some(joined) = tasks.join_next() => Err(ended(joined)),
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(
+            error = format!("{e:#}"),
+            "a part of the operator stopped; exiting so it is restarted"
+        );
+    }
+    controller_task.abort();
+    tasks.abort_all();
+    outcome
+}
+
+fn ended(joined: Result<(&'static str, anyhow::Result<()>), tokio::task::JoinError>) -> anyhow::Error {
+    match joined {
+        Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
+        Ok((task, Err(e))) => e.context(format!("{task} ended")),
+        Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
+        Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
+    }
+}
+
+type Ready = (kube::runtime::Controller<iot_api::Deployment>, Arc<Ctx>);
+
+/// Everything up to a controller that is ready to run.
+async fn start(
+    client: kube::Client,
+    creds: &dyn CredentialSource,
+    opts: &RunOptions,
+    metrics: Arc<OperatorMetrics>,
+    readiness: &Readiness,
+    tasks: &mut Started,
+) -> anyhow::Result<Ready> {
+    readiness.set_not_ready("connecting to NATS");
+    let conn = connect_with(&opts.nats_url, creds, "iot-operator", false, opts.nats_ping_interval).await?;
+    let js = jetstream::new(conn.client.clone());
+    readiness.set_not_ready("creating the KV buckets");
+    let mut attempt = 0u32;
+    let (desired, status) = loop {
+        match iot_kv::buckets::ensure_buckets(&js).await {
+            Ok(stores) => break stores,
+            Err(e) => {
+                attempt += 1;
+                let delay = crate::controller::error_backoff(attempt);
+                tracing::warn!(error = %e, retry_in = ?delay, "KV buckets not ready");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], "KV bucket ready");
+
+    readiness.set_not_ready("loading the desired-state and device indexes");
+    let index = Arc::new(DesiredIndex::default());
+    let devices = Arc::new(DeviceIndex::default());
+    {
+        let index = index.clone();
+        forever(tasks, "desired-state index", async move { index.run(desired).await });
+        let devices = devices.clone();
+        forever(tasks, "device index", async move { devices.follow(status).await });
+    }
+    index.wait_ready().await;
+    devices.wait_caught_up().await;
+
+    let (controller, store) = controller(client.clone());
+    let inbox = StatusInbox::new(store.clone());
+    let writer = StatusWriter::new(client.clone(), inbox.clone(), opts.status_min_interval, metrics.clone());
+    forever(tasks, "status writer", writer.run());
+    forever(
+        tasks,
+        "aggregator",
+        run_aggregator(devices, store, inbox.clone(), opts.aggregator.clone(), metrics.clone()),
+    );
+    forever(
+        tasks,
+        "orphan collector",
+        crate::gc::run_gc(index.clone(), client.clone(), js.clone(), opts.resync, metrics.clone()),
+    );
+    let ctx = Arc::new(Ctx::new(client, js, index, inbox, opts.resync, metrics));
+    Ok((controller, ctx))
 }

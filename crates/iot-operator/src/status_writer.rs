@@ -1,156 +1,285 @@
 //! The single writer of `Deployment.status`.
 //!
-//! The controller (write path) and the aggregator (fleet truth) send what they know
-//! here; this task merges it, writes only when the computed status differs from what
-//! it last wrote, and at most once per `min_interval` per resource, so bursts of
-//! device reports coalesce. Writes are server-side apply on the status subresource
-//! with field manager `iot-operator`, so fields that disappear are removed.
+//! The controller (write path) and the aggregator (fleet truth) drop what they know
+//! into a [`StatusInbox`]; that never blocks them, however slow the API server is.
+//! The writer merges the inputs with the object's *live* status (from the
+//! controller's reflector), and writes only when the result differs from it, at most
+//! once per `min_interval` per resource, a few resources at a time. Keeping the live
+//! `lastTransitionTime`s and comparing with the live status is what makes an
+//! operator restart write nothing at all.
+//!
+//! Writes are server-side apply on the status subresource with field manager
+//! `iot-operator`, so fields that disappear are removed. A 404 means the resource is
+//! gone: its entry is dropped. A 422 means the API server rejects what we computed:
+//! it is logged and not retried until the inputs change. Anything else is retried
+//! with a backoff.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use harmony_reconciler_contracts::DeploymentRef;
+use iot_api::{AggregateStatus, Deployment, DeploymentStatus};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use tokio::sync::mpsc;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::conditions::{StatusInputs, WriteOutcome, build_status};
-use crate::crd::{AggregateStatus, Deployment, DeploymentStatus};
+use crate::metrics::OperatorMetrics;
 
 pub const FIELD_MANAGER: &str = "iot-operator";
-
-#[derive(Debug, Clone)]
-pub enum StatusUpdate {
-    Written {
-        deployment: DeploymentRef,
-        generation: Option<i64>,
-        outcome: WriteOutcome,
-    },
-    Aggregate {
-        deployment: DeploymentRef,
-        aggregate: AggregateStatus,
-    },
-    Forget {
-        deployment: DeploymentRef,
-    },
-}
+/// Status writes in flight at once.
+const CONCURRENT_WRITES: usize = 8;
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An entry whose resource has not been in the reflector for this long is dropped.
+const FORGET_ABSENT_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct Entry {
     inputs: StatusInputs,
-    written: Option<DeploymentStatus>,
-    last_write: Option<Instant>,
     dirty: bool,
+    last_write: Option<Instant>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// The API server refused the status computed from these inputs (422).
+    rejected: Option<StatusInputs>,
+    absent_since: Option<Instant>,
+}
+
+struct Shared {
+    entries: Mutex<HashMap<DeploymentRef, Entry>>,
+    wake: Notify,
+    store: Store<Deployment>,
+}
+
+/// Where status inputs go. Cheap to clone; sending never blocks.
+#[derive(Clone)]
+pub struct StatusInbox {
+    shared: Arc<Shared>,
+}
+
+impl StatusInbox {
+    pub fn new(store: Store<Deployment>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                entries: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                store,
+            }),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, Entry>> {
+        self.shared.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The write path's outcome for `generation`.
+    pub fn written(&self, deployment: DeploymentRef, generation: Option<i64>, outcome: WriteOutcome) {
+        {
+            let mut entries = self.entries();
+            let e = entries.entry(deployment).or_default();
+            if e.inputs.write_generation == generation && e.inputs.write.as_ref() == Some(&outcome) {
+                return;
+            }
+            e.inputs.write_generation = generation;
+            e.inputs.write = Some(outcome);
+            e.dirty = true;
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// A fresh fleet aggregate (it carries its generation).
+    pub fn aggregate(&self, deployment: DeploymentRef, aggregate: AggregateStatus) {
+        {
+            let mut entries = self.entries();
+            let e = entries.entry(deployment).or_default();
+            if e.inputs.aggregate.as_ref() == Some(&aggregate) {
+                return;
+            }
+            e.inputs.aggregate = Some(aggregate);
+            e.dirty = true;
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// The resource is gone; nothing more is written for it.
+    pub fn forget(&self, deployment: &DeploymentRef) {
+        self.entries().remove(deployment);
+    }
+
+    /// The aggregate the live object carries, if any.
+    pub fn live_aggregate(&self, deployment: &DeploymentRef) -> Option<AggregateStatus> {
+        self.live(deployment)?.aggregate
+    }
+
+    fn live(&self, deployment: &DeploymentRef) -> Option<DeploymentStatus> {
+        let key = ObjectRef::new(deployment.name()).within(deployment.namespace());
+        Some(self.shared.store.get(&key)?.status.clone().unwrap_or_default())
+    }
+
+    fn in_store(&self, deployment: &DeploymentRef) -> bool {
+        let key = ObjectRef::new(deployment.name()).within(deployment.namespace());
+        self.shared.store.get(&key).is_some()
+    }
+
+    pub fn pending(&self) -> usize {
+        self.entries().values().filter(|e| e.dirty).count()
+    }
 }
 
 pub struct StatusWriter {
     client: kube::Client,
-    rx: mpsc::Receiver<StatusUpdate>,
+    inbox: StatusInbox,
     min_interval: Duration,
+    metrics: Arc<OperatorMetrics>,
+}
+
+enum WriteResult {
+    Written,
+    Unchanged,
+    Gone,
+    Rejected(String),
+    Failed(String),
 }
 
 impl StatusWriter {
-    pub fn new(client: kube::Client, min_interval: Duration) -> (Self, mpsc::Sender<StatusUpdate>) {
-        let (tx, rx) = mpsc::channel(4096);
-        (
-            Self {
-                client,
-                rx,
-                min_interval,
-            },
-            tx,
-        )
+    pub fn new(
+        client: kube::Client,
+        inbox: StatusInbox,
+        min_interval: Duration,
+        metrics: Arc<OperatorMetrics>,
+    ) -> Self {
+        Self {
+            client,
+            inbox,
+            min_interval,
+            metrics,
+        }
     }
 
-    pub async fn run(mut self) {
-        let mut entries: HashMap<DeploymentRef, Entry> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(100).min(self.min_interval));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Runs forever.
+    pub async fn run(self) {
+        let tick = Duration::from_millis(100).min(self.min_interval);
         loop {
             tokio::select! {
-                msg = self.rx.recv() => {
-                    let Some(msg) = msg else { return };
-                    apply(&mut entries, msg);
-                    // Drain whatever else is queued before writing.
-                    while let Ok(msg) = self.rx.try_recv() {
-                        apply(&mut entries, msg);
-                    }
-                }
-                _ = tick.tick() => self.flush(&mut entries).await,
+                () = self.inbox.shared.wake.notified() => {}
+                () = tokio::time::sleep(tick) => {}
             }
+            self.flush().await;
         }
     }
 
-    async fn flush(&self, entries: &mut HashMap<DeploymentRef, Entry>) {
+    /// Computes what is due and writes it, a few resources at a time.
+    async fn flush(&self) {
         let now = Instant::now();
-        for (dep, entry) in entries.iter_mut() {
-            if !entry.dirty
-                || entry
-                    .last_write
-                    .is_some_and(|t| now.duration_since(t) < self.min_interval)
-            {
-                continue;
-            }
-            entry.dirty = false;
-            let status = build_status(entry.written.as_ref(), &entry.inputs, Utc::now());
-            if entry.written.as_ref() == Some(&status) {
-                continue;
-            }
-            match self.write(dep, &status).await {
-                Ok(()) => {
-                    entry.written = Some(status);
-                    entry.last_write = Some(Instant::now());
+        let mut due: Vec<(DeploymentRef, StatusInputs)> = Vec::new();
+        {
+            let mut entries = self.inbox.entries();
+            entries.retain(|dep, e| {
+                if self.inbox.in_store(dep) {
+                    e.absent_since = None;
+                    return true;
                 }
-                Err(e) => {
-                    entry.dirty = true;
-                    entry.last_write = Some(Instant::now());
-                    tracing::warn!(deployment = %dep, error = %e, "status write failed; will retry");
+                // Not (or no longer) in the reflector: give a new resource time to show
+                // up, then drop what was kept for a vanished one.
+                let since = *e.absent_since.get_or_insert(now);
+                now.duration_since(since) < FORGET_ABSENT_AFTER
+            });
+            for (dep, e) in entries.iter_mut() {
+                let waiting = e.last_write.is_some_and(|t| now.duration_since(t) < self.min_interval)
+                    || e.retry_at.is_some_and(|t| t > now)
+                    || e.rejected.as_ref() == Some(&e.inputs)
+                    || !self.inbox.in_store(dep);
+                if e.dirty && !waiting {
+                    e.dirty = false;
+                    due.push((dep.clone(), e.inputs.clone()));
                 }
             }
         }
-        entries.retain(|_, e| e.dirty || e.written.is_some() || e.inputs != StatusInputs::default());
+        let mut writes: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut queue = due.into_iter();
+        loop {
+            while writes.len() < CONCURRENT_WRITES {
+                let Some((dep, inputs)) = queue.next() else { break };
+                writes.push(async move {
+                    let result = self.write_one(&dep, &inputs).await;
+                    (dep, inputs, result)
+                });
+            }
+            let Some((dep, inputs, result)) = writes.next().await else {
+                break;
+            };
+            self.settle(dep, inputs, result);
+        }
     }
 
-    async fn write(&self, dep: &DeploymentRef, status: &DeploymentStatus) -> Result<(), kube::Error> {
+    async fn write_one(&self, dep: &DeploymentRef, inputs: &StatusInputs) -> WriteResult {
+        let live = self.inbox.live(dep);
+        let status = build_status(live.as_ref(), inputs, Utc::now());
+        if live.as_ref() == Some(&status) {
+            return WriteResult::Unchanged;
+        }
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), dep.namespace());
         let patch = serde_json::json!({
             "apiVersion": "iot.nationtech.io/v1alpha1",
             "kind": "Deployment",
             "status": status,
         });
-        api.patch_status(
-            dep.name(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map(drop)
-    }
-}
-
-fn apply(entries: &mut HashMap<DeploymentRef, Entry>, msg: StatusUpdate) {
-    match msg {
-        StatusUpdate::Written {
-            deployment,
-            generation,
-            outcome,
-        } => {
-            let e = entries.entry(deployment).or_default();
-            e.inputs.generation = generation;
-            e.inputs.write = Some(outcome);
-            e.dirty = true;
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let patch = Patch::Apply(&patch);
+        let call = api.patch_status(dep.name(), &params, &patch);
+        match tokio::time::timeout(WRITE_TIMEOUT, call).await {
+            Err(_) => WriteResult::Failed(format!("no answer within {WRITE_TIMEOUT:?}")),
+            Ok(Ok(_)) => WriteResult::Written,
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => WriteResult::Gone,
+            Ok(Err(kube::Error::Api(e))) if e.code == 422 => WriteResult::Rejected(e.message),
+            Ok(Err(e)) => WriteResult::Failed(e.to_string()),
         }
-        StatusUpdate::Aggregate { deployment, aggregate } => {
-            let e = entries.entry(deployment).or_default();
-            if e.inputs.aggregate.as_ref() != Some(&aggregate) {
-                e.inputs.aggregate = Some(aggregate);
+    }
+
+    fn settle(&self, dep: DeploymentRef, inputs: StatusInputs, result: WriteResult) {
+        let now = Instant::now();
+        let label = match &result {
+            WriteResult::Written => "ok",
+            WriteResult::Unchanged => "unchanged",
+            WriteResult::Gone => "not_found",
+            WriteResult::Rejected(_) => "invalid",
+            WriteResult::Failed(_) => "error",
+        };
+        self.metrics
+            .status_writes
+            .get_or_create(&crate::metrics::result(label))
+            .inc();
+        let mut entries = self.inbox.entries();
+        if matches!(result, WriteResult::Gone) {
+            tracing::debug!(deployment = %dep, "resource gone; dropping its status");
+            entries.remove(&dep);
+            return;
+        }
+        let Some(e) = entries.get_mut(&dep) else { return };
+        match result {
+            WriteResult::Written => {
+                e.last_write = Some(now);
+                e.failures = 0;
+                e.retry_at = None;
+            }
+            WriteResult::Unchanged | WriteResult::Gone => {}
+            WriteResult::Rejected(message) => {
+                tracing::error!(deployment = %dep, error = %message, "the API server rejects the status; not retrying until it changes");
+                e.rejected = Some(inputs);
+            }
+            WriteResult::Failed(message) => {
+                e.failures += 1;
+                let delay = iot_kv::backoff(e.failures, Duration::from_secs(30));
+                tracing::warn!(deployment = %dep, error = %message, retry_in = ?delay, "status write failed");
+                e.retry_at = Some(now + delay);
                 e.dirty = true;
             }
-        }
-        StatusUpdate::Forget { deployment } => {
-            entries.remove(&deployment);
         }
     }
 }

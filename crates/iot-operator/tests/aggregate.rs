@@ -1,11 +1,13 @@
-//! The pure aggregation: counts, staleness, rollouts, error grouping, events.
+//! The pure aggregation: counts, staleness, rollouts, error grouping, events,
+//! restarts; and the conditions built from it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use harmony_reconciler_contracts::*;
-use iot_operator::aggregate::{AggregateLimits, DeviceReport, aggregate, damp_heartbeat};
-use iot_operator::conditions::{READY, fleet_conditions};
+use iot_api::conditions::{DEGRADED, READY, REASON_REPEATED_RESTARTS};
+use iot_operator::aggregate::{AggregateInput, AggregateLimits, DeviceReport, aggregate, without_heartbeat_churn};
+use iot_operator::conditions::fleet_conditions;
 
 fn now() -> DateTime<Utc> {
     Utc.timestamp_opt(1_900_000_000, 0).single().expect("time")
@@ -33,7 +35,7 @@ fn report(age_s: i64, phase: Option<(Phase, &str, Option<&str>)>) -> DeviceRepor
         );
     }
     DeviceReport {
-        heartbeat_at: now() - Duration::seconds(age_s),
+        received_at: now() - Duration::seconds(age_s),
         deployments,
         events: vec![],
     }
@@ -43,11 +45,14 @@ fn targets(n: usize) -> BTreeSet<Id> {
     (0..n).map(|i| Id::new(format!("d{i}")).expect("id")).collect()
 }
 
-fn run(reports: &HashMap<Id, DeviceReport>, n: usize) -> iot_operator::crd::AggregateStatus {
+fn run(reports: &HashMap<Id, DeviceReport>, n: usize) -> iot_api::AggregateStatus {
     aggregate(
-        &dep(),
-        &h("new"),
-        &targets(n),
+        AggregateInput {
+            deployment: &dep(),
+            generation: Some(4),
+            spec_hash: &h("new"),
+            targets: &targets(n),
+        },
         reports,
         now(),
         Duration::seconds(30),
@@ -71,6 +76,11 @@ fn counts_partition_the_targets() {
     assert_eq!(
         (a.targets, a.succeeded, a.failed, a.pending, a.unreported),
         (5, 1, 1, 2, 1)
+    );
+    assert_eq!(
+        a.observed_generation,
+        Some(4),
+        "the summary says which generation it is for"
     );
     assert_eq!(a.succeeded + a.failed + a.pending + a.unreported, a.targets);
 }
@@ -103,7 +113,11 @@ fn failures_are_grouped_by_message_with_examples() {
     for i in 0..500 {
         let msg = match i % 3 {
             0 => "image x not present".to_owned(),
-            1 => format!("container d{i}.ns.web.web created but failed to start: port busy"),
+            // Wording from an older agent: the device id and a container id inside.
+            1 => format!(
+                "container d{i}.ns.web.web created but failed to start: start {:012x}: port busy",
+                0xabc000 + i
+            ),
             _ => "invalid score".to_owned(),
         };
         r.insert(
@@ -116,13 +130,74 @@ fn failures_are_grouped_by_message_with_examples() {
     assert_eq!(a.top_errors.len(), 3, "{:#?}", a.top_errors);
     assert_eq!(a.top_errors.iter().map(|g| g.devices).sum::<u32>(), 500);
     assert!(a.top_errors.iter().all(|g| g.example_devices.len() == 3));
-    // Device ids inside messages are masked so per-device wording still groups.
-    assert!(a.top_errors.iter().any(|g| g.message.contains("<device>.ns.web.web")));
+    // Device ids and container ids inside messages are masked so they still group.
+    assert!(
+        a.top_errors
+            .iter()
+            .any(|g| g.message == "container <device>.ns.web.web created but failed to start: start <id>: port busy"),
+        "{:#?}",
+        a.top_errors
+    );
     let degraded = fleet_conditions(&a)
         .into_iter()
         .find(|c| c.0 == "Degraded")
         .expect("degraded");
     assert!(degraded.3.contains("most common error"), "{}", degraded.3);
+}
+
+#[test]
+fn a_device_named_like_a_word_does_not_mangle_messages() {
+    let mut r = HashMap::new();
+    let targets: BTreeSet<Id> = [id("web"), id("1")].into();
+    for d in ["web", "1"] {
+        r.insert(
+            id(d),
+            report(
+                1,
+                Some((Phase::Failed, "new", Some("service web-api: port 10 busy after 1.5s"))),
+            ),
+        );
+    }
+    let a = aggregate(
+        AggregateInput {
+            deployment: &dep(),
+            generation: Some(1),
+            spec_hash: &h("new"),
+            targets: &targets,
+        },
+        &r,
+        now(),
+        Duration::seconds(30),
+        AggregateLimits::default(),
+    );
+    assert_eq!(a.top_errors.len(), 1);
+    assert_eq!(
+        a.top_errors[0].message,
+        "service web-api: port 10 busy after <duration>"
+    );
+}
+
+#[test]
+fn repeated_restarts_count_as_restarting_and_degrade() {
+    let mut r = HashMap::new();
+    let mut noisy = report(1, Some((Phase::Running, "new", None)));
+    if let Some(p) = noisy.deployments.get_mut(&dep()) {
+        p.recent_restarts = 5;
+        p.restarts = 9;
+    }
+    let mut once = report(1, Some((Phase::Running, "new", None)));
+    if let Some(p) = once.deployments.get_mut(&dep()) {
+        p.recent_restarts = 1;
+    }
+    r.insert(id("d0"), noisy);
+    r.insert(id("d1"), once);
+    let a = run(&r, 2);
+    assert_eq!((a.succeeded, a.restarting), (2, 1));
+    let conds = fleet_conditions(&a);
+    let degraded = conds.iter().find(|c| c.0 == DEGRADED).expect("degraded");
+    assert_eq!((degraded.1, degraded.2), ("True", REASON_REPEATED_RESTARTS));
+    // Ready says whether every device runs the spec; restarts show in Degraded.
+    assert_eq!(conds.iter().find(|c| c.0 == READY).expect("ready").1, "True");
 }
 
 #[test]
@@ -171,16 +246,23 @@ fn recent_events_are_newest_first_deduplicated_and_bounded() {
 }
 
 #[test]
-fn heartbeat_only_changes_are_damped() {
+fn heartbeat_progress_alone_never_changes_the_summary() {
     let mut r = HashMap::new();
     r.insert(id("d0"), report(5, Some((Phase::Running, "new", None))));
     let first = run(&r, 1);
-    r.insert(id("d0"), report(2, Some((Phase::Running, "new", None))));
-    let second = damp_heartbeat(Some(&first), run(&r, 1), Duration::seconds(10));
-    assert_eq!(second, first, "3 s of heartbeat progress alone must not cause a write");
+    for age in [2, 1, 0] {
+        r.insert(id("d0"), report(age, Some((Phase::Running, "new", None))));
+        let next = without_heartbeat_churn(Some(&first), run(&r, 1));
+        assert_eq!(next, first, "heartbeat progress alone must not cause a write");
+    }
     r.insert(id("d0"), report(1, Some((Phase::Failed, "new", Some("x")))));
-    let third = damp_heartbeat(Some(&first), run(&r, 1), Duration::seconds(10));
-    assert_ne!(third, first);
+    let changed = without_heartbeat_churn(Some(&first), run(&r, 1));
+    assert_ne!(changed, first);
+    assert_eq!(
+        changed.last_heartbeat_at,
+        Some(now() - Duration::seconds(1)),
+        "refreshed with a real change"
+    );
 }
 
 #[test]
@@ -194,9 +276,32 @@ fn reports_from_older_and_newer_agents_aggregate() {
     }))
     .expect("future");
     let r = HashMap::from([
-        (id("d0"), DeviceReport::from(old)),
-        (id("d1"), DeviceReport::from(future)),
+        (id("d0"), DeviceReport::new(old, now())),
+        (id("d1"), DeviceReport::new(future, now())),
     ]);
     let a = run(&r, 2);
     assert_eq!((a.pending, a.succeeded, a.unreported), (2, 0, 0));
+}
+
+#[test]
+fn staleness_is_judged_by_when_nats_received_the_report_not_the_device_clock() {
+    // A device whose clock is an hour off either way, but whose reports arrive on time.
+    for skew in [-3600, 3600] {
+        let status: AgentStatus = serde_json::from_value(serde_json::json!({
+            "device_id": "d0",
+            "heartbeat_at": now() + Duration::seconds(skew),
+            "deployments": {"ns/web": {"phase": "Running", "spec_hash": "new",
+                "last_event_at": now() + Duration::seconds(skew)}}
+        }))
+        .expect("status");
+        let r = HashMap::from([(
+            id("d0"),
+            DeviceReport::new(status.clone(), now() - Duration::seconds(2)),
+        )]);
+        let a = run(&r, 1);
+        assert_eq!((a.succeeded, a.unreported), (1, 0), "skew {skew}");
+        // And a report that reached NATS a minute ago is stale, whatever the device claims.
+        let r = HashMap::from([(id("d0"), DeviceReport::new(status, now() - Duration::seconds(60)))]);
+        assert_eq!(run(&r, 1).unreported, 1, "skew {skew}");
+    }
 }

@@ -25,9 +25,9 @@ fn manifest(name: &str, spec: serde_json::Value) -> String {
 
 fn good_spec() -> serde_json::Value {
     serde_json::json!({
-        "target_devices": ["dev1"],
+        "targetDevices": ["dev1"],
         "score": {"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v1",
-            "ports": [{"host_port": 8080, "container_port": 80}]}]}}
+            "ports": [{"hostPort": 8080, "containerPort": 80}]}]}}
     })
 }
 
@@ -37,7 +37,7 @@ async fn installed_crd_is_discoverable_and_explained() -> anyhow::Result<()> {
     let (ok, out, err) = api.kubectl(&["api-resources", "--api-group=iot.nationtech.io"], None)?;
     assert!(ok, "{err}");
     assert!(out.contains("deployments") && out.contains("iotdep"), "{out}");
-    let (ok, out, err) = api.kubectl(&["explain", "deployments.iot.nationtech.io.spec.target_devices"], None)?;
+    let (ok, out, err) = api.kubectl(&["explain", "deployments.iot.nationtech.io.spec.targetDevices"], None)?;
     assert!(ok, "{err}");
     assert!(out.contains("NATS subject token"), "{out}");
     // Installing twice is fine.
@@ -58,7 +58,7 @@ async fn valid_resource_is_accepted() -> anyhow::Result<()> {
             "default",
             "web",
             "-o",
-            "jsonpath={.spec.target_devices[0]}",
+            "jsonpath={.spec.targetDevices[0]}",
         ],
         None,
     )?;
@@ -71,14 +71,14 @@ async fn invalid_resources_are_rejected_naming_the_field() -> anyhow::Result<()>
     let api = server_with_crd().await?;
     let mut cases: Vec<(&str, serde_json::Value, Vec<&str>)> = Vec::new();
     let mut s = good_spec();
-    s["target_devices"] = serde_json::json!([]);
-    cases.push(("empty-targets", s, vec!["spec.target_devices", "at least 1 items"]));
+    s["targetDevices"] = serde_json::json!([]);
+    cases.push(("empty-targets", s, vec!["spec.targetDevices", "at least 1 items"]));
     let mut s = good_spec();
-    s["target_devices"] = serde_json::json!(["dev.1"]);
-    cases.push(("bad-device", s, vec!["spec.target_devices[0]", "should match"]));
+    s["targetDevices"] = serde_json::json!(["dev.1"]);
+    cases.push(("bad-device", s, vec!["spec.targetDevices[0]", "should match"]));
     let mut s = good_spec();
-    s["target_devices"] = serde_json::json!(["dev1", "dev1"]);
-    cases.push(("dup-device", s, vec!["spec.target_devices[1]", "Duplicate value"]));
+    s["targetDevices"] = serde_json::json!(["dev1", "dev1"]);
+    cases.push(("dup-device", s, vec!["spec.targetDevices[1]", "Duplicate value"]));
     let mut s = good_spec();
     s["score"]["PodmanV0"]["services"][0]["image"] = serde_json::json!("");
     cases.push((
@@ -87,22 +87,22 @@ async fn invalid_resources_are_rejected_naming_the_field() -> anyhow::Result<()>
         vec!["spec.score.PodmanV0.services[0].image", "at least 1 chars"],
     ));
     let mut s = good_spec();
-    s["score"]["PodmanV0"]["services"][0]["ports"][0]["host_port"] = serde_json::json!(70000);
+    s["score"]["PodmanV0"]["services"][0]["ports"][0]["hostPort"] = serde_json::json!(70000);
     cases.push((
         "port-high",
         s,
         vec![
-            "spec.score.PodmanV0.services[0].ports[0].host_port",
+            "spec.score.PodmanV0.services[0].ports[0].hostPort",
             "less than or equal to 65535",
         ],
     ));
     let mut s = good_spec();
-    s["score"]["PodmanV0"]["services"][0]["ports"][0]["container_port"] = serde_json::json!(0);
+    s["score"]["PodmanV0"]["services"][0]["ports"][0]["containerPort"] = serde_json::json!(0);
     cases.push((
         "port-zero",
         s,
         vec![
-            "spec.score.PodmanV0.services[0].ports[0].container_port",
+            "spec.score.PodmanV0.services[0].ports[0].containerPort",
             "greater than or equal to 1",
         ],
     ));
@@ -142,4 +142,30 @@ fn committed_crd_matches_the_rust_types() -> anyhow::Result<()> {
         "deploy/crd is stale: regenerate with `cargo run -q -p iot-operator -- crd > deploy/crd/deployments.iot.nationtech.io.yaml`"
     );
     Ok(())
+}
+
+#[tokio::test]
+async fn the_yaml_reads_back_as_the_same_crd() -> anyhow::Result<()> {
+    // kubectl, not our own code, parses what our emitter wrote.
+    let api = ApiServer::start().await?;
+    let (ok, out, err) = api.kubectl(
+        &["create", "--dry-run=client", "-o", "json", "-f", "-"],
+        Some(&crd_yaml()?),
+    )?;
+    assert!(ok, "{err}");
+    let parsed: serde_json::Value = serde_json::from_str(&out)?;
+    let expected = serde_json::to_value(iot_operator::install::crd())?;
+    assert_eq!(numbers_as_f64(parsed), numbers_as_f64(expected));
+    Ok(())
+}
+
+/// schemars writes `65535.0` where kubectl reads `65535`: the same number.
+fn numbers_as_f64(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) => n.as_f64().map(Value::from).unwrap_or(Value::Number(n)),
+        Value::Array(a) => Value::Array(a.into_iter().map(numbers_as_f64).collect()),
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, numbers_as_f64(v))).collect()),
+        other => other,
+    }
 }

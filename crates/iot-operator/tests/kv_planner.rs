@@ -4,13 +4,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use harmony_reconciler_contracts::{DecodedDesiredState, DeploymentRef, Id, desired_state_key};
+use iot_api::DeploymentSpec;
 use iot_kv::KvOp;
-use iot_operator::crd::DeploymentSpec;
 use iot_operator::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
 
 fn spec(targets: &[&str], image: &str) -> DeploymentSpec {
     serde_json::from_value(serde_json::json!({
-        "target_devices": targets,
+        "targetDevices": targets,
         "score": {"PodmanV0": {"services": [{"name": "web", "image": image}]}}
     }))
     .expect("spec")
@@ -26,7 +26,7 @@ fn dep() -> DeploymentRef {
 
 #[test]
 fn fresh_resource_puts_every_target() {
-    let p = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
+    let p = payload(&dep(), &spec(&["a", "b"], "img:1"));
     let plan = plan_apply(&ids(&["a", "b"]), &p, &BTreeMap::new());
     assert_eq!(plan.puts.len(), 2);
     assert!(plan.purges.is_empty());
@@ -34,7 +34,7 @@ fn fresh_resource_puts_every_target() {
 
 #[test]
 fn unchanged_bytes_produce_no_writes() {
-    let p = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
+    let p = payload(&dep(), &spec(&["a", "b"], "img:1"));
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, p.clone())).collect();
     assert!(plan_apply(&ids(&["a", "b"]), &p, &existing).is_empty());
 }
@@ -42,13 +42,13 @@ fn unchanged_bytes_produce_no_writes() {
 #[test]
 fn payload_is_deterministic() {
     let s = spec(&["a"], "img:1");
-    assert_eq!(payload(&dep(), 4, &s), payload(&dep(), 4, &s));
+    assert_eq!(payload(&dep(), &s), payload(&dep(), &s));
 }
 
 #[test]
 fn changed_spec_rewrites_and_dropped_devices_are_purged() {
-    let old = payload(&dep(), 1, &spec(&["a", "b"], "img:1"));
-    let new = payload(&dep(), 2, &spec(&["a", "c"], "img:2"));
+    let old = payload(&dep(), &spec(&["a", "b"], "img:1"));
+    let new = payload(&dep(), &spec(&["a", "c"], "img:2"));
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, old.clone())).collect();
     let plan = plan_apply(&ids(&["a", "c"]), &new, &existing);
     let put_devices: Vec<&str> = plan.puts.iter().map(|(d, _)| d.as_str()).collect();
@@ -62,7 +62,7 @@ fn changed_spec_rewrites_and_dropped_devices_are_purged() {
 
 #[test]
 fn cleanup_purges_everything_written() {
-    let p = payload(&dep(), 1, &spec(&["a"], "img:1"));
+    let p = payload(&dep(), &spec(&["a"], "img:1"));
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "z"]).into_iter().map(|d| (d, p.clone())).collect();
     let plan = plan_cleanup(&existing);
     assert_eq!(plan.purges.len(), 2);
@@ -72,11 +72,24 @@ fn cleanup_purges_everything_written() {
 #[test]
 fn payload_decodes_on_the_device_side_with_the_same_hash() {
     let s = spec(&["a"], "img:1");
-    let p = payload(&dep(), 3, &s);
+    let p = payload(&dep(), &s);
     let decoded = DecodedDesiredState::from_slice(&p).expect("agent decodes it");
     assert_eq!(decoded.spec_hash, s.score.spec_hash());
-    assert_eq!(decoded.state.generation, 3);
     assert_eq!(desired_state_key(&Id::new("a").expect("id"), &dep()), "a.ns_web");
+}
+
+#[test]
+fn adding_a_target_writes_only_the_new_device() {
+    // The payload carries nothing that changes with the target list, so the devices
+    // already targeted keep byte-identical values.
+    let before = payload(&dep(), &spec(&["a", "b"], "img:1"));
+    let after = payload(&dep(), &spec(&["a", "b", "c"], "img:1"));
+    assert_eq!(before, after);
+    let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, before.clone())).collect();
+    let plan = plan_apply(&ids(&["a", "b", "c"]), &after, &existing);
+    let put_devices: Vec<&str> = plan.puts.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(put_devices, ["c"]);
+    assert!(plan.purges.is_empty());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use harmony_reconciler_contracts::DESIRED_STATE_BUCKET;
-use iot_operator::crd::{Deployment, DeploymentStatus};
+use iot_api::{Deployment, DeploymentStatus};
 use kube::Api;
 
 use crate::up::Up;

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use harmony_reconciler_contracts::{
-    DeploymentRef, Id, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, RestartPolicy, describe_problems,
-    validate_score,
+use harmony_reconciler_contracts::{DeploymentRef, Id, describe_problems, validate_score};
+use iot_api::{
+    Deployment, DeploymentSpec, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, RestartPolicy, labels,
 };
-use iot_operator::crd::{Deployment, DeploymentSpec};
 use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::wait::{Condition, await_condition};
 use kube::{Api, ResourceExt};
 
 const FIELD_MANAGER: &str = "example_iot_apply_deployment";
@@ -100,7 +100,7 @@ fn build(args: &Args) -> anyhow::Result<Deployment> {
             resources: None,
         }],
     });
-    let problems = validate_score(&score);
+    let problems = validate_score(&score.to_wire());
     anyhow::ensure!(problems.is_empty(), "{}", describe_problems(&problems));
     let mut dep = Deployment::new(
         &args.name,
@@ -110,6 +110,16 @@ fn build(args: &Args) -> anyhow::Result<Deployment> {
         },
     );
     dep.metadata.namespace = Some(args.namespace.clone());
+    dep.metadata.labels = Some(
+        [
+            (labels::NAME, args.name.as_str()),
+            (labels::PART_OF, labels::PLATFORM),
+            (labels::MANAGED_BY, FIELD_MANAGER),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
     Ok(dep)
 }
 
@@ -158,60 +168,80 @@ async fn main() -> anyhow::Result<()> {
                 applied.metadata.generation.unwrap_or(0)
             );
             if let Some(timeout) = args.wait {
-                wait_rolled_out(
-                    &api,
-                    &args.name,
-                    applied.metadata.generation.unwrap_or(0),
-                    timeout,
-                    &server,
-                )
-                .await?;
+                let generation = applied.metadata.generation.unwrap_or(0);
+                let hash = applied.spec.score.spec_hash().to_string();
+                wait_rolled_out(api, &args.name, generation, &hash, timeout).await?;
             }
         }
     }
     Ok(())
 }
 
-/// Waits until the status counts every target as succeeded on this generation.
+/// Every target runs the spec just applied: the aggregate was computed for this
+/// generation *and* counts every device as running this spec hash. A summary left
+/// over from the previous spec never satisfies it.
+fn rolled_out(generation: i64, hash: String) -> impl Condition<Deployment> {
+    move |obj: Option<&Deployment>| {
+        obj.and_then(|d| d.status.as_ref())
+            .and_then(|s| s.aggregate.as_ref())
+            .is_some_and(|a| {
+                a.observed_generation == Some(generation)
+                    && a.spec_hash == hash
+                    && a.targets > 0
+                    && a.succeeded == a.targets
+            })
+    }
+}
+
 async fn wait_rolled_out(
-    api: &Api<Deployment>,
+    api: Api<Deployment>,
     name: &str,
     generation: i64,
+    hash: &str,
     timeout: Duration,
-    server: &str,
 ) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let d = api.get(name).await.map_err(|e| explain(e, server))?;
-        if let Some(status) = &d.status
-            && status.observed_generation == Some(generation)
-            && let Some(agg) = &status.aggregate
-        {
-            if agg.targets > 0 && agg.succeeded == agg.targets {
-                println!(
-                    "rolled out: {}/{} devices running spec {}",
-                    agg.succeeded, agg.targets, agg.spec_hash
-                );
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let err = agg
-                    .last_error
-                    .as_ref()
-                    .map(|e| format!("; last error on {}: {}", e.device, e.message))
-                    .unwrap_or_default();
-                anyhow::bail!(
-                    "not rolled out after {timeout:?}: {} succeeded, {} failed, {} pending, {} unreported{err}",
-                    agg.succeeded,
-                    agg.failed,
-                    agg.pending,
-                    agg.unreported
-                );
-            }
-        } else if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("no status for generation {generation} after {timeout:?}; is the operator running?");
+    let waited = tokio::time::timeout(
+        timeout,
+        await_condition(api.clone(), name, rolled_out(generation, hash.to_owned())),
+    )
+    .await;
+    match waited {
+        Ok(Ok(Some(d))) => {
+            let agg = d.status.and_then(|s| s.aggregate).unwrap_or_default();
+            println!(
+                "rolled out: {}/{} devices running spec {}",
+                agg.succeeded, agg.targets, agg.spec_hash
+            );
+            Ok(())
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(Ok(None)) => anyhow::bail!("deployment.iot.nationtech.io/{name} was deleted while waiting"),
+        Ok(Err(e)) => anyhow::bail!("watching deployment.iot.nationtech.io/{name}: {e}"),
+        Err(_) => {
+            let now = api.get_opt(name).await.ok().flatten();
+            let agg = now
+                .as_ref()
+                .and_then(|d| d.status.as_ref())
+                .and_then(|s| s.aggregate.clone());
+            match agg {
+                Some(a) if a.observed_generation == Some(generation) && a.spec_hash == hash => {
+                    let err = a
+                        .last_error
+                        .as_ref()
+                        .map(|e| format!("; last error on {}: {}", e.device, e.message))
+                        .unwrap_or_default();
+                    anyhow::bail!(
+                        "not rolled out after {timeout:?}: {} succeeded, {} failed, {} pending, {} unreported{err}",
+                        a.succeeded,
+                        a.failed,
+                        a.pending,
+                        a.unreported
+                    )
+                }
+                _ => anyhow::bail!(
+                    "no fleet summary for generation {generation} (spec {hash}) after {timeout:?}; is the operator running?"
+                ),
+            }
+        }
     }
 }
 

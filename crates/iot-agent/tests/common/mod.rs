@@ -46,7 +46,7 @@ impl Stack {
     }
 
     pub async fn put(&self, device: &str, dep: &DeploymentRef, score: &IotScore) -> anyhow::Result<SpecHash> {
-        let ds = DesiredState::new(dep.clone(), 1, score.clone());
+        let ds = DesiredState::new(dep.clone(), score.clone());
         self.put_raw(device, dep, ds.to_bytes()).await?;
         Ok(score.spec_hash())
     }

@@ -1,0 +1,108 @@
+//! The operator's Prometheus metrics, served on `/metrics` with `/healthz` and
+//! `/readyz` (see `iot-observe`).
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Duration, Utc};
+use harmony_reconciler_contracts::Id;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::aggregate::DeviceReport;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+pub fn result(result: &'static str) -> ResultLabels {
+    ResultLabels { result }
+}
+
+#[derive(Debug, Default)]
+pub struct OperatorMetrics {
+    /// Reconciles by result: `ok`, or the error kind (`invalid`, `nats`, `kubernetes`).
+    pub reconciles: Family<ResultLabels, Counter>,
+    /// KV writes by operation (`put`, `purge`) and result.
+    pub kv_writes: Family<OpLabels, Counter>,
+    /// Status writes by result (`ok`, `unchanged`, `not_found`, `invalid`, `error`).
+    pub status_writes: Family<ResultLabels, Counter>,
+    /// Seconds from the oldest report not yet aggregated reaching NATS to the pass
+    /// that aggregated it.
+    pub aggregator_lag: Gauge<f64, AtomicU64>,
+    /// Devices by state: `reporting`, `stale`, and `never_seen` (targeted, no status).
+    pub devices: Family<StateLabels, Gauge>,
+}
+
+impl OperatorMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("iot_operator");
+        r.register(
+            "reconciles",
+            "Write-path reconciles by result or error kind",
+            self.reconciles.clone(),
+        );
+        r.register(
+            "kv_writes",
+            "Desired-state KV writes by operation and result",
+            self.kv_writes.clone(),
+        );
+        r.register("status_writes", "Status writes by result", self.status_writes.clone());
+        r.register(
+            "aggregator_lag_seconds",
+            "From the oldest unaggregated device report reaching NATS to its aggregation",
+            self.aggregator_lag.clone(),
+        );
+        r.register(
+            "devices",
+            "Devices by state: reporting, stale, never_seen",
+            self.devices.clone(),
+        );
+    }
+
+    pub fn kv_write(&self, op: &'static str, ok: bool, n: u64) {
+        self.kv_writes
+            .get_or_create(&OpLabels {
+                op,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc_by(n);
+    }
+
+    /// Counts devices by state: every device that reported (fresh or stale) and every
+    /// targeted device that never did.
+    pub fn record_devices(
+        &self,
+        reports: &HashMap<Id, DeviceReport>,
+        targeted: &BTreeSet<Id>,
+        now: DateTime<Utc>,
+        stale_after: Duration,
+    ) {
+        let stale = reports.values().filter(|r| now - r.received_at > stale_after).count();
+        let never = targeted.iter().filter(|d| !reports.contains_key(*d)).count();
+        self.devices
+            .get_or_create(&StateLabels { state: "reporting" })
+            .set((reports.len() - stale) as i64);
+        self.devices
+            .get_or_create(&StateLabels { state: "stale" })
+            .set(stale as i64);
+        self.devices
+            .get_or_create(&StateLabels { state: "never_seen" })
+            .set(never as i64);
+    }
+}

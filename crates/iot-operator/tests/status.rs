@@ -1,0 +1,81 @@
+//! How `.status` is built from the write outcome, the aggregate and the live object.
+
+use chrono::{Duration, TimeZone, Utc};
+use iot_api::conditions::*;
+use iot_api::{AggregateStatus, DeploymentStatus};
+use iot_operator::conditions::{StatusInputs, WriteOutcome, build_status};
+
+fn agg(generation: i64, succeeded: u32) -> AggregateStatus {
+    AggregateStatus {
+        observed_generation: Some(generation),
+        spec_hash: format!("hash{generation}"),
+        targets: 1,
+        succeeded,
+        pending: 1 - succeeded,
+        ..Default::default()
+    }
+}
+
+fn cond<'a>(s: &'a DeploymentStatus, t: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.conditions.iter().find(|c| c.type_ == t).expect("condition")
+}
+
+#[test]
+fn conditions_carry_the_generation_of_their_own_input() {
+    // Generation 2 is written, but the fleet summary is still about generation 1.
+    let inputs = StatusInputs {
+        write_generation: Some(2),
+        write: Some(WriteOutcome::Written { devices: 1 }),
+        aggregate: Some(agg(1, 1)),
+    };
+    let s = build_status(None, &inputs, Utc::now());
+    assert_eq!(s.observed_generation, Some(1), "the older of the two inputs");
+    assert_eq!(cond(&s, DESIRED_STATE_WRITTEN).observed_generation, Some(2));
+    let ready = cond(&s, READY);
+    assert_eq!((ready.status.as_str(), ready.observed_generation), ("True", Some(1)));
+    // Once the summary catches up, and devices have not picked up the new spec yet:
+    let inputs = StatusInputs {
+        aggregate: Some(agg(2, 0)),
+        ..inputs
+    };
+    let s = build_status(None, &inputs, Utc::now());
+    assert_eq!(s.observed_generation, Some(2));
+    let ready = cond(&s, READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str(), ready.observed_generation),
+        ("False", REASON_ROLLING_OUT, Some(2))
+    );
+}
+
+#[test]
+fn unchanged_conditions_keep_the_live_transition_time() {
+    let t0 = Utc.timestamp_opt(1_800_000_000, 0).single().expect("time");
+    let inputs = StatusInputs {
+        write_generation: Some(1),
+        write: Some(WriteOutcome::Written { devices: 1 }),
+        aggregate: Some(agg(1, 1)),
+    };
+    let live = build_status(None, &inputs, t0);
+    // An operator restart an hour later computes exactly the live status.
+    let again = build_status(Some(&live), &inputs, t0 + Duration::hours(1));
+    assert_eq!(again, live);
+    // A real transition gets a new time; the others keep theirs.
+    let failed = StatusInputs {
+        aggregate: Some(AggregateStatus {
+            failed: 1,
+            succeeded: 0,
+            pending: 0,
+            ..agg(1, 1)
+        }),
+        ..inputs
+    };
+    let later = build_status(Some(&live), &failed, t0 + Duration::hours(2));
+    assert_ne!(
+        cond(&later, READY).last_transition_time,
+        cond(&live, READY).last_transition_time
+    );
+    assert_eq!(
+        cond(&later, DESIRED_STATE_WRITTEN).last_transition_time,
+        cond(&live, DESIRED_STATE_WRITTEN).last_transition_time
+    );
+}
