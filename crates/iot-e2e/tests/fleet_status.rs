@@ -67,10 +67,19 @@ async fn ready_after_apply_and_printer_columns_read_like_a_fleet_summary() -> an
     let header: Vec<&str> = out.lines().next().unwrap_or("").split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "TARGETS", "SUCCEEDED", "FAILED", "PENDING", "UNREPORTED", "AGE"]
+        [
+            "NAME",
+            "TARGETS",
+            "SUCCEEDED",
+            "FAILED",
+            "PENDING",
+            "UNREPORTED",
+            "READY",
+            "AGE"
+        ]
     );
     let row: Vec<&str> = out.lines().nth(1).unwrap_or("").split_whitespace().collect();
-    assert_eq!(&row[..6], ["web", "1", "1", "0", "0", "0"], "{out}");
+    assert_eq!(&row[..7], ["web", "1", "1", "0", "0", "0", "True"], "{out}");
     Ok(())
 }
 

@@ -47,15 +47,19 @@ struct RunArgs {
     stale_after: Duration,
     /// Serve /metrics (Prometheus), /healthz and /readyz here; "off" to disable.
     #[arg(long, env = "IOT_HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
-    http_addr: Option<std::net::SocketAddr>,
+    http_addr: HttpAddr,
 }
 
-fn parse_addr(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+/// An address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct HttpAddr(Option<std::net::SocketAddr>);
+
+fn parse_addr(s: &str) -> Result<HttpAddr, String> {
     if s == "off" {
-        return Ok(None);
+        return Ok(HttpAddr(None));
     }
     s.parse()
-        .map(Some)
+        .map(|a| HttpAddr(Some(a)))
         .map_err(|e| format!("{s:?}: {e} (expected HOST:PORT or off)"))
 }
 
@@ -92,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
                     stale_after: args.stale_after,
                     ..Default::default()
                 },
-                http_addr: args.http_addr,
+                http_addr: args.http_addr.0,
             };
             iot_operator::run::run(client, args.nats.credentials(), opts, shutdown_signal()).await
         }

@@ -132,6 +132,18 @@ impl StatusInbox {
     }
 }
 
+/// Whether `inputs` say something about every part `live` has. After a restart the
+/// write outcome and the aggregate arrive one after the other; writing with only
+/// one of them would drop the other's part from the status and put it back a moment
+/// later with new transition times: a false flap for everyone watching.
+fn covers(inputs: &StatusInputs, live: &DeploymentStatus) -> bool {
+    let has_written = live
+        .conditions
+        .iter()
+        .any(|c| c.type_ == iot_api::conditions::DESIRED_STATE_WRITTEN);
+    (live.aggregate.is_none() || inputs.aggregate.is_some()) && (!has_written || inputs.write.is_some())
+}
+
 pub struct StatusWriter {
     client: kube::Client,
     inbox: StatusInbox,
@@ -194,7 +206,7 @@ impl StatusWriter {
                 let waiting = e.last_write.is_some_and(|t| now.duration_since(t) < self.min_interval)
                     || e.retry_at.is_some_and(|t| t > now)
                     || e.rejected.as_ref() == Some(&e.inputs)
-                    || !self.inbox.in_store(dep);
+                    || !self.inbox.live(dep).is_some_and(|live| covers(&e.inputs, &live));
                 if e.dirty && !waiting {
                     e.dirty = false;
                     due.push((dep.clone(), e.inputs.clone()));

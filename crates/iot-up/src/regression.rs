@@ -147,7 +147,7 @@ fn apply(up: &Up, via: Via, image: &str) -> anyhow::Result<()> {
         }
         Via::YamlManifest => {
             let yaml = format!(
-                "apiVersion: iot.nationtech.io/v1alpha1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: default\nspec:\n  target_devices:\n    - {device}\n  score:\n    PodmanV0:\n      services:\n        - name: web\n          image: {image}\n          ports:\n            - host_port: {PORT}\n              container_port: 80\n"
+                "apiVersion: iot.nationtech.io/v1alpha1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: default\nspec:\n  targetDevices:\n    - {device}\n  score:\n    PodmanV0:\n      services:\n        - name: web\n          image: {image}\n          ports:\n            - hostPort: {PORT}\n              containerPort: 80\n"
             );
             run_ok(kubectl(up, &["apply", "-f", "-"]), Some(&yaml)).map(drop)
         }
