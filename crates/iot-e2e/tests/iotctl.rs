@@ -85,8 +85,9 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
         header,
         [
             "DEVICE",
-            "HEARTBEAT",
+            "REPORTED",
             "STATE",
+            "RUNTIME",
             "DEPLOYMENTS",
             "ARCH",
             "CPUS",
@@ -100,7 +101,10 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
         .find(|l| l.starts_with(&dev))
         .unwrap_or_else(|| panic!("no row for {dev}:\n{out}"));
     assert!(
-        row.contains("fresh") && row.contains("default/web=Running") && row.contains("default/broken=Failed"),
+        row.contains("fresh")
+            && row.contains("Available")
+            && row.contains("default/web=Running")
+            && row.contains("default/broken=Failed"),
         "{row}"
     );
     let (ok, out, _) = iotctl(&stack, &["devices", "-o", "json"])?;
@@ -141,7 +145,64 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
     assert!(
         items
             .iter()
-            .any(|i| i["status"]["aggregate"]["top_errors"][0]["devices"] == 1)
+            .any(|i| i["status"]["aggregate"]["topErrors"][0]["devices"] == 1)
+    );
+    assert!(items.iter().all(|i| i["targetDevices"].is_array()));
+    Ok(())
+}
+
+async fn consumers(stack: &Stack, bucket: &str) -> anyhow::Result<usize> {
+    let mut stream = stack
+        .js
+        .get_stream(harmony_reconciler_contracts::keys::kv_stream_name(bucket))
+        .await?;
+    Ok(stream.info().await?.state.consumer_count)
+}
+
+#[tokio::test]
+async fn iotctl_reads_without_consumers_and_ends_quietly_in_a_pipe() -> anyhow::Result<()> {
+    use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
+    let stack = Stack::start().await?;
+    // More keys than one batched read returns, and more output than a pipe buffers.
+    let ops: Vec<iot_kv::KvOp> = (0..3000)
+        .map(|i| iot_kv::KvOp::Put {
+            key: format!("device-with-a-long-name-{i:05}.default_app"),
+            value: bytes::Bytes::from_static(b"{}"),
+        })
+        .collect();
+    let (_, err) = iot_kv::write_batch(&stack.js, DESIRED_STATE_BUCKET, &ops, 512).await;
+    assert!(err.is_none(), "{err:?}");
+    let before = (
+        consumers(&stack, DESIRED_STATE_BUCKET).await?,
+        consumers(&stack, AGENT_STATUS_BUCKET).await?,
+    );
+    let (ok, out, err) = iotctl(&stack, &["kv", "ls", "desired"])?;
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 3000, "every key, past the 1024 of one batch");
+    let (ok, _, err) = iotctl(&stack, &["devices"])?;
+    assert!(ok, "{err}");
+    let after = (
+        consumers(&stack, DESIRED_STATE_BUCKET).await?,
+        consumers(&stack, AGENT_STATUS_BUCKET).await?,
+    );
+    assert_eq!(before, after, "iotctl created JetStream consumers");
+
+    // `| head -1` closes the pipe long before iotctl is done writing.
+    let bin = cargo_bin("iotctl")?;
+    let out = Command::new("bash")
+        .args(["-o", "pipefail", "-c"])
+        .arg(format!("'{}' kv ls desired | head -1", bin.display()))
+        .env("NATS_URL", stack.nats.url())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {}: {stderr}", out.status);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "device-with-a-long-name-00000.default_app"
     );
     Ok(())
 }

@@ -24,7 +24,23 @@ impl ApiServer {
     }
 
     /// Like [`start`](Self::start), with certificates, etcd data and logs under `parent`.
+    /// Ports are picked free but not reserved, so a test running in parallel can take
+    /// one in between; a start that fails that way is retried on new ports.
     pub async fn start_in(parent: &Path) -> anyhow::Result<Self> {
+        let mut last = None;
+        for attempt in 1..=3 {
+            match Self::try_start_in(parent).await {
+                Ok(me) => return Ok(me),
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "API server did not start; retrying on new ports");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("API server did not start")))
+    }
+
+    async fn try_start_in(parent: &Path) -> anyhow::Result<Self> {
         let apiserver_bin = find_binary("iot-apiserver", "IOT_APISERVER")?;
         let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
         let dir = tempfile::Builder::new().prefix("iot-apiserver-").tempdir_in(parent)?;

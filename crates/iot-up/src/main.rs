@@ -100,6 +100,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         api: None,
         nats: None,
         operator: None,
+        operator_http: None,
         containers_conf: iot_testkit::paths::containers_conf(),
         keep_logs: args.keep_logs,
     };

@@ -102,6 +102,24 @@ pub fn print(up: &Up) {
             up.net.netns_path(d.index)
         ),
     );
+    line(&mut m, format!("\n{}", out::bold("Metrics and readiness")));
+    if let Some(http) = &up.operator_http {
+        line(
+            &mut m,
+            format!("  curl -s http://{http}/metrics | grep ^iot_operator     # operator"),
+        );
+    }
+    for dev in &up.devices {
+        line(
+            &mut m,
+            format!(
+                "  curl -s http://{}:{}/metrics | grep ^iot_agent   # {}",
+                dev.ip,
+                crate::up::AGENT_METRICS_PORT,
+                dev.id
+            ),
+        );
+    }
     line(&mut m, format!("\n{}", out::bold("Logs")));
     line(&mut m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
     for dev in &up.devices {

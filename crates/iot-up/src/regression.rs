@@ -7,7 +7,6 @@ use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use harmony_reconciler_contracts::DESIRED_STATE_BUCKET;
 use iot_api::{Deployment, DeploymentStatus};
 use kube::Api;
@@ -189,16 +188,9 @@ fn run_ok(cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
 }
 
 async fn desired_keys(up: &Up) -> anyhow::Result<usize> {
-    use futures::TryStreamExt;
     let conn = iot_kv::connect(&[up.nats_url()], &iot_kv::Anonymous, "iot-up-check", true).await?;
-    let store = jetstream::new(conn.client).get_key_value(DESIRED_STATE_BUCKET).await?;
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .map_err(|e| anyhow::anyhow!("listing keys: {e}"))?
-        .try_collect()
-        .await?;
-    Ok(keys.len())
+    let records = iot_kv::last_values_for(&conn.client, DESIRED_STATE_BUCKET, ">", Duration::from_secs(5)).await?;
+    Ok(records.iter().filter(|r| r.value.is_some()).count())
 }
 
 async fn wait_status(

@@ -22,6 +22,8 @@ pub struct Up {
     pub api: Option<ApiServer>,
     pub nats: Option<NatsServer>,
     pub operator: Option<LoggedProcess>,
+    /// Where the operator serves /metrics, /healthz and /readyz.
+    pub operator_http: Option<String>,
     pub containers_conf: PathBuf,
     /// Keep logs (and only logs) in the state directory after teardown.
     pub keep_logs: bool,
@@ -35,6 +37,9 @@ pub struct Device {
     pub podman: Option<LoggedProcess>,
     pub agent: Option<LoggedProcess>,
 }
+
+/// Where each agent serves /metrics and /readyz, on its device's address.
+pub const AGENT_METRICS_PORT: u16 = 9464;
 
 /// Images every device gets in its own store.
 pub const TEST_IMAGES: [&str; 2] = ["localhost/iot-web:v1", "localhost/iot-web:v2"];
@@ -118,10 +123,13 @@ impl Up {
         done(t, "Established");
 
         let t = step(5, total, "iot-operator run");
+        let http = iot_testkit::free_port()?;
+        self.operator_http = Some(format!("127.0.0.1:{http}"));
         let mut cmd = Command::new(self.bin("iot-operator"));
         cmd.env("KUBECONFIG", self.kubeconfig())
             .env("NATS_URL", self.nats_url())
             .env("IOT_STALE_AFTER", "30s")
+            .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .env("RUST_LOG", "info")
             .arg("run");
         self.operator = Some(LoggedProcess::spawn(
@@ -129,8 +137,8 @@ impl Up {
             cmd,
             self.logs_dir().join("operator.log"),
         )?);
-        wait_for_log(self.operator.as_ref(), "KV bucket ready", Duration::from_secs(60)).await?;
-        done(t, "logged \"KV bucket ready\"");
+        wait_ready(self.operator.as_mut(), "127.0.0.1", http, Duration::from_secs(60)).await?;
+        done(t, &format!("ready (http://127.0.0.1:{http}/readyz)"));
 
         let t = step(
             6,
@@ -140,8 +148,8 @@ impl Up {
         for index in 1..=device_count {
             self.start_device(index)?;
         }
-        for d in &self.devices {
-            wait_for_log(d.agent.as_ref(), "watching KV keys", Duration::from_secs(60)).await?;
+        for d in &mut self.devices {
+            wait_ready(d.agent.as_mut(), &d.ip, AGENT_METRICS_PORT, Duration::from_secs(60)).await?;
         }
         done(
             t,
@@ -216,6 +224,10 @@ impl Up {
             .env("NATS_URL", self.nats_url())
             .env("PODMAN_SOCKET", &socket)
             .env("IOT_STOP_TIMEOUT", "2s")
+            .env(
+                "IOT_METRICS_ADDR",
+                format!("{}:{AGENT_METRICS_PORT}", self.net.device_ip(index)),
+            )
             .env("RUST_LOG", "info");
         let agent = LoggedProcess::spawn(
             &format!("agent {id}"),
@@ -347,9 +359,26 @@ pub fn nsenter(net: &Net, index: usize) -> Command {
     cmd
 }
 
-/// Waits until a process's log contains `needle`.
-pub async fn wait_for_log(proc_: Option<&LoggedProcess>, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until a process answers 200 on its `/readyz`, failing early if it exits.
+pub async fn wait_ready(
+    proc_: Option<&mut LoggedProcess>,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let p = proc_.ok_or_else(|| anyhow::anyhow!("process not started"))?;
-    let what = format!("{} to log {needle:?} (see {})", p.name, p.log.display());
-    iot_testkit::wait_until(timeout, &what, || async { p.log_text().contains(needle).then_some(()) }).await
+    let start = Instant::now();
+    loop {
+        if iot_testkit::http::get_status(host, port, "/readyz").await.ok() == Some(200) {
+            return Ok(());
+        }
+        anyhow::ensure!(p.is_running(), "{} exited; see {}", p.name, p.log.display());
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "{} not ready after {timeout:?} (http://{host}:{port}/readyz); see {}",
+            p.name,
+            p.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

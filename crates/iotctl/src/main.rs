@@ -1,6 +1,9 @@
 //! `iotctl`: the fleet from a terminal. Reads NATS KV (desired state, device status)
-//! and the Kubernetes API (Deployments); writes nothing.
+//! and the Kubernetes API (Deployments); writes nothing, and creates no JetStream
+//! consumer (every listing is a batched direct get, like the devices' own reads).
+//! Output goes through [`out`], so `iotctl ... | head` ends quietly.
 
+mod out;
 mod table;
 
 use std::time::Duration;
@@ -9,10 +12,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
 use chrono::Utc;
 use clap::{Parser, Subcommand, ValueEnum};
-use futures::TryStreamExt;
 use harmony_reconciler_contracts::*;
 use iot_api::Deployment;
-use iot_kv::NatsArgs;
+use iot_kv::{KvRecord, NatsArgs, last_values_for};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use table::{Table, age, bytes_gib};
@@ -29,7 +31,7 @@ struct Cli {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
-    /// Heartbeats older than this are shown as stale.
+    /// Devices whose last report reached NATS longer ago than this are shown as stale.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     stale_after: Duration,
     #[command(subcommand)]
@@ -98,7 +100,7 @@ enum KvCmd {
 }
 
 impl Cli {
-    async fn store(&self, bucket: &str) -> anyhow::Result<kv::Store> {
+    async fn client(&self) -> anyhow::Result<async_nats::Client> {
         let urls = self.nats.nats_url.join(",");
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
@@ -107,69 +109,53 @@ impl Cli {
         .await
         .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} (timed out); set --nats-url or NATS_URL"))?
         .with_context(|| format!("cannot reach NATS at {urls}; set --nats-url or NATS_URL"))?;
-        jetstream::new(conn.client)
+        Ok(conn.client)
+    }
+
+    async fn store(&self, bucket: &str) -> anyhow::Result<kv::Store> {
+        let urls = self.nats.nats_url.join(",");
+        jetstream::new(self.client().await?)
             .get_key_value(bucket)
             .await
             .with_context(|| format!("KV bucket {bucket:?} not found at {urls}; is the operator running?"))
     }
-}
 
-async fn keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
-    let mut keys: Vec<String> = match store.keys().await {
-        Ok(k) => k.try_collect().await?,
-        // An empty bucket has nothing to list.
-        Err(e) if e.to_string().contains("no keys") => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
-    keys.sort();
-    Ok(keys)
-}
-
-/// The current value of every key, streamed by one history watch instead of one
-/// request per key (which would be thousands of round trips on a large fleet).
-async fn latest_values(store: &kv::Store) -> anyhow::Result<Vec<(String, bytes::Bytes)>> {
-    use futures::StreamExt;
-    if store.status().await?.values() == 0 {
-        return Ok(Vec::new());
+    /// The latest record of every key matching `filter`, without a consumer.
+    async fn records(&self, bucket: &str, filter: &str) -> anyhow::Result<Vec<KvRecord>> {
+        let client = self.client().await?;
+        let mut records = last_values_for(&client, bucket, filter, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("reading {bucket}"))?;
+        records.retain(|r| r.value.is_some());
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(records)
     }
-    let mut watch = store.watch_with_history(">").await?;
-    let mut out = Vec::new();
-    while let Some(entry) = watch.next().await {
-        let entry = entry?;
-        if entry.operation == kv::Operation::Put {
-            out.push((entry.key, entry.value));
-        }
-        if entry.delta == 0 {
-            break;
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out::line(&serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 async fn kv_cmd(cli: &Cli, cmd: &KvCmd) -> anyhow::Result<()> {
     match cmd {
         KvCmd::Ls { bucket, device } => {
-            let store = cli.store(bucket.name()).await?;
-            let all = keys(&store).await?;
-            let keys: Vec<String> = all
+            let filter = match (device, bucket) {
+                (None, _) => ">".to_owned(),
+                (Some(d), BucketArg::Desired) => format!("{}.>", Id::new(d.as_str())?),
+                (Some(d), BucketArg::Status) => agent_status_key(&Id::new(d.as_str())?),
+            };
+            let keys: Vec<String> = cli
+                .records(bucket.name(), &filter)
+                .await?
                 .into_iter()
-                .filter(|k| match (device, bucket) {
-                    (None, _) => true,
-                    (Some(d), BucketArg::Desired) => k.starts_with(&format!("{d}.")),
-                    (Some(d), BucketArg::Status) => k == &format!("status.{d}"),
-                })
+                .map(|r| r.key)
                 .collect();
             match cli.output {
                 Output::Json => print_json(&keys),
                 Output::Table => {
                     for k in keys {
-                        println!("{k}");
+                        out::line(&k);
                     }
                     Ok(())
                 }
@@ -199,7 +185,7 @@ async fn kv_cmd(cli: &Cli, cmd: &KvCmd) -> anyhow::Result<()> {
             match serde_json::from_slice::<serde_json::Value>(&value) {
                 Ok(v) => print_json(&v),
                 Err(_) => {
-                    println!("{}", String::from_utf8_lossy(&value));
+                    out::line(&String::from_utf8_lossy(&value));
                     Ok(())
                 }
             }
@@ -208,22 +194,34 @@ async fn kv_cmd(cli: &Cli, cmd: &KvCmd) -> anyhow::Result<()> {
 }
 
 async fn devices(cli: &Cli) -> anyhow::Result<()> {
-    let store = cli.store(AGENT_STATUS_BUCKET).await?;
     let mut statuses = Vec::new();
-    for (key, bytes) in latest_values(&store).await? {
+    for r in cli.records(AGENT_STATUS_BUCKET, ">").await? {
+        let bytes = r.value.unwrap_or_default();
         match serde_json::from_slice::<AgentStatus>(&bytes) {
-            Ok(s) => statuses.push(s),
-            Err(e) => eprintln!("warning: {key}: undecodable status: {e}"),
+            Ok(s) => statuses.push((s, r.stored_at)),
+            Err(e) => out::warn(&format!("warning: {}: undecodable status: {e}", r.key)),
         }
     }
     if cli.output == Output::Json {
-        return print_json(&statuses);
+        // Each status as the device wrote it, plus when NATS received it.
+        let items: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|(s, at)| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("received_at".into(), serde_json::json!(at));
+                }
+                v
+            })
+            .collect();
+        return print_json(&items);
     }
     let now = Utc::now();
     let mut t = Table::new(&[
         "DEVICE",
-        "HEARTBEAT",
+        "REPORTED",
         "STATE",
+        "RUNTIME",
         "DEPLOYMENTS",
         "ARCH",
         "CPUS",
@@ -231,12 +229,13 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
         "OS",
         "AGENT",
     ]);
-    for s in statuses {
-        let secs = (now - s.heartbeat_at).num_seconds();
-        let state = if secs > cli.stale_after.as_secs() as i64 {
-            "stale"
-        } else {
-            "fresh"
+    for (s, received) in statuses {
+        // Judged by when NATS received the report: a device's clock may be wrong.
+        let secs = received.map(|at| (now - at).num_seconds());
+        let state = match secs {
+            Some(secs) if secs <= cli.stale_after.as_secs() as i64 => "fresh",
+            Some(_) => "stale",
+            None => "unknown",
         };
         let deps = if s.deployments.is_empty() {
             "-".to_owned()
@@ -250,8 +249,9 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
         let inv = s.inventory.unwrap_or_default();
         t.row(vec![
             s.device_id.to_string(),
-            format!("{} ago", age(secs)),
+            secs.map(|s| format!("{} ago", age(s))).unwrap_or_else(|| "-".into()),
             state.into(),
+            format!("{:?}", s.runtime.state),
             deps,
             if inv.arch.is_empty() { "-".into() } else { inv.arch },
             inv.cpu_cores.to_string(),
@@ -260,7 +260,7 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
             s.agent_version,
         ]);
     }
-    print!("{}", t.render());
+    out::text(&t.render());
     Ok(())
 }
 
@@ -286,7 +286,7 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
                 serde_json::json!({
                     "namespace": d.namespace(),
                     "name": d.name_any(),
-                    "target_devices": d.spec.target_devices,
+                    "targetDevices": d.spec.target_devices,
                     "status": d.status,
                 })
             })
@@ -330,7 +330,7 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
             top,
         ]);
     }
-    print!("{}", t.render());
+    out::text(&t.render());
     Ok(())
 }
 
@@ -347,9 +347,9 @@ async fn main() {
         let top = e.to_string();
         let root = e.root_cause().to_string();
         if top.contains(&root) {
-            eprintln!("iotctl: {top}");
+            out::warn(&format!("iotctl: {top}"));
         } else {
-            eprintln!("iotctl: {top}: {root}");
+            out::warn(&format!("iotctl: {top}: {root}"));
         }
         std::process::exit(1);
     }
