@@ -31,13 +31,6 @@ pub enum IotScore {
 impl IotScore {
     /// Variant names this build understands.
     pub const VARIANTS: &'static [&'static str] = &["PodmanV0"];
-
-    pub fn variant_name(&self) -> &'static str {
-        match self {
-            IotScore::PodmanV0(_) => "PodmanV0",
-        }
-    }
-
     /// Hash of the canonical JSON of this score. Devices report it with their phase so
     /// the operator can tell "running the current spec" from "running an old one".
     pub fn spec_hash(&self) -> SpecHash {

@@ -122,11 +122,6 @@ impl MemoryRuntime {
     pub fn set_available(&self, available: bool) {
         self.lock().available = available;
     }
-
-    pub fn has_image(&self, image: &str) -> bool {
-        self.lock().images.iter().any(|i| i == image)
-    }
-
     /// The calls made so far, like `create dev1.ns.web.web.1234abcd`.
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()

@@ -76,7 +76,7 @@ async fn wait_times_out_with_the_reason_when_the_upgrade_fails() -> anyhow::Resu
     let mut cmd = stack.applier()?;
     cmd.args(applier_args("web", &[&dev], "localhost/iot-web:typo", Some(port)))
         .args(["--wait", "15s"]);
-    let (ok, _out, err) = iot_testkit::process::run_captured(cmd, None)?;
+    let (ok, _out, err) = iot_testkit::run_captured(cmd, None)?;
     assert!(!ok, "--wait must fail when the device cannot run the new spec");
     assert!(err.contains("not rolled out") && err.contains("1 failed"), "{err}");
     assert!(err.contains("localhost/iot-web:typo"), "the reason is named: {err}");

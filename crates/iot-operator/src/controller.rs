@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
 use iot_api::Deployment;
 use iot_api::conditions::{REASON_INVALID_SPEC, REASON_NATS_UNAVAILABLE};
@@ -298,17 +297,4 @@ pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deploy
             Default::default(),
         );
     (Controller::for_stream(stream, reader.clone()), reader)
-}
-
-/// Runs the controller until the process is asked to stop.
-pub async fn run_controller(controller: Controller<Deployment>, ctx: Arc<Ctx>) {
-    controller
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
-        .await;
 }

@@ -58,11 +58,16 @@ async fn a_write_for_a_resource_that_is_gone_is_dropped_not_retried() -> anyhow:
     let inbox = StatusInbox::new(reader);
     let metrics = Arc::new(OperatorMetrics::default());
     metrics.register(&mut Registry::default());
-    let task = tokio::spawn(StatusWriter::new(client, inbox.clone(), Duration::from_millis(100), metrics.clone()).run());
+    let task =
+        tokio::spawn(StatusWriter::new(client, inbox.clone(), Duration::from_millis(100), metrics.clone()).run());
     let dep = DeploymentRef::new("default", "ghost")?;
     inputs(&inbox, &dep);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(count(&metrics, "not_found"), 1, "one attempt, then the entry is dropped");
+    assert_eq!(
+        count(&metrics, "not_found"),
+        1,
+        "one attempt, then the entry is dropped"
+    );
     assert_eq!(inbox.pending(), 0);
     task.abort();
     Ok(())
@@ -86,17 +91,15 @@ async fn a_status_the_server_refuses_is_not_retried_until_it_changes() -> anyhow
         None,
     )?;
     assert!(ok, "{err}");
-    let (ok, _, err) = api.kubectl(
-        &["apply", "-f", "-"],
-        Some(&serde_json::to_string(&sample("strict")?)?),
-    )?;
+    let (ok, _, err) = api.kubectl(&["apply", "-f", "-"], Some(&serde_json::to_string(&sample("strict")?)?))?;
     assert!(ok, "{err}");
     let (reader, mut writer) = reflector::store::<Deployment>();
     let live: kube::Api<Deployment> = kube::Api::namespaced(client.clone(), "default");
     writer.apply_watcher_event(&watcher::Event::Apply(live.get("strict").await?));
     let inbox = StatusInbox::new(reader);
     let metrics = Arc::new(OperatorMetrics::default());
-    let task = tokio::spawn(StatusWriter::new(client, inbox.clone(), Duration::from_millis(100), metrics.clone()).run());
+    let task =
+        tokio::spawn(StatusWriter::new(client, inbox.clone(), Duration::from_millis(100), metrics.clone()).run());
     let dep = DeploymentRef::new("default", "strict")?;
     inputs(&inbox, &dep);
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -101,7 +101,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         nats: None,
         operator: None,
         operator_http: None,
-        containers_conf: iot_testkit::paths::containers_conf(),
+        containers_conf: iot_launch::paths::containers_conf(),
         keep_logs: args.keep_logs,
     };
     let started = tokio::select! {
@@ -151,13 +151,8 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
             let marker = format!("IOT_UP_STATE_DIR={state}");
             let ours = environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes());
-            if ours {
-                let killed = std::process::Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .output();
-                if !killed.is_ok_and(|o| o.status.success()) {
-                    say(&format!("  warning: could not stop leftover process {pid}"));
-                }
+            if ours && let Err(e) = iot_launch::process::kill_pid(pid) {
+                say(&format!("  warning: could not stop leftover process {pid}: {e}"));
             }
         }
     }
@@ -166,7 +161,7 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
             net,
             index,
             &state_dir.join(net.device_id(index)),
-            &iot_testkit::paths::containers_conf(),
+            &iot_launch::paths::containers_conf(),
         );
     }
     net.remove_all();

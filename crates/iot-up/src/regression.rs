@@ -62,7 +62,7 @@ pub async fn run(up: &Up) -> bool {
 
 async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
     let device = &up.devices[0];
-    let kube = iot_testkit::apiserver::kube_client_from(&up.kubeconfig()).await?;
+    let kube = iot_launch::apiserver::kube_client_from(&up.kubeconfig()).await?;
     let api: Api<Deployment> = Api::namespaced(kube, "default");
 
     apply(up, via, "localhost/iot-web:v1")?;
@@ -182,7 +182,7 @@ fn kubectl(up: &Up, args: &[&str]) -> Command {
 
 fn run_ok(cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
     let what = format!("{cmd:?}");
-    let (ok, stdout, stderr) = iot_testkit::process::run_captured(cmd, stdin)?;
+    let (ok, stdout, stderr) = iot_launch::process::run_captured(cmd, stdin)?;
     anyhow::ensure!(ok, "{what} failed: {}", stderr.trim());
     Ok(stdout)
 }
@@ -221,5 +221,5 @@ where
 }
 
 async fn wait_http(ip: &str, body: &str) -> anyhow::Result<()> {
-    iot_testkit::http::wait_http(ip, PORT, body, WAIT).await
+    iot_launch::http::wait_http(ip, PORT, body, WAIT).await
 }

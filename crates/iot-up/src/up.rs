@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
 use iot_kv::{Anonymous, connect};
-use iot_testkit::{ApiServer, LoggedProcess, NatsServer};
+use iot_launch::{ApiServer, LoggedProcess, NatsServer};
 
 use crate::net::Net;
 
@@ -123,7 +123,7 @@ impl Up {
         done(t, "Established");
 
         let t = step(5, total, "iot-operator run");
-        let http = iot_testkit::free_port()?;
+        let http = iot_launch::free_port()?;
         self.operator_http = Some(format!("127.0.0.1:{http}"));
         let mut cmd = Command::new(self.bin("iot-operator"));
         cmd.env("KUBECONFIG", self.kubeconfig())
@@ -274,7 +274,7 @@ impl Up {
         crate::say(&format!("{} tearing down", crate::out::step("==>")));
         for d in &mut self.devices {
             if let Some(mut a) = d.agent.take() {
-                a.kill();
+                a.stop(Duration::from_secs(5));
             }
         }
         let ids: Vec<(usize, String)> = self.devices.iter().map(|d| (d.index, d.id.clone())).collect();
@@ -288,7 +288,7 @@ impl Up {
         }
         self.devices.clear();
         if let Some(mut op) = self.operator.take() {
-            op.kill();
+            op.stop(Duration::from_secs(12));
         }
         self.nats = None;
         self.api = None;
@@ -369,7 +369,7 @@ pub async fn wait_ready(
     let p = proc_.ok_or_else(|| anyhow::anyhow!("process not started"))?;
     let start = Instant::now();
     loop {
-        if iot_testkit::http::get_status(host, port, "/readyz").await.ok() == Some(200) {
+        if iot_launch::http::get_status(host, port, "/readyz").await.ok() == Some(200) {
             return Ok(());
         }
         anyhow::ensure!(p.is_running(), "{} exited; see {}", p.name, p.log.display());

@@ -103,15 +103,6 @@ impl ApiServer {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
-
-    pub fn pids(&self) -> Vec<u32> {
-        [&self.etcd, &self.apiserver]
-            .into_iter()
-            .flatten()
-            .map(Child::id)
-            .collect()
-    }
-
     /// Runs kubectl against this server; returns (success, stdout, stderr).
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
         let mut cmd = Command::new("kubectl");

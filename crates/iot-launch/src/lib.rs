@@ -1,0 +1,18 @@
+//! Real servers and processes, started and stopped by PID: what the local launcher
+//! (`iot-up`) and the tests both need.
+//!
+//! Every server gets its own process on a free loopback port (or a private unix
+//! socket), in its own directory, and is killed when dropped. Test-only helpers
+//! (container cleanup, cut links, binaries built for tests) live in `iot-testkit`.
+
+pub mod apiserver;
+pub mod http;
+pub mod nats;
+pub mod paths;
+pub mod podman;
+pub mod process;
+
+pub use apiserver::ApiServer;
+pub use nats::NatsServer;
+pub use podman::PodmanService;
+pub use process::{LoggedProcess, free_port, run_captured, wait_until};
