@@ -154,6 +154,14 @@ impl Stack {
         self.spawn_agent_with_clock(device, None)
     }
 
+    /// [`start_agent`](Self::start_agent) for a device whose clock is off by `skew`.
+    pub fn start_agent_with_clock(&mut self, prefix: &str, skew: &str) -> anyhow::Result<String> {
+        let device = unique_id(prefix);
+        self.cleanups.push(DeviceContainers::new(&device));
+        self.spawn_agent_with_clock(&device, Some(skew))?;
+        Ok(device)
+    }
+
     /// An agent whose wall clock is off by `skew` (like `-1h` or `+1h`), through
     /// libfaketime preloaded into it: the real binary, with a device clock nobody set.
     /// (Not the `faketime` command: it forks, and killing it would leave the agent.)

@@ -90,14 +90,8 @@ async fn a_device_clock_an_hour_off_is_judged_by_when_its_reports_arrive() -> an
     let mut stack = Stack::start().await?;
     stack.operator_env.push(("IOT_STALE_AFTER".into(), "6s".into()));
     stack.start_operator()?;
-    let late = iot_testkit::unique_id("late");
-    let early = iot_testkit::unique_id("early");
-    let guards = [
-        iot_testkit::DeviceContainers::new(&late),
-        iot_testkit::DeviceContainers::new(&early),
-    ];
-    stack.spawn_agent_with_clock(&late, Some("-1h"))?;
-    stack.spawn_agent_with_clock(&early, Some("+1h"))?;
+    let late = stack.start_agent_with_clock("late", "-1h")?;
+    let early = stack.start_agent_with_clock("early", "+1h")?;
     let mut cmd = stack.applier()?;
     cmd.args(applier_args("web", &[&late, &early], "localhost/iot-web:v1", None));
     run_ok(cmd)?;
@@ -126,7 +120,6 @@ async fn a_device_clock_an_hour_off_is_judged_by_when_its_reports_arrive() -> an
         })
         .await?;
     eprintln!("silent device with a fast clock unreported after {:?}", t.elapsed());
-    drop(guards);
     Ok(())
 }
 

@@ -9,6 +9,33 @@ use std::time::{Duration, Instant};
 
 use iot_testkit::{cargo_bin, paths::containers_conf};
 
+/// A running iot-up that gets SIGTERM (then SIGKILL) if the test fails before it
+/// stops it, so a failing test does not leave a platform running.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        iot_testkit::process_stop(&mut self.0);
+    }
+}
+
+/// The same for a shell pipeline in a process group of its own: the whole group.
+struct RunningGroup(std::process::Child);
+
+impl Drop for RunningGroup {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None))
+            && let Ok(pid) = i32::try_from(self.0.id())
+        {
+            let group = nix::unistd::Pid::from_raw(pid);
+            if nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM).is_ok() {
+                std::thread::sleep(Duration::from_secs(20));
+            }
+        }
+        iot_testkit::process_stop(&mut self.0);
+    }
+}
+
 struct Instance {
     name: String,
     subnet: String,
@@ -134,7 +161,7 @@ fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()
     shell(&format!("{apply} --wait 90s"))?;
     let curls: Vec<&str> = commands
         .iter()
-        .filter(|l| l.starts_with("curl "))
+        .filter(|l| l.starts_with("curl http://"))
         .map(|l| l.split('#').next().unwrap_or(l).trim())
         .collect();
     assert_eq!(curls.len(), 2, "{menu}");
@@ -209,11 +236,13 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
     let log = inst.state.path().join("up.log");
 
     // Hand-off mode, two devices; SIGTERM tears everything down.
-    let mut child = inst
-        .command(&["--devices", "2"])?
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
+    let mut running = Running(
+        inst.command(&["--devices", "2"])?
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    let child = &mut running.0;
     wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     let text = std::fs::read_to_string(&log)?;
     for needle in [
@@ -236,11 +265,13 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
 
     // Killed hard: it leaves processes, namespaces and state behind...
     let log2 = inst.state.path().join("up2.log");
-    let mut child = inst
-        .command(&[])?
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log2)?)
-        .spawn()?;
+    let mut killed = Running(
+        inst.command(&[])?
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log2)?)
+            .spawn()?,
+    );
+    let child = &mut killed.0;
     wait_for_output(&log2, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     child.kill()?;
     child.wait()?;
@@ -284,7 +315,8 @@ fn ctrl_c_with_output_piped_through_tee_still_tears_down() -> anyhow::Result<()>
             shell.env(k, v);
         }
     }
-    let mut child = shell.spawn()?;
+    let mut group = RunningGroup(shell.spawn()?);
+    let child = &mut group.0;
     wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     // Ctrl-C: SIGINT to the whole job, so tee dies too and stderr becomes a dead pipe.
     let pgid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);

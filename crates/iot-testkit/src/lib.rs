@@ -13,3 +13,8 @@ pub use iot_launch::{
 pub use netns::NetNs;
 pub use podman::{DeviceContainers, podman_cli};
 pub use process::{cargo_bin, unique_id};
+
+/// Stops a child: SIGTERM, up to 30 s to finish, then SIGKILL.
+pub fn process_stop(child: &mut std::process::Child) {
+    iot_launch::process::terminate_child(child, std::time::Duration::from_secs(30));
+}

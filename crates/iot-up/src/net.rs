@@ -111,12 +111,29 @@ impl Net {
             .collect()
     }
 
-    /// Removes every namespace and the bridge of this instance.
+    /// Removes every namespace, host-side veth and the bridge of this instance. A veth
+    /// normally goes with its namespace, but not while a process (a container a
+    /// killed run left) still holds the namespace.
     pub fn remove_all(&self) {
         for index in self.existing_devices() {
             let ns = self.netns(index);
             if let Err(e) = run(&["ip", "netns", "del", &ns]) {
                 crate::say(&format!("  warning: could not delete netns {ns}: {e}"));
+            }
+        }
+        let links = run_capture(&["ip", "-o", "link", "show"]).unwrap_or_default();
+        let prefix = format!("{}v", self.name);
+        for veth in links
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            .filter(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+            })
+        {
+            if let Err(e) = run(&["ip", "link", "del", &veth]) {
+                crate::say(&format!("  warning: could not delete {veth}: {e}"));
             }
         }
         let bridge = self.bridge();
