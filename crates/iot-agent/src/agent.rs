@@ -16,7 +16,6 @@ use iot_kv::follow::FollowConfig;
 use iot_kv::{DesiredView, connect_with, follow_desired_state};
 use iot_observe::Readiness;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 
 use crate::config::AgentConfig;
 use crate::metrics::AgentMetrics;
@@ -30,8 +29,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Runtime events within this window trigger one pass, not one each.
 const EVENT_COALESCE: Duration = Duration::from_millis(250);
 
-/// The agent's essential tasks, each named for the error that reports its end.
-pub type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
+pub use iot_observe::supervise::Tasks;
 
 /// Runs the agent until `shutdown` completes. Containers keep running after the
 /// agent exits: they belong to the device, not to the agent process.
@@ -46,7 +44,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     );
     let metrics = Arc::new(AgentMetrics::default());
     let readiness = Readiness::default();
-    let mut tasks: Tasks = JoinSet::new();
+    let mut tasks = Tasks::new();
 
     if let Some(addr) = config.metrics_addr {
         let mut registry = prometheus_client::registry::Registry::default();
@@ -171,12 +169,7 @@ pub async fn supervise(
 ) -> anyhow::Result<()> {
     tokio::select! {
         () = work => Err(anyhow::anyhow!("the reconcile loop stopped")),
-        Some(joined) = tasks.join_next() => Err(match joined {
-            Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
-            Ok((task, Err(e))) => e.context(format!("{task} ended")),
-            Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
-            Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
-        }),
+        e = iot_observe::supervise::next_ending(tasks) => Err(e),
         () = shutdown => {
             tracing::info!("shutting down; containers keep running");
             Ok(())
@@ -264,47 +257,26 @@ pub async fn reconcile_loop<R: ContainerRuntime>(
 mod tests {
     use super::*;
 
-    // A real follower or reporter cannot be made to die on demand against real
-    // servers, so these tasks stand in for them; what is under test is that any
-    // ending is fatal and named.
+    // Which task ended and why is reported by iot_observe::supervise (tested there);
+    // here: the reconcile loop ending is fatal too, and shutdown is not an error.
 
     #[tokio::test]
-    async fn a_task_that_ends_stops_the_agent_with_its_name() {
-        let mut tasks = Tasks::new();
-        tasks.spawn(async { ("desired-state follower", Err(anyhow::anyhow!("subscription closed"))) });
-        tasks.spawn(async {
-            std::future::pending::<()>().await;
-            ("status reporter", Ok(()))
-        });
-        let err = supervise(&mut tasks, std::future::pending(), std::future::pending())
-            .await
-            .expect_err("must fail");
-        let text = format!("{err:#}");
-        assert!(
-            text.contains("desired-state follower ended: subscription closed"),
-            "{text}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_panicking_task_or_a_finished_loop_stops_the_agent() {
-        let mut tasks = Tasks::new();
-        tasks.spawn(async {
-            if std::hint::black_box(true) {
-                panic!("boom");
-            }
-            ("x", Ok(()))
-        });
-        let err = supervise(&mut tasks, std::future::pending(), std::future::pending())
-            .await
-            .expect_err("must fail");
-        assert!(err.to_string().contains("panicked"), "{err}");
-
+    async fn a_finished_reconcile_loop_stops_the_agent() {
         let mut tasks = Tasks::new();
         let err = supervise(&mut tasks, async {}, std::future::pending())
             .await
             .expect_err("must fail");
         assert!(err.to_string().contains("reconcile loop stopped"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_task_ending_stops_the_agent() {
+        let mut tasks = Tasks::new();
+        tasks.spawn(async { ("status reporter", Err(anyhow::anyhow!("gone"))) });
+        let err = supervise(&mut tasks, std::future::pending(), std::future::pending())
+            .await
+            .expect_err("must fail");
+        assert!(format!("{err:#}").contains("status reporter ended: gone"), "{err:#}");
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The HTTP side of the platform's daemons: `/metrics` in the Prometheus text format
 //! (rendered by `prometheus-client`), `/healthz` (the process serves) and `/readyz`
 //! (the daemon says it can do its job). Tools and tests wait on these endpoints,
-//! never on log lines.
+//! never on log lines. And [`supervise`]: how the daemons treat their tasks.
+
+pub mod supervise;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};

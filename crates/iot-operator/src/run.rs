@@ -17,7 +17,6 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use iot_kv::{CredentialSource, connect_with};
 use iot_observe::Readiness;
-use tokio::task::JoinSet;
 
 use crate::aggregator::{AggregatorConfig, DeviceIndex, run_aggregator};
 use crate::controller::{Ctx, controller, error_policy, reconcile};
@@ -36,7 +35,7 @@ pub struct RunOptions {
     pub http_addr: Option<SocketAddr>,
 }
 
-type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
+use iot_observe::supervise::{Tasks, next_ending};
 
 /// Tasks started during startup, handed to the supervisor once it is done.
 type Started = Vec<(&'static str, tokio::task::JoinHandle<()>)>;
@@ -57,7 +56,7 @@ pub async fn run(
     tracing::info!(nats = %opts.nats_url.join(","), credentials = %creds.describe(), "starting iot-operator {}", env!("CARGO_PKG_VERSION"));
     let metrics = Arc::new(OperatorMetrics::default());
     let readiness = Readiness::default();
-    let mut tasks: Tasks = JoinSet::new();
+    let mut tasks = Tasks::new();
     if let Some(addr) = opts.http_addr {
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
@@ -74,7 +73,7 @@ pub async fn run(
     let ctrl: Option<anyhow::Result<Ready>> = tokio::select! {
         r = startup => Some(r),
         () = &mut shutdown => None,
-        Some(joined) = tasks.join_next() => Some(Err(ended(joined))),
+        e = next_ending(&mut tasks) => Some(Err(e)),
     };
     let ctrl = match ctrl {
         Some(Ok(c)) => c,
@@ -135,7 +134,7 @@ pub async fn run(
             Ok(()) => anyhow::anyhow!("the controller stopped"),
             Err(e) => anyhow::anyhow!("the controller task failed: {e}"),
         }),
-        Some(joined) = tasks.join_next() => Err(ended(joined)),
+        e = next_ending(&mut tasks) => Err(e),
     };
     if let Err(e) = &outcome {
         tracing::error!(
@@ -146,15 +145,6 @@ pub async fn run(
     controller_task.abort();
     tasks.abort_all();
     outcome
-}
-
-fn ended(joined: Result<(&'static str, anyhow::Result<()>), tokio::task::JoinError>) -> anyhow::Error {
-    match joined {
-        Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
-        Ok((task, Err(e))) => e.context(format!("{task} ended")),
-        Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
-        Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
-    }
 }
 
 type Ready = (kube::runtime::Controller<iot_api::Deployment>, Arc<Ctx>);

@@ -112,3 +112,47 @@ async fn a_status_the_server_refuses_is_not_retried_until_it_changes() -> anyhow
     task.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_silent_api_server_never_blocks_whoever_reports_status() -> anyhow::Result<()> {
+    // An API server that accepts connections and never answers: the worst kind of
+    // slow. (A real one cannot be made to hang on demand.)
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let config = kube::Config::new(format!("http://{addr}").parse()?);
+    let client = kube::Client::try_from(config)?;
+    let (reader, mut writer) = reflector::store::<Deployment>();
+    for i in 0..50 {
+        writer.apply_watcher_event(&watcher::Event::Apply(sample(&format!("d{i}"))?));
+    }
+    let inbox = StatusInbox::new(reader);
+    let metrics = Arc::new(OperatorMetrics::default());
+    let task = tokio::spawn(StatusWriter::new(client, inbox.clone(), Duration::from_millis(10), metrics).run());
+    // Far more updates than any channel would buffer, while every write hangs.
+    let fed = tokio::time::timeout(Duration::from_secs(5), async {
+        for round in 0..200u32 {
+            for i in 0..50 {
+                let dep = DeploymentRef::new("default", format!("d{i}")).expect("ref");
+                inbox.written(
+                    dep,
+                    Some(1),
+                    WriteOutcome::Written {
+                        devices: round as usize,
+                    },
+                );
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(fed.is_ok(), "reporting status blocked behind the API server");
+    task.abort();
+    holder.abort();
+    Ok(())
+}
