@@ -25,6 +25,9 @@ pub struct PullOutcome {
 #[derive(Debug, Clone, Default)]
 struct ImageEntry {
     in_flight: bool,
+    /// When a pull last succeeded: an image still missing right after that would be
+    /// pulled again and again (a name podman stores differently, say).
+    pulled_at: Option<Instant>,
     /// Consecutive failed pulls, the last error, and when the next pull is due.
     failures: u32,
     last_error: Option<String>,
@@ -68,7 +71,13 @@ impl ImageTracker {
     pub fn finished(&mut self, outcome: &PullOutcome, now: Instant) {
         match &outcome.result {
             Ok(_) => {
-                self.entries.remove(&outcome.image);
+                self.entries.insert(
+                    outcome.image.clone(),
+                    ImageEntry {
+                        pulled_at: Some(now),
+                        ..Default::default()
+                    },
+                );
             }
             Err(error) => {
                 let e = self.entries.entry(outcome.image.clone()).or_default();
@@ -78,6 +87,25 @@ impl ImageTracker {
                 e.retry_at = Some(now + iot_kv::backoff(e.failures, PULL_RETRY_CAP));
             }
         }
+    }
+
+    /// Whether a pull of `image` succeeded within the last minute.
+    pub fn just_pulled(&self, image: &str, now: Instant) -> bool {
+        self.entries
+            .get(image)
+            .and_then(|e| e.pulled_at)
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(60))
+    }
+
+    /// Records a failure without a pull (the pulled image cannot be found).
+    pub fn failed(&mut self, image: &str, error: String, now: Instant) {
+        self.finished(
+            &PullOutcome {
+                image: image.to_owned(),
+                result: Err(error),
+            },
+            now,
+        );
     }
 
     /// Forgets images no desired service uses any more (a pull in flight finishes

@@ -25,6 +25,8 @@ struct Inner {
     pull_delay: Duration,
     /// Images whose containers exit with code 1 as soon as they start.
     crashing: Vec<String>,
+    /// Every create fails (a port held by something else, say).
+    failing_creates: bool,
     calls: Vec<String>,
     available: bool,
     watchers: Vec<mpsc::Sender<RuntimeEvent>>,
@@ -118,6 +120,11 @@ impl MemoryRuntime {
         }
     }
 
+    /// Makes every create fail like a busy host port (or work again).
+    pub fn set_failing_creates(&self, failing: bool) {
+        self.lock().failing_creates = failing;
+    }
+
     /// Makes every call fail like an unreachable socket (or work again).
     pub fn set_available(&self, available: bool) {
         self.lock().available = available;
@@ -181,6 +188,11 @@ impl ContainerRuntime for MemoryRuntime {
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         let mut inner = self.check(format!("create {}", spec.name))?;
+        if inner.failing_creates {
+            return Err(RuntimeError(
+                "cannot listen on the TCP port: address already in use".into(),
+            ));
+        }
         if !inner.images.contains(&spec.service.image) {
             return Err(RuntimeError(format!("{}: image not known", spec.service.image)));
         }

@@ -100,6 +100,15 @@ pub enum Action {
         old: Vec<OldContainer>,
         stop_first: bool,
     },
+    /// A container with the new spec exists next to outdated ones: an earlier
+    /// replacement was interrupted (the agent stopped during the settle check, or a
+    /// failed replacement could not be removed). The new one must pass the settle
+    /// check before the old ones go; if it fails, it goes and the old ones run again.
+    FinishReplace {
+        spec: Box<ContainerSpec>,
+        new: OldContainer,
+        old: Vec<OldContainer>,
+    },
     Start {
         deployment: DeploymentRef,
         container_id: String,
@@ -121,7 +130,9 @@ impl Action {
         match self {
             Action::Remove { deployment, .. } => deployment.as_ref(),
             Action::EnsureImage { .. } => None,
-            Action::Create { spec, .. } | Action::Replace { spec, .. } => Some(&spec.deployment),
+            Action::Create { spec, .. } | Action::Replace { spec, .. } | Action::FinishReplace { spec, .. } => {
+                Some(&spec.deployment)
+            }
             Action::Start { deployment, .. } | Action::Unpause { deployment, .. } => Some(deployment),
         }
     }
@@ -272,15 +283,20 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                     f.acted = true;
                 }
             }
+            let spec = Box::new(ContainerSpec {
+                device: input.device.clone(),
+                deployment: dep.clone(),
+                name: container_name(input.device, dep, &svc.name, &hash),
+                service: svc.clone(),
+                service_hash: hash.clone(),
+                spec_hash: spec_hash.clone(),
+            });
+            let old_of = |c: &&ObservedContainer| OldContainer {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
+            };
             let Some(keeper) = keeper else {
-                let spec = Box::new(ContainerSpec {
-                    device: input.device.clone(),
-                    deployment: dep.clone(),
-                    name: container_name(input.device, dep, &svc.name, &hash),
-                    service: svc.clone(),
-                    service_hash: hash,
-                    spec_hash: spec_hash.clone(),
-                });
                 match input.images.get(&svc.image) {
                     Some(ImageState::Present) => {}
                     Some(ImageState::Pulling) => {
@@ -315,23 +331,21 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                         },
                     });
                 } else {
-                    let old: Vec<OldContainer> = outdated
-                        .iter()
-                        .map(|c| OldContainer {
-                            id: c.id.clone(),
-                            name: c.name.clone(),
-                            running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
-                        })
-                        .collect();
+                    let old: Vec<OldContainer> = outdated.iter().map(old_of).collect();
                     let stop_first = !svc.ports.is_empty() && old.iter().any(|o| o.running);
                     replaces.push(Action::Replace { spec, old, stop_first });
                 }
                 continue;
             };
-            // Leftovers of an earlier replacement (say, the agent died half-way).
-            for c in &outdated {
-                removes.push(remove(dep, c, RemoveCause::SpecChanged));
+            if !outdated.is_empty() {
+                // An interrupted replacement: settle it before anything else.
+                replaces.push(Action::FinishReplace {
+                    spec,
+                    new: old_of(&keeper),
+                    old: outdated.iter().map(old_of).collect(),
+                });
                 f.acted = true;
+                continue;
             }
             match &keeper.state {
                 ContainerState::Running => {}

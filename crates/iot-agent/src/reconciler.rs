@@ -255,18 +255,26 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 seen: &self.seen,
                 images: &images,
             });
-            self.announce_restores(&planned, &desired).await;
             let now = Instant::now();
+            let backing: BTreeSet<DeploymentRef> = self
+                .failures
+                .iter()
+                .filter(|(dep, f)| {
+                    f.retry_at > now && f.spec_hash.as_ref() == desired.get(*dep).and_then(DesiredContent::spec_hash)
+                })
+                .map(|(dep, _)| dep.clone())
+                .collect();
+            self.announce_restores(&planned, &desired, &backing).await;
             let mut found = false;
             for action in &planned.actions {
                 if let Some(dep) = action.deployment() {
-                    let current = desired.get(dep).and_then(DesiredContent::spec_hash);
-                    if let Some(f) = self.failures.get(dep)
-                        && f.spec_hash.as_ref() == current
-                        && f.retry_at > now
-                    {
+                    if backing.contains(dep) {
                         backing_off.insert(dep.clone());
                         summary.skipped_backoff += 1;
+                        continue;
+                    }
+                    // Failed earlier in this pass: the next attempt waits for its backoff.
+                    if errors.contains_key(dep) {
                         continue;
                     }
                 }
@@ -412,15 +420,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
         &mut self,
         planned: &crate::plan::Plan,
         desired: &BTreeMap<DeploymentRef, DesiredContent>,
+        backing_off: &BTreeSet<DeploymentRef>,
     ) {
-        let restoring: BTreeSet<DeploymentRef> = planned.restoring().cloned().collect();
+        let restoring: BTreeSet<DeploymentRef> = planned
+            .restoring()
+            .filter(|d| !backing_off.contains(*d))
+            .cloned()
+            .collect();
         if restoring.is_empty() {
             return;
         }
-        let now = Instant::now();
         for dep in &restoring {
-            self.restarts.restored(dep, now);
-            self.metrics.restores.inc();
             let note = match planned.assessments.get(dep) {
                 Some(Assessment::InProgress(Some(note))) => note.clone(),
                 _ => "restoring a container removed outside the agent".to_owned(),
@@ -444,6 +454,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
         match self.runtime.image_present(image).await {
             Ok(true) => Ok(true),
+            Ok(false) if self.images.just_pulled(image, Instant::now()) => {
+                let error = format!("image {image} was pulled, but podman does not find it under that name");
+                tracing::warn!(image, "{error}");
+                self.images.failed(image, error.clone(), Instant::now());
+                Err(error)
+            }
             Ok(false) => {
                 tracing::info!(image, "image not on the device; pulling in the background");
                 self.event(Severity::Info, None, format!("pulling image {image}"));
@@ -533,18 +549,32 @@ impl<R: ContainerRuntime> Reconciler<R> {
                         Severity::Info,
                         format!("created container {shown} ({})", spec.service.image),
                     ),
-                    CreateCause::Restore => (
-                        Severity::Warning,
-                        format!("restored container {shown}, which was removed outside the agent"),
-                    ),
+                    CreateCause::Restore => {
+                        self.restarts.restored(&spec.deployment, Instant::now());
+                        self.metrics.restores.inc();
+                        (
+                            Severity::Warning,
+                            format!("restored container {shown}, which was removed outside the agent"),
+                        )
+                    }
                 };
                 tracing::info!(container = %spec.name, cause = ?cause, id = %short, "created container");
                 self.event(severity, Some(spec.deployment.clone()), msg);
                 self.seen.insert((spec.deployment.clone(), spec.service.name.clone()));
                 Ok(())
             }
-            Action::Replace { spec, old, stop_first } => {
-                let id = self.replace(spec, old, *stop_first).await?;
+            Action::Replace { .. } | Action::FinishReplace { .. } => {
+                let (spec, id) = match action {
+                    Action::Replace { spec, old, stop_first } => {
+                        let id = self.replace(spec, old, *stop_first).await?;
+                        (spec, id)
+                    }
+                    Action::FinishReplace { spec, new, old } => {
+                        self.finish_replace(spec, new, old).await?;
+                        (spec, new.id.clone())
+                    }
+                    _ => return Ok(()),
+                };
                 tracing::info!(container = %spec.name, id = %short(&id), "replaced container");
                 self.event(
                     Severity::Info,
@@ -645,57 +675,114 @@ impl<R: ContainerRuntime> Reconciler<R> {
         if stop_first {
             for o in old.iter().filter(|o| o.running) {
                 if let Err(e) = self.runtime.stop(&o.id).await {
-                    self.restart_old(&stopped).await;
+                    let restarted = self.restart_old(&stopped).await;
                     return Err(ReplaceFailure {
-                        error: format!("service {svc}: stopping the previous container failed: {}", clean(&e)),
+                        error: format!(
+                            "service {svc}: stopping the previous container failed: {}{}",
+                            clean(&e),
+                            restarted.err().unwrap_or_default()
+                        ),
                         rolled_back: false,
                     });
                 }
                 stopped.push(o);
             }
         }
-        let outcome = match self.create_and_start(spec).await {
-            Err(error) => Err(error),
-            Ok(id) => match self.settled(spec, &id).await {
-                Ok(()) => Ok(id),
-                Err(error) => {
-                    if let Err(e) = self.runtime.remove(&id).await {
-                        tracing::warn!(container = %spec.name, error = %e, "could not remove the failed replacement");
-                    }
-                    Err(error)
-                }
-            },
-        };
-        match outcome {
-            Ok(id) => {
-                for o in old {
-                    if let Err(e) = self.runtime.remove(&o.id).await {
-                        // The next pass removes it as a leftover.
-                        tracing::warn!(container = %o.name, error = %e, "could not remove the replaced container");
-                    }
-                }
-                Ok(id)
-            }
+        match self.create_and_start(spec).await {
+            Ok(id) => self.settle_or_roll_back(spec, &id, old, &stopped).await.map(|()| id),
             Err(error) => {
-                self.restart_old(&stopped).await;
-                let kept = if old.iter().any(|o| o.running) {
-                    "; the previous version keeps running"
-                } else {
-                    ""
-                };
-                Err(ReplaceFailure {
-                    error: format!("upgrade to spec {} failed: {error}{kept}", spec.spec_hash),
-                    rolled_back: !stopped.is_empty(),
-                })
+                let restarted = self.restart_old(&stopped).await;
+                Err(self.rollback_failure(spec, &error, old, &stopped, restarted))
             }
         }
     }
 
-    async fn restart_old(&self, stopped: &[&OldContainer]) {
+    /// The new container `id` must pass the settle check; then the old ones go. If it
+    /// fails, it goes and the `stopped` old ones run again.
+    async fn settle_or_roll_back(
+        &mut self,
+        spec: &ContainerSpec,
+        id: &str,
+        old: &[OldContainer],
+        stopped: &[&OldContainer],
+    ) -> Result<(), ReplaceFailure> {
+        match self.settled(spec, id).await {
+            Ok(()) => {
+                for o in old {
+                    if let Err(e) = self.runtime.remove(&o.id).await {
+                        // The next pass finishes the replacement.
+                        tracing::warn!(container = %o.name, error = %e, "could not remove the replaced container");
+                    }
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(e) = self.runtime.remove(id).await {
+                    // The next pass sees it next to the old one and settles it again.
+                    tracing::warn!(container = %spec.name, error = %e, "could not remove the failed replacement");
+                }
+                let restarted = self.restart_old(stopped).await;
+                Err(self.rollback_failure(spec, &error, old, stopped, restarted))
+            }
+        }
+    }
+
+    /// Finishes a replacement an earlier pass left half done: see
+    /// [`Action::FinishReplace`]. Old containers that are not running (stopped for
+    /// their ports when the agent went away) are started again on failure.
+    async fn finish_replace(
+        &mut self,
+        spec: &ContainerSpec,
+        new: &OldContainer,
+        old: &[OldContainer],
+    ) -> Result<(), ReplaceFailure> {
+        let stopped: Vec<&OldContainer> = old.iter().filter(|o| !o.running).collect();
+        if !new.running
+            && let Err(e) = self.runtime.start(&new.id).await
+        {
+            tracing::debug!(container = %new.name, error = %e, "the interrupted replacement does not start");
+        }
+        self.settle_or_roll_back(spec, &new.id, old, &stopped).await
+    }
+
+    fn rollback_failure(
+        &self,
+        spec: &ContainerSpec,
+        error: &str,
+        old: &[OldContainer],
+        stopped: &[&OldContainer],
+        restarted: Result<(), String>,
+    ) -> ReplaceFailure {
+        let (kept, rolled_back) = match restarted {
+            Err(why) => (why, false),
+            Ok(()) if old.iter().any(|o| o.running) || !stopped.is_empty() => {
+                ("; the previous version keeps running".to_owned(), !stopped.is_empty())
+            }
+            Ok(()) => (String::new(), false),
+        };
+        ReplaceFailure {
+            error: format!("upgrade to spec {} failed: {error}{kept}", spec.spec_hash),
+            rolled_back,
+        }
+    }
+
+    /// Starts the old containers again; on failure, says so in a form that can be
+    /// appended to the error.
+    async fn restart_old(&self, stopped: &[&OldContainer]) -> Result<(), String> {
+        let mut failed = Vec::new();
         for o in stopped {
             if let Err(e) = self.runtime.start(&o.id).await {
                 tracing::error!(container = %o.name, error = %e, "could not restart the previous container after a failed upgrade");
+                failed.push(clean(&e));
             }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "; restarting the previous version failed too: {}",
+                failed.join("; ")
+            ))
         }
     }
 
@@ -878,7 +965,7 @@ fn action_kind(action: &Action) -> &'static str {
         Action::Remove { .. } => "remove",
         Action::EnsureImage { .. } => "ensure_image",
         Action::Create { .. } => "create",
-        Action::Replace { .. } => "replace",
+        Action::Replace { .. } | Action::FinishReplace { .. } => "replace",
         Action::Start { .. } => "start",
         Action::Unpause { .. } => "unpause",
     }

@@ -28,6 +28,8 @@ use crate::error::KvError;
 
 /// Most keys one request returns; the server's own cap for `multi_last` is 1024.
 pub const MAX_BATCH: usize = 1024;
+/// Pages of one paged read: a million records, far beyond any device's keys.
+const MAX_SCAN_PAGES: usize = 1000;
 
 /// The latest record of one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,8 +55,9 @@ pub async fn last_values_for(
     let filter = format!("$KV.{bucket}.{key_filter}");
     let body = serde_json::json!({"multi_last": [filter], "batch": MAX_BATCH});
     match request_batch(client, bucket, &body, timeout).await? {
-        Batch::Records { records, .. } => Ok(records),
-        Batch::TooManySubjects => scan(client, bucket, &filter, timeout).await,
+        // A batch can also end early on the server's byte cap; then pages it is.
+        Batch::Records { records, pending } if pending.is_none_or(|p| p == 0) => Ok(records),
+        Batch::Records { .. } | Batch::TooManySubjects => scan(client, bucket, &filter, timeout).await,
     }
 }
 
@@ -67,6 +70,7 @@ async fn scan(
 ) -> Result<Vec<KvRecord>, KvError> {
     let mut out: Vec<KvRecord> = Vec::new();
     let mut next_seq = 1u64;
+    let mut pages = 0usize;
     loop {
         let body = serde_json::json!({"next_by_subj": filter, "seq": next_seq, "batch": MAX_BATCH});
         match request_batch(client, bucket, &body, timeout).await? {
@@ -77,6 +81,15 @@ async fn scan(
                 out.extend(records);
                 if pending == Some(0) || pending.is_none() {
                     break;
+                }
+                // Every page must move forward; a bucket rewritten faster than it can be
+                // read is an error, not an endless read.
+                pages += 1;
+                if last < next_seq || pages > MAX_SCAN_PAGES {
+                    return Err(request_err(
+                        &api_subject(bucket),
+                        format!("paged read of {filter} made no progress after {pages} pages"),
+                    ));
                 }
                 next_seq = last + 1;
             }
@@ -166,9 +179,12 @@ async fn request_batch(
             continue;
         };
         let deleted = matches!(header("KV-Operation").as_deref(), Some("DEL") | Some("PURGE"));
+        let Some(sequence) = header("Nats-Sequence").and_then(|s| s.parse().ok()) else {
+            return Err(request_err(&api, format!("record for {subject} without a sequence")));
+        };
         records.push(KvRecord {
             key: key.to_owned(),
-            sequence: header("Nats-Sequence").and_then(|s| s.parse().ok()).unwrap_or(0),
+            sequence,
             stored_at: header("Nats-Time-Stamp").and_then(|t| DateTime::parse_from_rfc3339(&t).ok().map(Into::into)),
             value: (!deleted).then(|| msg.payload.clone()),
         });

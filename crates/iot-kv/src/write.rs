@@ -42,8 +42,8 @@ pub const PURGE_MARKER_TTL: std::time::Duration = std::time::Duration::from_secs
 pub const DEFAULT_WINDOW: usize = 512;
 
 /// Applies `ops` in order of submission with up to `window` awaiting acks. Returns
-/// how many were acknowledged before the first failure, and the failure if any, so a
-/// caller can record partial progress.
+/// how many were acknowledged (acks complete out of order, so not necessarily the
+/// first ones), and the first failure if any.
 pub async fn write_batch(
     js: &jetstream::Context,
     bucket: &str,

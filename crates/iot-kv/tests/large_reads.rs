@@ -127,18 +127,33 @@ async fn keys_rewritten_during_a_paged_read_are_never_missed() -> anyhow::Result
         let js = js.clone();
         tokio::spawn(async move {
             for round in 1..=20 {
-                if put_keys(&js, "busy", 0..2000, &format!("v{round}")).await.is_err() {
-                    return;
+                if let Err(e) = put_keys(&js, "busy", 0..2000, &format!("v{round}")).await {
+                    panic!("rewrite round {round}: {e}");
                 }
             }
         })
     };
+    let mut overlapped = 0;
     for _ in 0..5 {
+        let during = !writer.is_finished();
         let recs = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "busy.>", Duration::from_secs(10)).await?;
         let live = recs.iter().filter(|r| r.value.is_some()).count();
         assert_eq!(live, 2000, "a key rewritten during the read was lost");
+        if during && !writer.is_finished() {
+            overlapped += 1;
+        }
     }
-    writer.abort();
+    assert!(
+        overlapped > 0,
+        "no read overlapped the rewrites; the test proved nothing"
+    );
+    writer.await?;
+    // After the last rewrite, a read returns the newest value of every key.
+    let recs = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "busy.>", Duration::from_secs(10)).await?;
+    for r in &recs {
+        let i: usize = r.key.trim_start_matches("busy.default_app-").parse()?;
+        assert_eq!(r.value.as_deref(), Some(format!("v20-{i}").as_bytes()), "{}", r.key);
+    }
     Ok(())
 }
 

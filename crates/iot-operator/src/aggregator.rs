@@ -148,8 +148,24 @@ impl DeviceIndex {
                 self.caught_up.send_replace(true);
             }
             match store.watch_with_history(">").await {
-                Ok(mut watch) => {
-                    while let Some(entry) = watch.next().await {
+                Ok(mut watch) => loop {
+                    // As in the desired-state index: counted messages may expire before
+                    // the watch delivers them, so an empty bucket is checked again.
+                    let next = if self.is_caught_up() {
+                        watch.next().await
+                    } else {
+                        match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                if store.status().await.is_ok_and(|s| s.values() == 0) {
+                                    self.caught_up.send_replace(true);
+                                }
+                                continue;
+                            }
+                        }
+                    };
+                    let Some(entry) = next else { break };
+                    {
                         match entry {
                             Ok(e) => {
                                 match e.operation {
@@ -169,7 +185,7 @@ impl DeviceIndex {
                             }
                         }
                     }
-                }
+                },
                 Err(e) => tracing::warn!(error = %e, "cannot watch agent-status"),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -244,7 +260,7 @@ pub async fn run_aggregator(
         for (dep, agg) in fresh {
             let previous = sent.get(&dep).cloned().or_else(|| status.live_aggregate(&dep));
             let agg = without_heartbeat_churn(previous.as_ref(), agg);
-            if sent.get(&dep) == Some(&agg) {
+            if sent.get(&dep) == Some(&agg) && status.has_aggregate(&dep) {
                 continue;
             }
             sent.insert(dep.clone(), agg.clone());

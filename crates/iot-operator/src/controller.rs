@@ -39,7 +39,7 @@ pub enum Error {
     Invalid(String),
     #[error("NATS is not available yet: {0}")]
     NatsNotReady(&'static str),
-    #[error("writing desired state to NATS failed after {acked} of {total} writes: {source}")]
+    #[error("writing desired state to NATS failed ({acked} of {total} writes acknowledged): {source}")]
     Nats {
         acked: usize,
         total: usize,

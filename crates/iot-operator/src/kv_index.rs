@@ -106,7 +106,24 @@ impl DesiredIndex {
         if pending_at_start == 0 {
             self.mark_ready();
         }
-        while let Some(entry) = watch.next().await {
+        loop {
+            // Messages counted at the start can expire (purge markers have a TTL)
+            // before the watch delivers them; an empty bucket then never says
+            // "caught up", so look again while waiting.
+            let next = if self.is_ready() {
+                watch.next().await
+            } else {
+                match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if store.status().await?.values() == 0 {
+                            self.mark_ready();
+                        }
+                        continue;
+                    }
+                }
+            };
+            let Some(entry) = next else { break };
             let entry = entry?;
             let value = match entry.operation {
                 Operation::Put => Some(entry.value),

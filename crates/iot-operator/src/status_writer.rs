@@ -42,12 +42,18 @@ const FORGET_ABSENT_AFTER: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 struct Entry {
     inputs: StatusInputs,
+    /// What this operator process last wrote. The reflector can lag behind our own
+    /// writes by a watch round trip; comparisons and transition times use this when
+    /// there is one, the live object otherwise (after a restart).
+    written: Option<DeploymentStatus>,
     dirty: bool,
     last_write: Option<Instant>,
     failures: u32,
     retry_at: Option<Instant>,
     /// The API server refused the status computed from these inputs (422).
     rejected: Option<StatusInputs>,
+    /// The reflector has had the object: its absence now means a delete.
+    seen: bool,
     absent_since: Option<Instant>,
 }
 
@@ -112,6 +118,14 @@ impl StatusInbox {
         self.entries().remove(deployment);
     }
 
+    /// Whether an aggregate for `deployment` is held (the aggregator re-sends it if
+    /// not, say after the entry was dropped and the resource came back).
+    pub fn has_aggregate(&self, deployment: &DeploymentRef) -> bool {
+        self.entries()
+            .get(deployment)
+            .is_some_and(|e| e.inputs.aggregate.is_some())
+    }
+
     /// The aggregate the live object carries, if any.
     pub fn live_aggregate(&self, deployment: &DeploymentRef) -> Option<AggregateStatus> {
         self.live(deployment)?.aggregate
@@ -152,7 +166,7 @@ pub struct StatusWriter {
 }
 
 enum WriteResult {
-    Written,
+    Written(Box<DeploymentStatus>),
     Unchanged,
     Gone,
     Rejected(String),
@@ -189,27 +203,35 @@ impl StatusWriter {
     /// Computes what is due and writes it, a few resources at a time.
     async fn flush(&self) {
         let now = Instant::now();
-        let mut due: Vec<(DeploymentRef, StatusInputs)> = Vec::new();
+        let mut due: Vec<(DeploymentRef, StatusInputs, Option<DeploymentStatus>)> = Vec::new();
         {
             let mut entries = self.inbox.entries();
             entries.retain(|dep, e| {
                 if self.inbox.in_store(dep) {
+                    e.seen = true;
                     e.absent_since = None;
                     return true;
                 }
-                // Not (or no longer) in the reflector: give a new resource time to show
-                // up, then drop what was kept for a vanished one.
+                if e.seen {
+                    // The reflector saw it deleted.
+                    return false;
+                }
+                // Not in the reflector yet: give a new resource time to show up.
                 let since = *e.absent_since.get_or_insert(now);
                 now.duration_since(since) < FORGET_ABSENT_AFTER
             });
-            for (dep, e) in entries.iter_mut() {
+            for (dep, e) in entries.iter_mut().filter(|(_, e)| e.dirty) {
                 let waiting = e.last_write.is_some_and(|t| now.duration_since(t) < self.min_interval)
                     || e.retry_at.is_some_and(|t| t > now)
-                    || e.rejected.as_ref() == Some(&e.inputs)
-                    || !self.inbox.live(dep).is_some_and(|live| covers(&e.inputs, &live));
-                if e.dirty && !waiting {
+                    || e.rejected.as_ref() == Some(&e.inputs);
+                if waiting {
+                    continue;
+                }
+                let Some(live) = self.inbox.live(dep) else { continue };
+                let baseline = e.written.clone().unwrap_or(live);
+                if covers(&e.inputs, &baseline) {
                     e.dirty = false;
-                    due.push((dep.clone(), e.inputs.clone()));
+                    due.push((dep.clone(), e.inputs.clone(), Some(baseline)));
                 }
             }
         }
@@ -217,9 +239,11 @@ impl StatusWriter {
         let mut queue = due.into_iter();
         loop {
             while writes.len() < CONCURRENT_WRITES {
-                let Some((dep, inputs)) = queue.next() else { break };
+                let Some((dep, inputs, baseline)) = queue.next() else {
+                    break;
+                };
                 writes.push(async move {
-                    let result = self.write_one(&dep, &inputs).await;
+                    let result = self.write_one(&dep, &inputs, baseline).await;
                     (dep, inputs, result)
                 });
             }
@@ -230,10 +254,14 @@ impl StatusWriter {
         }
     }
 
-    async fn write_one(&self, dep: &DeploymentRef, inputs: &StatusInputs) -> WriteResult {
-        let live = self.inbox.live(dep);
-        let status = build_status(live.as_ref(), inputs, Utc::now());
-        if live.as_ref() == Some(&status) {
+    async fn write_one(
+        &self,
+        dep: &DeploymentRef,
+        inputs: &StatusInputs,
+        baseline: Option<DeploymentStatus>,
+    ) -> WriteResult {
+        let status = build_status(baseline.as_ref(), inputs, Utc::now());
+        if baseline.as_ref() == Some(&status) {
             return WriteResult::Unchanged;
         }
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), dep.namespace());
@@ -247,7 +275,7 @@ impl StatusWriter {
         let call = api.patch_status(dep.name(), &params, &patch);
         match tokio::time::timeout(WRITE_TIMEOUT, call).await {
             Err(_) => WriteResult::Failed(format!("no answer within {WRITE_TIMEOUT:?}")),
-            Ok(Ok(_)) => WriteResult::Written,
+            Ok(Ok(_)) => WriteResult::Written(Box::new(status)),
             Ok(Err(kube::Error::Api(e))) if e.code == 404 => WriteResult::Gone,
             Ok(Err(kube::Error::Api(e))) if e.code == 422 => WriteResult::Rejected(e.message),
             Ok(Err(e)) => WriteResult::Failed(e.to_string()),
@@ -257,7 +285,7 @@ impl StatusWriter {
     fn settle(&self, dep: DeploymentRef, inputs: StatusInputs, result: WriteResult) {
         let now = Instant::now();
         let label = match &result {
-            WriteResult::Written => "ok",
+            WriteResult::Written(_) => "ok",
             WriteResult::Unchanged => "unchanged",
             WriteResult::Gone => "not_found",
             WriteResult::Rejected(_) => "invalid",
@@ -267,20 +295,29 @@ impl StatusWriter {
             .status_writes
             .get_or_create(&crate::metrics::result(label))
             .inc();
+        let gone_for_good = matches!(result, WriteResult::Gone) && !self.inbox.in_store(&dep);
         let mut entries = self.inbox.entries();
-        if matches!(result, WriteResult::Gone) {
+        if gone_for_good {
             tracing::debug!(deployment = %dep, "resource gone; dropping its status");
             entries.remove(&dep);
             return;
         }
         let Some(e) = entries.get_mut(&dep) else { return };
         match result {
-            WriteResult::Written => {
+            WriteResult::Written(status) => {
+                e.written = Some(*status);
                 e.last_write = Some(now);
                 e.failures = 0;
                 e.retry_at = None;
             }
-            WriteResult::Unchanged | WriteResult::Gone => {}
+            WriteResult::Unchanged => {}
+            WriteResult::Gone => {
+                // A 404 while the reflector still has the object: the API server may be
+                // restarting (its CRDs not loaded yet). Try again later.
+                e.failures += 1;
+                e.retry_at = Some(now + iot_kv::backoff(e.failures, Duration::from_secs(30)));
+                e.dirty = true;
+            }
             WriteResult::Rejected(message) => {
                 tracing::error!(deployment = %dep, error = %message, "the API server rejects the status; not retrying until it changes");
                 e.rejected = Some(inputs);
