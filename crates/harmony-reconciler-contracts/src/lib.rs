@@ -10,6 +10,7 @@
 pub mod hash;
 pub mod id;
 pub mod keys;
+pub mod read;
 pub mod score;
 pub mod status;
 pub mod text;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use iot_kv::follow::FollowConfig;
+use iot_kv::follow::{FollowConfig, ReadPath};
 use iot_kv::{DesiredView, connect_with, follow_desired_state};
 use iot_observe::Readiness;
 use tokio::sync::{mpsc, watch};
@@ -34,7 +34,7 @@ pub use iot_observe::supervise::Tasks;
 /// Runs the agent until `shutdown` completes. Containers keep running after the
 /// agent exits: they belong to the device, not to the agent process.
 pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let creds = config.nats.credentials();
+    let creds = config.nats.credentials_for(Some(&config.device_id))?;
     tracing::info!(
         device = %config.device_id,
         nats = %config.nats.nats_url.join(","),
@@ -88,6 +88,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let (desired_tx, desired_rx) = watch::channel(DesiredView::default());
     let follow_cfg = FollowConfig {
         resync: config.resync_interval,
+        // Scoped permissions do not allow the batched direct get.
+        read_path: if config.nats.uses_identity() {
+            ReadPath::Responder
+        } else {
+            ReadPath::Direct
+        },
         ..Default::default()
     };
     let follower = follow_desired_state(conn.clone(), config.device_id.clone(), follow_cfg, desired_tx);

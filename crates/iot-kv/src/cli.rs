@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
+use harmony_reconciler_contracts::Id;
+
 use crate::connect::{Anonymous, CredentialSource, CredsFile, TokenAuth, UserPassword};
+use crate::identity::IdentityCredentials;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {
@@ -15,6 +18,15 @@ pub struct NatsArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: Vec<String>,
+
+    /// Enrollment file (`iotctl device enroll`): log in to OpenBao with it and
+    /// present a fresh identity token at every connect. The production setting.
+    #[arg(long, env = "NATS_IDENTITY", conflicts_with_all = ["nats_identity_token_file", "nats_creds", "nats_token", "nats_user"])]
+    pub nats_identity: Option<PathBuf>,
+
+    /// A file holding an identity token that something else keeps fresh.
+    #[arg(long, env = "NATS_IDENTITY_TOKEN_FILE", conflicts_with_all = ["nats_creds", "nats_token", "nats_user"])]
+    pub nats_identity_token_file: Option<PathBuf>,
 
     /// NATS credentials file (JWT + nkey seed).
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nats_token", "nats_user"])]
@@ -41,8 +53,24 @@ pub struct NatsArgs {
 impl NatsArgs {
     /// The credential source the flags select. No flags means no credentials, which
     /// only a NATS server without auth accepts; there are no built-in defaults.
-    pub fn credentials(&self) -> Box<dyn CredentialSource> {
-        if let Some(path) = &self.nats_creds {
+    pub fn credentials(&self) -> Result<Box<dyn CredentialSource>, crate::KvError> {
+        self.credentials_for(None)
+    }
+
+    /// Whether the selected credentials are an identity token, which on a guarded
+    /// server comes with scoped permissions (so reads go through the responder).
+    pub fn uses_identity(&self) -> bool {
+        self.nats_identity.is_some() || self.nats_identity_token_file.is_some()
+    }
+
+    /// As [`Self::credentials`]; `device` is who connects, for a token file (an
+    /// enrollment file names its device itself).
+    pub fn credentials_for(&self, device: Option<&Id>) -> Result<Box<dyn CredentialSource>, crate::KvError> {
+        Ok(if let Some(path) = &self.nats_identity {
+            Box::new(IdentityCredentials::from_enrollment_file(path)?)
+        } else if let Some(path) = &self.nats_identity_token_file {
+            Box::new(IdentityCredentials::from_token_file(path.clone(), device.cloned()))
+        } else if let Some(path) = &self.nats_creds {
             Box::new(CredsFile(path.clone()))
         } else if let Some(token) = &self.nats_token {
             Box::new(TokenAuth(token.clone()))
@@ -53,6 +81,6 @@ impl NatsArgs {
             })
         } else {
             Box::new(Anonymous)
-        }
+        })
     }
 }

@@ -20,6 +20,7 @@ use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id, pars
 use tokio::sync::watch;
 
 use crate::connect::NatsConnection;
+use crate::desired_read::read_via_responder;
 use crate::direct::last_values_for;
 use crate::error::KvError;
 use crate::timing::{backoff, jittered, spread};
@@ -51,6 +52,19 @@ pub struct FollowConfig {
     /// device would re-read in the same instant. Changes published after the
     /// reconnect still arrive at once through the subscription.
     pub reconnect_read_spread: Duration,
+    /// How full reads are made.
+    pub read_path: ReadPath,
+}
+
+/// How a follower reads its whole desired state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadPath {
+    /// Batched direct get: needs JetStream API permissions on the bucket.
+    #[default]
+    Direct,
+    /// Through the read responder: needs only `iot.desired.read.<device>` (what a
+    /// device with scoped permissions has).
+    Responder,
 }
 
 impl Default for FollowConfig {
@@ -60,6 +74,7 @@ impl Default for FollowConfig {
             read_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
             reconnect_read_spread: Duration::from_secs(3),
+            read_path: ReadPath::Direct,
         }
     }
 }
@@ -106,7 +121,11 @@ pub async fn follow_desired_state(
                 next_read = tokio::time::Instant::now() + delay;
             }
             _ = tokio::time::sleep_until(next_read) => {
-                match last_values_for(&client, DESIRED_STATE_BUCKET, &key_prefix, config.read_timeout).await {
+                let read = match config.read_path {
+                    ReadPath::Direct => last_values_for(&client, DESIRED_STATE_BUCKET, &key_prefix, config.read_timeout).await,
+                    ReadPath::Responder => read_via_responder(&client, &device, config.read_timeout).await,
+                };
+                match read {
                     Ok(records) => {
                         failures = 0;
                         // Published only if it differs from what readers already have, so an

@@ -12,9 +12,11 @@
 pub mod buckets;
 pub mod cli;
 pub mod connect;
+pub mod desired_read;
 pub mod direct;
 pub mod error;
 pub mod follow;
+pub mod identity;
 pub mod timing;
 pub mod write;
 

@@ -6,6 +6,8 @@
 //! (container cleanup, cut links, binaries built for tests) live in `iot-testkit`.
 
 pub mod apiserver;
+pub mod auth;
+pub mod bao;
 pub mod http;
 pub mod nats;
 pub mod paths;
@@ -13,6 +15,7 @@ pub mod podman;
 pub mod process;
 
 pub use apiserver::ApiServer;
+pub use bao::OpenBao;
 pub use nats::NatsServer;
 pub use podman::PodmanService;
 pub use process::{LoggedProcess, free_port, run_captured, wait_until};

@@ -42,9 +42,23 @@ impl NatsServer {
         Self::launch("127.0.0.1", &std::env::temp_dir(), args).await
     }
 
+    /// Starts a loopback server with a configuration file of this text (accounts,
+    /// auth callout); listen address, port and store stay ours.
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Self> {
+        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir()?;
+        let path = store.path().join("nats.conf");
+        std::fs::write(&path, config)?;
+        let path = path.to_string_lossy().into_owned();
+        Self::launch_in_store("127.0.0.1", store, &["-c", &path]).await
+    }
+
     async fn launch(host: &str, parent: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
-        let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
         let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
+        Self::launch_in_store(host, store, args).await
+    }
+
+    async fn launch_in_store(host: &str, store: TempDir, args: &[&str]) -> anyhow::Result<Self> {
+        let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
         let log = store.path().join("nats.log");
         let mut me = Self {
             child: None,

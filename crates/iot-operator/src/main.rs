@@ -28,7 +28,7 @@ enum Cmd {
     /// Print the CRD as YAML (for the Helm chart).
     Crd,
     /// Run the controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 http_addr: args.http_addr.0,
             };
-            iot_operator::run::run(client, args.nats.credentials(), opts, shutdown_signal()).await
+            iot_operator::run::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
         }
     }
 }

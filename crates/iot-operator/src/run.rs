@@ -176,6 +176,16 @@ async fn start(
     };
     tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], "KV bucket ready");
 
+    {
+        // Devices with scoped permissions read their desired state through this.
+        let client = conn.client.clone();
+        forever(tasks, "desired-state read responder", async move {
+            if let Err(e) = iot_kv::desired_read::serve_desired_reads(client, std::time::Duration::from_secs(5)).await {
+                tracing::error!(error = %e, "desired-state read responder stopped");
+            }
+        });
+    }
+
     readiness.set_not_ready("loading the desired-state and device indexes");
     let index = Arc::new(DesiredIndex::default());
     let devices = Arc::new(DeviceIndex::default());

@@ -104,7 +104,7 @@ impl Cli {
         let urls = self.nats.nats_url.join(",");
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            iot_kv::connect(&self.nats.nats_url, self.nats.credentials().as_ref(), "iotctl", true),
+            iot_kv::connect(&self.nats.nats_url, self.nats.credentials()?.as_ref(), "iotctl", true),
         )
         .await
         .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} (timed out); set --nats-url or NATS_URL"))?

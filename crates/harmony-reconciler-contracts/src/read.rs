@@ -1,0 +1,125 @@
+//! Reading a device's desired state through the platform's read responder.
+//!
+//! A device with scoped NATS permissions cannot use the batched direct get: its
+//! request body names the keys, and subject permissions cannot look into bodies. So
+//! it asks the responder on `iot.desired.read.<device>`; only that device may
+//! publish there, so the subject itself proves who asks. The responder (part of the
+//! operator, any number of replicas in one queue group) does the batched read and
+//! answers page by page. No JetStream consumer is involved.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::Id;
+
+/// Subject prefix of read requests.
+pub const DESIRED_READ_PREFIX: &str = "iot.desired.read";
+/// Queue group of the responders.
+pub const DESIRED_READ_QUEUE: &str = "iot-desired-readers";
+
+/// Where `device` sends its read requests.
+pub fn desired_read_subject(device: &Id) -> String {
+    format!("{DESIRED_READ_PREFIX}.{device}")
+}
+
+/// The device a read request is for, if the subject names a valid one.
+pub fn device_of_read_subject(subject: &str) -> Option<Id> {
+    let id = subject.strip_prefix(DESIRED_READ_PREFIX)?.strip_prefix('.')?;
+    Id::new(id).ok()
+}
+
+/// The inbox prefix a device uses for replies: scoped subscribe permissions cannot
+/// allow the shared `_INBOX.>` without letting every device read every reply.
+pub fn device_inbox_prefix(device: &Id) -> String {
+    format!("_INBOX_{device}")
+}
+
+/// One page request: records with keys after `after` (all, if none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredReadRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// One page of the answer, keys in ascending order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredReadPage {
+    #[serde(default)]
+    pub records: Vec<DesiredRecord>,
+    /// More records follow: ask again with `after` = the last key of this page.
+    #[serde(default)]
+    pub more: bool,
+    /// The read failed on the responder's side; the page is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The latest record of one key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredRecord {
+    pub key: String,
+    /// Stream sequence of the record.
+    pub revision: u64,
+    /// The payload, when it is UTF-8 text (payloads are JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// The payload in base64, when it is not UTF-8 (so garbage reaches the agent as
+    /// garbage, and fails only its own deployment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_base64: Option<String>,
+    /// The key's latest record is a delete or purge marker.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_name_exactly_one_device() -> Result<(), crate::IdError> {
+        let d = Id::new("pi-7")?;
+        assert_eq!(desired_read_subject(&d), "iot.desired.read.pi-7");
+        assert_eq!(device_of_read_subject("iot.desired.read.pi-7"), Some(d.clone()));
+        assert_eq!(device_of_read_subject("iot.desired.read.pi-7.x"), None);
+        assert_eq!(device_of_read_subject("iot.desired.read.*"), None);
+        assert_eq!(device_of_read_subject("iot.desired.readpi"), None);
+        assert_eq!(device_inbox_prefix(&d), "_INBOX_pi-7");
+        Ok(())
+    }
+
+    #[test]
+    fn page_shape_is_pinned() -> Result<(), serde_json::Error> {
+        let page = DesiredReadPage {
+            records: vec![
+                DesiredRecord {
+                    key: "d1.ns_web".into(),
+                    revision: 7,
+                    value: Some("{}".into()),
+                    ..Default::default()
+                },
+                DesiredRecord {
+                    key: "d1.ns_old".into(),
+                    revision: 9,
+                    deleted: true,
+                    ..Default::default()
+                },
+            ],
+            more: true,
+            error: None,
+        };
+        let json = serde_json::to_string(&page)?;
+        assert_eq!(
+            json,
+            r#"{"records":[{"key":"d1.ns_web","revision":7,"value":"{}"},{"key":"d1.ns_old","revision":9,"deleted":true}],"more":true}"#
+        );
+        assert_eq!(serde_json::from_str::<DesiredReadPage>(&json)?, page);
+        assert_eq!(
+            serde_json::from_str::<DesiredReadRequest>("{}")?,
+            DesiredReadRequest::default()
+        );
+        Ok(())
+    }
+}

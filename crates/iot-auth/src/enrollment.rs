@@ -1,0 +1,173 @@
+//! Is this identity enrolled? Asked of OpenBao at every connect, remembered for
+//! when OpenBao cannot answer.
+//!
+//! - OpenBao says "enrolled": admitted, and the answer is cached.
+//! - OpenBao says "no such record" (never enrolled, or revoked): refused at once, and
+//!   any cached answer is dropped. So revocation takes effect at the next connect.
+//! - OpenBao cannot answer (down, sealed, frozen, slow): a cached "enrolled" younger
+//!   than `max_stale` admits; anything else is refused. An outage never admits an
+//!   identity OpenBao has not vouched for.
+//!
+//! Replicas share requests at random, so each one also loads the whole list of
+//! enrolled identities at start and every few minutes ([`Enrollments::refresh_all`]):
+//! during an outage a replica admits a known device even if it never saw it connect.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use iot_bao::enroll::{device_record_path, list_devices, list_services, service_record_path};
+use iot_bao::setup::KV_MOUNT;
+use iot_bao::{Bao, BaoError};
+use serde_json::Value;
+
+use crate::identity::Identity;
+
+/// How the callout logs in to OpenBao.
+#[derive(Clone)]
+pub enum BaoCredentials {
+    Token(String),
+    AppRole { role_id: String, secret_id: String },
+}
+
+impl std::fmt::Debug for BaoCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BaoCredentials::Token(_) => f.write_str("Token(<redacted>)"),
+            BaoCredentials::AppRole { role_id, .. } => write!(f, "AppRole({role_id}, <redacted>)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Enrolled { from_cache: bool },
+    NotEnrolled,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("enrollment unknown: OpenBao cannot answer ({0}) and nothing is cached")]
+pub struct Unavailable(pub String);
+
+#[derive(Debug)]
+pub struct Enrollments {
+    bao: Bao,
+    credentials: BaoCredentials,
+    /// The current OpenBao token and when to log in again.
+    token: tokio::sync::Mutex<Option<(String, Instant)>>,
+    cache: Mutex<HashMap<String, Instant>>,
+    max_stale: Duration,
+}
+
+impl Enrollments {
+    pub fn new(bao: Bao, credentials: BaoCredentials, max_stale: Duration) -> Self {
+        Self {
+            bao,
+            credentials,
+            token: tokio::sync::Mutex::new(None),
+            cache: Mutex::new(HashMap::new()),
+            max_stale,
+        }
+    }
+
+    pub async fn check(&self, identity: &Identity) -> Result<Decision, Unavailable> {
+        let path = match identity {
+            Identity::Device(id) => device_record_path(id.as_str()),
+            Identity::Operator(name) => service_record_path(name),
+        };
+        match self.read(&path).await {
+            Ok(Some(record)) if record_matches(identity, &record) => {
+                self.cache().insert(path, Instant::now());
+                Ok(Decision::Enrolled { from_cache: false })
+            }
+            Ok(_) => {
+                self.cache().remove(&path);
+                Ok(Decision::NotEnrolled)
+            }
+            Err(e) => {
+                let fresh_enough = self.cache().get(&path).is_some_and(|at| at.elapsed() < self.max_stale);
+                if fresh_enough {
+                    tracing::warn!(identity = %identity.name(), error = %e, "OpenBao unavailable; admitting from cache");
+                    Ok(Decision::Enrolled { from_cache: true })
+                } else {
+                    Err(Unavailable(e.to_string()))
+                }
+            }
+        }
+    }
+
+    /// Loads the list of enrolled identities; returns how many. Identities no longer
+    /// listed are forgotten.
+    pub async fn refresh_all(&self) -> Result<usize, BaoError> {
+        let client = self.client(false).await?;
+        let (devices, services) = match tokio::try_join!(list_devices(&client), list_services(&client)) {
+            Err(BaoError::Status { status: 403, .. }) => {
+                let client = self.client(true).await?;
+                tokio::try_join!(list_devices(&client), list_services(&client))?
+            }
+            other => other?,
+        };
+        let now = Instant::now();
+        let listed: HashMap<String, Instant> = devices
+            .iter()
+            .map(|d| (device_record_path(d), now))
+            .chain(services.iter().map(|s| (service_record_path(s), now)))
+            .collect();
+        let n = listed.len();
+        *self.cache() = listed;
+        Ok(n)
+    }
+
+    /// Runs [`Self::refresh_all`] every `period`, forever.
+    pub async fn keep_refreshed(&self, period: Duration) {
+        loop {
+            match self.refresh_all().await {
+                Ok(n) => tracing::debug!(identities = n, "enrollment list refreshed"),
+                Err(e) => tracing::warn!(error = %e, "could not refresh the enrollment list; keeping the last one"),
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn read(&self, path: &str) -> Result<Option<Value>, BaoError> {
+        let client = self.client(false).await?;
+        match client.kv_read(KV_MOUNT, path).await {
+            // An expired or revoked token of our own: log in again once.
+            Err(BaoError::Status { status: 403, .. }) => self.client(true).await?.kv_read(KV_MOUNT, path).await,
+            other => other,
+        }
+    }
+
+    async fn client(&self, relogin: bool) -> Result<Bao, BaoError> {
+        let mut token = self.token.lock().await;
+        let valid = token.as_ref().filter(|(_, until)| Instant::now() < *until);
+        if let (false, Some((t, _))) = (relogin, valid) {
+            return Ok(self.bao.clone().with_token(t.clone()));
+        }
+        let (t, until) = match &self.credentials {
+            BaoCredentials::Token(t) => (t.clone(), Instant::now() + Duration::from_secs(3600 * 24 * 365)),
+            BaoCredentials::AppRole { role_id, secret_id } => {
+                let login = self.bao.approle_login(role_id, secret_id).await?;
+                // Log in again well before the token expires.
+                (login.token, Instant::now() + login.ttl.mul_f64(0.5))
+            }
+        };
+        *token = Some((t.clone(), until));
+        Ok(self.bao.clone().with_token(t))
+    }
+}
+
+/// The record is for this identity (a record moved or edited by hand is not).
+fn record_matches(identity: &Identity, record: &Value) -> bool {
+    match identity {
+        Identity::Device(id) => record.get("deviceId").and_then(Value::as_str) == Some(id.as_str()),
+        Identity::Operator(name) => {
+            record.get("name").and_then(Value::as_str) == Some(name.as_str())
+                && record.get("role").and_then(Value::as_str) == Some("operator")
+        }
+    }
+}

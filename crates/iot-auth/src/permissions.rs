@@ -1,0 +1,105 @@
+//! What each identity may do on NATS: an allow-list of subjects, nothing else.
+//!
+//! A device may:
+//! - receive changes of its own desired state (`$KV.desired-state.<id>.>`);
+//! - ask the read responder for its own desired state (`iot.desired.read.<id>`);
+//! - write its own status (`$KV.agent-status.status.<id>`: a JetStream publish,
+//!   acknowledged on its inbox);
+//! - receive on its own inbox (`_INBOX_<id>.>`).
+//!
+//! No `$JS.API` subject at all: no stream info, no consumers, no direct gets, no
+//! purge or delete. The operator gets the JetStream API of the two platform buckets
+//! only, the desired-state writes, status reads, and replies to read requests.
+
+use harmony_reconciler_contracts::keys::{kv_stream_name, kv_subject};
+use harmony_reconciler_contracts::read::{DESIRED_READ_PREFIX, desired_read_subject, device_inbox_prefix};
+use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET, agent_status_key};
+
+use crate::identity::Identity;
+use crate::nats_jwt::Permissions;
+
+pub fn permissions_for(identity: &Identity) -> Permissions {
+    match identity {
+        Identity::Device(id) => Permissions {
+            publish: vec![
+                kv_subject(AGENT_STATUS_BUCKET, &agent_status_key(id)),
+                desired_read_subject(id),
+            ],
+            subscribe: vec![
+                format!("$KV.{DESIRED_STATE_BUCKET}.{id}.>"),
+                format!("{}.>", device_inbox_prefix(id)),
+            ],
+            respond: false,
+        },
+        Identity::Operator(_) => {
+            let mut publish = vec![kv_subject(DESIRED_STATE_BUCKET, ">"), "$JS.API.INFO".to_owned()];
+            for bucket in [DESIRED_STATE_BUCKET, AGENT_STATUS_BUCKET] {
+                let stream = kv_stream_name(bucket);
+                publish.extend([
+                    format!("$JS.API.STREAM.INFO.{stream}"),
+                    format!("$JS.API.STREAM.CREATE.{stream}"),
+                    format!("$JS.API.STREAM.UPDATE.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}.>"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+                    format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+                    format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+                    format!("$JS.FC.{stream}.>"),
+                ]);
+            }
+            Permissions {
+                publish,
+                subscribe: vec![
+                    "_INBOX.>".to_owned(),
+                    format!("{DESIRED_READ_PREFIX}.*"),
+                    kv_subject(AGENT_STATUS_BUCKET, ">"),
+                    kv_subject(DESIRED_STATE_BUCKET, ">"),
+                ],
+                respond: true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use harmony_reconciler_contracts::Id;
+
+    use super::*;
+
+    #[test]
+    fn a_device_gets_its_own_subjects_and_nothing_else() -> Result<(), harmony_reconciler_contracts::IdError> {
+        let p = permissions_for(&Identity::Device(Id::new("pi-7")?));
+        assert_eq!(p.publish, ["$KV.agent-status.status.pi-7", "iot.desired.read.pi-7"]);
+        assert_eq!(p.subscribe, ["$KV.desired-state.pi-7.>", "_INBOX_pi-7.>"]);
+        assert!(!p.respond);
+        assert!(
+            p.publish.iter().chain(&p.subscribe).all(|s| !s.starts_with("$JS.")),
+            "no JetStream API for devices"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_operator_is_limited_to_the_platform_buckets() {
+        let p = permissions_for(&Identity::Operator("operator".into()));
+        assert!(p.respond);
+        for s in p
+            .publish
+            .iter()
+            .filter(|s| s.starts_with("$JS.API.") && *s != "$JS.API.INFO")
+        {
+            assert!(
+                s.contains("KV_desired-state") || s.contains("KV_agent-status"),
+                "{s} reaches beyond the platform buckets"
+            );
+            assert!(
+                !s.contains("PURGE") && !s.contains(".DELETE.KV_") || s.contains("CONSUMER"),
+                "{s}"
+            );
+        }
+        // It writes desired state but never a device's status.
+        assert!(p.publish.iter().all(|s| !s.starts_with("$KV.agent-status")));
+    }
+}

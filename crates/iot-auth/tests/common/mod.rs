@@ -1,0 +1,167 @@
+//! A secured platform NATS on real servers: OpenBao (initialised, unsealed, on
+//! disk), nats-server 2.15 with the auth callout configured, and callout replicas
+//! running the real binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, Event};
+use iot_bao::enroll::{self, Enrollment, Role};
+use iot_kv::CredentialSource;
+use iot_kv::identity::IdentityCredentials;
+use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
+use iot_testkit::{NatsServer, OpenBao, cargo_bin};
+use tempfile::TempDir;
+
+pub struct Secured {
+    pub bao: OpenBao,
+    pub nats: NatsServer,
+    pub keys: CalloutKeys,
+    pub dir: TempDir,
+    pub callout_enrollment: PathBuf,
+    pub callouts: Vec<CalloutProcess>,
+    pub user_ttl: Duration,
+}
+
+impl Secured {
+    pub async fn start(replicas: usize) -> anyhow::Result<Self> {
+        Self::start_with(replicas, Duration::from_secs(600), &[]).await
+    }
+
+    pub async fn start_with(replicas: usize, user_ttl: Duration, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let bao = OpenBao::start().await?;
+        let dir = tempfile::Builder::new().prefix("iot-auth-test-").tempdir()?;
+        let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
+        let callout_enrollment = dir.path().join("callout.json");
+        std::fs::write(&callout_enrollment, serde_json::to_string(&callout)?)?;
+        let keys = CalloutKeys::generate()?;
+        let nats = NatsServer::start_with_config(&keys.nats_config()).await?;
+        let mut me = Self {
+            bao,
+            nats,
+            keys,
+            dir,
+            callout_enrollment,
+            callouts: Vec::new(),
+            user_ttl,
+        };
+        for _ in 0..replicas {
+            me.add_callout(env).await?;
+        }
+        // Buckets, as the operator would create them.
+        let admin = me.admin().await?;
+        iot_kv::buckets::ensure_buckets(&async_nats::jetstream::new(admin)).await?;
+        Ok(me)
+    }
+
+    pub async fn add_callout(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let binary = cargo_bin("iot-auth-callout")?;
+        let mut all_env: Vec<(String, String)> = vec![("RUST_LOG".into(), "info,iot_auth=debug".into())];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let launch = CalloutLaunch {
+            binary: &binary,
+            nats_url: &self.nats.url(),
+            keys: &self.keys,
+            dir: self.dir.path(),
+            bao_addr: &self.bao.addr(),
+            enrollment_file: &self.callout_enrollment,
+            user_ttl: self.user_ttl,
+            env: all_env,
+        };
+        let name = format!("callout-{}", self.callouts.len());
+        self.callouts.push(CalloutProcess::spawn(&launch, &name).await?);
+        Ok(())
+    }
+
+    /// The logs of every callout replica.
+    pub fn callout_logs(&self) -> String {
+        self.callouts
+            .iter()
+            .map(|c| c.process.log_text())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The development admin user, which bypasses the callout (test setup only).
+    pub async fn admin(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(
+            ConnectOptions::with_user_and_password("admin".into(), self.keys.admin_password.clone())
+                .connect(self.nats.url())
+                .await?,
+        )
+    }
+
+    pub async fn enroll_device(&self, id: &str) -> anyhow::Result<Enrollment> {
+        Ok(enroll::enroll_device(&self.bao.root()?, id, &BTreeMap::new()).await?)
+    }
+
+    pub async fn enroll_operator(&self) -> anyhow::Result<Enrollment> {
+        Ok(enroll::enroll_service(&self.bao.root()?, "operator", Role::Operator).await?)
+    }
+}
+
+/// A client connected with identity credentials, recording the server's errors
+/// (permission violations arrive asynchronously, as `-ERR` lines).
+pub struct Probe {
+    pub client: async_nats::Client,
+    pub errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Probe {
+    pub async fn connect(url: &str, creds: &IdentityCredentials) -> anyhow::Result<Self> {
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        let client = creds
+            .connect_options()
+            .await?
+            .event_callback(move |event| {
+                let sink = sink.clone();
+                async move {
+                    if let Event::ServerError(e) = event {
+                        sink.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(e.to_string());
+                    }
+                }
+            })
+            .connect(url)
+            .await?;
+        Ok(Self { client, errors })
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        self.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until the server reported a permission violation naming `subject`.
+    pub async fn wait_violation(&self, subject: &str) -> anyhow::Result<()> {
+        iot_testkit::wait_until(
+            Duration::from_secs(5),
+            &format!("a permissions violation for {subject}"),
+            || async {
+                self.errors()
+                    .iter()
+                    .any(|e| e.to_lowercase().contains("permissions violation") && e.contains(subject))
+                    .then_some(())
+            },
+        )
+        .await
+    }
+}
+
+/// Tries to connect; the error text if refused.
+pub async fn try_connect(url: &str, creds: &IdentityCredentials) -> Result<async_nats::Client, String> {
+    let opts = creds.connect_options().await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), opts.connect(url)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}

@@ -1,0 +1,132 @@
+//! A NATS server guarded by the platform's auth callout: the keys, the server
+//! configuration and the callout processes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use nkeys::{KeyPair, XKey};
+
+use crate::process::{LoggedProcess, free_port, wait_until};
+
+/// The callout's keys and the passwords of the users that bypass it.
+pub struct CalloutKeys {
+    pub issuer: KeyPair,
+    pub xkey: XKey,
+    /// Password of `auth`, the callout's own user in the AUTH account.
+    pub auth_password: String,
+    /// Password of `admin`, an IOT-account user that bypasses the callout: for
+    /// development tools and test setup, never for devices.
+    pub admin_password: String,
+}
+
+/// A random secret (hex).
+pub fn random_secret() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 24];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl CalloutKeys {
+    pub fn generate() -> anyhow::Result<Self> {
+        Ok(Self {
+            issuer: KeyPair::new_account(),
+            xkey: XKey::new(),
+            auth_password: random_secret()?,
+            admin_password: random_secret()?,
+        })
+    }
+
+    /// The nats-server configuration: accounts AUTH (the callout), IOT (the
+    /// platform, JetStream on) and SYS; every client not listed in `auth_users` is
+    /// decided by the callout.
+    pub fn nats_config(&self) -> String {
+        format!(
+            "accounts {{\n  AUTH {{ users: [ {{ user: auth, password: \"{auth}\" }} ] }}\n  \
+             IOT {{ jetstream: enabled, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  SYS {{}}\n}}\n\
+             system_account: SYS\n\
+             authorization {{\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
+            auth = self.auth_password,
+            admin = self.admin_password,
+            issuer = self.issuer.public_key(),
+            xkey = self.xkey.public_key(),
+        )
+    }
+
+    /// Writes the two seeds (mode 0600) into `dir`; returns (issuer, xkey) paths.
+    pub fn write_seeds(&self, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let issuer = dir.join("issuer.seed");
+        let xkey = dir.join("xkey.seed");
+        write_private(&issuer, &self.issuer.seed().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+        write_private(&xkey, &self.xkey.seed().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+        Ok((issuer, xkey))
+    }
+}
+
+/// Everything a callout process needs.
+pub struct CalloutLaunch<'a> {
+    pub binary: &'a Path,
+    pub nats_url: &'a str,
+    pub keys: &'a CalloutKeys,
+    pub dir: &'a Path,
+    pub bao_addr: &'a str,
+    pub enrollment_file: &'a Path,
+    pub user_ttl: Duration,
+    /// Extra environment (e.g. `RUST_LOG`).
+    pub env: Vec<(String, String)>,
+}
+
+/// A running callout replica.
+pub struct CalloutProcess {
+    pub process: LoggedProcess,
+    pub metrics_port: u16,
+}
+
+impl CalloutProcess {
+    pub async fn spawn(l: &CalloutLaunch<'_>, name: &str) -> anyhow::Result<Self> {
+        let (issuer, xkey) = l.keys.write_seeds(l.dir)?;
+        let metrics_port = free_port()?;
+        let mut cmd = Command::new(l.binary);
+        cmd.env("NATS_URL", l.nats_url)
+            .env("NATS_USER", "auth")
+            .env("NATS_PASSWORD", &l.keys.auth_password)
+            .env("IOT_AUTH_ISSUER_SEED_FILE", issuer)
+            .env("IOT_AUTH_XKEY_SEED_FILE", xkey)
+            .env("IOT_AUTH_OIDC_ISSUER", iot_bao::setup::issuer_url(l.bao_addr))
+            .env("BAO_ADDR", l.bao_addr)
+            .env("IOT_AUTH_BAO_ENROLLMENT", l.enrollment_file)
+            .env("IOT_AUTH_USER_TTL", format!("{}s", l.user_ttl.as_secs()))
+            .env("IOT_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"));
+        for (k, v) in &l.env {
+            cmd.env(k, v);
+        }
+        let process = LoggedProcess::spawn(name, cmd, l.dir.join(format!("{name}.log")))?;
+        wait_until(Duration::from_secs(30), "the auth callout to be ready", || async move {
+            (crate::http::get_status("127.0.0.1", metrics_port, "/readyz")
+                .await
+                .ok()?
+                == 200)
+                .then_some(())
+        })
+        .await?;
+        Ok(Self { process, metrics_port })
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+}
+
+pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
