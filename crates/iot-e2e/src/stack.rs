@@ -8,14 +8,26 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use harmony_reconciler_contracts::*;
 use iot_api::{Deployment, DeploymentStatus};
+use iot_bao::enroll::Role;
 use iot_kv::{Anonymous, connect};
+use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
 use iot_testkit::{
-    ApiServer, DeviceContainers, LoggedProcess, NatsServer, PodmanService, cargo_bin, unique_id, wait_until,
+    ApiServer, DeviceContainers, LoggedProcess, NatsServer, OpenBao, PodmanService, cargo_bin, unique_id, wait_until,
 };
 use kube::Api;
 use tempfile::TempDir;
 
 pub const WAIT: Duration = Duration::from_secs(90);
+
+/// The secured variant's parts: OpenBao, the callout and everyone's enrollment.
+pub struct Security {
+    pub bao: OpenBao,
+    pub keys: CalloutKeys,
+    pub callouts: Vec<CalloutProcess>,
+    pub operator_enrollment: PathBuf,
+    /// Enrollment file per enrolled device.
+    pub enrollments: std::collections::HashMap<String, PathBuf>,
+}
 
 pub struct Stack {
     pub api: ApiServer,
@@ -35,6 +47,10 @@ pub struct Stack {
     pub operator_http: Option<u16>,
     /// Removes device containers after the agents are killed (see Drop).
     cleanups: Vec<DeviceContainers>,
+    /// Set by [`Stack::start_secured`]: NATS behind the auth callout, every daemon
+    /// with its own identity.
+    pub security: Option<Security>,
+    secured_dir: Option<TempDir>,
 }
 
 impl Drop for Stack {
@@ -59,8 +75,63 @@ impl Drop for Stack {
 impl Stack {
     /// API server with the CRD installed (through `iot-operator install`), NATS, podman.
     pub async fn start() -> anyhow::Result<Self> {
-        let api = ApiServer::start().await?;
         let nats = NatsServer::start().await?;
+        let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", true).await?;
+        Self::start_with(nats, conn.client, None).await
+    }
+
+    /// [`Stack::start`] with NATS guarded by the auth callout (backed by a real
+    /// OpenBao): the operator and each agent started with
+    /// [`Stack::start_enrolled_agent`] connect with their own identity. The test
+    /// itself uses the development `admin` user for setup and inspection.
+    pub async fn start_secured() -> anyhow::Result<Self> {
+        let bao = OpenBao::start().await?;
+        let dir = tempfile::tempdir()?;
+        let root = bao.root()?;
+        let callout = iot_bao::enroll::enroll_service(&root, "callout", Role::Callout).await?;
+        let callout_file = dir.path().join("callout.json");
+        std::fs::write(&callout_file, serde_json::to_string(&callout)?)?;
+        let operator = iot_bao::enroll::enroll_service(&root, "operator", Role::Operator).await?;
+        let operator_enrollment = dir.path().join("operator.json");
+        std::fs::write(&operator_enrollment, serde_json::to_string(&operator)?)?;
+        let keys = CalloutKeys::generate()?;
+        let nats = NatsServer::start_with_config(&keys.nats_config()).await?;
+        let binary = cargo_bin("iot-auth-callout")?;
+        let callout = CalloutProcess::spawn(
+            &CalloutLaunch {
+                binary: &binary,
+                nats_url: &nats.url(),
+                keys: &keys,
+                dir: dir.path(),
+                bao_addr: &bao.addr(),
+                enrollment_file: &callout_file,
+                user_ttl: Duration::from_secs(600),
+                env: vec![("RUST_LOG".into(), "info".into())],
+            },
+            "callout-0",
+        )
+        .await?;
+        let admin = async_nats::ConnectOptions::with_user_and_password("admin".into(), keys.admin_password.clone())
+            .connect(nats.url())
+            .await?;
+        let security = Security {
+            bao,
+            keys,
+            callouts: vec![callout],
+            operator_enrollment,
+            enrollments: Default::default(),
+        };
+        let mut me = Self::start_with(nats, admin, Some(security)).await?;
+        me.secured_dir = Some(dir);
+        Ok(me)
+    }
+
+    async fn start_with(
+        nats: NatsServer,
+        admin: async_nats::Client,
+        security: Option<Security>,
+    ) -> anyhow::Result<Self> {
+        let api = ApiServer::start().await?;
         let podman = PodmanService::start().await?;
         let kube = api.kube_client().await?;
         let out = Command::new(cargo_bin("iot-operator")?)
@@ -72,8 +143,7 @@ impl Stack {
             "iot-operator install failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", true).await?;
-        let js = jetstream::new(conn.client.clone());
+        let js = jetstream::new(admin);
         let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
         Ok(Self {
             api,
@@ -90,6 +160,8 @@ impl Stack {
             operator_starts: 0,
             operator_http: None,
             cleanups: Vec::new(),
+            security,
+            secured_dir: None,
         })
     }
 
@@ -102,6 +174,9 @@ impl Stack {
             .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .env("RUST_LOG", "info")
             .arg("run");
+        if let Some(sec) = &self.security {
+            cmd.env("NATS_IDENTITY", &sec.operator_enrollment);
+        }
         self.operator_http = Some(http);
         for (k, v) in &self.operator_env {
             cmd.env(k, v);
@@ -150,6 +225,23 @@ impl Stack {
         Ok((device.clone(), DeviceContainers::observer(&device)))
     }
 
+    /// On a secured stack: enrolls a fresh device in OpenBao and starts its agent
+    /// with that identity (`NATS_IDENTITY`).
+    pub async fn start_enrolled_agent(&mut self) -> anyhow::Result<(String, DeviceContainers)> {
+        let sec = self
+            .security
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("not a secured stack"))?;
+        let device = unique_id("dev");
+        let enrollment = iot_bao::enroll::enroll_device(&sec.bao.root()?, &device, &Default::default()).await?;
+        let file = self.dir.path().join(format!("{device}.json"));
+        std::fs::write(&file, serde_json::to_string(&enrollment)?)?;
+        sec.enrollments.insert(device.clone(), file);
+        self.cleanups.push(DeviceContainers::new(&device));
+        self.spawn_agent(&device)?;
+        Ok((device.clone(), DeviceContainers::observer(&device)))
+    }
+
     pub fn spawn_agent(&mut self, device: &str) -> anyhow::Result<()> {
         self.spawn_agent_with_clock(device, None)
     }
@@ -179,6 +271,9 @@ impl Stack {
             .env("IOT_RESYNC_INTERVAL", "2s")
             .env("IOT_STOP_TIMEOUT", "1s")
             .env("RUST_LOG", "info");
+        if let Some(file) = self.security.as_ref().and_then(|s| s.enrollments.get(device)) {
+            cmd.env("NATS_IDENTITY", file);
+        }
         let log = self.dir.path().join(format!("agent-{device}.log"));
         self.agents
             .push(LoggedProcess::spawn(&format!("agent {device}"), cmd, log)?);
