@@ -230,3 +230,58 @@ async fn iotctl_errors_clearly_when_nothing_is_reachable() -> anyhow::Result<()>
     assert!(err.contains("cannot reach a Kubernetes API server"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result<()> {
+    let bao = iot_testkit::OpenBao::start().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pi-1.json");
+    let run = |args: &[&str]| -> anyhow::Result<(bool, String, String)> {
+        let out = Command::new(cargo_bin("iotctl")?)
+            .env("BAO_ADDR", bao.addr())
+            .env("BAO_TOKEN", bao.root_token())
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let path = file.to_string_lossy().into_owned();
+    let (ok, _, err) = run(&["device", "enroll", "pi-1", "--label", "site=lab", "--out", &path])?;
+    assert!(ok, "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file)?.permissions().mode() & 0o777,
+        0o600,
+        "the enrollment holds a secret"
+    );
+    // What it wrote is what a device needs: it gets an identity token with it.
+    let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file)?;
+    let token = creds.token().await?;
+    assert_eq!(token.split('.').count(), 3);
+    let (ok, out, _) = run(&["device", "list"])?;
+    assert!(ok);
+    assert_eq!(out.trim(), "pi-1");
+    // A bad id is refused before anything is created.
+    let (ok, _, err) = run(&["device", "enroll", "a.b"])?;
+    assert!(!ok);
+    assert!(err.contains("a.b"), "{err}");
+    // Without a token: a clear message.
+    let out = Command::new(cargo_bin("iotctl")?)
+        .env("BAO_ADDR", bao.addr())
+        .env_remove("BAO_TOKEN")
+        .args(["device", "list"])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BAO_TOKEN"));
+
+    let (ok, _, err) = run(&["device", "revoke", "pi-1"])?;
+    assert!(ok, "{err}");
+    let (_, out, _) = run(&["device", "list"])?;
+    assert_eq!(out.trim(), "");
+    let fresh = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file)?;
+    assert!(fresh.token().await.is_err(), "a revoked enrollment still logs in");
+    Ok(())
+}

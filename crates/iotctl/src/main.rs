@@ -1,8 +1,10 @@
 //! `iotctl`: the fleet from a terminal. Reads NATS KV (desired state, device status)
-//! and the Kubernetes API (Deployments); writes nothing, and creates no JetStream
-//! consumer (every listing is a batched direct get, like the devices' own reads).
+//! and the Kubernetes API (Deployments); writes nothing there, and creates no
+//! JetStream consumer (every listing is a batched direct get). Manages identities in
+//! OpenBao: device and service enrollment and revocation ([`identity`]).
 //! Output goes through [`out`], so `iotctl ... | head` ends quietly.
 
+mod identity;
 mod out;
 mod table;
 
@@ -28,6 +30,8 @@ use table::{Table, age, bytes_gib};
 struct Cli {
     #[command(flatten)]
     nats: NatsArgs,
+    #[command(flatten)]
+    bao: identity::BaoArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -58,6 +62,21 @@ enum Cmd {
         /// Namespace (default: all).
         #[arg(short, long)]
         namespace: Option<String>,
+    },
+    /// Device identities in OpenBao: enroll, revoke, list (needs BAO_ADDR, BAO_TOKEN).
+    Device {
+        #[command(subcommand)]
+        cmd: identity::DeviceCmd,
+    },
+    /// Platform service identities in OpenBao (the operator, the auth callout).
+    Service {
+        #[command(subcommand)]
+        cmd: identity::ServiceCmd,
+    },
+    /// OpenBao itself.
+    Bao {
+        #[command(subcommand)]
+        cmd: identity::BaoCmd,
     },
 }
 
@@ -341,6 +360,9 @@ async fn main() {
         Cmd::Kv { cmd } => kv_cmd(&cli, cmd).await,
         Cmd::Devices => devices(&cli).await,
         Cmd::Deployments { namespace } => deployments(&cli, namespace.as_deref()).await,
+        Cmd::Device { cmd } => identity::device(&cli.bao, cmd).await,
+        Cmd::Service { cmd } => identity::service(&cli.bao, cmd).await,
+        Cmd::Bao { cmd } => identity::bao_cmd(&cli.bao, cmd).await,
     };
     if let Err(e) = result {
         // The top message plus the root cause; the middle of the chain only repeats.

@@ -1,0 +1,179 @@
+//! Identities in OpenBao: enrolling and revoking devices and platform services, and
+//! setting up a fresh OpenBao. Needs an OpenBao token allowed to manage auth,
+//! identity and the `iot` KV mount (an administrator's, or the root token of a
+//! development stack).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand, ValueEnum};
+use harmony_reconciler_contracts::Id;
+use iot_bao::Bao;
+use iot_bao::enroll::{self, Enrollment, Role};
+
+use crate::out;
+
+#[derive(Debug, Clone, Args)]
+pub struct BaoArgs {
+    /// OpenBao address.
+    #[arg(long, env = "BAO_ADDR", default_value = "http://127.0.0.1:8200", global = true)]
+    pub bao_addr: String,
+    /// OpenBao token with administrative rights.
+    #[arg(long, env = "BAO_TOKEN", hide_env_values = true, global = true)]
+    pub bao_token: Option<String>,
+}
+
+impl BaoArgs {
+    fn client(&self) -> anyhow::Result<Bao> {
+        let token = self
+            .bao_token
+            .clone()
+            .context("no OpenBao token: set BAO_TOKEN (or --bao-token)")?;
+        Ok(Bao::new(&self.bao_addr)?.with_token(token))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCmd {
+    /// Enroll a device: creates its OpenBao identity, approle and enrollment record,
+    /// and prints (or writes) the enrollment the device needs (`NATS_IDENTITY`).
+    Enroll {
+        id: String,
+        /// Label recorded with the enrollment (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Write the enrollment to this file (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a device: it is refused at its next connect, and its current session
+    /// ends when its NATS user expires (the callout's user TTL, 10 minutes by default).
+    Revoke { id: String },
+    /// Enrolled devices.
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ServiceRole {
+    Operator,
+    Callout,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Enroll a platform service (the operator, the auth callout).
+    Enroll {
+        name: String,
+        #[arg(long, value_enum)]
+        role: ServiceRole,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a platform service.
+    Revoke { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum BaoCmd {
+    /// Configure an initialised, unsealed OpenBao for the platform (idempotent).
+    Setup,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or("labels are KEY=VALUE")?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+pub async fn device(bao: &BaoArgs, cmd: &DeviceCmd) -> anyhow::Result<()> {
+    let client = bao.client()?;
+    match cmd {
+        DeviceCmd::Enroll { id, labels, out } => {
+            let id = Id::new(id.as_str())?;
+            let labels: BTreeMap<String, String> = labels.iter().cloned().collect();
+            let e = enroll::enroll_device(&client, id.as_str(), &labels)
+                .await
+                .with_context(|| format!("enrolling device {id}"))?;
+            emit(&e, out.as_deref())
+        }
+        DeviceCmd::Revoke { id } => {
+            let id = Id::new(id.as_str())?;
+            enroll::revoke_device(&client, id.as_str())
+                .await
+                .with_context(|| format!("revoking device {id}"))?;
+            out::warn(&format!(
+                "revoked {id}: refused from its next connect; a live session ends when its NATS user expires"
+            ));
+            Ok(())
+        }
+        DeviceCmd::List => {
+            for d in enroll::list_devices(&client).await? {
+                out::line(&d);
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn service(bao: &BaoArgs, cmd: &ServiceCmd) -> anyhow::Result<()> {
+    let client = bao.client()?;
+    match cmd {
+        ServiceCmd::Enroll { name, role, out } => {
+            let role = match role {
+                ServiceRole::Operator => Role::Operator,
+                ServiceRole::Callout => Role::Callout,
+            };
+            let e = enroll::enroll_service(&client, name, role)
+                .await
+                .with_context(|| format!("enrolling service {name}"))?;
+            emit(&e, out.as_deref())
+        }
+        ServiceCmd::Revoke { name } => {
+            enroll::revoke_service(&client, name)
+                .await
+                .with_context(|| format!("revoking service {name}"))?;
+            Ok(())
+        }
+    }
+}
+
+pub async fn bao_cmd(bao: &BaoArgs, cmd: &BaoCmd) -> anyhow::Result<()> {
+    match cmd {
+        BaoCmd::Setup => {
+            iot_bao::setup::configure(&bao.client()?)
+                .await
+                .context("configuring OpenBao")?;
+            out::warn(&format!(
+                "OpenBao at {} is set up; identity tokens are issued by {}",
+                bao.bao_addr,
+                iot_bao::setup::issuer_url(&bao.bao_addr)
+            ));
+            Ok(())
+        }
+    }
+}
+
+/// The enrollment holds a secret: to a 0600 file, or to stdout for piping.
+fn emit(e: &Enrollment, path: Option<&Path>) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(e)?;
+    match path {
+        None => {
+            out::line(&json);
+            Ok(())
+        }
+        Some(p) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("writing {}", p.display()))?;
+            f.write_all(json.as_bytes())?;
+            out::warn(&format!("wrote the enrollment of {} to {}", e.name, p.display()));
+            Ok(())
+        }
+    }
+}
