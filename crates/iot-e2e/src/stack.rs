@@ -103,6 +103,7 @@ impl Stack {
                 nats_url: &nats.url(),
                 keys: &keys,
                 dir: dir.path(),
+                secrets_dir: dir.path(),
                 bao_addr: &bao.addr(),
                 enrollment_file: &callout_file,
                 user_ttl: Duration::from_secs(600),

@@ -69,7 +69,10 @@ pub struct CalloutLaunch<'a> {
     pub binary: &'a Path,
     pub nats_url: &'a str,
     pub keys: &'a CalloutKeys,
+    /// Where its log goes.
     pub dir: &'a Path,
+    /// Where its key seeds are written (mode 0600).
+    pub secrets_dir: &'a Path,
     pub bao_addr: &'a str,
     pub enrollment_file: &'a Path,
     pub user_ttl: Duration,
@@ -85,7 +88,7 @@ pub struct CalloutProcess {
 
 impl CalloutProcess {
     pub async fn spawn(l: &CalloutLaunch<'_>, name: &str) -> anyhow::Result<Self> {
-        let (issuer, xkey) = l.keys.write_seeds(l.dir)?;
+        let (issuer, xkey) = l.keys.write_seeds(l.secrets_dir)?;
         let metrics_port = free_port()?;
         let mut cmd = Command::new(l.binary);
         cmd.env("NATS_URL", l.nats_url)

@@ -14,6 +14,7 @@ use crate::process::{LoggedProcess, free_port, wait_until};
 
 pub struct OpenBao {
     process: Option<LoggedProcess>,
+    host: String,
     dir: PathBuf,
     _temp: Option<TempDir>,
     port: u16,
@@ -38,11 +39,18 @@ impl OpenBao {
     /// stack's convenience, where production uses several key holders or an
     /// auto-unseal), unsealed on every start.
     pub async fn start_in(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_in_on(dir, "127.0.0.1").await
+    }
+
+    /// [`Self::start_in`], listening on `host` (e.g. the gateway address devices
+    /// reach the platform through).
+    pub async fn start_in_on(dir: &Path, host: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("data"))?;
         let port = free_port()?;
         let cluster_port = free_port()?;
         let mut me = Self {
             process: None,
+            host: host.to_owned(),
             dir: dir.to_owned(),
             _temp: None,
             port,
@@ -70,8 +78,9 @@ impl OpenBao {
         let binary = find_binary("bao", "IOT_BAO")?;
         let config = format!(
             "storage \"raft\" {{\n  path = \"{data}\"\n  node_id = \"bao1\"\n  performance_multiplier = 1\n}}\n\
-             listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cport}\"\n  tls_disable = true\n}}\n\
-             api_addr = \"http://127.0.0.1:{port}\"\ncluster_addr = \"http://127.0.0.1:{cport}\"\n",
+             listener \"tcp\" {{\n  address = \"{host}:{port}\"\n  cluster_address = \"127.0.0.1:{cport}\"\n  tls_disable = true\n}}\n\
+             api_addr = \"http://{host}:{port}\"\ncluster_addr = \"http://127.0.0.1:{cport}\"\n",
+            host = self.host,
             data = self.dir.join("data").display(),
             port = self.port,
             cport = self.cluster_port,
@@ -102,7 +111,7 @@ impl OpenBao {
     }
 
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// A client with the root token.

@@ -45,11 +45,16 @@ impl NatsServer {
     /// Starts a loopback server with a configuration file of this text (accounts,
     /// auth callout); listen address, port and store stay ours.
     pub async fn start_with_config(config: &str) -> anyhow::Result<Self> {
-        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir()?;
+        Self::start_with_config_on_in("127.0.0.1", &std::env::temp_dir(), config).await
+    }
+
+    /// [`Self::start_with_config`] on `host`, with its store under `parent`.
+    pub async fn start_with_config_on_in(host: &str, parent: &std::path::Path, config: &str) -> anyhow::Result<Self> {
+        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
         let path = store.path().join("nats.conf");
         std::fs::write(&path, config)?;
         let path = path.to_string_lossy().into_owned();
-        Self::launch_in_store("127.0.0.1", store, &["-c", &path]).await
+        Self::launch_in_store(host, store, &["-c", &path]).await
     }
 
     async fn launch(host: &str, parent: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {

@@ -36,6 +36,10 @@ struct Args {
     /// Keep the logs in the state directory after teardown (everything else goes).
     #[arg(long)]
     keep_logs: bool,
+    /// Run NATS without authentication (today's open mode, for debugging). By
+    /// default every client goes through the auth callout with its own identity.
+    #[arg(long)]
+    insecure: bool,
     /// Directory with the release binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -75,7 +79,13 @@ async fn run(args: Args) -> anyhow::Result<i32> {
             .map(PathBuf::from)
             .ok_or_else(|| anyhow::anyhow!("no binary dir"))?,
     };
-    for b in ["iot-operator", "iot-agent", "example_iot_apply_deployment", "iotctl"] {
+    for b in [
+        "iot-operator",
+        "iot-agent",
+        "example_iot_apply_deployment",
+        "iotctl",
+        "iot-auth-callout",
+    ] {
         anyhow::ensure!(
             bin_dir.join(b).exists(),
             "{} missing in {}; run scripts/up.sh (it builds them)",
@@ -103,6 +113,8 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         operator_http: None,
         containers_conf: iot_launch::paths::containers_conf(),
         keep_logs: args.keep_logs,
+        security: None,
+        secure: !args.insecure,
     };
     let started = tokio::select! {
         r = up.start(args.devices) => r,

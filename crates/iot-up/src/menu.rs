@@ -9,14 +9,33 @@ pub fn env_file(up: &Up) -> std::path::PathBuf {
 
 /// `source`-able settings, so the menu's commands stay short.
 pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
-    let text = format!(
+    let mut text = format!(
         "export KUBECONFIG={}\nexport NATS_URL={}\nexport CONTAINERS_CONF={}\nexport PATH={}:$PATH\n",
         up.kubeconfig().display(),
         up.nats_url(),
         up.containers_conf.display(),
         up.bin_dir.display()
     );
-    std::fs::write(env_file(up), text)?;
+    if let Some(sec) = &up.security {
+        // The development admin (bypasses the callout) for iotctl, and OpenBao's
+        // root token for enrolling: a local stack's conveniences, nothing a device
+        // ever gets.
+        text.push_str(&format!(
+            "export NATS_USER=admin\nexport NATS_PASSWORD={}\nexport BAO_ADDR={}\nexport BAO_TOKEN={}\n",
+            sec.keys.admin_password,
+            sec.bao.addr(),
+            sec.bao.root_token()
+        ));
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(env_file(up))?
+        .write_all(text.as_bytes())?;
     Ok(())
 }
 
@@ -102,6 +121,47 @@ pub fn print(up: &Up) {
             up.net.netns_path(d.index)
         ),
     );
+    match &up.security {
+        Some(sec) => {
+            line(
+                &mut m,
+                format!(
+                    "\n{} (NATS admits every client through the auth callout; each device sees only its own keys)",
+                    out::bold("Device identities")
+                ),
+            );
+            line(&mut m, "  iotctl device list");
+            line(
+                &mut m,
+                format!(
+                    "  iotctl device revoke {}     # refused at its next connect; its session ends within 10 min",
+                    d.id
+                ),
+            );
+            line(
+                &mut m,
+                format!(
+                    "  iotctl device enroll {} --out {}/{}.json   # and restart its agent",
+                    d.id,
+                    up.identities_dir().display(),
+                    d.id
+                ),
+            );
+            for c in &sec.callouts {
+                line(
+                    &mut m,
+                    format!("  curl -s {} | grep ^iot_auth    # a callout replica", c.metrics_url()),
+                );
+            }
+        }
+        None => line(
+            &mut m,
+            format!(
+                "\n{}",
+                out::bad("NATS is open (--insecure): any client can read and write everything")
+            ),
+        ),
+    }
     line(&mut m, format!("\n{}", out::bold("Metrics and readiness")));
     if let Some(http) = &up.operator_http {
         line(
@@ -133,6 +193,9 @@ pub fn print(up: &Up) {
     }
     if let Some(nats) = &up.nats {
         line(&mut m, format!("  tail -f {}", nats.log_path().display()));
+    }
+    if up.security.is_some() {
+        line(&mut m, format!("  tail -f {}/callout-0.log", up.logs_dir().display()));
     }
     line(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
     crate::say(&m);

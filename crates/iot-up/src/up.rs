@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
-use iot_kv::{Anonymous, connect};
-use iot_launch::{ApiServer, LoggedProcess, NatsServer};
+use iot_bao::enroll::{self, Enrollment, Role};
+use iot_kv::{Anonymous, CredentialSource, UserPassword, connect};
+use iot_launch::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
+use iot_launch::{ApiServer, LoggedProcess, NatsServer, OpenBao};
 
 use crate::net::Net;
 
@@ -27,7 +29,21 @@ pub struct Up {
     pub containers_conf: PathBuf,
     /// Keep logs (and only logs) in the state directory after teardown.
     pub keep_logs: bool,
+    /// NATS behind the auth callout with per-identity credentials (the default);
+    /// `None` with `--insecure`.
+    pub security: Option<Security>,
+    pub secure: bool,
 }
+
+/// OpenBao, the callout and the identities of a secured bring-up.
+pub struct Security {
+    pub bao: OpenBao,
+    pub keys: CalloutKeys,
+    pub callouts: Vec<CalloutProcess>,
+}
+
+/// Callout replicas started by `up`: two, so one can die.
+pub const CALLOUT_REPLICAS: usize = 2;
 
 pub struct Device {
     pub index: usize,
@@ -78,8 +94,31 @@ impl Up {
         nsenter(&self.net, index)
     }
 
+    /// Where enrollment files (secrets, mode 0600) live.
+    pub fn identities_dir(&self) -> PathBuf {
+        self.state_dir.join("identities")
+    }
+
+    /// Credentials for the launcher's own checks and the menu's tools: on a secured
+    /// NATS the development `admin` user, which bypasses the callout.
+    pub fn admin_credentials(&self) -> Box<dyn CredentialSource> {
+        match &self.security {
+            Some(s) => Box::new(UserPassword {
+                user: "admin".into(),
+                password: s.keys.admin_password.clone(),
+            }),
+            None => Box::new(Anonymous),
+        }
+    }
+
+    fn write_enrollment(&self, e: &Enrollment) -> anyhow::Result<PathBuf> {
+        let path = self.identities_dir().join(format!("{}.json", e.name));
+        write_private(&path, &serde_json::to_string_pretty(e)?)?;
+        Ok(path)
+    }
+
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
-        let total = 7;
+        let total = if self.secure { 8 } else { 7 };
         let t = step(
             1,
             total,
@@ -101,16 +140,57 @@ impl Up {
         self.net.create_bridge()?;
         done(t, &format!("gateway {}", self.net.gateway()));
 
+        let mut n = 3;
+        if self.secure {
+            let t = step(
+                n,
+                total,
+                "OpenBao (raft storage on disk, initialised and unsealed) and the NATS auth callout",
+            );
+            std::fs::create_dir_all(self.identities_dir())?;
+            let bao = OpenBao::start_in_on(&self.state_dir.join("bao"), &self.net.gateway()).await?;
+            let keys = CalloutKeys::generate()?;
+            let nats =
+                NatsServer::start_with_config_on_in(&self.net.gateway(), &self.state_dir, &keys.nats_config()).await?;
+            let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
+            let callout_file = self.write_enrollment(&callout)?;
+            let binary = self.bin("iot-auth-callout");
+            let mut callouts = Vec::new();
+            for i in 0..CALLOUT_REPLICAS {
+                let launch = CalloutLaunch {
+                    binary: &binary,
+                    nats_url: &nats.url(),
+                    keys: &keys,
+                    dir: &self.logs_dir(),
+                    secrets_dir: &self.identities_dir(),
+                    bao_addr: &bao.addr(),
+                    enrollment_file: &callout_file,
+                    user_ttl: Duration::from_secs(600),
+                    env: vec![("RUST_LOG".into(), "info".into())],
+                };
+                callouts.push(CalloutProcess::spawn(&launch, &format!("callout-{i}")).await?);
+            }
+            done(t, &format!("{} with {CALLOUT_REPLICAS} callout replicas", bao.addr()));
+            self.nats = Some(nats);
+            self.security = Some(Security { bao, keys, callouts });
+            n += 1;
+        }
         let t = step(
-            3,
+            n,
             total,
-            "nats-server with JetStream on file storage, on the gateway address",
+            if self.secure {
+                "nats-server with JetStream on file storage, on the gateway address, every client through the callout"
+            } else {
+                "nats-server with JetStream on file storage, on the gateway address, no authentication (--insecure)"
+            },
         );
-        let nats = NatsServer::start_on_in(&self.net.gateway(), &self.state_dir).await?;
-        done(t, &nats.url());
-        self.nats = Some(nats);
+        if self.nats.is_none() {
+            self.nats = Some(NatsServer::start_on_in(&self.net.gateway(), &self.state_dir).await?);
+        }
+        done(t, &self.nats_url());
+        n += 1;
 
-        let t = step(4, total, "CRD deployments.iot.nationtech.io via `iot-operator install`");
+        let t = step(n, total, "CRD deployments.iot.nationtech.io via `iot-operator install`");
         let out = Command::new(self.bin("iot-operator"))
             .env("KUBECONFIG", self.kubeconfig())
             .args(["install", "--timeout", "60s"])
@@ -121,8 +201,9 @@ impl Up {
             String::from_utf8_lossy(&out.stderr)
         );
         done(t, "Established");
+        n += 1;
 
-        let t = step(5, total, "iot-operator run");
+        let t = step(n, total, "iot-operator run");
         let http = iot_launch::free_port()?;
         self.operator_http = Some(format!("127.0.0.1:{http}"));
         let mut cmd = Command::new(self.bin("iot-operator"));
@@ -132,6 +213,10 @@ impl Up {
             .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .env("RUST_LOG", "info")
             .arg("run");
+        if let Some(sec) = &self.security {
+            let e = enroll::enroll_service(&sec.bao.root()?, "operator", Role::Operator).await?;
+            cmd.env("NATS_IDENTITY", self.write_enrollment(&e)?);
+        }
         self.operator = Some(LoggedProcess::spawn(
             "iot-operator",
             cmd,
@@ -139,14 +224,15 @@ impl Up {
         )?);
         wait_ready(self.operator.as_mut(), "127.0.0.1", http, Duration::from_secs(60)).await?;
         done(t, &format!("ready (http://127.0.0.1:{http}/readyz)"));
+        n += 1;
 
         let t = step(
-            6,
+            n,
             total,
             &format!("{device_count} device(s): network namespace + podman service + iot-agent each"),
         );
         for index in 1..=device_count {
-            self.start_device(index)?;
+            self.start_device(index).await?;
         }
         for d in &mut self.devices {
             wait_ready(d.agent.as_mut(), &d.ip, AGENT_METRICS_PORT, Duration::from_secs(60)).await?;
@@ -161,7 +247,8 @@ impl Up {
                 .join(", "),
         );
 
-        let t = step(7, total, "sanity: every device has published status.<device>");
+        n += 1;
+        let t = step(n, total, "sanity: every device has published status.<device>");
         self.wait_device_status(Duration::from_secs(60)).await?;
         done(t, "all devices reporting");
         Ok(())
@@ -190,7 +277,7 @@ impl Up {
         Ok(archive)
     }
 
-    fn start_device(&mut self, index: usize) -> anyhow::Result<()> {
+    async fn start_device(&mut self, index: usize) -> anyhow::Result<()> {
         self.net.create_device(index)?;
         let id = self.net.device_id(index);
         let dir = self.state_dir.join(&id);
@@ -229,6 +316,10 @@ impl Up {
                 format!("{}:{AGENT_METRICS_PORT}", self.net.device_ip(index)),
             )
             .env("RUST_LOG", "info");
+        if let Some(sec) = &self.security {
+            let e = enroll::enroll_device(&sec.bao.root()?, &id, &Default::default()).await?;
+            agent.env("NATS_IDENTITY", self.write_enrollment(&e)?);
+        }
         let agent = LoggedProcess::spawn(
             &format!("agent {id}"),
             agent,
@@ -246,7 +337,7 @@ impl Up {
     }
 
     async fn wait_device_status(&self, timeout: Duration) -> anyhow::Result<()> {
-        let conn = connect(&[self.nats_url()], &Anonymous, "iot-up", true).await?;
+        let conn = connect(&[self.nats_url()], self.admin_credentials().as_ref(), "iot-up", true).await?;
         let store = jetstream::new(conn.client).get_key_value(AGENT_STATUS_BUCKET).await?;
         let deadline = Instant::now() + timeout;
         for d in &self.devices {
@@ -291,6 +382,7 @@ impl Up {
             op.stop(Duration::from_secs(12));
         }
         self.nats = None;
+        self.security = None;
         self.api = None;
         self.net.remove_all();
         if self.keep_logs {
@@ -381,4 +473,17 @@ pub async fn wait_ready(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }

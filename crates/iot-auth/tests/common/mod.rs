@@ -67,6 +67,7 @@ impl Secured {
             nats_url: &self.nats.url(),
             keys: &self.keys,
             dir: self.dir.path(),
+            secrets_dir: self.dir.path(),
             bao_addr: &self.bao.addr(),
             enrollment_file: &self.callout_enrollment,
             user_ttl: self.user_ttl,
