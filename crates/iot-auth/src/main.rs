@@ -14,7 +14,7 @@ use iot_auth::identity::ClaimMapping;
 use iot_auth::oidc::Verifier;
 use iot_bao::Bao;
 use iot_bao::enroll::Enrollment;
-use iot_kv::NatsArgs;
+use iot_kv::UserPassword;
 use iot_observe::Readiness;
 use iot_observe::supervise::{Tasks, next_ending};
 use nkeys::{KeyPair, XKey};
@@ -28,10 +28,23 @@ use tracing_subscriber::EnvFilter;
     about = "NATS auth callout: OIDC identity tokens in, scoped short-lived NATS users out"
 )]
 struct Args {
-    /// Connection of the callout itself (a user of the auth account, listed in
-    /// nats-server's `auth_callout.auth_users`).
-    #[command(flatten)]
-    nats: NatsArgs,
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        value_delimiter = ',',
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: Vec<String>,
+
+    /// The callout's own NATS user: in the auth account, listed in nats-server's
+    /// `auth_callout.auth_users`.
+    #[arg(long, env = "IOT_AUTH_NATS_USER", default_value = "auth")]
+    nats_user: String,
+
+    /// File holding that user's password.
+    #[arg(long, env = "IOT_AUTH_NATS_PASSWORD_FILE")]
+    nats_password_file: PathBuf,
 
     /// File holding the issuer account's nkey seed (`SA...`), whose public key is
     /// nats-server's `auth_callout.issuer`.
@@ -171,14 +184,11 @@ async fn main() -> anyhow::Result<()> {
         enrollments: Enrollments::new(bao, credentials, args.max_stale),
         metrics,
     });
-    let conn = iot_kv::connect_with(
-        &args.nats.nats_url,
-        args.nats.credentials()?.as_ref(),
-        "iot-auth-callout",
-        false,
-        args.nats.nats_ping_interval,
-    )
-    .await?;
+    let own = UserPassword {
+        user: args.nats_user.clone(),
+        password: read_secret(&args.nats_password_file)?,
+    };
+    let conn = iot_kv::connect(&args.nats_url, &own, "iot-auth-callout", false).await?;
     {
         let callout = callout.clone();
         let period = args.list_refresh;

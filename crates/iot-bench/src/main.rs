@@ -2,6 +2,7 @@
 //! Build first: `cargo build --release --workspace`.
 
 mod agent_bench;
+mod auth_bench;
 mod fanout_bench;
 mod fleet_bench;
 mod follow_bench;
@@ -37,6 +38,15 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         steady_secs: u64,
     },
+    /// N devices behind the auth callout: connect storm, follow with scoped
+    /// permissions against the open server, reconnect storm.
+    AuthScale {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Length of the steady-state CPU sample.
+        #[arg(long, default_value_t = 30)]
+        steady_secs: u64,
+    },
     /// N devices following their desired state without consumers: server RSS,
     /// consumers, change propagation, steady-state CPU, and the re-read herd after a
     /// server restart.
@@ -66,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
         Cmd::Fanout { devices } => fanout_bench::run(devices).await,
         Cmd::FleetStatus { devices, steady_secs } => fleet_bench::run(devices, steady_secs).await,
+        Cmd::AuthScale { devices, steady_secs } => auth_bench::run(devices, steady_secs).await,
         Cmd::FollowScale {
             devices,
             connections,

@@ -98,3 +98,5 @@ pub async fn control_plane() -> anyhow::Result<ControlPlane> {
         kube,
     })
 }
+
+pub use crate::follow_bench::cpu_ticks;

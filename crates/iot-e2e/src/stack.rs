@@ -106,6 +106,7 @@ impl Stack {
                 secrets_dir: dir.path(),
                 bao_addr: &bao.addr(),
                 enrollment_file: &callout_file,
+                oidc_issuer: None,
                 user_ttl: Duration::from_secs(600),
                 env: vec![("RUST_LOG".into(), "info".into())],
             },

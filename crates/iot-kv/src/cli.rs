@@ -32,17 +32,23 @@ pub struct NatsArgs {
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nats_token", "nats_user"])]
     pub nats_creds: Option<PathBuf>,
 
-    /// NATS token.
+    /// NATS token (development only: a shared secret; needs --dev-shared-credentials).
     #[arg(long, env = "NATS_TOKEN", hide_env_values = true, conflicts_with = "nats_user")]
     pub nats_token: Option<String>,
 
-    /// NATS user name (with --nats-password).
+    /// NATS user name, with --nats-password (development only: a shared secret;
+    /// needs --dev-shared-credentials).
     #[arg(long, env = "NATS_USER", requires = "nats_password")]
     pub nats_user: Option<String>,
 
     /// NATS password.
     #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+
+    /// Allow --nats-token and --nats-user/--nats-password. Shared secrets identify
+    /// nobody and cannot be revoked per device; production uses --nats-identity.
+    #[arg(long, env = "NATS_DEV_SHARED_CREDENTIALS")]
+    pub dev_shared_credentials: bool,
 
     /// Ping the server this often; a link that stops answering is dropped after two
     /// to three intervals and reconnected.
@@ -72,6 +78,12 @@ impl NatsArgs {
             Box::new(IdentityCredentials::from_token_file(path.clone(), device.cloned()))
         } else if let Some(path) = &self.nats_creds {
             Box::new(CredsFile(path.clone()))
+        } else if (self.nats_token.is_some() || self.nats_user.is_some()) && !self.dev_shared_credentials {
+            return Err(crate::KvError::Credentials(
+                "--nats-token and --nats-user are shared secrets for development only: pass --dev-shared-credentials \
+                 (NATS_DEV_SHARED_CREDENTIALS=true), or use --nats-identity"
+                    .into(),
+            ));
         } else if let Some(token) = &self.nats_token {
             Box::new(TokenAuth(token.clone()))
         } else if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
@@ -82,5 +94,41 @@ impl NatsArgs {
         } else {
             Box::new(Anonymous)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    fn parse(args: &[&str]) -> NatsArgs {
+        let mut all = vec!["x"];
+        all.extend(args);
+        Cli::parse_from(all).nats
+    }
+
+    #[test]
+    fn shared_secrets_need_the_development_flag() {
+        let refused = parse(&["--nats-token", "t"]).credentials();
+        assert!(matches!(refused, Err(crate::KvError::Credentials(m)) if m.contains("--dev-shared-credentials")));
+        assert!(
+            parse(&["--nats-user", "u", "--nats-password", "p"])
+                .credentials()
+                .is_err()
+        );
+        let allowed = parse(&["--nats-token", "t", "--dev-shared-credentials"]).credentials();
+        assert!(allowed.is_ok_and(|c| c.describe() == "token"));
+        // Identities and anonymous (an open development server) need no flag.
+        assert!(parse(&[]).credentials().is_ok());
+        assert!(!parse(&[]).uses_identity());
+        assert!(parse(&["--nats-identity-token-file", "/x"]).uses_identity());
     }
 }

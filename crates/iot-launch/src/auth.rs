@@ -75,6 +75,8 @@ pub struct CalloutLaunch<'a> {
     pub secrets_dir: &'a Path,
     pub bao_addr: &'a str,
     pub enrollment_file: &'a Path,
+    /// The trusted token issuer; OpenBao's own when `None`.
+    pub oidc_issuer: Option<String>,
     pub user_ttl: Duration,
     /// Extra environment (e.g. `RUST_LOG`).
     pub env: Vec<(String, String)>,
@@ -89,14 +91,21 @@ pub struct CalloutProcess {
 impl CalloutProcess {
     pub async fn spawn(l: &CalloutLaunch<'_>, name: &str) -> anyhow::Result<Self> {
         let (issuer, xkey) = l.keys.write_seeds(l.secrets_dir)?;
+        let password = l.secrets_dir.join("callout-nats-password");
+        write_private(&password, &l.keys.auth_password)?;
         let metrics_port = free_port()?;
         let mut cmd = Command::new(l.binary);
         cmd.env("NATS_URL", l.nats_url)
-            .env("NATS_USER", "auth")
-            .env("NATS_PASSWORD", &l.keys.auth_password)
+            .env("IOT_AUTH_NATS_USER", "auth")
+            .env("IOT_AUTH_NATS_PASSWORD_FILE", password)
             .env("IOT_AUTH_ISSUER_SEED_FILE", issuer)
             .env("IOT_AUTH_XKEY_SEED_FILE", xkey)
-            .env("IOT_AUTH_OIDC_ISSUER", iot_bao::setup::issuer_url(l.bao_addr))
+            .env(
+                "IOT_AUTH_OIDC_ISSUER",
+                l.oidc_issuer
+                    .clone()
+                    .unwrap_or_else(|| iot_bao::setup::issuer_url(l.bao_addr)),
+            )
             .env("BAO_ADDR", l.bao_addr)
             .env("IOT_AUTH_BAO_ENROLLMENT", l.enrollment_file)
             .env("IOT_AUTH_USER_TTL", format!("{}s", l.user_ttl.as_secs()))

@@ -21,7 +21,7 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
         // root token for enrolling: a local stack's conveniences, nothing a device
         // ever gets.
         text.push_str(&format!(
-            "export NATS_USER=admin\nexport NATS_PASSWORD={}\nexport BAO_ADDR={}\nexport BAO_TOKEN={}\n",
+            "export NATS_USER=admin\nexport NATS_PASSWORD={}\nexport NATS_DEV_SHARED_CREDENTIALS=true\nexport BAO_ADDR={}\nexport BAO_TOKEN={}\n",
             sec.keys.admin_password,
             sec.bao.addr(),
             sec.bao.root_token()

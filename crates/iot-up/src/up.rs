@@ -165,6 +165,7 @@ impl Up {
                     secrets_dir: &self.identities_dir(),
                     bao_addr: &bao.addr(),
                     enrollment_file: &callout_file,
+                    oidc_issuer: None,
                     user_ttl: Duration::from_secs(600),
                     env: vec![("RUST_LOG".into(), "info".into())],
                 };

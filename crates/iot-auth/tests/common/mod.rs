@@ -70,6 +70,7 @@ impl Secured {
             secrets_dir: self.dir.path(),
             bao_addr: &self.bao.addr(),
             enrollment_file: &self.callout_enrollment,
+            oidc_issuer: None,
             user_ttl: self.user_ttl,
             env: all_env,
         };
