@@ -32,7 +32,7 @@ pub struct DecisionLabels {
 #[derive(Debug)]
 pub struct CalloutMetrics {
     /// Decisions by result: `admitted`, `admitted_cached`, `refused`, `unavailable`,
-    /// `bad_request`.
+    /// `bad_request`, `expired` (dropped: the server stopped waiting).
     pub decisions: Family<DecisionLabels, Counter>,
     pub duration: Histogram,
 }
@@ -69,6 +69,10 @@ pub struct CalloutConfig {
     /// Longest life of a NATS user; never longer than the presented token.
     pub user_ttl: Duration,
     pub mapping: ClaimMapping,
+    /// Requests older than this are dropped unanswered: nats-server has given up
+    /// on them (its `authorization.timeout`), and in a reconnect storm answering
+    /// them would only delay the requests that can still succeed.
+    pub request_max_age: Duration,
 }
 
 impl std::fmt::Debug for CalloutConfig {
@@ -126,7 +130,9 @@ impl Callout {
                             tracing::warn!(error = %e, "could not send an authorization response");
                         }
                     }
-                    None => tracing::warn!("dropped an authorization request that could not be read"),
+                    None => {
+                        tracing::debug!("authorization request dropped (unreadable, or the server stopped waiting)")
+                    }
                 }
             });
         }
@@ -154,6 +160,11 @@ impl Callout {
             None => return None,
         };
         let now = unix_now();
+        // `iat` has whole seconds: a request is at most one second younger than it looks.
+        if request.issued_at > 0 && now - request.issued_at > self.config.request_max_age.as_secs() as i64 {
+            self.metrics.count_result("expired");
+            return None;
+        }
         let outcome = self.decide(&request, now).await;
         let (user, result) = match &outcome {
             Ok((jwt, result)) => (Ok(jwt.as_str()), *result),

@@ -57,7 +57,22 @@ pub struct Enrollments {
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
     cache: Mutex<HashMap<String, Instant>>,
     max_stale: Duration,
+    /// Bounds the lookups in flight: in a reconnect storm of thousands of devices,
+    /// an unbounded fan-out would bury OpenBao and make every decision late. A
+    /// lookup that cannot start within `queue_wait` is decided from the cache.
+    permits: tokio::sync::Semaphore,
+    queue_wait: Duration,
+    fallbacks: Mutex<FallbackLog>,
 }
+
+/// Cache fallbacks are logged at most every few seconds, with a count.
+#[derive(Debug, Default)]
+struct FallbackLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+const FALLBACK_LOG_EVERY: Duration = Duration::from_secs(10);
 
 impl Enrollments {
     pub fn new(bao: Bao, credentials: BaoCredentials, max_stale: Duration) -> Self {
@@ -67,7 +82,18 @@ impl Enrollments {
             token: tokio::sync::Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
             max_stale,
+            permits: tokio::sync::Semaphore::new(32),
+            queue_wait: Duration::from_millis(100),
+            fallbacks: Mutex::new(FallbackLog::default()),
         }
+    }
+
+    /// At most `concurrency` OpenBao lookups at once; a lookup waits at most
+    /// `queue_wait` for its turn before the cache decides.
+    pub fn with_limits(mut self, concurrency: usize, queue_wait: Duration) -> Self {
+        self.permits = tokio::sync::Semaphore::new(concurrency.max(1));
+        self.queue_wait = queue_wait;
+        self
     }
 
     pub async fn check(&self, identity: &Identity) -> Result<Decision, Unavailable> {
@@ -75,7 +101,15 @@ impl Enrollments {
             Identity::Device(id) => device_record_path(id.as_str()),
             Identity::Operator(name) => service_record_path(name),
         };
-        match self.read(&path).await {
+        let answer = match tokio::time::timeout(self.queue_wait, self.permits.acquire()).await {
+            Ok(Ok(permit)) => {
+                let answer = self.read(&path).await.map_err(|e| e.to_string());
+                drop(permit);
+                answer
+            }
+            _ => Err("OpenBao busy: too many lookups in flight".to_owned()),
+        };
+        match answer {
             Ok(Some(record)) if record_matches(identity, &record) => {
                 self.cache().insert(path, Instant::now());
                 Ok(Decision::Enrolled { from_cache: false })
@@ -87,10 +121,10 @@ impl Enrollments {
             Err(e) => {
                 let fresh_enough = self.cache().get(&path).is_some_and(|at| at.elapsed() < self.max_stale);
                 if fresh_enough {
-                    tracing::warn!(identity = %identity.name(), error = %e, "OpenBao unavailable; admitting from cache");
+                    self.log_fallback(identity, &e);
                     Ok(Decision::Enrolled { from_cache: true })
                 } else {
-                    Err(Unavailable(e.to_string()))
+                    Err(Unavailable(e))
                 }
             }
         }
@@ -126,6 +160,17 @@ impl Enrollments {
                 Err(e) => tracing::warn!(error = %e, "could not refresh the enrollment list; keeping the last one"),
             }
             tokio::time::sleep(period).await;
+        }
+    }
+
+    fn log_fallback(&self, identity: &Identity, error: &str) {
+        let mut log = self.fallbacks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if log.last.is_none_or(|t| t.elapsed() >= FALLBACK_LOG_EVERY) {
+            tracing::warn!(identity = %identity.name(), error, others = log.unlogged, "OpenBao unavailable; admitting from cache");
+            log.last = Some(Instant::now());
+            log.unlogged = 0;
+        } else {
+            log.unlogged += 1;
         }
     }
 

@@ -90,12 +90,26 @@ struct Args {
 
     /// How long OpenBao gets to answer before the cache decides. nats-server waits
     /// about 2 s for the whole decision, so keep this well below.
-    #[arg(long, env = "IOT_AUTH_BAO_TIMEOUT", default_value = "750ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IOT_AUTH_BAO_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
     bao_timeout: Duration,
 
     /// Clock skew tolerated between the token issuer and this service.
     #[arg(long, env = "IOT_AUTH_CLOCK_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
     clock_leeway: Duration,
+
+    /// OpenBao lookups in flight at most; beyond that, and after waiting
+    /// --bao-queue-wait, the cache decides.
+    #[arg(long, env = "IOT_AUTH_BAO_CONCURRENCY", default_value_t = 32)]
+    bao_concurrency: usize,
+
+    /// How long a lookup waits for its turn before the cache decides.
+    #[arg(long, env = "IOT_AUTH_BAO_QUEUE_WAIT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    bao_queue_wait: Duration,
+
+    /// Requests older than this are dropped unanswered; match nats-server's
+    /// `authorization.timeout` (the generated configuration sets 5 s).
+    #[arg(long, env = "IOT_AUTH_REQUEST_MAX_AGE", default_value = "5s", value_parser = humantime::parse_duration)]
+    request_max_age: Duration,
 
     /// Longest life of a NATS user (never longer than the presented token).
     #[arg(long, env = "IOT_AUTH_USER_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
@@ -175,13 +189,15 @@ async fn main() -> anyhow::Result<()> {
             xkey,
             account: args.account.clone(),
             user_ttl: args.user_ttl,
+            request_max_age: args.request_max_age,
             mapping: ClaimMapping {
                 device_id_claim: args.device_id_claim.clone(),
                 name_claim: args.name_claim.clone(),
             },
         },
         verifier,
-        enrollments: Enrollments::new(bao, credentials, args.max_stale),
+        enrollments: Enrollments::new(bao, credentials, args.max_stale)
+            .with_limits(args.bao_concurrency, args.bao_queue_wait),
         metrics,
     });
     let own = UserPassword {

@@ -70,6 +70,9 @@ pub struct AuthRequest {
     pub client_info: ClientInfo,
     #[serde(default)]
     pub connect_opts: ConnectOpts,
+    /// When the server issued the request (its `iat`, whole seconds).
+    #[serde(skip)]
+    pub issued_at: i64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -118,7 +121,9 @@ pub fn decode_request(jwt: &str) -> Result<AuthRequest, JwtError> {
     key.verify(signed.as_bytes(), &sig)
         .map_err(|_| JwtError::Signature(iss.to_owned()))?;
     let nats = claims.get("nats").cloned().unwrap_or(Value::Null);
-    serde_json::from_value(nats).map_err(|e| JwtError::Json(e.to_string()))
+    let mut request: AuthRequest = serde_json::from_value(nats).map_err(|e| JwtError::Json(e.to_string()))?;
+    request.issued_at = claims.get("iat").and_then(Value::as_i64).unwrap_or(0);
+    Ok(request)
 }
 
 /// Subject permissions of a NATS user.

@@ -338,6 +338,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     for (i, _, r) in results {
         conns.push(r.map_err(|e| anyhow::anyhow!("dev{i}: {e}"))?);
     }
+    let decisions = callout_decisions(&callouts).await;
     let callout_rss: Vec<String> = callout_pids
         .iter()
         .map(|p| rss_kib(*p).map(mib).unwrap_or_default())
@@ -366,6 +367,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         mib(rss_idle),
         mib(rss_connected)
     );
+    println!("| callout decisions during the storm | {decisions} |");
 
     let (secured, views) = follow_all(&conns, ReadPath::Responder, nats_pid, &js, steady).await?;
 
@@ -416,6 +418,20 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         peak.load(std::sync::atomic::Ordering::Relaxed)
     );
     println!("| followers holding their state after the storm | {synced}/{devices} |");
+    println!(
+        "| callout decisions in total | {} |",
+        callout_decisions(&callouts).await
+    );
+    let log = std::fs::read_to_string(nats.log_path()).unwrap_or_default();
+    let refused = log.lines().filter(|l| l.contains("authentication error")).count();
+    println!("| connects refused by nats-server (while the callouts themselves reconnected) | {refused} |");
+    for l in log
+        .lines()
+        .filter(|l| l.contains("authentication error") || l.contains("callout"))
+        .take(3)
+    {
+        eprintln!("nats: {l}");
+    }
     drop(views);
     drop(conns);
     drop(operator);
@@ -464,4 +480,24 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         baseline.consumers, secured.consumers
     );
     Ok(())
+}
+
+/// `result=count` pairs summed over the replicas' `/metrics`.
+async fn callout_decisions(callouts: &[CalloutProcess]) -> String {
+    let mut totals: std::collections::BTreeMap<String, f64> = Default::default();
+    for c in callouts {
+        let Ok(text) = iot_testkit::http::get_text("127.0.0.1", c.metrics_port, "/metrics").await else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.starts_with("iot_auth_decisions_total{")) {
+            let (labels, value) = line.rsplit_once(' ').unwrap_or((line, "0"));
+            let result = labels.split('"').nth(1).unwrap_or("?").to_owned();
+            *totals.entry(result).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    totals
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -40,13 +40,15 @@ impl CalloutKeys {
 
     /// The nats-server configuration: accounts AUTH (the callout), IOT (the
     /// platform, JetStream on) and SYS; every client not listed in `auth_users` is
-    /// decided by the callout.
+    /// decided by the callout. The authorization timeout is 5 s (the default is
+    /// 2 s): after a server restart the whole fleet reconnects at once, and the
+    /// callout needs time to work through the queue (see BENCHMARKS.md).
     pub fn nats_config(&self) -> String {
         format!(
             "accounts {{\n  AUTH {{ users: [ {{ user: auth, password: \"{auth}\" }} ] }}\n  \
              IOT {{ jetstream: enabled, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  SYS {{}}\n}}\n\
              system_account: SYS\n\
-             authorization {{\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
+             authorization {{\n  timeout: 5\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
             auth = self.auth_password,
             admin = self.admin_password,
             issuer = self.issuer.public_key(),
