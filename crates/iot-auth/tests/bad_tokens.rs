@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{Probe, Secured, try_connect};
+use harmony_reconciler_contracts::Id;
 use iot_bao::setup::{KV_MOUNT, TOKEN_AUDIENCE, TOKEN_KEY, TOKEN_ROLE, issuer_url};
 use iot_kv::identity::IdentityCredentials;
 use serde_json::json;
@@ -38,9 +39,17 @@ async fn bad_tokens_are_refused_with_a_reason() -> anyhow::Result<()> {
     let url = s.nats.url();
     let root = s.bao.root()?;
 
-    // The baseline: an enrolled device gets in.
+    // The baseline: an enrolled device gets in, also with its token in a file (so
+    // the refusals below are about the tokens, not the file form).
     let good = IdentityCredentials::from_enrollment(s.enroll_device("dev-ok").await?)?;
     try_connect(&url, &good).await.map_err(anyhow::Error::msg)?;
+    let good_file = token_file(&s, "good", &good.token().await?)?;
+    try_connect(
+        &url,
+        &IdentityCredentials::from_token_file(good_file, Some(Id::new("dev-ok")?)),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
 
     // No token at all.
     let anonymous = async_nats::ConnectOptions::new().connect(url.clone()).await;
@@ -57,7 +66,7 @@ async fn bad_tokens_are_refused_with_a_reason() -> anyhow::Result<()> {
     let expiring = short.token().await?;
     iot_bao::setup::configure(&root).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let creds = IdentityCredentials::from_token_file(token_file(&s, "expired", &expiring)?, None);
+    let creds = IdentityCredentials::from_token_file(token_file(&s, "expired", &expiring)?, Some(Id::new("dev-exp")?));
     assert!(try_connect(&url, &creds).await.is_err());
     wait_log(&s, "token expired").await?;
 
@@ -78,7 +87,7 @@ async fn bad_tokens_are_refused_with_a_reason() -> anyhow::Result<()> {
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
     let forged = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(key.sign(signed.as_bytes())));
-    let creds = IdentityCredentials::from_token_file(token_file(&s, "forged", &forged)?, None);
+    let creds = IdentityCredentials::from_token_file(token_file(&s, "forged", &forged)?, Some(Id::new("dev-ok")?));
     assert!(try_connect(&url, &creds).await.is_err());
     wait_log(&s, "token signature does not verify").await?;
 
@@ -109,7 +118,7 @@ async fn bad_tokens_are_refused_with_a_reason() -> anyhow::Result<()> {
     let fresh = IdentityCredentials::from_enrollment(rev_enrollment)?;
     assert!(fresh.token().await.is_err());
     // ...and a token it kept from before is refused.
-    let creds = IdentityCredentials::from_token_file(token_file(&s, "replayed", &kept)?, None);
+    let creds = IdentityCredentials::from_token_file(token_file(&s, "replayed", &kept)?, Some(Id::new("dev-rev")?));
     assert!(try_connect(&url, &creds).await.is_err());
     wait_log(&s, "device-dev-rev is not enrolled (or was revoked)").await?;
 

@@ -158,12 +158,40 @@ impl Probe {
     }
 }
 
-/// Tries to connect; the error text if refused.
+/// Tries to connect; the error text if refused. A round trip that needs the
+/// server's verdict is part of it: while nats-server waits for a callout answer the
+/// client already believes it is connected (async-nats returns from `connect`),
+/// and only a reply proves it was admitted. A device writes its status (a
+/// JetStream publish, acknowledged); anyone else asks for `$JS.API.INFO`.
 pub async fn try_connect(url: &str, creds: &IdentityCredentials) -> Result<async_nats::Client, String> {
     let opts = creds.connect_options().await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(Duration::from_secs(10), opts.connect(url)).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
+    let client = match tokio::time::timeout(Duration::from_secs(10), opts.connect(url)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("timed out".into()),
+    };
+    let round_trip = async {
+        match creds.device() {
+            Some(device) => {
+                let ack = async_nats::jetstream::new(client.clone())
+                    .publish(
+                        format!("$KV.agent-status.status.{device}"),
+                        bytes::Bytes::from_static(b"{}"),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map(drop).map_err(|e| e.to_string())
+            }
+            None => client
+                .request("$JS.API.INFO", bytes::Bytes::new())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), round_trip).await {
+        Ok(Ok(())) => Ok(client),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no round trip within 10 s".into()),
     }
 }
