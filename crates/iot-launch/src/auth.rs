@@ -18,6 +18,9 @@ pub struct CalloutKeys {
     /// Password of `admin`, an IOT-account user that bypasses the callout: for
     /// development tools and test setup, never for devices.
     pub admin_password: String,
+    /// Password of `sys`, the system-account user that can end a revoked
+    /// device's live session (`iotctl device revoke --kick`).
+    pub system_password: String,
 }
 
 /// A random secret (hex).
@@ -35,6 +38,7 @@ impl CalloutKeys {
             xkey: XKey::new(),
             auth_password: random_secret()?,
             admin_password: random_secret()?,
+            system_password: random_secret()?,
         })
     }
 
@@ -46,11 +50,13 @@ impl CalloutKeys {
     pub fn nats_config(&self) -> String {
         format!(
             "accounts {{\n  AUTH {{ users: [ {{ user: auth, password: \"{auth}\" }} ] }}\n  \
-             IOT {{ jetstream: enabled, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  SYS {{}}\n}}\n\
+             IOT {{ jetstream: enabled, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  \
+             SYS {{ users: [ {{ user: sys, password: \"{sys}\" }} ] }}\n}}\n\
              system_account: SYS\n\
-             authorization {{\n  timeout: 5\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
+             authorization {{\n  timeout: 5\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin, sys ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
             auth = self.auth_password,
             admin = self.admin_password,
+            sys = self.system_password,
             issuer = self.issuer.public_key(),
             xkey = self.xkey.public_key(),
         )

@@ -21,8 +21,9 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
         // root token for enrolling: a local stack's conveniences, nothing a device
         // ever gets.
         text.push_str(&format!(
-            "export NATS_USER=admin\nexport NATS_PASSWORD={}\nexport NATS_DEV_SHARED_CREDENTIALS=true\nexport BAO_ADDR={}\nexport BAO_TOKEN={}\n",
+            "export NATS_USER=admin\nexport NATS_PASSWORD={}\nexport NATS_DEV_SHARED_CREDENTIALS=true\nexport NATS_SYSTEM_PASSWORD={}\nexport BAO_ADDR={}\nexport BAO_TOKEN={}\n",
             sec.keys.admin_password,
+            sec.keys.system_password,
             sec.bao.addr(),
             sec.bao.root_token()
         ));
@@ -134,7 +135,7 @@ pub fn print(up: &Up) {
             line(
                 &mut m,
                 format!(
-                    "  iotctl device revoke {}     # refused at its next connect; its session ends within 10 min",
+                    "  iotctl device revoke {}     # its live session ends now; every connect after is refused",
                     d.id
                 ),
             );

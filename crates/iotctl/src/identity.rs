@@ -47,9 +47,18 @@ pub enum DeviceCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Revoke a device: it is refused at its next connect, and its current session
-    /// ends when its NATS user expires (the callout's user TTL, 10 minutes by default).
-    Revoke { id: String },
+    /// Revoke a device: it is refused at its next connect. With the NATS system
+    /// account's password its live sessions are ended at once; without, they end
+    /// when their NATS user expires (the callout's user TTL, 10 minutes by default).
+    Revoke {
+        id: String,
+        /// The NATS system account user that may end sessions.
+        #[arg(long, env = "NATS_SYSTEM_USER", default_value = "sys")]
+        nats_system_user: String,
+        /// Its password; when set, live sessions of the device are ended (kicked).
+        #[arg(long, env = "NATS_SYSTEM_PASSWORD", hide_env_values = true)]
+        nats_system_password: Option<String>,
+    },
     /// Enrolled devices.
     List,
 }
@@ -85,7 +94,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-pub async fn device(bao: &BaoArgs, cmd: &DeviceCmd) -> anyhow::Result<()> {
+pub async fn device(bao: &BaoArgs, nats_url: &[String], cmd: &DeviceCmd) -> anyhow::Result<()> {
     let client = bao.client()?;
     match cmd {
         DeviceCmd::Enroll { id, labels, out } => {
@@ -96,14 +105,29 @@ pub async fn device(bao: &BaoArgs, cmd: &DeviceCmd) -> anyhow::Result<()> {
                 .with_context(|| format!("enrolling device {id}"))?;
             emit(&e, out.as_deref())
         }
-        DeviceCmd::Revoke { id } => {
+        DeviceCmd::Revoke {
+            id,
+            nats_system_user,
+            nats_system_password,
+        } => {
             let id = Id::new(id.as_str())?;
             enroll::revoke_device(&client, id.as_str())
                 .await
                 .with_context(|| format!("revoking device {id}"))?;
-            out::warn(&format!(
-                "revoked {id}: refused from its next connect; a live session ends when its NATS user expires"
-            ));
+            match nats_system_password {
+                Some(password) => {
+                    let kicked = kick(nats_url, nats_system_user, password, &format!("device-{id}"))
+                        .await
+                        .context("revoked, but ending its live sessions failed")?;
+                    out::warn(&format!(
+                        "revoked {id}: refused from its next connect; {kicked} live session(s) ended"
+                    ));
+                }
+                None => out::warn(&format!(
+                    "revoked {id}: refused from its next connect; a live session ends when its NATS user expires \
+                     (set NATS_SYSTEM_PASSWORD to end it now)"
+                )),
+            }
             Ok(())
         }
         DeviceCmd::List => {
@@ -176,4 +200,55 @@ fn emit(e: &Enrollment, path: Option<&Path>) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Ends every live session of the NATS user `user` (as the auth callout names it):
+/// asks every server for its connections (`$SYS.REQ.SERVER.PING.CONNZ`) and kicks
+/// the matching ones (`$SYS.REQ.SERVER.<id>.KICK`). Returns how many were ended.
+async fn kick(nats_url: &[String], sys_user: &str, sys_password: &str, user: &str) -> anyhow::Result<usize> {
+    use futures::StreamExt;
+    let client = async_nats::ConnectOptions::with_user_and_password(sys_user.to_owned(), sys_password.to_owned())
+        .connect(nats_url.to_vec())
+        .await
+        .context("connecting as the NATS system user")?;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    let query = serde_json::json!({"auth": true, "user": user, "limit": 1024});
+    client
+        .publish_with_reply("$SYS.REQ.SERVER.PING.CONNZ", inbox, query.to_string().into())
+        .await?;
+    client.flush().await?;
+    // Every server in the cluster answers; collect for a moment.
+    let mut targets: Vec<(String, u64)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+        let server = v
+            .pointer("/data/server_id")
+            .and_then(|s| s.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        for c in v
+            .pointer("/data/connections")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if c.get("authorized_user").and_then(|u| u.as_str()) == Some(user)
+                && let Some(cid) = c.get("cid").and_then(|c| c.as_u64())
+            {
+                targets.push((server.clone(), cid));
+            }
+        }
+    }
+    for (server, cid) in &targets {
+        client
+            .request(
+                format!("$SYS.REQ.SERVER.{server}.KICK"),
+                serde_json::json!({"cid": cid}).to_string().into(),
+            )
+            .await
+            .with_context(|| format!("kicking connection {cid} on {server}"))?;
+    }
+    Ok(targets.len())
 }

@@ -360,7 +360,7 @@ async fn main() {
         Cmd::Kv { cmd } => kv_cmd(&cli, cmd).await,
         Cmd::Devices => devices(&cli).await,
         Cmd::Deployments { namespace } => deployments(&cli, namespace.as_deref()).await,
-        Cmd::Device { cmd } => identity::device(&cli.bao, cmd).await,
+        Cmd::Device { cmd } => identity::device(&cli.bao, &cli.nats.nats_url, cmd).await,
         Cmd::Service { cmd } => identity::service(&cli.bao, cmd).await,
         Cmd::Bao { cmd } => identity::bao_cmd(&cli.bao, cmd).await,
     };
