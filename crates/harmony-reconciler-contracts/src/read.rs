@@ -1,11 +1,21 @@
-//! Reading a device's desired state through the platform's read responder.
+//! What a device with scoped NATS permissions asks of the platform, instead of
+//! touching JetStream itself.
 //!
-//! A device with scoped NATS permissions cannot use the batched direct get: its
-//! request body names the keys, and subject permissions cannot look into bodies. So
-//! it asks the responder on `iot.desired.read.<device>`; only that device may
-//! publish there, so the subject itself proves who asks. The responder (part of the
-//! operator, any number of replicas in one queue group) does the batched read and
-//! answers page by page. No JetStream consumer is involved.
+//! - **Reads.** The batched direct get cannot be scoped (its request body names the
+//!   keys, and subject permissions cannot look into bodies). A device asks the read
+//!   responder on `iot.desired.read.<device>`, which does the batched read and
+//!   answers page by page. No JetStream consumer is involved.
+//! - **Status writes.** A device never publishes to a JetStream subject either:
+//!   JetStream sends its acknowledgement to whatever reply subject the publisher
+//!   names, permissions do not check reply subjects, and an acknowledgement sent to
+//!   `$KV.desired-state.<other device>.<key>` would be stored there. A device sends
+//!   its status to `iot.status.write.<device>`; the relay writes it to
+//!   `agent-status/status.<device>` and answers when the stream acknowledged it.
+//!
+//! Only that device may publish on its subjects, so the subject proves who asks.
+//! Both services (part of the operator, any number of replicas in queue groups)
+//! answer only to the device's own inbox ([`is_device_inbox`]): never to a reply
+//! subject that points anywhere else.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +35,40 @@ pub fn desired_read_subject(device: &Id) -> String {
 pub fn device_of_read_subject(subject: &str) -> Option<Id> {
     let id = subject.strip_prefix(DESIRED_READ_PREFIX)?.strip_prefix('.')?;
     Id::new(id).ok()
+}
+
+/// Subject prefix of status writes.
+pub const STATUS_WRITE_PREFIX: &str = "iot.status.write";
+/// Queue group of the status relays.
+pub const STATUS_WRITE_QUEUE: &str = "iot-status-relays";
+
+/// Where `device` sends its status.
+pub fn status_write_subject(device: &Id) -> String {
+    format!("{STATUS_WRITE_PREFIX}.{device}")
+}
+
+/// The device a status write is for, if the subject names a valid one.
+pub fn device_of_status_subject(subject: &str) -> Option<Id> {
+    let id = subject.strip_prefix(STATUS_WRITE_PREFIX)?.strip_prefix('.')?;
+    Id::new(id).ok()
+}
+
+/// Whether `reply` is an inbox subject of `device` (and so safe to answer on).
+pub fn is_device_inbox(device: &Id, reply: &str) -> bool {
+    reply
+        .strip_prefix(&device_inbox_prefix(device))
+        .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+}
+
+/// The relay's answer to a status write.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusWriteAnswer {
+    /// Stream sequence of the stored status; 0 when it was not stored.
+    #[serde(default)]
+    pub sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The inbox prefix a device uses for replies: scoped subscribe permissions cannot
@@ -87,6 +131,15 @@ mod tests {
         assert_eq!(device_of_read_subject("iot.desired.read.*"), None);
         assert_eq!(device_of_read_subject("iot.desired.readpi"), None);
         assert_eq!(device_inbox_prefix(&d), "_INBOX_pi-7");
+        assert_eq!(status_write_subject(&d), "iot.status.write.pi-7");
+        assert_eq!(device_of_status_subject("iot.status.write.pi-7"), Some(d.clone()));
+        assert_eq!(device_of_status_subject("iot.status.write.>"), None);
+        // Only the device's own inbox is ever answered.
+        assert!(is_device_inbox(&d, "_INBOX_pi-7.abc.1"));
+        assert!(!is_device_inbox(&d, "_INBOX_pi-7"));
+        assert!(!is_device_inbox(&d, "_INBOX_pi-7x.abc"));
+        assert!(!is_device_inbox(&d, "_INBOX_pi-8.abc"));
+        assert!(!is_device_inbox(&d, "$KV.desired-state.pi-8.default_web"));
         Ok(())
     }
 

@@ -109,6 +109,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let (published_tx, published_rx) = watch::channel(0u64);
     let reporter = StatusReporter {
         js,
+        via_relay: config.nats.uses_identity(),
         device: config.device_id.clone(),
         heartbeat: config.heartbeat_interval,
         inventory_refresh: Duration::from_secs(300),

@@ -1,6 +1,7 @@
 //! Publishes this device's `AgentStatus` to `agent-status/status.<device>`.
 //!
-//! A plain JetStream publish acknowledged by the stream: no consumer. It publishes on
+//! A plain JetStream publish acknowledged by the stream: no consumer. A device with
+//! scoped permissions writes through the platform's status relay instead. It publishes on
 //! every heartbeat tick and right after the reconciler's report changes, within a
 //! budget: a burst of [`CHANGE_BURST`] publishes goes out at once, after that one per
 //! `min_gap` (a crash-looping container changes the report many times a second; its
@@ -23,6 +24,9 @@ use crate::reconciler::Report;
 
 pub struct StatusReporter {
     pub js: jetstream::Context,
+    /// Write through the platform's status relay instead of publishing to
+    /// JetStream (what a device with scoped permissions must do).
+    pub via_relay: bool,
     pub device: Id,
     pub heartbeat: Duration,
     pub inventory_refresh: Duration,
@@ -154,6 +158,17 @@ impl StatusReporter {
 
     async fn publish(&self, subject: &str, status: &AgentStatus) -> Result<(), String> {
         let bytes = serde_json::to_vec(status).map_err(|e| e.to_string())?;
+        if self.via_relay {
+            return iot_kv::status_relay::write_via_relay(
+                &self.js.client(),
+                &self.device,
+                Bytes::from(bytes),
+                self.publish_timeout,
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string());
+        }
         let send = async {
             let ack = self
                 .js

@@ -3,17 +3,21 @@
 //! A device may:
 //! - receive changes of its own desired state (`$KV.desired-state.<id>.>`);
 //! - ask the read responder for its own desired state (`iot.desired.read.<id>`);
-//! - write its own status (`$KV.agent-status.status.<id>`: a JetStream publish,
-//!   acknowledged on its inbox);
+//! - write its own status through the relay (`iot.status.write.<id>`): never by a
+//!   JetStream publish, whose acknowledgement goes to a reply subject the publisher
+//!   chooses and could land in another device's desired state;
 //! - receive on its own inbox (`_INBOX_<id>.>`).
 //!
 //! No `$JS.API` subject at all: no stream info, no consumers, no direct gets, no
 //! purge or delete. The operator gets the JetStream API of the two platform buckets
-//! only, the desired-state writes, status reads, and replies to read requests.
+//! only, the desired-state writes, the status writes it relays for devices, status
+//! reads, and replies to device requests.
 
 use harmony_reconciler_contracts::keys::{kv_stream_name, kv_subject};
-use harmony_reconciler_contracts::read::{DESIRED_READ_PREFIX, desired_read_subject, device_inbox_prefix};
-use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET, agent_status_key};
+use harmony_reconciler_contracts::read::{
+    DESIRED_READ_PREFIX, STATUS_WRITE_PREFIX, desired_read_subject, device_inbox_prefix, status_write_subject,
+};
+use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 
 use crate::identity::Identity;
 use crate::nats_jwt::Permissions;
@@ -21,10 +25,7 @@ use crate::nats_jwt::Permissions;
 pub fn permissions_for(identity: &Identity) -> Permissions {
     match identity {
         Identity::Device(id) => Permissions {
-            publish: vec![
-                kv_subject(AGENT_STATUS_BUCKET, &agent_status_key(id)),
-                desired_read_subject(id),
-            ],
+            publish: vec![status_write_subject(id), desired_read_subject(id)],
             subscribe: vec![
                 format!("$KV.{DESIRED_STATE_BUCKET}.{id}.>"),
                 format!("{}.>", device_inbox_prefix(id)),
@@ -32,7 +33,12 @@ pub fn permissions_for(identity: &Identity) -> Permissions {
             respond: false,
         },
         Identity::Operator(_) => {
-            let mut publish = vec![kv_subject(DESIRED_STATE_BUCKET, ">"), "$JS.API.INFO".to_owned()];
+            let mut publish = vec![
+                kv_subject(DESIRED_STATE_BUCKET, ">"),
+                // The status relay stores what each device sends on its own subject.
+                kv_subject(AGENT_STATUS_BUCKET, "status.*"),
+                "$JS.API.INFO".to_owned(),
+            ];
             for bucket in [DESIRED_STATE_BUCKET, AGENT_STATUS_BUCKET] {
                 let stream = kv_stream_name(bucket);
                 publish.extend([
@@ -53,6 +59,7 @@ pub fn permissions_for(identity: &Identity) -> Permissions {
                 subscribe: vec![
                     "_INBOX.>".to_owned(),
                     format!("{DESIRED_READ_PREFIX}.*"),
+                    format!("{STATUS_WRITE_PREFIX}.*"),
                     kv_subject(AGENT_STATUS_BUCKET, ">"),
                     kv_subject(DESIRED_STATE_BUCKET, ">"),
                 ],
@@ -71,12 +78,12 @@ mod tests {
     #[test]
     fn a_device_gets_its_own_subjects_and_nothing_else() -> Result<(), harmony_reconciler_contracts::IdError> {
         let p = permissions_for(&Identity::Device(Id::new("pi-7")?));
-        assert_eq!(p.publish, ["$KV.agent-status.status.pi-7", "iot.desired.read.pi-7"]);
+        assert_eq!(p.publish, ["iot.status.write.pi-7", "iot.desired.read.pi-7"]);
         assert_eq!(p.subscribe, ["$KV.desired-state.pi-7.>", "_INBOX_pi-7.>"]);
         assert!(!p.respond);
         assert!(
-            p.publish.iter().chain(&p.subscribe).all(|s| !s.starts_with("$JS.")),
-            "no JetStream API for devices"
+            p.publish.iter().all(|s| !s.starts_with('$')),
+            "devices publish to no JetStream subject (API, KV or acknowledgement)"
         );
         Ok(())
     }
@@ -99,7 +106,13 @@ mod tests {
                 "{s}"
             );
         }
-        // It writes desired state but never a device's status.
-        assert!(p.publish.iter().all(|s| !s.starts_with("$KV.agent-status")));
+        // It writes desired state, and status only as the devices' relay.
+        assert!(p.publish.contains(&"$KV.desired-state.>".to_owned()));
+        assert!(
+            p.publish
+                .iter()
+                .filter(|s| s.starts_with("$KV.agent-status"))
+                .all(|s| s == "$KV.agent-status.status.*")
+        );
     }
 }

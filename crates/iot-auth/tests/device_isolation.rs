@@ -12,8 +12,9 @@ use bytes::Bytes;
 use common::{Probe, Secured};
 use futures::StreamExt;
 use harmony_reconciler_contracts::Id;
-use iot_kv::desired_read::{read_via_responder, serve_desired_reads};
+use iot_kv::desired_read::read_via_responder;
 use iot_kv::identity::IdentityCredentials;
+use iot_kv::status_relay::write_via_relay;
 
 #[tokio::test]
 async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> {
@@ -30,12 +31,8 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
         .put("dev-b.default_web", Bytes::from_static(b"{\"b\":1}"))
         .await?;
 
-    // The read responder runs with the operator's identity (so its permissions are
-    // exercised too).
-    let operator = IdentityCredentials::from_enrollment(s.enroll_operator().await?)?;
-    let op = Probe::connect(&s.nats.url(), &operator).await?;
-    let responder = tokio::spawn(serve_desired_reads(op.client.clone(), Duration::from_secs(5)));
-
+    // The read responder and the status relay run in the fixture with the
+    // operator's identity (so its permissions are exercised too).
     let probe = Probe::connect(&s.nats.url(), &a).await?;
     let dev_a = Id::new("dev-a")?;
 
@@ -60,11 +57,16 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
         .await?;
     let change = tokio::time::timeout(Duration::from_secs(5), changes.next()).await?;
     assert_eq!(change.map(|m| m.payload), Some(Bytes::from_static(b"{\"a\":2}")));
-    // ...and its own status, acknowledged by JetStream on its own inbox.
+    // ...and its own status, through the relay.
+    let seq = write_via_relay(
+        &probe.client,
+        &dev_a,
+        Bytes::from_static(b"{\"mine\":1}"),
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert!(seq > 0);
     let js = jetstream::new(probe.client.clone());
-    js.publish("$KV.agent-status.status.dev-a", Bytes::from_static(b"{}"))
-        .await?
-        .await?;
 
     // Denied subscriptions: nothing of B's, no wildcard, no one else's inbox.
     for subject in [
@@ -112,6 +114,9 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
         ("$JS.API.STREAM.DELETE.KV_agent-status", ""),
         ("$JS.API.INFO", ""),
         ("$KV.agent-status.status.dev-b", "{}"),
+        // Not even its own status by JetStream: the acknowledgement would go to a
+        // reply subject of its choosing (see below).
+        ("$KV.agent-status.status.dev-a", "{}"),
         ("$KV.desired-state.dev-a.default_web", "{}"),
         ("$KV.desired-state.dev-b.default_other", "{}"),
         ("iot.desired.read.dev-b", "{}"),
@@ -123,6 +128,24 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
             .await?;
         probe.wait_violation(subject).await?;
     }
+    // Reply subjects are the sender's choice and no permission checks them: the
+    // relay and the responder answer only to the asking device's own inbox, so
+    // nothing lands in another device's keys.
+    for (subject, forged) in [
+        ("iot.desired.read.dev-a", "$KV.desired-state.dev-b.default_forged1"),
+        ("iot.status.write.dev-a", "$KV.desired-state.dev-b.default_forged2"),
+        ("iot.status.write.dev-a", "_INBOX_dev-b.x"),
+    ] {
+        probe
+            .client
+            .publish_with_reply(subject, forged, Bytes::from_static(b"{}"))
+            .await?;
+    }
+    probe.client.flush().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(desired.get("dev-b.default_forged1").await?.is_none());
+    assert!(desired.get("dev-b.default_forged2").await?.is_none());
+
     // A KV handle needs stream info, which is denied: no watch, no history.
     let mut js = js;
     js.set_timeout(Duration::from_secs(1));
@@ -132,6 +155,11 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
     // And nothing of the above had an effect.
     let status = admin_js.get_key_value("agent-status").await?;
     assert!(status.get("status.dev-b").await?.is_none());
+    assert_eq!(
+        status.get("status.dev-a").await?,
+        Some(Bytes::from_static(b"{\"mine\":1}")),
+        "the relay stored exactly what the device sent, and nothing else did"
+    );
     assert!(desired.get("dev-b.default_other").await?.is_none());
     assert_eq!(
         desired.get("dev-a.default_web").await?,
@@ -146,6 +174,5 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
             .len(),
         1
     );
-    responder.abort();
     Ok(())
 }

@@ -6,16 +6,19 @@ mod common;
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use bytes::Bytes;
 use common::{Secured, try_connect};
+use harmony_reconciler_contracts::Id;
 use iot_kv::identity::IdentityCredentials;
 
 async fn status_put_works(client: &async_nats::Client, device: &str) -> anyhow::Result<()> {
-    let js = jetstream::new(client.clone());
-    js.publish(format!("$KV.agent-status.status.{device}"), Bytes::from_static(b"{}"))
-        .await?
-        .await?;
+    iot_kv::status_relay::write_via_relay(
+        client,
+        &Id::new(device)?,
+        Bytes::from_static(b"{}"),
+        Duration::from_secs(5),
+    )
+    .await?;
     Ok(())
 }
 

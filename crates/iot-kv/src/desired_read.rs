@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::read::{
     DESIRED_READ_PREFIX, DESIRED_READ_QUEUE, DesiredReadPage, DesiredReadRequest, DesiredRecord, desired_read_subject,
-    device_of_read_subject,
+    device_of_read_subject, is_device_inbox,
 };
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, Id};
 
@@ -39,10 +39,23 @@ pub async fn serve_desired_reads(client: async_nats::Client, read_timeout: Durat
             subject: subject.clone(),
             message: e.to_string(),
         })?;
+    // Reads in flight at most: a device flooding its subject cannot take more.
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     while let Some(msg) = sub.next().await {
         let client = client.clone();
+        let Some(reply) = msg.reply.clone() else { continue };
+        // Answer only to the asking device's own inbox: a reply subject is chosen by
+        // the sender and not checked by permissions, and this connection may publish
+        // to the desired-state bucket.
+        if !device_of_read_subject(&msg.subject).is_some_and(|d| is_device_inbox(&d, &reply)) {
+            tracing::warn!(subject = %msg.subject, reply = %reply, "read request with a reply subject outside the device's inbox; ignored");
+            continue;
+        }
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
         tokio::spawn(async move {
-            let Some(reply) = msg.reply else { return };
+            let _permit = permit;
             let page = match device_of_read_subject(&msg.subject) {
                 None => DesiredReadPage {
                     error: Some(format!("{} names no valid device", msg.subject)),
@@ -60,8 +73,20 @@ pub async fn serve_desired_reads(client: async_nats::Client, read_timeout: Durat
                 }
             };
             let body = serde_json::to_vec(&page).unwrap_or_default();
-            if let Err(e) = client.publish(reply, body.into()).await {
-                tracing::debug!(error = %e, "could not answer a desired-state read");
+            if let Err(e) = client.publish(reply.clone(), body.into()).await {
+                // Most likely a page over the server's max payload: say so to the
+                // device, which keeps its last view and logs the error.
+                tracing::warn!(error = %e, subject = %msg.subject, "could not answer a desired-state read");
+                let page = DesiredReadPage {
+                    error: Some(format!("the answer could not be sent: {e}")),
+                    ..Default::default()
+                };
+                if let Err(e) = client
+                    .publish(reply, serde_json::to_vec(&page).unwrap_or_default().into())
+                    .await
+                {
+                    tracing::debug!(error = %e, "could not send the error either");
+                }
             }
         });
     }

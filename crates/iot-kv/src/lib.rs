@@ -17,6 +17,7 @@ pub mod direct;
 pub mod error;
 pub mod follow;
 pub mod identity;
+pub mod status_relay;
 pub mod timing;
 pub mod write;
 

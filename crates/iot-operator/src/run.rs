@@ -177,6 +177,15 @@ async fn start(
     tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], "KV bucket ready");
 
     {
+        // Devices with scoped permissions write their status through this.
+        let client = conn.client.clone();
+        forever(tasks, "status relay", async move {
+            if let Err(e) = iot_kv::status_relay::serve_status_writes(client, std::time::Duration::from_secs(5)).await {
+                tracing::error!(error = %e, "status relay stopped");
+            }
+        });
+    }
+    {
         // Devices with scoped permissions read their desired state through this.
         let client = conn.client.clone();
         forever(tasks, "desired-state read responder", async move {

@@ -25,6 +25,17 @@ pub struct Secured {
     pub callout_enrollment: PathBuf,
     pub callouts: Vec<CalloutProcess>,
     pub user_ttl: Duration,
+    /// The operator's device-facing services (read responder, status relay), run
+    /// here with the operator's own identity.
+    pub services: Vec<tokio::task::JoinHandle<Result<(), iot_kv::KvError>>>,
+}
+
+impl Drop for Secured {
+    fn drop(&mut self) {
+        for s in &self.services {
+            s.abort();
+        }
+    }
 }
 
 impl Secured {
@@ -48,6 +59,7 @@ impl Secured {
             callout_enrollment,
             callouts: Vec::new(),
             user_ttl,
+            services: Vec::new(),
         };
         for _ in 0..replicas {
             me.add_callout(env).await?;
@@ -55,6 +67,19 @@ impl Secured {
         // Buckets, as the operator would create them.
         let admin = me.admin().await?;
         iot_kv::buckets::ensure_buckets(&async_nats::jetstream::new(admin)).await?;
+        if replicas > 0 {
+            let operator = IdentityCredentials::from_enrollment(me.enroll_operator().await?)?;
+            let conn = iot_kv::connect(&[me.nats.url()], &operator, "operator", true).await?;
+            me.services.push(tokio::spawn(iot_kv::desired_read::serve_desired_reads(
+                conn.client.clone(),
+                Duration::from_secs(5),
+            )));
+            me.services.push(tokio::spawn(iot_kv::status_relay::serve_status_writes(
+                conn.client.clone(),
+                Duration::from_secs(5),
+            )));
+            conn.client.flush().await?;
+        }
         Ok(me)
     }
 
@@ -162,7 +187,8 @@ impl Probe {
 /// server's verdict is part of it: while nats-server waits for a callout answer the
 /// client already believes it is connected (async-nats returns from `connect`),
 /// and only a reply proves it was admitted. A device writes its status (a
-/// JetStream publish, acknowledged); anyone else asks for `$JS.API.INFO`.
+/// status through the relay (stored and acknowledged); anyone else asks for
+/// `$JS.API.INFO`.
 pub async fn try_connect(url: &str, creds: &IdentityCredentials) -> Result<async_nats::Client, String> {
     let opts = creds.connect_options().await.map_err(|e| e.to_string())?;
     let client = match tokio::time::timeout(Duration::from_secs(10), opts.connect(url)).await {
@@ -171,25 +197,37 @@ pub async fn try_connect(url: &str, creds: &IdentityCredentials) -> Result<async
         Err(_) => return Err("timed out".into()),
     };
     let round_trip = async {
-        match creds.device() {
-            Some(device) => {
-                let ack = async_nats::jetstream::new(client.clone())
-                    .publish(
-                        format!("$KV.agent-status.status.{device}"),
-                        bytes::Bytes::from_static(b"{}"),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ack.await.map(drop).map_err(|e| e.to_string())
-            }
-            None => client
-                .request("$JS.API.INFO", bytes::Bytes::new())
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match creds.device() {
+                Some(device) => iot_kv::status_relay::write_via_relay(
+                    &client,
+                    device,
+                    bytes::Bytes::from_static(b"{}"),
+                    Duration::from_secs(3),
+                )
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
+                None => client
+                    .request("$JS.API.INFO", bytes::Bytes::new())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            };
+            // An admitted client whose request failed met the other side between
+            // connections (with a short user TTL the relay's own connection is
+            // renewed every few seconds): try again. A refused one is not connected.
+            match result {
+                Err(_) if attempt < 3 && client.connection_state() == async_nats::connection::State::Connected => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
         }
     };
-    match tokio::time::timeout(Duration::from_secs(10), round_trip).await {
+    match tokio::time::timeout(Duration::from_secs(15), round_trip).await {
         Ok(Ok(())) => Ok(client),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("no round trip within 10 s".into()),
