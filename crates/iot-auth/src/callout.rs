@@ -23,6 +23,11 @@ pub const AUTH_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
 /// Replicas share the requests through this queue group.
 pub const QUEUE_GROUP: &str = "iot-auth-callout";
 const XKEY_HEADER: &str = "Nats-Server-Xkey";
+/// Longest life of a user admitted from the cache (OpenBao did not answer).
+pub const CACHED_USER_TTL: Duration = Duration::from_secs(120);
+/// Decisions in flight at most; more wait for a turn (and the stale ones are then
+/// dropped by age).
+const CONCURRENT_DECISIONS: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -114,10 +119,15 @@ impl Callout {
             .map_err(|e| anyhow::anyhow!("subscribing to {AUTH_SUBJECT}: {e}"))?;
         ready();
         tracing::info!(account = %self.config.account, issuer = %self.config.issuer.public_key(), "answering NATS authorization requests");
+        let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_DECISIONS));
         while let Some(msg) = sub.next().await {
             let this = self.clone();
             let client = client.clone();
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
             tokio::spawn(async move {
+                let _permit = permit;
                 let Some(reply) = msg.reply.clone() else { return };
                 let server_xkey = msg
                     .headers
@@ -227,7 +237,19 @@ impl Callout {
                 });
             }
         };
-        let expires = verified.expires_unix.min(now + self.config.user_ttl.as_secs() as i64);
+        let ttl = if result == "admitted_cached" {
+            // Admitted without asking OpenBao: a short user, so the decision is
+            // taken again soon (a revocation OpenBao could not report is caught then).
+            self.config.user_ttl.min(CACHED_USER_TTL)
+        } else {
+            self.config.user_ttl
+        };
+        let expires = verified.expires_unix.min(now + ttl.as_secs() as i64);
+        if expires <= now {
+            // Accepted within the clock leeway, but a user that is born expired is
+            // of no use to anyone.
+            return Err(refuse("token expires within the clock leeway".into()));
+        }
         let jwt = nats_jwt::user_jwt(
             &self.config.issuer,
             &request.user_nkey,

@@ -5,8 +5,9 @@
 //! - OpenBao says "no such record" (never enrolled, or revoked): refused at once, and
 //!   any cached answer is dropped. So revocation takes effect at the next connect.
 //! - OpenBao cannot answer (down, sealed, frozen, slow): a cached "enrolled" younger
-//!   than `max_stale` admits; anything else is refused. An outage never admits an
-//!   identity OpenBao has not vouched for.
+//!   than `max_stale` admits (with a short NATS user, so the question is asked again
+//!   soon); anything else, and anything OpenBao refused since, is refused. An outage
+//!   never admits an identity OpenBao has not vouched for.
 //!
 //! Replicas share requests at random, so each one also loads the whole list of
 //! enrolled identities at start and every few minutes ([`Enrollments::refresh_all`]):
@@ -56,6 +57,9 @@ pub struct Enrollments {
     /// The current OpenBao token and when to log in again.
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
     cache: Mutex<HashMap<String, Instant>>,
+    /// Identities OpenBao said are not enrolled, and when. A list loaded earlier,
+    /// or a concurrent refresh, must not bring them back into the cache.
+    refused: Mutex<HashMap<String, Instant>>,
     max_stale: Duration,
     /// Bounds the lookups in flight: in a reconnect storm of thousands of devices,
     /// an unbounded fan-out would bury OpenBao and make every decision late. A
@@ -81,6 +85,7 @@ impl Enrollments {
             credentials,
             token: tokio::sync::Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
             max_stale,
             permits: tokio::sync::Semaphore::new(32),
             queue_wait: Duration::from_millis(100),
@@ -111,14 +116,19 @@ impl Enrollments {
         };
         match answer {
             Ok(Some(record)) if record_matches(identity, &record) => {
+                self.refused().remove(&path);
                 self.cache().insert(path, Instant::now());
                 Ok(Decision::Enrolled { from_cache: false })
             }
             Ok(_) => {
                 self.cache().remove(&path);
+                self.refused().insert(path, Instant::now());
                 Ok(Decision::NotEnrolled)
             }
             Err(e) => {
+                if self.refused().contains_key(&path) {
+                    return Ok(Decision::NotEnrolled);
+                }
                 let fresh_enough = self.cache().get(&path).is_some_and(|at| at.elapsed() < self.max_stale);
                 if fresh_enough {
                     self.log_fallback(identity, &e);
@@ -133,6 +143,7 @@ impl Enrollments {
     /// Loads the list of enrolled identities; returns how many. Identities no longer
     /// listed are forgotten.
     pub async fn refresh_all(&self) -> Result<usize, BaoError> {
+        let started = Instant::now();
         let client = self.client(false).await?;
         let (devices, services) = match tokio::try_join!(list_devices(&client), list_services(&client)) {
             Err(BaoError::Status { status: 403, .. }) => {
@@ -142,11 +153,24 @@ impl Enrollments {
             other => other?,
         };
         let now = Instant::now();
-        let listed: HashMap<String, Instant> = devices
+        let mut listed: HashMap<String, Instant> = devices
             .iter()
             .map(|d| (device_record_path(d), now))
             .chain(services.iter().map(|s| (service_record_path(s), now)))
             .collect();
+        {
+            // A refusal newer than this list wins over it; an older one is settled
+            // by the list (a device re-enrolled since).
+            let mut refused = self.refused();
+            refused.retain(|path, at| {
+                let newer = at.elapsed() < started.elapsed();
+                if newer {
+                    listed.remove(path);
+                }
+                newer || !listed.contains_key(path)
+            });
+            refused.retain(|_, at| at.elapsed() < self.max_stale);
+        }
         let n = listed.len();
         *self.cache() = listed;
         Ok(n)
@@ -172,6 +196,10 @@ impl Enrollments {
         } else {
             log.unlogged += 1;
         }
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {

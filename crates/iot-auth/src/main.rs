@@ -122,7 +122,7 @@ struct Args {
 
     /// How often the whole list of enrolled identities is loaded (what an OpenBao
     /// outage falls back on).
-    #[arg(long, env = "IOT_AUTH_LIST_REFRESH", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IOT_AUTH_LIST_REFRESH", default_value = "60s", value_parser = humantime::parse_duration)]
     list_refresh: Duration,
 
     /// Address of /metrics, /healthz and /readyz ("off" for none).

@@ -76,6 +76,8 @@ pub struct Verifier {
     leeway_secs: i64,
     http: Bao,
     cache: Mutex<KeyCache>,
+    /// One fetch at a time; the others wait for its result.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// A verified token's claims.
@@ -91,8 +93,11 @@ impl Verifier {
             issuer: issuer.trim_end_matches('/').to_owned(),
             audience: audience.to_owned(),
             leeway_secs: DEFAULT_LEEWAY.as_secs() as i64,
-            http: Bao::new(issuer).map_err(|e| TokenError::KeysUnavailable(e.to_string()))?,
+            http: Bao::new(issuer)
+                .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?
+                .with_timeout(Duration::from_secs(2)),
             cache: Mutex::new(KeyCache::default()),
+            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -107,7 +112,13 @@ impl Verifier {
     }
 
     /// Fetches the issuer's keys now (at startup; later fetches happen on demand).
+    /// The attempt counts against [`REFRESH_MIN_INTERVAL`] whether it succeeds or
+    /// not, so garbage tokens cannot make us hammer an issuer that is down.
     pub async fn refresh(&self) -> Result<usize, TokenError> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fetched_at = Some(Instant::now());
         let unavailable = |e: iot_bao::BaoError| TokenError::KeysUnavailable(e.to_string());
         let discovery = self
             .http
@@ -137,11 +148,12 @@ impl Verifier {
         let key = match self.key(kid.as_deref()) {
             Some(k) => k,
             None => {
+                let _one_at_a_time = self.fetching.lock().await;
                 let stale = {
                     let cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     cache.fetched_at.is_none_or(|t| t.elapsed() >= REFRESH_MIN_INTERVAL)
                 };
-                if stale {
+                if stale && self.key(kid.as_deref()).is_none() {
                     self.refresh().await?;
                 }
                 self.key(kid.as_deref()).ok_or(TokenError::UnknownKey(kid.clone()))?

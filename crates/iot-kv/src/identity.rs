@@ -32,7 +32,8 @@ enum Origin {
 #[derive(Debug, Default)]
 struct Cached {
     bao_token: Option<(String, Instant)>,
-    jwt: Option<(String, Instant)>,
+    /// The token, when to refresh it, and when it expires.
+    jwt: Option<(String, Instant, Instant)>,
 }
 
 /// Identity-token credentials, for a device (which then uses its own inbox prefix,
@@ -89,7 +90,6 @@ impl IdentityCredentials {
 
     /// A token with at least a third of its life left, fetching one if needed.
     pub async fn token(&self) -> Result<String, KvError> {
-        let cred = |e: BaoError| KvError::Credentials(e.to_string());
         match self.origin.as_ref() {
             Origin::File(path) => std::fs::read_to_string(path)
                 .map(|t| t.trim().to_owned())
@@ -97,41 +97,58 @@ impl IdentityCredentials {
             Origin::OpenBao { bao, enrollment } => {
                 let mut cached = self.cached.lock().await;
                 let now = Instant::now();
-                if let Some((jwt, refresh_at)) = &cached.jwt
+                if let Some((jwt, refresh_at, _)) = &cached.jwt
                     && now < *refresh_at
                 {
                     return Ok(jwt.clone());
                 }
-                let bao_token = match &cached.bao_token {
-                    Some((t, until)) if now < *until => t.clone(),
-                    _ => {
-                        let login = bao
-                            .approle_login(&enrollment.role_id, &enrollment.secret_id)
-                            .await
-                            .map_err(cred)?;
-                        cached.bao_token = Some((login.token.clone(), now + login.ttl.mul_f64(0.5)));
-                        login.token
-                    }
-                };
-                let token = match bao
-                    .as_ref()
-                    .clone()
-                    .with_token(bao_token)
-                    .identity_token(TOKEN_ROLE)
-                    .await
-                {
-                    Ok(t) => t,
-                    Err(e) => {
-                        // Our OpenBao token may have been revoked; log in afresh next time.
-                        cached.bao_token = None;
-                        return Err(cred(e));
-                    }
-                };
-                let refresh_at = now + token.ttl.mul_f64(2.0 / 3.0).max(Duration::from_secs(1));
-                cached.jwt = Some((token.jwt.clone(), refresh_at));
-                Ok(token.jwt)
+                match self.fetch(bao, enrollment, &mut cached, now).await {
+                    Ok(jwt) => Ok(jwt),
+                    // OpenBao is out of reach: a token that has not expired still
+                    // gets us in (the callout decides how long for).
+                    Err(e) => match &cached.jwt {
+                        Some((jwt, _, expires)) if now < *expires => {
+                            tracing::warn!(error = %e, "cannot renew the identity token; presenting the current one");
+                            Ok(jwt.clone())
+                        }
+                        _ => Err(e),
+                    },
+                }
             }
         }
+    }
+
+    /// Logs in (when our OpenBao token is due) and fetches a new identity token.
+    async fn fetch(
+        &self,
+        bao: &Bao,
+        enrollment: &Enrollment,
+        cached: &mut Cached,
+        now: Instant,
+    ) -> Result<String, KvError> {
+        let cred = |e: BaoError| KvError::Credentials(e.to_string());
+        let bao_token = match &cached.bao_token {
+            Some((t, until)) if now < *until => t.clone(),
+            _ => {
+                let login = bao
+                    .approle_login(&enrollment.role_id, &enrollment.secret_id)
+                    .await
+                    .map_err(cred)?;
+                cached.bao_token = Some((login.token.clone(), now + login.ttl.mul_f64(0.5)));
+                login.token
+            }
+        };
+        let token = match bao.clone().with_token(bao_token).identity_token(TOKEN_ROLE).await {
+            Ok(t) => t,
+            Err(e) => {
+                // Our OpenBao token may have been revoked; log in afresh next time.
+                cached.bao_token = None;
+                return Err(cred(e));
+            }
+        };
+        let refresh_at = now + token.ttl.mul_f64(2.0 / 3.0).max(Duration::from_secs(1));
+        cached.jwt = Some((token.jwt.clone(), refresh_at, now + token.ttl));
+        Ok(token.jwt)
     }
 }
 

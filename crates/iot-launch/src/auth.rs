@@ -147,6 +147,8 @@ pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .write(true)
         .mode(0o600)
         .open(path)?;
+    // `mode` applies only when the file is created; an existing file keeps its own.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }

@@ -30,13 +30,15 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
     }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .mode(0o600)
-        .open(env_file(up))?
-        .write_all(text.as_bytes())?;
+        .open(env_file(up))?;
+    // `mode` applies only when the file is created; an existing file keeps its own.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
     Ok(())
 }
 

@@ -195,6 +195,9 @@ fn emit(e: &Enrollment, path: Option<&Path>) -> anyhow::Result<()> {
                 .mode(0o600)
                 .open(p)
                 .with_context(|| format!("writing {}", p.display()))?;
+            // `mode` applies only when the file is created: an existing file keeps
+            // its mode, so set it before the secret goes in.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             f.write_all(json.as_bytes())?;
             out::warn(&format!("wrote the enrollment of {} to {}", e.name, p.display()));
             Ok(())
