@@ -26,8 +26,9 @@ const XKEY_HEADER: &str = "Nats-Server-Xkey";
 /// Longest life of a user admitted from the cache (OpenBao did not answer).
 pub const CACHED_USER_TTL: Duration = Duration::from_secs(120);
 /// Decisions in flight at most; more wait for a turn (and the stale ones are then
-/// dropped by age).
-const CONCURRENT_DECISIONS: usize = 512;
+/// dropped by age). High enough not to bind in a 10,000-device reconnect storm
+/// (BENCHMARKS.md), low enough to bound memory under a flood.
+const CONCURRENT_DECISIONS: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct DecisionLabels {
