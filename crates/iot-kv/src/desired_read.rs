@@ -160,22 +160,14 @@ pub async fn read_via_responder(
     let mut after: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let body = serde_json::to_vec(&DesiredReadRequest { after: after.clone() }).map_err(KvError::js)?;
-        let msg = tokio::time::timeout(timeout, client.request(subject.clone(), body.into()))
-            .await
-            .map_err(|_| KvError::Timeout(timeout))?
-            .map_err(|e| KvError::Request {
-                subject: subject.clone(),
-                message: match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => {
-                        "no desired-state read responder is running (the operator serves them)".into()
-                    }
-                    _ => e.to_string(),
-                },
-            })?;
-        let page: DesiredReadPage = serde_json::from_slice(&msg.payload).map_err(|e| KvError::Request {
-            subject: subject.clone(),
-            message: format!("unreadable answer: {e}"),
-        })?;
+        let page: DesiredReadPage = crate::status_relay::ask(
+            client,
+            &subject,
+            body.into(),
+            timeout,
+            "no desired-state read responder is running",
+        )
+        .await?;
         if let Some(error) = page.error {
             return Err(KvError::Request {
                 subject: subject.clone(),

@@ -103,24 +103,32 @@ pub async fn write_via_relay(
     timeout: Duration,
 ) -> Result<u64, KvError> {
     let subject = status_write_subject(device);
-    let msg = tokio::time::timeout(timeout, client.request(subject.clone(), status))
-        .await
-        .map_err(|_| KvError::Timeout(timeout))?
-        .map_err(|e| KvError::Request {
-            subject: subject.clone(),
-            message: match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    "no status relay is running (the operator serves it)".into()
-                }
-                _ => e.to_string(),
-            },
-        })?;
-    let answer: StatusWriteAnswer = serde_json::from_slice(&msg.payload).map_err(|e| KvError::Request {
-        subject: subject.clone(),
-        message: format!("unreadable answer: {e}"),
-    })?;
+    let answer: StatusWriteAnswer = ask(client, &subject, status, timeout, "no status relay is running").await?;
     match answer.error {
         Some(message) => Err(KvError::Request { subject, message }),
         None => Ok(answer.sequence),
     }
+}
+
+/// One request to an operator-side device service, its JSON answer decoded.
+/// `missing` says what is not running when nobody answers.
+pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+    timeout: Duration,
+    missing: &str,
+) -> Result<T, KvError> {
+    let failed = |message: String| KvError::Request {
+        subject: subject.to_owned(),
+        message,
+    };
+    let msg = tokio::time::timeout(timeout, client.request(subject.to_owned(), body))
+        .await
+        .map_err(|_| KvError::Timeout(timeout))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => failed(format!("{missing} (the operator serves it)")),
+            _ => failed(e.to_string()),
+        })?;
+    serde_json::from_slice(&msg.payload).map_err(|e| failed(format!("unreadable answer: {e}")))
 }

@@ -138,7 +138,8 @@ impl CalloutProcess {
     }
 }
 
-pub(crate) fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes a secret to `path`, readable by its owner only (mode 0600).
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -28,18 +28,7 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
             sec.bao.root_token()
         ));
     }
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(env_file(up))?;
-    // `mode` applies only when the file is created; an existing file keeps its own.
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+    iot_launch::auth::write_private(&env_file(up), &text)
 }
 
 fn line(m: &mut String, text: impl AsRef<str>) {

@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
 use iot_bao::enroll::{self, Enrollment, Role};
 use iot_kv::{Anonymous, CredentialSource, UserPassword, connect};
-use iot_launch::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
+use iot_launch::auth::{CalloutKeys, CalloutLaunch, CalloutProcess, write_private};
 use iot_launch::{ApiServer, LoggedProcess, NatsServer, OpenBao};
 
 use crate::net::Net;
@@ -474,19 +474,4 @@ pub async fn wait_ready(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    // `mode` applies only when the file is created; an existing file keeps its own.
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
 }
