@@ -181,6 +181,21 @@ fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()
         })
         .collect::<anyhow::Result<_>>()?;
     assert_eq!(listings.len(), 2, "{menu}");
+    // Secure by default: every device is enrolled in OpenBao, the env file (which
+    // holds the development secrets) is private, and NATS admits no anonymous client.
+    let enrolled = shell("iotctl device list")?;
+    assert_eq!(enrolled.lines().count(), 2, "{enrolled}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&env_file)?.permissions().mode() & 0o777, 0o600);
+    shell("iotctl devices")?;
+    let anonymous = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && env -u NATS_USER -u NATS_PASSWORD iotctl devices",
+            env_file.display()
+        ))
+        .output()?;
+    assert!(!anonymous.status.success(), "an anonymous client read the fleet");
     for (i, list) in listings.iter().enumerate() {
         let names: Vec<&str> = list.lines().collect();
         assert_eq!(names.len(), 1, "device {} lists {names:?}", i + 1);
