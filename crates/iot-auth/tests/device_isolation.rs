@@ -51,7 +51,10 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
     assert_eq!(keys, ["dev-a.default_web"]);
     // ...its changes as they happen...
     let mut changes = probe.client.subscribe("$KV.desired-state.dev-a.>").await?;
-    probe.client.flush().await?;
+    // A round trip on the same connection: the server handles a client's protocol
+    // in order, so after the answer the subscription is surely in place (a flush
+    // only empties our write buffer, and the put comes on another connection).
+    read_via_responder(&probe.client, &dev_a, Duration::from_secs(5)).await?;
     desired
         .put("dev-a.default_web", Bytes::from_static(b"{\"a\":2}"))
         .await?;
@@ -141,7 +144,9 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
             .publish_with_reply(subject, forged, Bytes::from_static(b"{}"))
             .await?;
     }
-    probe.client.flush().await?;
+    // Processed in order: once this answer is back, the forged requests reached the
+    // services; give them a moment to (not) act.
+    read_via_responder(&probe.client, &dev_a, Duration::from_secs(5)).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(desired.get("dev-b.default_forged1").await?.is_none());
     assert!(desired.get("dev-b.default_forged2").await?.is_none());
