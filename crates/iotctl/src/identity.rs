@@ -221,10 +221,16 @@ async fn kick(nats_url: &[String], sys_user: &str, sys_password: &str, user: &st
         .publish_with_reply("$SYS.REQ.SERVER.PING.CONNZ", inbox, query.to_string().into())
         .await?;
     client.flush().await?;
-    // Every server in the cluster answers; collect for a moment.
+    // Every server in the cluster answers: wait up to 5 s for the first, then a
+    // moment for the others.
     let mut targets: Vec<(String, u64)> = Vec::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    let mut deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut first = true;
     while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        if first {
+            deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+            first = false;
+        }
         let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
         let server = v
             .pointer("/data/server_id")
@@ -244,6 +250,7 @@ async fn kick(nats_url: &[String], sys_user: &str, sys_password: &str, user: &st
             }
         }
     }
+    anyhow::ensure!(!first, "no NATS server answered the connection query");
     for (server, cid) in &targets {
         client
             .request(
