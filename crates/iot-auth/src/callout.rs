@@ -114,10 +114,20 @@ impl Callout {
             .queue_subscribe(AUTH_SUBJECT, QUEUE_GROUP.to_owned())
             .await
             .map_err(|e| anyhow::anyhow!("subscribing to {AUTH_SUBJECT}: {e}"))?;
-        client
-            .flush()
+        // Ready only once the server has the subscription: it handles a client's
+        // protocol in order, so a message we send ourselves after it and receive
+        // back proves it (a flush only empties our write buffer).
+        let echo = client.new_inbox();
+        let mut echoes = client
+            .subscribe(echo.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("subscribing to {AUTH_SUBJECT}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("subscribing to {echo}: {e}"))?;
+        client
+            .publish(echo, Bytes::new())
+            .await
+            .map_err(|e| anyhow::anyhow!("checking the subscription: {e}"))?;
+        echoes.next().await;
+        drop(echoes);
         ready();
         tracing::info!(account = %self.config.account, issuer = %self.config.issuer.public_key(), "answering NATS authorization requests");
         let limit = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_DECISIONS));
