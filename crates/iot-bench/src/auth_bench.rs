@@ -220,7 +220,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let callout_enrollment = iot_bao::enroll::enroll_service(&root, "callout", iot_bao::enroll::Role::Callout).await?;
     let callout_file = dir.path().join("callout.json");
-    std::fs::write(&callout_file, serde_json::to_string(&callout_enrollment)?)?;
+    iot_testkit::auth::write_private(&callout_file, &serde_json::to_string(&callout_enrollment)?)?;
     let t = Instant::now();
     futures::stream::iter(0..devices)
         .map(|i| {

@@ -90,10 +90,10 @@ impl Stack {
         let root = bao.root()?;
         let callout = iot_bao::enroll::enroll_service(&root, "callout", Role::Callout).await?;
         let callout_file = dir.path().join("callout.json");
-        std::fs::write(&callout_file, serde_json::to_string(&callout)?)?;
+        iot_testkit::auth::write_private(&callout_file, &serde_json::to_string(&callout)?)?;
         let operator = iot_bao::enroll::enroll_service(&root, "operator", Role::Operator).await?;
         let operator_enrollment = dir.path().join("operator.json");
-        std::fs::write(&operator_enrollment, serde_json::to_string(&operator)?)?;
+        iot_testkit::auth::write_private(&operator_enrollment, &serde_json::to_string(&operator)?)?;
         let keys = CalloutKeys::generate()?;
         let nats = NatsServer::start_with_config(&keys.nats_config()).await?;
         let binary = cargo_bin("iot-auth-callout")?;
@@ -237,7 +237,7 @@ impl Stack {
         let device = unique_id("dev");
         let enrollment = iot_bao::enroll::enroll_device(&sec.bao.root()?, &device, &Default::default()).await?;
         let file = self.dir.path().join(format!("{device}.json"));
-        std::fs::write(&file, serde_json::to_string(&enrollment)?)?;
+        iot_testkit::auth::write_private(&file, &serde_json::to_string(&enrollment)?)?;
         sec.enrollments.insert(device.clone(), file);
         self.cleanups.push(DeviceContainers::new(&device));
         self.spawn_agent(&device)?;

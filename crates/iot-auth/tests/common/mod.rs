@@ -48,7 +48,7 @@ impl Secured {
         let dir = tempfile::Builder::new().prefix("iot-auth-test-").tempdir()?;
         let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
         let callout_enrollment = dir.path().join("callout.json");
-        std::fs::write(&callout_enrollment, serde_json::to_string(&callout)?)?;
+        iot_testkit::auth::write_private(&callout_enrollment, &serde_json::to_string(&callout)?)?;
         let keys = CalloutKeys::generate()?;
         let nats = NatsServer::start_with_config(&keys.nats_config()).await?;
         let mut me = Self {
