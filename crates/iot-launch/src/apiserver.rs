@@ -82,7 +82,7 @@ impl ApiServer {
             .stderr(std::fs::File::create(d.join("apiserver.log"))?)
             .spawn()?;
         me.apiserver = Some(api);
-        me.write_kubeconfig()?;
+        write_kubeconfig(me.dir.path(), &me.url())?;
         me.wait_ready(Duration::from_secs(60)).await?;
         Ok(me)
     }
@@ -108,16 +108,6 @@ impl ApiServer {
         let mut cmd = Command::new("kubectl");
         cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
         crate::process::run_captured(cmd, stdin)
-    }
-
-    fn write_kubeconfig(&self) -> anyhow::Result<()> {
-        let d = self.dir.path().display();
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: iot-local\n  cluster:\n    server: {url}\n    certificate-authority: {d}/ca.crt\nusers:\n- name: admin\n  user:\n    client-certificate: {d}/admin.crt\n    client-key: {d}/admin.key\ncontexts:\n- name: iot-local\n  context:\n    cluster: iot-local\n    user: admin\ncurrent-context: iot-local\n",
-            url = self.url()
-        );
-        std::fs::write(self.kubeconfig(), text)?;
-        Ok(())
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
@@ -161,9 +151,19 @@ impl Drop for ApiServer {
     }
 }
 
+/// `dir/kubeconfig`: the admin client certificate made by [`make_certs`].
+pub(crate) fn write_kubeconfig(dir: &Path, url: &str) -> anyhow::Result<()> {
+    let d = dir.display();
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: iot-local\n  cluster:\n    server: {url}\n    certificate-authority: {d}/ca.crt\nusers:\n- name: admin\n  user:\n    client-certificate: {d}/admin.crt\n    client-key: {d}/admin.key\ncontexts:\n- name: iot-local\n  context:\n    cluster: iot-local\n    user: admin\ncurrent-context: iot-local\n"
+    );
+    std::fs::write(dir.join("kubeconfig"), text)?;
+    Ok(())
+}
+
 /// A CA, a server certificate for 127.0.0.1/localhost, and an admin client
 /// certificate in group system:masters (which the server always authorizes).
-fn make_certs(d: &Path) -> anyhow::Result<()> {
+pub(crate) fn make_certs(d: &Path) -> anyhow::Result<()> {
     let run = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("openssl").current_dir(d).args(args).output()?;
         anyhow::ensure!(

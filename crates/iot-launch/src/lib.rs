@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod auth;
 pub mod bao;
 pub mod http;
+pub mod kube_apiserver;
 pub mod nats;
 pub mod paths;
 pub mod podman;
@@ -16,6 +17,7 @@ pub mod process;
 
 pub use apiserver::ApiServer;
 pub use bao::OpenBao;
+pub use kube_apiserver::KubeApiServer;
 pub use nats::NatsServer;
 pub use podman::PodmanService;
 pub use process::{LoggedProcess, free_port, run_captured, wait_until};

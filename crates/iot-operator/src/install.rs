@@ -41,7 +41,24 @@ pub async fn install_crd(client: kube::Client, timeout: Duration) -> anyhow::Res
     Ok(())
 }
 
-/// The CRD as YAML, for the Helm chart (generated at publish time, never at runtime).
+/// The CRD as YAML (generated at build time, never at runtime).
 pub fn crd_yaml() -> anyhow::Result<String> {
     Ok(crate::yaml::to_yaml(&serde_json::to_value(crd())?))
+}
+
+/// The chart's `templates/crd.yaml`. The CRD is a template, not in `crds/`, because
+/// Helm never upgrades `crds/`: a chart upgrade that changes the schema must change
+/// it. `helm.sh/resource-policy: keep` stops `helm uninstall` from deleting the CRD,
+/// which would delete every Deployment resource in the cluster with it.
+pub fn crd_helm_template() -> anyhow::Result<String> {
+    let mut crd = crd();
+    crd.metadata.annotations = Some(
+        [("helm.sh/resource-policy".to_owned(), "keep".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    let body = crate::yaml::to_yaml(&serde_json::to_value(crd)?);
+    Ok(format!(
+        "{{{{- if .Values.crds.install }}}}\n# Generated from the Rust types by `iot-operator crd --helm-template`. Do not edit:\n# scripts/gen-artifacts.sh regenerates it, and a test fails when it is stale.\n{body}{{{{- end }}}}\n"
+    ))
 }

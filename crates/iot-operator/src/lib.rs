@@ -4,6 +4,7 @@
 //!   the pure planner in [`kv_plan`] and the bucket index in [`kv_index`].
 //! - [`status_writer`]: the one writer of `.status`, fed by the controller and the
 //!   aggregator.
+//! - [`leader`]: leader election on a Lease, so only one replica writes.
 //! - [`install`]: the CRD from typed Rust (the resource types are in `iot-api`).
 
 pub mod aggregate;
@@ -14,6 +15,7 @@ pub mod gc;
 pub mod install;
 pub mod kv_index;
 pub mod kv_plan;
+pub mod leader;
 pub mod metrics;
 pub mod run;
 pub mod status_writer;

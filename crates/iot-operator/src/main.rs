@@ -25,8 +25,12 @@ enum Cmd {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Print the CRD as YAML (for the Helm chart).
-    Crd,
+    /// Print the CRD as YAML.
+    Crd {
+        /// Print the Helm chart's templates/crd.yaml instead.
+        #[arg(long)]
+        helm_template: bool,
+    },
     /// Run the controller.
     Run(Box<RunArgs>),
 }
@@ -48,6 +52,56 @@ struct RunArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz here; "off" to disable.
     #[arg(long, env = "IOT_HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
     http_addr: HttpAddr,
+    #[command(flatten)]
+    leader: LeaderArgs,
+}
+
+/// Leader election on a coordination.k8s.io Lease: needed whenever more than one
+/// replica can run at once (`replicas: 2`, or the overlap of a rolling update).
+#[derive(clap::Args)]
+struct LeaderArgs {
+    /// Write nothing until this replica holds the leader Lease.
+    #[arg(long, env = "IOT_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the Lease (in a pod: its own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_namespace: String,
+    #[arg(long, env = "IOT_LEADER_LEASE", default_value = "iot-operator")]
+    leader_lease: String,
+    /// This replica's name in the Lease (in a pod: the pod name); default: host name.
+    #[arg(long, env = "POD_NAME")]
+    leader_identity: Option<String>,
+    /// A leader that has not renewed for this long is replaced.
+    #[arg(long, env = "IOT_LEADER_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    leader_lease_duration: Duration,
+    /// Renew this long before the lease would expire.
+    #[arg(long, env = "IOT_LEADER_RENEW_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    leader_renew_grace: Duration,
+}
+
+impl LeaderArgs {
+    fn election(&self) -> anyhow::Result<Option<iot_operator::leader::LeaderElection>> {
+        if !self.leader_elect {
+            return Ok(None);
+        }
+        let identity = match &self.leader_identity {
+            Some(id) => id.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .map_err(|e| anyhow::anyhow!("no --leader-identity and cannot read the host name: {e}"))?,
+        };
+        let election = iot_operator::leader::LeaderElection {
+            namespace: self.leader_namespace.clone(),
+            lease_name: self.leader_lease.clone(),
+            identity,
+            duration: self.leader_lease_duration,
+            grace: self.leader_renew_grace,
+        };
+        election
+            .validate()
+            .map_err(|e| anyhow::anyhow!("leader election: {e}"))?;
+        Ok(Some(election))
+    }
 }
 
 /// An address, or `off`.
@@ -77,8 +131,12 @@ async fn main() -> anyhow::Result<()> {
         fmt.init();
     }
     match cli.cmd {
-        Cmd::Crd => {
-            print!("{}", iot_operator::install::crd_yaml()?);
+        Cmd::Crd { helm_template } => {
+            if helm_template {
+                print!("{}", iot_operator::install::crd_helm_template()?);
+            } else {
+                print!("{}", iot_operator::install::crd_yaml()?);
+            }
             Ok(())
         }
         Cmd::Install { timeout } => {
@@ -86,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
             iot_operator::install::install_crd(client, timeout).await
         }
         Cmd::Run(args) => {
+            let leader_election = args.leader.election()?;
             let client = kube_client().await?;
             let opts = iot_operator::run::RunOptions {
                 nats_url: args.nats.nats_url.clone(),
@@ -97,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 },
                 http_addr: args.http_addr.0,
+                leader_election,
             };
             iot_operator::run::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
         }

@@ -47,6 +47,9 @@ pub struct OperatorMetrics {
     pub aggregator_lag: Gauge<f64, AtomicU64>,
     /// Devices by state: `reporting`, `stale`, and `never_seen` (targeted, no status).
     pub devices: Family<StateLabels, Gauge>,
+    /// 1 while this replica is the one writer (it holds the leader lease, or runs
+    /// without leader election); 0 on a standby.
+    pub leader: Gauge,
 }
 
 impl OperatorMetrics {
@@ -72,6 +75,11 @@ impl OperatorMetrics {
             "devices",
             "Devices by state: reporting, stale, never_seen",
             self.devices.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica writes KV and status (holds the leader lease), 0 on a standby",
+            self.leader.clone(),
         );
     }
 

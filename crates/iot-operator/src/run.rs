@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub aggregator: AggregatorConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere).
     pub http_addr: Option<SocketAddr>,
+    /// Hold this Lease before writing anything (`None`: this is the only replica).
+    pub leader_election: Option<crate::leader::LeaderElection>,
 }
 
 use iot_observe::supervise::{Tasks, next_ending};
@@ -66,9 +68,29 @@ pub async fn run(
         tasks.spawn(async move { ("HTTP endpoints", server.await.context("stopped")) });
     }
 
-    let mut started: Started = Vec::new();
-    let startup = start(client, creds.as_ref(), &opts, metrics, &readiness, &mut started);
     tokio::pin!(shutdown);
+    // A standby is healthy and ready (a rollout must not wait on it) but writes
+    // nothing until it holds the lease; `iot_operator_leader` tells them apart.
+    let leadership = match &opts.leader_election {
+        None => None,
+        Some(election) => {
+            readiness.set_ready();
+            let acquired = tokio::select! {
+                l = crate::leader::acquire(client.clone(), election.clone()) => l?,
+                () = &mut shutdown => return Ok(()),
+                e = next_ending(&mut tasks) => return Err(e),
+            };
+            readiness.set_not_ready("elected leader; starting");
+            let leadership = Arc::new(acquired);
+            let watched = leadership.clone();
+            tasks.spawn(async move { ("leader lease", Err(watched.lost().await)) });
+            Some(leadership)
+        }
+    };
+    metrics.leader.set(1);
+
+    let mut started: Started = Vec::new();
+    let startup = start(client, creds.as_ref(), &opts, metrics.clone(), &readiness, &mut started);
     // None: interrupted by the shutdown signal.
     let ctrl: Option<anyhow::Result<Ready>> = tokio::select! {
         r = startup => Some(r),
@@ -80,6 +102,9 @@ pub async fn run(
         other => {
             for (_, h) in &started {
                 h.abort();
+            }
+            if let Some(l) = &leadership {
+                l.release().await;
             }
             return match other {
                 Some(Err(e)) => Err(e),
@@ -144,6 +169,10 @@ pub async fn run(
     }
     controller_task.abort();
     tasks.abort_all();
+    metrics.leader.set(0);
+    if let Some(l) = &leadership {
+        l.release().await;
+    }
     outcome
 }
 
