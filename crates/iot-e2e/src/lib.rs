@@ -1,2 +1,3 @@
 //! End-to-end tests live in `tests/`; shared fixtures in `stack`.
+pub mod chart;
 pub mod stack;

@@ -12,7 +12,8 @@ use iot_bao::enroll::Role;
 use iot_kv::{Anonymous, connect};
 use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
 use iot_testkit::{
-    ApiServer, DeviceContainers, LoggedProcess, NatsServer, OpenBao, PodmanService, cargo_bin, unique_id, wait_until,
+    ApiServer, DeviceContainers, KubeApiServer, LoggedProcess, NatsServer, OpenBao, PodmanService, cargo_bin,
+    unique_id, wait_until,
 };
 use kube::Api;
 use tempfile::TempDir;
@@ -29,8 +30,42 @@ pub struct Security {
     pub enrollments: std::collections::HashMap<String, PathBuf>,
 }
 
+/// The Kubernetes API the stack runs against.
+pub enum Cluster {
+    /// The CRD-only 1.36 server (CEL validation, today's semantics).
+    CrdOnly(ApiServer),
+    /// The full kube-apiserver 1.20.2 (RBAC, ServiceAccounts, Leases, audit log).
+    Full(KubeApiServer),
+}
+
+impl Cluster {
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        match self {
+            Cluster::CrdOnly(a) => a.kubeconfig(),
+            Cluster::Full(a) => a.kubeconfig(),
+        }
+    }
+
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
+        match self {
+            Cluster::CrdOnly(a) => a.kubectl(args, stdin),
+            Cluster::Full(a) => a.kubectl(args, stdin),
+        }
+    }
+
+    pub async fn kube_client(&self) -> anyhow::Result<kube::Client> {
+        match self {
+            Cluster::CrdOnly(a) => a.kube_client().await,
+            Cluster::Full(a) => a.kube_client().await,
+        }
+    }
+}
+
 pub struct Stack {
-    pub api: ApiServer,
+    pub api: Cluster,
+    /// The operator's kubeconfig when not the admin's (a ServiceAccount's token).
+    pub operator_kubeconfig: Option<PathBuf>,
     pub nats: NatsServer,
     pub podman: PodmanService,
     pub kube: kube::Client,
@@ -75,9 +110,16 @@ impl Drop for Stack {
 impl Stack {
     /// API server with the CRD installed (through `iot-operator install`), NATS, podman.
     pub async fn start() -> anyhow::Result<Self> {
+        let api = Cluster::CrdOnly(ApiServer::start().await?);
+        Self::start_on(api, true).await
+    }
+
+    /// The stack on a given API server; `install_crd`: run `iot-operator install`
+    /// (false when a Helm chart installed it).
+    pub async fn start_on(api: Cluster, install_crd: bool) -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
         let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", true).await?;
-        Self::start_with(nats, conn.client, None).await
+        Self::start_with(api, install_crd, nats, conn.client, None).await
     }
 
     /// [`Stack::start`] with NATS guarded by the auth callout (backed by a real
@@ -123,32 +165,37 @@ impl Stack {
             operator_enrollment,
             enrollments: Default::default(),
         };
-        let mut me = Self::start_with(nats, admin, Some(security)).await?;
+        let api = Cluster::CrdOnly(ApiServer::start().await?);
+        let mut me = Self::start_with(api, true, nats, admin, Some(security)).await?;
         me.secured_dir = Some(dir);
         Ok(me)
     }
 
     async fn start_with(
+        api: Cluster,
+        install_crd: bool,
         nats: NatsServer,
         admin: async_nats::Client,
         security: Option<Security>,
     ) -> anyhow::Result<Self> {
-        let api = ApiServer::start().await?;
         let podman = PodmanService::start().await?;
         let kube = api.kube_client().await?;
-        let out = Command::new(cargo_bin("iot-operator")?)
-            .env("KUBECONFIG", api.kubeconfig())
-            .args(["install", "--timeout", "60s"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "iot-operator install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if install_crd {
+            let out = Command::new(cargo_bin("iot-operator")?)
+                .env("KUBECONFIG", api.kubeconfig())
+                .args(["install", "--timeout", "60s"])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "iot-operator install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let js = jetstream::new(admin);
         let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
         Ok(Self {
             api,
+            operator_kubeconfig: None,
             nats,
             podman,
             kube,
@@ -170,7 +217,11 @@ impl Stack {
     pub fn start_operator(&mut self) -> anyhow::Result<()> {
         let http = iot_testkit::free_port()?;
         let mut cmd = Command::new(cargo_bin("iot-operator")?);
-        cmd.env("KUBECONFIG", self.api.kubeconfig())
+        let kubeconfig = self
+            .operator_kubeconfig
+            .clone()
+            .unwrap_or_else(|| self.api.kubeconfig());
+        cmd.env("KUBECONFIG", kubeconfig)
             .env("NATS_URL", self.nats.url())
             .env("IOT_RESYNC_INTERVAL", "5s")
             .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))

@@ -158,6 +158,13 @@ impl KubeApiServer {
         self.dir.path()
     }
 
+    /// Runs kubectl as admin against this server; returns (success, stdout, stderr).
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<(bool, String, String)> {
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
+        crate::process::run_captured(cmd, stdin)
+    }
+
     /// An admin kube client.
     pub async fn kube_client(&self) -> anyhow::Result<kube::Client> {
         kube_client_from(&self.kubeconfig()).await

@@ -7,8 +7,8 @@ pub mod podman;
 pub mod process;
 
 pub use iot_launch::{
-    ApiServer, LoggedProcess, NatsServer, OpenBao, PodmanService, apiserver, auth, free_port, http, nats, paths,
-    run_captured, wait_until,
+    ApiServer, KubeApiServer, LoggedProcess, NatsServer, OpenBao, PodmanService, apiserver, auth, free_port, http,
+    kube_apiserver, nats, paths, run_captured, wait_until,
 };
 pub use netns::NetNs;
 pub use podman::{DeviceContainers, podman_cli};

@@ -1,0 +1,177 @@
+//! Helpers for the chart tests: Helm (hack/helm.py, Helm's Go SDK through
+//! helm-python-sdk), ServiceAccount tokens and RBAC questions on the full
+//! kube-apiserver, and operator replicas started by hand.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::Api;
+use kube::api::PostParams;
+
+use iot_testkit::{LoggedProcess, cargo_bin, free_port};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn chart_dir() -> PathBuf {
+    repo_root().join("deploy/chart/iot-operator")
+}
+
+/// Runs `hack/helm.py ARGS`; returns (success, stdout, stderr).
+pub fn helm(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo_root().join("hack/helm.py")).args(args);
+    iot_testkit::run_captured(cmd, None)
+}
+
+/// [`helm`], failing with Helm's error text.
+pub fn helm_ok(args: &[&str]) -> anyhow::Result<String> {
+    let (ok, out, err) = helm(args)?;
+    anyhow::ensure!(ok, "helm {}: {err}", args.join(" "));
+    Ok(out)
+}
+
+/// `helm template` of the chart with `--set` overrides.
+pub fn render(release: &str, namespace: &str, sets: &[String]) -> anyhow::Result<String> {
+    let chart = chart_dir().display().to_string();
+    let mut args = vec!["template", &chart, "--release", release, "--namespace", namespace];
+    for s in sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    helm_ok(&args)
+}
+
+/// The rendered documents of one kind, as JSON (parsed by PyYAML, which comes
+/// with kubernetes-validate in the venv).
+pub fn docs_of_kind(rendered: &str, kind: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut cmd = Command::new(venv_python());
+    cmd.args([
+        "-c",
+        "import sys,json,yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)",
+    ]);
+    let (ok, json, err) = iot_testkit::run_captured(cmd, Some(rendered))?;
+    anyhow::ensure!(ok, "cannot parse the rendered manifests: {err}");
+    let docs: Vec<serde_json::Value> = serde_json::from_str(&json)?;
+    Ok(docs.into_iter().filter(|d| d["kind"] == kind).collect())
+}
+
+fn venv_python() -> PathBuf {
+    let venv = std::env::var("IOT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/harmony-iot/venv"));
+    venv.join("bin/python")
+}
+
+/// A bound token for a ServiceAccount (TokenRequest, as a kubelet would mount).
+pub async fn service_account_token(kube: &kube::Client, namespace: &str, name: &str) -> anyhow::Result<String> {
+    let sas: Api<ServiceAccount> = Api::namespaced(kube.clone(), namespace);
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![iot_testkit::kube_apiserver::SERVICE_ACCOUNT_ISSUER.to_owned()]),
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let issued = sas.create_token_request(name, &PostParams::default(), &req).await?;
+    issued
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| anyhow::anyhow!("TokenRequest for {namespace}/{name} returned no token"))
+}
+
+/// What `kubectl auth can-i --as USER` asks: a SubjectAccessReview.
+pub async fn can_i(
+    kube: &kube::Client,
+    user: &str,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<bool> {
+    let reviews: Api<SubjectAccessReview> = Api::all(kube.clone());
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_owned()),
+            groups: Some(vec![
+                "system:serviceaccounts".to_owned(),
+                "system:authenticated".to_owned(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.to_owned()),
+                group: Some(group.to_owned()),
+                resource: Some(resource.to_owned()),
+                namespace: namespace.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = reviews.create(&PostParams::default(), &review).await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// One operator replica started by hand, with leader election.
+pub struct Replica {
+    pub process: LoggedProcess,
+    pub http: u16,
+    pub identity: String,
+}
+
+/// Starts `iot-operator run` with leader election on `lease` in `namespace`.
+pub fn spawn_replica(
+    identity: &str,
+    kubeconfig: &Path,
+    nats_url: &str,
+    namespace: &str,
+    lease: &str,
+    extra_env: &[(&str, &str)],
+    log_dir: &Path,
+) -> anyhow::Result<Replica> {
+    let http = free_port()?;
+    let mut cmd = Command::new(cargo_bin("iot-operator")?);
+    cmd.env("KUBECONFIG", kubeconfig)
+        .env("NATS_URL", nats_url)
+        .env("IOT_RESYNC_INTERVAL", "5s")
+        .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("IOT_LEADER_ELECT", "true")
+        .env("POD_NAMESPACE", namespace)
+        .env("POD_NAME", identity)
+        .env("IOT_LEADER_LEASE", lease)
+        .env("RUST_LOG", "info")
+        .arg("run");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let process = LoggedProcess::spawn(
+        &format!("operator {identity}"),
+        cmd,
+        log_dir.join(format!("operator-{identity}.log")),
+    )?;
+    Ok(Replica {
+        process,
+        http,
+        identity: identity.to_owned(),
+    })
+}
+
+impl Replica {
+    /// `iot_operator_leader` from its /metrics (None while it does not answer).
+    pub async fn leader_gauge(&self) -> Option<f64> {
+        let text = iot_testkit::http::get_text("127.0.0.1", self.http, "/metrics")
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with("iot_operator_leader "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        iot_testkit::http::get_text("127.0.0.1", self.http, "/metrics").await
+    }
+}

@@ -1,0 +1,441 @@
+//! The Helm chart, with Helm's own Go SDK (hack/helm.py), on the full kube-apiserver
+//! 1.20.2 with RBAC and an audit log:
+//! - lint (strict), render, `kubernetes-validate --strict`, values-schema rejections;
+//! - install, upgrade, history, rollback, uninstall (what is kept), reinstall;
+//! - the operator running as the chart's ServiceAccount drives the whole core loop
+//!   with no `forbid` in the audit log, and cannot do what it must not.
+
+use harmony_reconciler_contracts::DeploymentRef;
+use iot_e2e::chart::*;
+use iot_e2e::stack::*;
+use iot_testkit::{KubeApiServer, free_port, wait_until};
+use k8s_openapi::api::apps::v1::Deployment as AppsDeployment;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Api;
+
+const CRD: &str = "deployments.iot.nationtech.io";
+
+fn chart() -> String {
+    chart_dir().display().to_string()
+}
+
+#[test]
+fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Result<()> {
+    let lint: serde_json::Value =
+        serde_json::from_str(&helm_ok(&["lint", &chart(), "--strict", "--kube-version", "v1.20.2"])?)?;
+    assert_eq!(lint["errors"], serde_json::json!([]), "{lint}");
+
+    for sets in [
+        vec![],
+        vec!["replicas=2".to_owned(), "nats.credentials.type=none".to_owned()],
+        vec![
+            "nats.credentials.type=creds".to_owned(),
+            "extraLabels.team=edge".to_owned(),
+        ],
+    ] {
+        let rendered = render("iot", "iot-system", &sets)?;
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), &rendered)?;
+        let report: serde_json::Value = serde_json::from_str(&helm_ok(&[
+            "validate-manifests",
+            &file.path().display().to_string(),
+            "--kube-version",
+            "1.20.2",
+        ])?)?;
+        assert_eq!(report["skipped"], serde_json::json!([]), "{sets:?}: {report}");
+        assert_eq!(
+            report["validated"].as_array().map(Vec::len),
+            Some(7),
+            "{sets:?}: {report}"
+        );
+    }
+
+    // What the values turn into.
+    let rendered = render(
+        "iot",
+        "iot-system",
+        &[
+            "replicas=2".into(),
+            "nats.credentials.type=none".into(),
+            "image.tag=9.9.9".into(),
+            "extraLabels.team=edge".into(),
+        ],
+    )?;
+    let dep = &docs_of_kind(&rendered, "Deployment")?[0];
+    assert_eq!(dep["spec"]["replicas"], 2);
+    assert_eq!(dep["metadata"]["labels"]["team"], "edge");
+    let pod = &dep["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "localhost/iot-operator:9.9.9");
+    assert!(
+        pod.get("volumes").is_none(),
+        "no credentials volume for type none: {pod}"
+    );
+    let env = |name: &str| {
+        container["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(env("IOT_LEADER_ELECT"), Some("true".into()));
+    assert_eq!(env("NATS_IDENTITY"), None);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+
+    let default = render("iot", "iot-system", &[])?;
+    let dep = &docs_of_kind(&default, "Deployment")?[0];
+    let container = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["image"],
+        format!("localhost/iot-operator:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(
+        container["env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v["name"] == "NATS_IDENTITY")),
+        "identity credentials by default"
+    );
+
+    // The ClusterRole is exactly what the operator uses (the RBAC test below proves
+    // it is enough).
+    let role = &docs_of_kind(&default, "ClusterRole")?[0];
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([
+            {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments"], "verbs": ["list", "watch", "patch"]},
+            {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments/status"], "verbs": ["patch"]},
+        ])
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
+    let cases = [
+        ("replicas=two", "/replicas"),
+        ("replicas=0", "/replicas"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("nats.credentials.type=password", "/nats/credentials/type"),
+        ("nats.urls[0]=http://nats:4222", "/nats/urls/0"),
+        ("metrics.port=80", "/metrics/port"),
+        ("leaderElection.leaseDuration=15", "/leaderElection/leaseDuration"),
+        ("replica=2", "replica"),
+    ];
+    for (set, field) in cases {
+        let (ok, _, err) = helm(&[
+            "template",
+            &chart(),
+            "--release",
+            "iot",
+            "--namespace",
+            "ns",
+            "--set",
+            set,
+        ])?;
+        assert!(!ok, "{set} was accepted");
+        assert!(
+            err.contains("values don't meet the specifications of the schema"),
+            "{set}: {err}"
+        );
+        assert!(err.contains(field), "{set}: expected {field:?} in: {err}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let api = KubeApiServer::start_in(dir.path(), None).await?;
+    let kube = api.kube_client().await?;
+    let kc = api.kubeconfig().display().to_string();
+    let ns = "iot-system";
+    let release = |verb: &str, extra: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let chart = chart();
+        let mut args = vec![verb];
+        if verb == "install" || verb == "upgrade" {
+            args.push(&chart);
+        }
+        args.extend(["--release", "iot", "--namespace", ns, "--kubeconfig", &kc]);
+        args.extend(extra);
+        Ok(serde_json::from_str(&helm_ok(&args)?)?)
+    };
+    let deps: Api<AppsDeployment> = Api::namespaced(kube.clone(), ns);
+    let container = |d: &AppsDeployment| -> (String, String) {
+        let c = &d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .map(|s| s.containers[0].clone());
+        let c = c.clone().unwrap_or_default();
+        let log = c
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.name == "RUST_LOG")
+            .and_then(|e| e.value)
+            .unwrap_or_default();
+        (c.image.unwrap_or_default(), log)
+    };
+    let version = env!("CARGO_PKG_VERSION");
+
+    let out = release(
+        "install",
+        &["--create-namespace", "--set", "nats.credentials.type=none"],
+    )?;
+    assert_eq!(out["revision"], 1, "{out}");
+    let d = deps.get("iot-iot-operator").await?;
+    assert_eq!(
+        container(&d),
+        (format!("localhost/iot-operator:{version}"), "info".into())
+    );
+    Api::<ServiceAccount>::namespaced(kube.clone(), ns)
+        .get("iot-iot-operator")
+        .await?;
+    Api::<ClusterRole>::all(kube.clone()).get("iot-iot-operator").await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(kube.clone());
+    wait_until(WAIT, "CRD Established", || async {
+        let crd = crds.get(CRD).await.ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    })
+    .await?;
+    // A user's resource, to see what uninstall does to it.
+    let (ok, _, err) = api.kubectl(
+        &["apply", "-f", "-"],
+        Some(
+            r#"{"apiVersion":"iot.nationtech.io/v1alpha1","kind":"Deployment","metadata":{"name":"survivor","namespace":"default"},
+                "spec":{"targetDevices":["pi-01"],"score":{"PodmanV0":{"services":[{"name":"web","image":"localhost/iot-web:v1"}]}}}}"#,
+        ),
+    )?;
+    assert!(ok, "{err}");
+
+    let out = release(
+        "upgrade",
+        &[
+            "--set",
+            "nats.credentials.type=none",
+            "--set",
+            "image.tag=0.0.0-next",
+            "--set",
+            "logLevel=debug",
+        ],
+    )?;
+    assert_eq!(out["revision"], 2, "{out}");
+    let d = deps.get("iot-iot-operator").await?;
+    assert_eq!(
+        container(&d),
+        ("localhost/iot-operator:0.0.0-next".into(), "debug".into())
+    );
+
+    // A bad upgrade changes nothing and leaves no revision.
+    let (ok, _, err) = helm(&[
+        "upgrade",
+        &chart(),
+        "--release",
+        "iot",
+        "--namespace",
+        ns,
+        "--kubeconfig",
+        &kc,
+        "--set",
+        "replicas=-1",
+    ])?;
+    assert!(!ok && err.contains("/replicas"), "{err}");
+
+    let history = release("history", &[])?;
+    let revisions: Vec<(i64, String)> = history
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|r| {
+                    (
+                        r["revision"].as_i64().unwrap_or(0),
+                        r["status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        revisions,
+        vec![(1, "superseded".into()), (2, "deployed".into())],
+        "{history}"
+    );
+
+    release("rollback", &["--revision", "1"])?;
+    let d = deps.get("iot-iot-operator").await?;
+    assert_eq!(
+        container(&d),
+        (format!("localhost/iot-operator:{version}"), "info".into())
+    );
+    let history = release("history", &[])?;
+    assert_eq!(history.as_array().map(Vec::len), Some(3), "{history}");
+
+    let out = release("uninstall", &[])?;
+    let kept = out["kept"].to_string();
+    assert!(kept.contains(CRD), "uninstall should report the kept CRD: {out}");
+    // The CRD and with it every user resource stay; the operator's objects go.
+    crds.get(CRD).await?;
+    let (ok, names, err) = api.kubectl(&["get", "iotdep", "-A", "-o", "name"], None)?;
+    assert!(ok && names.contains("survivor"), "{names}{err}");
+    assert!(deps.get_opt("iot-iot-operator").await?.is_none());
+    assert!(
+        Api::<ClusterRole>::all(kube.clone())
+            .get_opt("iot-iot-operator")
+            .await?
+            .is_none()
+    );
+
+    // Installing again adopts the kept CRD (it still carries the release's labels).
+    let out = release("install", &["--set", "nats.credentials.type=none"])?;
+    assert_eq!(out["revision"], 1, "{out}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_operator_as_the_charts_service_account_runs_the_core_loop_and_nothing_more() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let api = KubeApiServer::start_in(dir.path(), None).await?;
+    let ns = "iot-system";
+    let kc = api.kubeconfig().display().to_string();
+    helm_ok(&[
+        "install",
+        &chart(),
+        "--release",
+        "iot",
+        "--namespace",
+        ns,
+        "--kubeconfig",
+        &kc,
+        "--create-namespace",
+        "--set",
+        "nats.credentials.type=none",
+    ])?;
+    let admin = api.kube_client().await?;
+    let sa = "iot-iot-operator";
+    let sa_user = format!("system:serviceaccount:{ns}:{sa}");
+    let token = service_account_token(&admin, ns, sa).await?;
+    let sa_kubeconfig = api.token_kubeconfig("operator", &token)?;
+
+    let mut stack = Stack::start_on(Cluster::Full(api), false).await?;
+    stack.operator_kubeconfig = Some(sa_kubeconfig);
+    for (k, v) in [
+        ("IOT_LEADER_ELECT", "true"),
+        ("POD_NAMESPACE", ns),
+        ("POD_NAME", "iot-iot-operator-0"),
+        ("IOT_LEADER_LEASE", "iot-iot-operator"),
+    ] {
+        stack.operator_env.push((k.into(), v.into()));
+    }
+    stack.start_operator()?;
+    stack.wait_operator_ready().await?;
+    let (dev, guard) = stack.start_agent()?;
+    let port = free_port()?;
+    let dep = DeploymentRef::new("default", "web")?;
+    let apply = |image: &str| -> anyhow::Result<()> {
+        let mut cmd = stack.applier()?;
+        cmd.args([
+            "--name",
+            "web",
+            "--namespace",
+            "default",
+            "--target-device",
+            &dev,
+            "--image",
+            image,
+        ])
+        .args(["--port", &port.to_string()]);
+        run_ok(cmd).map(drop)
+    };
+    apply("localhost/iot-web:v1")?;
+    wait_http(port, "v1").await?;
+    stack
+        .wait_resource_status("default", "web", "aggregate.succeeded == 1", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1 && a.targets == 1)
+        })
+        .await?;
+    apply("localhost/iot-web:v2")?;
+    wait_http(port, "v2").await?;
+    let mut cmd = stack.applier()?;
+    cmd.args(["--name", "web", "--namespace", "default", "--delete"]);
+    run_ok(cmd)?;
+    wait_until(WAIT, "container gone", || async {
+        guard.ids().is_empty().then_some(())
+    })
+    .await?;
+    wait_until(WAIT, "keys gone and resource deleted", || async {
+        let keys_gone = stack.keys_of(&dep).await.ok()?.is_empty();
+        let gone = stack.deployments("default").get_opt("web").await.ok()?.is_none();
+        (keys_gone && gone).then_some(())
+    })
+    .await?;
+
+    let Cluster::Full(api) = &stack.api else {
+        anyhow::bail!("not the full server")
+    };
+    let audit = api.audit()?;
+    let mine: Vec<_> = audit.iter().filter(|e| e.user == sa_user).collect();
+    assert!(
+        mine.iter().any(|e| e.verb == "patch" && e.uri.contains("/status")),
+        "the operator wrote status as {sa_user}"
+    );
+    assert!(
+        mine.iter().any(|e| e.uri.contains("/leases/")),
+        "it took the lease as {sa_user}"
+    );
+    let forbidden: Vec<_> = mine.iter().filter(|e| e.decision == "forbid").collect();
+    assert!(forbidden.is_empty(), "forbidden calls: {forbidden:#?}");
+
+    // And no more than that: kubectl auth can-i, as a SubjectAccessReview.
+    let checks: [(&str, &str, &str, Option<&str>, bool); 11] = [
+        ("list", "iot.nationtech.io", "deployments", None, true),
+        (
+            "patch",
+            "iot.nationtech.io",
+            "deployments/status",
+            Some("default"),
+            true,
+        ),
+        ("create", "coordination.k8s.io", "leases", Some(ns), true),
+        (
+            "delete",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            false,
+        ),
+        (
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            false,
+        ),
+        ("get", "", "secrets", Some(ns), false),
+        ("list", "", "secrets", None, false),
+        ("create", "iot.nationtech.io", "deployments", Some("default"), false),
+        ("delete", "iot.nationtech.io", "deployments", Some("default"), false),
+        ("create", "coordination.k8s.io", "leases", Some("default"), false),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            false,
+        ),
+    ];
+    let admin = api.kube_client().await?;
+    for (verb, group, resource, namespace, expected) in checks {
+        let allowed = can_i(&admin, &sa_user, verb, group, resource, namespace).await?;
+        assert_eq!(
+            allowed, expected,
+            "can {sa_user} {verb} {group}/{resource} in {namespace:?}?"
+        );
+    }
+    Ok(())
+}
