@@ -90,8 +90,32 @@ pub struct Leadership {
 /// never work; API errors while waiting are retried.
 pub async fn acquire(client: kube::Client, cfg: LeaderElection) -> anyhow::Result<Leadership> {
     cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let secs = |d: Duration| d.as_secs().max(1);
+    tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, identity = %cfg.identity, "standby: waiting for the leader lease");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     let manager = loop {
+        let manager = build_manager(&client, &cfg).await;
+        // The library sleeps until the holder's lease would expire, from what it
+        // last read. A holder that stops cleanly releases the lease first; watching
+        // for that and starting over with a fresh manager turns a rollout's
+        // handover from up to a lease duration into about a second.
+        tokio::select! {
+            () = until_leader(&manager) => break manager,
+            () = released(&leases, &cfg.lease_name) => {
+                tracing::debug!("the leader lease was released; trying to take it");
+            }
+        }
+    };
+    tracing::info!(lease = %cfg.lease_name, identity = %cfg.identity, "acquired the leader lease");
+    Ok(Leadership {
+        manager: Arc::new(manager),
+        cfg,
+        leases,
+    })
+}
+
+async fn build_manager(client: &kube::Client, cfg: &LeaderElection) -> LeaseManager {
+    let secs = |d: Duration| d.as_secs().max(1);
+    loop {
         match LeaseManagerBuilder::new(client.clone(), &cfg.lease_name)
             .with_namespace(&cfg.namespace)
             .with_identity(&cfg.identity)
@@ -101,17 +125,19 @@ pub async fn acquire(client: kube::Client, cfg: LeaderElection) -> anyhow::Resul
             .build()
             .await
         {
-            Ok(m) => break Arc::new(m),
+            Ok(m) => return m,
             Err(e) => {
                 tracing::warn!(error = %e, lease = %cfg.lease_name, namespace = %cfg.namespace, "cannot set up the leader lease; retrying in 2 s");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
-    };
-    tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, identity = %cfg.identity, "standby: waiting for the leader lease");
+    }
+}
+
+async fn until_leader(manager: &LeaseManager) {
     loop {
         match manager.changed().await {
-            Ok(true) => break,
+            Ok(true) => return,
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "leader lease: API error while waiting; retrying in 2 s");
@@ -119,9 +145,18 @@ pub async fn acquire(client: kube::Client, cfg: LeaderElection) -> anyhow::Resul
             }
         }
     }
-    tracing::info!(lease = %cfg.lease_name, identity = %cfg.identity, "acquired the leader lease");
-    let leases = Api::namespaced(client, &cfg.namespace);
-    Ok(Leadership { manager, cfg, leases })
+}
+
+/// Resolves once the Lease exists with no holder (released), polling every second.
+async fn released(leases: &Api<Lease>, name: &str) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(Some(lease)) = leases.get_opt(name).await
+            && lease.spec.and_then(|s| s.holder_identity).is_none_or(|h| h.is_empty())
+        {
+            return;
+        }
+    }
 }
 
 impl Leadership {

@@ -1,0 +1,192 @@
+//! Two operator replicas on the full kube-apiserver share one Lease: one writes, the
+//! other waits. Killing the leader hands over within the lease time; stopping it
+//! (SIGTERM) hands over at once. Nothing is ever written twice: the desired-state
+//! stream's sequence shows exactly one message per change.
+
+use std::time::{Duration, Instant};
+
+use iot_e2e::chart::*;
+use iot_e2e::stack::*;
+use iot_testkit::{KubeApiServer, wait_until};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+
+const LEASE: &str = "iot-operator";
+const NS: &str = "default";
+/// Short, so the test is quick; the chart's default is 15 s.
+const LEASE_SECS: u64 = 6;
+
+/// Which replica leads, once exactly one reports it (and the other is a standby).
+async fn the_leader(replicas: &[&Replica]) -> anyhow::Result<String> {
+    wait_until(WAIT, "exactly one leader", || async {
+        let mut leaders = Vec::new();
+        for r in replicas {
+            match r.leader_gauge().await? {
+                1.0 => leaders.push(r.identity.clone()),
+                0.0 => {}
+                _ => return None,
+            }
+        }
+        (leaders.len() == 1).then(|| leaders.remove(0))
+    })
+    .await
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get(LEASE).await.ok()?.spec?.holder_identity
+}
+
+fn apply(stack: &Stack, devices: &[&str], image: &str) -> anyhow::Result<()> {
+    let mut cmd = stack.applier()?;
+    cmd.args(["--name", "web", "--namespace", "default", "--image", image]);
+    for d in devices {
+        cmd.args(["--target-device", d]);
+    }
+    run_ok(cmd).map(drop)
+}
+
+#[tokio::test]
+async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let api = KubeApiServer::start_in(dir.path(), None).await?;
+    let stack = Stack::start_on(Cluster::Full(api), true).await?;
+    let kube = stack.kube.clone();
+    let leases: Api<Lease> = Api::namespaced(kube, NS);
+    let env = [("IOT_LEADER_LEASE_DURATION", "6s"), ("IOT_LEADER_RENEW_GRACE", "2s")];
+    let kubeconfig = stack.api.kubeconfig();
+    let nats = stack.nats.url();
+    let logs = stack.dir.path().to_owned();
+    let mut a = spawn_replica("replica-a", &kubeconfig, &nats, NS, LEASE, &env, &logs)?;
+    let mut b = spawn_replica("replica-b", &kubeconfig, &nats, NS, LEASE, &env, &logs)?;
+    let first = the_leader(&[&a, &b]).await?;
+    assert_eq!(holder(&leases).await.as_deref(), Some(first.as_str()));
+    let (leader, standby) = if first == a.identity {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    // The standby is ready (a rollout waits on it) but writes nothing.
+    assert_eq!(
+        iot_testkit::http::get_status("127.0.0.1", standby.http, "/readyz").await?,
+        200
+    );
+
+    let devices = ["dev-le-1", "dev-le-2", "dev-le-3"];
+    let before = stack.desired_last_sequence().await?;
+    apply(&stack, &devices, "localhost/iot-web:v1")?;
+    let dep = harmony_reconciler_contracts::DeploymentRef::new("default", "web")?;
+    wait_until(WAIT, "3 desired-state keys", || async {
+        (stack.keys_of(&dep).await.ok()?.len() == 3).then_some(())
+    })
+    .await?;
+    // Give a second writer every chance to show itself: two of its 5 s resyncs.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let after_apply = stack.desired_last_sequence().await?;
+    assert_eq!(after_apply - before, 3, "one write per device, by one writer");
+    let leader_metrics = leader.metrics().await?;
+    assert!(
+        metric(&leader_metrics, "iot_operator_kv_writes_total") >= 3.0,
+        "{leader_metrics}"
+    );
+    let standby_metrics = standby.metrics().await?;
+    assert_eq!(
+        metric(&standby_metrics, "iot_operator_kv_writes_total"),
+        0.0,
+        "{standby_metrics}"
+    );
+    assert_eq!(metric(&standby_metrics, "iot_operator_status_writes_total"), 0.0);
+
+    // Kill -9: no release; the standby waits out the lease.
+    let killed_at = Instant::now();
+    leader.process.kill();
+    let new_leader = the_leader(&[standby]).await?;
+    let takeover = killed_at.elapsed();
+    assert_eq!(new_leader, standby.identity);
+    assert_eq!(holder(&leases).await.as_deref(), Some(standby.identity.as_str()));
+    eprintln!("takeover after kill -9: {takeover:?} (lease {LEASE_SECS} s)");
+    // Within the lease time, plus the standby's retry step and the metrics poll.
+    assert!(
+        takeover <= Duration::from_secs(LEASE_SECS + 4),
+        "takeover took {takeover:?}"
+    );
+
+    // The new leader reconciles everything it now owns and finds nothing to write.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        stack.desired_last_sequence().await?,
+        after_apply,
+        "no rewrite after takeover"
+    );
+    apply(&stack, &devices, "localhost/iot-web:v2")?;
+    wait_until(WAIT, "3 more writes", || async {
+        (stack.desired_last_sequence().await.ok()? >= after_apply + 3).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        stack.desired_last_sequence().await?,
+        after_apply + 3,
+        "one write per device"
+    );
+
+    // A restarted replica comes back as a standby: the lease is taken.
+    let old_identity = leader.identity.clone();
+    *leader = spawn_replica(&old_identity, &kubeconfig, &nats, NS, LEASE, &env, &logs)?;
+    let still = the_leader(&[leader, standby]).await?;
+    assert_eq!(still, standby.identity);
+
+    // SIGTERM: the leader releases the lease, and the standby takes it before it
+    // would have expired. Stop right after a renewal, so expiry is ~6 s away.
+    let renewed = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone()).map(|t| t.0);
+    let seen = renewed(&leases.get(LEASE).await?);
+    let last_renewal = wait_until(WAIT, "a lease renewal", || async {
+        let now = renewed(&leases.get(LEASE).await.ok()?);
+        (now != seen).then_some(now).flatten()
+    })
+    .await?;
+    let stopped_at = Instant::now();
+    standby.process.stop(Duration::from_secs(10));
+    let next = the_leader(&[leader]).await?;
+    let handover = stopped_at.elapsed();
+    assert_eq!(next, old_identity);
+    eprintln!("handover after SIGTERM: {handover:?}");
+    let acquired = leases
+        .get(LEASE)
+        .await?
+        .spec
+        .and_then(|s| s.acquire_time)
+        .map(|t| t.0)
+        .ok_or_else(|| anyhow::anyhow!("no acquireTime"))?;
+    let would_expire = last_renewal + k8s_openapi::jiff::SignedDuration::from_secs(LEASE_SECS as i64);
+    assert!(
+        acquired < would_expire,
+        "taken at {acquired}, not before the released lease would have expired at {would_expire}"
+    );
+
+    // A leader that finds the lease held by someone else stops writing at once: it
+    // exits (non-zero), to come back as a standby.
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let stolen = serde_json::json!({"spec": {
+        "holderIdentity": "intruder",
+        "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+        "leaseDurationSeconds": 60,
+    }});
+    leases
+        .patch(
+            LEASE,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&stolen),
+        )
+        .await?;
+    let deadline = Instant::now() + WAIT;
+    while leader.process.is_running() {
+        anyhow::ensure!(Instant::now() < deadline, "the deposed leader kept running");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = leader.process.log_text();
+    assert!(
+        log.contains("no longer ours") || log.contains("another replica"),
+        "{log}"
+    );
+    Ok(())
+}
