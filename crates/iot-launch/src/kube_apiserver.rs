@@ -145,6 +145,11 @@ impl KubeApiServer {
         format!("https://127.0.0.1:{}", self.port)
     }
 
+    /// The secure port on 127.0.0.1 (what a pod sees as KUBERNETES_SERVICE_PORT).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Admin kubeconfig (client certificate in system:masters).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")

@@ -283,12 +283,12 @@ mod tests {
         assert!(ok.validate().is_ok());
         let mut bad = ok.clone();
         bad.grace = Duration::from_secs(15);
-        assert!(bad.validate().unwrap_err().contains("grace"));
+        assert!(bad.validate().expect_err("rejected").contains("grace"));
         let mut bad = ok.clone();
         bad.identity.clear();
-        assert!(bad.validate().unwrap_err().contains("identity"));
+        assert!(bad.validate().expect_err("rejected").contains("identity"));
         let mut bad = ok;
         bad.duration = Duration::from_secs(1);
-        assert!(bad.validate().unwrap_err().contains("duration"));
+        assert!(bad.validate().expect_err("rejected").contains("duration"));
     }
 }
