@@ -14,6 +14,8 @@ log "cargo fmt --check"
 cargo fmt --all --check
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+log "operator image (scripts/build-image.sh; the chart's pod test runs it under podman kube play)"
+"$IOT_REPO/scripts/build-image.sh" >/dev/null
 log "cargo test (unit + integration against real nats-server, podman and the API server)"
 cargo test --workspace --quiet --no-fail-fast
 log "all tests passed"

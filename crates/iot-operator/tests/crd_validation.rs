@@ -144,6 +144,28 @@ fn committed_crd_matches_the_rust_types() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_chart_carries_the_same_crd_and_the_workspace_version() -> anyhow::Result<()> {
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/chart/iot-operator");
+    let committed = std::fs::read_to_string(format!("{chart}/templates/crd.yaml"))?;
+    assert_eq!(
+        committed,
+        iot_operator::install::crd_helm_template()?,
+        "the chart's CRD is stale: run scripts/gen-artifacts.sh"
+    );
+    let chart_yaml = std::fs::read_to_string(format!("{chart}/Chart.yaml"))?;
+    let field = |name: &str| {
+        chart_yaml
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(|v| v.trim_matches('"').to_owned())
+    };
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(field("version").as_deref(), Some(version), "run scripts/gen-artifacts.sh");
+    assert_eq!(field("appVersion").as_deref(), Some(version), "run scripts/gen-artifacts.sh");
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_yaml_reads_back_as_the_same_crd() -> anyhow::Result<()> {
     // kubectl, not our own code, parses what our emitter wrote.
