@@ -180,11 +180,33 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
     };
     let version = env!("CARGO_PKG_VERSION");
 
-    let out = release(
+    // Install an "older" chart whose CRD differs (another short name), so the
+    // upgrade below must change the CRD on the server.
+    let old_chart = dir.path().join("old-chart");
+    copy_dir(&chart_dir(), &old_chart)?;
+    let crd_template = old_chart.join("templates/crd.yaml");
+    let text = std::fs::read_to_string(&crd_template)?;
+    anyhow::ensure!(
+        text.contains("    - iotdep\n"),
+        "short name not found in the CRD template"
+    );
+    std::fs::write(&crd_template, text.replace("    - iotdep\n", "    - iotold\n"))?;
+    let old = old_chart.display().to_string();
+    let out: serde_json::Value = serde_json::from_str(&helm_ok(&[
         "install",
-        &["--create-namespace", "--set", "nats.credentials.type=none"],
-    )?;
+        &old,
+        "--release",
+        "iot",
+        "--namespace",
+        ns,
+        "--kubeconfig",
+        &kc,
+        "--create-namespace",
+        "--set",
+        "nats.credentials.type=none",
+    ])?)?;
     assert_eq!(out["revision"], 1, "{out}");
+    let short_names = |crd: &CustomResourceDefinition| crd.spec.names.short_names.clone().unwrap_or_default();
     let d = deps.get("iot-iot-operator").await?;
     assert_eq!(
         container(&d),
@@ -195,6 +217,7 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
         .await?;
     Api::<ClusterRole>::all(kube.clone()).get("iot-iot-operator").await?;
     let crds: Api<CustomResourceDefinition> = Api::all(kube.clone());
+    assert_eq!(short_names(&crds.get(CRD).await?), vec!["iotold".to_owned()]);
     wait_until(WAIT, "CRD Established", || async {
         let crd = crds.get(CRD).await.ok()?;
         crd.status?
@@ -231,6 +254,11 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
         container(&d),
         ("localhost/iot-operator:0.0.0-next".into(), "debug".into())
     );
+    // The CRD moved with the chart (it is a template, not in crds/), and the user's
+    // resource lived through it.
+    assert_eq!(short_names(&crds.get(CRD).await?), vec!["iotdep".to_owned()]);
+    let (ok, names, err) = api.kubectl(&["get", "iotdep", "-n", "default", "-o", "name"], None)?;
+    assert!(ok && names.contains("survivor"), "{names}{err}");
 
     // A bad upgrade changes nothing and leaves no revision.
     let (ok, _, err) = helm(&[
@@ -273,6 +301,8 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
         container(&d),
         (format!("localhost/iot-operator:{version}"), "info".into())
     );
+    // A rollback takes the schema back too (revision 1 had the old short name).
+    assert_eq!(short_names(&crds.get(CRD).await?), vec!["iotold".to_owned()]);
     let history = release("history", &[])?;
     assert_eq!(history.as_array().map(Vec::len), Some(3), "{history}");
 
@@ -294,6 +324,39 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
     // Installing again adopts the kept CRD (it still carries the release's labels).
     let out = release("install", &["--set", "nats.credentials.type=none"])?;
     assert_eq!(out["revision"], 1, "{out}");
+    assert_eq!(short_names(&crds.get(CRD).await?), vec!["iotdep".to_owned()]);
+    Ok(())
+}
+
+#[test]
+fn the_chart_packages_as_a_versioned_archive() -> anyhow::Result<()> {
+    let out = tempfile::tempdir()?;
+    let packaged: serde_json::Value = serde_json::from_str(&helm_ok(&[
+        "package",
+        &chart(),
+        "--out",
+        &out.path().display().to_string(),
+    ])?)?;
+    let path = packaged["path"].as_str().unwrap_or_default();
+    assert!(
+        path.ends_with(&format!("iot-operator-{}.tgz", env!("CARGO_PKG_VERSION"))),
+        "{packaged}"
+    );
+    assert!(std::fs::metadata(path)?.len() > 1000);
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
     Ok(())
 }
 

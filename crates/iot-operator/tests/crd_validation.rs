@@ -161,8 +161,16 @@ fn the_chart_carries_the_same_crd_and_the_workspace_version() -> anyhow::Result<
             .map(|v| v.trim_matches('"').to_owned())
     };
     let version = env!("CARGO_PKG_VERSION");
-    assert_eq!(field("version").as_deref(), Some(version), "run scripts/gen-artifacts.sh");
-    assert_eq!(field("appVersion").as_deref(), Some(version), "run scripts/gen-artifacts.sh");
+    assert_eq!(
+        field("version").as_deref(),
+        Some(version),
+        "run scripts/gen-artifacts.sh"
+    );
+    assert_eq!(
+        field("appVersion").as_deref(),
+        Some(version),
+        "run scripts/gen-artifacts.sh"
+    );
     Ok(())
 }
 
