@@ -6,6 +6,7 @@ mod auth_bench;
 mod fanout_bench;
 mod fleet_bench;
 mod follow_bench;
+mod leader_bench;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,14 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         steady_secs: u64,
     },
+    /// Two operator replicas on the full kube-apiserver: kill -9 and SIGTERM the
+    /// leader in turn, time until the standby leads.
+    LeaderFailover {
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 15)]
+        lease_secs: u64,
+    },
     /// N devices following their desired state without consumers: server RSS,
     /// consumers, change propagation, steady-state CPU, and the re-read herd after a
     /// server restart.
@@ -77,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Fanout { devices } => fanout_bench::run(devices).await,
         Cmd::FleetStatus { devices, steady_secs } => fleet_bench::run(devices, steady_secs).await,
         Cmd::AuthScale { devices, steady_secs } => auth_bench::run(devices, steady_secs).await,
+        Cmd::LeaderFailover { rounds, lease_secs } => leader_bench::run(rounds, lease_secs).await,
         Cmd::FollowScale {
             devices,
             connections,

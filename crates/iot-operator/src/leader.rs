@@ -71,8 +71,8 @@ pub fn hold_of(lease: &Lease, me: &str, now: DateTime<Utc>) -> Hold {
     let (Some(renewed), Some(secs)) = (&spec.renew_time, spec.lease_duration_seconds) else {
         return Hold::NotOurs;
     };
-    let until_ms = renewed.0.as_millisecond() + i64::from(secs) * 1000;
-    match DateTime::from_timestamp_millis(until_ms) {
+    let until_us = renewed.0.as_microsecond() + i64::from(secs) * 1_000_000;
+    match DateTime::from_timestamp_micros(until_us) {
         Some(until) if until > now => Hold::Ours { until },
         _ => Hold::NotOurs,
     }
@@ -230,7 +230,7 @@ mod tests {
             spec: Some(LeaseSpec {
                 holder_identity: holder.map(str::to_owned),
                 renew_time: renewed.and_then(|t| {
-                    k8s_openapi::jiff::Timestamp::from_millisecond(t.timestamp_millis())
+                    k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros())
                         .ok()
                         .map(MicroTime)
                 }),
@@ -243,7 +243,8 @@ mod tests {
 
     #[test]
     fn a_fresh_hold_by_me_is_mine_until_renew_plus_duration() {
-        let now = Utc::now();
+        // Lease times have microsecond precision.
+        let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).expect("in range");
         let l = lease(Some("a"), Some(now - chrono::Duration::seconds(3)), Some(15));
         assert_eq!(
             hold_of(&l, "a", now),
