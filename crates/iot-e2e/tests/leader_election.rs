@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 
 use iot_e2e::chart::*;
 use iot_e2e::stack::*;
-use iot_testkit::{KubeApiServer, wait_until};
+use iot_testkit::{KubeApiServer, PartitionProxy, wait_until};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 
 const LEASE: &str = "iot-operator";
 const NS: &str = "default";
-/// Short, so the test is quick; the chart's default is 15 s.
+/// Short, so the test is quick; the chart's default is 15 s and 5 s.
 const LEASE_SECS: u64 = 6;
+const GRACE_SECS: u64 = 2;
 
 /// Which replica leads, once exactly one reports it (and the other is a standby).
 async fn the_leader(replicas: &[&Replica]) -> anyhow::Result<String> {
@@ -135,8 +136,11 @@ async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice
     let still = the_leader(&[leader, standby]).await?;
     assert_eq!(still, standby.identity);
 
-    // SIGTERM: the leader releases the lease, and the standby takes it before it
-    // would have expired. Stop right after a renewal, so expiry is ~6 s away.
+    // SIGTERM: the leader releases the lease, and the standby takes it well before
+    // it would have expired. Stop just after the standby has read the renewed
+    // lease and gone back to sleep until its expiry (renewals come `grace` before
+    // expiry, so that is `grace` after a renewal): without the release and the
+    // standby's watch for it, the takeover would come only at expiry.
     let renewed = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone()).map(|t| t.0);
     let seen = renewed(&leases.get(LEASE).await?);
     let last_renewal = wait_until(WAIT, "a lease renewal", || async {
@@ -144,6 +148,7 @@ async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice
         (now != seen).then_some(now).flatten()
     })
     .await?;
+    tokio::time::sleep(Duration::from_millis(GRACE_SECS * 1000 + 500)).await;
     let stopped_at = Instant::now();
     standby.process.stop(Duration::from_secs(10));
     let next = the_leader(&[leader]).await?;
@@ -157,10 +162,12 @@ async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice
         .and_then(|s| s.acquire_time)
         .map(|t| t.0)
         .ok_or_else(|| anyhow::anyhow!("no acquireTime"))?;
+    // A second of margin below the expiry, for a loaded machine.
     let would_expire = last_renewal + k8s_openapi::jiff::SignedDuration::from_secs(LEASE_SECS as i64);
+    let bound = would_expire - k8s_openapi::jiff::SignedDuration::from_secs(1);
     assert!(
-        acquired < would_expire,
-        "taken at {acquired}, not before the released lease would have expired at {would_expire}"
+        acquired < bound,
+        "taken at {acquired}: not well before the released lease would have expired at {would_expire}"
     );
 
     // A leader that finds the lease held by someone else stops writing at once: it
@@ -188,5 +195,77 @@ async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice
         log.contains("no longer ours") || log.contains("another replica"),
         "{log}"
     );
+    Ok(())
+}
+
+/// The admin kubeconfig, pointed at another port on 127.0.0.1 (a proxy).
+fn kubeconfig_via(
+    api_kubeconfig: &std::path::Path,
+    api_port: u16,
+    proxy_port: u16,
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(api_kubeconfig)?;
+    let from = format!("https://127.0.0.1:{api_port}");
+    anyhow::ensure!(text.contains(&from), "kubeconfig does not name {from}");
+    let path = dir.join(format!("kubeconfig-{name}"));
+    std::fs::write(&path, text.replace(&from, &format!("https://127.0.0.1:{proxy_port}")))?;
+    Ok(path)
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_takes_over() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let api = KubeApiServer::start_in(dir.path(), None).await?;
+    let api_port = api.port();
+    let stack = Stack::start_on(Cluster::Full(api), true).await?;
+    let target: std::net::SocketAddr = ([127, 0, 0, 1], api_port).into();
+    let (link_a, link_b) = (
+        PartitionProxy::start(target).await?,
+        PartitionProxy::start(target).await?,
+    );
+    let admin = stack.api.kubeconfig();
+    let logs = stack.dir.path().to_owned();
+    let kc_a = kubeconfig_via(&admin, api_port, link_a.port(), &logs, "a")?;
+    let kc_b = kubeconfig_via(&admin, api_port, link_b.port(), &logs, "b")?;
+    let (duration, grace) = (format!("{LEASE_SECS}s"), format!("{GRACE_SECS}s"));
+    let env = [
+        ("IOT_LEADER_LEASE_DURATION", duration.as_str()),
+        ("IOT_LEADER_RENEW_GRACE", grace.as_str()),
+    ];
+    let nats = stack.nats.url();
+    let mut a = spawn_replica("replica-a", &kc_a, &nats, NS, LEASE, &env, &logs)?;
+    the_leader(&[&a]).await?;
+    let b = spawn_replica("replica-b", &kc_b, &nats, NS, LEASE, &env, &logs)?;
+    assert_eq!(the_leader(&[&a, &b]).await?, "replica-a");
+
+    // The leader's link to the API server goes silent; NATS still works for it, so
+    // only its own step-down keeps it from writing beside the new leader.
+    link_a.partition();
+    let cut_at = Instant::now();
+    let mut exited_at = None;
+    let mut took_over_at = None;
+    while exited_at.is_none() || took_over_at.is_none() {
+        anyhow::ensure!(
+            cut_at.elapsed() < WAIT,
+            "a: exited {exited_at:?}, b: leads {took_over_at:?}"
+        );
+        if exited_at.is_none() && !a.process.is_running() {
+            exited_at = Some(cut_at.elapsed());
+        }
+        if took_over_at.is_none() && b.leader_gauge().await == Some(1.0) {
+            took_over_at = Some(cut_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (exited, took_over) = (exited_at.unwrap_or_default(), took_over_at.unwrap_or_default());
+    eprintln!("partitioned leader exited after {exited:?}; the standby led after {took_over:?}");
+    assert!(
+        exited < took_over,
+        "the old leader was still running when the new one led"
+    );
+    let log = a.process.log_text();
+    assert!(log.contains("could not confirm the leader lease"), "{log}");
     Ok(())
 }

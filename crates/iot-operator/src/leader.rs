@@ -3,23 +3,31 @@
 //! `.status`.
 //!
 //! Acquiring and renewing is `kube-lease-manager`'s (server-side apply, conflict
-//! detection). On top of it this module adds the rule that makes a lease safe to
-//! lean on: a leader that cannot *confirm* it still holds the lease steps down. The
-//! library reports a lost lease only when it reads one; if the API server stops
-//! answering, it retries and keeps quiet. So a watchdog reads the Lease itself and
-//! steps down shortly before the last hold it saw expires (by this replica's
-//! clock), before another replica may take it over.
+//! detection). On top of it this module adds what makes a lease safe to lean on:
+//! - **A watchdog.** The library reports a lost lease only when it reads one; if
+//!   the API server stops answering it retries and keeps quiet. The watchdog reads
+//!   the Lease itself, and if it cannot confirm its own hold it declares the lease
+//!   lost `safety` before the last confirmed hold expires by this replica's clock.
+//!   `safety` (half the renew grace) is the clock skew between replicas tolerated.
+//! - **A checked acquisition.** The library counts a Lease that names us as ours
+//!   even when it has expired (a restarted pod keeps its name); leadership starts
+//!   only once a read shows an unexpired hold, and the watchdog starts from it.
+//! - **A guarded release.** Released only at a clean stop, with a JSON patch that
+//!   first tests that the holder is still us, so it can never clear another
+//!   replica's hold.
 //!
-//! Losing leadership ends the process (non-zero): the controller, caches and
-//! indexes are not built to be paused, and a restarted pod comes back as a standby.
+//! Losing leadership ends the process at once (see `run`): the controller, caches
+//! and indexes are not built to be paused, and a restarted pod comes back as a
+//! standby.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use tokio::time::Instant;
 
 /// Where and how long the lease is held.
 #[derive(Debug, Clone)]
@@ -28,15 +36,22 @@ pub struct LeaderElection {
     pub lease_name: String,
     /// Unique per replica: the pod name in a cluster.
     pub identity: String,
-    /// A lease not renewed for this long may be taken over.
+    /// A lease not renewed for this long may be taken over. Whole seconds (the
+    /// Lease stores seconds).
     pub duration: Duration,
-    /// The holder renews this long before expiry; also the clock skew tolerated.
+    /// The holder renews this long before expiry. Whole seconds.
     pub grace: Duration,
 }
 
 impl LeaderElection {
     /// Rejects settings the lease cannot honour (checked before anything starts).
     pub fn validate(&self) -> Result<(), String> {
+        if self.duration.subsec_nanos() != 0 || self.grace.subsec_nanos() != 0 {
+            return Err(format!(
+                "lease duration {:?} and renew grace {:?} must be whole seconds",
+                self.duration, self.grace
+            ));
+        }
         if self.duration.as_secs() < 2 {
             return Err(format!("lease duration {:?} is under 2 s", self.duration));
         }
@@ -50,6 +65,18 @@ impl LeaderElection {
             return Err("leader identity is empty (set POD_NAME or --leader-identity)".to_owned());
         }
         Ok(())
+    }
+
+    /// How long before the last confirmed hold expires the leader gives up: the
+    /// clock skew between replicas this tolerates.
+    pub fn safety(&self) -> Duration {
+        self.grace / 2
+    }
+
+    /// How often the leader reads the Lease to confirm its hold: at least twice
+    /// between a renewal (at `grace` before expiry) and the step-down point.
+    fn check_every(&self) -> Duration {
+        (self.grace / 4).max(Duration::from_millis(250))
     }
 }
 
@@ -78,55 +105,110 @@ pub fn hold_of(lease: &Lease, me: &str, now: DateTime<Utc>) -> Hold {
     }
 }
 
-/// This replica holds the lease. [`Leadership::lost`] resolves when it no longer
-/// does (or can no longer tell); [`Leadership::release`] hands it over at shutdown.
-pub struct Leadership {
-    manager: Arc<LeaseManager>,
-    cfg: LeaderElection,
-    leases: Api<Lease>,
+/// The monotonic instant at which a hold confirmed until `until` must be given up.
+fn step_down_at(until: DateTime<Utc>, now: DateTime<Utc>, safety: Duration) -> Instant {
+    let left = (until - now).to_std().unwrap_or_default();
+    Instant::now() + left.saturating_sub(safety)
 }
 
-/// Blocks until this replica holds the lease. Errors only on settings that can
-/// never work; API errors while waiting are retried.
-pub async fn acquire(client: kube::Client, cfg: LeaderElection) -> anyhow::Result<Leadership> {
+/// This replica holds the lease. [`Leadership::lost`] resolves when it no longer
+/// does (or can no longer tell); [`Leadership::release`] hands it over at a clean stop.
+pub struct Leadership {
+    manager: LeaseManager,
+    cfg: LeaderElection,
+    leases: Api<Lease>,
+    /// The step-down point of the hold confirmed at acquisition.
+    first_deadline: Instant,
+}
+
+/// How a standby is doing, for its readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standby {
+    /// The Lease is readable and writable; waiting for it.
+    Waiting,
+    /// The Lease cannot be set up or taken (RBAC, namespace, API errors).
+    Broken(String),
+}
+
+/// Blocks until this replica holds the lease, reporting its standby state through
+/// `report` (a standby that can never lead must not look healthy). Errors only on
+/// settings that can never work.
+pub async fn acquire(
+    client: kube::Client,
+    cfg: LeaderElection,
+    report: impl Fn(Standby),
+) -> anyhow::Result<Leadership> {
     cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, identity = %cfg.identity, "standby: waiting for the leader lease");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    let manager = loop {
-        let manager = build_manager(&client, &cfg).await;
+    loop {
+        let manager = build_manager(&client, &cfg, &report).await;
+        report(Standby::Waiting);
         // The library sleeps until the holder's lease would expire, from what it
         // last read. A holder that stops cleanly releases the lease first; watching
         // for that and starting over with a fresh manager turns a rollout's
         // handover from up to a lease duration into about a second.
-        tokio::select! {
-            () = until_leader(&manager) => break manager,
+        let won = tokio::select! {
+            () = until_leader(&manager, &report) => true,
             () = released(&leases, &cfg.lease_name) => {
                 tracing::debug!("the leader lease was released; trying to take it");
+                false
             }
+        };
+        if !won {
+            continue;
         }
-    };
-    tracing::info!(lease = %cfg.lease_name, identity = %cfg.identity, "acquired the leader lease");
-    Ok(Leadership {
-        manager: Arc::new(manager),
-        cfg,
-        leases,
-    })
+        // The library also says "ours" for an expired hold in our name; wait for a
+        // read that shows the renewed, unexpired hold (it renews such a hold at once).
+        let confirm_by = Instant::now() + cfg.grace;
+        let confirmed = loop {
+            let read = tokio::time::timeout(cfg.check_every(), leases.get(&cfg.lease_name)).await;
+            if let Ok(Ok(lease)) = read {
+                let now = Utc::now();
+                if let Hold::Ours { until } = hold_of(&lease, &cfg.identity, now) {
+                    break Some(step_down_at(until, now, cfg.safety()));
+                }
+            }
+            if Instant::now() >= confirm_by {
+                break None;
+            }
+            let renew = manager.changed();
+            if tokio::time::timeout(Duration::from_millis(200), renew)
+                .await
+                .is_ok_and(|r| r.is_ok_and(|held| !held))
+            {
+                break None;
+            }
+        };
+        match confirmed {
+            Some(first_deadline) => {
+                tracing::info!(lease = %cfg.lease_name, identity = %cfg.identity, "acquired the leader lease");
+                return Ok(Leadership {
+                    manager,
+                    cfg,
+                    leases,
+                    first_deadline,
+                });
+            }
+            None => tracing::warn!("the library reported the lease as ours but no read confirmed it; starting over"),
+        }
+    }
 }
 
-async fn build_manager(client: &kube::Client, cfg: &LeaderElection) -> LeaseManager {
-    let secs = |d: Duration| d.as_secs().max(1);
+async fn build_manager(client: &kube::Client, cfg: &LeaderElection, report: &impl Fn(Standby)) -> LeaseManager {
     loop {
         match LeaseManagerBuilder::new(client.clone(), &cfg.lease_name)
             .with_namespace(&cfg.namespace)
             .with_identity(&cfg.identity)
-            .with_duration(secs(cfg.duration))
-            .with_grace(secs(cfg.grace))
+            .with_duration(cfg.duration.as_secs())
+            .with_grace(cfg.grace.as_secs())
             .with_field_manager(format!("iot-operator-{}", cfg.identity))
             .build()
             .await
         {
             Ok(m) => return m,
             Err(e) => {
+                report(Standby::Broken(format!("cannot set up the leader lease: {e}")));
                 tracing::warn!(error = %e, lease = %cfg.lease_name, namespace = %cfg.namespace, "cannot set up the leader lease; retrying in 2 s");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
@@ -134,12 +216,13 @@ async fn build_manager(client: &kube::Client, cfg: &LeaderElection) -> LeaseMana
     }
 }
 
-async fn until_leader(manager: &LeaseManager) {
+async fn until_leader(manager: &LeaseManager, report: &impl Fn(Standby)) {
     loop {
         match manager.changed().await {
             Ok(true) => return,
-            Ok(false) => {}
+            Ok(false) => report(Standby::Waiting),
             Err(e) => {
+                report(Standby::Broken(format!("leader lease: {e}")));
                 tracing::warn!(error = %e, "leader lease: API error while waiting; retrying in 2 s");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
@@ -147,73 +230,101 @@ async fn until_leader(manager: &LeaseManager) {
     }
 }
 
-/// Resolves once the Lease exists with no holder (released), polling every second.
+/// Resolves once a Lease seen held is seen with no holder (released), polling
+/// every second. Only a seen transition counts: an empty Lease may be the one this
+/// replica is taking right now.
 async fn released(leases: &Api<Lease>, name: &str) {
+    let mut seen_held = false;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Ok(Some(lease)) = leases.get_opt(name).await
-            && lease.spec.and_then(|s| s.holder_identity).is_none_or(|h| h.is_empty())
-        {
-            return;
+        if let Ok(Some(lease)) = leases.get_opt(name).await {
+            let held = lease
+                .spec
+                .and_then(|s| s.holder_identity)
+                .is_some_and(|h| !h.is_empty());
+            if seen_held && !held {
+                return;
+            }
+            seen_held = held;
         }
     }
 }
 
 impl Leadership {
     /// Keeps the lease renewed; resolves with the reason once it is lost or can no
-    /// longer be confirmed. Call once.
+    /// longer be confirmed. Call once; then stop writing at once and do not release.
     pub async fn lost(&self) -> anyhow::Error {
-        let check_every = (self.cfg.grace / 2).max(Duration::from_millis(500));
-        // Step down a little before the last confirmed hold expires by our clock, so
-        // a standby (which waits for expiry by its clock) never overlaps with us.
-        let safety = (self.cfg.grace / 4).max(Duration::from_millis(250));
-        let mut deadline = tokio::time::Instant::now() + self.cfg.duration.saturating_sub(safety);
+        let check_every = self.cfg.check_every();
+        let safety = self.cfg.safety();
+        let (deadline_tx, mut deadline_rx) = tokio::sync::watch::channel(self.first_deadline);
         let renew = async {
             loop {
                 match self.manager.changed().await {
                     Ok(true) => {}
                     Ok(false) => return anyhow::anyhow!("another replica took the leader lease"),
                     Err(e) => {
-                        // The watchdog below decides when an unrenewed lease is lost.
+                        // The deadline below decides when an unrenewed lease is lost.
                         tracing::warn!(error = %e, "cannot renew the leader lease; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
         };
-        tokio::pin!(renew);
-        let mut tick = tokio::time::interval(check_every);
+        let confirm = async {
+            let mut tick = tokio::time::interval(check_every);
+            loop {
+                tick.tick().await;
+                match tokio::time::timeout(check_every, self.leases.get(&self.cfg.lease_name)).await {
+                    Ok(Ok(lease)) => {
+                        let now = Utc::now();
+                        match hold_of(&lease, &self.cfg.identity, now) {
+                            Hold::Ours { until } => {
+                                deadline_tx.send_replace(step_down_at(until, now, safety));
+                            }
+                            Hold::NotOurs => return anyhow::anyhow!("the leader lease is no longer ours"),
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the leader lease"),
+                    Err(_) => tracing::warn!("reading the leader lease timed out"),
+                }
+            }
+        };
+        tokio::pin!(renew, confirm);
         loop {
+            let deadline = *deadline_rx.borrow_and_update();
             tokio::select! {
                 e = &mut renew => return e,
-                _ = tick.tick() => {
-                    match tokio::time::timeout(check_every, self.leases.get(&self.cfg.lease_name)).await {
-                        Ok(Ok(lease)) => {
-                            let now = Utc::now();
-                            match hold_of(&lease, &self.cfg.identity, now) {
-                                Hold::Ours { until } => {
-                                    let left = (until - now).to_std().unwrap_or_default();
-                                    deadline = tokio::time::Instant::now() + left.saturating_sub(safety);
-                                }
-                                Hold::NotOurs => return anyhow::anyhow!("the leader lease is no longer ours"),
-                            }
-                        }
-                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the leader lease"),
-                        Err(_) => tracing::warn!("reading the leader lease timed out"),
-                    }
-                    if tokio::time::Instant::now() >= deadline {
-                        return anyhow::anyhow!("could not confirm the leader lease before it expires; stepping down");
-                    }
+                e = &mut confirm => return e,
+                () = tokio::time::sleep_until(deadline) => {
+                    return anyhow::anyhow!("could not confirm the leader lease before it expires; stepping down");
                 }
+                _ = deadline_rx.changed() => {}
             }
         }
     }
 
-    /// Gives the lease up so a standby takes over at once rather than after expiry.
+    /// Gives the lease up at a clean stop, so a standby takes over at once rather
+    /// than after expiry. The patch tests that we still hold it: if another replica
+    /// does, it fails and changes nothing.
     pub async fn release(&self) {
-        match tokio::time::timeout(Duration::from_secs(3), self.manager.release()).await {
-            Ok(Ok(())) => tracing::info!(lease = %self.cfg.lease_name, "released the leader lease"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot release the leader lease; it expires on its own"),
+        let patch = serde_json::json!([
+            {"op": "test", "path": "/spec/holderIdentity", "value": self.cfg.identity},
+            {"op": "remove", "path": "/spec/holderIdentity"},
+        ]);
+        let patch: Patch<()> = match serde_json::from_value::<json_patch::Patch>(patch) {
+            Ok(p) => Patch::Json(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the release patch; the lease expires on its own");
+                return;
+            }
+        };
+        let params = PatchParams::default();
+        let call = self.leases.patch(&self.cfg.lease_name, &params, &patch);
+        match tokio::time::timeout(Duration::from_secs(3), call).await {
+            Ok(Ok(_)) => tracing::info!(lease = %self.cfg.lease_name, "released the leader lease"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "did not release the leader lease (no longer ours, or the API failed); it expires on its own")
+            }
             Err(_) => tracing::warn!("releasing the leader lease timed out; it expires on its own"),
         }
     }

@@ -68,7 +68,8 @@ struct LeaderArgs {
     leader_namespace: String,
     #[arg(long, env = "IOT_LEADER_LEASE", default_value = "iot-operator")]
     leader_lease: String,
-    /// This replica's name in the Lease (in a pod: the pod name); default: host name.
+    /// This replica's name in the Lease (in a pod: the pod name); default: host name
+    /// and process id, so two replicas on one host never share it.
     #[arg(long, env = "POD_NAME")]
     leader_identity: Option<String>,
     /// A leader that has not renewed for this long is replaced.
@@ -87,7 +88,7 @@ impl LeaderArgs {
         let identity = match &self.leader_identity {
             Some(id) => id.clone(),
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
+                .map(|h| format!("{}-{}", h.trim(), std::process::id()))
                 .map_err(|e| anyhow::anyhow!("no --leader-identity and cannot read the host name: {e}"))?,
         };
         let election = iot_operator::leader::LeaderElection {

@@ -69,21 +69,26 @@ pub async fn run(
     }
 
     tokio::pin!(shutdown);
-    // A standby is healthy and ready (a rollout must not wait on it) but writes
-    // nothing until it holds the lease; `iot_operator_leader` tells them apart.
+    // A standby that can take the lease is ready (a rollout must not wait on it)
+    // but writes nothing until it holds it; `iot_operator_leader` tells them apart.
+    // One that cannot (RBAC, namespace) is not ready, with the reason.
     let leadership = match &opts.leader_election {
         None => None,
         Some(election) => {
-            readiness.set_ready();
+            readiness.set_not_ready("setting up the leader lease");
+            let report = |state: crate::leader::Standby| match state {
+                crate::leader::Standby::Waiting => readiness.set_ready(),
+                crate::leader::Standby::Broken(why) => readiness.set_not_ready(why),
+            };
             let acquired = tokio::select! {
-                l = crate::leader::acquire(client.clone(), election.clone()) => l?,
+                l = crate::leader::acquire(client.clone(), election.clone(), report) => l?,
                 () = &mut shutdown => return Ok(()),
                 e = next_ending(&mut tasks) => return Err(e),
             };
             readiness.set_not_ready("elected leader; starting");
             let leadership = Arc::new(acquired);
             let watched = leadership.clone();
-            tasks.spawn(async move { ("leader lease", Err(watched.lost().await)) });
+            tasks.spawn(async move { exit_now(watched.lost().await) });
             Some(leadership)
         }
     };
@@ -115,6 +120,9 @@ pub async fn run(
             };
         }
     };
+    // Aborting the supervisor's wrappers would only detach these; a clean stop
+    // aborts the writers themselves before the lease is released.
+    let writers: Vec<tokio::task::AbortHandle> = started.iter().map(|(_, h)| h.abort_handle()).collect();
     for (name, handle) in started {
         tasks.spawn(async move {
             let why = match handle.await {
@@ -168,6 +176,9 @@ pub async fn run(
         );
     }
     controller_task.abort();
+    for w in &writers {
+        w.abort();
+    }
     tasks.abort_all();
     metrics.leader.set(0);
     if let Some(l) = &leadership {
@@ -177,6 +188,17 @@ pub async fn run(
 }
 
 type Ready = (kube::runtime::Controller<iot_api::Deployment>, Arc<Ctx>);
+
+/// A lost lease stops every writer at once by ending the process, without a
+/// release (the lease may be someone else's now). Waiting for tasks to wind down
+/// would let them write past the point where a standby may take over.
+fn exit_now(lost: anyhow::Error) -> (&'static str, anyhow::Result<()>) {
+    tracing::error!(
+        error = format!("{lost:#}"),
+        "lost the leader lease; exiting at once so that nothing writes without it"
+    );
+    std::process::exit(1)
+}
 
 /// Everything up to a controller that is ready to run.
 async fn start(

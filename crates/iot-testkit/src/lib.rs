@@ -3,6 +3,7 @@
 //! cuts, workspace binaries built for the test, unique ids).
 
 pub mod netns;
+pub mod partition;
 pub mod podman;
 pub mod process;
 
@@ -11,6 +12,7 @@ pub use iot_launch::{
     kube_apiserver, nats, paths, run_captured, wait_until,
 };
 pub use netns::NetNs;
+pub use partition::PartitionProxy;
 pub use podman::{DeviceContainers, podman_cli};
 pub use process::{cargo_bin, unique_id};
 
