@@ -92,6 +92,7 @@ pub async fn can_i(
     group: &str,
     resource: &str,
     namespace: Option<&str>,
+    name: Option<&str>,
 ) -> anyhow::Result<bool> {
     let reviews: Api<SubjectAccessReview> = Api::all(kube.clone());
     let review = SubjectAccessReview {
@@ -106,6 +107,7 @@ pub async fn can_i(
                 group: Some(group.to_owned()),
                 resource: Some(resource.to_owned()),
                 namespace: namespace.map(str::to_owned),
+                name: name.map(str::to_owned),
                 ..Default::default()
             }),
             ..Default::default()

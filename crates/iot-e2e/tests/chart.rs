@@ -122,6 +122,11 @@ fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
         ("metrics.port=80", "/metrics/port"),
         ("leaderElection.leaseDuration=15", "/leaderElection/leaseDuration"),
         ("replica=2", "replica"),
+        ("leaderElection.leaseDuration=1500ms", "/leaderElection/leaseDuration"),
+        (
+            "extraLabels.app\\.kubernetes\\.io/instance=other",
+            "app.kubernetes.io/instance",
+        ),
     ];
     for (set, field) in cases {
         let (ok, _, err) = helm(&[
@@ -215,7 +220,9 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
     Api::<ServiceAccount>::namespaced(kube.clone(), ns)
         .get("iot-iot-operator")
         .await?;
-    Api::<ClusterRole>::all(kube.clone()).get("iot-iot-operator").await?;
+    Api::<ClusterRole>::all(kube.clone())
+        .get("iot-system-iot-iot-operator")
+        .await?;
     let crds: Api<CustomResourceDefinition> = Api::all(kube.clone());
     assert_eq!(short_names(&crds.get(CRD).await?), vec!["iotold".to_owned()]);
     wait_until(WAIT, "CRD Established", || async {
@@ -316,7 +323,7 @@ async fn install_upgrade_history_rollback_uninstall_on_a_full_api_server() -> an
     assert!(deps.get_opt("iot-iot-operator").await?.is_none());
     assert!(
         Api::<ClusterRole>::all(kube.clone())
-            .get_opt("iot-iot-operator")
+            .get_opt("iot-system-iot-iot-operator")
             .await?
             .is_none()
     );
@@ -494,11 +501,25 @@ async fn the_operator_as_the_charts_service_account_runs_the_core_loop_and_nothi
     ];
     let admin = api.kube_client().await?;
     for (verb, group, resource, namespace, expected) in checks {
-        let allowed = can_i(&admin, &sa_user, verb, group, resource, namespace).await?;
+        let allowed = can_i(&admin, &sa_user, verb, group, resource, namespace, None).await?;
         assert_eq!(
             allowed, expected,
             "can {sa_user} {verb} {group}/{resource} in {namespace:?}?"
         );
+    }
+    // Its own Lease only.
+    for (lease, expected) in [("iot-iot-operator", true), ("someone-elses-lease", false)] {
+        let allowed = can_i(
+            &admin,
+            &sa_user,
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            Some(ns),
+            Some(lease),
+        )
+        .await?;
+        assert_eq!(allowed, expected, "can {sa_user} patch lease {lease}?");
     }
     Ok(())
 }

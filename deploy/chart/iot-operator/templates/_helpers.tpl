@@ -26,6 +26,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
 {{- end -}}
 
+{{/* Cluster-scoped objects carry the namespace too: the same release name may be
+     used in two namespaces. */}}
+{{- define "iot-operator.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "iot-operator.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "iot-operator.serviceAccountName" -}}
 {{- default (include "iot-operator.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
