@@ -26,7 +26,7 @@ cargo build --release --locked -q -p iot-operator
 bin="$IOT_REPO/target/release/iot-operator"
 
 root=$(mktemp -d)
-trap 'rm -rf "$root"' EXIT
+trap 'rm -rf "$root" "$root.tar"' EXIT
 chmod 0755 "$root"  # mktemp makes it 0700, which would lock the non-root user out of /
 install -D -m 0755 "$bin" "$root/usr/local/bin/iot-operator"
 # The dynamic loader and every library the binary links, at the same paths.
@@ -49,6 +49,8 @@ podman import -q \
   --change "LABEL org.opencontainers.image.source=https://github.com/nationtech/harmony-iot" \
   "$root.tar" "$image" >/dev/null || die "podman import failed"
 rm -f "$root.tar"
+# The previous build of this tag is now untagged; drop it (unless a container uses it).
+podman image prune -f --filter "label=org.opencontainers.image.title=iot-operator" >/dev/null 2>&1 || true
 mkdir -p dist
 archive="dist/iot-operator-$version.oci.tar"
 rm -f "$archive"

@@ -36,14 +36,24 @@ EOF
 APT=(-q -o "Dir::Etc::SourceList=$WORK/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
      -o "Dir::State::Lists=$WORK/apt/lists" -o "Dir::Cache=$WORK/apt/cache"
      -o APT::Sandbox::User=root)
+arch=$(dpkg --print-architecture)
 orig="$WORK/dl/kubernetes_${K8S_DEB_VERSION%-*}.orig.tar.gz"
-go_deb="$WORK/dl/golang-1.15-go_${GO_DEB_VERSION}_amd64.deb"
+go_deb="$WORK/dl/golang-1.15-go_${GO_DEB_VERSION}_${arch}.deb"
 if [ ! -f "$orig" ] || [ ! -f "$go_deb" ]; then
   apt-get "${APT[@]}" update >"$WORK/apt.log" 2>&1 || die "step 1: apt-get update failed; see $WORK/apt.log"
   (cd "$WORK/dl" && apt-get "${APT[@]}" source --download-only "kubernetes=$K8S_DEB_VERSION" \
      && apt-get "${APT[@]}" download "golang-1.15-go=$GO_DEB_VERSION" "golang-1.15-src=$GO_DEB_VERSION") \
      >>"$WORK/apt.log" 2>&1 || die "step 1: apt-get source/download failed (pinned $K8S_DEB_VERSION, Go $GO_DEB_VERSION); see $WORK/apt.log"
 fi
+
+# apt checked the files against the signed archive; pin the source tarball too, so a
+# rebuilt package under the same version cannot slip in. If Debian drops these
+# versions from deb.debian.org, step 1 fails here: bump the pins and re-test.
+echo "b83c0780efb182d928dc63d46488a847f161f04e40a94b96bf5247dd671ecdfc  $orig" | sha256sum -c --quiet - \
+  || die "step 1: $orig does not match its pinned sha256"
+
+# On failure, do not leave the ~1.5 GB tree and Go caches behind.
+trap 'rm -rf "$WORK/gopath" "$WORK/go" "$WORK/gocache"' EXIT
 
 log "Step 2/4: unpack"
 rm -rf "$WORK/go" "$WORK/gopath"
@@ -61,11 +71,14 @@ cd "$TREE"
 go build -o "$WORK/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
 # The same package set upstream's Makefile.generated_files uses: every directory
 # tagged +k8s:openapi-gen, staging named by its vendor/ path, minus two examples.
-inputs=$(find -H . \( -path ./_\* -o -path ./.\* -o -path ./vendor \) -prune -o -type f -name '*.go' -print \
+top=$(find . -mindepth 1 -maxdepth 1 -type d ! -name vendor ! -name '_*' ! -name '.*')
+# shellcheck disable=SC2086 # $top is a list of plain directory names
+inputs=$(grep -rl --include='*.go' '^// *+k8s:openapi-gen=' $top \
   | sed 's|^\./staging/src|vendor|; s|^\./||' \
   | grep -v -e '^vendor/k8s.io/code-generator/' -e '^vendor/k8s.io/sample-apiserver/' \
-  | xargs grep -l '^// *+k8s:openapi-gen=' | xargs -n1 dirname | sort -u \
+  | xargs -n1 dirname | sort -u \
   | sed 's|^|k8s.io/kubernetes/|' | paste -sd, -)
+[ -n "$inputs" ] || die "step 3: no +k8s:openapi-gen packages found"
 "$WORK/openapi-gen" -i "$inputs" -p k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
   -h hack/boilerplate/boilerplate.generatego.txt -r "$WORK/openapi-violations.report" \
   >"$WORK/openapi-gen.log" 2>&1 || die "step 3: openapi-gen failed; see $WORK/openapi-gen.log"
@@ -82,7 +95,8 @@ nice go build -ldflags "$ldflags" -o "$WORK/kube-apiserver" ./cmd/kube-apiserver
 $(tail -20 "$WORK/go-build.log")"
 install -m 0755 "$WORK/kube-apiserver" "$IOT_BIN/kube-apiserver"
 "$IOT_BIN/kube-apiserver" --version | grep -q "$K8S_GIT_VERSION" || die "built kube-apiserver does not report $K8S_GIT_VERSION"
-# The unpacked tree and Go caches are ~1.5 GB and only needed to rebuild.
-rm -rf "$WORK/gopath" "$WORK/go" "$WORK/gocache"
+# The unpacked tree, Go caches and build outputs are ~1.7 GB and only needed to
+# rebuild (the trap removes the tree and caches).
+rm -f "$WORK/kube-apiserver" "$WORK/openapi-gen"
 script_hash >"$STAMP"
 step "built $IOT_BIN/kube-apiserver ($(du -h "$IOT_BIN/kube-apiserver" | cut -f1)) in $(( $(date +%s) - start )) s"
