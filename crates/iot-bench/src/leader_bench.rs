@@ -58,16 +58,20 @@ async fn wait_leader(r: &Replica, timeout: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A standby: ready (it has read the Lease and waits for it) and not leading.
 async fn wait_standby(r: &Replica) -> anyhow::Result<()> {
     let start = Instant::now();
-    while leader_gauge(r).await != Some(0.0) {
+    loop {
+        let ready = iot_testkit::http::get_status("127.0.0.1", r.http, "/readyz").await.ok() == Some(200);
+        if ready && leader_gauge(r).await == Some(0.0) {
+            return Ok(());
+        }
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(60),
             "replica never became a standby"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(())
 }
 
 pub async fn run(rounds: usize, lease_secs: u64) -> anyhow::Result<()> {

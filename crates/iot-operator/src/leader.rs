@@ -232,11 +232,11 @@ async fn until_leader(manager: &LeaseManager, report: &impl Fn(Standby)) {
 
 /// Resolves once a Lease seen held is seen with no holder (released), polling
 /// every second. Only a seen transition counts: an empty Lease may be the one this
-/// replica is taking right now.
+/// replica is taking right now. The first look is immediate: a new standby in a
+/// rollout must see the old leader's hold before that leader is told to stop.
 async fn released(leases: &Api<Lease>, name: &str) {
     let mut seen_held = false;
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
         if let Ok(Some(lease)) = leases.get_opt(name).await {
             let held = lease
                 .spec
@@ -247,6 +247,7 @@ async fn released(leases: &Api<Lease>, name: &str) {
             }
             seen_held = held;
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
