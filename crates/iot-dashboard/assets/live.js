@@ -1,0 +1,24 @@
+// Progressive enhancement: the pages are complete without this. With it, the
+// server's change notices (Server-Sent Events on /events) make the open page fetch
+// its own <main> again and swap it in, without a reload. EventSource reconnects by
+// itself; the indicator in the header says whether the page is live.
+(function () {
+  "use strict";
+  var live = document.getElementById("live");
+  var main = document.getElementById("main");
+  if (!live || !main || !window.EventSource || !window.fetch) return;
+  var busy = false, again = false;
+  function refresh() {
+    if (busy) { again = true; return; }
+    busy = true;
+    fetch(location.href, { headers: { "X-Fragment": "main" }, cache: "no-store" })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
+      .then(function (html) { main.innerHTML = html; main.dataset.updates = String(Number(main.dataset.updates || 0) + 1); })
+      .catch(function () { live.className = "off"; live.textContent = "update failed"; })
+      .then(function () { busy = false; if (again) { again = false; refresh(); } });
+  }
+  var source = new EventSource("/events");
+  source.addEventListener("open", function () { live.className = "on"; live.textContent = "live"; });
+  source.addEventListener("error", function () { live.className = "off"; live.textContent = "reconnecting"; });
+  source.addEventListener("change", refresh);
+})();

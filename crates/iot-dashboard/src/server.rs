@@ -1,0 +1,214 @@
+//! The HTTP side: one handler per page, the SSE change feed, embedded assets and
+//! probes. A request with `X-Fragment: main` gets only the page's `<main>` content
+//! (what the live script swaps in); every other request gets the whole page.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use harmony_reconciler_contracts::Id;
+use maud::Markup;
+
+use crate::fleet::Fleet;
+use crate::pages;
+use crate::view::{self, DevicePhase, DeviceState};
+
+#[derive(Clone)]
+pub struct App {
+    pub fleet: Arc<Fleet>,
+    /// Rows per page: the server never sends a whole 10,000-device table.
+    pub page_size: usize,
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/deployments", get(deployments))
+        .route("/deployments/{ns}/{name}", get(deployment))
+        .route("/devices", get(devices))
+        .route("/devices/{id}", get(device))
+        .route("/events", get(events))
+        .route(
+            "/assets/style.css",
+            get(|| async { asset("text/css; charset=utf-8", pages::STYLE) }),
+        )
+        .route(
+            "/assets/live.js",
+            get(|| async { asset("text/javascript; charset=utf-8", pages::SCRIPT) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(app)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    if app.fleet.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading deployments and device reports",
+        )
+            .into_response()
+    }
+}
+
+/// The whole page, or only its main part for the live script.
+fn respond(headers: &HeaderMap, status: StatusCode, title: &str, nav: &str, main: Markup) -> Response {
+    let fragment = headers
+        .get("x-fragment")
+        .is_some_and(|v| v == HeaderValue::from_static("main"));
+    let body = if fragment {
+        main
+    } else {
+        pages::layout(title, nav, main)
+    };
+    (status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn page_of(q: &HashMap<String, String>) -> usize {
+    q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1)
+}
+
+async fn overview(State(app): State<App>, headers: HeaderMap) -> Response {
+    let o = app.fleet.with_snapshot(|s| view::overview(s, 15));
+    respond(&headers, StatusCode::OK, "Overview", "Overview", pages::overview(&o))
+}
+
+async fn deployments(State(app): State<App>, headers: HeaderMap, Query(q): Params) -> Response {
+    let rows = app.fleet.with_snapshot(view::deployment_rows);
+    let page = view::paginate(rows, page_of(&q), app.page_size);
+    respond(
+        &headers,
+        StatusCode::OK,
+        "Deployments",
+        "Deployments",
+        pages::deployments(&page),
+    )
+}
+
+async fn deployment(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Params,
+) -> Response {
+    let only = q.get("phase").and_then(|p| DevicePhase::parse(p));
+    let main = app.fleet.with_snapshot(|s| {
+        let dep = s.deployments.iter().find(|d| {
+            d.metadata.namespace.as_deref() == Some(ns.as_str()) && d.metadata.name.as_deref() == Some(name.as_str())
+        })?;
+        let row = view::deployment_row(dep);
+        let (counts, rows) = view::phase_table(s, dep, only);
+        let phases = view::paginate(rows, page_of(&q), app.page_size);
+        Some(pages::deployment(&pages::DeploymentDetail {
+            row: &row,
+            counts: &counts,
+            phases: &phases,
+            only,
+            spec: &dep.spec,
+            status: dep.status.as_ref(),
+        }))
+    });
+    match main {
+        Some(m) => respond(&headers, StatusCode::OK, &format!("{ns}/{name}"), "Deployments", m),
+        None => respond(
+            &headers,
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "Deployments",
+            pages::not_found(&format!("Deployment {ns}/{name}")),
+        ),
+    }
+}
+
+async fn devices(State(app): State<App>, headers: HeaderMap, Query(q): Params) -> Response {
+    let only = q.get("state").and_then(|s| DeviceState::parse(s));
+    let query = q.get("q").map(|s| s.trim().to_owned()).unwrap_or_default();
+    let rows = app.fleet.with_snapshot(|s| view::device_rows(s, only, &query));
+    let page = view::paginate(rows, page_of(&q), app.page_size);
+    respond(
+        &headers,
+        StatusCode::OK,
+        "Devices",
+        "Devices",
+        pages::devices(&page, only, &query),
+    )
+}
+
+async fn device(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let Ok(id) = Id::new(id.as_str()) else {
+        return respond(
+            &headers,
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "Devices",
+            pages::not_found("That device id"),
+        );
+    };
+    let main = app.fleet.with_snapshot(|s| {
+        let record = s.devices.get(&id);
+        let phases: Vec<_> = s
+            .deployments
+            .iter()
+            .filter(|d| d.spec.target_devices.iter().any(|t| t == id.as_str()))
+            .filter_map(|d| {
+                let r = view::deployment_ref(d)?;
+                let (phase, err) = view::device_phase(s, &id, d);
+                Some((format!("{}/{}", r.namespace(), r.name()), phase, err))
+            })
+            .collect();
+        if record.is_none() && phases.is_empty() {
+            return None;
+        }
+        Some(pages::device(&pages::DeviceDetail {
+            id: id.as_str(),
+            state: s.device_state(&id),
+            record,
+            phases,
+        }))
+    });
+    match main {
+        Some(m) => respond(&headers, StatusCode::OK, id.as_str(), "Devices", m),
+        None => respond(
+            &headers,
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "Devices",
+            pages::not_found(&format!("Device {id}")),
+        ),
+    }
+}
+
+/// Change notices, at most four a second however busy the fleet is: the page
+/// fetches its current state itself, so a notice carries no data.
+async fn events(State(app): State<App>) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let rx = app.fleet.changes();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let n = *rx.borrow_and_update();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        Some((Ok(Event::default().event("change").data(n.to_string())), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
