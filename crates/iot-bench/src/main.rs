@@ -3,6 +3,7 @@
 
 mod agent_bench;
 mod auth_bench;
+mod dashboard_bench;
 mod fanout_bench;
 mod fleet_bench;
 mod follow_bench;
@@ -48,6 +49,12 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         steady_secs: u64,
     },
+    /// The dashboard at N devices: page times and sizes against a static asset,
+    /// SSE notice rate and latency.
+    DashboardScale {
+        #[arg(long, default_value_t = 10000)]
+        devices: usize,
+    },
     /// Two operator replicas on the full kube-apiserver: kill -9 and SIGTERM the
     /// leader in turn, time until the standby leads.
     LeaderFailover {
@@ -87,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::FleetStatus { devices, steady_secs } => fleet_bench::run(devices, steady_secs).await,
         Cmd::AuthScale { devices, steady_secs } => auth_bench::run(devices, steady_secs).await,
         Cmd::LeaderFailover { rounds, lease_secs } => leader_bench::run(rounds, lease_secs).await,
+        Cmd::DashboardScale { devices } => dashboard_bench::run(devices).await,
         Cmd::FollowScale {
             devices,
             connections,

@@ -65,6 +65,16 @@ pub struct ControlPlane {
     pub kube: kube::Client,
 }
 
+impl ControlPlane {
+    pub fn kubeconfig(&self) -> PathBuf {
+        self._api.kubeconfig()
+    }
+
+    pub fn nats_url(&self) -> String {
+        self._nats.url()
+    }
+}
+
 pub async fn control_plane() -> anyhow::Result<ControlPlane> {
     use std::process::{Command, Stdio};
     let api = iot_testkit::ApiServer::start().await?;
