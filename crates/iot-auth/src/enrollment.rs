@@ -104,7 +104,7 @@ impl Enrollments {
     pub async fn check(&self, identity: &Identity) -> Result<Decision, Unavailable> {
         let path = match identity {
             Identity::Device(id) => device_record_path(id.as_str()),
-            Identity::Operator(name) => service_record_path(name),
+            Identity::Operator(name) | Identity::Viewer(name) => service_record_path(name),
         };
         let answer = match tokio::time::timeout(self.queue_wait, self.permits.acquire()).await {
             Ok(Ok(permit)) => {
@@ -241,6 +241,10 @@ fn record_matches(identity: &Identity, record: &Value) -> bool {
         Identity::Operator(name) => {
             record.get("name").and_then(Value::as_str) == Some(name.as_str())
                 && record.get("role").and_then(Value::as_str) == Some("operator")
+        }
+        Identity::Viewer(name) => {
+            record.get("name").and_then(Value::as_str) == Some(name.as_str())
+                && record.get("role").and_then(Value::as_str) == Some("viewer")
         }
     }
 }

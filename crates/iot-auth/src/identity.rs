@@ -19,6 +19,8 @@ pub enum Identity {
     Device(Id),
     /// The operator (and its aggregator): writes desired state, reads status.
     Operator(String),
+    /// A read-only service (the dashboard): follows the agent-status bucket.
+    Viewer(String),
 }
 
 impl Identity {
@@ -26,7 +28,7 @@ impl Identity {
     pub fn name(&self) -> String {
         match self {
             Identity::Device(id) => format!("device-{id}"),
-            Identity::Operator(n) => format!("service-{n}"),
+            Identity::Operator(n) | Identity::Viewer(n) => format!("service-{n}"),
         }
     }
 }
@@ -75,13 +77,18 @@ pub fn identity_from_claims(claims: &Value, mapping: &ClaimMapping) -> Result<Id
             })?;
             Ok(Identity::Device(id))
         }
-        "operator" => {
+        role @ ("operator" | "viewer") => {
             let name = claims
                 .get(&mapping.name_claim)
                 .and_then(Value::as_str)
                 .filter(|n| !n.is_empty())
-                .ok_or_else(|| IdentityError::ServiceName(mapping.name_claim.clone()))?;
-            Ok(Identity::Operator(name.to_owned()))
+                .ok_or_else(|| IdentityError::ServiceName(mapping.name_claim.clone()))?
+                .to_owned();
+            Ok(if role == "operator" {
+                Identity::Operator(name)
+            } else {
+                Identity::Viewer(name)
+            })
         }
         other => Err(IdentityError::UnknownRole(other.to_owned())),
     }
@@ -109,6 +116,8 @@ fn role_of(claims: &Value) -> Option<String> {
     // A token with both is a device: the narrower permissions win.
     if names.contains(&"iot-device") {
         Some("device".into())
+    } else if names.contains(&"iot-viewer") {
+        Some("viewer".into())
     } else if names.contains(&"iot-operator") {
         Some("operator".into())
     } else {
@@ -145,6 +154,10 @@ mod tests {
         assert_eq!(id(nested)?, Identity::Device(Id::new("d1")?));
         let per_project = json!({"urn:zitadel:iam:org:project:9876:roles": {"iot-operator": {}}, "iot_name": "op"});
         assert_eq!(id(per_project)?, Identity::Operator("op".into()));
+        assert_eq!(
+            id(json!({"iot_role": "viewer", "iot_name": "dashboard"}))?,
+            Identity::Viewer("dashboard".into())
+        );
         let flat = json!({"groups": ["staff", "iot-device"], "device_id": "d2"});
         assert_eq!(id(flat)?, Identity::Device(Id::new("d2")?));
         Ok(())

@@ -32,6 +32,24 @@ pub fn permissions_for(identity: &Identity) -> Permissions {
             ],
             respond: false,
         },
+        Identity::Viewer(_) => {
+            // One ordered consumer (a KV watch) on the status bucket, and nothing
+            // that writes: no KV subject, no acknowledgements, no other stream.
+            let stream = kv_stream_name(AGENT_STATUS_BUCKET);
+            Permissions {
+                publish: vec![
+                    "$JS.API.INFO".to_owned(),
+                    format!("$JS.API.STREAM.INFO.{stream}"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+                    format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+                    format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+                    format!("$JS.FC.{stream}.>"),
+                ],
+                subscribe: vec!["_INBOX.>".to_owned()],
+                respond: false,
+            }
+        }
         Identity::Operator(_) => {
             let mut publish = vec![
                 kv_subject(DESIRED_STATE_BUCKET, ">"),
@@ -86,6 +104,27 @@ mod tests {
             "devices publish to no JetStream subject (API, KV or acknowledgement)"
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_viewer_reads_device_reports_and_writes_nothing() {
+        let p = permissions_for(&Identity::Viewer("dashboard".into()));
+        assert!(!p.respond);
+        for s in &p.publish {
+            assert!(!s.starts_with("$KV."), "{s}: a KV write");
+            assert!(!s.contains("desired-state"), "{s}: desired state is not its business");
+            assert!(!s.starts_with("$JS.ACK"), "{s}");
+            assert!(
+                !s.contains("STREAM.CREATE") && !s.contains("STREAM.UPDATE") && !s.contains("PURGE"),
+                "{s}"
+            );
+        }
+        assert!(
+            p.publish
+                .iter()
+                .any(|s| s == "$JS.API.CONSUMER.CREATE.KV_agent-status.>")
+        );
+        assert_eq!(p.subscribe, ["_INBOX.>"]);
     }
 
     #[test]

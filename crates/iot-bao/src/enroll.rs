@@ -24,6 +24,9 @@ use crate::setup::{CALLOUT_POLICY, IDENTITY_POLICY, KV_MOUNT};
 pub enum Role {
     Device,
     Operator,
+    /// Read-only views of the fleet (the dashboard): follows device reports, writes
+    /// nothing.
+    Viewer,
     /// The auth callout itself: reads enrollment records, never connects to IOT.
     Callout,
 }
@@ -33,6 +36,7 @@ impl Role {
         match self {
             Role::Device => "device",
             Role::Operator => "operator",
+            Role::Viewer => "viewer",
             Role::Callout => "callout",
         }
     }

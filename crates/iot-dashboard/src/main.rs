@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot reach a Kubernetes API server (set KUBECONFIG or run in a cluster)")?;
     let creds = cli.nats.credentials()?;
+    tracing::info!(nats = %cli.nats.nats_url.join(","), credentials = %creds.describe(), "starting iot-dashboard {}", env!("CARGO_PKG_VERSION"));
     let conn = iot_kv::connect_with(
         &cli.nats.nats_url,
         creds.as_ref(),

@@ -66,6 +66,8 @@ pub enum DeviceCmd {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ServiceRole {
     Operator,
+    /// Read-only (the dashboard).
+    Viewer,
     Callout,
 }
 
@@ -145,6 +147,7 @@ pub async fn service(bao: &BaoArgs, cmd: &ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Enroll { name, role, out } => {
             let role = match role {
                 ServiceRole::Operator => Role::Operator,
+                ServiceRole::Viewer => Role::Viewer,
                 ServiceRole::Callout => Role::Callout,
             };
             let e = enroll::enroll_service(&client, name, role)
