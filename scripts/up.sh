@@ -10,7 +10,7 @@ cd "$IOT_REPO"
 
 "$IOT_REPO/scripts/setup-host.sh" --apiserver
 log "Building release binaries (first time: a few minutes)"
-cargo build --release -p iot-operator -p iot-agent -p iotctl -p example_iot_apply_deployment -p iot-up -p iot-auth
+cargo build --release -p iot-operator -p iot-agent -p iotctl -p example_iot_apply_deployment -p iot-up -p iot-auth -p iot-dashboard
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 # Every process started from here carries this, so a later run can find and stop
 # what a killed run left behind.

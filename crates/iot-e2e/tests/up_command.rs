@@ -201,6 +201,17 @@ fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()
         assert_eq!(names.len(), 1, "device {} lists {names:?}", i + 1);
         assert!(names[0].starts_with(&format!("iott2-device-{}.", i + 1)), "{names:?}");
     }
+    // The dashboard the menu names shows both devices online, through its own
+    // read-only identity.
+    let dashboard = commands
+        .iter()
+        .find(|l| l.starts_with("http://127.0.0.1:"))
+        .ok_or_else(|| anyhow::anyhow!("no dashboard URL in the menu:\n{menu}"))?;
+    let page = shell(&format!("curl -sf --max-time 5 {dashboard}/devices"))?;
+    for i in 1..=2 {
+        assert!(page.contains(&format!(r#"data-device="iott2-device-{i}""#)), "{page}");
+    }
+    assert!(!page.contains("never seen</span></td>"), "{page}");
     Ok(())
 }
 
@@ -261,6 +272,7 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
     wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     let text = std::fs::read_to_string(&log)?;
     for needle in [
+        "Fleet dashboard (live, read-only)",
         "iott2-device-1@10.79.99.11",
         "iott2-device-2@10.79.99.12",
         "kubectl get deployments.iot.nationtech.io -A -w",

@@ -85,6 +85,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         "example_iot_apply_deployment",
         "iotctl",
         "iot-auth-callout",
+        "iot-dashboard",
     ] {
         anyhow::ensure!(
             bin_dir.join(b).exists(),
@@ -111,6 +112,8 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         nats: None,
         operator: None,
         operator_http: None,
+        dashboard: None,
+        dashboard_addr: None,
         containers_conf: iot_launch::paths::containers_conf(),
         keep_logs: args.keep_logs,
         security: None,

@@ -55,6 +55,10 @@ pub fn print(up: &Up) {
         ),
     );
     line(&mut m, format!("  source {}\n", env.display()));
+    if let Some(addr) = &up.dashboard_addr {
+        line(&mut m, out::bold("Fleet dashboard (live, read-only)"));
+        line(&mut m, format!("  http://{addr}\n"));
+    }
     line(&mut m, out::bold("Watch resources"));
     line(&mut m, "  kubectl get deployments.iot.nationtech.io -A -w");
     line(&mut m, "  iotctl deployments");

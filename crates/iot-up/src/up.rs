@@ -26,6 +26,9 @@ pub struct Up {
     pub operator: Option<LoggedProcess>,
     /// Where the operator serves /metrics, /healthz and /readyz.
     pub operator_http: Option<String>,
+    pub dashboard: Option<LoggedProcess>,
+    /// The dashboard's address (host:port).
+    pub dashboard_addr: Option<String>,
     pub containers_conf: PathBuf,
     /// Keep logs (and only logs) in the state directory after teardown.
     pub keep_logs: bool,
@@ -118,7 +121,7 @@ impl Up {
     }
 
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
-        let total = if self.secure { 8 } else { 7 };
+        let total = if self.secure { 9 } else { 8 };
         let t = step(
             1,
             total,
@@ -225,6 +228,52 @@ impl Up {
         )?);
         wait_ready(self.operator.as_mut(), "127.0.0.1", http, Duration::from_secs(60)).await?;
         done(t, &format!("ready (http://127.0.0.1:{http}/readyz)"));
+        n += 1;
+
+        let t = step(n, total, "iot-dashboard (the live fleet view; read-only identity)");
+        let identity = match &self.security {
+            Some(sec) => {
+                let e = enroll::enroll_service(&sec.bao.root()?, "dashboard", Role::Viewer).await?;
+                Some(self.write_enrollment(&e)?)
+            }
+            None => None,
+        };
+        // A stable address when it is free, so a bookmark survives restarts; another
+        // bring-up may hold it (or take it first), then any free port.
+        let mut ports = vec![iot_launch::free_port()?];
+        if std::net::TcpListener::bind(("127.0.0.1", 8090)).is_ok() {
+            ports.insert(0, 8090);
+        }
+        let mut last = None;
+        for port in ports {
+            let mut cmd = Command::new(self.bin("iot-dashboard"));
+            cmd.env("KUBECONFIG", self.kubeconfig())
+                .env("NATS_URL", self.nats_url())
+                .env("IOT_STALE_AFTER", "30s")
+                .env("IOT_DASHBOARD_ADDR", format!("127.0.0.1:{port}"))
+                .env("RUST_LOG", "info");
+            if let Some(file) = &identity {
+                cmd.env("NATS_IDENTITY", file);
+            }
+            self.dashboard = Some(LoggedProcess::spawn(
+                "iot-dashboard",
+                cmd,
+                self.logs_dir().join("dashboard.log"),
+            )?);
+            match wait_ready(self.dashboard.as_mut(), "127.0.0.1", port, Duration::from_secs(60)).await {
+                Ok(()) => {
+                    self.dashboard_addr = Some(format!("127.0.0.1:{port}"));
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e);
+        }
+        let addr = self.dashboard_addr.clone().unwrap_or_default();
+        done(t, &format!("http://{addr}"));
         n += 1;
 
         let t = step(
@@ -379,6 +428,9 @@ impl Up {
             }
         }
         self.devices.clear();
+        if let Some(mut d) = self.dashboard.take() {
+            d.kill();
+        }
         if let Some(mut op) = self.operator.take() {
             op.stop(Duration::from_secs(12));
         }
