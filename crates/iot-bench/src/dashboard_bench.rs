@@ -111,7 +111,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
             .enumerate()
             .map(|(k, (d, dep, h))| KvOp::Put {
                 key: agent_status_key(d),
-                value: status(d, dep, h, (k + i) % 10 == 0),
+                value: status(d, dep, h, (k + i).is_multiple_of(10)),
             })
             .collect()
     };
@@ -194,10 +194,9 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         f64::from(notices) / window
     );
     let mut latencies = Vec::new();
-    for k in 0..10 {
+    for (k, (d, dep, h)) in fleet.iter().take(10).enumerate() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         while rx.try_recv().is_ok() {}
-        let (d, dep, h) = &fleet[k];
         let t = Instant::now();
         cp.js
             .publish(
