@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::Utc;
 use harmony_reconciler_contracts::*;
-use iot_api::{Deployment, DeploymentSpec};
+use iot_api::Deployment;
 use iot_kv::{KvOp, write_batch};
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::util::{control_plane, median, ms, rss_kib, sibling_binary};
+use crate::util::{control_plane, median, ms, rss_kib, sibling_binary, spread_deployments};
 
 const DEPLOYMENTS: usize = 20;
 
@@ -80,31 +79,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
     );
     let cp = control_plane().await?;
     let api: Api<Deployment> = Api::namespaced(cp.kube.clone(), "default");
-    let mut fleet = Vec::with_capacity(devices);
-    for d in 0..DEPLOYMENTS {
-        let score: IotScore = serde_json::from_value(
-            serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": format!("localhost/app:{d}")}]}}),
-        )?;
-        let targets: Vec<String> = (0..devices)
-            .filter(|i| i % DEPLOYMENTS == d)
-            .map(|i| format!("dev{i}"))
-            .collect();
-        let dep = DeploymentRef::new("default", format!("app{d}"))?;
-        let hash = score.spec_hash();
-        for t in &targets {
-            fleet.push((Id::new(t.as_str())?, dep.clone(), hash.clone()));
-        }
-        let mut obj = Deployment::new(
-            dep.name(),
-            DeploymentSpec {
-                target_devices: targets,
-                score: iot_api::IotScore::from_wire(&score),
-            },
-        );
-        obj.metadata.namespace = Some("default".into());
-        api.patch(dep.name(), &PatchParams::apply("bench").force(), &Patch::Apply(&obj))
-            .await?;
-    }
+    let fleet = spread_deployments(&api, devices, DEPLOYMENTS).await?;
     let ops = |i: usize| -> Vec<KvOp> {
         fleet
             .iter()

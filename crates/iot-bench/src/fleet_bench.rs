@@ -12,14 +12,14 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
-use iot_api::{Deployment, DeploymentSpec};
+use iot_api::Deployment;
 use iot_kv::{KvOp, write_batch};
 use iot_operator::aggregator::DeviceIndex;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, watcher};
 
-use crate::util::{consumer_count, control_plane, rss_kib};
+use crate::util::{consumer_count, control_plane, rss_kib, spread_deployments};
 
 const DEPLOYMENTS: usize = 20;
 const REASONS: [&str; 3] = [
@@ -133,31 +133,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let cp = control_plane().await?;
     let (js, operator_pid) = (cp.js.clone(), cp.operator_pid);
     let api: Api<Deployment> = Api::namespaced(cp.kube.clone(), "default");
-    let mut fleet = Vec::with_capacity(devices);
-    for d in 0..DEPLOYMENTS {
-        let score: IotScore = serde_json::from_value(
-            serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": format!("localhost/app:{d}")}]}}),
-        )?;
-        let targets: Vec<String> = (0..devices)
-            .filter(|i| i % DEPLOYMENTS == d)
-            .map(|i| format!("dev{i}"))
-            .collect();
-        let dep = DeploymentRef::new("default", format!("app{d}"))?;
-        let hash = score.spec_hash();
-        for t in &targets {
-            fleet.push((Id::new(t.as_str())?, dep.clone(), hash.clone()));
-        }
-        let mut obj = Deployment::new(
-            dep.name(),
-            DeploymentSpec {
-                target_devices: targets,
-                score: iot_api::IotScore::from_wire(&score),
-            },
-        );
-        obj.metadata.namespace = Some("default".into());
-        api.patch(dep.name(), &PatchParams::apply("bench").force(), &Patch::Apply(&obj))
-            .await?;
-    }
+    let mut fleet = spread_deployments(&api, devices, DEPLOYMENTS).await?;
     fleet.sort_by_key(|(d, _, _)| d.as_str().trim_start_matches("dev").parse::<usize>().unwrap_or(0));
     let fleet = Arc::new(Fleet {
         devices: fleet,

@@ -110,3 +110,47 @@ pub async fn control_plane() -> anyhow::Result<ControlPlane> {
 }
 
 pub use crate::follow_bench::cpu_ticks;
+
+/// `count` Deployments (`default/app<k>`, one container each) that split `devices`
+/// synthetic devices (`dev<i>`, i mod count = k); returns (device, deployment, spec
+/// hash) for every device.
+pub async fn spread_deployments(
+    api: &kube::Api<iot_api::Deployment>,
+    devices: usize,
+    count: usize,
+) -> anyhow::Result<
+    Vec<(
+        harmony_reconciler_contracts::Id,
+        harmony_reconciler_contracts::DeploymentRef,
+        harmony_reconciler_contracts::SpecHash,
+    )>,
+> {
+    use harmony_reconciler_contracts::{DeploymentRef, Id, IotScore};
+    use kube::api::{Patch, PatchParams};
+    let mut fleet = Vec::with_capacity(devices);
+    for d in 0..count {
+        let score: IotScore = serde_json::from_value(
+            serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": format!("localhost/app:{d}")}]}}),
+        )?;
+        let targets: Vec<String> = (0..devices)
+            .filter(|i| i % count == d)
+            .map(|i| format!("dev{i}"))
+            .collect();
+        let dep = DeploymentRef::new("default", format!("app{d}"))?;
+        let hash = score.spec_hash();
+        for t in &targets {
+            fleet.push((Id::new(t.as_str())?, dep.clone(), hash.clone()));
+        }
+        let mut obj = iot_api::Deployment::new(
+            dep.name(),
+            iot_api::DeploymentSpec {
+                target_devices: targets,
+                score: iot_api::IotScore::from_wire(&score),
+            },
+        );
+        obj.metadata.namespace = Some("default".into());
+        api.patch(dep.name(), &PatchParams::apply("bench").force(), &Patch::Apply(&obj))
+            .await?;
+    }
+    Ok(fleet)
+}

@@ -42,26 +42,11 @@ impl ApiServer {
 
     async fn try_start_in(parent: &Path) -> anyhow::Result<Self> {
         let apiserver_bin = find_binary("iot-apiserver", "IOT_APISERVER")?;
-        let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
         let dir = tempfile::Builder::new().prefix("iot-apiserver-").tempdir_in(parent)?;
         let d = dir.path();
         make_certs(d)?;
-        let (client_port, peer_port, port) = (free_port()?, free_port()?, free_port()?);
-        let etcd = Command::new(etcd_bin)
-            .arg("--data-dir")
-            .arg(d.join("etcd"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer_port}"),
-            ])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer_port}")])
-            .args(["--unsafe-no-fsync", "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("etcd.log"))?)
-            .spawn()?;
+        let (etcd, client_port) = start_etcd(d)?;
+        let port = free_port()?;
         let mut me = Self {
             etcd: Some(etcd),
             apiserver: None,
@@ -111,34 +96,8 @@ impl ApiServer {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let start = Instant::now();
-        let d = self.dir.path().to_owned();
-        loop {
-            let ok = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", "--max-time", "2"])
-                .arg("--cacert")
-                .arg(d.join("ca.crt"))
-                .arg("--cert")
-                .arg(d.join("admin.crt"))
-                .arg("--key")
-                .arg(d.join("admin.key"))
-                .arg(format!("{}/readyz", self.url()))
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return Ok(());
-            }
-            for child in [&mut self.etcd, &mut self.apiserver].into_iter().flatten() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    anyhow::bail!("API server or etcd exited early ({status}); logs in {}", d.display());
-                }
-            }
-            if start.elapsed() > timeout {
-                anyhow::bail!("API server not ready after {timeout:?}; logs in {}", d.display());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let url = self.url();
+        wait_readyz(&url, self.dir.path(), [&mut self.etcd, &mut self.apiserver], timeout).await
     }
 }
 
@@ -148,6 +107,66 @@ impl Drop for ApiServer {
             let mut c = child;
             kill_child(&mut c);
         }
+    }
+}
+
+/// etcd on free loopback ports with its data and log under `d`; returns it and its
+/// client port.
+pub(crate) fn start_etcd(d: &Path) -> anyhow::Result<(Child, u16)> {
+    let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
+    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let etcd = Command::new(etcd_bin)
+        .arg("--data-dir")
+        .arg(d.join("etcd"))
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
+        .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
+        .args([
+            "--initial-advertise-peer-urls",
+            &format!("http://127.0.0.1:{peer_port}"),
+        ])
+        .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer_port}")])
+        .args(["--unsafe-no-fsync", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("etcd.log"))?)
+        .spawn()?;
+    Ok((etcd, client_port))
+}
+
+/// Waits until `url/readyz` answers 200 to the admin certificate in `d`, failing
+/// early if one of `children` exits.
+pub(crate) async fn wait_readyz<'a>(
+    url: &str,
+    d: &Path,
+    mut children: impl AsMut<[&'a mut Option<Child>]>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let ok = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "--max-time", "2"])
+            .arg("--cacert")
+            .arg(d.join("ca.crt"))
+            .arg("--cert")
+            .arg(d.join("admin.crt"))
+            .arg("--key")
+            .arg(d.join("admin.key"))
+            .arg(format!("{url}/readyz"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        for child in children.as_mut().iter_mut().filter_map(|c| c.as_mut()) {
+            if let Ok(Some(status)) = child.try_wait() {
+                anyhow::bail!("API server or etcd exited early ({status}); logs in {}", d.display());
+            }
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!("API server not ready after {timeout:?}; logs in {}", d.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::apiserver::{kube_client_from, make_certs};
+use crate::apiserver::{kube_client_from, make_certs, start_etcd, wait_readyz};
 use crate::paths::find_binary;
 use crate::process::{free_port, kill_child};
 
@@ -64,7 +64,6 @@ impl KubeApiServer {
 
     async fn try_start_in(parent: &Path, oidc: Option<OidcFlags>) -> anyhow::Result<Self> {
         let apiserver_bin = find_binary("kube-apiserver", "IOT_KUBE_APISERVER")?;
-        let etcd_bin = find_binary("etcd", "IOT_ETCD")?;
         let dir = tempfile::Builder::new()
             .prefix("iot-kube-apiserver-")
             .tempdir_in(parent)?;
@@ -78,22 +77,8 @@ impl KubeApiServer {
             d.join("audit-policy.yaml"),
             "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
         )?;
-        let (client_port, peer_port, port) = (free_port()?, free_port()?, free_port()?);
-        let etcd = Command::new(etcd_bin)
-            .arg("--data-dir")
-            .arg(d.join("etcd"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client_port}")])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer_port}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer_port}"),
-            ])
-            .args(["--initial-cluster", &format!("default=http://127.0.0.1:{peer_port}")])
-            .args(["--unsafe-no-fsync", "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.join("etcd.log"))?)
-            .spawn()?;
+        let (etcd, client_port) = start_etcd(&d)?;
+        let port = free_port()?;
         let mut me = Self {
             etcd: Some(etcd),
             apiserver: None,
@@ -195,37 +180,8 @@ impl KubeApiServer {
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let start = Instant::now();
-        let d = self.dir.path().to_owned();
-        loop {
-            let ok = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", "--max-time", "2"])
-                .arg("--cacert")
-                .arg(d.join("ca.crt"))
-                .arg("--cert")
-                .arg(d.join("admin.crt"))
-                .arg("--key")
-                .arg(d.join("admin.key"))
-                .arg(format!("{}/readyz", self.url()))
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return Ok(());
-            }
-            for child in [&mut self.etcd, &mut self.apiserver].into_iter().flatten() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    anyhow::bail!(
-                        "kube-apiserver or etcd exited early ({status}); logs in {}",
-                        d.display()
-                    );
-                }
-            }
-            if start.elapsed() > timeout {
-                anyhow::bail!("kube-apiserver not ready after {timeout:?}; logs in {}", d.display());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let url = self.url();
+        wait_readyz(&url, self.dir.path(), [&mut self.etcd, &mut self.apiserver], timeout).await
     }
 }
 
