@@ -201,14 +201,20 @@ async fn device(State(app): State<App>, headers: HeaderMap, Path(id): Path<Strin
 }
 
 /// Change notices, at most four a second however busy the fleet is: the page
-/// fetches its current state itself, so a notice carries no data.
+/// fetches its current state itself, so a notice carries no data. The first
+/// change after a quiet spell goes out at once; later ones wait out the spacing
+/// and are folded into one.
 async fn events(State(app): State<App>) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    const SPACING: Duration = Duration::from_millis(250);
     let rx = app.fleet.changes();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let stream = futures::stream::unfold((rx, None::<tokio::time::Instant>), |(mut rx, last)| async move {
         rx.changed().await.ok()?;
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + SPACING).await;
+        }
         let n = *rx.borrow_and_update();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        Some((Ok(Event::default().event("change").data(n.to_string())), rx))
+        let event = Event::default().event("change").data(n.to_string());
+        Some((Ok(event), (rx, Some(tokio::time::Instant::now()))))
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
