@@ -6,6 +6,7 @@
 
 mod identity;
 mod out;
+mod sso;
 mod table;
 
 use std::time::Duration;
@@ -78,6 +79,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: identity::BaoCmd,
     },
+    /// Log in to the fleet's OpenID provider (browser with PKCE, or --device-code);
+    /// --print-kubeconfig writes a kubeconfig that uses `iotctl credential`.
+    Login(Box<sso::LoginArgs>),
+    /// Forget the cached login and revoke its refresh token.
+    Logout(sso::IssuerArgs),
+    /// kubectl exec credential plugin: prints an ExecCredential with a fresh ID token.
+    Credential(sso::IssuerArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -363,6 +371,9 @@ async fn main() {
         Cmd::Device { cmd } => identity::device(&cli.bao, &cli.nats.nats_url, cmd).await,
         Cmd::Service { cmd } => identity::service(&cli.bao, cmd).await,
         Cmd::Bao { cmd } => identity::bao_cmd(&cli.bao, cmd).await,
+        Cmd::Login(args) => sso::login(args).await,
+        Cmd::Logout(args) => sso::logout(args).await,
+        Cmd::Credential(args) => sso::credential(args).await,
     };
     if let Err(e) = result {
         // The top message plus the root cause; the middle of the chain only repeats.

@@ -1,0 +1,271 @@
+//! The two ways a person logs in from a terminal.
+//! - Authorization code + PKCE with a loopback redirect (RFC 8252): a one-shot HTTP
+//!   listener on 127.0.0.1 receives the code; state and nonce are checked.
+//! - Device code (RFC 8628), for a shell with no browser on the same machine.
+
+use std::time::Duration;
+
+use openidconnect::core::{CoreAuthenticationFlow, CoreDeviceAuthorizationResponse};
+use openidconnect::{AuthorizationCode, CsrfToken, Nonce, PkceCodeChallenge, RedirectUrl, Scope};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::SsoError;
+use crate::cache::Session;
+use crate::provider::Provider;
+
+/// Scopes every login asks for: identity, email for the user name, groups for RBAC,
+/// and offline_access so the session outlives one ID token.
+pub const DEFAULT_SCOPES: &[&str] = &["email", "profile", "groups", "offline_access"];
+
+/// What to show the person while a login waits on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    /// Open this URL in a browser on this machine.
+    OpenUrl(String),
+    /// Visit `uri` anywhere and enter `user_code`; `complete` has the code filled in.
+    EnterCode {
+        uri: String,
+        user_code: String,
+        complete: Option<String>,
+    },
+}
+
+impl Provider {
+    /// Logs in through the browser. `listen_port` 0 picks a free port, which
+    /// providers accept for native clients' loopback redirects; some require a
+    /// registered one.
+    pub async fn login_with_browser(
+        &self,
+        scopes: &[String],
+        listen_port: u16,
+        timeout: Duration,
+        prompt: impl FnOnce(Prompt),
+    ) -> Result<Session, SsoError> {
+        let listener = TcpListener::bind(("127.0.0.1", listen_port)).await.map_err(|e| {
+            SsoError::Config(format!(
+                "cannot listen on 127.0.0.1:{listen_port} for the login redirect: {e}"
+            ))
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| SsoError::Config(e.to_string()))?
+            .port();
+        let redirect = RedirectUrl::new(format!("http://127.0.0.1:{port}/callback"))
+            .map_err(|e| SsoError::Config(e.to_string()))?;
+        let client = self.client().set_redirect_uri(redirect);
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .set_pkce_challenge(challenge);
+        for scope in scopes {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let (url, state, nonce) = request.url();
+        prompt(Prompt::OpenUrl(url.to_string()));
+
+        let callback = tokio::time::timeout(timeout, wait_for_callback(&listener, state.secret()))
+            .await
+            .map_err(|_| SsoError::TimedOut(timeout))??;
+        let response = client
+            .exchange_code(AuthorizationCode::new(callback))
+            .map_err(|e| SsoError::Protocol(e.to_string()))?
+            .set_pkce_verifier(verifier)
+            .request_async(&self.http)
+            .await
+            .map_err(|e| {
+                SsoError::Protocol(format!("exchanging the authorization code: {}", crate::error_chain(&e)))
+            })?;
+        self.session_from(&response, Some(&nonce), None)
+    }
+
+    /// Logs in with the device-code flow.
+    pub async fn login_with_device_code(
+        &self,
+        scopes: &[String],
+        timeout: Duration,
+        prompt: impl FnOnce(Prompt),
+    ) -> Result<Session, SsoError> {
+        let Some(device_url) = self
+            .metadata
+            .additional_metadata()
+            .device_authorization_endpoint
+            .clone()
+        else {
+            return Err(SsoError::Config(format!(
+                "{} does not offer the device-code flow; log in with the browser instead",
+                self.config.issuer_url
+            )));
+        };
+        let client = self.client().set_device_authorization_url(device_url);
+        let mut request = client.exchange_device_code().add_scope(Scope::new("openid".into()));
+        for scope in scopes {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let details: CoreDeviceAuthorizationResponse = request
+            .request_async(&self.http)
+            .await
+            .map_err(|e| SsoError::Protocol(format!("starting the device-code flow: {}", crate::error_chain(&e))))?;
+        prompt(Prompt::EnterCode {
+            uri: details.verification_uri().to_string(),
+            user_code: details.user_code().secret().clone(),
+            complete: details.verification_uri_complete().map(|u| u.secret().clone()),
+        });
+        let response = client
+            .exchange_device_access_token(&details)
+            .map_err(|e| SsoError::Protocol(e.to_string()))?
+            .request_async(&self.http, tokio::time::sleep, Some(timeout))
+            .await
+            .map_err(|e| {
+                SsoError::Protocol(format!("waiting for the device-code login: {}", crate::error_chain(&e)))
+            })?;
+        self.session_from(&response, None, None)
+    }
+}
+
+/// Serves the loopback listener until a request to /callback arrives with our state.
+/// Other requests (a browser's favicon, a port scanner) get 404 and are ignored; a
+/// callback with the provider's error or a wrong state ends the login.
+async fn wait_for_callback(listener: &TcpListener, state: &str) -> Result<String, SsoError> {
+    loop {
+        let (mut stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| SsoError::Config(format!("login redirect listener: {e}")))?;
+        let Some(target) = read_request_target(&mut stream).await else {
+            continue;
+        };
+        let Ok(url) = url::Url::parse(&format!("http://127.0.0.1{target}")) else {
+            respond(&mut stream, 400, "Bad request.").await;
+            continue;
+        };
+        if url.path() != "/callback" {
+            respond(&mut stream, 404, "Not found.").await;
+            continue;
+        }
+        let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+        if let Some(error) = param("error") {
+            let description = param("error_description").unwrap_or_default();
+            respond(&mut stream, 400, "Login failed. Return to your terminal.").await;
+            return Err(SsoError::Denied(format!("{error} {description}").trim().to_owned()));
+        }
+        if param("state").as_deref() != Some(state) {
+            respond(
+                &mut stream,
+                400,
+                "This login response does not belong to the waiting login.",
+            )
+            .await;
+            return Err(SsoError::Protocol(
+                "the redirect's state does not match: possible cross-site request, login aborted".into(),
+            ));
+        }
+        let Some(code) = param("code") else {
+            respond(&mut stream, 400, "No authorization code in the response.").await;
+            return Err(SsoError::Protocol("the redirect carries no authorization code".into()));
+        };
+        respond(
+            &mut stream,
+            200,
+            "Logged in. You can close this tab and return to your terminal.",
+        )
+        .await;
+        return Ok(code);
+    }
+}
+
+/// The request target of an HTTP/1 request line, read with a size and time limit.
+async fn read_request_target(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = async {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.ok()??;
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next()?.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some("GET"), Some(target)) if target.starts_with('/') => Some(target.to_owned()),
+        _ => None,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, message: &str) {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Bad Request",
+    };
+    let body = format!(
+        "<!doctype html><meta charset=utf-8><title>iotctl login</title>\
+         <body style=\"font:16px system-ui,sans-serif;margin:3rem\"><p>{message}</p></body>"
+    );
+    let reply = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\n\
+         cache-control: no-store\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The browser may already be gone; the login result does not depend on it.
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn send(port: u16, request: &str) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+            return String::new();
+        };
+        let _ = s.write_all(request.as_bytes()).await;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn stray_requests_are_ignored_and_the_right_callback_yields_the_code()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let waiter = tokio::spawn(async move { wait_for_callback(&listener, "st8").await });
+        let favicon = send(port, "GET /favicon.ico HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(favicon.starts_with("HTTP/1.1 404"), "{favicon}");
+        let ok = send(port, "GET /callback?code=abc&state=st8 HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert_eq!(waiter.await??, "abc");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_wrong_state_or_a_provider_error_ends_the_login() -> Result<(), Box<dyn std::error::Error>> {
+        for (query, want) in [
+            ("code=abc&state=forged", "state does not match"),
+            (
+                "error=access_denied&error_description=no+way&state=st8",
+                "access_denied no way",
+            ),
+        ] {
+            let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+            let port = listener.local_addr()?.port();
+            let waiter = tokio::spawn(async move { wait_for_callback(&listener, "st8").await });
+            let reply = send(port, &format!("GET /callback?{query} HTTP/1.1\r\n\r\n")).await;
+            assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+            let err = waiter.await?.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(want), "{err}");
+        }
+        Ok(())
+    }
+}
