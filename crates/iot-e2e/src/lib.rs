@@ -1,3 +1,4 @@
 //! End-to-end tests live in `tests/`; shared fixtures in `stack`.
 pub mod chart;
+pub mod sso;
 pub mod stack;

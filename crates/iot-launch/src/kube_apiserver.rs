@@ -111,7 +111,10 @@ impl KubeApiServer {
                 .args(["--oidc-groups-claim", &o.groups_claim])
                 .args(["--oidc-username-claim", &o.username_claim])
                 .args(["--oidc-username-prefix", &o.prefix])
-                .args(["--oidc-groups-prefix", &o.prefix]);
+                .args(["--oidc-groups-prefix", &o.prefix])
+                // A request without credentials gets 401 (log in), not 403 as
+                // system:anonymous. Readiness is probed with the admin certificate.
+                .arg("--anonymous-auth=false");
             if let Some(ca) = &o.ca_file {
                 cmd.arg("--oidc-ca-file").arg(ca);
             }

@@ -44,9 +44,17 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// True while the ID token stays valid for at least `margin` more.
-    pub fn fresh_for(&self, margin: chrono::Duration) -> bool {
-        self.id_token_expiry - margin > Utc::now()
+    /// How long before expiry the token counts as spent: 30 s, or a quarter of its
+    /// lifetime for short-lived tokens, so a request started with it still lands
+    /// in time and a 20 s token is not refreshed on every use.
+    pub fn renew_margin(&self) -> chrono::Duration {
+        let life = self.id_token_expiry - self.saved_at;
+        (life / 4).clamp(chrono::Duration::zero(), chrono::Duration::seconds(30))
+    }
+
+    /// True while the ID token has more than [`Session::renew_margin`] left.
+    pub fn is_fresh(&self) -> bool {
+        self.id_token_expiry - self.renew_margin() > Utc::now()
     }
 }
 
@@ -225,6 +233,18 @@ mod tests {
             },
         );
         assert_ne!(a.path(), b.path());
+    }
+
+    #[test]
+    fn short_tokens_renew_a_quarter_before_expiry_long_ones_30s_before() {
+        let mut s = session();
+        s.id_token_expiry = s.saved_at + chrono::Duration::seconds(20);
+        assert_eq!(s.renew_margin(), chrono::Duration::seconds(5));
+        s.id_token_expiry = s.saved_at + chrono::Duration::seconds(3600);
+        assert_eq!(s.renew_margin(), chrono::Duration::seconds(30));
+        s.id_token_expiry = Utc::now() + chrono::Duration::seconds(20);
+        s.saved_at = Utc::now() - chrono::Duration::seconds(3600);
+        assert!(!s.is_fresh(), "20 s left of an hour-long token is inside the margin");
     }
 
     #[test]

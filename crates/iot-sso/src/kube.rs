@@ -10,10 +10,6 @@ use crate::{IssuerConfig, Provider, Session, SsoError, TokenCache};
 /// client-go from 1.11 on and with kube-rs, unlike v1 (1.22+).
 pub const EXEC_API_VERSION: &str = "client.authentication.k8s.io/v1beta1";
 
-/// Tokens are handed out only while they have this much life left, so a request
-/// started now does not reach the API server with an expired token.
-pub const MIN_TOKEN_LIFE: chrono::Duration = chrono::Duration::seconds(30);
-
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ExecCredential<'a> {
@@ -30,9 +26,10 @@ struct ExecStatus<'a> {
 }
 
 /// The plugin's stdout for this session. The expiry handed to kubectl is
-/// [`MIN_TOKEN_LIFE`] early, so kubectl calls the plugin again before the token dies.
+/// [`Session::renew_margin`] early, so kubectl calls the plugin again before the
+/// token dies.
 pub fn exec_credential(session: &Session) -> String {
-    let expires: DateTime<Utc> = session.id_token_expiry - MIN_TOKEN_LIFE;
+    let expires: DateTime<Utc> = session.id_token_expiry - session.renew_margin();
     let cred = ExecCredential {
         api_version: EXEC_API_VERSION,
         kind: "ExecCredential",
@@ -44,7 +41,7 @@ pub fn exec_credential(session: &Session) -> String {
     serde_json::to_string(&cred).unwrap_or_default()
 }
 
-/// A session whose ID token has at least [`MIN_TOKEN_LIFE`] left, refreshing it if
+/// A session whose ID token is fresh ([`Session::is_fresh`]), refreshing it if
 /// needed. The refresh runs under the cache lock and re-reads the cache inside it,
 /// so concurrent callers refresh once and share the result.
 pub async fn fresh_session(cache: &TokenCache, issuer: &IssuerConfig) -> Result<Session, SsoError> {
@@ -52,7 +49,7 @@ pub async fn fresh_session(cache: &TokenCache, issuer: &IssuerConfig) -> Result<
         issuer: issuer.issuer_url.clone(),
     };
     if let Some(s) = cache.load()? {
-        if s.fresh_for(MIN_TOKEN_LIFE) {
+        if s.is_fresh() {
             return Ok(s);
         }
     } else {
@@ -60,7 +57,7 @@ pub async fn fresh_session(cache: &TokenCache, issuer: &IssuerConfig) -> Result<
     }
     let _guard = cache.lock().await?;
     let session = cache.load()?.ok_or_else(not_logged_in)?;
-    if session.fresh_for(MIN_TOKEN_LIFE) {
+    if session.is_fresh() {
         // Another caller refreshed while we waited for the lock.
         return Ok(session);
     }
@@ -134,7 +131,9 @@ pub fn kubeconfig(program: &str, issuer: &IssuerConfig, target: &KubeconfigTarge
     for a in &args {
         out += &format!("      - {}\n", q(a));
     }
-    out += "      interactiveMode: Never\n      provideClusterInfo: false\n";
+    // IfAvailable: kube-rs passes the plugin's stderr ("log in again with ...")
+    // through to the person only in interactive mode; kubectl always does.
+    out += "      interactiveMode: IfAvailable\n      provideClusterInfo: false\n";
     out
 }
 
@@ -160,7 +159,7 @@ mod tests {
                 groups: vec![],
                 zitadel_roles: vec![],
             },
-            saved_at: expiry,
+            saved_at: expiry - chrono::Duration::seconds(300),
         };
         let v: serde_json::Value = serde_json::from_str(&exec_credential(&s)).unwrap_or_default();
         assert_eq!(
@@ -195,7 +194,7 @@ mod tests {
             "- \"/etc/ca dir/ca.crt\"",
             "server: \"https://127.0.0.1:6443\"",
             "current-context: \"fleet\"",
-            "interactiveMode: Never",
+            "interactiveMode: IfAvailable",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -6,15 +6,17 @@ pub mod netns;
 pub mod partition;
 pub mod podman;
 pub mod process;
+pub mod signin;
 
 pub use iot_launch::{
-    ApiServer, KubeApiServer, LoggedProcess, NatsServer, OpenBao, PodmanService, apiserver, auth, free_port, http,
-    kube_apiserver, nats, paths, run_captured, wait_until,
+    ApiServer, KubeApiServer, LoggedProcess, NatsServer, OidcOptions, OidcStandIn, OpenBao, PodmanService, apiserver,
+    auth, free_port, http, kube_apiserver, nats, oidc, paths, run_captured, wait_until,
 };
 pub use netns::NetNs;
 pub use partition::PartitionProxy;
 pub use podman::{DeviceContainers, podman_cli};
 pub use process::{cargo_bin, unique_id};
+pub use signin::SignIn;
 
 /// Stops a child: SIGTERM, up to 30 s to finish, then SIGKILL.
 pub fn process_stop(child: &mut std::process::Child) {

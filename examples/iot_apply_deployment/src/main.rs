@@ -264,6 +264,15 @@ fn explain(e: kube::Error, server: &str) -> anyhow::Error {
         kube::Error::Api(ae) if ae.code == 422 => {
             anyhow::anyhow!("the API server rejected the resource: {}", ae.message)
         }
+        // RBAC said no: the server's message names the user, verb and resource.
+        kube::Error::Api(ae) if ae.code == 403 => anyhow::anyhow!(
+            "not allowed by the cluster's RBAC: {} (ask a fleet admin for a role that allows it, e.g. iot-fleet-deployer)",
+            ae.message
+        ),
+        kube::Error::Api(ae) if ae.code == 401 => anyhow::anyhow!(
+            "the API server at {server} did not accept your credentials (401 Unauthorized): \
+             log in again (iotctl login) or check KUBECONFIG"
+        ),
         kube::Error::Api(ae) => anyhow::anyhow!("API server error {}: {}", ae.code, ae.message),
         other => {
             // The innermost cause ("Connection refused", a TLS error) is what helps.
