@@ -9,6 +9,8 @@
 #   - Helm (the Go SDK through PyPI helm-python-sdk, driven by hack/helm.py) and
 #     kubernetes-validate, in the same venv; catatonit for `podman kube play`;
 #     chromium and chromium-driver for the dashboard's browser tests
+#   - the OIDC provider standing in for Zitadel (hack/oidc): npm `oidc-provider`,
+#     pinned by package-lock.json, on Node.js >= 20 (this image ships Node 20)
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
 #     kube-apiserver 1.20.2 (chart, RBAC and leader-election tests)
 set -euo pipefail
@@ -66,6 +68,26 @@ if ! "$IOT_VENV/bin/python" -c 'import helm_python, kubernetes_validate, importl
   "$IOT_VENV/bin/pip" install -q "${HELM_PIP[@]}" || die "pip install ${HELM_PIP[*]} failed"
 fi
 step "helm-python-sdk and kubernetes-validate present"
+
+# The Zitadel stand-in. oidc-provider 9 needs Node 20 or newer; bookworm's own
+# nodejs is 18, so an existing newer Node is kept and only a missing one installed.
+node_major() { node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0; }
+if [ "$(node_major)" -lt 20 ] || ! command -v npm >/dev/null; then
+  need_root "setup-host.sh"
+  log "Installing nodejs and npm"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm >/dev/null \
+    || die "apt-get install nodejs npm failed"
+  [ "$(node_major)" -ge 20 ] || die "the OIDC stand-in needs Node.js 20 or newer, found $(node --version 2>/dev/null || echo none)"
+fi
+OIDC_DIR="$IOT_REPO/hack/oidc"
+want_oidc=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["packages"]["node_modules/oidc-provider"]["version"])' "$OIDC_DIR/package-lock.json")
+have_oidc=$(node -p 'require(process.argv[1]).version' "$OIDC_DIR/node_modules/oidc-provider/package.json" 2>/dev/null || true)
+if [ "$have_oidc" != "$want_oidc" ]; then
+  log "Installing oidc-provider $want_oidc for the OIDC stand-in (npm ci)"
+  npm ci --prefix "$OIDC_DIR" --no-audit --no-fund --loglevel=error --cache "$IOT_CACHE/npm" >/dev/null \
+    || die "npm ci in $OIDC_DIR failed"
+fi
+step "OIDC stand-in: oidc-provider $want_oidc on Node $(node --version)"
 
 # Test images: a static busybox rootfs whose httpd answers with the image's version.
 build_image() {

@@ -27,13 +27,29 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
         serde_json::from_str(&helm_ok(&["lint", &chart(), "--strict", "--kube-version", "v1.20.2"])?)?;
     assert_eq!(lint["errors"], serde_json::json!([]), "{lint}");
 
-    for sets in [
-        vec![],
-        vec!["replicas=2".to_owned(), "nats.credentials.type=none".to_owned()],
-        vec![
-            "nats.credentials.type=creds".to_owned(),
-            "extraLabels.team=edge".to_owned(),
-        ],
+    // The operator's 7 objects, plus the three iot-fleet-* ClusterRoles, plus the
+    // SSO bindings when groups are set.
+    for (sets, objects) in [
+        (vec![], 10),
+        (
+            vec!["replicas=2".to_owned(), "nats.credentials.type=none".to_owned()],
+            10,
+        ),
+        (
+            vec![
+                "nats.credentials.type=creds".to_owned(),
+                "extraLabels.team=edge".to_owned(),
+            ],
+            10,
+        ),
+        (
+            vec![
+                "sso.groups.viewers={fleet-viewers}".to_owned(),
+                "sso.groups.deployers={fleet-deployers,ops}".to_owned(),
+                "sso.namespaces={team-a,team-b}".to_owned(),
+            ],
+            14,
+        ),
     ] {
         let rendered = render("iot", "iot-system", &sets)?;
         let file = tempfile::NamedTempFile::new()?;
@@ -47,7 +63,7 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
         assert_eq!(report["skipped"], serde_json::json!([]), "{sets:?}: {report}");
         assert_eq!(
             report["validated"].as_array().map(Vec::len),
-            Some(7),
+            Some(objects),
             "{sets:?}: {report}"
         );
     }
@@ -100,13 +116,117 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
 
     // The ClusterRole is exactly what the operator uses (the RBAC test below proves
     // it is enough).
-    let role = &docs_of_kind(&default, "ClusterRole")?[0];
+    let roles = docs_of_kind(&default, "ClusterRole")?;
+    let role = roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "iot-system-iot-iot-operator")
+        .ok_or_else(|| anyhow::anyhow!("no operator ClusterRole"))?;
     assert_eq!(
         role["rules"],
         serde_json::json!([
             {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments"], "verbs": ["list", "watch", "patch"]},
             {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments/status"], "verbs": ["patch"]},
         ])
+    );
+    Ok(())
+}
+
+#[test]
+fn sso_values_bind_oidc_groups_to_the_fleet_roles() -> anyhow::Result<()> {
+    let names = |docs: &[serde_json::Value]| -> Vec<String> {
+        docs.iter()
+            .filter_map(|d| d["metadata"]["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let rendered = render("iot", "iot-system", &[])?;
+    let roles = docs_of_kind(&rendered, "ClusterRole")?;
+    for role in ["iot-fleet-viewer", "iot-fleet-deployer", "iot-fleet-admin"] {
+        assert!(names(&roles).contains(&role.to_owned()), "{role} shipped by default");
+    }
+    let verbs_on = |role: &str, resource: &str| -> Vec<String> {
+        roles
+            .iter()
+            .filter(|r| r["metadata"]["name"] == role)
+            .flat_map(|r| r["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|rule| {
+                rule["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|x| x == resource))
+            })
+            .flat_map(|rule| rule["verbs"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(verbs_on("iot-fleet-viewer", "*"), ["get", "list", "watch"]);
+    assert!(
+        verbs_on("iot-fleet-viewer", "deployments").is_empty(),
+        "a viewer writes nothing"
+    );
+    assert!(verbs_on("iot-fleet-deployer", "deployments").contains(&"create".to_owned()));
+    assert!(verbs_on("iot-fleet-admin", "deployments").contains(&"deletecollection".to_owned()));
+    for role in ["iot-fleet-viewer", "iot-fleet-deployer", "iot-fleet-admin"] {
+        assert!(
+            verbs_on(role, "deployments/status").is_empty(),
+            "{role} must not write status"
+        );
+    }
+    assert!(
+        docs_of_kind(&rendered, "ClusterRoleBinding")?.len() == 1,
+        "only the operator's binding without sso values"
+    );
+
+    // Cluster-wide bindings, with the API server's group prefix.
+    let rendered = render(
+        "iot",
+        "iot-system",
+        &[
+            "sso.groups.deployers={fleet-deployers,ops}".into(),
+            "sso.groupsPrefix=corp:".into(),
+        ],
+    )?;
+    let bindings = docs_of_kind(&rendered, "ClusterRoleBinding")?;
+    let deployers = bindings
+        .iter()
+        .find(|b| b["roleRef"]["name"] == "iot-fleet-deployer")
+        .ok_or_else(|| anyhow::anyhow!("no deployer binding in {bindings:#?}"))?;
+    let subjects: Vec<_> = deployers["subjects"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        subjects
+            .iter()
+            .map(|s| (s["kind"].as_str(), s["name"].as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (Some("Group"), Some("corp:fleet-deployers")),
+            (Some("Group"), Some("corp:ops"))
+        ]
+    );
+
+    // Namespaced: a RoleBinding per namespace, nothing cluster-wide for people.
+    let rendered = render(
+        "iot",
+        "iot-system",
+        &[
+            "sso.groups.viewers={fleet-viewers}".into(),
+            "sso.namespaces={team-a,team-b}".into(),
+        ],
+    )?;
+    let role_bindings: Vec<_> = docs_of_kind(&rendered, "RoleBinding")?
+        .into_iter()
+        .filter(|b| b["roleRef"]["name"] == "iot-fleet-viewer")
+        .collect();
+    let namespaces: Vec<_> = role_bindings
+        .iter()
+        .filter_map(|b| b["metadata"]["namespace"].as_str())
+        .collect();
+    assert_eq!(namespaces, ["team-a", "team-b"]);
+    assert_eq!(docs_of_kind(&rendered, "ClusterRoleBinding")?.len(), 1);
+
+    // A second release leaves the shared roles to the first.
+    let rendered = render("iot2", "iot-system", &["fleetRoles.create=false".into()])?;
+    assert!(
+        !names(&docs_of_kind(&rendered, "ClusterRole")?)
+            .iter()
+            .any(|n| n.starts_with("iot-fleet-"))
     );
     Ok(())
 }
@@ -127,6 +247,9 @@ fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
             "extraLabels.app\\.kubernetes\\.io/instance=other",
             "app.kubernetes.io/instance",
         ),
+        ("sso.groups.deployers=fleet-deployers", "/sso/groups/deployers"),
+        ("sso.namespaces={Team_A}", "/sso/namespaces/0"),
+        ("sso.group.viewers={x}", "group"),
     ];
     for (set, field) in cases {
         let (ok, _, err) = helm(&[
