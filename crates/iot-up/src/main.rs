@@ -6,6 +6,7 @@ mod menu;
 mod net;
 mod out;
 mod regression;
+mod sso;
 mod up;
 
 pub use out::say;
@@ -40,6 +41,11 @@ struct Args {
     /// default every client goes through the auth callout with its own identity.
     #[arg(long)]
     insecure: bool,
+    /// Single sign-on: an OIDC provider standing in for Zitadel, and the full
+    /// kube-apiserver with --oidc-* flags and RBAC instead of the CRD-only server.
+    /// People log in with `iotctl login`; their groups decide what they may do.
+    #[arg(long)]
+    sso: bool,
     /// Directory with the release binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -109,6 +115,8 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         net: net.clone(),
         devices: Vec::new(),
         api: None,
+        sso: None,
+        want_sso: args.sso,
         nats: None,
         operator: None,
         operator_http: None,

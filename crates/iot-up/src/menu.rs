@@ -28,7 +28,64 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
             sec.bao.root_token()
         ));
     }
+    if let Some(sso) = &up.sso {
+        // So `iotctl login` and `iotctl credential` need no flags.
+        text.push_str(&format!(
+            "export IOT_OIDC_ISSUER={}\nexport IOT_OIDC_CA_FILE={}\nexport IOT_OIDC_CLIENT_ID={}\n",
+            sso.oidc.issuer(),
+            sso.oidc.ca_file().display(),
+            iot_launch::oidc::FLEET_CLIENT_ID
+        ));
+    }
     iot_launch::auth::write_private(&env_file(up), &text)
+}
+
+/// Where the menu suggests people keep their SSO kubeconfig.
+pub fn sso_kubeconfig(up: &Up) -> std::path::PathBuf {
+    up.state_dir.join("kubeconfig-sso")
+}
+
+fn sso_section(m: &mut String, up: &Up) {
+    let Some(sso) = &up.sso else {
+        return;
+    };
+    let kubeconfig = sso_kubeconfig(up);
+    line(
+        m,
+        format!(
+            "\n{} (OIDC stand-in for Zitadel at {}; the API server turns groups into RBAC)",
+            out::bold("Single sign-on"),
+            sso.oidc.issuer()
+        ),
+    );
+    line(m, format!("  {}", crate::sso::login_command(sso, &kubeconfig)));
+    line(
+        m,
+        "  # prints a URL to open (a browser opens if there is one); add --device-code on a shell without one",
+    );
+    line(
+        m,
+        format!(
+            "  KUBECONFIG={} kubectl get deployments.iot.nationtech.io -A",
+            kubeconfig.display()
+        ),
+    );
+    line(
+        m,
+        format!(
+            "  KUBECONFIG={} example_iot_apply_deployment --name mine --target-device {} --image localhost/iot-web:v1",
+            kubeconfig.display(),
+            up.devices.first().map(|d| d.id.as_str()).unwrap_or("DEVICE")
+        ),
+    );
+    line(
+        m,
+        "  iotctl logout    # forget the session and revoke its refresh token",
+    );
+    line(m, "  Demo users (password: <user>-dev), what they may do:");
+    for (user, groups, may) in crate::sso::DEMO_USERS {
+        line(m, format!("    {user:<6} {groups:<52} {may}"));
+    }
 }
 
 fn line(m: &mut String, text: impl AsRef<str>) {
@@ -59,7 +116,11 @@ pub fn print(up: &Up) {
         line(&mut m, out::bold("Fleet dashboard (live, read-only)"));
         line(&mut m, format!("  http://{addr}\n"));
     }
-    line(&mut m, out::bold("Watch resources"));
+    sso_section(&mut m, up);
+    if up.sso.is_some() {
+        line(&mut m, "");
+    }
+    line(&mut m, out::bold("Watch resources (as the cluster admin)"));
     line(&mut m, "  kubectl get deployments.iot.nationtech.io -A -w");
     line(&mut m, "  iotctl deployments");
     line(
@@ -186,6 +247,16 @@ pub fn print(up: &Up) {
     }
     if let Some(api) = &up.api {
         line(&mut m, format!("  tail -f {}/apiserver.log", api.dir().display()));
+    }
+    if let Some(sso) = &up.sso {
+        line(&mut m, format!("  tail -f {}/apiserver.log", sso.api.dir().display()));
+        line(
+            &mut m,
+            format!(
+                "  tail -f {}/audit.log     # who did what, allowed or forbidden",
+                sso.api.dir().display()
+            ),
+        );
     }
     if let Some(nats) = &up.nats {
         line(&mut m, format!("  tail -f {}", nats.log_path().display()));

@@ -22,6 +22,9 @@ pub struct Up {
     pub net: Net,
     pub devices: Vec<Device>,
     pub api: Option<ApiServer>,
+    /// With `--sso`: the OIDC stand-in and the full API server (instead of `api`).
+    pub sso: Option<crate::sso::Sso>,
+    pub want_sso: bool,
     pub nats: Option<NatsServer>,
     pub operator: Option<LoggedProcess>,
     /// Where the operator serves /metrics, /healthz and /readyz.
@@ -122,17 +125,39 @@ impl Up {
 
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
         let total = if self.secure { 9 } else { 8 };
-        let t = step(
-            1,
-            total,
-            "Kubernetes API server (apiextensions-apiserver + etcd) on 127.0.0.1",
-        );
-        // Under the state directory, so even a killed run leaves nothing in /tmp.
-        let api = ApiServer::start_in(&self.state_dir).await?;
-        // A stable path for users; the certificates it names live until teardown.
-        std::fs::copy(api.kubeconfig(), self.kubeconfig())?;
-        done(t, &api.url());
-        self.api = Some(api);
+        if self.want_sso {
+            let t = step(
+                1,
+                total,
+                "single sign-on: OIDC stand-in for Zitadel, full kube-apiserver 1.20 with --oidc-* and RBAC",
+            );
+            // Under the state directory, so even a killed run leaves nothing in /tmp.
+            let oidc = iot_launch::OidcStandIn::start_in(&self.state_dir, iot_launch::OidcOptions::default()).await?;
+            let api = iot_launch::KubeApiServer::start_in(&self.state_dir, Some(oidc.api_server_flags())).await?;
+            std::fs::copy(api.kubeconfig(), self.kubeconfig())?;
+            let applied = crate::sso::apply_fleet_roles(&api)?;
+            done(
+                t,
+                &format!(
+                    "issuer {}, API server {}, {applied} roles and bindings from the chart",
+                    oidc.issuer(),
+                    api.url()
+                ),
+            );
+            self.sso = Some(crate::sso::Sso { oidc, api });
+        } else {
+            let t = step(
+                1,
+                total,
+                "Kubernetes API server (apiextensions-apiserver + etcd) on 127.0.0.1",
+            );
+            // Under the state directory, so even a killed run leaves nothing in /tmp.
+            let api = ApiServer::start_in(&self.state_dir).await?;
+            // A stable path for users; the certificates it names live until teardown.
+            std::fs::copy(api.kubeconfig(), self.kubeconfig())?;
+            done(t, &api.url());
+            self.api = Some(api);
+        }
 
         let t = step(
             2,
@@ -437,6 +462,7 @@ impl Up {
         self.nats = None;
         self.security = None;
         self.api = None;
+        self.sso = None;
         self.net.remove_all();
         if self.keep_logs {
             crate::say(&format!("      logs kept in {}", self.logs_dir().display()));
