@@ -12,9 +12,15 @@
  * which the API server prefixes to `oidc:fleet-deployers` and the chart's
  * sso.groups.* values bind to the iot-fleet-* ClusterRoles.
  *
+ * Only roles of the fleet's own project count: a user's grants span every project
+ * they belong to, and a role of the same name elsewhere must not reach the
+ * cluster. Set FLEET_PROJECT_ID to your iot-fleet project's id.
+ *
  * The local stand-in (hack/oidc) runs this same file for every login, so the tests
  * pin what this Action emits.
  */
+var FLEET_PROJECT_ID = '300000000000000100';
+
 function flatGroups(ctx, api) {
   var grants = ctx.v1.user.grants;
   if (grants === undefined || grants.count === 0) {
@@ -22,6 +28,9 @@ function flatGroups(ctx, api) {
   }
   var groups = [];
   grants.grants.forEach(function (grant) {
+    if (grant.projectId !== FLEET_PROJECT_ID) {
+      return;
+    }
     grant.roles.forEach(function (role) {
       if (groups.indexOf(role) === -1) {
         groups.push(role);

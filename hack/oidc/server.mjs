@@ -64,18 +64,19 @@ for (const pair of args['client-redirect']) {
 const actionSource = fs.readFileSync(args.action, 'utf8');
 const actionName = (actionSource.match(/function\s+([A-Za-z0-9_]+)\s*\(/) || [])[1];
 if (!actionName) fail(`no function found in ${args.action}`);
+// A user's grants: the fleet project's roles, plus roles in other projects
+// (`otherProjects`: {projectId: [roles]}), which Zitadel hands the Action too.
+function grantsOf(user) {
+  const grants = [];
+  if (user.roles.length) grants.push({ projectId: org.projectId, roles: [...user.roles] });
+  for (const [projectId, roles] of Object.entries(user.otherProjects || {})) grants.push({ projectId, roles: [...roles] });
+  return grants;
+}
+
 function runZitadelAction(user) {
   const claims = {};
-  const ctx = {
-    v1: {
-      user: {
-        grants: {
-          count: user.roles.length ? 1 : 0,
-          grants: user.roles.length ? [{ projectId: org.projectId, roles: [...user.roles] }] : [],
-        },
-      },
-    },
-  };
+  const grants = grantsOf(user);
+  const ctx = { v1: { user: { grants: { count: grants.length, grants } } } };
   const api = {
     v1: {
       claims: {
@@ -96,14 +97,15 @@ function claimsOf(user) {
   const nested = {};
   for (const role of user.roles) nested[role] = { [org.id]: org.domain };
   const fromAction = user.zitadelAction === false ? {} : runZitadelAction(user);
+  // Zitadel never lets an Action overwrite a claim it set itself.
   return {
+    ...fromAction,
     sub: user.username,
     email: user.email,
     email_verified: true,
     name: user.name,
     preferred_username: user.username,
     'urn:zitadel:iam:org:project:roles': nested,
-    ...fromAction,
   };
 }
 

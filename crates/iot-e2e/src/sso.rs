@@ -15,6 +15,8 @@ pub const DAVE_DEPLOYER: (&str, &str, &str) = ("dave", "dave-dev", "dave@fleet.e
 pub const VERA_VIEWER: (&str, &str, &str) = ("vera", "vera-dev", "vera@fleet.example");
 /// A deployer whose role is only in Zitadel's nested claim (no flatGroups Action).
 pub const NORA_NESTED: (&str, &str, &str) = ("nora", "nora-dev", "nora@fleet.example");
+/// A viewer here, and fleet-admins in another Zitadel project (which must not count).
+pub const OLGA_OTHER_PROJECT: (&str, &str, &str) = ("olga", "olga-dev", "olga@fleet.example");
 /// In no group at all.
 pub const SAM_NOGROUPS: (&str, &str, &str) = ("sam", "sam-dev", "sam@fleet.example");
 
@@ -159,10 +161,22 @@ pub async fn login(
     anyhow::ensure!(output.status.success(), "iotctl login as {user} failed:\n{said}");
     let kubeconfig = dir.join(format!("kubeconfig-{user}"));
     std::fs::write(&kubeconfig, &output.stdout)?;
-    Ok(Person {
+    let person = Person {
         user: user.to_owned(),
         config_home,
         kubeconfig,
         login_messages: said,
+    };
+    // kube-apiserver 1.20 fetches the issuer's discovery and keys in the
+    // background after start, retrying every 10 s, and answers 401 until then
+    // (seen on a loaded machine). Wait for it as a person would retry, but never
+    // longer than a minute: a token it keeps refusing fails the test.
+    iot_testkit::wait_until(Duration::from_secs(60), "the API server to accept OIDC tokens", || async {
+        let (_, _, err) = person
+            .kubectl(&["auth", "can-i", "list", "deployments.iot.nationtech.io"], None)
+            .ok()?;
+        (!err.contains("Unauthorized")).then_some(())
     })
+    .await?;
+    Ok(person)
 }

@@ -81,6 +81,12 @@ async fn oidc_groups_decide_who_may_deploy_and_the_operator_keeps_working() -> a
     let alice = login(&oidc, &api, ALICE_ADMIN, Flow::Browser, dir.path()).await?;
     let nora = login(&oidc, &api, NORA_NESTED, Flow::Browser, dir.path()).await?;
     let sam = login(&oidc, &api, SAM_NOGROUPS, Flow::Browser, dir.path()).await?;
+    let olga = login(&oidc, &api, OLGA_OTHER_PROJECT, Flow::Browser, dir.path()).await?;
+    assert!(
+        olga.login_messages.contains("(groups: fleet-viewers)"),
+        "a role of another project does not reach the cluster: {}",
+        olga.login_messages
+    );
     assert!(
         dave.login_messages
             .contains("as dave@fleet.example (groups: fleet-deployers)"),
@@ -208,6 +214,13 @@ async fn oidc_groups_decide_who_may_deploy_and_the_operator_keeps_working() -> a
         !ok && err.contains("Forbidden") && err.contains("cannot delete resource"),
         "vera's delete: {err}"
     );
+
+    // fleet-admins in another project: still only a viewer here.
+    let (ok, _, err) = olga.kubectl(
+        &["delete", "deployments.iot.nationtech.io", "web", "-n", "default"],
+        None,
+    )?;
+    assert!(!ok && err.contains("oidc:olga@fleet.example"), "olga's delete: {err}");
 
     // No group, or a role only in Zitadel's nested claim: authenticated, allowed nothing.
     for who in [&sam, &nora] {
@@ -368,9 +381,12 @@ async fn expired_tokens_are_refreshed_once_and_a_dead_session_asks_for_a_login()
         "the dead session is forgotten: {err}"
     );
 
-    // A refresh token the provider revoked (logout elsewhere): same story.
+    // Logout revokes the refresh token at the provider. Put the old cache back, as
+    // a second machine with the same session would still have it: once its ID
+    // token expires, the provider refuses the revoked refresh token.
     let dave = login(&oidc, &api, DAVE_DEPLOYER, Flow::Browser, dir.path()).await?;
     let token = dave.credential_token(&oidc)?;
+    let kept = std::fs::read(&cache_file)?;
     let mut logout = dave.iotctl()?;
     logout
         .args(["logout", "--issuer", oidc.issuer(), "--ca-file"])
@@ -379,8 +395,21 @@ async fn expired_tokens_are_refreshed_once_and_a_dead_session_asks_for_a_login()
     assert!(ok && err.contains("refresh token is revoked"), "logout: {err}");
     let (ok, _, err) = dave.kubectl(&["get", "deployments.iot.nationtech.io", "-A"], None)?;
     assert!(!ok && err.contains("not logged in"), "after logout: {err}");
+    std::fs::write(&cache_file, &kept)?;
+    wait_until(Duration::from_secs(40), "the last ID token to expire", || async {
+        (api_status(&api, Some(&token)).ok()? == 401).then_some(())
+    })
+    .await?;
+    let (ok, _, err) = dave.kubectl(&["get", "deployments.iot.nationtech.io", "-A"], None)?;
+    assert!(!ok, "a revoked refresh token must not renew the session");
+    for want in [
+        "refused the refresh token",
+        "invalid_grant",
+        "Log in again with: iotctl login",
+    ] {
+        assert!(err.contains(want), "the message should say {want:?}: {err}");
+    }
     assert!(saved_refresh.is_string(), "the cache held a refresh token before");
-    drop(token);
     Ok(())
 }
 

@@ -68,13 +68,18 @@ pub async fn fresh_session(cache: &TokenCache, issuer: &IssuerConfig) -> Result<
             tracing::debug!(expiry = %renewed.id_token_expiry, "refreshed the ID token");
             Ok(renewed)
         }
-        Err(e) => {
-            if e.needs_login() {
-                // The refresh token is spent: keep nothing that looks like a session.
-                cache.remove()?;
-            }
+        Err(e) if e.needs_login() => {
+            // The refresh token is spent: keep nothing that looks like a session.
+            cache.remove()?;
             Err(e)
         }
+        // The provider is unreachable or failing for now, but the token we have
+        // still works for a few seconds: better than failing the request.
+        Err(e) if session.id_token_expiry > Utc::now() + chrono::Duration::seconds(5) => {
+            tracing::warn!(error = %e, "refresh failed; using the current ID token until it expires");
+            Ok(session)
+        }
+        Err(e) => Err(e),
     }
 }
 

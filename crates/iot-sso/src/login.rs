@@ -127,55 +127,73 @@ impl Provider {
     }
 }
 
-/// Serves the loopback listener until a request to /callback arrives with our state.
-/// Other requests (a browser's favicon, a port scanner) get 404 and are ignored; a
-/// callback with the provider's error or a wrong state ends the login.
+/// Serves the loopback listener until a request to /callback arrives carrying our
+/// state. Each connection is handled in its own task, so a connection that sends
+/// nothing (a browser's preconnect) cannot hold up the real redirect. Requests
+/// without our state (a favicon, a port scan, a forged callback) get an error page
+/// and the login keeps waiting; a provider error with our state ends it.
 async fn wait_for_callback(listener: &TcpListener, state: &str) -> Result<String, SsoError> {
+    let (found, mut results) = tokio::sync::mpsc::channel::<Result<String, SsoError>>(1);
+    let mut handlers = tokio::task::JoinSet::new();
     loop {
-        let (mut stream, _) = listener
-            .accept()
-            .await
-            .map_err(|e| SsoError::Config(format!("login redirect listener: {e}")))?;
-        let Some(target) = read_request_target(&mut stream).await else {
-            continue;
-        };
-        let Ok(url) = url::Url::parse(&format!("http://127.0.0.1{target}")) else {
-            respond(&mut stream, 400, "Bad request.").await;
-            continue;
-        };
-        if url.path() != "/callback" {
-            respond(&mut stream, 404, "Not found.").await;
-            continue;
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted.map_err(|e| SsoError::Config(format!("login redirect listener: {e}")))?;
+                let (found, state) = (found.clone(), state.to_owned());
+                handlers.spawn(async move {
+                    if let Some(outcome) = handle_callback(stream, &state).await {
+                        let _ = found.send(outcome).await;
+                    }
+                });
+            }
+            Some(outcome) = results.recv() => return outcome,
         }
-        let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
-        if let Some(error) = param("error") {
-            let description = param("error_description").unwrap_or_default();
-            respond(&mut stream, 400, "Login failed. Return to your terminal.").await;
-            return Err(SsoError::Denied(format!("{error} {description}").trim().to_owned()));
-        }
-        if param("state").as_deref() != Some(state) {
-            respond(
-                &mut stream,
-                400,
-                "This login response does not belong to the waiting login.",
-            )
-            .await;
-            return Err(SsoError::Protocol(
-                "the redirect's state does not match: possible cross-site request, login aborted".into(),
-            ));
-        }
-        let Some(code) = param("code") else {
-            respond(&mut stream, 400, "No authorization code in the response.").await;
-            return Err(SsoError::Protocol("the redirect carries no authorization code".into()));
-        };
+    }
+}
+
+/// One connection to the loopback listener: `Some` when it settles the login.
+async fn handle_callback(mut stream: TcpStream, state: &str) -> Option<Result<String, SsoError>> {
+    let target = read_request_target(&mut stream).await?;
+    let Ok(url) = url::Url::parse(&format!("http://127.0.0.1{target}")) else {
+        respond(&mut stream, 400, "Bad request.").await;
+        return None;
+    };
+    if url.path() != "/callback" {
+        respond(&mut stream, 404, "Not found.").await;
+        return None;
+    }
+    let param = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+    // The state comes first, for errors too (RFC 6749 4.1.2.1): only the provider
+    // we sent the person to knows it.
+    if param("state").as_deref() != Some(state) {
         respond(
             &mut stream,
-            200,
-            "Logged in. You can close this tab and return to your terminal.",
+            400,
+            "This response does not belong to the waiting login; it was ignored.",
         )
         .await;
-        return Ok(code);
+        return None;
     }
+    if let Some(error) = param("error") {
+        let description = param("error_description").unwrap_or_default();
+        respond(&mut stream, 400, "Login failed. Return to your terminal.").await;
+        return Some(Err(SsoError::Denied(
+            format!("{error} {description}").trim().to_owned(),
+        )));
+    }
+    let Some(code) = param("code") else {
+        respond(&mut stream, 400, "No authorization code in the response.").await;
+        return Some(Err(SsoError::Protocol(
+            "the redirect carries no authorization code".into(),
+        )));
+    };
+    respond(
+        &mut stream,
+        200,
+        "Logged in. You can close this tab and return to your terminal.",
+    )
+    .await;
+    Some(Ok(code))
 }
 
 /// The request target of an HTTP/1 request line, read with a size and time limit.
@@ -250,22 +268,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_wrong_state_or_a_provider_error_ends_the_login() -> Result<(), Box<dyn std::error::Error>> {
-        for (query, want) in [
-            ("code=abc&state=forged", "state does not match"),
-            (
-                "error=access_denied&error_description=no+way&state=st8",
-                "access_denied no way",
-            ),
-        ] {
-            let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-            let port = listener.local_addr()?.port();
-            let waiter = tokio::spawn(async move { wait_for_callback(&listener, "st8").await });
-            let reply = send(port, &format!("GET /callback?{query} HTTP/1.1\r\n\r\n")).await;
+    async fn a_forged_callback_is_ignored_and_a_provider_error_ends_the_login() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let waiter = tokio::spawn(async move { wait_for_callback(&listener, "st8").await });
+        // A silent connection must not hold up the others.
+        let _silent = TcpStream::connect(("127.0.0.1", port)).await?;
+        for forged in ["code=abc&state=forged", "error=access_denied&state=forged", "code=abc"] {
+            let reply = send(port, &format!("GET /callback?{forged} HTTP/1.1\r\n\r\n")).await;
             assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
-            let err = waiter.await?.err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(want), "{err}");
         }
+        assert!(!waiter.is_finished(), "forged callbacks do not end the login");
+        let reply = send(
+            port,
+            "GET /callback?error=access_denied&error_description=no+way&state=st8 HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        let err = waiter.await?.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("access_denied no way"), "{err}");
         Ok(())
     }
 }

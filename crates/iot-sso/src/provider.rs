@@ -227,14 +227,25 @@ impl Provider {
             .request_async(&self.http)
             .await
             .map_err(|e| match e {
-                openidconnect::RequestTokenError::ServerResponse(r) => SsoError::SessionEnded {
-                    issuer: self.config.issuer_url.clone(),
-                    reason: format!(
-                        "the provider refused the refresh token: {}{}",
-                        r.error(),
-                        r.error_description().map(|d| format!(" ({d})")).unwrap_or_default()
-                    ),
-                },
+                // Only invalid_grant means the refresh token is dead; anything else
+                // (server_error, temporarily_unavailable) may pass, so the session stays.
+                openidconnect::RequestTokenError::ServerResponse(r)
+                    if matches!(r.error(), openidconnect::core::CoreErrorResponseType::InvalidGrant) =>
+                {
+                    SsoError::SessionEnded {
+                        issuer: self.config.issuer_url.clone(),
+                        reason: format!(
+                            "the provider refused the refresh token: {}{}",
+                            r.error(),
+                            r.error_description().map(|d| format!(" ({d})")).unwrap_or_default()
+                        ),
+                    }
+                }
+                openidconnect::RequestTokenError::ServerResponse(r) => SsoError::Http(format!(
+                    "the provider could not refresh the token now: {}{}",
+                    r.error(),
+                    r.error_description().map(|d| format!(" ({d})")).unwrap_or_default()
+                )),
                 other => SsoError::Http(crate::error_chain(&other)),
             })?;
         self.session_from(&response, None, Some(refresh))

@@ -53,7 +53,7 @@ fn sso_section(m: &mut String, up: &Up) {
     line(
         m,
         format!(
-            "\n{} (OIDC stand-in for Zitadel at {}; the API server turns groups into RBAC)",
+            "{} (OIDC stand-in for Zitadel at {}; the API server turns groups into RBAC)",
             out::bold("Single sign-on"),
             sso.oidc.issuer()
         ),

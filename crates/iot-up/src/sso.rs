@@ -8,7 +8,7 @@ use std::process::Command;
 use iot_launch::{KubeApiServer, OidcStandIn};
 
 /// The demo users of hack/oidc/users.json and what each may do here.
-pub const DEMO_USERS: [(&str, &str, &str); 5] = [
+pub const DEMO_USERS: [(&str, &str, &str); 6] = [
     ("alice", "fleet-admins", "everything on Deployments, in every namespace"),
     ("dave", "fleet-deployers", "create, change and delete Deployments"),
     ("vera", "fleet-viewers", "read only: writes are Forbidden"),
@@ -16,6 +16,11 @@ pub const DEMO_USERS: [(&str, &str, &str); 5] = [
         "nora",
         "fleet-deployers, but only in Zitadel's nested claim",
         "nothing: what a Zitadel without the flatGroups Action gives",
+    ),
+    (
+        "olga",
+        "fleet-viewers; fleet-admins in another project",
+        "read only: other projects' roles do not count",
     ),
     ("sam", "no groups", "nothing"),
 ];

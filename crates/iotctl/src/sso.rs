@@ -34,7 +34,8 @@ impl IssuerArgs {
             None => None,
         };
         Ok(IssuerConfig {
-            issuer_url: self.issuer.trim_end_matches('/').to_owned(),
+            // As given: the issuer is compared byte for byte with the tokens' `iss`.
+            issuer_url: self.issuer.clone(),
             client_id: self.client_id.clone(),
             ca_file,
         })
@@ -46,7 +47,8 @@ impl IssuerArgs {
             hint += &format!(" --client-id {}", self.client_id);
         }
         if let Some(ca) = &self.ca_file {
-            hint += &format!(" --ca-file {}", ca.display());
+            let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+            hint += &format!(" --ca-file '{}'", ca.display());
         }
         hint
     }
@@ -99,8 +101,19 @@ pub async fn login(args: &LoginArgs) -> anyhow::Result<()> {
     let show = |prompt: Prompt| match prompt {
         Prompt::OpenUrl(url) => {
             out::warn(&format!("Log in at:\n\n  {url}\n"));
-            if open_browser && std::process::Command::new("xdg-open").arg(&url).spawn().is_ok() {
+            // The browser must not write to our stdout: it may carry a kubeconfig.
+            let opened = open_browser
+                && std::process::Command::new("xdg-open")
+                    .arg(&url)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .is_ok();
+            if opened {
                 out::warn("(opened in your browser)");
+            } else if !args.no_browser {
+                out::warn("(no browser here? run again with --device-code and log in from any device)");
             }
             out::warn("Waiting for the login to finish...");
         }
@@ -126,7 +139,12 @@ pub async fn login(args: &LoginArgs) -> anyhow::Result<()> {
             .await?
     };
     let cache = cache_for(&issuer)?;
-    cache.save(&session)?;
+    {
+        // Under the refresh lock, so a plugin run refreshing the old session
+        // cannot overwrite the new one.
+        let _guard = cache.lock().await?;
+        cache.save(&session)?;
+    }
     report_login(&session, &cache);
     if args.print_kubeconfig {
         let program = std::env::current_exe().context("locating the iotctl binary for the kubeconfig")?;
@@ -188,6 +206,8 @@ fn report_login(session: &Session, cache: &TokenCache) {
 pub async fn logout(args: &IssuerArgs) -> anyhow::Result<()> {
     let issuer = args.config()?;
     let cache = cache_for(&issuer)?;
+    // Under the refresh lock, so a refresh in flight cannot bring the session back.
+    let _guard = cache.lock().await?;
     let Some(session) = cache.load()? else {
         out::warn(&format!("Not logged in to {}.", issuer.issuer_url));
         return Ok(());
