@@ -171,12 +171,16 @@ pub async fn login(
     // background after start, retrying every 10 s, and answers 401 until then
     // (seen on a loaded machine). Wait for it as a person would retry, but never
     // longer than a minute: a token it keeps refusing fails the test.
-    iot_testkit::wait_until(Duration::from_secs(60), "the API server to accept OIDC tokens", || async {
-        let (_, _, err) = person
-            .kubectl(&["auth", "can-i", "list", "deployments.iot.nationtech.io"], None)
-            .ok()?;
-        (!err.contains("Unauthorized")).then_some(())
-    })
+    iot_testkit::wait_until(
+        Duration::from_secs(60),
+        "the API server to accept OIDC tokens",
+        || async {
+            let (_, _, err) = person
+                .kubectl(&["auth", "can-i", "list", "deployments.iot.nationtech.io"], None)
+                .ok()?;
+            (!err.contains("Unauthorized")).then_some(())
+        },
+    )
     .await?;
     Ok(person)
 }
