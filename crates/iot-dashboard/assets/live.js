@@ -7,8 +7,18 @@
   var live = document.getElementById("live");
   var main = document.getElementById("main");
   if (!live || !main || !window.EventSource || !window.fetch) return;
-  var busy = false, again = false;
+  var busy = false, again = false, held = false;
+  // Someone typing in a form inside <main> must not lose it to a live update: the
+  // refresh waits until the field loses focus.
+  function editing() {
+    var a = document.activeElement;
+    return a && main.contains(a) && /^(INPUT|SELECT|TEXTAREA)$/.test(a.tagName);
+  }
+  main.addEventListener("focusout", function () {
+    if (held) { held = false; setTimeout(refresh, 0); }
+  });
   function refresh() {
+    if (editing()) { held = true; return; }
     if (busy) { again = true; return; }
     busy = true;
     fetch(location.href, { headers: { "X-Fragment": "main" }, cache: "no-store" })

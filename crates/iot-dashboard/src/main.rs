@@ -2,13 +2,15 @@
 //!
 //! A binary of its own, not an operator subcommand: it faces people, not the
 //! fleet. It scales and restarts on its own, needs only read access (the operator
-//! needs write access to KV and `.status`), and will act as the logged-in user
-//! towards the API server, which the operator must never do.
+//! needs write access to KV and `.status`), and acts as the signed-in person
+//! towards the API server for changes, which the operator must never do.
 
+mod auth;
 mod fleet;
 mod pages;
 mod server;
 mod view;
+mod writes;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -33,6 +35,22 @@ struct Cli {
     /// Rows per page.
     #[arg(long, env = "IOT_DASHBOARD_PAGE_SIZE", default_value_t = 50)]
     page_size: usize,
+    /// OIDC issuer for signing in. With it, people can sign in and change
+    /// deployments as themselves (Kubernetes RBAC decides); without it the
+    /// dashboard is read-only.
+    #[arg(long, env = "IOT_DASHBOARD_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// Client id at the issuer. The API server must accept its ID tokens
+    /// (--oidc-client-id).
+    #[arg(long, env = "IOT_DASHBOARD_OIDC_CLIENT_ID", default_value = "iot-fleet")]
+    oidc_client_id: String,
+    /// CA bundle for the issuer's certificate, when it is not publicly trusted.
+    #[arg(long, env = "IOT_DASHBOARD_OIDC_CA_FILE")]
+    oidc_ca_file: Option<std::path::PathBuf>,
+    /// The dashboard's URL as browsers reach it (default: http://<listen>); the
+    /// sign-in returns to <public-url>/callback, which the issuer must allow.
+    #[arg(long, env = "IOT_DASHBOARD_PUBLIC_URL")]
+    public_url: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "IOT_LOG_JSON")]
     log_json: bool,
@@ -50,9 +68,28 @@ async fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    let client = kube::Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
-        .context("cannot reach a Kubernetes API server (set KUBECONFIG or run in a cluster)")?;
+        .context("no Kubernetes API server configured (set KUBECONFIG or run in a cluster)")?;
+    let client = kube::Client::try_from(kube_config.clone()).context("cannot build a Kubernetes client")?;
+    let auth = cli.oidc_issuer.as_ref().map(|issuer| {
+        let public_url = cli
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", cli.listen))
+            .trim_end_matches('/')
+            .to_owned();
+        tracing::info!(%issuer, %public_url, "sign-in enabled: changes are made as the signed-in user");
+        std::sync::Arc::new(auth::Auth::new(auth::AuthConfig {
+            issuer: iot_sso::IssuerConfig {
+                issuer_url: issuer.clone(),
+                client_id: cli.oidc_client_id.clone(),
+                ca_file: cli.oidc_ca_file.clone(),
+            },
+            public_url,
+            kube: kube_config,
+        }))
+    });
     let creds = cli.nats.credentials()?;
     tracing::info!(nats = %cli.nats.nats_url.join(","), credentials = %creds.describe(), "starting iot-dashboard {}", env!("CARGO_PKG_VERSION"));
     let conn = iot_kv::connect_with(
@@ -79,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let app = server::router(server::App {
         fleet,
         page_size: cli.page_size.max(1),
+        auth,
     });
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await

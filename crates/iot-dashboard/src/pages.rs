@@ -9,8 +9,26 @@ use crate::view::{DeploymentRow, DevicePhase, DeviceRow, DeviceState, Overview, 
 pub const STYLE: &str = include_str!("../assets/style.css");
 pub const SCRIPT: &str = include_str!("../assets/live.js");
 
+/// Who is signed in, as the page header shows them.
+#[derive(Debug, Clone, Default)]
+pub struct SignedIn {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub csrf: String,
+}
+
+/// The frame around every page: sign-in state and a one-time message.
+#[derive(Debug, Clone, Default)]
+pub struct Chrome {
+    pub auth_enabled: bool,
+    pub user: Option<SignedIn>,
+    pub flash: Option<crate::auth::Flash>,
+    /// This page's path, to come back to after signing in.
+    pub here: String,
+}
+
 /// The whole page around `main`.
-pub fn layout(title: &str, nav: &str, main: Markup) -> Markup {
+pub fn layout(title: &str, nav: &str, main: Markup, chrome: &Chrome) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -30,8 +48,132 @@ pub fn layout(title: &str, nav: &str, main: Markup) -> Markup {
                         }
                     }
                     span #live title="Live updates" { "static" }
+                    @if let Some(u) = &chrome.user {
+                        form.account method="post" action="/logout" {
+                            span #user title={ "groups: " (u.groups.join(", ")) } { (u.name) }
+                            input type="hidden" name="csrf" value=(u.csrf);
+                            button type="submit" { "Sign out" }
+                        }
+                    } @else if chrome.auth_enabled {
+                        a.account #signin href={ "/login?next=" (urlencoding::encode(&chrome.here)) } { "Sign in to make changes" }
+                    }
+                }
+                @if let Some(f) = &chrome.flash {
+                    @if f.ok {
+                        p.flash.ok #flash role="status" { span aria-hidden="true" { "✓ " } (f.text) }
+                    } @else {
+                        p.flash.bad #flash role="alert" { span aria-hidden="true" { "✕ " } (f.text) }
+                    }
                 }
                 main #main { (main) }
+            }
+        }
+    }
+}
+
+/// A page that only says something (refusals, sign-in problems).
+pub fn message(title: &str, text: &str, link: Option<(&str, &str)>) -> Markup {
+    html! {
+        h1 { (title) }
+        p #message { (text) }
+        @if let Some((href, label)) = link { p { a href=(href) { (label) } } }
+    }
+}
+
+/// The change panel of a deployment page, for whoever is signed in.
+#[derive(Debug, Clone)]
+pub enum Changes {
+    /// Sign-in is possible but nobody is signed in.
+    SignInFirst { here: String },
+    /// Signed in; the API server allows no changes here.
+    ReadOnly { who: String, groups: Vec<String> },
+    /// Signed in and allowed (update and/or delete).
+    Allowed {
+        csrf: String,
+        resource_version: String,
+        may: crate::auth::May,
+        services: Vec<(String, String)>,
+        targets: Vec<String>,
+    },
+}
+
+pub fn changes_for(chrome: &Chrome, may: Option<crate::auth::May>, dep: &iot_api::Deployment) -> Option<Changes> {
+    if !chrome.auth_enabled {
+        return None;
+    }
+    let (Some(user), Some(may)) = (&chrome.user, may) else {
+        return Some(Changes::SignInFirst {
+            here: chrome.here.clone(),
+        });
+    };
+    if !may.update && !may.delete {
+        return Some(Changes::ReadOnly {
+            who: user.name.clone(),
+            groups: user.groups.clone(),
+        });
+    }
+    let iot_api::score::IotScore::PodmanV0(score) = &dep.spec.score;
+    Some(Changes::Allowed {
+        csrf: user.csrf.clone(),
+        resource_version: dep.metadata.resource_version.clone().unwrap_or_default(),
+        may,
+        services: score
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.image.clone()))
+            .collect(),
+        targets: dep.spec.target_devices.clone(),
+    })
+}
+
+fn changes_panel(base: &str, c: &Changes) -> Markup {
+    html! {
+        section.changes #changes aria-label="Change this deployment" {
+            h2 { "Change" }
+            @match c {
+                Changes::SignInFirst { here } => p { a href={ "/login?next=" (urlencoding::encode(here)) } { "Sign in" } " to change this deployment." },
+                Changes::ReadOnly { who, groups } => p.muted #readonly {
+                    "Read-only for " (who) " (groups: " (if groups.is_empty() { "none".to_owned() } else { groups.join(", ") }) "): "
+                    "the cluster's RBAC allows you no changes to Deployments here."
+                },
+                Changes::Allowed { csrf, resource_version, may, services, targets } => {
+                    @if may.update {
+                        @for (svc, image) in services {
+                            form.change #{ "image-" (svc) } method="post" action={ (base) "/image" } {
+                                input type="hidden" name="csrf" value=(csrf);
+                                input type="hidden" name="rv" value=(resource_version);
+                                input type="hidden" name="service" value=(svc);
+                                label { "Image of " strong { (svc) } " " input.mono type="text" name="image" value=(image) required size="40"; }
+                                button type="submit" { "Change image" }
+                            }
+                        }
+                        form.change #add-target method="post" action={ (base) "/targets" } {
+                            input type="hidden" name="csrf" value=(csrf);
+                            input type="hidden" name="rv" value=(resource_version);
+                            input type="hidden" name="op" value="add";
+                            label { "Add target device " input.mono type="text" name="device" required; }
+                            button type="submit" { "Add" }
+                        }
+                        @if targets.len() > 1 {
+                            form.change #remove-target method="post" action={ (base) "/targets" } {
+                                input type="hidden" name="csrf" value=(csrf);
+                                input type="hidden" name="rv" value=(resource_version);
+                                input type="hidden" name="op" value="remove";
+                                label { "Remove target "
+                                    select name="device" { @for t in targets { option value=(t) { (t) } } }
+                                }
+                                button type="submit" { "Remove" }
+                            }
+                        }
+                    }
+                    @if may.delete {
+                        form.change.danger #delete method="post" action={ (base) "/delete" } {
+                            input type="hidden" name="csrf" value=(csrf);
+                            label { input type="checkbox" name="confirm" value="yes" required; " Yes, remove it from every device" }
+                            button type="submit" { "Delete this deployment" }
+                        }
+                    }
+                }
             }
         }
     }
@@ -188,6 +330,7 @@ pub struct DeploymentDetail<'a> {
     pub only: Option<DevicePhase>,
     pub spec: &'a iot_api::DeploymentSpec,
     pub status: Option<&'a iot_api::DeploymentStatus>,
+    pub changes: Option<Changes>,
 }
 
 pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
@@ -244,6 +387,7 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
                         } }
                     } }
                 }
+                @if let Some(c) = &d.changes { (changes_panel(&base, c)) }
                 h2 { "Top errors" }
                 @match agg.map(|a| a.top_errors.as_slice()).unwrap_or_default() {
                     [] => p.muted { "None." },

@@ -12,19 +12,64 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use harmony_reconciler_contracts::Id;
 use maud::Markup;
 
+use crate::auth::{Auth, May};
 use crate::fleet::Fleet;
 use crate::pages;
 use crate::view::{self, DevicePhase, DeviceState};
+use crate::writes;
 
 #[derive(Clone)]
 pub struct App {
     pub fleet: Arc<Fleet>,
     /// Rows per page: the server never sends a whole 10,000-device table.
     pub page_size: usize,
+    /// Sign-in for changes; `None`: the dashboard is read-only.
+    pub auth: Option<Arc<Auth>>,
+}
+
+impl App {
+    /// The page frame for this request: who is signed in, and a message left by
+    /// the last write (taken only by whole-page loads, not by live refreshes).
+    async fn chrome(&self, headers: &HeaderMap, here: &str) -> pages::Chrome {
+        let mut chrome = pages::Chrome {
+            auth_enabled: self.auth.is_some(),
+            here: here.to_owned(),
+            ..Default::default()
+        };
+        let Some(auth) = &self.auth else {
+            return chrome;
+        };
+        if let Some((_, shared)) = auth.session(headers).await {
+            let mut s = shared.lock().await;
+            chrome.user = Some(pages::SignedIn {
+                name: s.display_name(),
+                groups: s.groups().to_vec(),
+                csrf: s.csrf.clone(),
+            });
+            if !is_fragment(headers) {
+                chrome.flash = s.flash.take();
+            }
+        }
+        chrome
+    }
+
+    /// What the signed-in person may do in `namespace` (None: nobody signed in).
+    async fn may(&self, headers: &HeaderMap, namespace: &str) -> Option<May> {
+        let auth = self.auth.as_ref()?;
+        let (_, shared) = auth.session(headers).await?;
+        let mut s = shared.lock().await;
+        Some(auth.may(&mut s, namespace).await)
+    }
+}
+
+fn is_fragment(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-fragment")
+        .is_some_and(|v| v == HeaderValue::from_static("main"))
 }
 
 pub fn router(app: App) -> Router {
@@ -35,6 +80,12 @@ pub fn router(app: App) -> Router {
         .route("/devices", get(devices))
         .route("/devices/{id}", get(device))
         .route("/events", get(events))
+        .route("/login", get(writes::login))
+        .route("/callback", get(writes::callback))
+        .route("/logout", post(writes::logout))
+        .route("/deployments/{ns}/{name}/image", post(writes::change_image))
+        .route("/deployments/{ns}/{name}/targets", post(writes::change_targets))
+        .route("/deployments/{ns}/{name}/delete", post(writes::delete))
         .route(
             "/assets/style.css",
             get(|| async { asset("text/css; charset=utf-8", pages::STYLE) }),
@@ -72,14 +123,18 @@ async fn readyz(State(app): State<App>) -> Response {
 }
 
 /// The whole page, or only its main part for the live script.
-fn respond(headers: &HeaderMap, status: StatusCode, title: &str, nav: &str, main: Markup) -> Response {
-    let fragment = headers
-        .get("x-fragment")
-        .is_some_and(|v| v == HeaderValue::from_static("main"));
-    let body = if fragment {
+fn respond(
+    headers: &HeaderMap,
+    chrome: &pages::Chrome,
+    status: StatusCode,
+    title: &str,
+    nav: &str,
+    main: Markup,
+) -> Response {
+    let body = if is_fragment(headers) {
         main
     } else {
-        pages::layout(title, nav, main)
+        pages::layout(title, nav, main, chrome)
     };
     (status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
 }
@@ -91,15 +146,25 @@ fn page_of(q: &HashMap<String, String>) -> usize {
 }
 
 async fn overview(State(app): State<App>, headers: HeaderMap) -> Response {
+    let chrome = app.chrome(&headers, "/").await;
     let o = app.fleet.with_snapshot(|s| view::overview(s, 15));
-    respond(&headers, StatusCode::OK, "Overview", "Overview", pages::overview(&o))
+    respond(
+        &headers,
+        &chrome,
+        StatusCode::OK,
+        "Overview",
+        "Overview",
+        pages::overview(&o),
+    )
 }
 
 async fn deployments(State(app): State<App>, headers: HeaderMap, Query(q): Params) -> Response {
+    let chrome = app.chrome(&headers, "/deployments").await;
     let rows = app.fleet.with_snapshot(view::deployment_rows);
     let page = view::paginate(rows, page_of(&q), app.page_size);
     respond(
         &headers,
+        &chrome,
         StatusCode::OK,
         "Deployments",
         "Deployments",
@@ -114,6 +179,9 @@ async fn deployment(
     Query(q): Params,
 ) -> Response {
     let only = q.get("phase").and_then(|p| DevicePhase::parse(p));
+    let here = format!("/deployments/{ns}/{name}");
+    let chrome = app.chrome(&headers, &here).await;
+    let may = app.may(&headers, &ns).await;
     let main = app.fleet.with_snapshot(|s| {
         let dep = s.deployments.iter().find(|d| {
             d.metadata.namespace.as_deref() == Some(ns.as_str()) && d.metadata.name.as_deref() == Some(name.as_str())
@@ -128,12 +196,21 @@ async fn deployment(
             only,
             spec: &dep.spec,
             status: dep.status.as_ref(),
+            changes: pages::changes_for(&chrome, may, dep),
         }))
     });
     match main {
-        Some(m) => respond(&headers, StatusCode::OK, &format!("{ns}/{name}"), "Deployments", m),
+        Some(m) => respond(
+            &headers,
+            &chrome,
+            StatusCode::OK,
+            &format!("{ns}/{name}"),
+            "Deployments",
+            m,
+        ),
         None => respond(
             &headers,
+            &chrome,
             StatusCode::NOT_FOUND,
             "Not found",
             "Deployments",
@@ -145,10 +222,12 @@ async fn deployment(
 async fn devices(State(app): State<App>, headers: HeaderMap, Query(q): Params) -> Response {
     let only = q.get("state").and_then(|s| DeviceState::parse(s));
     let query = q.get("q").map(|s| s.trim().to_owned()).unwrap_or_default();
+    let chrome = app.chrome(&headers, "/devices").await;
     let rows = app.fleet.with_snapshot(|s| view::device_rows(s, only, &query));
     let page = view::paginate(rows, page_of(&q), app.page_size);
     respond(
         &headers,
+        &chrome,
         StatusCode::OK,
         "Devices",
         "Devices",
@@ -157,9 +236,11 @@ async fn devices(State(app): State<App>, headers: HeaderMap, Query(q): Params) -
 }
 
 async fn device(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let chrome = app.chrome(&headers, &format!("/devices/{id}")).await;
     let Ok(id) = Id::new(id.as_str()) else {
         return respond(
             &headers,
+            &chrome,
             StatusCode::NOT_FOUND,
             "Not found",
             "Devices",
@@ -189,9 +270,10 @@ async fn device(State(app): State<App>, headers: HeaderMap, Path(id): Path<Strin
         }))
     });
     match main {
-        Some(m) => respond(&headers, StatusCode::OK, id.as_str(), "Devices", m),
+        Some(m) => respond(&headers, &chrome, StatusCode::OK, id.as_str(), "Devices", m),
         None => respond(
             &headers,
+            &chrome,
             StatusCode::NOT_FOUND,
             "Not found",
             "Devices",

@@ -184,3 +184,28 @@ pub async fn login(
     .await?;
     Ok(person)
 }
+
+/// The chart installed with SSO bindings for the stand-in's demo groups.
+pub fn install_chart_with_sso_groups(api: &KubeApiServer, ns: &str) -> anyhow::Result<()> {
+    let kc = api.kubeconfig().display().to_string();
+    crate::chart::helm_ok(&[
+        "install",
+        &crate::chart::chart_dir().display().to_string(),
+        "--release",
+        "iot",
+        "--namespace",
+        ns,
+        "--kubeconfig",
+        &kc,
+        "--create-namespace",
+        "--set",
+        "nats.credentials.type=none",
+        "--set",
+        "sso.groups.viewers={fleet-viewers}",
+        "--set",
+        "sso.groups.deployers={fleet-deployers}",
+        "--set",
+        "sso.groups.admins={fleet-admins}",
+    ])
+    .map(drop)
+}

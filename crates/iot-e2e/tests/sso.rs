@@ -11,35 +11,6 @@ use iot_e2e::sso::*;
 use iot_e2e::stack::*;
 use iot_testkit::{KubeApiServer, OidcOptions, OidcStandIn, free_port, wait_until};
 
-fn chart() -> String {
-    chart_dir().display().to_string()
-}
-
-/// The chart installed with SSO bindings for the stand-in's demo groups.
-fn install_chart(api: &KubeApiServer, ns: &str) -> anyhow::Result<()> {
-    let kc = api.kubeconfig().display().to_string();
-    helm_ok(&[
-        "install",
-        &chart(),
-        "--release",
-        "iot",
-        "--namespace",
-        ns,
-        "--kubeconfig",
-        &kc,
-        "--create-namespace",
-        "--set",
-        "nats.credentials.type=none",
-        "--set",
-        "sso.groups.viewers={fleet-viewers}",
-        "--set",
-        "sso.groups.deployers={fleet-deployers}",
-        "--set",
-        "sso.groups.admins={fleet-admins}",
-    ])
-    .map(drop)
-}
-
 /// An HTTPS GET to the API server with this bearer token (None: no credentials);
 /// returns the status code.
 fn api_status(api: &KubeApiServer, token: Option<&str>) -> anyhow::Result<u16> {
@@ -69,7 +40,7 @@ async fn oidc_groups_decide_who_may_deploy_and_the_operator_keeps_working() -> a
     let oidc = OidcStandIn::start_in(dir.path(), OidcOptions::default()).await?;
     let api = KubeApiServer::start_in(dir.path(), Some(oidc.api_server_flags())).await?;
     let ns = "iot-system";
-    install_chart(&api, ns)?;
+    install_chart_with_sso_groups(&api, ns)?;
 
     // The operator runs as the chart's ServiceAccount next to the OIDC users.
     let admin = api.kube_client().await?;
@@ -299,7 +270,7 @@ async fn expired_tokens_are_refreshed_once_and_a_dead_session_asks_for_a_login()
     )
     .await?;
     let api = KubeApiServer::start_in(dir.path(), Some(oidc.api_server_flags())).await?;
-    install_chart(&api, "iot-system")?;
+    install_chart_with_sso_groups(&api, "iot-system")?;
     let dave = login(&oidc, &api, DAVE_DEPLOYER, Flow::Browser, dir.path()).await?;
 
     // No credentials, and garbage credentials: 401.
@@ -418,7 +389,7 @@ async fn device_code_login_works_for_a_shell_without_a_browser() -> anyhow::Resu
     let dir = tempfile::tempdir()?;
     let oidc = OidcStandIn::start_in(dir.path(), OidcOptions::default()).await?;
     let api = KubeApiServer::start_in(dir.path(), Some(oidc.api_server_flags())).await?;
-    install_chart(&api, "iot-system")?;
+    install_chart_with_sso_groups(&api, "iot-system")?;
     let alice = login(&oidc, &api, ALICE_ADMIN, Flow::DeviceCode, dir.path()).await?;
     assert!(
         alice.login_messages.contains("enter the code") && alice.login_messages.contains("groups: fleet-admins"),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use cache::{Session, TokenCache, default_dir};
-pub use login::{DEFAULT_SCOPES, Prompt};
+pub use login::{DEFAULT_SCOPES, PendingLogin, Prompt};
 pub use provider::{Identity, IssuerConfig, Provider};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,4 +72,10 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// A random secret for session ids and CSRF tokens: 32 bytes from the OS's CSPRNG
+/// (through `openidconnect`'s generator), base64url.
+pub fn random_secret() -> String {
+    openidconnect::CsrfToken::new_random_len(32).secret().clone()
 }

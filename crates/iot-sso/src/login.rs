@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use openidconnect::core::{CoreAuthenticationFlow, CoreDeviceAuthorizationResponse};
-use openidconnect::{AuthorizationCode, CsrfToken, Nonce, PkceCodeChallenge, RedirectUrl, Scope};
+use openidconnect::{AuthorizationCode, CsrfToken, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -31,7 +31,69 @@ pub enum Prompt {
     },
 }
 
+/// A started authorization-code login: where to send the person, and what the
+/// callback must be checked against. Holds secrets (the PKCE verifier): keep it
+/// server-side and never log it.
+pub struct PendingLogin {
+    pub url: String,
+    pub state: String,
+    nonce: Nonce,
+    verifier: PkceCodeVerifier,
+    redirect: RedirectUrl,
+}
+
+impl std::fmt::Debug for PendingLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingLogin")
+            .field("redirect", &self.redirect)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Provider {
+    /// Starts an authorization-code login with PKCE (S256), a random state and a
+    /// nonce, returning to `redirect`. Used by `iotctl login` (loopback redirect)
+    /// and by the dashboard (its own /callback).
+    pub fn start_login(&self, redirect: &str, scopes: &[String]) -> Result<PendingLogin, SsoError> {
+        let redirect = RedirectUrl::new(redirect.to_owned()).map_err(|e| SsoError::Config(e.to_string()))?;
+        let client = self.client().set_redirect_uri(redirect.clone());
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let mut request = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .set_pkce_challenge(challenge);
+        for scope in scopes {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        let (url, state, nonce) = request.url();
+        Ok(PendingLogin {
+            url: url.to_string(),
+            state: state.secret().clone(),
+            nonce,
+            verifier,
+            redirect,
+        })
+    }
+
+    /// Finishes a login: trades the code (with the PKCE verifier) for tokens and
+    /// verifies the ID token against the nonce. The caller has checked the state.
+    pub async fn finish_login(&self, pending: PendingLogin, code: &str) -> Result<Session, SsoError> {
+        let client = self.client().set_redirect_uri(pending.redirect);
+        let response = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| SsoError::Protocol(e.to_string()))?
+            .set_pkce_verifier(pending.verifier)
+            .request_async(&self.http)
+            .await
+            .map_err(|e| {
+                SsoError::Protocol(format!("exchanging the authorization code: {}", crate::error_chain(&e)))
+            })?;
+        self.session_from(&response, Some(&pending.nonce), None)
+    }
+
     /// Logs in through the browser. `listen_port` 0 picks a free port, which
     /// providers accept for native clients' loopback redirects; some require a
     /// registered one.
@@ -51,36 +113,12 @@ impl Provider {
             .local_addr()
             .map_err(|e| SsoError::Config(e.to_string()))?
             .port();
-        let redirect = RedirectUrl::new(format!("http://127.0.0.1:{port}/callback"))
-            .map_err(|e| SsoError::Config(e.to_string()))?;
-        let client = self.client().set_redirect_uri(redirect);
-        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let mut request = client
-            .authorize_url(
-                CoreAuthenticationFlow::AuthorizationCode,
-                CsrfToken::new_random,
-                Nonce::new_random,
-            )
-            .set_pkce_challenge(challenge);
-        for scope in scopes {
-            request = request.add_scope(Scope::new(scope.clone()));
-        }
-        let (url, state, nonce) = request.url();
-        prompt(Prompt::OpenUrl(url.to_string()));
-
-        let callback = tokio::time::timeout(timeout, wait_for_callback(&listener, state.secret()))
+        let pending = self.start_login(&format!("http://127.0.0.1:{port}/callback"), scopes)?;
+        prompt(Prompt::OpenUrl(pending.url.clone()));
+        let code = tokio::time::timeout(timeout, wait_for_callback(&listener, &pending.state))
             .await
             .map_err(|_| SsoError::TimedOut(timeout))??;
-        let response = client
-            .exchange_code(AuthorizationCode::new(callback))
-            .map_err(|e| SsoError::Protocol(e.to_string()))?
-            .set_pkce_verifier(verifier)
-            .request_async(&self.http)
-            .await
-            .map_err(|e| {
-                SsoError::Protocol(format!("exchanging the authorization code: {}", crate::error_chain(&e)))
-            })?;
-        self.session_from(&response, Some(&nonce), None)
+        self.finish_login(pending, &code).await
     }
 
     /// Logs in with the device-code flow.

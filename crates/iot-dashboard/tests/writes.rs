@@ -1,0 +1,281 @@
+//! Changes from the dashboard, in real headless Chromium, as the signed-in person:
+//! the OIDC stand-in for Zitadel, the full kube-apiserver with `--oidc-*` and the
+//! chart's fleet roles, the operator and a device running podman.
+//! - a deployer signs in through the provider's own page, changes the image from
+//!   the deployment page, and the device serves v2;
+//! - a write without the session's CSRF token is refused and changes nothing;
+//! - a viewer sees a read-only page, and a write forced anyway is refused by the
+//!   API server, whose reason the page shows;
+//! - the deployer deletes the deployment from the page.
+
+mod common;
+
+use common::*;
+use fantoccini::{Client, Locator};
+use iot_e2e::sso::install_chart_with_sso_groups;
+use iot_e2e::stack::*;
+use iot_testkit::{KubeApiServer, OidcOptions, OidcStandIn, free_port, run_captured, wait_until};
+use serde_json::json;
+
+/// Chromium trusts exactly the stand-in's key (`--ignore-certificate-errors-spki-list`
+/// takes the base64 SHA-256 of its SubjectPublicKeyInfo), not every certificate.
+fn trust_key_of(cert: &std::path::Path) -> anyhow::Result<String> {
+    let script = format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+        cert.display()
+    );
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &script]);
+    let (ok, out, err) = run_captured(cmd, None)?;
+    anyhow::ensure!(ok, "hashing the stand-in's key: {err}");
+    Ok(format!("--ignore-certificate-errors-spki-list={}", out.trim()))
+}
+
+/// Signs in from the page's "Sign in" link: through the provider's form, or
+/// straight back when the browser still has a session at the provider (signing
+/// out of the dashboard does not sign out of the company's identity provider).
+async fn sign_in(c: &Client, dashboard: &str, page: &str, user: &str, password: &str) -> anyhow::Result<()> {
+    c.goto(&format!("{dashboard}{page}")).await?;
+    c.find(Locator::Css("#signin")).await?.click().await?;
+    let landed = wait_until(WAIT, "the provider's form or the signed-in page", || async {
+        if text(c, "#user").await.is_some() {
+            return Some(false);
+        }
+        // Chromium aborts a load when the host's interfaces change (the test's
+        // devices add veths and podman networks); a person would reload.
+        if text(c, "body")
+            .await
+            .is_some_and(|t| t.contains("network change was detected"))
+        {
+            let _ = c.refresh().await;
+            return None;
+        }
+        text(c, "#username").await.map(|_| true)
+    })
+    .await;
+    match landed {
+        Ok(true) => {
+            c.find(Locator::Css("#username")).await?.send_keys(user).await?;
+            c.find(Locator::Css("#password")).await?.send_keys(password).await?;
+            c.find(Locator::Css("button[type=submit]")).await?.click().await?;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            let url = c.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+            let body = text(c, "body").await.unwrap_or_default();
+            anyhow::bail!("no sign-in form ({e}) at {url}: {body}");
+        }
+    }
+    wait_text(c, "#user", "the signed-in user in the header", |t| t.starts_with(user)).await?;
+    anyhow::ensure!(
+        c.current_url().await?.as_str() == format!("{dashboard}{page}"),
+        "back on {page} after signing in"
+    );
+    Ok(())
+}
+
+async fn sign_out(c: &Client) -> anyhow::Result<()> {
+    c.find(Locator::Css("form.account button")).await?.click().await?;
+    wait_until(WAIT, "signed out", || async { text(c, "#signin").await.map(drop) }).await
+}
+
+/// POSTs a form from inside the page (same origin, the session cookie included),
+/// as a crafted page or a script would; returns (status, final URL, body).
+async fn post_from_page(c: &Client, path: &str, body: &str) -> anyhow::Result<(u64, String, String)> {
+    let v = c
+        .execute_async(
+            "const [url, body, done] = arguments;
+             fetch(url, {method: 'POST', headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body})
+               .then(r => r.text().then(t => done([r.status, r.url, t])))
+               .catch(e => done([0, '', String(e)]));",
+            vec![json!(path), json!(body)],
+        )
+        .await?;
+    Ok((
+        v[0].as_u64().unwrap_or_default(),
+        v[1].as_str().unwrap_or_default().to_owned(),
+        v[2].as_str().unwrap_or_default().to_owned(),
+    ))
+}
+
+async fn dave_csrf(c: &Client) -> anyhow::Result<String> {
+    Ok(c.execute(
+        "return document.querySelector('form.account input[name=csrf]').value;",
+        vec![],
+    )
+    .await?
+    .as_str()
+    .unwrap_or_default()
+    .to_owned())
+}
+
+async fn image_of(stack: &Stack) -> anyhow::Result<String> {
+    let dep = stack.deployments("default").get("web").await?;
+    let iot_api::IotScore::PodmanV0(score) = &dep.spec.score;
+    Ok(score.services.first().map(|s| s.image.clone()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let oidc = OidcStandIn::start_in(dir.path(), OidcOptions::default()).await?;
+    let api = KubeApiServer::start_in(dir.path(), Some(oidc.api_server_flags())).await?;
+    install_chart_with_sso_groups(&api, "iot-system")?;
+    let mut stack = Stack::start_on(Cluster::Full(api), false).await?;
+    stack.start_operator()?;
+    stack.wait_operator_ready().await?;
+    let (dev, guard) = stack.start_agent()?;
+    let http = free_port()?;
+    let mut cmd = stack.applier()?;
+    cmd.args(["--name", "web", "--namespace", "default", "--target-device", &dev])
+        .args(["--image", "localhost/iot-web:v1", "--port", &http.to_string()]);
+    run_ok(cmd)?;
+    wait_http(http, "v1").await?;
+
+    let (_dashboard, port) = spawn_dashboard_with(
+        &stack,
+        "30s",
+        &[
+            ("IOT_DASHBOARD_OIDC_ISSUER", oidc.issuer().to_owned()),
+            ("IOT_DASHBOARD_OIDC_CA_FILE", oidc.ca_file().display().to_string()),
+        ],
+    )?;
+    wait_dashboard(port).await?;
+    let dashboard = format!("http://127.0.0.1:{port}");
+    let page = "/deployments/default/web";
+    let trust = trust_key_of(&oidc.ca_file().with_file_name("server.crt"))?;
+    let b = browser_with(stack.dir.path(), &[trust]).await?;
+    let c = &b.client;
+
+    // Nobody signed in: the page offers sign-in, no forms.
+    c.goto(&format!("{dashboard}{page}")).await?;
+    wait_text(c, "#changes", "the sign-in offer", |t| t.contains("Sign in to change")).await?;
+
+    // A deployer changes the image from the page; the device serves v2.
+    sign_in(c, &dashboard, page, "dave", "dave-dev").await?;
+    let field = c
+        .wait()
+        .for_element(Locator::Css("#image-web input[name=image]"))
+        .await?;
+    field.clear().await?;
+    field.send_keys("localhost/iot-web:v2").await?;
+    c.find(Locator::Css("#image-web button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    wait_text(c, "#flash", "the change's confirmation", |t| {
+        t.contains("now runs localhost/iot-web:v2")
+    })
+    .await?;
+    screenshot(c, "dashboard-change-image").await?;
+    wait_http(http, "v2").await?;
+    assert_eq!(image_of(&stack).await?, "localhost/iot-web:v2");
+
+    // Without the CSRF token (or with a wrong one): refused, nothing changes.
+    let csrf = c
+        .execute(
+            "return document.querySelector('form.account input[name=csrf]').value;",
+            vec![],
+        )
+        .await?
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(csrf.len() >= 32, "the session has a CSRF token");
+    for body in [
+        "service=web&image=localhost%2Fiot-web%3Av1".to_owned(),
+        "service=web&image=localhost%2Fiot-web%3Av1&csrf=forged".to_owned(),
+    ] {
+        let (status, _, text) = post_from_page(c, &format!("{page}/image"), &body).await?;
+        assert_eq!(status, 403, "{body}: {text}");
+        assert!(text.contains("CSRF"), "{text}");
+    }
+    let (status, _, _) = post_from_page(c, &format!("{page}/delete"), "").await?;
+    assert_eq!(status, 403, "a delete without the token");
+    assert_eq!(image_of(&stack).await?, "localhost/iot-web:v2", "unchanged");
+    assert!(
+        stack.deployments("default").get_opt("web").await?.is_some(),
+        "not deleted"
+    );
+    sign_out(c).await?;
+
+    // A viewer, in her own browser: the page is read-only, and a write forced
+    // with a valid token is refused by the API server, whose reason is shown.
+    let trust = trust_key_of(&oidc.ca_file().with_file_name("server.crt"))?;
+    let vera_browser = browser_with(stack.dir.path(), &[trust]).await?;
+    let c = &vera_browser.client;
+    sign_in(c, &dashboard, page, "vera", "vera-dev").await?;
+    wait_text(c, "#readonly", "the read-only note", |t| {
+        t.contains("allows you no changes")
+    })
+    .await?;
+    let forms = c.find_all(Locator::Css("#changes form")).await?;
+    assert!(forms.is_empty(), "no change forms for a viewer");
+    screenshot(c, "dashboard-viewer-read-only").await?;
+    let csrf = c
+        .execute(
+            "return document.querySelector('form.account input[name=csrf]').value;",
+            vec![],
+        )
+        .await?
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let body = format!(
+        "service=web&image=localhost%2Fiot-web%3Av1&csrf={}",
+        urlencoding::encode(&csrf)
+    );
+    let (status, url, text) = post_from_page(c, &format!("{page}/image"), &body).await?;
+    assert_eq!(
+        (status, url.as_str()),
+        (200, format!("{dashboard}{page}").as_str()),
+        "{text}"
+    );
+    for want in [
+        "Refused by the cluster",
+        "oidc:vera@fleet.example",
+        "cannot update resource",
+    ] {
+        assert!(text.contains(want), "the page should say {want:?}");
+    }
+    assert_eq!(
+        image_of(&stack).await?,
+        "localhost/iot-web:v2",
+        "the viewer changed nothing"
+    );
+
+    // The deployer deletes it from the page; the device stops serving.
+    let c = &b.client;
+    sign_in(c, &dashboard, page, "dave", "dave-dev").await?;
+    // Unconfirmed: nothing happens.
+    let (status, _, text) = post_from_page(
+        c,
+        &format!("{page}/delete"),
+        &format!("csrf={}", urlencoding::encode(&dave_csrf(c).await?)),
+    )
+    .await?;
+    assert!(
+        status == 200 && text.contains("Nothing was deleted"),
+        "{status}: {text}"
+    );
+    assert!(
+        stack.deployments("default").get_opt("web").await?.is_some(),
+        "still there"
+    );
+    c.goto(&format!("{dashboard}{page}")).await?;
+    c.wait()
+        .for_element(Locator::Css("#delete input[name=confirm]"))
+        .await?
+        .click()
+        .await?;
+    c.find(Locator::Css("#delete button")).await?.click().await?;
+    wait_text(c, "#flash", "the delete's confirmation", |t| {
+        t.contains("Deleted default/web")
+    })
+    .await?;
+    wait_until(WAIT, "the container gone", || async {
+        guard.ids().is_empty().then_some(())
+    })
+    .await?;
+    Ok(())
+}
