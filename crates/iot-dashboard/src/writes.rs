@@ -125,14 +125,12 @@ async fn guard(
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
         && origin != origin_of(auth.public_url())
     {
-        {
-            return Err(message_page(
-                StatusCode::FORBIDDEN,
-                "Refused",
-                &format!("This change came from another site ({origin}); nothing was changed."),
-                Some((back, "Back")),
-            ));
-        }
+        return Err(message_page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            &format!("This change came from another site ({origin}); nothing was changed."),
+            Some((back, "Back")),
+        ));
     }
     let Some((sid, shared)) = auth.session(headers).await else {
         return Err(message_page(
@@ -293,11 +291,9 @@ async fn edit(
         if let Some(seen) = form.get("rv").filter(|v| !v.is_empty())
             && dep.metadata.resource_version.as_deref() != Some(seen.as_str())
         {
-            {
-                return Err(
-                    "Someone changed this deployment after you loaded the page. Review it and try again.".to_owned(),
-                );
-            }
+            return Err(
+                "Someone changed this deployment after you loaded the page. Review it and try again.".to_owned(),
+            );
         }
         let done = apply_change(&mut dep, &change)?;
         api.replace(&name, &PostParams::default(), &dep)
