@@ -113,7 +113,14 @@ pub fn print(up: &Up) {
     );
     line(&mut m, format!("  source {}\n", env.display()));
     if let Some(addr) = &up.dashboard_addr {
-        line(&mut m, out::bold("Fleet dashboard (live, read-only)"));
+        if up.sso.is_some() {
+            line(
+                &mut m,
+                out::bold("Fleet dashboard (live; sign in as a demo user below to change deployments as them)"),
+            );
+        } else {
+            line(&mut m, out::bold("Fleet dashboard (live, read-only)"));
+        }
         line(&mut m, format!("  http://{addr}\n"));
     }
     sso_section(&mut m, up);

@@ -280,6 +280,11 @@ impl Up {
             if let Some(file) = &identity {
                 cmd.env("NATS_IDENTITY", file);
             }
+            if let Some(sso) = &self.sso {
+                // People sign in and change deployments as themselves.
+                cmd.env("IOT_DASHBOARD_OIDC_ISSUER", sso.oidc.issuer())
+                    .env("IOT_DASHBOARD_OIDC_CA_FILE", sso.oidc.ca_file());
+            }
             self.dashboard = Some(LoggedProcess::spawn(
                 "iot-dashboard",
                 cmd,
