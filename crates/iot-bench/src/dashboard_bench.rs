@@ -72,6 +72,56 @@ async fn timed_get(port: u16, path: &str, runs: usize) -> anyhow::Result<(Durati
     Ok((median(&mut samples), size))
 }
 
+/// The browser's side: headless Chromium loads each page 10 times; medians of
+/// the navigation timings (response end, DOM ready) and of first contentful paint,
+/// against a one-device page from the same server (the render floor).
+async fn browser_render(port: u16, dir: &std::path::Path) -> anyhow::Result<()> {
+    let b = iot_testkit::browser::browser_with(dir, &[]).await?;
+    let mut floor = None;
+    for path in [
+        "/devices/dev42",
+        "/",
+        "/deployments/default/app0?phase=failed",
+        "/devices",
+    ] {
+        let (mut response, mut ready, mut paint) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..10 {
+            b.client.goto(&format!("http://127.0.0.1:{port}{path}")).await?;
+            let v = b
+                .client
+                .execute(
+                    "const n = performance.getEntriesByType('navigation')[0];
+                     const p = performance.getEntriesByName('first-contentful-paint')[0];
+                     return [n.responseEnd, n.domContentLoadedEventEnd, p ? p.startTime : -1];",
+                    vec![],
+                )
+                .await?;
+            let at = |i: usize| Duration::from_secs_f64(v[i].as_f64().unwrap_or(-1.0).max(0.0) / 1000.0);
+            response.push(at(0));
+            ready.push(at(1));
+            if v[2].as_f64().is_some_and(|p| p >= 0.0) {
+                paint.push(at(2));
+            }
+        }
+        let ready = median(&mut ready);
+        let floor = *floor.get_or_insert(ready);
+        println!(
+            "  browser {:<36} response {:>9}   DOM ready {:>9} ({:.1}x floor)   first paint {:>9} ({} of 10)",
+            path,
+            ms(median(&mut response)),
+            ms(ready),
+            ready.as_secs_f64() / floor.as_secs_f64().max(1e-9),
+            if paint.is_empty() {
+                "-".to_owned()
+            } else {
+                ms(median(&mut paint))
+            },
+            paint.len()
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(devices: usize) -> anyhow::Result<()> {
     anyhow::ensure!(
         devices.is_multiple_of(DEPLOYMENTS),
@@ -138,6 +188,8 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
             size / 1024
         );
     }
+
+    browser_render(port, dir.path()).await?;
 
     // SSE while every device heartbeats once (a whole-fleet wave), then one change.
     let mut sse = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;

@@ -2,6 +2,7 @@
 //! need (cleanup of a device's containers, network namespaces whose link a test
 //! cuts, workspace binaries built for the test, unique ids).
 
+pub mod browser;
 pub mod netns;
 pub mod partition;
 pub mod podman;
