@@ -258,17 +258,24 @@ impl Auth {
                     ..Default::default()
                 };
                 match api.create(&PostParams::default(), &review).await {
-                    Ok(r) => r.status.is_some_and(|s| s.allowed),
+                    Ok(r) => Some(r.status.is_some_and(|s| s.allowed)),
                     Err(e) => {
                         tracing::warn!(error = %e, verb, "access review as the signed-in user failed");
-                        false
+                        None
                     }
                 }
             }
         };
         let (update, delete) = tokio::join!(ask("update"), ask("delete"));
-        let may = May { update, delete };
-        session.may.insert(namespace.to_owned(), (may, Instant::now()));
+        let may = May {
+            update: update.unwrap_or(false),
+            delete: delete.unwrap_or(false),
+        };
+        // A failed review (the API server briefly unreachable, or not yet able to
+        // verify tokens) is asked again on the next page load, not remembered.
+        if update.is_some() && delete.is_some() {
+            session.may.insert(namespace.to_owned(), (may, Instant::now()));
+        }
         may
     }
 }

@@ -4,6 +4,7 @@
 //! - a deployer signs in through the provider's own page, changes the image from
 //!   the deployment page, and the device serves v2;
 //! - a write without the session's CSRF token is refused and changes nothing;
+//! - a second device is added as a target from the page, runs it, and is removed;
 //! - a viewer sees a read-only page, and a write forced anyway is refused by the
 //!   API server, whose reason the page shows;
 //! - the deployer deletes the deployment from the page.
@@ -98,6 +99,21 @@ async fn post_from_page(c: &Client, path: &str, body: &str) -> anyhow::Result<(u
     ))
 }
 
+/// Fills fields of the page's form and submits it as a click would (the form's
+/// own hidden fields, CSRF token included, go along).
+async fn submit_form(c: &Client, form: &str, fields: &[(&str, &str)]) -> anyhow::Result<()> {
+    let values: serde_json::Map<String, serde_json::Value> =
+        fields.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+    c.execute(
+        "const [sel, values] = arguments; const f = document.querySelector(sel);
+         for (const [k, v] of Object.entries(values)) { f.elements[k].value = v; }
+         f.requestSubmit();",
+        vec![json!(form), json!(values)],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn dave_csrf(c: &Client) -> anyhow::Result<String> {
     Ok(c.execute(
         "return document.querySelector('form.account input[name=csrf]').value;",
@@ -153,16 +169,37 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
 
     // A deployer changes the image from the page; the device serves v2.
     sign_in(c, &dashboard, page, "dave", "dave-dev").await?;
-    let field = c
-        .wait()
-        .for_element(Locator::Css("#image-web input[name=image]"))
-        .await?;
-    field.clear().await?;
-    field.send_keys("localhost/iot-web:v2").await?;
-    c.find(Locator::Css("#image-web button[type=submit]"))
-        .await?
-        .click()
-        .await?;
+    // kube-apiserver 1.20 fetches the issuer's keys in the background after it
+    // starts, and refuses ID tokens until then: reload until it accepts them.
+    wait_until(WAIT, "the change forms", || async {
+        if text(c, "#image-web").await.is_some() {
+            return Some(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let _ = c.refresh().await;
+        None
+    })
+    .await?;
+    // Typed as a person would. A live update can replace the form before the
+    // field has focus (it waits while one has); then the person starts again.
+    let mut typed = Err(anyhow::anyhow!("not tried"));
+    for _ in 0..3 {
+        typed = async {
+            let field = c.find(Locator::Css("#image-web input[name=image]")).await?;
+            field.clear().await?;
+            field.send_keys("localhost/iot-web:v2").await?;
+            c.find(Locator::Css("#image-web button[type=submit]"))
+                .await?
+                .click()
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if typed.is_ok() {
+            break;
+        }
+    }
+    typed?;
     wait_text(c, "#flash", "the change's confirmation", |t| {
         t.contains("now runs localhost/iot-web:v2")
     })
@@ -197,6 +234,34 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
         stack.deployments("default").get_opt("web").await?.is_some(),
         "not deleted"
     );
+
+    // A second device joins from the page, runs the deployment, and leaves again.
+    // Its arrival changes the fleet, and a live update may replace the page's
+    // forms at any moment, so each form is filled and submitted in one step.
+    let (dev2, guard2) = stack.start_agent()?;
+    c.goto(&format!("{dashboard}{page}")).await?;
+    c.wait().for_element(Locator::Css("#add-target")).await?;
+    submit_form(c, "#add-target", &[("device", &dev2)]).await?;
+    wait_text(c, "#flash", "the target's confirmation", |t| {
+        t.contains(&format!("Added {dev2}"))
+    })
+    .await?;
+    wait_until(WAIT, "the second device runs it", || async {
+        (!guard2.ids().is_empty()).then_some(())
+    })
+    .await?;
+    c.wait().for_element(Locator::Css("#remove-target")).await?;
+    submit_form(c, "#remove-target", &[("device", &dev2)]).await?;
+    wait_text(c, "#flash", "the removal's confirmation", |t| {
+        t.contains(&format!("Removed {dev2}"))
+    })
+    .await?;
+    wait_until(WAIT, "the second device's container gone", || async {
+        guard2.ids().is_empty().then_some(())
+    })
+    .await?;
+    let targets = stack.deployments("default").get("web").await?.spec.target_devices;
+    assert_eq!(targets, vec![dev.clone()]);
     sign_out(c).await?;
 
     // A viewer, in her own browser: the page is read-only, and a write forced
