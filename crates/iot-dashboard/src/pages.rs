@@ -90,7 +90,8 @@ pub enum Changes {
     /// Signed in and allowed (update and/or delete).
     Allowed {
         csrf: String,
-        resource_version: String,
+        /// The spec generation shown, for the conflict check.
+        generation: i64,
         may: crate::auth::May,
         services: Vec<(String, String)>,
         targets: Vec<String>,
@@ -115,7 +116,7 @@ pub fn changes_for(chrome: &Chrome, may: Option<crate::auth::May>, dep: &iot_api
     let iot_api::score::IotScore::PodmanV0(score) = &dep.spec.score;
     Some(Changes::Allowed {
         csrf: user.csrf.clone(),
-        resource_version: dep.metadata.resource_version.clone().unwrap_or_default(),
+        generation: dep.metadata.generation.unwrap_or_default(),
         may,
         services: score
             .services
@@ -136,12 +137,12 @@ fn changes_panel(base: &str, c: &Changes) -> Markup {
                     "Read-only for " (who) " (groups: " (if groups.is_empty() { "none".to_owned() } else { groups.join(", ") }) "): "
                     "the cluster's RBAC allows you no changes to Deployments here."
                 },
-                Changes::Allowed { csrf, resource_version, may, services, targets } => {
+                Changes::Allowed { csrf, generation, may, services, targets } => {
                     @if may.update {
                         @for (svc, image) in services {
                             form.change #{ "image-" (svc) } method="post" action={ (base) "/image" } {
                                 input type="hidden" name="csrf" value=(csrf);
-                                input type="hidden" name="rv" value=(resource_version);
+                                input type="hidden" name="gen" value=(generation);
                                 input type="hidden" name="service" value=(svc);
                                 label { "Image of " strong { (svc) } " " input.mono type="text" name="image" value=(image) required size="40"; }
                                 button type="submit" { "Change image" }
@@ -149,7 +150,7 @@ fn changes_panel(base: &str, c: &Changes) -> Markup {
                         }
                         form.change #add-target method="post" action={ (base) "/targets" } {
                             input type="hidden" name="csrf" value=(csrf);
-                            input type="hidden" name="rv" value=(resource_version);
+                            input type="hidden" name="gen" value=(generation);
                             input type="hidden" name="op" value="add";
                             label { "Add target device " input.mono type="text" name="device" required; }
                             button type="submit" { "Add" }
@@ -157,7 +158,7 @@ fn changes_panel(base: &str, c: &Changes) -> Markup {
                         @if targets.len() > 1 {
                             form.change #remove-target method="post" action={ (base) "/targets" } {
                                 input type="hidden" name="csrf" value=(csrf);
-                                input type="hidden" name="rv" value=(resource_version);
+                                input type="hidden" name="gen" value=(generation);
                                 input type="hidden" name="op" value="remove";
                                 label { "Remove target "
                                     select name="device" { @for t in targets { option value=(t) { (t) } } }

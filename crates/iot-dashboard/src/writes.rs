@@ -1,7 +1,7 @@
 //! Sign-in and the three changes the dashboard offers: a deployment's image, its
 //! target devices, and deleting it. Each change is sent to the API server as the
 //! signed-in person ([`crate::auth`]), checked against the CSRF token of their
-//! session and, for edits, against the resourceVersion the page showed, so a
+//! session and, for edits, against the spec generation the page showed, so a
 //! change made meanwhile by someone else is not overwritten silently.
 
 use std::collections::HashMap;
@@ -286,20 +286,28 @@ async fn edit(
     let outcome = async {
         let client = auth.client_as(&token).map_err(refusal)?;
         let api: Api<Deployment> = Api::namespaced(client, &ns);
-        let mut dep = api.get(&name).await.map_err(refusal)?;
-        // The page's resourceVersion: a change made since then is a conflict.
-        if let Some(seen) = form.get("rv").filter(|v| !v.is_empty())
-            && dep.metadata.resource_version.as_deref() != Some(seen.as_str())
-        {
-            return Err(
-                "Someone changed this deployment after you loaded the page. Review it and try again.".to_owned(),
-            );
+        // The spec generation the page showed: a spec change made since then is a
+        // conflict. (Not the resourceVersion: the operator's status writes move it
+        // every few seconds without changing what the person edits.)
+        let seen: Option<i64> = form.get("gen").and_then(|g| g.parse().ok());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut dep = api.get(&name).await.map_err(refusal)?;
+            if seen.is_some() && dep.metadata.generation != seen {
+                return Err(
+                    "Someone changed this deployment after you loaded the page. Review it and try again.".to_owned(),
+                );
+            }
+            let done = apply_change(&mut dep, &change)?;
+            // The replace carries the resourceVersion just read; a status write in
+            // between makes it 409, and then the check above runs again.
+            match api.replace(&name, &PostParams::default(), &dep).await {
+                Ok(_) => return Ok(done),
+                Err(kube::Error::Api(ae)) if ae.code == 409 && attempt < 5 => continue,
+                Err(e) => return Err(refusal(e)),
+            }
         }
-        let done = apply_change(&mut dep, &change)?;
-        api.replace(&name, &PostParams::default(), &dep)
-            .await
-            .map_err(refusal)?;
-        Ok(done)
     }
     .await;
     session.flash = Some(match outcome {

@@ -229,6 +229,16 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
     }
     let (status, _, _) = post_from_page(c, &format!("{page}/delete"), "").await?;
     assert_eq!(status, 403, "a delete without the token");
+    // A form from before the image change (generation 1) does not overwrite it.
+    let stale = format!(
+        "service=web&image=localhost%2Fiot-web%3Av1&gen=1&csrf={}",
+        urlencoding::encode(&csrf)
+    );
+    let (status, _, text) = post_from_page(c, &format!("{page}/image"), &stale).await?;
+    assert!(
+        status == 200 && text.contains("Someone changed this deployment"),
+        "{status}: {text}"
+    );
     assert_eq!(image_of(&stack).await?, "localhost/iot-web:v2", "unchanged");
     assert!(
         stack.deployments("default").get_opt("web").await?.is_some(),
