@@ -2,3 +2,4 @@
 pub mod chart;
 pub mod sso;
 pub mod stack;
+pub mod vm;

@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod auth;
 pub mod bao;
+pub mod guest;
 pub mod http;
 pub mod kube_apiserver;
 pub mod nats;
@@ -15,6 +16,7 @@ pub mod oidc;
 pub mod paths;
 pub mod podman;
 pub mod process;
+pub mod vm;
 
 pub use apiserver::ApiServer;
 pub use bao::OpenBao;

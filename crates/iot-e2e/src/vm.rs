@@ -1,0 +1,120 @@
+//! A VM device for a secured [`Stack`]: enrolled in the stack's OpenBao, provisioned
+//! by cloud-init from a seed (`iot-provision`), on qemu's user-mode network so every
+//! connection stays on the host's loopback (the guest reaches it as 10.0.2.2).
+
+use std::path::Path;
+use std::time::Duration;
+
+use iot_launch::vm::{Arch, GuestImage, USER_NET_HOST, Vm, VmNet, VmSpec};
+use iot_provision::{DeviceProvision, StaticNetwork};
+
+use crate::stack::Stack;
+
+/// Ports deployments publish in the guest, each forwarded from a host loopback port.
+pub const GUEST_HTTP_PORTS: [u16; 2] = [8080, 8081];
+pub const GUEST_METRICS_PORT: u16 = 9464;
+
+pub struct VmDevice {
+    pub id: String,
+    pub vm: Vm,
+    /// Host loopback ports forwarded to the guest's [`GUEST_HTTP_PORTS`].
+    pub http_ports: [u16; 2],
+    /// Host loopback port forwarded to the agent's metrics in the guest.
+    pub metrics_port: u16,
+}
+
+/// Rewrites a host-loopback URL into the address the guest reaches it on.
+pub fn from_guest(url: &str) -> String {
+    url.replace("127.0.0.1", USER_NET_HOST).replace("localhost", USER_NET_HOST)
+}
+
+/// Enrolls a device, writes its seed (agent binary, test images for the guest's
+/// arch, cloud-init user-data) and powers the VM on. It joins the fleet once
+/// cloud-init has run: wait for its status with [`Stack::agent_status`].
+pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) -> anyhow::Result<VmDevice> {
+    let image = GuestImage::ensure(arch)?;
+    let sec = stack
+        .security
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("a VM device needs a secured stack"))?;
+    let mut enrollment = iot_bao::enroll::enroll_device(&sec.bao.root()?, id, &Default::default()).await?;
+    enrollment.bao_addr = from_guest(&enrollment.bao_addr);
+    let provision = DeviceProvision {
+        device_id: id.to_owned(),
+        nats_urls: vec![from_guest(&stack.nats.url())],
+        enrollment: Some(serde_json::to_string(&enrollment)?),
+        metrics_addr: Some(format!("0.0.0.0:{GUEST_METRICS_PORT}").parse()?),
+        // qemu's user network: the guest is 10.0.2.15 behind the host at 10.0.2.2.
+        network: Some(StaticNetwork {
+            mac: iot_launch::vm::mac_for(1),
+            address: "10.0.2.15/24".into(),
+            gateway: USER_NET_HOST.parse()?,
+            nameservers: vec![],
+        }),
+        agent_env: vec![
+            ("IOT_STOP_TIMEOUT".into(), "5s".into()),
+            ("IOT_HEARTBEAT_INTERVAL".into(), "5s".into()),
+        ],
+        ..Default::default()
+    };
+    let dir = stack.dir.path().join(format!("vm-{id}"));
+    let seed_files = iot_provision::write_seed_dir(&provision, agent, &[image.test_images()?], &dir.join("seed"))?;
+    let seed_iso = dir.join("seed.iso");
+    iot_provision::write_seed_iso(&seed_files, &seed_iso)?;
+    let http_ports = [iot_testkit::free_port()?, iot_testkit::free_port()?];
+    let metrics_port = iot_testkit::free_port()?;
+    let vm = Vm::start(VmSpec {
+        name: id.to_owned(),
+        image,
+        dir,
+        seed_iso,
+        net: VmNet::User {
+            forwards: vec![
+                (http_ports[0], GUEST_HTTP_PORTS[0]),
+                (http_ports[1], GUEST_HTTP_PORTS[1]),
+                (metrics_port, GUEST_METRICS_PORT),
+            ],
+        },
+        mac: iot_launch::vm::mac_for(1),
+        memory_mb: 1024,
+        cpus: 2,
+    })?;
+    Ok(VmDevice {
+        id: id.to_owned(),
+        vm,
+        http_ports,
+        metrics_port,
+    })
+}
+
+/// One container in the guest.
+#[derive(Debug, Clone)]
+pub struct GuestContainer {
+    pub id: String,
+    pub name: String,
+    /// podman's state word: running, exited, created...
+    pub state: String,
+}
+
+/// The guest's containers (any state), listed by its own podman through the guest agent.
+pub async fn guest_containers(vm: &Vm) -> anyhow::Result<Vec<GuestContainer>> {
+    let out = vm
+        .run(&["podman", "ps", "-a", "--format", "json"], Duration::from_secs(60))
+        .await?;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    Ok(list
+        .iter()
+        .map(|c| GuestContainer {
+            id: c["Id"].as_str().unwrap_or_default().chars().take(12).collect(),
+            name: c["Names"][0].as_str().unwrap_or_default().to_owned(),
+            state: c["State"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect())
+}
+
+impl GuestContainer {
+    /// Container names are `<device>.<namespace>.<name>.<service>.<hash>`.
+    pub fn is_of(&self, deployment: &str) -> bool {
+        self.name.split('.').nth(2) == Some(deployment)
+    }
+}

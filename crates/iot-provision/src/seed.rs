@@ -1,0 +1,130 @@
+//! The NoCloud seed: a directory (for a Pi's boot partition or a USB stick labelled
+//! CIDATA) or an ISO image labelled `cidata` (for a VM's second drive).
+
+use std::io::Read;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::{DeviceProvision, Error, invalid};
+
+/// The agent binary's name on the seed.
+pub const AGENT_FILE: &str = "iot-agent";
+
+pub(crate) fn check_file_name(field: &'static str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !["user-data", "meta-data", "network-config", AGENT_FILE].contains(&name);
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{name:?} is not a plain file name for the seed")))
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// sha256 (hex) of a file.
+pub fn sha256_file(path: &Path) -> Result<String, Error> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn write(path: &Path, content: &str, mode: u32) -> Result<(), Error> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    std::io::Write::write_all(&mut f, content.as_bytes()).map_err(io(path))?;
+    // An existing file keeps its old mode through open(); the secret must not.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
+}
+
+/// Writes the seed into `dir` (created 0700): `user-data` (0600: it carries the
+/// enrollment), `meta-data`, `network-config` if set, the agent binary and the
+/// image archives. The agent's sha256 is taken from `agent` itself. Returns the
+/// files written, in seed order.
+pub fn write_seed_dir(
+    provision: &DeviceProvision,
+    agent: &Path,
+    images: &[PathBuf],
+    dir: &Path,
+) -> Result<Vec<PathBuf>, Error> {
+    let mut p = provision.clone();
+    p.agent_sha256 = sha256_file(agent)?;
+    p.preload_images = images
+        .iter()
+        .map(|i| i.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .collect();
+    let user_data = p.user_data()?;
+    let network = p.network_config()?;
+
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    let mut files = Vec::new();
+    let mut put = |name: &str, content: &str, mode: u32| -> Result<(), Error> {
+        let path = dir.join(name);
+        write(&path, content, mode)?;
+        files.push(path);
+        Ok(())
+    };
+    put("user-data", &user_data, 0o600)?;
+    put("meta-data", &p.meta_data(), 0o644)?;
+    match network {
+        Some(n) => put("network-config", &n, 0o644)?,
+        None => {
+            let stale = dir.join("network-config");
+            if stale.exists() {
+                std::fs::remove_file(&stale).map_err(io(&stale))?;
+            }
+        }
+    }
+    for (src, name) in std::iter::once((agent, AGENT_FILE)).chain(images.iter().map(PathBuf::as_path).zip(&p.preload_images).map(|(s, n)| (s, n.as_str()))) {
+        let dst = dir.join(name);
+        std::fs::copy(src, &dst).map_err(io(src))?;
+        files.push(dst);
+    }
+    Ok(files)
+}
+
+/// Packs a seed directory's files into an ISO 9660 image labelled `cidata` (what
+/// cloud-init's NoCloud looks for), with `genisoimage` (as `cloud-localds` does).
+pub fn write_seed_iso(files: &[PathBuf], iso: &Path) -> Result<(), Error> {
+    let out = Command::new("genisoimage")
+        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-input-charset", "utf-8", "-output"])
+        .arg(iso)
+        .args(files)
+        .output()
+        .map_err(|e| Error::Tool {
+            tool: "genisoimage".into(),
+            detail: format!("{e} (Debian package genisoimage)"),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            tool: "genisoimage".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    std::fs::set_permissions(iso, std::fs::Permissions::from_mode(0o600)).map_err(io(iso))
+}
