@@ -169,6 +169,10 @@ impl ContainerRuntime for MemoryRuntime {
             .collect())
     }
 
+    async fn flush_to_disk(&self) {
+        self.lock().calls.push("flush".into());
+    }
+
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
         let inner = self.check(format!("image_present {image}"))?;
         Ok(inner.images.iter().any(|i| i == image))

@@ -106,6 +106,8 @@ pub struct Reconciler<R> {
     pull_tx: mpsc::Sender<PullOutcome>,
     pull_rx: mpsc::Receiver<PullOutcome>,
     metrics: Arc<AgentMetrics>,
+    /// A pull finished since the last flush to disk.
+    unflushed_pulls: bool,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -131,6 +133,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             pull_tx,
             pull_rx,
             metrics: Arc::new(AgentMetrics::default()),
+            unflushed_pulls: false,
         }
     }
 
@@ -164,6 +167,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         match &outcome.result {
             Ok(took) => {
                 tracing::info!(image = %outcome.image, took = ?took, "pulled image");
+                self.unflushed_pulls = true;
                 self.metrics.pulls.get_or_create(&crate::metrics::result("ok")).inc();
                 self.event(Severity::Info, None, format!("pulled image {}", outcome.image));
             }
@@ -309,6 +313,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
         }
 
+        // Changes and finished pulls are flushed before they are reported, so what a
+        // report says the device runs survives a power cut.
+        if summary.executed > 0 || std::mem::take(&mut self.unflushed_pulls) {
+            self.runtime.flush_to_disk().await;
+        }
         // Look again so phases reflect what podman really has, not what we hoped,
         // and what the pulls started in this pass are doing.
         if summary.executed > 0 {

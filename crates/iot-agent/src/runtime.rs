@@ -111,6 +111,11 @@ pub trait ContainerRuntime: Clone + Send + Sync + 'static {
     fn unpause(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn health(&self, id: &str) -> impl Future<Output = Result<ContainerHealth, RuntimeError>> + Send;
+    /// Makes what the runtime just wrote survive a power cut. Called after a pass
+    /// that changed containers and after a pull.
+    fn flush_to_disk(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Streams events of `device`'s containers into `tx` until the stream breaks or
     /// `tx` closes.
     fn watch_events(
@@ -216,6 +221,19 @@ fn event_from(ev: PodmanEvent) -> Option<RuntimeEvent> {
 }
 
 impl ContainerRuntime for PodmanRuntime {
+    /// containers/storage does not fsync everything it writes: a device reset within
+    /// the kernel's writeback window (about 30 s) after an image load left zero-byte
+    /// layer `link` files here, and the image's containers failed with "Exec format
+    /// error" until it was loaded again (found by the VM power-cycle test). Podman
+    /// runs on this device, so a sync(2) makes its writes durable.
+    async fn flush_to_disk(&self) {
+        let started = std::time::Instant::now();
+        if let Err(e) = tokio::task::spawn_blocking(nix::unistd::sync).await {
+            tracing::warn!(error = %e, "sync after container changes failed");
+        }
+        tracing::debug!(took = ?started.elapsed(), "flushed container changes to disk");
+    }
+
     async fn ping(&self) -> Result<(), RuntimeError> {
         self.client.ping().await.map_err(|e| RuntimeError(e.to_string()))
     }

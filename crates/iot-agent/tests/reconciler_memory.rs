@@ -511,3 +511,19 @@ async fn an_interrupted_upgrade_is_settled_or_rolled_back_on_the_next_pass() {
         }
     }
 }
+
+#[tokio::test]
+async fn changes_are_flushed_to_disk_before_they_are_reported_and_idle_passes_are_not() {
+    let (mut rec, rt, _rx) = setup(&["img:1"]);
+    let flushes = |rt: &MemoryRuntime| rt.calls().iter().filter(|c| *c == "flush").count();
+    rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
+    let calls = rt.calls();
+    let start = calls.iter().position(|c| c.starts_with("start")).expect("started");
+    let flush = calls.iter().position(|c| c == "flush").expect("flushed");
+    assert!(flush > start, "flushed after the container was started: {calls:?}");
+    let after_create = flushes(&rt);
+    rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
+    assert_eq!(flushes(&rt), after_create, "nothing changed, nothing flushed");
+    rec.reconcile(&view(&[])).await;
+    assert_eq!(flushes(&rt), after_create + 1, "a removal is flushed too");
+}

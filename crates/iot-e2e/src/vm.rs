@@ -3,8 +3,6 @@
 //! connection stays on the host's loopback (the guest reaches it as 10.0.2.2).
 
 use std::path::Path;
-use std::time::Duration;
-
 use iot_launch::vm::{Arch, GuestImage, USER_NET_HOST, Vm, VmNet, VmSpec};
 use iot_provision::{DeviceProvision, StaticNetwork};
 
@@ -85,36 +83,4 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
         http_ports,
         metrics_port,
     })
-}
-
-/// One container in the guest.
-#[derive(Debug, Clone)]
-pub struct GuestContainer {
-    pub id: String,
-    pub name: String,
-    /// podman's state word: running, exited, created...
-    pub state: String,
-}
-
-/// The guest's containers (any state), listed by its own podman through the guest agent.
-pub async fn guest_containers(vm: &Vm) -> anyhow::Result<Vec<GuestContainer>> {
-    let out = vm
-        .run(&["podman", "ps", "-a", "--format", "json"], Duration::from_secs(60))
-        .await?;
-    let list: Vec<serde_json::Value> = serde_json::from_str(&out)?;
-    Ok(list
-        .iter()
-        .map(|c| GuestContainer {
-            id: c["Id"].as_str().unwrap_or_default().chars().take(12).collect(),
-            name: c["Names"][0].as_str().unwrap_or_default().to_owned(),
-            state: c["State"].as_str().unwrap_or_default().to_owned(),
-        })
-        .collect())
-}
-
-impl GuestContainer {
-    /// Container names are `<device>.<namespace>.<name>.<service>.<hash>`.
-    pub fn is_of(&self, deployment: &str) -> bool {
-        self.name.split('.').nth(2) == Some(deployment)
-    }
 }

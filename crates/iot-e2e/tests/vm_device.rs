@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DeploymentRef, Id, agent_status_key};
 use iot_e2e::stack::*;
-use iot_e2e::vm::{VmDevice, guest_containers, start_vm_device};
+use iot_e2e::vm::{VmDevice, start_vm_device};
 use iot_launch::vm::Arch;
 use iot_testkit::{cargo_bin, unique_id, wait_until};
 use kube::api::DeleteParams;
@@ -96,12 +96,12 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     // What was deleted while the device was off does not come back: eventually no
     // container of it, and for a while after, still none.
     wait_until(Duration::from_secs(120), "web's container removed after boot", || async {
-        let all = guest_containers(&dev.vm).await.ok()?;
+        let all = dev.vm.containers().await.ok()?;
         (!all.iter().any(|c| c.is_of("web"))).then_some(())
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let all = guest_containers(&dev.vm).await?;
+    let all = dev.vm.containers().await?;
     assert_eq!(all.len(), 1, "only web2 is on the device: {all:?}");
     assert!(
         iot_testkit::http::get_status("127.0.0.1", dev.http_ports[0], "/").await.is_err(),
@@ -119,7 +119,7 @@ fn apply(stack: &Stack, name: &str, device: &str, image: &str, guest_port: u16) 
 
 /// Exactly one container of the deployment, and it is running; returns its id.
 async fn running_once(dev: &VmDevice, deployment: &str) -> anyhow::Result<String> {
-    let all = guest_containers(&dev.vm).await?;
+    let all = dev.vm.containers().await?;
     let mine: Vec<_> = all.iter().filter(|c| c.is_of(deployment)).collect();
     anyhow::ensure!(mine.len() == 1, "expected one container of {deployment}, found {all:?}");
     anyhow::ensure!(mine[0].state == "running", "{deployment}'s container is not running: {all:?}");

@@ -362,6 +362,41 @@ impl Vm {
     }
 }
 
+/// One container in a VM, as its own podman lists it.
+#[derive(Debug, Clone)]
+pub struct GuestContainer {
+    /// Short (12 hex digit) id.
+    pub id: String,
+    pub name: String,
+    /// podman's state word: running, exited, created...
+    pub state: String,
+}
+
+impl GuestContainer {
+    /// The agent names containers `<device>.<namespace>.<name>.<service>.<hash>`.
+    pub fn is_of(&self, deployment: &str) -> bool {
+        self.name.split('.').nth(2) == Some(deployment)
+    }
+}
+
+impl Vm {
+    /// The guest's containers (any state), from its podman through the guest agent.
+    pub async fn containers(&self) -> anyhow::Result<Vec<GuestContainer>> {
+        let out = self
+            .run(&["podman", "ps", "-a", "--format", "json"], Duration::from_secs(60))
+            .await?;
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+        Ok(list
+            .iter()
+            .map(|c| GuestContainer {
+                id: c["Id"].as_str().unwrap_or_default().chars().take(12).collect(),
+                name: c["Names"][0].as_str().unwrap_or_default().to_owned(),
+                state: c["State"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect())
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.pull_plug();

@@ -48,6 +48,25 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+/// The architecture an ELF executable is built for (x86_64, aarch64, ...), read
+/// from its header, so a seed never carries a binary the device cannot run
+/// unnoticed.
+pub fn elf_arch(path: &Path) -> Result<&'static str, Error> {
+    let mut head = [0u8; 20];
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    f.read_exact(&mut head).map_err(io(path))?;
+    if &head[..4] != b"\x7fELF" || head[5] != 1 {
+        return Err(invalid("agent", format!("{} is not a little-endian ELF executable", path.display())));
+    }
+    Ok(match u16::from_le_bytes([head[18], head[19]]) {
+        62 => "x86_64",
+        183 => "aarch64",
+        40 => "arm",
+        243 => "riscv64",
+        _ => "an unknown architecture",
+    })
+}
+
 fn write(path: &Path, content: &str, mode: u32) -> Result<(), Error> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)

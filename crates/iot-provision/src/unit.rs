@@ -92,7 +92,11 @@ if ! echo '{agent_sha256}  {AGENT_BINARY}.new' | sha256sum --check --status; the
   exit 1
 fi
 mv {AGENT_BINARY}.new {AGENT_BINARY}
-{loads}echo \"iot-agent: installed $({AGENT_BINARY} --version)\"
+{loads}# On disk before anything runs from it: a power cut during the first minute
+# must not leave a half-written binary or image store (containers/storage does
+# not fsync all it writes).
+sync
+echo \"iot-agent: installed $({AGENT_BINARY} --version)\"
 ",
         file = crate::AGENT_FILE
     )

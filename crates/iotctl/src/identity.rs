@@ -61,6 +61,9 @@ pub enum DeviceCmd {
     },
     /// Enrolled devices.
     List,
+    /// Write the cloud-init seed that makes a stock image (VM, Raspberry Pi) a
+    /// fleet device at first boot: agent binary, settings, enrollment, systemd unit.
+    Provision(crate::provision::ProvisionArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -97,12 +100,14 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn device(bao: &BaoArgs, nats_url: &[String], cmd: &DeviceCmd) -> anyhow::Result<()> {
-    let client = bao.client()?;
+    // Provisioning is offline (it needs only the enrollment file); the rest talk
+    // to OpenBao.
+    let client = || bao.client();
     match cmd {
         DeviceCmd::Enroll { id, labels, out } => {
             let id = Id::new(id.as_str())?;
             let labels: BTreeMap<String, String> = labels.iter().cloned().collect();
-            let e = enroll::enroll_device(&client, id.as_str(), &labels)
+            let e = enroll::enroll_device(&client()?, id.as_str(), &labels)
                 .await
                 .with_context(|| format!("enrolling device {id}"))?;
             emit(&e, out.as_deref())
@@ -113,7 +118,7 @@ pub async fn device(bao: &BaoArgs, nats_url: &[String], cmd: &DeviceCmd) -> anyh
             nats_system_password,
         } => {
             let id = Id::new(id.as_str())?;
-            enroll::revoke_device(&client, id.as_str())
+            enroll::revoke_device(&client()?, id.as_str())
                 .await
                 .with_context(|| format!("revoking device {id}"))?;
             match nats_system_password {
@@ -132,8 +137,9 @@ pub async fn device(bao: &BaoArgs, nats_url: &[String], cmd: &DeviceCmd) -> anyh
             }
             Ok(())
         }
+        DeviceCmd::Provision(args) => crate::provision::provision(args),
         DeviceCmd::List => {
-            for d in enroll::list_devices(&client).await? {
+            for d in enroll::list_devices(&client()?).await? {
                 out::line(&d);
             }
             Ok(())

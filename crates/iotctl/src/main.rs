@@ -6,6 +6,7 @@
 
 mod identity;
 mod out;
+mod provision;
 mod sso;
 mod table;
 
@@ -64,7 +65,8 @@ enum Cmd {
         #[arg(short, long)]
         namespace: Option<String>,
     },
-    /// Device identities in OpenBao: enroll, revoke, list (needs BAO_ADDR, BAO_TOKEN).
+    /// Devices: enroll, revoke, list their identities in OpenBao (needs BAO_ADDR,
+    /// BAO_TOKEN); provision a seed for first boot (offline).
     Device {
         #[command(subcommand)]
         cmd: identity::DeviceCmd,

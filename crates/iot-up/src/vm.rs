@@ -1,0 +1,208 @@
+//! `--vm`: a VM device on the bridge, booted from the Debian guest image and
+//! provisioned by cloud-init exactly as a real device would be (agent binary from
+//! the seed, settings, enrollment, hardened systemd unit). TCG is slow, so boot
+//! progress is printed from the serial console as it happens.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use iot_launch::vm::{Arch, GuestImage, Vm, VmNet, VmSpec};
+use iot_provision::{AdminUser, DeviceProvision, StaticNetwork};
+
+use crate::net::{Net, run};
+use crate::say;
+
+/// A VM device while up.
+pub struct VmDevice {
+    pub id: String,
+    pub ip: String,
+    pub arch: Arch,
+    pub tap: String,
+    pub vm: Vm,
+    /// The console password of the `fleet` account (random per bring-up).
+    pub console_password: String,
+}
+
+/// Console milestones worth telling a person about, in boot order.
+const MILESTONES: [(&str, &str); 5] = [
+    ("Linux version", "kernel started"),
+    ("systemd[1]: ", "systemd running"),
+    ("running 'init-local'", "cloud-init: reading the seed"),
+    ("running 'modules:final'", "cloud-init: installing the agent"),
+    ("iot-agent: installed", "agent installed, starting under systemd"),
+];
+
+impl Net {
+    pub fn vm_id(&self, index: usize) -> String {
+        if self.name == crate::net::DEFAULT_NAME {
+            format!("vm-{index}")
+        } else {
+            format!("{}-vm-{index}", self.name)
+        }
+    }
+
+    pub fn vm_ip(&self, index: usize) -> String {
+        format!("{}.{}", self.prefix, 100 + index)
+    }
+
+    pub fn tap(&self, index: usize) -> String {
+        format!("{}t{index}", self.name)
+    }
+
+    pub fn create_tap(&self, index: usize) -> anyhow::Result<String> {
+        let tap = self.tap(index);
+        run(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        run(&["ip", "link", "set", &tap, "master", &self.bridge(), "up"])?;
+        Ok(tap)
+    }
+}
+
+/// What provisioning needs from the bring-up.
+pub struct VmLaunch<'a> {
+    pub net: &'a Net,
+    pub index: usize,
+    pub arch: Arch,
+    pub agent: &'a Path,
+    pub nats_url: String,
+    pub enrollment: Option<String>,
+    pub state_dir: &'a Path,
+}
+
+/// Writes the seed, makes the tap and powers the VM on. Returns at once: the VM
+/// boots while [`watch_boot`] reports its progress.
+pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
+    let built_for = iot_provision::elf_arch(l.agent)?;
+    anyhow::ensure!(
+        built_for == l.arch.name(),
+        "{} is built for {built_for}, the VM is {} (scripts/up.sh --vm --arch {} builds the right one)",
+        l.agent.display(),
+        l.arch.name(),
+        l.arch.name()
+    );
+    let image = GuestImage::ensure(l.arch)?;
+    let id = l.net.vm_id(l.index);
+    let ip = l.net.vm_ip(l.index);
+    let mac = iot_launch::vm::mac_for(u8::try_from(l.index)?);
+    let console_password = iot_sso_free_password();
+    let provision = DeviceProvision {
+        device_id: id.clone(),
+        nats_urls: vec![l.nats_url.clone()],
+        enrollment: l.enrollment.clone(),
+        metrics_addr: Some(format!("{ip}:{}", crate::up::AGENT_METRICS_PORT).parse()?),
+        network: Some(StaticNetwork {
+            mac: mac.clone(),
+            address: format!("{ip}/24"),
+            gateway: l.net.gateway().parse()?,
+            nameservers: vec![],
+        }),
+        admin: Some(AdminUser {
+            name: "fleet".into(),
+            password_hash: Some(crypt_sha512(&console_password)?),
+            ssh_authorized_keys: vec![],
+        }),
+        agent_env: vec![("IOT_STOP_TIMEOUT".into(), "5s".into())],
+        ..Default::default()
+    };
+    let dir = l.state_dir.join(&id);
+    let files = iot_provision::write_seed_dir(&provision, l.agent, &[image.test_images()?], &dir.join("seed"))?;
+    let seed_iso = dir.join("seed.iso");
+    iot_provision::write_seed_iso(&files, &seed_iso)?;
+    // The seed held the enrollment; the ISO keeps what the VM needs.
+    std::fs::remove_dir_all(dir.join("seed"))?;
+    let tap = l.net.create_tap(l.index)?;
+    let vm = Vm::start(VmSpec {
+        name: id.clone(),
+        image,
+        dir,
+        seed_iso,
+        net: VmNet::Tap { ifname: tap.clone() },
+        mac,
+        memory_mb: 1024,
+        cpus: 2,
+    })?;
+    Ok(VmDevice {
+        id,
+        ip,
+        arch: l.arch,
+        tap,
+        vm,
+        console_password,
+    })
+}
+
+/// Prints each boot milestone as the console shows it, until the agent is
+/// installed (or `timeout`).
+pub async fn watch_boot(d: &mut VmDevice, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut next = 0;
+    while next < MILESTONES.len() {
+        let text = d.vm.console_text();
+        while next < MILESTONES.len() && text.contains(MILESTONES[next].0) {
+            say(&format!(
+                "      {} {} ({:.0} s)",
+                d.id,
+                MILESTONES[next].1,
+                start.elapsed().as_secs_f64()
+            ));
+            next += 1;
+        }
+        if text.contains("iot-agent: no seed") || text.contains("does not match the provisioned sha256") {
+            anyhow::bail!("{}: the agent could not be installed; see {}", d.id, d.vm.console_log().display());
+        }
+        anyhow::ensure!(d.vm.is_running(), "{} powered off during boot; see {}", d.id, d.vm.console_log().display());
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "{} did not finish booting within {timeout:?}; see {}",
+            d.id,
+            d.vm.console_log().display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+/// Where up.sh puts the agent built for `arch`.
+pub fn agent_for(bin_dir: &Path, arch: Arch) -> PathBuf {
+    if arch.name() == std::env::consts::ARCH {
+        return bin_dir.join("iot-agent");
+    }
+    // bin_dir is target/release; a cross build lands in target/<triple>/release.
+    bin_dir
+        .parent()
+        .map(|target| target.join(arch.rust_target()).join("release/iot-agent"))
+        .unwrap_or_else(|| bin_dir.join("iot-agent"))
+}
+
+/// A random password for the VM's console account.
+fn iot_sso_free_password() -> String {
+    let mut bytes = [0u8; 12];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// crypt(3) SHA-512 hash of a password, as cloud-init's `hashed_passwd` wants.
+fn crypt_sha512(password: &str) -> anyhow::Result<String> {
+    let cmd = {
+        let mut c = std::process::Command::new("openssl");
+        c.args(["passwd", "-6", "-stdin"]);
+        c
+    };
+    let (ok, out, err) = iot_launch::process::run_captured(cmd, Some(password))?;
+    anyhow::ensure!(ok, "openssl passwd: {}", err.trim());
+    Ok(out.trim().to_owned())
+}
+
+/// Removes the VM's tap (the VM itself goes with its drop).
+pub fn remove_tap(net: &Net, index: usize) {
+    let tap = net.tap(index);
+    if std::process::Command::new("ip")
+        .args(["link", "show", &tap])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && let Err(e) = run(&["ip", "link", "del", &tap])
+    {
+        say(&format!("  warning: could not delete {tap}: {e}"));
+    }
+}
