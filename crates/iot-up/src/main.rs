@@ -8,6 +8,7 @@ mod out;
 mod regression;
 mod sso;
 mod up;
+mod vm;
 
 pub use out::say;
 
@@ -18,9 +19,17 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "iot-up", about = "Bring up API server, NATS, operator and devices locally")]
 struct Args {
-    /// Number of devices (each an agent in its own network namespace).
+    /// Number of devices (each an agent in its own network namespace); 0 with --vm
+    /// for the VM alone.
     #[arg(long, default_value_t = 1)]
     devices: usize,
+    /// Also bring up a VM device: the Debian guest image under qemu, provisioned
+    /// by cloud-init, on the same bridge. `--auto` then runs against the VM.
+    #[arg(long)]
+    vm: bool,
+    /// The VM's architecture (aarch64 is emulated, so it boots several times slower).
+    #[arg(long, default_value = "x86_64", requires = "vm")]
+    arch: String,
     /// Run the regression (apply -> HTTP 200 -> upgrade -> delete) and exit 0/1.
     #[arg(long)]
     auto: bool,
@@ -65,7 +74,13 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<i32> {
-    anyhow::ensure!((1..=200).contains(&args.devices), "--devices must be 1-200");
+    anyhow::ensure!(args.devices <= 200, "--devices must be 0-200");
+    anyhow::ensure!(args.devices >= 1 || args.vm, "--devices 0 needs --vm (something must be a device)");
+    let vm_arch = if args.vm {
+        Some(iot_launch::vm::Arch::parse(&args.arch)?)
+    } else {
+        None
+    };
     anyhow::ensure!(
         args.subnet.split('.').count() == 3 && args.subnet.split('.').all(|o| o.parse::<u8>().is_ok()),
         "--subnet must be three octets like 10.77.0"
@@ -114,6 +129,8 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         state_dir: args.state_dir.clone(),
         net: net.clone(),
         devices: Vec::new(),
+        vms: Vec::new(),
+        vm_arch,
         api: None,
         sso: None,
         want_sso: args.sso,

@@ -94,15 +94,17 @@ fn line(m: &mut String, text: impl AsRef<str>) {
 }
 
 pub fn print(up: &Up) {
-    let d = &up.devices[0];
+    let first = up.target().map(|(id, _)| id).unwrap_or_default();
     let mut m = String::new();
     let env = env_file(up);
     // The suggested deployment targets every device, so every curl below answers.
-    let targets: String = up
+    let all: Vec<(String, String)> = up
         .devices
         .iter()
-        .map(|d| format!(" --target-device {}", d.id))
+        .map(|d| (d.id.clone(), d.ip.clone()))
+        .chain(up.vms.iter().map(|v| (v.id.clone(), v.ip.clone())))
         .collect();
+    let targets: String = all.iter().map(|(id, _)| format!(" --target-device {id}")).collect();
     let apply = |image: &str| format!("example_iot_apply_deployment --name web{targets} --image {image} --port 8080");
     line(
         &mut m,
@@ -147,8 +149,8 @@ pub fn print(up: &Up) {
     line(&mut m, format!("  {} --wait 60s", apply("localhost/iot-web:v2")));
     line(&mut m, "  example_iot_apply_deployment --name web --delete");
     line(&mut m, format!("\n{}", out::bold("Curl the service on each device")));
-    for dev in &up.devices {
-        line(&mut m, format!("  curl http://{}:8080/        # {}", dev.ip, dev.id));
+    for (id, ip) in &all {
+        line(&mut m, format!("  curl http://{ip}:8080/        # {id}"));
     }
     line(
         &mut m,
@@ -158,33 +160,11 @@ pub fn print(up: &Up) {
         ),
     );
     line(&mut m, "  iotctl kv ls desired");
-    line(&mut m, format!("  iotctl kv get desired {} default/web", d.id));
-    line(&mut m, format!("  iotctl kv get status {}", d.id));
+    line(&mut m, format!("  iotctl kv get desired {first} default/web"));
+    line(&mut m, format!("  iotctl kv get status {first}"));
     line(&mut m, "  iotctl devices");
-    line(
-        &mut m,
-        format!(
-            "\n{} (each device has its own store)",
-            out::bold("Containers on a device")
-        ),
-    );
-    for dev in &up.devices {
-        line(
-            &mut m,
-            format!(
-                "  podman --url unix://{} ps -a       # {}",
-                dev.podman_socket.display(),
-                dev.id
-            ),
-        );
-    }
-    line(
-        &mut m,
-        format!(
-            "  nsenter --net={} ip addr   # a shell-level look inside the device",
-            up.net.netns_path(d.index)
-        ),
-    );
+    netns_section(&mut m, up);
+    vm_section(&mut m, up);
     match &up.security {
         Some(sec) => {
             line(
@@ -198,17 +178,14 @@ pub fn print(up: &Up) {
             line(
                 &mut m,
                 format!(
-                    "  iotctl device revoke {}     # its live session ends now; every connect after is refused",
-                    d.id
+                    "  iotctl device revoke {first}     # its live session ends now; every connect after is refused"
                 ),
             );
             line(
                 &mut m,
                 format!(
-                    "  iotctl device enroll {} --out {}/{}.json   # and restart its agent",
-                    d.id,
+                    "  iotctl device enroll {first} --out {}/{first}.json   # and restart its agent",
                     up.identities_dir().display(),
-                    d.id
                 ),
             );
             for c in &sec.callouts {
@@ -233,14 +210,12 @@ pub fn print(up: &Up) {
             format!("  curl -s http://{http}/metrics | grep ^iot_operator     # operator"),
         );
     }
-    for dev in &up.devices {
+    for (id, ip) in &all {
         line(
             &mut m,
             format!(
-                "  curl -s http://{}:{}/metrics | grep ^iot_agent   # {}",
-                dev.ip,
+                "  curl -s http://{ip}:{}/metrics | grep ^iot_agent   # {id}",
                 crate::up::AGENT_METRICS_PORT,
-                dev.id
             ),
         );
     }
@@ -250,6 +225,12 @@ pub fn print(up: &Up) {
         line(
             &mut m,
             format!("  tail -f {}/agent-{}.log", up.logs_dir().display(), dev.id),
+        );
+    }
+    for v in &up.vms {
+        line(
+            &mut m,
+            format!("  tail -f {}     # {}'s serial console", v.vm.console_log().display(), v.id),
         );
     }
     if let Some(api) = &up.api {
@@ -273,4 +254,59 @@ pub fn print(up: &Up) {
     }
     line(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
     crate::say(&m);
+}
+
+/// Netns devices: each has its own podman store, reachable on its socket.
+fn netns_section(m: &mut String, up: &Up) {
+    let Some(d) = up.devices.first() else { return };
+    line(
+        m,
+        format!("\n{} (each device has its own store)", out::bold("Containers on a device")),
+    );
+    for dev in &up.devices {
+        line(
+            m,
+            format!("  podman --url unix://{} ps -a       # {}", dev.podman_socket.display(), dev.id),
+        );
+    }
+    line(
+        m,
+        format!(
+            "  nsenter --net={} ip addr   # a shell-level look inside the device",
+            up.net.netns_path(d.index)
+        ),
+    );
+}
+
+/// VM devices: a machine of their own, reached on the console.
+fn vm_section(m: &mut String, up: &Up) {
+    for v in &up.vms {
+        line(
+            m,
+            format!(
+                "\n{} ({} on tap {}, {}; the agent runs under systemd, installed by cloud-init)",
+                out::bold(&format!("VM device {}", v.id)),
+                v.ip,
+                v.tap,
+                v.arch.name()
+            ),
+        );
+        line(
+            m,
+            format!(
+                "  socat -,raw,echo=0,escape=0x0f UNIX-CONNECT:{}   # console (Ctrl-O leaves); log in as fleet / {}",
+                v.vm.console_socket().display(),
+                v.console_password
+            ),
+        );
+        line(m, "  # then: sudo podman ps -a; journalctl -u iot-agent -f; systemctl status iot-agent");
+        line(
+            m,
+            format!(
+                "  echo system_reset | socat - UNIX-CONNECT:{}   # pull the power: it reboots, the agent comes back",
+                v.vm.monitor_socket().display()
+            ),
+        );
+        line(m, "  # ssh: the guest image has no ssh server; the console is the way in");
+    }
 }

@@ -122,14 +122,17 @@ impl Net {
             }
         }
         let links = run_capture(&["ip", "-o", "link", "show"]).unwrap_or_default();
-        let prefix = format!("{}v", self.name);
+        // Veths of netns devices (<name>vN) and taps of VM devices (<name>tN).
+        let prefixes = [format!("{}v", self.name), format!("{}t", self.name)];
         for veth in links
             .lines()
             .filter_map(|l| l.split(':').nth(1))
             .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
             .filter(|n| {
-                n.strip_prefix(&prefix)
-                    .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                prefixes.iter().any(|p| {
+                    n.strip_prefix(p.as_str())
+                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                })
             })
         {
             if let Err(e) = run(&["ip", "link", "del", &veth]) {

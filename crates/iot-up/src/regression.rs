@@ -28,7 +28,8 @@ pub async fn run(up: &Up) -> bool {
     let mut results: Vec<(String, Result<Duration, String>)> = Vec::new();
     for via in [Via::TypedApplier, Via::PrintedJson, Via::YamlManifest] {
         let t = Instant::now();
-        say(&format!("{} regression via {via:?}", out::step("==>")));
+        let target = up.target().map(|(id, ip)| format!("{id} ({ip})")).unwrap_or_default();
+        say(&format!("{} regression via {via:?} on {target}", out::step("==>")));
         let r = lifecycle(up, via)
             .await
             .map(|()| t.elapsed())
@@ -61,13 +62,13 @@ pub async fn run(up: &Up) -> bool {
 }
 
 async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
-    let device = &up.devices[0];
+    let (_, ip) = up.target().ok_or_else(|| anyhow::anyhow!("no device"))?;
     let kube = iot_launch::apiserver::kube_client_from(&up.kubeconfig()).await?;
     let api: Api<Deployment> = Api::namespaced(kube, "default");
 
     apply(up, via, "localhost/iot-web:v1")?;
-    wait_http(&device.ip, "v1").await?;
-    let v1 = up.device_containers(device.index, &device.id);
+    wait_http(&ip, "v1").await?;
+    let v1 = up.target_containers().await;
     anyhow::ensure!(v1.len() == 1, "expected one container after v1, found {}", v1.len());
     let hash = wait_status(&api, "v1 counted as succeeded", |s| {
         s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1)
@@ -75,14 +76,14 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
     .await?;
     say(&format!(
         "      ok v1 answers on http://{}:{PORT}/, container {}, aggregate spec {hash}",
-        device.ip,
+        ip,
         short(&v1[0])
     ));
 
     apply(up, via, "localhost/iot-web:v2")?;
-    wait_http(&device.ip, "v2").await?;
+    wait_http(&ip, "v2").await?;
     let v2 = eventually("one new container", || async {
-        let ids = up.device_containers(device.index, &device.id);
+        let ids = up.target_containers().await;
         (ids.len() == 1 && ids != v1).then_some(ids)
     })
     .await?;
@@ -100,7 +101,7 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
 
     delete(up, via)?;
     eventually("container removed", || async {
-        up.device_containers(device.index, &device.id).is_empty().then_some(())
+        up.target_containers().await.is_empty().then_some(())
     })
     .await?;
     eventually("desired-state keys removed", || async {
@@ -120,7 +121,8 @@ fn short(id: &str) -> &str {
 }
 
 fn apply(up: &Up, via: Via, image: &str) -> anyhow::Result<()> {
-    let device = &up.devices[0].id;
+    let (device, _) = up.target().ok_or_else(|| anyhow::anyhow!("no device"))?;
+    let device = device.as_str();
     let port = PORT.to_string();
     let flags = [
         "--name",

@@ -21,6 +21,9 @@ pub struct Up {
     pub state_dir: PathBuf,
     pub net: Net,
     pub devices: Vec<Device>,
+    /// VM devices (`--vm`), on the same bridge.
+    pub vms: Vec<crate::vm::VmDevice>,
+    pub vm_arch: Option<iot_launch::vm::Arch>,
     pub api: Option<ApiServer>,
     /// With `--sso`: the OIDC stand-in and the full API server (instead of `api`).
     pub sso: Option<crate::sso::Sso>,
@@ -124,7 +127,7 @@ impl Up {
     }
 
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
-        let total = if self.secure { 9 } else { 8 };
+        let total = 8 + usize::from(self.secure) + usize::from(self.vm_arch.is_some()) - usize::from(device_count == 0);
         if self.want_sso {
             let t = step(
                 1,
@@ -306,28 +309,43 @@ impl Up {
         done(t, &format!("http://{addr}"));
         n += 1;
 
-        let t = step(
-            n,
-            total,
-            &format!("{device_count} device(s): network namespace + podman service + iot-agent each"),
-        );
-        for index in 1..=device_count {
-            self.start_device(index).await?;
+        if device_count > 0 {
+            let t = step(
+                n,
+                total,
+                &format!("{device_count} device(s): network namespace + podman service + iot-agent each"),
+            );
+            for index in 1..=device_count {
+                self.start_device(index).await?;
+            }
+            for d in &mut self.devices {
+                wait_ready(d.agent.as_mut(), &d.ip, AGENT_METRICS_PORT, Duration::from_secs(60)).await?;
+            }
+            done(
+                t,
+                &self
+                    .devices
+                    .iter()
+                    .map(|d| format!("{}@{}", d.id, d.ip))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            n += 1;
         }
-        for d in &mut self.devices {
-            wait_ready(d.agent.as_mut(), &d.ip, AGENT_METRICS_PORT, Duration::from_secs(60)).await?;
+        if let Some(arch) = self.vm_arch {
+            let t = step(
+                n,
+                total,
+                &format!(
+                    "VM device ({}): Debian guest under qemu (TCG), agent installed by cloud-init from its seed",
+                    arch.name()
+                ),
+            );
+            self.start_vm(arch).await?;
+            let vm = self.vms.last().map(|v| format!("{}@{}", v.id, v.ip)).unwrap_or_default();
+            done(t, &vm);
+            n += 1;
         }
-        done(
-            t,
-            &self
-                .devices
-                .iter()
-                .map(|d| format!("{}@{}", d.id, d.ip))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
-
-        n += 1;
         let t = step(n, total, "sanity: every device has published status.<device>");
         self.wait_device_status(Duration::from_secs(60)).await?;
         done(t, "all devices reporting");
@@ -416,12 +434,75 @@ impl Up {
         Ok(())
     }
 
+    async fn start_vm(&mut self, arch: iot_launch::vm::Arch) -> anyhow::Result<()> {
+        let index = self.vms.len() + 1;
+        let id = self.net.vm_id(index);
+        let enrollment = match &self.security {
+            Some(sec) => {
+                let e = enroll::enroll_device(&sec.bao.root()?, &id, &Default::default()).await?;
+                Some(serde_json::to_string(&e)?)
+            }
+            None => None,
+        };
+        let agent = crate::vm::agent_for(&self.bin_dir, arch);
+        let mut vm = crate::vm::start(&crate::vm::VmLaunch {
+            net: &self.net,
+            index,
+            arch,
+            agent: &agent,
+            nats_url: self.nats_url(),
+            enrollment,
+            state_dir: &self.state_dir,
+        })?;
+        // TCG: about a minute on x86_64, several on aarch64.
+        let boot = crate::vm::watch_boot(&mut vm, Duration::from_secs(900)).await;
+        let ip = vm.ip.clone();
+        self.vms.push(vm);
+        boot?;
+        let start = Instant::now();
+        while iot_launch::http::get_status(&ip, AGENT_METRICS_PORT, "/readyz").await.ok() != Some(200) {
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(300),
+                "{id}'s agent not ready at http://{ip}:{AGENT_METRICS_PORT}/readyz; see its console log"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
+    /// The device the regression (and the menu's first examples) use: the VM when
+    /// there is one, since that is what `--vm` asks to exercise.
+    pub fn target(&self) -> Option<(String, String)> {
+        self.vms
+            .first()
+            .map(|v| (v.id.clone(), v.ip.clone()))
+            .or_else(|| self.devices.first().map(|d| (d.id.clone(), d.ip.clone())))
+    }
+
+    /// Container ids on the target device, as its own podman lists them.
+    pub async fn target_containers(&self) -> Vec<String> {
+        if let Some(v) = self.vms.first() {
+            return match v.vm.containers().await {
+                Ok(list) => list.into_iter().map(|c| c.id).collect(),
+                Err(e) => {
+                    crate::say(&format!("      (listing {}'s containers failed: {e:#})", v.id));
+                    Vec::new()
+                }
+            };
+        }
+        match self.devices.first() {
+            Some(d) => self.device_containers(d.index, &d.id),
+            None => Vec::new(),
+        }
+    }
+
     async fn wait_device_status(&self, timeout: Duration) -> anyhow::Result<()> {
         let conn = connect(&[self.nats_url()], self.admin_credentials().as_ref(), "iot-up", true).await?;
         let store = jetstream::new(conn.client).get_key_value(AGENT_STATUS_BUCKET).await?;
         let deadline = Instant::now() + timeout;
-        for d in &self.devices {
-            let key = agent_status_key(&Id::new(d.id.as_str())?);
+        let ids = self.devices.iter().map(|d| d.id.as_str()).chain(self.vms.iter().map(|v| v.id.as_str()));
+        for id in ids {
+            let key = agent_status_key(&Id::new(id)?);
             loop {
                 if store.get(&key).await.ok().flatten().is_some() {
                     break;
@@ -443,6 +524,10 @@ impl Up {
 
     pub fn teardown(&mut self) {
         crate::say(&format!("{} tearing down", crate::out::step("==>")));
+        // A VM is a machine of its own: its containers go with its disk.
+        for v in self.vms.drain(..) {
+            drop(v);
+        }
         for d in &mut self.devices {
             if let Some(mut a) = d.agent.take() {
                 a.stop(Duration::from_secs(5));

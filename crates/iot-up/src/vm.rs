@@ -83,7 +83,7 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
     let id = l.net.vm_id(l.index);
     let ip = l.net.vm_ip(l.index);
     let mac = iot_launch::vm::mac_for(u8::try_from(l.index)?);
-    let console_password = iot_sso_free_password();
+    let console_password = random_password();
     let provision = DeviceProvision {
         device_id: id.clone(),
         nats_urls: vec![l.nats_url.clone()],
@@ -174,7 +174,7 @@ pub fn agent_for(bin_dir: &Path, arch: Arch) -> PathBuf {
 }
 
 /// A random password for the VM's console account.
-fn iot_sso_free_password() -> String {
+fn random_password() -> String {
     let mut bytes = [0u8; 12];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut bytes);
@@ -192,17 +192,4 @@ fn crypt_sha512(password: &str) -> anyhow::Result<String> {
     let (ok, out, err) = iot_launch::process::run_captured(cmd, Some(password))?;
     anyhow::ensure!(ok, "openssl passwd: {}", err.trim());
     Ok(out.trim().to_owned())
-}
-
-/// Removes the VM's tap (the VM itself goes with its drop).
-pub fn remove_tap(net: &Net, index: usize) {
-    let tap = net.tap(index);
-    if std::process::Command::new("ip")
-        .args(["link", "show", &tap])
-        .output()
-        .is_ok_and(|o| o.status.success())
-        && let Err(e) = run(&["ip", "link", "del", &tap])
-    {
-        say(&format!("  warning: could not delete {tap}: {e}"));
-    }
 }
