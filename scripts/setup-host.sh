@@ -11,6 +11,10 @@
 #     chromium and chromium-driver for the dashboard's browser tests
 #   - the aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu, the Rust target
 #     aarch64-unknown-linux-gnu) and qemu-user-static to run what it builds
+#   - VM devices: qemu-system-x86 and qemu-system-arm 10.0 from bookworm-backports
+#     (bookworm's 7.2 conflicts with the image's backported qemu-utils; the backports
+#     source is added for this), genisoimage for cloud-init seeds, socat for the
+#     VM console; with --vm[=ARCH] also the guest image (scripts/build-guest-image.sh)
 #   - the OIDC provider standing in for Zitadel (hack/oidc): npm `oidc-provider`,
 #     pinned by package-lock.json, on Node.js >= 20 (this image ships Node 20)
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
@@ -19,16 +23,19 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 want_apiserver=0
+guest_arches=()
 for a in "$@"; do
   case "$a" in
     --apiserver) want_apiserver=1 ;;
-    *) die "unknown flag $a (known: --apiserver)" ;;
+    --vm) guest_arches+=(x86_64) ;;
+    --vm=*) guest_arches+=("${a#--vm=}") ;;
+    *) die "unknown flag $a (known: --apiserver, --vm[=x86_64|aarch64])" ;;
   esac
 done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime
-  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross genisoimage socat)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,6 +49,21 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   step "Debian packages present"
 fi
+
+# qemu 10 from bookworm-backports: bookworm's own 7.2 conflicts with the image's
+# backported qemu-utils. Backports have pin priority 100, so adding the source
+# changes nothing else on the machine.
+qemu_ok() { qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.' && command -v qemu-system-aarch64 >/dev/null; }
+if ! qemu_ok; then
+  need_root "setup-host.sh"
+  log "Installing qemu-system-x86 and qemu-system-arm from bookworm-backports (VM devices)"
+  echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/iot-bookworm-backports.list
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports \
+    qemu-system-x86 qemu-system-arm qemu-utils >/dev/null || die "installing qemu from bookworm-backports failed"
+  qemu_ok || die "qemu-system-x86_64 10.x not found after installing it"
+fi
+step "$(qemu-system-x86_64 --version | head -1)"
 
 mkdir -p "$IOT_BIN"
 if [ ! -x "$IOT_BIN/nats-server" ] || ! "$IOT_BIN/nats-server" --version 2>/dev/null | grep -q 'v2\.1[5-9]'; then
@@ -117,6 +139,10 @@ build_image() {
 build_image v1
 build_image v2
 step "test images: $(podman images --format '{{.Repository}}:{{.Tag}}' | grep iot-web | sort | tr '\n' ' ')"
+
+for arch in "${guest_arches[@]}"; do
+  "$IOT_REPO/scripts/build-guest-image.sh" --arch "$arch" >/dev/null
+done
 
 if [ "$want_apiserver" = 1 ]; then
   "$IOT_REPO/scripts/build-apiserver.sh"

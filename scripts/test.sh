@@ -4,7 +4,8 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$IOT_REPO"
 
-"$IOT_REPO/scripts/setup-host.sh" --apiserver
+# --vm: the x86_64 guest image for the VM device test (built once, then cached).
+"$IOT_REPO/scripts/setup-host.sh" --apiserver --vm
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 # Incremental caches only pay off when editing; on a CI disk they are gigabytes
 # of dead weight.
