@@ -2,9 +2,9 @@
 //! by cloud-init from a seed (`iot-provision`), on qemu's user-mode network so every
 //! connection stays on the host's loopback (the guest reaches it as 10.0.2.2).
 
-use std::path::Path;
 use iot_launch::vm::{Arch, GuestImage, USER_NET_HOST, Vm, VmNet, VmSpec};
 use iot_provision::{DeviceProvision, StaticNetwork};
+use std::path::Path;
 
 use crate::stack::Stack;
 
@@ -23,7 +23,8 @@ pub struct VmDevice {
 
 /// Rewrites a host-loopback URL into the address the guest reaches it on.
 pub fn from_guest(url: &str) -> String {
-    url.replace("127.0.0.1", USER_NET_HOST).replace("localhost", USER_NET_HOST)
+    url.replace("127.0.0.1", USER_NET_HOST)
+        .replace("localhost", USER_NET_HOST)
 }
 
 /// Enrolls a device, writes its seed (agent binary, test images for the guest's

@@ -80,6 +80,15 @@ impl Instance {
             .output()
             .expect("ip link");
         assert!(!br.status.success(), "bridge left behind");
+        let links = Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .expect("ip link");
+        let tap = format!("{}t", self.name);
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains(&tap),
+            "VM tap left behind"
+        );
         let ps = iot_testkit::podman::podman_cli(&["ps", "-a", "--format", "{{.Names}}"]).unwrap_or_default();
         assert!(
             !ps.lines().any(|n| n.starts_with(&format!("{}-device-", self.name))),
@@ -234,10 +243,12 @@ fn kept_logs(inst: &Instance) -> String {
     out
 }
 
+/// With `--vm` the regression runs against a VM device booted by cloud-init on the
+/// bridge (the netns device runs alongside); the other tests cover netns devices.
 #[test]
-fn auto_regression_passes_and_leaves_nothing_behind() -> anyhow::Result<()> {
+fn auto_regression_on_a_vm_passes_and_leaves_nothing_behind() -> anyhow::Result<()> {
     let inst = Instance::new("iott1", 78)?;
-    let out = inst.command(&["--auto"])?.output()?;
+    let out = inst.command(&["--auto", "--vm"])?.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -248,6 +259,14 @@ fn auto_regression_passes_and_leaves_nothing_behind() -> anyhow::Result<()> {
     for via in ["TypedApplier", "PrintedJson", "YamlManifest"] {
         assert!(stderr.contains(&format!("PASS {via}")), "{via} did not pass:\n{stderr}");
     }
+    assert!(
+        stderr.contains("regression via TypedApplier on iott1-vm-1 (10.78.99.101)"),
+        "the regression ran against the VM:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("agent installed, starting under systemd") && stderr.contains("iott1-vm-1: guest x86_64"),
+        "boot progress and the guest's own report:\n{stderr}"
+    );
     assert!(
         !stderr.contains('\u{1b}'),
         "colour codes in output that is not a terminal"

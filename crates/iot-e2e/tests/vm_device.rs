@@ -29,20 +29,67 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     stack.start_operator()?;
     stack.wait_operator_ready().await?;
 
+    // scripts/test-arm64-vm.sh runs this same test against an emulated arm64 guest
+    // with the cross-built agent.
+    let arch = Arch::parse(&std::env::var("IOT_VM_TEST_ARCH").unwrap_or_else(|_| "x86_64".into()))?;
+    let agent = match arch {
+        Arch::X86_64 => cargo_bin("iot-agent")?,
+        Arch::Aarch64 => iot_launch::paths::repo_root().join("target/aarch64-unknown-linux-gnu/release/iot-agent"),
+    };
+    anyhow::ensure!(
+        agent.exists(),
+        "{} missing (scripts/test-arm64-vm.sh builds it)",
+        agent.display()
+    );
     let id = unique_id("vm");
     let started = Instant::now();
-    let mut dev = start_vm_device(&stack, Arch::X86_64, &cargo_bin("iot-agent")?, &id).await?;
+    let mut dev = start_vm_device(&stack, arch, &agent, &id).await?;
     let rev = wait_for_report(&stack, &mut dev, 0).await?;
-    eprintln!("first boot to the agent's first report: {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "first boot to the agent's first report: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let machine = run(&dev.vm, &["uname", "-m"]).await?;
+    assert_eq!(machine, arch.name(), "the guest is the architecture asked for");
     let console = dev.vm.console_text();
-    assert!(console.contains("iot-agent: installed iot-agent"), "cloud-init ran the install script");
+    assert!(
+        console.contains("iot-agent: installed iot-agent"),
+        "cloud-init ran the install script"
+    );
 
     // What cloud-init installed, checked inside the guest.
-    assert_eq!(run(&dev.vm, &["systemctl", "is-enabled", "iot-agent.service"]).await?, "enabled");
-    assert_eq!(run(&dev.vm, &["systemctl", "show", "-p", "Restart", "--value", "iot-agent.service"]).await?, "on-failure");
-    assert_eq!(run(&dev.vm, &["stat", "-c", "%a %U", "/etc/iot-agent/identity.json"]).await?, "600 root");
-    assert_eq!(run(&dev.vm, &["stat", "-c", "%a %U", "/etc/iot-agent/agent.env"]).await?, "600 root");
-    let caps = run(&dev.vm, &["systemctl", "show", "-p", "CapabilityBoundingSet", "--value", "iot-agent.service"]).await?;
+    assert_eq!(
+        run(&dev.vm, &["systemctl", "is-enabled", "iot-agent.service"]).await?,
+        "enabled"
+    );
+    assert_eq!(
+        run(
+            &dev.vm,
+            &["systemctl", "show", "-p", "Restart", "--value", "iot-agent.service"]
+        )
+        .await?,
+        "on-failure"
+    );
+    assert_eq!(
+        run(&dev.vm, &["stat", "-c", "%a %U", "/etc/iot-agent/identity.json"]).await?,
+        "600 root"
+    );
+    assert_eq!(
+        run(&dev.vm, &["stat", "-c", "%a %U", "/etc/iot-agent/agent.env"]).await?,
+        "600 root"
+    );
+    let caps = run(
+        &dev.vm,
+        &[
+            "systemctl",
+            "show",
+            "-p",
+            "CapabilityBoundingSet",
+            "--value",
+            "iot-agent.service",
+        ],
+    )
+    .await?;
     assert!(caps.is_empty(), "the agent runs with no capabilities, has: {caps}");
 
     let web = DeploymentRef::new("default", "web")?;
@@ -52,13 +99,22 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     let before = running_once(&dev, "web").await?;
 
     // A crashed agent comes back: systemd's Restart=on-failure.
-    let restarts = |vm| run(vm, &["systemctl", "show", "-p", "NRestarts", "--value", "iot-agent.service"]);
+    let restarts = |vm| {
+        run(
+            vm,
+            &["systemctl", "show", "-p", "NRestarts", "--value", "iot-agent.service"],
+        )
+    };
     let n0: u32 = restarts(&dev.vm).await?.parse()?;
     run(&dev.vm, &["systemctl", "kill", "--signal=KILL", "iot-agent.service"]).await?;
-    wait_until(Duration::from_secs(60), "systemd to restart the killed agent", || async {
-        let n: u32 = restarts(&dev.vm).await.ok()?.parse().ok()?;
-        (n > n0).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "systemd to restart the killed agent",
+        || async {
+            let n: u32 = restarts(&dev.vm).await.ok()?.parse().ok()?;
+            (n > n0).then_some(())
+        },
+    )
     .await?;
     let rev = wait_for_report(&stack, &mut dev, rev).await?;
 
@@ -73,13 +129,24 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     eprintln!("hard reset to serving again: {:.1} s", reset_at.elapsed().as_secs_f64());
     let after = running_once(&dev, "web").await?;
     eprintln!("web's container across the reset: {before} -> {after}");
-    let uptime: f64 = run(&dev.vm, &["cut", "-d", " ", "-f1", "/proc/uptime"]).await?.parse()?;
-    assert!(uptime < reset_at.elapsed().as_secs_f64() + 5.0, "the guest really rebooted (uptime {uptime} s)");
-    assert_eq!(run(&dev.vm, &["systemctl", "is-active", "iot-agent.service"]).await?, "active");
+    let uptime: f64 = run(&dev.vm, &["cut", "-d", " ", "-f1", "/proc/uptime"])
+        .await?
+        .parse()?;
+    assert!(
+        uptime < reset_at.elapsed().as_secs_f64() + 5.0,
+        "the guest really rebooted (uptime {uptime} s)"
+    );
+    assert_eq!(
+        run(&dev.vm, &["systemctl", "is-active", "iot-agent.service"]).await?,
+        "active"
+    );
 
     // 2. A clean shutdown. While the device is off, web is deleted and web2 created.
     dev.vm.shut_down(Duration::from_secs(180)).await?;
-    stack.deployments("default").delete("web", &DeleteParams::default()).await?;
+    stack
+        .deployments("default")
+        .delete("web", &DeleteParams::default())
+        .await?;
     apply(&stack, "web2", &id, "localhost/iot-web:v2", 8081)?;
     wait_until(Duration::from_secs(60), "web's desired state removed", || async {
         stack.keys_of(&web).await.ok()?.is_empty().then_some(())
@@ -95,16 +162,22 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     running_once(&dev, "web2").await?;
     // What was deleted while the device was off does not come back: eventually no
     // container of it, and for a while after, still none.
-    wait_until(Duration::from_secs(120), "web's container removed after boot", || async {
-        let all = dev.vm.containers().await.ok()?;
-        (!all.iter().any(|c| c.is_of("web"))).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "web's container removed after boot",
+        || async {
+            let all = dev.vm.containers().await.ok()?;
+            (!all.iter().any(|c| c.is_of("web"))).then_some(())
+        },
+    )
     .await?;
     tokio::time::sleep(Duration::from_secs(15)).await;
     let all = dev.vm.containers().await?;
     assert_eq!(all.len(), 1, "only web2 is on the device: {all:?}");
     assert!(
-        iot_testkit::http::get_status("127.0.0.1", dev.http_ports[0], "/").await.is_err(),
+        iot_testkit::http::get_status("127.0.0.1", dev.http_ports[0], "/")
+            .await
+            .is_err(),
         "nothing answers on web's port any more"
     );
     Ok(())
@@ -112,8 +185,17 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
 
 fn apply(stack: &Stack, name: &str, device: &str, image: &str, guest_port: u16) -> anyhow::Result<()> {
     let mut cmd = stack.applier()?;
-    cmd.args(["--name", name, "--namespace", "default", "--target-device", device, "--image", image])
-        .args(["--port", &format!("{guest_port}:80")]);
+    cmd.args([
+        "--name",
+        name,
+        "--namespace",
+        "default",
+        "--target-device",
+        device,
+        "--image",
+        image,
+    ])
+    .args(["--port", &format!("{guest_port}:80")]);
     run_ok(cmd).map(drop)
 }
 
@@ -122,7 +204,10 @@ async fn running_once(dev: &VmDevice, deployment: &str) -> anyhow::Result<String
     let all = dev.vm.containers().await?;
     let mine: Vec<_> = all.iter().filter(|c| c.is_of(deployment)).collect();
     anyhow::ensure!(mine.len() == 1, "expected one container of {deployment}, found {all:?}");
-    anyhow::ensure!(mine[0].state == "running", "{deployment}'s container is not running: {all:?}");
+    anyhow::ensure!(
+        mine[0].state == "running",
+        "{deployment}'s container is not running: {all:?}"
+    );
     Ok(mine[0].id.clone())
 }
 

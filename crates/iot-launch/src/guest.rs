@@ -67,7 +67,10 @@ pub async fn exec(socket: &Path, argv: &[&str], timeout: Duration) -> anyhow::Re
         .ok_or_else(|| anyhow::anyhow!("guest-exec gave no pid: {started}"))?;
     loop {
         let status = qga
-            .call(json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}), deadline)
+            .call(
+                json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                deadline,
+            )
             .await?;
         if status["exited"].as_bool() == Some(true) {
             let text = |key: &str| -> String {
@@ -83,7 +86,11 @@ pub async fn exec(socket: &Path, argv: &[&str], timeout: Duration) -> anyhow::Re
                 stderr: text("err-data"),
             });
         }
-        anyhow::ensure!(Instant::now() < deadline, "{} still running in the guest after {timeout:?}", argv.join(" "));
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} still running in the guest after {timeout:?}",
+            argv.join(" ")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -109,7 +116,13 @@ impl Qga {
         let sync = json!({"execute": "guest-sync", "arguments": {"id": id}});
         loop {
             // Until the guest agent runs, nothing answers: retry the sync each second.
-            match qga.call_once(&sync, Instant::now() + Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()))).await {
+            match qga
+                .call_once(
+                    &sync,
+                    Instant::now() + Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
+                )
+                .await
+            {
                 Ok(v) if v.as_i64() == Some(id) => return Ok(qga),
                 Ok(_) | Err(_) if Instant::now() < deadline => continue,
                 Ok(v) => anyhow::bail!("guest agent answered {v} to a sync"),
@@ -132,7 +145,9 @@ impl Qga {
                 .await
                 .map_err(|_| anyhow::anyhow!("no answer from the guest agent"))??;
             anyhow::ensure!(n > 0, "guest agent socket closed");
-            let Ok(v) = serde_json::from_str::<Value>(line.trim()) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(line.trim()) else {
+                continue;
+            };
             if let Some(e) = v.get("error") {
                 anyhow::bail!("guest agent: {e}");
             }

@@ -75,9 +75,18 @@ impl GuestImage {
             .stderr(std::process::Stdio::inherit())
             .output()
             .map_err(|e| anyhow::anyhow!("{}: {e}", script.display()))?;
-        anyhow::ensure!(out.status.success(), "{} --arch {} failed", script.display(), arch.name());
+        anyhow::ensure!(
+            out.status.success(),
+            "{} --arch {} failed",
+            script.display(),
+            arch.name()
+        );
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        anyhow::ensure!(dir.join("done").exists(), "guest image build printed {}, which is not a finished image", dir.display());
+        anyhow::ensure!(
+            dir.join("done").exists(),
+            "guest image build printed {}, which is not a finished image",
+            dir.display()
+        );
         Ok(GuestImage { arch, dir })
     }
 
@@ -102,7 +111,12 @@ impl GuestImage {
                 .arg(store.join("run"))
                 .args(args)
                 .output()?;
-            anyhow::ensure!(out.status.success(), "podman {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            anyhow::ensure!(
+                out.status.success(),
+                "podman {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             Ok(())
         };
         for tag in ["v1", "v2"] {
@@ -116,7 +130,13 @@ impl GuestImage {
             }
             std::fs::write(root.join("www/index.html"), format!("{tag}\n"))?;
             let tar = work.path().join(format!("{tag}.tar"));
-            let out = Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").output()?;
+            let out = Command::new("tar")
+                .arg("-C")
+                .arg(&root)
+                .arg("-cf")
+                .arg(&tar)
+                .arg(".")
+                .output()?;
             anyhow::ensure!(out.status.success(), "tar: {}", String::from_utf8_lossy(&out.stderr));
             let image = format!("localhost/iot-web:{tag}");
             let tar = tar.display().to_string();
@@ -133,7 +153,15 @@ impl GuestImage {
         }
         let partial = work.path().join("images.tar");
         let partial_s = partial.display().to_string();
-        podman(&["save", "--quiet", "--multi-image-archive", "-o", &partial_s, "localhost/iot-web:v1", "localhost/iot-web:v2"])?;
+        podman(&[
+            "save",
+            "--quiet",
+            "--multi-image-archive",
+            "-o",
+            &partial_s,
+            "localhost/iot-web:v1",
+            "localhost/iot-web:v2",
+        ])?;
         // Copied next to the image, then renamed: a reader never sees half a file.
         let staged = self.dir.join(format!(".iot-web-images.{}", std::process::id()));
         std::fs::copy(&partial, &staged)?;
@@ -191,7 +219,11 @@ impl Vm {
                 .arg(&disk)
                 .output()
                 .map_err(|e| anyhow::anyhow!("qemu-img: {e} (run scripts/setup-host.sh --vm)"))?;
-            anyhow::ensure!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr).trim());
+            anyhow::ensure!(
+                out.status.success(),
+                "qemu-img create: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let mut vm = Vm {
             spec,
@@ -249,11 +281,20 @@ impl Vm {
             .arg(s.image.dir.join("vmlinuz"))
             .arg("-initrd")
             .arg(s.image.dir.join("initrd.img"))
-            .args(["-append", &format!("root=LABEL=iotroot rw console={console} net.ifnames=0 panic=10")])
+            .args([
+                "-append",
+                &format!("root=LABEL=iotroot rw console={console} net.ifnames=0 panic=10"),
+            ])
             .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", s.dir.join("disk.qcow2").display()))
+            .arg(format!(
+                "file={},if=virtio,format=qcow2",
+                s.dir.join("disk.qcow2").display()
+            ))
             .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw,readonly=on", s.seed_iso.display()))
+            .arg(format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                s.seed_iso.display()
+            ))
             .arg("-chardev")
             .arg(format!(
                 "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
@@ -265,7 +306,10 @@ impl Vm {
             .arg(format!("unix:{},server=on,wait=off", self.monitor_socket().display()))
             .args(["-device", "virtio-serial-pci"])
             .arg("-chardev")
-            .arg(format!("socket,id=qga,path={},server=on,wait=off", self.guest_agent_socket().display()))
+            .arg(format!(
+                "socket,id=qga,path={},server=on,wait=off",
+                self.guest_agent_socket().display()
+            ))
             .args(["-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0"])
             .args(["-device", "virtio-rng-pci"]);
         let netdev = match &s.net {
@@ -303,7 +347,12 @@ impl Vm {
             if self.console_text().matches(needle).count() >= count {
                 return Ok(());
             }
-            anyhow::ensure!(self.is_running(), "{} powered off; see {}", self.spec.name, self.console_log().display());
+            anyhow::ensure!(
+                self.is_running(),
+                "{} powered off; see {}",
+                self.spec.name,
+                self.console_log().display()
+            );
             anyhow::ensure!(
                 start.elapsed() < timeout,
                 "{} did not print {needle:?} within {timeout:?}; see {}",
@@ -316,7 +365,9 @@ impl Vm {
 
     /// The reset button: the guest gets no warning, as in a power cut.
     pub async fn hard_reset(&self) -> anyhow::Result<()> {
-        crate::guest::monitor(&self.monitor_socket(), "system_reset").await.map(drop)
+        crate::guest::monitor(&self.monitor_socket(), "system_reset")
+            .await
+            .map(drop)
     }
 
     /// The power button (ACPI): the guest shuts down cleanly and qemu exits.
@@ -407,4 +458,3 @@ impl Drop for Vm {
 pub fn mac_for(index: u8) -> String {
     format!("52:54:00:10:77:{index:02x}")
 }
-

@@ -109,8 +109,8 @@ impl DeviceProvision {
             return Err(invalid("nats_urls", "at least one NATS URL is needed"));
         }
         for url in &self.nats_urls {
-            let ok = ["nats://", "tls://"].iter().any(|s| url.starts_with(s))
-                && !url.contains([',', ' ', '"', '\n', '\\']);
+            let ok =
+                ["nats://", "tls://"].iter().any(|s| url.starts_with(s)) && !url.contains([',', ' ', '"', '\n', '\\']);
             if !ok {
                 return Err(invalid("nats_urls", format!("{url:?} is not a nats:// or tls:// URL")));
             }
@@ -134,14 +134,23 @@ impl DeviceProvision {
         if let Some(a) = &self.admin {
             if a.name.is_empty()
                 || a.name == "root"
-                || !a.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                || !a
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             {
-                return Err(invalid("admin.name", format!("{:?}: lowercase letters, digits, '-' (not root)", a.name)));
+                return Err(invalid(
+                    "admin.name",
+                    format!("{:?}: lowercase letters, digits, '-' (not root)", a.name),
+                ));
             }
             if let Some(h) = &a.password_hash
                 && !h.starts_with('$')
             {
-                return Err(invalid("admin.password_hash", "expected a crypt(3) hash such as `openssl passwd -6` prints"));
+                return Err(invalid(
+                    "admin.password_hash",
+                    "expected a crypt(3) hash such as `openssl passwd -6` prints",
+                ));
             }
         }
         for image in &self.preload_images {
@@ -149,21 +158,30 @@ impl DeviceProvision {
         }
         for (k, v) in &self.agent_env {
             let reserved = ["IOT_DEVICE_ID", "IOT_METRICS_ADDR"];
-            if !k.starts_with("IOT_") || !k.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
+            if !k.starts_with("IOT_")
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            {
                 return Err(invalid("agent_env", format!("{k}: only IOT_* names in capitals")));
             }
             if reserved.contains(&k.as_str()) {
                 return Err(invalid("agent_env", format!("{k} is set from its own field")));
             }
             if v.contains(['\n', '\r', '"', '\\']) {
-                return Err(invalid("agent_env", format!("{k}: value has a newline, quote or backslash")));
+                return Err(invalid(
+                    "agent_env",
+                    format!("{k}: value has a newline, quote or backslash"),
+                ));
             }
         }
         Ok(())
     }
 
     fn hostname(&self) -> String {
-        self.hostname.clone().unwrap_or_else(|| self.device_id.to_lowercase().replace('_', "-"))
+        self.hostname
+            .clone()
+            .unwrap_or_else(|| self.device_id.to_lowercase().replace('_', "-"))
     }
 
     /// The agent's settings file (systemd `EnvironmentFile`).
@@ -190,10 +208,17 @@ impl DeviceProvision {
         let mut files = vec![
             WriteFile::new(AGENT_ENV_FILE, "0600", self.agent_env_file()),
             WriteFile::new("/etc/systemd/system/iot-agent.service", "0644", agent_unit()),
-            WriteFile::new(INSTALL_SCRIPT, "0755", unit::install_script(&self.agent_sha256, &self.preload_images)),
+            WriteFile::new(
+                INSTALL_SCRIPT,
+                "0755",
+                unit::install_script(&self.agent_sha256, &self.preload_images),
+            ),
         ];
         if let Some(e) = &self.enrollment {
-            files.insert(1, WriteFile::new(AGENT_IDENTITY_FILE, "0600", format!("{}\n", e.trim_end())));
+            files.insert(
+                1,
+                WriteFile::new(AGENT_IDENTITY_FILE, "0600", format!("{}\n", e.trim_end())),
+            );
         }
         let users = match &self.admin {
             Some(a) => vec![User::admin(a)],
@@ -222,7 +247,11 @@ impl DeviceProvision {
     /// `meta-data`. The instance id is stable per device, so a reboot never runs
     /// the first-boot steps again.
     pub fn meta_data(&self) -> String {
-        format!("instance-id: iot-{}\nlocal-hostname: {}\n", self.device_id, self.hostname())
+        format!(
+            "instance-id: iot-{}\nlocal-hostname: {}\n",
+            self.device_id,
+            self.hostname()
+        )
     }
 
     /// `network-config` (version 2), if a static address is set.
@@ -245,13 +274,19 @@ impl DeviceProvision {
 impl StaticNetwork {
     fn validate(&self) -> Result<(), Error> {
         let parts: Vec<&str> = self.mac.split(':').collect();
-        if parts.len() != 6 || !parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())) {
+        if parts.len() != 6
+            || !parts
+                .iter()
+                .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
             return Err(invalid("network.mac", format!("{:?} is not a MAC address", self.mac)));
         }
-        let (ip, prefix) = self
-            .address
-            .split_once('/')
-            .ok_or_else(|| invalid("network.address", format!("{:?} needs a prefix length, e.g. /24", self.address)))?;
+        let (ip, prefix) = self.address.split_once('/').ok_or_else(|| {
+            invalid(
+                "network.address",
+                format!("{:?} needs a prefix length, e.g. /24", self.address),
+            )
+        })?;
         let ip: std::net::Ipv4Addr = ip
             .parse()
             .map_err(|_| invalid("network.address", format!("{ip:?} is not an IPv4 address")))?;
@@ -271,13 +306,17 @@ fn harmony_id(id: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(invalid("device_id", format!("{id:?}: 1-64 characters of A-Z a-z 0-9 _ -")))
+        Err(invalid(
+            "device_id",
+            format!("{id:?}: 1-64 characters of A-Z a-z 0-9 _ -"),
+        ))
     }
 }
 
 fn hostname(h: &str) -> Result<(), Error> {
     let ok = (1..=63).contains(&h.len())
-        && h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !h.starts_with('-')
         && !h.ends_with('-');
     if ok {

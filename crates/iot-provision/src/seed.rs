@@ -22,7 +22,10 @@ pub(crate) fn check_file_name(field: &'static str, name: &str) -> Result<(), Err
     if ok {
         Ok(())
     } else {
-        Err(invalid(field, format!("{name:?} is not a plain file name for the seed")))
+        Err(invalid(
+            field,
+            format!("{name:?} is not a plain file name for the seed"),
+        ))
     }
 }
 
@@ -56,7 +59,10 @@ pub fn elf_arch(path: &Path) -> Result<&'static str, Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
     f.read_exact(&mut head).map_err(io(path))?;
     if &head[..4] != b"\x7fELF" || head[5] != 1 {
-        return Err(invalid("agent", format!("{} is not a little-endian ELF executable", path.display())));
+        return Err(invalid(
+            "agent",
+            format!("{} is not a little-endian ELF executable", path.display()),
+        ));
     }
     Ok(match u16::from_le_bytes([head[18], head[19]]) {
         62 => "x86_64",
@@ -94,7 +100,11 @@ pub fn write_seed_dir(
     p.agent_sha256 = sha256_file(agent)?;
     p.preload_images = images
         .iter()
-        .map(|i| i.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .map(|i| {
+            i.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
         .collect();
     let user_data = p.user_data()?;
     let network = p.network_config()?;
@@ -119,7 +129,13 @@ pub fn write_seed_dir(
             }
         }
     }
-    for (src, name) in std::iter::once((agent, AGENT_FILE)).chain(images.iter().map(PathBuf::as_path).zip(&p.preload_images).map(|(s, n)| (s, n.as_str()))) {
+    for (src, name) in std::iter::once((agent, AGENT_FILE)).chain(
+        images
+            .iter()
+            .map(PathBuf::as_path)
+            .zip(&p.preload_images)
+            .map(|(s, n)| (s, n.as_str())),
+    ) {
         let dst = dir.join(name);
         std::fs::copy(src, &dst).map_err(io(src))?;
         files.push(dst);
@@ -131,7 +147,16 @@ pub fn write_seed_dir(
 /// cloud-init's NoCloud looks for), with `genisoimage` (as `cloud-localds` does).
 pub fn write_seed_iso(files: &[PathBuf], iso: &Path) -> Result<(), Error> {
     let out = Command::new("genisoimage")
-        .args(["-quiet", "-volid", "cidata", "-joliet", "-rock", "-input-charset", "utf-8", "-output"])
+        .args([
+            "-quiet",
+            "-volid",
+            "cidata",
+            "-joliet",
+            "-rock",
+            "-input-charset",
+            "utf-8",
+            "-output",
+        ])
         .arg(iso)
         .args(files)
         .output()

@@ -30,7 +30,10 @@ fn device() -> DeviceProvision {
 
 fn parsed(p: &DeviceProvision) -> Value {
     let text = p.user_data().expect("user-data");
-    assert!(text.starts_with("#cloud-config\n"), "cloud-init ignores user-data without the header");
+    assert!(
+        text.starts_with("#cloud-config\n"),
+        "cloud-init ignores user-data without the header"
+    );
     serde_yaml_ng::from_str(&text).expect("user-data is YAML")
 }
 
@@ -62,7 +65,13 @@ fn user_data_installs_the_agent_config_identity_and_unit() {
     assert_eq!(parsed["secret_id"], "s3cret");
     let unit = file(&doc, "/etc/systemd/system/iot-agent.service");
     let unit = unit["content"].as_str().expect("unit");
-    for line in ["Restart=on-failure", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n", "ProtectSystem=strict", "WantedBy=multi-user.target"] {
+    for line in [
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=\n",
+        "ProtectSystem=strict",
+        "WantedBy=multi-user.target",
+    ] {
         assert!(unit.contains(line), "unit lacks {line:?}");
     }
     let script = file(&doc, INSTALL_SCRIPT);
@@ -72,7 +81,10 @@ fn user_data_installs_the_agent_config_identity_and_unit() {
     assert!(script.contains("podman load --quiet --input \"$src/images.tar\""));
     let runcmd: Vec<Vec<String>> = serde_yaml_ng::from_value(doc["runcmd"].clone()).expect("runcmd");
     assert_eq!(runcmd[0], vec![INSTALL_SCRIPT.to_owned()]);
-    assert_eq!(runcmd.last().map(|c| c.join(" ")).as_deref(), Some("systemctl enable --now podman.socket iot-agent.service"));
+    assert_eq!(
+        runcmd.last().map(|c| c.join(" ")).as_deref(),
+        Some("systemctl enable --now podman.socket iot-agent.service")
+    );
     let user = &doc["users"][0];
     assert_eq!(user["name"].as_str(), Some("fleet"));
     assert_eq!(user["lock_passwd"].as_bool(), Some(false));
@@ -94,7 +106,10 @@ fn without_enrollment_no_identity_file_is_written_or_named() {
 #[test]
 fn meta_data_keeps_one_instance_id_per_device() {
     let p = device();
-    assert_eq!(p.meta_data(), "instance-id: iot-pi-kitchen_1\nlocal-hostname: pi-kitchen-1\n");
+    assert_eq!(
+        p.meta_data(),
+        "instance-id: iot-pi-kitchen_1\nlocal-hostname: pi-kitchen-1\n"
+    );
 }
 
 #[test]
@@ -113,23 +128,77 @@ fn network_config_matches_the_mac_and_sets_the_address() {
 
 #[test]
 fn bad_fields_are_named() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut DeviceProvision)>)> = vec![
+    type Breakage = Box<dyn Fn(&mut DeviceProvision)>;
+    let cases: Vec<(&str, Breakage)> = vec![
         ("device_id", Box::new(|p| p.device_id = "pi kitchen".into())),
         ("nats_urls", Box::new(|p| p.nats_urls = vec![])),
-        ("nats_urls", Box::new(|p| p.nats_urls = vec!["nats://127.0.0.1:4222".into()])),
+        (
+            "nats_urls",
+            Box::new(|p| p.nats_urls = vec!["nats://127.0.0.1:4222".into()]),
+        ),
         ("nats_urls", Box::new(|p| p.nats_urls = vec!["http://x:1".into()])),
         ("enrollment", Box::new(|p| p.enrollment = Some("role_id=x".into()))),
         ("agent_sha256", Box::new(|p| p.agent_sha256 = "abc".into())),
-        ("network.mac", Box::new(|p| if let Some(n) = &mut p.network { n.mac = "52:54:00".into() })),
-        ("network.address", Box::new(|p| if let Some(n) = &mut p.network { n.address = "10.77.0.101".into() })),
-        ("network.gateway", Box::new(|p| if let Some(n) = &mut p.network { n.gateway = "10.77.0.101".parse().expect("ip") })),
-        ("admin.name", Box::new(|p| if let Some(a) = &mut p.admin { a.name = "root".into() })),
-        ("admin.password_hash", Box::new(|p| if let Some(a) = &mut p.admin { a.password_hash = Some("hunter2".into()) })),
-        ("preload_images", Box::new(|p| p.preload_images = vec!["../etc/passwd".into()])),
-        ("preload_images", Box::new(|p| p.preload_images = vec!["user-data".into()])),
-        ("agent_env", Box::new(|p| p.agent_env = vec![("PATH".into(), "/tmp".into())])),
-        ("agent_env", Box::new(|p| p.agent_env = vec![("IOT_DEVICE_ID".into(), "other".into())])),
-        ("agent_env", Box::new(|p| p.agent_env = vec![("IOT_X".into(), "a\nNATS_URL=evil".into())])),
+        (
+            "network.mac",
+            Box::new(|p| {
+                if let Some(n) = &mut p.network {
+                    n.mac = "52:54:00".into()
+                }
+            }),
+        ),
+        (
+            "network.address",
+            Box::new(|p| {
+                if let Some(n) = &mut p.network {
+                    n.address = "10.77.0.101".into()
+                }
+            }),
+        ),
+        (
+            "network.gateway",
+            Box::new(|p| {
+                if let Some(n) = &mut p.network {
+                    n.gateway = "10.77.0.101".parse().expect("ip")
+                }
+            }),
+        ),
+        (
+            "admin.name",
+            Box::new(|p| {
+                if let Some(a) = &mut p.admin {
+                    a.name = "root".into()
+                }
+            }),
+        ),
+        (
+            "admin.password_hash",
+            Box::new(|p| {
+                if let Some(a) = &mut p.admin {
+                    a.password_hash = Some("hunter2".into())
+                }
+            }),
+        ),
+        (
+            "preload_images",
+            Box::new(|p| p.preload_images = vec!["../etc/passwd".into()]),
+        ),
+        (
+            "preload_images",
+            Box::new(|p| p.preload_images = vec!["user-data".into()]),
+        ),
+        (
+            "agent_env",
+            Box::new(|p| p.agent_env = vec![("PATH".into(), "/tmp".into())]),
+        ),
+        (
+            "agent_env",
+            Box::new(|p| p.agent_env = vec![("IOT_DEVICE_ID".into(), "other".into())]),
+        ),
+        (
+            "agent_env",
+            Box::new(|p| p.agent_env = vec![("IOT_X".into(), "a\nNATS_URL=evil".into())]),
+        ),
         ("hostname", Box::new(|p| p.hostname = Some("Kitchen".into()))),
     ];
     for (field, break_it) in cases {
@@ -163,24 +232,41 @@ fn seed_dir_is_private_and_carries_the_checked_binary() {
         .iter()
         .map(|f| f.file_name().expect("name").to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, ["user-data", "meta-data", "network-config", "iot-agent", "images.tar"]);
+    assert_eq!(
+        names,
+        ["user-data", "meta-data", "network-config", "iot-agent", "images.tar"]
+    );
     let mode = |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join("user-data")), 0o600);
     let want = sha256_file(&agent).expect("sha");
     let user_data = std::fs::read_to_string(dir.join("user-data")).expect("read");
-    assert!(user_data.contains(&want), "the seed's user-data checks the binary it carries");
-    assert_eq!(std::fs::read(dir.join("iot-agent")).expect("copy"), b"#!/bin/sh\necho agent\n");
+    assert!(
+        user_data.contains(&want),
+        "the seed's user-data checks the binary it carries"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("iot-agent")).expect("copy"),
+        b"#!/bin/sh\necho agent\n"
+    );
 
     // The ISO, if genisoimage is here (scripts/setup-host.sh installs it).
-    if std::process::Command::new("genisoimage").arg("-version").output().is_ok() {
+    if std::process::Command::new("genisoimage")
+        .arg("-version")
+        .output()
+        .is_ok()
+    {
         let iso = tmp.path().join("seed.iso");
         write_seed_iso(&files, &iso).expect("iso");
         let bytes = std::fs::read(&iso).expect("iso bytes");
         // ISO 9660 primary volume descriptor at 32 KiB: type 1, "CD001", then the
         // volume id at offset 40 (space padded).
         assert_eq!(&bytes[0x8001..0x8006], b"CD001");
-        assert_eq!(&bytes[0x8028..0x802e], b"cidata", "cloud-init finds the seed by this label");
+        assert_eq!(
+            &bytes[0x8028..0x802e],
+            b"cidata",
+            "cloud-init finds the seed by this label"
+        );
         assert_eq!(mode(&iso), 0o600);
     }
 }
@@ -200,11 +286,18 @@ fn a_tampered_binary_is_refused_by_the_install_script() {
             .replace("/dev/disk/by-label/", &format!("{}/no-such-", tmp.path().display()))
             .replace("/boot/firmware", &seed.display().to_string())
             .replace(AGENT_BINARY, &bin.display().to_string());
-        std::process::Command::new("sh").arg("-c").arg(script).output().expect("sh")
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("sh")
     };
     let out = run(&"0".repeat(64));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not match"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match"),
+        "{out:?}"
+    );
     assert!(!bin.exists(), "nothing installed");
     let out = run(&good);
     assert!(out.status.success(), "{out:?}");

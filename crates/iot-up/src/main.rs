@@ -75,7 +75,10 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(args.devices <= 200, "--devices must be 0-200");
-    anyhow::ensure!(args.devices >= 1 || args.vm, "--devices 0 needs --vm (something must be a device)");
+    anyhow::ensure!(
+        args.devices >= 1 || args.vm,
+        "--devices 0 needs --vm (something must be a device)"
+    );
     let vm_arch = if args.vm {
         Some(iot_launch::vm::Arch::parse(&args.arch)?)
     } else {

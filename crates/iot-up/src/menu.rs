@@ -230,7 +230,11 @@ pub fn print(up: &Up) {
     for v in &up.vms {
         line(
             &mut m,
-            format!("  tail -f {}     # {}'s serial console", v.vm.console_log().display(), v.id),
+            format!(
+                "  tail -f {}     # {}'s serial console",
+                v.vm.console_log().display(),
+                v.id
+            ),
         );
     }
     if let Some(api) = &up.api {
@@ -261,12 +265,19 @@ fn netns_section(m: &mut String, up: &Up) {
     let Some(d) = up.devices.first() else { return };
     line(
         m,
-        format!("\n{} (each device has its own store)", out::bold("Containers on a device")),
+        format!(
+            "\n{} (each device has its own store)",
+            out::bold("Containers on a device")
+        ),
     );
     for dev in &up.devices {
         line(
             m,
-            format!("  podman --url unix://{} ps -a       # {}", dev.podman_socket.display(), dev.id),
+            format!(
+                "  podman --url unix://{} ps -a       # {}",
+                dev.podman_socket.display(),
+                dev.id
+            ),
         );
     }
     line(
@@ -299,7 +310,10 @@ fn vm_section(m: &mut String, up: &Up) {
                 v.console_password
             ),
         );
-        line(m, "  # then: sudo podman ps -a; journalctl -u iot-agent -f; systemctl status iot-agent");
+        line(
+            m,
+            "  # then: sudo podman ps -a; journalctl -u iot-agent -f; systemctl status iot-agent",
+        );
         line(
             m,
             format!(
@@ -307,6 +321,9 @@ fn vm_section(m: &mut String, up: &Up) {
                 v.vm.monitor_socket().display()
             ),
         );
-        line(m, "  # ssh: the guest image has no ssh server; the console is the way in");
+        line(
+            m,
+            "  # ssh: the guest image has no ssh server; the console is the way in",
+        );
     }
 }

@@ -53,6 +53,12 @@ pub async fn run(up: &Up) -> bool {
             }
         }
     }
+    for v in &up.vms {
+        match crate::vm::report_facts(v).await {
+            Ok(facts) => say(&format!("  {facts}")),
+            Err(e) => say(&format!("  {}: no facts from the guest: {e:#}", v.id)),
+        }
+    }
     say(&if ok {
         out::good("ALL PASSED")
     } else {

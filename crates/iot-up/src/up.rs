@@ -342,7 +342,11 @@ impl Up {
                 ),
             );
             self.start_vm(arch).await?;
-            let vm = self.vms.last().map(|v| format!("{}@{}", v.id, v.ip)).unwrap_or_default();
+            let vm = self
+                .vms
+                .last()
+                .map(|v| format!("{}@{}", v.id, v.ip))
+                .unwrap_or_default();
             done(t, &vm);
             n += 1;
         }
@@ -455,17 +459,25 @@ impl Up {
             state_dir: &self.state_dir,
         })?;
         // TCG: about a minute on x86_64, several on aarch64.
+        let powered_on = Instant::now();
         let boot = crate::vm::watch_boot(&mut vm, Duration::from_secs(900)).await;
         let ip = vm.ip.clone();
         self.vms.push(vm);
         boot?;
         let start = Instant::now();
-        while iot_launch::http::get_status(&ip, AGENT_METRICS_PORT, "/readyz").await.ok() != Some(200) {
+        while iot_launch::http::get_status(&ip, AGENT_METRICS_PORT, "/readyz")
+            .await
+            .ok()
+            != Some(200)
+        {
             anyhow::ensure!(
                 start.elapsed() < Duration::from_secs(300),
                 "{id}'s agent not ready at http://{ip}:{AGENT_METRICS_PORT}/readyz; see its console log"
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if let Some(v) = self.vms.last_mut() {
+            v.boot_to_ready = Some(powered_on.elapsed());
         }
         Ok(())
     }
@@ -500,7 +512,11 @@ impl Up {
         let conn = connect(&[self.nats_url()], self.admin_credentials().as_ref(), "iot-up", true).await?;
         let store = jetstream::new(conn.client).get_key_value(AGENT_STATUS_BUCKET).await?;
         let deadline = Instant::now() + timeout;
-        let ids = self.devices.iter().map(|d| d.id.as_str()).chain(self.vms.iter().map(|v| v.id.as_str()));
+        let ids = self
+            .devices
+            .iter()
+            .map(|d| d.id.as_str())
+            .chain(self.vms.iter().map(|v| v.id.as_str()));
         for id in ids {
             let key = agent_status_key(&Id::new(id)?);
             loop {

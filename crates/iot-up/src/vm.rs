@@ -21,6 +21,8 @@ pub struct VmDevice {
     pub vm: Vm,
     /// The console password of the `fleet` account (random per bring-up).
     pub console_password: String,
+    /// Power-on to the agent's first `/readyz` 200.
+    pub boot_to_ready: Option<Duration>,
 }
 
 /// Console milestones worth telling a person about, in boot order.
@@ -127,6 +129,7 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         tap,
         vm,
         console_password,
+        boot_to_ready: None,
     })
 }
 
@@ -147,9 +150,18 @@ pub async fn watch_boot(d: &mut VmDevice, timeout: Duration) -> anyhow::Result<(
             next += 1;
         }
         if text.contains("iot-agent: no seed") || text.contains("does not match the provisioned sha256") {
-            anyhow::bail!("{}: the agent could not be installed; see {}", d.id, d.vm.console_log().display());
+            anyhow::bail!(
+                "{}: the agent could not be installed; see {}",
+                d.id,
+                d.vm.console_log().display()
+            );
         }
-        anyhow::ensure!(d.vm.is_running(), "{} powered off during boot; see {}", d.id, d.vm.console_log().display());
+        anyhow::ensure!(
+            d.vm.is_running(),
+            "{} powered off during boot; see {}",
+            d.id,
+            d.vm.console_log().display()
+        );
         anyhow::ensure!(
             start.elapsed() < timeout,
             "{} did not finish booting within {timeout:?}; see {}",
@@ -192,4 +204,33 @@ fn crypt_sha512(password: &str) -> anyhow::Result<String> {
     let (ok, out, err) = iot_launch::process::run_captured(cmd, Some(password))?;
     anyhow::ensure!(ok, "openssl passwd: {}", err.trim());
     Ok(out.trim().to_owned())
+}
+
+/// What the device itself says, for BENCHMARKS.md: its architecture, the agent's
+/// resident memory and binary size, and how long the boot took.
+pub async fn report_facts(d: &VmDevice) -> anyhow::Result<String> {
+    let t = Duration::from_secs(60);
+    let machine = d.vm.run(&["uname", "-m"], t).await?;
+    let pid =
+        d.vm.run(
+            &["systemctl", "show", "-p", "MainPID", "--value", "iot-agent.service"],
+            t,
+        )
+        .await?;
+    let status = d.vm.run(&["cat", &format!("/proc/{}/status", pid.trim())], t).await?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| "?".into());
+    let size = d.vm.run(&["stat", "-c", "%s", iot_provision::AGENT_BINARY], t).await?;
+    Ok(format!(
+        "{}: guest {}, agent VmRSS {rss} after the regression, binary {} bytes, power-on to agent ready {}",
+        d.id,
+        machine.trim(),
+        size.trim(),
+        d.boot_to_ready
+            .map(|b| format!("{:.0} s", b.as_secs_f64()))
+            .unwrap_or_else(|| "?".into())
+    ))
 }

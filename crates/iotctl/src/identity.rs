@@ -63,7 +63,7 @@ pub enum DeviceCmd {
     List,
     /// Write the cloud-init seed that makes a stock image (VM, Raspberry Pi) a
     /// fleet device at first boot: agent binary, settings, enrollment, systemd unit.
-    Provision(crate::provision::ProvisionArgs),
+    Provision(Box<crate::provision::ProvisionArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -120,6 +120,8 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
     if provision.enrollment.is_none() {
         out::warn("no --enrollment: the agent will connect to NATS without credentials");
     }
-    out::warn("user-data holds the device's enrollment secret: keep the seed private and delete it once the device has booted");
+    out::warn(
+        "user-data holds the device's enrollment secret: keep the seed private and delete it once the device has booted",
+    );
     Ok(())
 }
