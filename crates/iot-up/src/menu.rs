@@ -181,13 +181,25 @@ pub fn print(up: &Up) {
                     "  iotctl device revoke {first}     # its live session ends now; every connect after is refused"
                 ),
             );
-            line(
-                &mut m,
-                format!(
-                    "  iotctl device enroll {first} --out {}/{first}.json   # and restart its agent",
-                    up.identities_dir().display(),
-                ),
-            );
+            if let Some(d) = up.devices.first() {
+                line(
+                    &mut m,
+                    format!(
+                        "  iotctl device enroll {0} --out {1}/{0}.json   # and restart its agent",
+                        d.id,
+                        up.identities_dir().display(),
+                    ),
+                );
+            }
+            if let Some(v) = up.vms.first() {
+                line(
+                    &mut m,
+                    format!(
+                        "  iotctl device enroll {0} --out {0}.json   # a VM gets it in a new seed: iotctl device provision {0} --enrollment {0}.json ...",
+                        v.id
+                    ),
+                );
+            }
             for c in &sec.callouts {
                 line(
                     &mut m,
@@ -317,7 +329,7 @@ fn vm_section(m: &mut String, up: &Up) {
         line(
             m,
             format!(
-                "  echo system_reset | socat - UNIX-CONNECT:{}   # pull the power: it reboots, the agent comes back",
+                "  echo system_reset | socat - UNIX-CONNECT:{} >/dev/null   # pull the power: it reboots, the agent comes back",
                 v.vm.monitor_socket().display()
             ),
         );
