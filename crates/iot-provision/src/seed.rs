@@ -55,10 +55,10 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
 /// from its header, so a seed never carries a binary the device cannot run
 /// unnoticed.
 pub fn elf_arch(path: &Path) -> Result<&'static str, Error> {
-    let mut head = [0u8; 20];
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    f.read_exact(&mut head).map_err(io(path))?;
-    if &head[..4] != b"\x7fELF" || head[5] != 1 {
+    let mut head = Vec::with_capacity(20);
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    f.take(20).read_to_end(&mut head).map_err(io(path))?;
+    if head.len() < 20 || &head[..4] != b"\x7fELF" || head[5] != 1 {
         return Err(invalid(
             "agent",
             format!("{} is not a little-endian ELF executable", path.display()),
