@@ -7,9 +7,11 @@ IOT_VENV="$IOT_CACHE/venv"
 IOT_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export IOT_CACHE IOT_BIN IOT_VENV IOT_REPO
 
-log()  { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
-step() { printf '\033[1;34m  ->\033[0m %s\n' "$*" >&2; }
-die()  { printf '\033[1;31mERROR:\033[0m %s\n' "$*" >&2; exit 1; }
+# Colours only for a terminal: a log file or a pipe gets plain text.
+if [ -t 2 ]; then _blue=$'\033[1;34m' _red=$'\033[1;31m' _off=$'\033[0m'; else _blue='' _red='' _off=''; fi
+log()  { printf '%s==>%s %s\n' "$_blue" "$_off" "$*" >&2; }
+step() { printf '%s  ->%s %s\n' "$_blue" "$_off" "$*" >&2; }
+die()  { printf '%sERROR:%s %s\n' "$_red" "$_off" "$*" >&2; exit 1; }
 
 need_root() {
   [ "$(id -u)" = 0 ] || die "$1 must run as root (it installs Debian packages)"
