@@ -58,7 +58,7 @@ pub async fn exec(socket: &Path, argv: &[&str], timeout: Duration) -> anyhow::Re
     let mut qga = Qga::connect(socket, deadline).await?;
     let started = qga
         .call(
-            json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}}),
+            &json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}}),
             deadline,
         )
         .await?;
@@ -68,7 +68,7 @@ pub async fn exec(socket: &Path, argv: &[&str], timeout: Duration) -> anyhow::Re
     loop {
         let status = qga
             .call(
-                json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
+                &json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}),
                 deadline,
             )
             .await?;
@@ -112,17 +112,15 @@ impl Qga {
             reader: BufReader::new(r),
             writer: w,
         };
-        let id = i64::from(std::process::id()) * 1000 + i64::from(Instant::now().elapsed().subsec_micros() % 1000);
+        // Unique per connection, so an answer to an earlier client's sync never matches.
+        static SYNCS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+        let id = i64::from(std::process::id()) * 1_000_000 + SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sync = json!({"execute": "guest-sync", "arguments": {"id": id}});
         loop {
             // Until the guest agent runs, nothing answers: retry the sync each second.
-            match qga
-                .call_once(
-                    &sync,
-                    Instant::now() + Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
-                )
-                .await
-            {
+            let try_until =
+                Instant::now() + Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()));
+            match qga.call(&sync, try_until).await {
                 Ok(v) if v.as_i64() == Some(id) => return Ok(qga),
                 Ok(_) | Err(_) if Instant::now() < deadline => continue,
                 Ok(v) => anyhow::bail!("guest agent answered {v} to a sync"),
@@ -131,11 +129,7 @@ impl Qga {
         }
     }
 
-    async fn call(&mut self, request: Value, deadline: Instant) -> anyhow::Result<Value> {
-        self.call_once(&request, deadline).await
-    }
-
-    async fn call_once(&mut self, request: &Value, deadline: Instant) -> anyhow::Result<Value> {
+    async fn call(&mut self, request: &Value, deadline: Instant) -> anyhow::Result<Value> {
         self.writer.write_all(format!("{request}\n").as_bytes()).await?;
         let mut line = String::new();
         loop {
