@@ -153,6 +153,25 @@ async fn guard(
     Ok((sid, shared))
 }
 
+/// The person's token for the API server, refreshed if need be. A session that
+/// cannot give one (the refresh token was revoked, say) is ended, and the person
+/// is asked to sign in again.
+async fn token_or_sign_in(auth: &Auth, sid: &str, session: &mut auth::UserSession) -> Result<String, Response> {
+    match auth.token(session).await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            // Only the session table is locked here, never this session.
+            auth.end(sid);
+            Err(message_page(
+                StatusCode::UNAUTHORIZED,
+                "Sign in again",
+                &e.to_string(),
+                Some(("/login", "Sign in")),
+            ))
+        }
+    }
+}
+
 /// scheme://host[:port] of a URL.
 fn origin_of(url: &str) -> &str {
     let host_start = url.find("://").map_or(0, |i| i + 3);
@@ -270,18 +289,9 @@ async fn edit(
         Err(r) => return r,
     };
     let mut session = shared.lock().await;
-    let token = match auth.token(&mut session).await {
+    let token = match token_or_sign_in(&auth, &sid, &mut session).await {
         Ok(t) => t,
-        Err(e) => {
-            drop(session);
-            auth.end(&sid);
-            return message_page(
-                StatusCode::UNAUTHORIZED,
-                "Sign in again",
-                &e.to_string(),
-                Some(("/login", "Sign in")),
-            );
-        }
+        Err(r) => return r,
     };
     let outcome = async {
         let client = auth.client_as(&token).map_err(refusal)?;
@@ -339,18 +349,9 @@ pub async fn delete(
         });
         return Redirect::to(&back).into_response();
     }
-    let token = match auth.token(&mut session).await {
+    let token = match token_or_sign_in(&auth, &sid, &mut session).await {
         Ok(t) => t,
-        Err(e) => {
-            drop(session);
-            auth.end(&sid);
-            return message_page(
-                StatusCode::UNAUTHORIZED,
-                "Sign in again",
-                &e.to_string(),
-                Some(("/login", "Sign in")),
-            );
-        }
+        Err(r) => return r,
     };
     let outcome = match auth.client_as(&token) {
         Ok(client) => Api::<Deployment>::namespaced(client, &ns)
