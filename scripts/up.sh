@@ -19,6 +19,7 @@ for a in "$@"; do
   [ "$prev" = "--arch" ] && vm_arch=$a
   prev=$a
 done
+case "$vm_arch" in arm64) vm_arch=aarch64 ;; amd64) vm_arch=x86_64 ;; esac
 [ "$want_vm" = 1 ] || vm_arch=""
 "$IOT_REPO/scripts/setup-host.sh" --apiserver ${vm_arch:+--vm=$vm_arch}
 log "Building release binaries (first time: a few minutes)"

@@ -315,7 +315,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
 
         // Changes and finished pulls are flushed before they are reported, so what a
         // report says the device runs survives a power cut.
-        if summary.executed > 0 || std::mem::take(&mut self.unflushed_pulls) {
+        let pulled = std::mem::take(&mut self.unflushed_pulls);
+        if summary.executed > 0 || pulled {
             self.runtime.flush_to_disk().await;
         }
         // Look again so phases reflect what podman really has, not what we hoped,

@@ -84,7 +84,7 @@ impl Instance {
             .args(["-o", "link", "show"])
             .output()
             .expect("ip link");
-        let tap = format!("{}t", self.name);
+        let tap = format!("{}-t", self.name);
         assert!(
             !String::from_utf8_lossy(&links.stdout).contains(&tap),
             "VM tap left behind"

@@ -44,7 +44,7 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     let id = unique_id("vm");
     let started = Instant::now();
     let mut dev = start_vm_device(&stack, arch, &agent, &id).await?;
-    let rev = wait_for_report(&stack, &mut dev, 0).await?;
+    wait_for_report(&stack, &mut dev, 0).await?;
     eprintln!(
         "first boot to the agent's first report: {:.1} s",
         started.elapsed().as_secs_f64()
@@ -107,6 +107,9 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     };
     let n0: u32 = restarts(&dev.vm).await?.parse()?;
     run(&dev.vm, &["systemctl", "kill", "--signal=KILL", "iot-agent.service"]).await?;
+    // Read after the kill (systemd waits 5 s before the restart): the next report
+    // can only come from the restarted agent.
+    let rev = latest_report(&stack, &dev.id).await?;
     wait_until(
         Duration::from_secs(60),
         "systemd to restart the killed agent",
@@ -116,14 +119,16 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
         },
     )
     .await?;
-    let rev = wait_for_report(&stack, &mut dev, rev).await?;
+    wait_for_report(&stack, &mut dev, rev).await?;
 
     // 1. The reset button. The device falls silent, is counted unreported, then
     //    comes back with the same one container.
     dev.vm.hard_reset().await?;
     let reset_at = Instant::now();
     wait_counts(&stack, "web", "the silent device counted unreported", 0, 1).await?;
-    let rev = wait_for_report(&stack, &mut dev, rev).await?;
+    // Silent for 15 s by now: the next report is the rebooted device's.
+    let rev = latest_report(&stack, &dev.id).await?;
+    wait_for_report(&stack, &mut dev, rev).await?;
     iot_testkit::http::wait_http("127.0.0.1", dev.http_ports[0], "v1", BOOT).await?;
     wait_counts(&stack, "web", "web converged after the reset", 1, 0).await?;
     eprintln!("hard reset to serving again: {:.1} s", reset_at.elapsed().as_secs_f64());
@@ -143,6 +148,7 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
 
     // 2. A clean shutdown. While the device is off, web is deleted and web2 created.
     dev.vm.shut_down(Duration::from_secs(180)).await?;
+    let rev = latest_report(&stack, &dev.id).await?;
     stack
         .deployments("default")
         .delete("web", &DeleteParams::default())
@@ -209,6 +215,12 @@ async fn running_once(dev: &VmDevice, deployment: &str) -> anyhow::Result<String
         "{deployment}'s container is not running: {all:?}"
     );
     Ok(mine[0].id.clone())
+}
+
+/// The revision of the device's latest status report.
+async fn latest_report(stack: &Stack, device: &str) -> anyhow::Result<u64> {
+    let key = agent_status_key(&Id::new(device)?);
+    Ok(stack.status.entry(&key).await?.map(|e| e.revision).unwrap_or(0))
 }
 
 /// Waits for a status report newer than revision `after` (a new boot's or a

@@ -112,25 +112,35 @@ impl Qga {
             reader: BufReader::new(r),
             writer: w,
         };
-        // Unique per connection, so an answer to an earlier client's sync never matches.
+        // Until qemu-ga runs, qemu queues what is sent and qemu-ga later answers all
+        // of it: each attempt gets a fresh id, and answers to older ones are read
+        // past, so nothing stale is left for the next call.
         static SYNCS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-        let id = i64::from(std::process::id()) * 1_000_000 + SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let sync = json!({"execute": "guest-sync", "arguments": {"id": id}});
         loop {
-            // Until the guest agent runs, nothing answers: retry the sync each second.
+            let id =
+                i64::from(std::process::id()) * 1_000_000 + SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let sync = json!({"execute": "guest-sync", "arguments": {"id": id}});
+            qga.writer.write_all(format!("{sync}\n").as_bytes()).await?;
             let try_until =
                 Instant::now() + Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()));
-            match qga.call(&sync, try_until).await {
-                Ok(v) if v.as_i64() == Some(id) => return Ok(qga),
-                Ok(_) | Err(_) if Instant::now() < deadline => continue,
-                Ok(v) => anyhow::bail!("guest agent answered {v} to a sync"),
-                Err(e) => return Err(e.context("the guest agent did not answer (has the VM booted?)")),
+            loop {
+                match qga.read_answer(try_until).await {
+                    Ok(v) if v.as_i64() == Some(id) => return Ok(qga),
+                    Ok(_) => continue,
+                    Err(_) if Instant::now() < deadline => break,
+                    Err(e) => return Err(e.context("the guest agent did not answer (has the VM booted?)")),
+                }
             }
         }
     }
 
     async fn call(&mut self, request: &Value, deadline: Instant) -> anyhow::Result<Value> {
         self.writer.write_all(format!("{request}\n").as_bytes()).await?;
+        self.read_answer(deadline).await
+    }
+
+    /// The next answer (`return` value) on the socket; an `error` fails.
+    async fn read_answer(&mut self, deadline: Instant) -> anyhow::Result<Value> {
         let mut line = String::new();
         loop {
             line.clear();

@@ -211,6 +211,8 @@ impl Vm {
     /// it on.
     pub fn start(spec: VmSpec) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&spec.dir)?;
+        // The disk will hold the device's enrollment: the VM's directory is private.
+        std::fs::set_permissions(&spec.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let disk = spec.dir.join("disk.qcow2");
         if !disk.exists() {
             let out = Command::new("qemu-img")

@@ -102,9 +102,7 @@ impl DeviceProvision {
     /// Checks every field before anything is rendered, naming the one that is wrong.
     pub fn validate(&self) -> Result<(), Error> {
         harmony_id(&self.device_id)?;
-        if let Some(h) = &self.hostname {
-            hostname(h)?;
-        }
+        hostname(&self.hostname())?;
         if self.nats_urls.is_empty() {
             return Err(invalid("nats_urls", "at least one NATS URL is needed"));
         }
@@ -229,29 +227,25 @@ impl DeviceProvision {
             users,
             ssh_pwauth: false,
             write_files: files,
-            runcmd: vec![
-                vec![INSTALL_SCRIPT.into()],
-                vec!["systemctl".into(), "daemon-reload".into()],
-                vec![
-                    "systemctl".into(),
-                    "enable".into(),
-                    "--now".into(),
-                    "podman.socket".into(),
-                    "iot-agent.service".into(),
-                ],
-            ],
+            // One command: the script enables the unit only once the agent is
+            // installed (cloud-init would run later entries after a failure).
+            runcmd: vec![vec![INSTALL_SCRIPT.into()]],
         };
         config.render(&self.device_id)
     }
 
-    /// `meta-data`. The instance id is stable per device, so a reboot never runs
-    /// the first-boot steps again.
-    pub fn meta_data(&self) -> String {
-        format!(
-            "instance-id: iot-{}\nlocal-hostname: {}\n",
+    /// `meta-data`. The instance id names the device and this provisioning's
+    /// content: a reboot with the same seed never runs the first-boot steps again,
+    /// and a new seed (a new enrollment, say) does.
+    pub fn meta_data(&self) -> Result<String, Error> {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.user_data()?.as_bytes());
+        let short: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        Ok(format!(
+            "instance-id: \"iot-{}-{short}\"\nlocal-hostname: \"{}\"\n",
             self.device_id,
             self.hostname()
-        )
+        ))
     }
 
     /// `network-config` (version 2), if a static address is set.

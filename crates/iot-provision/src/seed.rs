@@ -109,8 +109,12 @@ pub fn write_seed_dir(
     let user_data = p.user_data()?;
     let network = p.network_config()?;
 
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    // A directory of ours is private; an existing one (a Pi's mounted boot
+    // partition, say) keeps its mode: only the secret file is made 0600.
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
     let mut files = Vec::new();
     let mut put = |name: &str, content: &str, mode: u32| -> Result<(), Error> {
         let path = dir.join(name);
@@ -119,7 +123,7 @@ pub fn write_seed_dir(
         Ok(())
     };
     put("user-data", &user_data, 0o600)?;
-    put("meta-data", &p.meta_data(), 0o644)?;
+    put("meta-data", &p.meta_data()?, 0o644)?;
     match network {
         Some(n) => put("network-config", &n, 0o644)?,
         None => {
@@ -146,6 +150,8 @@ pub fn write_seed_dir(
 /// Packs a seed directory's files into an ISO 9660 image labelled `cidata` (what
 /// cloud-init's NoCloud looks for), with `genisoimage` (as `cloud-localds` does).
 pub fn write_seed_iso(files: &[PathBuf], iso: &Path) -> Result<(), Error> {
+    // Created 0600 before genisoimage writes the secret into it.
+    write(iso, "", 0o600)?;
     let out = Command::new("genisoimage")
         .args([
             "-quiet",

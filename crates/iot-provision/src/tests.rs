@@ -80,10 +80,18 @@ fn user_data_installs_the_agent_config_identity_and_unit() {
     assert!(script.contains(&"ab".repeat(32)), "the checksum is checked");
     assert!(script.contains("podman load --quiet --input \"$src/images.tar\""));
     let runcmd: Vec<Vec<String>> = serde_yaml_ng::from_value(doc["runcmd"].clone()).expect("runcmd");
-    assert_eq!(runcmd[0], vec![INSTALL_SCRIPT.to_owned()]);
     assert_eq!(
-        runcmd.last().map(|c| c.join(" ")).as_deref(),
-        Some("systemctl enable --now podman.socket iot-agent.service")
+        runcmd,
+        vec![vec![INSTALL_SCRIPT.to_owned()]],
+        "one command, so a failure stops it"
+    );
+    let enable = script
+        .find("systemctl enable --now podman.socket iot-agent.service")
+        .expect("enables");
+    let installed = script.find("mv /usr/local/bin/iot-agent.new").expect("installs");
+    assert!(
+        installed < enable,
+        "the unit is enabled only after the agent is installed"
     );
     let user = &doc["users"][0];
     assert_eq!(user["name"].as_str(), Some("fleet"));
@@ -104,11 +112,25 @@ fn without_enrollment_no_identity_file_is_written_or_named() {
 }
 
 #[test]
-fn meta_data_keeps_one_instance_id_per_device() {
+fn the_instance_id_is_stable_per_seed_and_new_for_a_new_seed() {
     let p = device();
+    let meta = p.meta_data().expect("meta");
+    let doc: Value = serde_yaml_ng::from_str(&meta).expect("yaml");
+    let id = doc["instance-id"].as_str().expect("id").to_owned();
+    assert!(id.starts_with("iot-pi-kitchen_1-"), "{id}");
+    assert_eq!(doc["local-hostname"].as_str(), Some("pi-kitchen-1"));
     assert_eq!(
-        p.meta_data(),
-        "instance-id: iot-pi-kitchen_1\nlocal-hostname: pi-kitchen-1\n"
+        p.meta_data().expect("again"),
+        meta,
+        "same seed, same id: reboots do not re-provision"
+    );
+    let mut re = device();
+    re.enrollment = Some(r#"{"role_id":"r2","secret_id":"new"}"#.into());
+    let other: Value = serde_yaml_ng::from_str(&re.meta_data().expect("meta")).expect("yaml");
+    assert_ne!(
+        other["instance-id"].as_str(),
+        Some(id.as_str()),
+        "a new enrollment is provisioned anew"
     );
 }
 
@@ -200,6 +222,7 @@ fn bad_fields_are_named() {
             Box::new(|p| p.agent_env = vec![("IOT_X".into(), "a\nNATS_URL=evil".into())]),
         ),
         ("hostname", Box::new(|p| p.hostname = Some("Kitchen".into()))),
+        ("hostname", Box::new(|p| p.device_id = "-pi".into())),
     ];
     for (field, break_it) in cases {
         let mut p = device();
@@ -285,7 +308,9 @@ fn a_tampered_binary_is_refused_by_the_install_script() {
         let script = unit::install_script(sha, &[])
             .replace("/dev/disk/by-label/", &format!("{}/no-such-", tmp.path().display()))
             .replace("/boot/firmware", &seed.display().to_string())
-            .replace(AGENT_BINARY, &bin.display().to_string());
+            .replace(AGENT_BINARY, &bin.display().to_string())
+            // Never the host's systemd: the test only sees what would be enabled.
+            .replace("systemctl ", "echo would-run systemctl ");
         std::process::Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -301,7 +326,12 @@ fn a_tampered_binary_is_refused_by_the_install_script() {
     assert!(!bin.exists(), "nothing installed");
     let out = run(&good);
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("installed iot-agent 9.9"));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("installed iot-agent 9.9"), "{said}");
+    assert!(
+        said.contains("would-run systemctl enable --now podman.socket iot-agent.service"),
+        "{said}"
+    );
 }
 
 #[test]

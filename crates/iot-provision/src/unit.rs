@@ -68,14 +68,21 @@ pub fn install_script(agent_sha256: &str, preload_images: &[String]) -> String {
     format!(
         "\
 #!/bin/sh
-# Installs the fleet agent from the provisioning seed. Written by iot-provision.
+# Installs the fleet agent from the provisioning seed and enables it; any failure
+# stops here, before the unit is enabled. Written by iot-provision.
 set -eu
 src=''
+mnt=''
+finish() {{
+  rc=$?
+  if [ -n \"$mnt\" ]; then umount \"$mnt\" && rmdir \"$mnt\"; fi
+  if [ \"$rc\" != 0 ]; then echo \"iot-agent: install failed (exit $rc); the agent is not enabled\" >&2; fi
+}}
+trap finish EXIT
 for dev in /dev/disk/by-label/cidata /dev/disk/by-label/CIDATA; do
   if [ -e \"$dev\" ]; then
     mnt=$(mktemp -d)
     mount -o ro \"$dev\" \"$mnt\"
-    trap 'umount \"$mnt\"; rmdir \"$mnt\"' EXIT
     src=$mnt
     break
   fi
@@ -97,6 +104,8 @@ mv {AGENT_BINARY}.new {AGENT_BINARY}
 # not fsync all it writes).
 sync
 echo \"iot-agent: installed $({AGENT_BINARY} --version)\"
+systemctl daemon-reload
+systemctl enable --now podman.socket iot-agent.service
 ",
         file = crate::AGENT_FILE
     )

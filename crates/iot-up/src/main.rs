@@ -79,6 +79,8 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         args.devices >= 1 || args.vm,
         "--devices 0 needs --vm (something must be a device)"
     );
+    // Netns devices take .11 and up, VMs .101 and up.
+    anyhow::ensure!(!args.vm || args.devices <= 90, "with --vm, --devices must be 0-90");
     let vm_arch = if args.vm {
         Some(iot_launch::vm::Arch::parse(&args.arch)?)
     } else {

@@ -122,8 +122,8 @@ impl Net {
             }
         }
         let links = run_capture(&["ip", "-o", "link", "show"]).unwrap_or_default();
-        // Veths of netns devices (<name>vN) and taps of VM devices (<name>tN).
-        let prefixes = [format!("{}v", self.name), format!("{}t", self.name)];
+        // Veths of netns devices (<name>vN) and taps of VM devices (<name>-tN).
+        let prefixes = [format!("{}v", self.name), format!("{}-t", self.name)];
         for veth in links
             .lines()
             .filter_map(|l| l.split(':').nth(1))

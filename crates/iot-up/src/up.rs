@@ -471,6 +471,10 @@ impl Up {
             != Some(200)
         {
             anyhow::ensure!(
+                self.vms.last_mut().is_some_and(|v| v.vm.is_running()),
+                "{id} powered off; see its console log"
+            );
+            anyhow::ensure!(
                 start.elapsed() < Duration::from_secs(300),
                 "{id}'s agent not ready at http://{ip}:{AGENT_METRICS_PORT}/readyz; see its console log"
             );

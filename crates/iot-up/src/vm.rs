@@ -47,8 +47,10 @@ impl Net {
         format!("{}.{}", self.prefix, 100 + index)
     }
 
+    /// `<name>-t<N>`: the dash cannot appear in an instance name, so another
+    /// instance's interfaces never match.
     pub fn tap(&self, index: usize) -> String {
-        format!("{}t{index}", self.name)
+        format!("{}-t{index}", self.name)
     }
 
     pub fn create_tap(&self, index: usize) -> anyhow::Result<String> {
@@ -85,7 +87,7 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
     let id = l.net.vm_id(l.index);
     let ip = l.net.vm_ip(l.index);
     let mac = iot_launch::vm::mac_for(u8::try_from(l.index)?);
-    let console_password = random_password();
+    let console_password = random_password()?;
     let provision = DeviceProvision {
         device_id: id.clone(),
         nats_urls: vec![l.nats_url.clone()],
@@ -149,7 +151,7 @@ pub async fn watch_boot(d: &mut VmDevice, timeout: Duration) -> anyhow::Result<(
             ));
             next += 1;
         }
-        if text.contains("iot-agent: no seed") || text.contains("does not match the provisioned sha256") {
+        if text.contains("iot-agent: install failed") {
             anyhow::bail!(
                 "{}: the agent could not be installed; see {}",
                 d.id,
@@ -186,12 +188,10 @@ pub fn agent_for(bin_dir: &Path, arch: Arch) -> PathBuf {
 }
 
 /// A random password for the VM's console account.
-fn random_password() -> String {
+fn random_password() -> anyhow::Result<String> {
     let mut bytes = [0u8; 12];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut bytes);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// crypt(3) SHA-512 hash of a password, as cloud-init's `hashed_passwd` wants.
