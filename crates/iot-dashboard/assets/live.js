@@ -14,16 +14,27 @@
     var a = document.activeElement;
     return a && main.contains(a) && /^(INPUT|SELECT|TEXTAREA)$/.test(a.tagName);
   }
+  // `data-held` marks a held update, for people reading the DOM and for tests.
+  function hold(on) {
+    held = on;
+    if (on) main.dataset.held = "1"; else delete main.dataset.held;
+  }
   main.addEventListener("focusout", function () {
-    if (held) { held = false; setTimeout(refresh, 0); }
+    if (held) { hold(false); setTimeout(refresh, 0); }
   });
   function refresh() {
-    if (editing()) { held = true; return; }
+    if (editing()) { hold(true); return; }
     if (busy) { again = true; return; }
     busy = true;
     fetch(location.href, { headers: { "X-Fragment": "main" }, cache: "no-store" })
       .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
-      .then(function (html) { main.innerHTML = html; main.dataset.updates = String(Number(main.dataset.updates || 0) + 1); })
+      .then(function (html) {
+        // The person may have started on a form while this was in flight: keep
+        // what they did, and fetch again once they leave the field.
+        if (editing()) { hold(true); return; }
+        main.innerHTML = html;
+        main.dataset.updates = String(Number(main.dataset.updates || 0) + 1);
+      })
       .catch(function () { live.className = "off"; live.textContent = "update failed"; })
       .then(function () { busy = false; if (again) { again = false; refresh(); } });
   }

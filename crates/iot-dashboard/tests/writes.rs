@@ -182,24 +182,16 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
     .await?;
     // Typed as a person would. A live update can replace the form before the
     // field has focus (it waits while one has); then the person starts again.
-    let mut typed = Err(anyhow::anyhow!("not tried"));
-    for _ in 0..3 {
-        typed = async {
-            let field = c.find(Locator::Css("#image-web input[name=image]")).await?;
-            field.clear().await?;
-            field.send_keys("localhost/iot-web:v2").await?;
-            c.find(Locator::Css("#image-web button[type=submit]"))
-                .await?
-                .click()
-                .await?;
-            anyhow::Ok(())
-        }
-        .await;
-        if typed.is_ok() {
-            break;
-        }
-    }
-    typed?;
+    on_live_page("changing the image", || async {
+        let field = c.find(Locator::Css("#image-web input[name=image]")).await?;
+        field.clear().await?;
+        field.send_keys("localhost/iot-web:v2").await?;
+        c.find(Locator::Css("#image-web button[type=submit]"))
+            .await?
+            .click()
+            .await
+    })
+    .await?;
     wait_text(c, "#flash", "the change's confirmation", |t| {
         t.contains("now runs localhost/iot-web:v2")
     })
@@ -207,6 +199,32 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
     screenshot(c, "dashboard-change-image").await?;
     wait_http(http, "v2").await?;
     assert_eq!(image_of(&stack).await?, "localhost/iot-web:v2");
+
+    // A live update waits while the person types in a form, and comes in once
+    // they leave the field (the device here reports every second).
+    const FIELD: &str = "return document.querySelector('#image-web input[name=image]').value;";
+    const HELD: &str = "return document.getElementById('main').dataset.held || null;";
+    on_live_page("typing a draft", || async {
+        let field = c.find(Locator::Css("#image-web input[name=image]")).await?;
+        field.clear().await?;
+        field.send_keys("localhost/iot-web:draft").await
+    })
+    .await?;
+    wait_until(WAIT, "a live update held back while typing", || async {
+        eval_string(c, HELD).await.map(drop)
+    })
+    .await?;
+    assert_eq!(
+        eval_string(c, FIELD).await.as_deref(),
+        Some("localhost/iot-web:draft"),
+        "the draft survives the held update"
+    );
+    c.find(Locator::Css("#user")).await?.click().await?;
+    wait_until(WAIT, "the held update, once the field is left", || async {
+        let value = eval_string(c, FIELD).await?;
+        (eval_string(c, HELD).await.is_none() && value == "localhost/iot-web:v2").then_some(())
+    })
+    .await?;
 
     // Without the CSRF token (or with a wrong one): refused, nothing changes.
     let csrf = c
@@ -340,10 +358,18 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
     c.goto(&format!("{dashboard}{page}")).await?;
     c.wait()
         .for_element(Locator::Css("#delete input[name=confirm]"))
-        .await?
-        .click()
         .await?;
-    c.find(Locator::Css("#delete button")).await?.click().await?;
+    // A device's report can swap the page between finding the box and clicking
+    // it. Once the box has focus the page holds still, so a retry starts from a
+    // fresh, unticked box.
+    on_live_page("confirming the delete", || async {
+        c.find(Locator::Css("#delete input[name=confirm]"))
+            .await?
+            .click()
+            .await?;
+        c.find(Locator::Css("#delete button")).await?.click().await
+    })
+    .await?;
     wait_text(c, "#flash", "the delete's confirmation", |t| {
         t.contains("Deleted default/web")
     })

@@ -30,6 +30,32 @@ pub async fn text(c: &Client, selector: &str) -> Option<String> {
     v.as_str().map(str::to_owned)
 }
 
+/// A string the script returns, read in the page (`None` for null or an error).
+pub async fn eval_string(c: &Client, script: &str) -> Option<String> {
+    c.execute(script, vec![]).await.ok()?.as_str().map(str::to_owned)
+}
+
+/// Runs `act` (find elements, then type or click) again when the live script
+/// replaced `<main>` between finding an element and using it, as a person whose
+/// page changed under the pointer would simply do it again. Any other error ends it.
+pub async fn on_live_page<F, Fut>(what: &str, mut act: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), fantoccini::error::CmdError>>,
+{
+    let mut replaced = 0;
+    loop {
+        match act().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_stale_element_reference() && replaced < 5 => {
+                replaced += 1;
+                eprintln!("{what}: the page was updated under the test ({replaced}), again");
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("{what} (after {replaced} live updates)"))),
+        }
+    }
+}
+
 pub async fn wait_text(c: &Client, selector: &str, what: &str, pred: impl Fn(&str) -> bool) -> anyhow::Result<String> {
     let r = wait_until(WAIT, what, || async { text(c, selector).await.filter(|t| pred(t)) }).await;
     if r.is_err() {
