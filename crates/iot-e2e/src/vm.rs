@@ -2,7 +2,8 @@
 //! by cloud-init from a seed (`iot-provision`), on qemu's user-mode network so every
 //! connection stays on the host's loopback (the guest reaches it as 10.0.2.2).
 
-use iot_launch::vm::{Arch, GuestImage, USER_NET_HOST, Vm, VmNet, VmSpec};
+use iot_launch::vm::{Arch, USER_NET_HOST, Vm, VmNet};
+use iot_launch::vm_seed::{SeededVm, start_seeded_vm};
 use iot_provision::{DeviceProvision, StaticNetwork};
 use std::path::Path;
 
@@ -31,7 +32,6 @@ pub fn from_guest(url: &str) -> String {
 /// arch, cloud-init user-data) and powers the VM on. It joins the fleet once
 /// cloud-init has run: wait for its status with [`Stack::agent_status`].
 pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) -> anyhow::Result<VmDevice> {
-    let image = GuestImage::ensure(arch)?;
     let sec = stack
         .security
         .as_ref()
@@ -56,17 +56,13 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
         ],
         ..Default::default()
     };
-    let dir = stack.dir.path().join(format!("vm-{id}"));
-    let seed_files = iot_provision::write_seed_dir(&provision, agent, &[image.test_images()?], &dir.join("seed"))?;
-    let seed_iso = dir.join("seed.iso");
-    iot_provision::write_seed_iso(&seed_files, &seed_iso)?;
     let http_ports = [iot_testkit::free_port()?, iot_testkit::free_port()?];
     let metrics_port = iot_testkit::free_port()?;
-    let vm = Vm::start(VmSpec {
-        name: id.to_owned(),
-        image,
-        dir,
-        seed_iso,
+    let vm = start_seeded_vm(SeededVm {
+        provision: &provision,
+        agent,
+        arch,
+        dir: stack.dir.path().join(format!("vm-{id}")),
         net: VmNet::User {
             forwards: vec![
                 (http_ports[0], GUEST_HTTP_PORTS[0]),
@@ -74,9 +70,6 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
                 (metrics_port, GUEST_METRICS_PORT),
             ],
         },
-        mac: iot_launch::vm::mac_for(1),
-        memory_mb: 1024,
-        cpus: 2,
     })?;
     Ok(VmDevice {
         id: id.to_owned(),

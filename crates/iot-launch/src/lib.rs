@@ -17,6 +17,7 @@ pub mod paths;
 pub mod podman;
 pub mod process;
 pub mod vm;
+pub mod vm_seed;
 
 pub use apiserver::ApiServer;
 pub use bao::OpenBao;

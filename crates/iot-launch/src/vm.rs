@@ -69,7 +69,13 @@ impl GuestImage {
     /// (minutes; `scripts/setup-host.sh --vm` does it ahead of time).
     pub fn ensure(arch: Arch) -> anyhow::Result<Self> {
         let script = crate::paths::repo_root().join("scripts/build-guest-image.sh");
-        let out = Command::new(&script)
+        // One build at a time per cache: two would share the package cache and
+        // replace each other's finished image.
+        let guests = crate::paths::cache_dir().join("guest");
+        std::fs::create_dir_all(&guests)?;
+        let out = Command::new("flock")
+            .arg(guests.join(".build.lock"))
+            .arg(&script)
             .args(["--arch", arch.name()])
             .env("IOT_CACHE", crate::paths::cache_dir())
             .stderr(std::process::Stdio::inherit())

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iot_launch::vm::{Arch, GuestImage, Vm, VmNet, VmSpec};
+use iot_launch::vm::{Arch, Vm, VmNet};
+use iot_launch::vm_seed::{SeededVm, start_seeded_vm};
 use iot_provision::{AdminUser, DeviceProvision, StaticNetwork};
 
 use crate::net::{Net, run};
@@ -83,7 +84,6 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         l.arch.name(),
         l.arch.name()
     );
-    let image = GuestImage::ensure(l.arch)?;
     let id = l.net.vm_id(l.index);
     let ip = l.net.vm_ip(l.index);
     let mac = iot_launch::vm::mac_for(u8::try_from(l.index)?);
@@ -107,22 +107,13 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         agent_env: vec![("IOT_STOP_TIMEOUT".into(), "5s".into())],
         ..Default::default()
     };
-    let dir = l.state_dir.join(&id);
-    let files = iot_provision::write_seed_dir(&provision, l.agent, &[image.test_images()?], &dir.join("seed"))?;
-    let seed_iso = dir.join("seed.iso");
-    iot_provision::write_seed_iso(&files, &seed_iso)?;
-    // The seed held the enrollment; the ISO keeps what the VM needs.
-    std::fs::remove_dir_all(dir.join("seed"))?;
     let tap = l.net.create_tap(l.index)?;
-    let vm = Vm::start(VmSpec {
-        name: id.clone(),
-        image,
-        dir,
-        seed_iso,
+    let vm = start_seeded_vm(SeededVm {
+        provision: &provision,
+        agent: l.agent,
+        arch: l.arch,
+        dir: l.state_dir.join(&id),
         net: VmNet::Tap { ifname: tap.clone() },
-        mac,
-        memory_mb: 1024,
-        cpus: 2,
     })?;
     Ok(VmDevice {
         id,

@@ -1,0 +1,59 @@
+//! A VM device provisioned the way a real one is: a NoCloud seed ISO with the
+//! agent binary, its settings and this architecture's test images, booted on the
+//! cached guest image. Shared by `iot-up --vm` and the VM tests, which differ only
+//! in the network and the credentials they put into the [`DeviceProvision`].
+
+use std::path::{Path, PathBuf};
+
+use iot_provision::DeviceProvision;
+
+use crate::vm::{Arch, GuestImage, Vm, VmNet, VmSpec};
+
+/// What to boot, and from what.
+pub struct SeededVm<'a> {
+    /// Whatever cloud-init is to install; its network's MAC is the VM's.
+    pub provision: &'a DeviceProvision,
+    /// The agent binary for `arch`.
+    pub agent: &'a Path,
+    pub arch: Arch,
+    /// The VM's own directory (private: the seed holds the enrollment).
+    pub dir: PathBuf,
+    pub net: VmNet,
+}
+
+/// Checks that the agent is built for the VM, writes the seed ISO into the VM's
+/// directory and powers the VM on. Returns at once; the device joins the fleet
+/// once cloud-init has run.
+pub fn start_seeded_vm(s: SeededVm<'_>) -> anyhow::Result<Vm> {
+    let built_for = iot_provision::elf_arch(s.agent)?;
+    anyhow::ensure!(
+        built_for == s.arch.name(),
+        "{} is built for {built_for}, the VM is {}",
+        s.agent.display(),
+        s.arch.name()
+    );
+    let image = GuestImage::ensure(s.arch)?;
+    let mac = s
+        .provision
+        .network
+        .as_ref()
+        .map_or_else(|| crate::vm::mac_for(1), |n| n.mac.clone());
+    std::fs::create_dir_all(&s.dir)?;
+    std::fs::set_permissions(&s.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let seed_dir = s.dir.join("seed");
+    let files = iot_provision::write_seed_dir(s.provision, s.agent, &[image.test_images()?], &seed_dir)?;
+    let seed_iso = s.dir.join("seed.iso");
+    iot_provision::write_seed_iso(&files, &seed_iso)?;
+    // The plain copy held the enrollment; the ISO is all the VM needs.
+    std::fs::remove_dir_all(&seed_dir)?;
+    Vm::start(VmSpec {
+        name: s.provision.device_id.clone(),
+        image,
+        dir: s.dir,
+        seed_iso,
+        net: s.net,
+        mac,
+        memory_mb: 1024,
+        cpus: 2,
+    })
+}
