@@ -245,9 +245,32 @@ fn kept_logs(inst: &Instance) -> String {
 
 /// With `--vm` the regression runs against a VM device booted by cloud-init on the
 /// bridge (the netns device runs alongside); the other tests cover netns devices.
+/// First a run is killed hard while its VM boots: the next run clears its qemu and
+/// tap before it starts.
 #[test]
-fn auto_regression_on_a_vm_passes_and_leaves_nothing_behind() -> anyhow::Result<()> {
+fn auto_regression_on_a_vm_passes_after_a_killed_boot_and_leaves_nothing_behind() -> anyhow::Result<()> {
     let inst = Instance::new("iott1", 78)?;
+    let log = inst.state.path().join("killed.log");
+    let mut killed = Running(
+        inst.command(&["--vm", "--devices", "0"])?
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    wait_for_output(&log, "kernel started", Duration::from_secs(600))?;
+    killed.0.kill()?;
+    killed.0.wait()?;
+    let qemus: Vec<u32> = our_pids(&inst.state_dir())
+        .into_iter()
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu-system")))
+        .collect();
+    assert!(
+        !qemus.is_empty(),
+        "a SIGKILLed run should leave its booting VM for this test to be meaningful"
+    );
+    let tap = Command::new("ip").args(["link", "show", "iott1-t1"]).output()?;
+    assert!(tap.status.success(), "the killed run's tap should still be there");
+
     let out = inst.command(&["--auto", "--vm"])?.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -255,6 +278,16 @@ fn auto_regression_on_a_vm_passes_and_leaves_nothing_behind() -> anyhow::Result<
         "iot-up --auto failed:\n{stderr}\n{}",
         kept_logs(&inst)
     );
+    assert!(
+        stderr.contains("cleaning up what a previous run left behind"),
+        "{stderr}"
+    );
+    for pid in qemus {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the killed run's qemu ({pid}) is still running"
+        );
+    }
     assert!(stderr.contains("ALL PASSED"), "{stderr}");
     for via in ["TypedApplier", "PrintedJson", "YamlManifest"] {
         assert!(stderr.contains(&format!("PASS {via}")), "{via} did not pass:\n{stderr}");
