@@ -72,9 +72,24 @@ impl Net {
         run(&["ip", "link", "set", &bridge, "up"])
     }
 
+    /// Host side of the index-th device's veth: `<name>-v<N>`. The dash cannot
+    /// appear in an instance name, so no other instance's interface matches.
+    pub fn veth(&self, index: usize) -> String {
+        format!("{}-v{index}", self.name)
+    }
+
+    /// Whether `link` is a device veth or VM tap of this instance.
+    pub fn owns_device_link(&self, link: &str) -> bool {
+        ["-v", "-t"].iter().any(|kind| {
+            link.strip_prefix(self.name.as_str())
+                .and_then(|rest| rest.strip_prefix(kind))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
+    }
+
     pub fn create_device(&self, index: usize) -> anyhow::Result<()> {
         let ns = self.netns(index);
-        let host_if = format!("{}v{index}", self.name);
+        let host_if = self.veth(index);
         run(&["ip", "netns", "add", &ns])?;
         run(&[
             "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -122,18 +137,11 @@ impl Net {
             }
         }
         let links = run_capture(&["ip", "-o", "link", "show"]).unwrap_or_default();
-        // Veths of netns devices (<name>vN) and taps of VM devices (<name>-tN).
-        let prefixes = [format!("{}v", self.name), format!("{}-t", self.name)];
         for veth in links
             .lines()
             .filter_map(|l| l.split(':').nth(1))
             .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
-            .filter(|n| {
-                prefixes.iter().any(|p| {
-                    n.strip_prefix(p.as_str())
-                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-                })
-            })
+            .filter(|n| self.owns_device_link(n))
         {
             if let Err(e) = run(&["ip", "link", "del", &veth]) {
                 crate::say(&format!("  warning: could not delete {veth}: {e}"));
@@ -167,4 +175,42 @@ pub fn run_capture(args: &[&str]) -> anyhow::Result<String> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(name: &str) -> Net {
+        Net {
+            name: name.into(),
+            prefix: "10.77.0".into(),
+        }
+    }
+
+    #[test]
+    fn cleanup_never_matches_another_instances_interfaces() {
+        // "iot" and "iotv" (or "iott"): one name is the other's prefix plus the
+        // letter of an interface kind.
+        let names = ["iot", "iotv", "iott", "iot1", "iotup"];
+        for mine in names {
+            let me = net(mine);
+            assert!(me.owns_device_link(&me.veth(1)) && me.owns_device_link(&me.tap(12)));
+            assert!(
+                !me.owns_device_link(&me.bridge()),
+                "{mine} would delete its bridge as a device link"
+            );
+            for theirs in names.iter().filter(|n| **n != mine) {
+                let them = net(theirs);
+                for link in [them.bridge(), them.veth(1), them.veth(90), them.tap(1)] {
+                    assert!(
+                        !me.owns_device_link(&link),
+                        "{mine}'s cleanup would delete {theirs}'s {link}"
+                    );
+                }
+            }
+        }
+        assert!(!net("iot").owns_device_link("iot-v"), "no index");
+        assert!(!net("iot").owns_device_link("iot-vx1"), "not a number");
+    }
 }
