@@ -417,3 +417,132 @@ fn ctrl_c_with_output_piped_through_tee_still_tears_down() -> anyhow::Result<()>
     inst.assert_clean();
     Ok(())
 }
+
+/// `--sso`: people follow the menu. Each runs its `iotctl login` line verbatim
+/// (the browser part done on the stand-in's own sign-in page), then its apply line
+/// as themselves: dave's deployment runs on the device, vera's is refused by the
+/// chart's RBAC under her own name. `iotctl logout` ends dave's session.
+/// SIGTERM leaves nothing.
+#[tokio::test]
+async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
+    let inst = Instance::new("iott4", 81)?;
+    let log = inst.state.path().join("up.log");
+    let mut running = Running(
+        inst.command(&["--sso", "--devices", "1"])?
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(240))?;
+    let menu = std::fs::read_to_string(&log)?;
+    let lines: Vec<&str> = menu.lines().map(str::trim).collect();
+    let find = |prefix: &str, contains: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(prefix) && l.contains(contains))
+            .map(|l| l.split("    #").next().unwrap_or(l).trim().to_owned())
+            .ok_or_else(|| anyhow::anyhow!("no {prefix:?} line in the menu:\n{menu}"))
+    };
+    let login = find("iotctl login ", "--print-kubeconfig")?;
+    let apply = find("KUBECONFIG=", "example_iot_apply_deployment --name mine")?;
+    let logout = find("iotctl logout", "")?;
+    for user in ["alice", "dave", "vera", "nora", "olga", "sam"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("{user} "))),
+            "demo user {user} missing:\n{menu}"
+        );
+    }
+    let env_file = inst.state_dir().join("env");
+    let env = std::fs::read_to_string(&env_file)?;
+    let ca_file = env
+        .lines()
+        .find_map(|l| l.strip_prefix("export IOT_OIDC_CA_FILE="))
+        .ok_or_else(|| anyhow::anyhow!("no IOT_OIDC_CA_FILE in {}", env_file.display()))?
+        .to_owned();
+    // One shell per person: the menu's settings, and a config dir of their own
+    // for the token cache (the kubeconfig path is the menu's, shared).
+    let shell = |home: &Path, line: &str| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg("-c")
+            .arg(format!("source {} && {line}", env_file.display()))
+            .env("XDG_CONFIG_HOME", home)
+            .env_remove("IOTCTL_CONFIG_DIR")
+            .env_remove("DISPLAY")
+            .env_remove("WAYLAND_DISPLAY")
+            .kill_on_drop(true);
+        cmd
+    };
+    let log_in = |user: &'static str| {
+        let home = inst.state.path().join(format!("home-{user}"));
+        let mut cmd = shell(&home, &login);
+        let ca_file = ca_file.clone();
+        async move {
+            std::fs::create_dir_all(&home)?;
+            let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+            let stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+            let mut said = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+            let url = tokio::time::timeout(Duration::from_secs(30), async {
+                while let Some(line) = said.next_line().await? {
+                    if line.trim().starts_with("https://") {
+                        return Ok(line.trim().to_owned());
+                    }
+                }
+                anyhow::bail!("the menu's login printed no URL")
+            })
+            .await??;
+            let outcome = iot_testkit::SignIn::new(Path::new(&ca_file))?
+                .complete(&url, user, &format!("{user}-dev"))
+                .await?;
+            anyhow::ensure!(outcome.status == 200, "sign-in as {user}: {outcome:?}");
+            let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+            anyhow::ensure!(status.success(), "the menu's login as {user} failed");
+            anyhow::Ok(home)
+        }
+    };
+    // Run as a person would: wait for the apply's outcome; kube-apiserver 1.20
+    // may still be fetching the issuer's keys (401) right after start.
+    let run_apply = |home: &Path| {
+        let mut cmd = shell(home, &format!("{apply} --wait 90s"));
+        async move {
+            let out = cmd.output().await?;
+            anyhow::Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+        }
+    };
+
+    let dave = log_in("dave").await?;
+    let (ok, err) = iot_testkit::wait_until(
+        Duration::from_secs(60),
+        "dave's apply past the API server's start",
+        || async {
+            let r = run_apply(&dave).await.ok()?;
+            (!r.1.contains("Unauthorized")).then_some(r)
+        },
+    )
+    .await?;
+    // --wait returns once the device runs it.
+    assert!(ok, "dave's apply from the menu failed: {err}");
+
+    let vera = log_in("vera").await?;
+    let (ok, err) = run_apply(&vera).await?;
+    assert!(!ok, "vera (a viewer) changed a deployment");
+    assert!(
+        err.contains("not allowed by the cluster's RBAC") && err.contains("vera@fleet.example"),
+        "vera's refusal should say why and name her: {err}"
+    );
+
+    let out = shell(&dave, &logout).output().await?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, err) = run_apply(&dave).await?;
+    assert!(
+        !ok && err.contains("iotctl login"),
+        "after logout dave is asked to log in: {err}"
+    );
+
+    let child = &mut running.0;
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    assert!(term.success());
+    let status = child.wait()?;
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    inst.assert_clean();
+    Ok(())
+}
