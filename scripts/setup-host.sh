@@ -140,11 +140,11 @@ build_image v1
 build_image v2
 step "test images: $(podman images --format '{{.Repository}}:{{.Tag}}' | grep iot-web | sort | tr '\n' ' ')"
 
-# One build at a time per cache (as iot-launch does): two would share the package
-# cache and replace each other's finished image.
+# One build per architecture at a time (as iot-launch does): two would share its
+# package cache and replace each other's finished image.
 mkdir -p "$IOT_CACHE/guest"
 for arch in "${guest_arches[@]}"; do
-  flock "$IOT_CACHE/guest/.build.lock" "$IOT_REPO/scripts/build-guest-image.sh" --arch "$arch" >/dev/null
+  flock "$IOT_CACHE/guest/.build-$arch.lock" "$IOT_REPO/scripts/build-guest-image.sh" --arch "$arch" >/dev/null
 done
 
 if [ "$want_apiserver" = 1 ]; then

@@ -7,21 +7,32 @@
   var live = document.getElementById("live");
   var main = document.getElementById("main");
   if (!live || !main || !window.EventSource || !window.fetch) return;
-  var busy = false, again = false, held = false;
-  // Someone typing in a form inside <main> must not lose it to a live update: the
-  // refresh waits until the field loses focus.
+  var busy = false, again = false, held = false, pressed = false;
+  // Someone working on a form inside <main> must not lose it to a live update:
+  // while a field or button there has focus, or the pointer is down on the page
+  // (a click on "Change" moves focus off the field before it lands, and not every
+  // browser focuses buttons), updates are held and come in afterwards.
   function editing() {
+    if (pressed) return true;
     var a = document.activeElement;
-    return a && main.contains(a) && /^(INPUT|SELECT|TEXTAREA)$/.test(a.tagName);
+    return a && main.contains(a) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(a.tagName);
   }
   // `data-held` marks a held update, for people reading the DOM and for tests.
   function hold(on) {
     held = on;
     if (on) main.dataset.held = "1"; else delete main.dataset.held;
   }
-  main.addEventListener("focusout", function () {
-    if (held) { hold(false); setTimeout(refresh, 0); }
-  });
+  // Runs after the focus or pointer change has settled (and after the click it
+  // ended, which may submit the form and leave the page anyway).
+  function release() {
+    setTimeout(function () {
+      if (held && !editing()) { hold(false); refresh(); }
+    }, 0);
+  }
+  main.addEventListener("focusout", release);
+  main.addEventListener("pointerdown", function () { pressed = true; });
+  document.addEventListener("pointerup", function () { pressed = false; release(); });
+  document.addEventListener("pointercancel", function () { pressed = false; release(); });
   function refresh() {
     if (editing()) { hold(true); return; }
     if (busy) { again = true; return; }

@@ -145,6 +145,30 @@ fn wait_for_output(log: &Path, needle: &str, timeout: Duration) -> anyhow::Resul
     )
 }
 
+/// [`wait_for_output`] from a running iot-up: fails as soon as it has exited
+/// (a failed start tears down and exits; no need to wait out the timeout).
+fn wait_for_output_while_running(
+    child: &mut std::process::Child,
+    log: &Path,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::fs::read_to_string(log).unwrap_or_default().contains(needle) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "iot-up exited ({status}) before printing {needle:?}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for_output(log, needle, Duration::ZERO)
+}
+
 /// Runs the menu's first apply command and every curl line exactly as printed,
 /// through a shell that sources the printed env file; then checks that each device
 /// sees only its own containers.
@@ -257,22 +281,27 @@ fn auto_regression_on_a_vm_passes_after_a_killed_boot_and_leaves_nothing_behind(
             .stderr(std::fs::File::create(&log)?)
             .spawn()?,
     );
-    wait_for_output(&log, "kernel started", Duration::from_secs(600))?;
+    wait_for_output_while_running(&mut killed.0, &log, "kernel started", Duration::from_secs(600))?;
     killed.0.kill()?;
     killed.0.wait()?;
+    // What it left, recorded now and asserted after the next run, which is what
+    // removes it even when an assertion here would fail.
     let qemus: Vec<u32> = our_pids(&inst.state_dir())
         .into_iter()
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("qemu-system")))
         .collect();
-    assert!(
-        !qemus.is_empty(),
-        "a SIGKILLed run should leave its booting VM for this test to be meaningful"
-    );
-    let tap = Command::new("ip").args(["link", "show", "iott1-t1"]).output()?;
-    assert!(tap.status.success(), "the killed run's tap should still be there");
+    let tap_left = Command::new("ip")
+        .args(["link", "show", "iott1-t1"])
+        .output()?
+        .status
+        .success();
 
     let out = inst.command(&["--auto", "--vm"])?.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !qemus.is_empty() && tap_left,
+        "a SIGKILLed run should leave its booting VM and tap for this test to be meaningful"
+    );
     assert!(
         out.status.success(),
         "iot-up --auto failed:\n{stderr}\n{}",
@@ -282,12 +311,12 @@ fn auto_regression_on_a_vm_passes_after_a_killed_boot_and_leaves_nothing_behind(
         stderr.contains("cleaning up what a previous run left behind"),
         "{stderr}"
     );
-    for pid in qemus {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "the killed run's qemu ({pid}) is still running"
-        );
-    }
+    // Gone, or a zombie nobody has reaped yet (its environment is empty then).
+    let still = our_pids(&inst.state_dir());
+    assert!(
+        qemus.iter().all(|pid| !still.contains(pid)),
+        "the killed run's qemu {qemus:?} is still running"
+    );
     assert!(stderr.contains("ALL PASSED"), "{stderr}");
     for via in ["TypedApplier", "PrintedJson", "YamlManifest"] {
         assert!(stderr.contains(&format!("PASS {via}")), "{via} did not pass:\n{stderr}");
@@ -321,7 +350,7 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
             .spawn()?,
     );
     let child = &mut running.0;
-    wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
+    wait_for_output_while_running(child, &log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     let text = std::fs::read_to_string(&log)?;
     for needle in [
         "Fleet dashboard (live, read-only)",
@@ -351,17 +380,19 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
             .spawn()?,
     );
     let child = &mut killed.0;
-    wait_for_output(&log2, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
+    wait_for_output_while_running(child, &log2, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     child.kill()?;
     child.wait()?;
-    assert!(
-        !our_pids(&inst.state_dir()).is_empty(),
-        "a SIGKILLed run should leave processes for this test to be meaningful"
-    );
+    let left = our_pids(&inst.state_dir());
 
-    // ...which the next run removes before it starts.
+    // ...which the next run removes before it starts (asserted after it, so a
+    // failure here still leaves nothing running).
     let out = inst.command(&["--auto"])?.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !left.is_empty(),
+        "a SIGKILLed run should leave processes for this test to be meaningful"
+    );
     assert!(out.status.success(), "run after a killed run failed:\n{stderr}");
     assert!(
         stderr.contains("cleaning up what a previous run left behind"),
@@ -433,7 +464,12 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
             .stderr(std::fs::File::create(&log)?)
             .spawn()?,
     );
-    wait_for_output(&log, "Press Ctrl-C here to stop", Duration::from_secs(240))?;
+    wait_for_output_while_running(
+        &mut running.0,
+        &log,
+        "Press Ctrl-C here to stop",
+        Duration::from_secs(240),
+    )?;
     let menu = std::fs::read_to_string(&log)?;
     let lines: Vec<&str> = menu.lines().map(str::trim).collect();
     let find = |prefix: &str, contains: &str| {
@@ -481,7 +517,7 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
             let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
             let stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
             let mut said = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
-            let url = tokio::time::timeout(Duration::from_secs(30), async {
+            let url = tokio::time::timeout(Duration::from_secs(60), async {
                 while let Some(line) = said.next_line().await? {
                     if line.trim().starts_with("https://") {
                         return Ok(line.trim().to_owned());
@@ -494,7 +530,7 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
                 .complete(&url, user, &format!("{user}-dev"))
                 .await?;
             anyhow::ensure!(outcome.status == 200, "sign-in as {user}: {outcome:?}");
-            let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+            let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
             anyhow::ensure!(status.success(), "the menu's login as {user} failed");
             anyhow::Ok(home)
         }
@@ -504,7 +540,7 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
     let run_apply = |home: &Path| {
         let mut cmd = shell(home, &format!("{apply} --wait 90s"));
         async move {
-            let out = cmd.output().await?;
+            let out = tokio::time::timeout(Duration::from_secs(150), cmd.output()).await??;
             anyhow::Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
         }
     };
@@ -515,7 +551,11 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
         "dave's apply past the API server's start",
         || async {
             let r = run_apply(&dave).await.ok()?;
-            (!r.1.contains("Unauthorized")).then_some(r)
+            if r.1.contains("Unauthorized") {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                return None;
+            }
+            Some(r)
         },
     )
     .await?;
@@ -534,14 +574,21 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (ok, err) = run_apply(&dave).await?;
     assert!(
-        !ok && err.contains("iotctl login"),
+        !ok && err.contains("not logged in") && err.contains("Log in again with: iotctl login"),
         "after logout dave is asked to log in: {err}"
     );
 
     let child = &mut running.0;
     let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
     assert!(term.success());
-    let status = child.wait()?;
+    let stop_by = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        anyhow::ensure!(Instant::now() < stop_by, "iot-up did not stop within 60 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(status.success(), "exit after SIGTERM: {status}");
     inst.assert_clean();
     Ok(())

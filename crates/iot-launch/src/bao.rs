@@ -101,11 +101,12 @@ impl OpenBao {
     async fn unseal(&self) -> anyhow::Result<()> {
         let bao = Bao::new(&self.addr())?;
         iot_bao::setup::unseal(&bao, &self.unseal_key).await?;
-        // Unsealed is not yet active: wait until it serves requests.
-        let root = self.root()?;
-        wait_until(Duration::from_secs(30), "OpenBao to become active", || {
-            let root = root.clone();
-            async move { root.get("sys/mounts").await.ok().map(|_| ()) }
+        // Unsealed is not yet active, and until raft makes it leader a standby
+        // answers some reads but redirects writes (307): wait for sys/health's 200,
+        // which only the active node gives.
+        wait_until(Duration::from_secs(60), "OpenBao to become the active node", || {
+            let bao = bao.clone();
+            async move { bao.get("sys/health").await.ok().map(|_| ()) }
         })
         .await
     }

@@ -69,18 +69,19 @@ impl GuestImage {
     /// (minutes; `scripts/setup-host.sh --vm` does it ahead of time).
     pub fn ensure(arch: Arch) -> anyhow::Result<Self> {
         let script = crate::paths::repo_root().join("scripts/build-guest-image.sh");
-        // One build at a time per cache: two would share the package cache and
-        // replace each other's finished image.
+        // One build per architecture at a time: two would share its package cache
+        // and replace each other's finished image. Per architecture, so a cached
+        // x86_64 image is not kept waiting behind a cold arm64 build.
         let guests = crate::paths::cache_dir().join("guest");
         std::fs::create_dir_all(&guests)?;
         let out = Command::new("flock")
-            .arg(guests.join(".build.lock"))
+            .arg(guests.join(format!(".build-{}.lock", arch.name())))
             .arg(&script)
             .args(["--arch", arch.name()])
             .env("IOT_CACHE", crate::paths::cache_dir())
             .stderr(std::process::Stdio::inherit())
             .output()
-            .map_err(|e| anyhow::anyhow!("{}: {e}", script.display()))?;
+            .map_err(|e| anyhow::anyhow!("flock {}: {e}", script.display()))?;
         anyhow::ensure!(
             out.status.success(),
             "{} --arch {} failed",
