@@ -3,7 +3,7 @@
 //! connection stays on the host's loopback (the guest reaches it as 10.0.2.2).
 
 use iot_launch::vm::{Arch, USER_NET_HOST, Vm, VmNet};
-use iot_launch::vm_seed::{SeededVm, start_seeded_vm};
+use iot_launch::vm_seed::{SeededVm, prepare_seeded_vm};
 use iot_provision::{DeviceProvision, StaticNetwork};
 use std::path::Path;
 
@@ -58,7 +58,7 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
     };
     let http_ports = [iot_testkit::free_port()?, iot_testkit::free_port()?];
     let metrics_port = iot_testkit::free_port()?;
-    let vm = start_seeded_vm(SeededVm {
+    let vm = Vm::start(prepare_seeded_vm(SeededVm {
         provision: &provision,
         agent,
         arch,
@@ -70,7 +70,7 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
                 (metrics_port, GUEST_METRICS_PORT),
             ],
         },
-    })?;
+    })?)?;
     Ok(VmDevice {
         id: id.to_owned(),
         vm,

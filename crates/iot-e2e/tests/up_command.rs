@@ -67,6 +67,16 @@ impl Instance {
         Ok(cmd)
     }
 
+    /// iot-up with `extra` in the background, its output in `log`.
+    fn spawn(&self, extra: &[&str], log: &Path) -> anyhow::Result<Running> {
+        Ok(Running(
+            self.command(extra)?
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log)?)
+                .spawn()?,
+        ))
+    }
+
     /// Nothing of this instance is left: namespaces, bridge, containers, processes, state.
     fn assert_clean(&self) {
         let ns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns");
@@ -132,17 +142,7 @@ fn our_pids(state_dir: &Path) -> Vec<u32> {
 }
 
 fn wait_for_output(log: &Path, needle: &str, timeout: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if std::fs::read_to_string(log).unwrap_or_default().contains(needle) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    anyhow::bail!(
-        "{needle:?} not printed within {timeout:?}:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    )
+    wait_for(None, log, needle, timeout)
 }
 
 /// [`wait_for_output`] from a running iot-up: fails as soon as it has exited
@@ -153,20 +153,29 @@ fn wait_for_output_while_running(
     needle: &str,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    wait_for(Some(child), log, needle, timeout)
+}
+
+fn wait_for(
+    mut child: Option<&mut std::process::Child>,
+    log: &Path,
+    needle: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let start = Instant::now();
-    while start.elapsed() < timeout {
-        if std::fs::read_to_string(log).unwrap_or_default().contains(needle) {
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
             return Ok(());
         }
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "iot-up exited ({status}) before printing {needle:?}:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+        if let Some(status) = child.as_mut().map(|c| c.try_wait()).transpose()?.flatten() {
+            anyhow::bail!("iot-up exited ({status}) before printing {needle:?}:\n{text}");
+        }
+        if start.elapsed() >= timeout {
+            anyhow::bail!("{needle:?} not printed within {timeout:?}:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_for_output(log, needle, Duration::ZERO)
 }
 
 /// Runs the menu's first apply command and every curl line exactly as printed,
@@ -275,12 +284,7 @@ fn kept_logs(inst: &Instance) -> String {
 fn auto_regression_on_a_vm_passes_after_a_killed_boot_and_leaves_nothing_behind() -> anyhow::Result<()> {
     let inst = Instance::new("iott1", 78)?;
     let log = inst.state.path().join("killed.log");
-    let mut killed = Running(
-        inst.command(&["--vm", "--devices", "0"])?
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
+    let mut killed = inst.spawn(&["--vm", "--devices", "0"], &log)?;
     wait_for_output_while_running(&mut killed.0, &log, "kernel started", Duration::from_secs(600))?;
     killed.0.kill()?;
     killed.0.wait()?;
@@ -343,12 +347,7 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
     let log = inst.state.path().join("up.log");
 
     // Hand-off mode, two devices; SIGTERM tears everything down.
-    let mut running = Running(
-        inst.command(&["--devices", "2"])?
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
+    let mut running = inst.spawn(&["--devices", "2"], &log)?;
     let child = &mut running.0;
     wait_for_output_while_running(child, &log, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     let text = std::fs::read_to_string(&log)?;
@@ -373,12 +372,7 @@ fn hand_off_stops_cleanly_and_a_killed_run_is_cleaned_up_by_the_next() -> anyhow
 
     // Killed hard: it leaves processes, namespaces and state behind...
     let log2 = inst.state.path().join("up2.log");
-    let mut killed = Running(
-        inst.command(&[])?
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log2)?)
-            .spawn()?,
-    );
+    let mut killed = inst.spawn(&[], &log2)?;
     let child = &mut killed.0;
     wait_for_output_while_running(child, &log2, "Press Ctrl-C here to stop", Duration::from_secs(120))?;
     child.kill()?;
@@ -458,12 +452,7 @@ fn ctrl_c_with_output_piped_through_tee_still_tears_down() -> anyhow::Result<()>
 async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
     let inst = Instance::new("iott4", 81)?;
     let log = inst.state.path().join("up.log");
-    let mut running = Running(
-        inst.command(&["--sso", "--devices", "1"])?
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?,
-    );
+    let mut running = inst.spawn(&["--sso", "--devices", "1"], &log)?;
     wait_for_output_while_running(
         &mut running.0,
         &log,

@@ -57,6 +57,14 @@ impl Arch {
     }
 }
 
+/// Creates `dir` if need be and makes it private (0700): a VM's directory holds
+/// its seed and disk, and both hold the device's enrollment.
+pub fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(())
+}
+
 /// The cached guest image of one architecture.
 #[derive(Debug, Clone)]
 pub struct GuestImage {
@@ -217,9 +225,8 @@ impl Vm {
     /// Creates the VM's disk (an overlay on the image) if it has none, and powers
     /// it on.
     pub fn start(spec: VmSpec) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&spec.dir)?;
-        // The disk will hold the device's enrollment: the VM's directory is private.
-        std::fs::set_permissions(&spec.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        // The disk will hold the device's enrollment.
+        private_dir(&spec.dir)?;
         let disk = spec.dir.join("disk.qcow2");
         if !disk.exists() {
             let out = Command::new("qemu-img")

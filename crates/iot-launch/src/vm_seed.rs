@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use iot_provision::DeviceProvision;
 
-use crate::vm::{Arch, GuestImage, Vm, VmNet, VmSpec};
+#[cfg(doc)]
+use crate::vm::Vm;
+use crate::vm::{Arch, GuestImage, VmNet, VmSpec};
 
 /// What to boot, and from what.
 pub struct SeededVm<'a> {
@@ -21,15 +23,16 @@ pub struct SeededVm<'a> {
     pub net: VmNet,
 }
 
-/// Checks that the agent is built for the VM, writes the seed ISO into the VM's
-/// directory and powers the VM on. Returns at once; the device joins the fleet
-/// once cloud-init has run.
-pub fn start_seeded_vm(s: SeededVm<'_>) -> anyhow::Result<Vm> {
+/// Checks that the agent is built for the VM and writes the seed ISO into the
+/// VM's directory: the spec [`Vm::start`] boots. Nothing of the network is made
+/// yet, so a caller that must create it (a tap) does so only once this succeeded.
+pub fn prepare_seeded_vm(s: SeededVm<'_>) -> anyhow::Result<VmSpec> {
     let built_for = iot_provision::elf_arch(s.agent)?;
     anyhow::ensure!(
         built_for == s.arch.name(),
-        "{} is built for {built_for}, the VM is {}",
+        "{} is built for {built_for}, the VM is {} (scripts/up.sh --vm --arch {} builds the right one)",
         s.agent.display(),
+        s.arch.name(),
         s.arch.name()
     );
     let image = GuestImage::ensure(s.arch)?;
@@ -38,15 +41,14 @@ pub fn start_seeded_vm(s: SeededVm<'_>) -> anyhow::Result<Vm> {
         .network
         .as_ref()
         .map_or_else(|| crate::vm::mac_for(1), |n| n.mac.clone());
-    std::fs::create_dir_all(&s.dir)?;
-    std::fs::set_permissions(&s.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    crate::vm::private_dir(&s.dir)?;
     let seed_dir = s.dir.join("seed");
     let files = iot_provision::write_seed_dir(s.provision, s.agent, &[image.test_images()?], &seed_dir)?;
     let seed_iso = s.dir.join("seed.iso");
     iot_provision::write_seed_iso(&files, &seed_iso)?;
     // The plain copy held the enrollment; the ISO is all the VM needs.
     std::fs::remove_dir_all(&seed_dir)?;
-    Vm::start(VmSpec {
+    Ok(VmSpec {
         name: s.provision.device_id.clone(),
         image,
         dir: s.dir,

@@ -238,14 +238,19 @@ impl DeviceProvision {
     /// content: a reboot with the same seed never runs the first-boot steps again,
     /// and a new seed (a new enrollment, say) does.
     pub fn meta_data(&self) -> Result<String, Error> {
+        Ok(self.meta_data_for(&self.user_data()?))
+    }
+
+    /// [`Self::meta_data`] for `user_data` already rendered from this provisioning.
+    pub(crate) fn meta_data_for(&self, user_data: &str) -> String {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(self.user_data()?.as_bytes());
+        let digest = sha2::Sha256::digest(user_data.as_bytes());
         let short: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        Ok(format!(
+        format!(
             "instance-id: \"iot-{}-{short}\"\nlocal-hostname: \"{}\"\n",
             self.device_id,
             self.hostname()
-        ))
+        )
     }
 
     /// `network-config` (version 2), if a static address is set.

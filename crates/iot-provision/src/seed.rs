@@ -123,7 +123,7 @@ pub fn write_seed_dir(
         Ok(())
     };
     put("user-data", &user_data, 0o600)?;
-    put("meta-data", &p.meta_data()?, 0o644)?;
+    put("meta-data", &p.meta_data_for(&user_data), 0o644)?;
     match network {
         Some(n) => put("network-config", &n, 0o644)?,
         None => {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use iot_launch::vm::{Arch, Vm, VmNet};
-use iot_launch::vm_seed::{SeededVm, start_seeded_vm};
+use iot_launch::vm_seed::{SeededVm, prepare_seeded_vm};
 use iot_provision::{AdminUser, DeviceProvision, StaticNetwork};
 
 use crate::net::{Net, run};
@@ -76,14 +76,6 @@ pub struct VmLaunch<'a> {
 /// Writes the seed, makes the tap and powers the VM on. Returns at once: the VM
 /// boots while [`watch_boot`] reports its progress.
 pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
-    let built_for = iot_provision::elf_arch(l.agent)?;
-    anyhow::ensure!(
-        built_for == l.arch.name(),
-        "{} is built for {built_for}, the VM is {} (scripts/up.sh --vm --arch {} builds the right one)",
-        l.agent.display(),
-        l.arch.name(),
-        l.arch.name()
-    );
     let id = l.net.vm_id(l.index);
     let ip = l.net.vm_ip(l.index);
     let mac = iot_launch::vm::mac_for(u8::try_from(l.index)?);
@@ -94,7 +86,7 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         enrollment: l.enrollment.clone(),
         metrics_addr: Some(format!("{ip}:{}", crate::up::AGENT_METRICS_PORT).parse()?),
         network: Some(StaticNetwork {
-            mac: mac.clone(),
+            mac,
             address: format!("{ip}/24"),
             gateway: l.net.gateway().parse()?,
             nameservers: vec![],
@@ -107,14 +99,17 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         agent_env: vec![("IOT_STOP_TIMEOUT".into(), "5s".into())],
         ..Default::default()
     };
-    let tap = l.net.create_tap(l.index)?;
-    let vm = start_seeded_vm(SeededVm {
+    let spec = prepare_seeded_vm(SeededVm {
         provision: &provision,
         agent: l.agent,
         arch: l.arch,
         dir: l.state_dir.join(&id),
-        net: VmNet::Tap { ifname: tap.clone() },
+        net: VmNet::Tap {
+            ifname: l.net.tap(l.index),
+        },
     })?;
+    let tap = l.net.create_tap(l.index)?;
+    let vm = Vm::start(spec)?;
     Ok(VmDevice {
         id,
         ip,
