@@ -13,8 +13,9 @@
 #     aarch64-unknown-linux-gnu) and qemu-user-static to run what it builds
 #   - VM devices: qemu-system-x86 and qemu-system-arm 10.0 from bookworm-backports
 #     (bookworm's 7.2 conflicts with the image's backported qemu-utils; the backports
-#     source is added for this), genisoimage for cloud-init seeds, socat for the
-#     VM console; with --vm[=ARCH] also the guest image (scripts/build-guest-image.sh)
+#     source is added for this), genisoimage for cloud-init seed ISOs, dosfstools
+#     and mtools for writable FAT seeds (as a USB stick or a Pi's boot partition),
+#     socat for the VM console; with --vm[=ARCH] also the guest image (scripts/build-guest-image.sh)
 #   - the OIDC provider standing in for Zitadel (hack/oidc): npm `oidc-provider`,
 #     pinned by package-lock.json, on Node.js >= 20 (this image ships Node 20)
 #   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
@@ -35,7 +36,7 @@ done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime
-  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross genisoimage socat)
+  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross genisoimage dosfstools mtools socat)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,8 +23,8 @@ pub use keys::{
     parse_desired_state_key,
 };
 pub use score::{
-    DecodedDesiredState, DesiredState, IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, ResourceLimits,
-    RestartPolicy, ScoreSlot,
+    DecodedDesiredState, DesiredState, IotScore, MAX_CPU_MILLICORES, MAX_MEMORY_MIB, MIN_MEMORY_MIB, PodmanService,
+    PodmanV0Score, PortMapping, Protocol, ResourceLimits, RestartPolicy, ScoreSlot,
 };
 pub use status::{
     AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, RuntimeState, RuntimeStatus,

@@ -77,6 +77,77 @@ pub fn device_inbox_prefix(device: &Id) -> String {
     format!("_INBOX_{device}")
 }
 
+/// The platform services that connect to NATS with an identity of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceRole {
+    Operator,
+    Viewer,
+}
+
+impl ServiceRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceRole::Operator => "operator",
+            ServiceRole::Viewer => "viewer",
+        }
+    }
+}
+
+/// The inbox prefix of a platform service. It never starts with `_INBOX_`, so no
+/// device id can name it, and it differs per role and name, so a viewer cannot read
+/// the operator's replies (watch deliveries and direct-get answers carry every
+/// device's desired state).
+pub fn service_inbox_prefix(role: ServiceRole, name: &Id) -> String {
+    format!("_SVC_INBOX.{}.{name}", role.as_str())
+}
+
+/// Whether `reply` is an inbox subject of viewer `name` (and so safe to answer on).
+pub fn is_viewer_inbox(name: &Id, reply: &str) -> bool {
+    reply
+        .strip_prefix(&service_inbox_prefix(ServiceRole::Viewer, name))
+        .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+}
+
+/// Subject prefix of a viewer's status snapshot requests: `iot.status.read.<name>`.
+pub const STATUS_READ_PREFIX: &str = "iot.status.read";
+/// Queue group of the snapshot responders.
+pub const STATUS_READ_QUEUE: &str = "iot-status-readers";
+
+/// Where viewer `name` asks for the fleet's status.
+pub fn status_read_subject(name: &Id) -> String {
+    format!("{STATUS_READ_PREFIX}.{name}")
+}
+
+/// One page request of a status snapshot: devices with ids after `after`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReadRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// One page of the fleet's latest reports, device ids in ascending order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReadPage {
+    #[serde(default)]
+    pub records: Vec<StatusRecord>,
+    /// More devices follow: ask again with `after` = the last device of this page.
+    #[serde(default)]
+    pub more: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A device's latest report, and when NATS stored it (the server's clock).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusRecord {
+    pub device: Id,
+    pub stored_at: chrono::DateTime<chrono::Utc>,
+    pub status: crate::AgentStatus,
+}
+
 /// One page request: records with keys after `after` (all, if none).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -140,6 +211,17 @@ mod tests {
         assert!(!is_device_inbox(&d, "_INBOX_pi-7x.abc"));
         assert!(!is_device_inbox(&d, "_INBOX_pi-8.abc"));
         assert!(!is_device_inbox(&d, "$KV.desired-state.pi-8.default_web"));
+        // Service inboxes: no device id reaches them, and viewers are told apart.
+        let dash = Id::new("dashboard")?;
+        let viewer = service_inbox_prefix(ServiceRole::Viewer, &dash);
+        assert_eq!(viewer, "_SVC_INBOX.viewer.dashboard");
+        assert!(!viewer.starts_with("_INBOX_") && !viewer.starts_with("_INBOX."));
+        assert!(is_viewer_inbox(&dash, "_SVC_INBOX.viewer.dashboard.abc.1"));
+        assert!(!is_viewer_inbox(&dash, "_SVC_INBOX.viewer.dashboard"));
+        assert!(!is_viewer_inbox(&dash, "_SVC_INBOX.viewer.dashboard2.x"));
+        assert!(!is_viewer_inbox(&dash, "_SVC_INBOX.operator.dashboard.x"));
+        assert!(!is_viewer_inbox(&dash, "$KV.desired-state.pi-8.default_web"));
+        assert_eq!(status_read_subject(&dash), "iot.status.read.dashboard");
         Ok(())
     }
 

@@ -123,16 +123,24 @@ impl RestartPolicy {
     }
 }
 
+/// Smallest memory limit podman accepts, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 4;
+/// Largest memory limit, in MiB (1 TiB): far beyond any edge device, and small
+/// enough that the byte count cannot overflow.
+pub const MAX_MEMORY_MIB: u64 = 1024 * 1024;
+/// Largest CPU limit, in millicores (1024 cores).
+pub const MAX_CPU_MILLICORES: u64 = 1024 * 1000;
+
 /// Optional caps on the container.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ResourceLimits {
     /// Memory limit in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 4))]
+    #[schemars(range(min = MIN_MEMORY_MIB, max = MAX_MEMORY_MIB))]
     pub memory_mib: Option<u64>,
     /// CPU limit in thousandths of a core (500 = half a core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = MAX_CPU_MILLICORES))]
     pub cpu_millicores: Option<u64>,
 }
 

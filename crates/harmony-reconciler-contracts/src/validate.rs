@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::id::dns_label_problem;
-use crate::score::{IotScore, PodmanV0Score};
+use crate::score::{IotScore, MAX_CPU_MILLICORES, MAX_MEMORY_MIB, MIN_MEMORY_MIB, PodmanV0Score};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScoreProblem {
@@ -73,6 +73,24 @@ fn validate_podman(score: &PodmanV0Score) -> Vec<ScoreProblem> {
                         port.host_port,
                         port.protocol.as_str()
                     ),
+                );
+            }
+        }
+        if let Some(r) = &svc.resources {
+            if let Some(mib) = r.memory_mib
+                && !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib)
+            {
+                push(
+                    at("resources.memory_mib"),
+                    format!("{mib} is out of range ({MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} MiB)"),
+                );
+            }
+            if let Some(milli) = r.cpu_millicores
+                && !(1..=MAX_CPU_MILLICORES).contains(&milli)
+            {
+                push(
+                    at("resources.cpu_millicores"),
+                    format!("{milli} is out of range (1-{MAX_CPU_MILLICORES} millicores)"),
                 );
             }
         }

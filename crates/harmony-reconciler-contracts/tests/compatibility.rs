@@ -136,3 +136,24 @@ fn validation_names_fields() {
             .expect("ok");
     assert!(validate_score(&ok).is_empty());
 }
+
+#[test]
+fn resource_limits_out_of_range_name_their_field() {
+    // u64::MAX MiB would overflow the byte count podman gets (u64::MAX * 2^20).
+    let score: IotScore = serde_json::from_value(json!({"PodmanV0": {"services": [
+        {"name": "a", "image": "x", "resources": {"memory_mib": u64::MAX, "cpu_millicores": u64::MAX}},
+        {"name": "b", "image": "x", "resources": {"memory_mib": 1, "cpu_millicores": 0}},
+        {"name": "c", "image": "x", "resources": {"memory_mib": MAX_MEMORY_MIB, "cpu_millicores": MAX_CPU_MILLICORES}},
+    ]}}))
+    .expect("decodes");
+    let text = describe_problems(&validate_score(&score));
+    for needle in [
+        "services[0].resources.memory_mib: 18446744073709551615 is out of range (4-1048576 MiB)",
+        "services[0].resources.cpu_millicores: 18446744073709551615 is out of range (1-1024000 millicores)",
+        "services[1].resources.memory_mib: 1 is out of range",
+        "services[1].resources.cpu_millicores: 0 is out of range",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in {text}");
+    }
+    assert!(!text.contains("services[2]"), "the bounds themselves are valid: {text}");
+}

@@ -65,9 +65,10 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let conn = connect_with(
         &config.nats.nats_url,
         creds.as_ref(),
-        &format!("iot-agent-{}", config.device_id),
-        false,
-        config.nats.nats_ping_interval,
+        &config
+            .nats
+            .client_options(&format!("iot-agent-{}", config.device_id))
+            .background(),
     )
     .await?;
     let js = jetstream::new(conn.client.clone());

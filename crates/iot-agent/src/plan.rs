@@ -116,6 +116,18 @@ pub enum Action {
         /// Exit code if it had exited, `None` if it was only created.
         exit_code: Option<i32>,
     },
+    /// The previous version's container stopped (a power cut, an OOM kill) while
+    /// its upgrade cannot happen yet: the new image is being pulled or failed to
+    /// pull, or the last attempt was rolled back and its retry is not due. It is
+    /// started again, so the old version keeps serving until the new one is ready.
+    /// Unlike every other action of such a deployment, this one does not wait for
+    /// the upgrade's retry backoff.
+    StartPrevious {
+        deployment: DeploymentRef,
+        container_id: String,
+        name: String,
+        exit_code: Option<i32>,
+    },
     /// A container paused outside the agent holds its ports and serves nothing.
     Unpause {
         deployment: DeploymentRef,
@@ -133,7 +145,9 @@ impl Action {
             Action::Create { spec, .. } | Action::Replace { spec, .. } | Action::FinishReplace { spec, .. } => {
                 Some(&spec.deployment)
             }
-            Action::Start { deployment, .. } | Action::Unpause { deployment, .. } => Some(deployment),
+            Action::Start { deployment, .. }
+            | Action::StartPrevious { deployment, .. }
+            | Action::Unpause { deployment, .. } => Some(deployment),
         }
     }
 }
@@ -189,6 +203,10 @@ pub struct PlanInput<'a> {
     /// Images known to be present, being pulled, or failing. An image the plan needs
     /// that is not listed gets an [`Action::EnsureImage`] and nothing else.
     pub images: &'a BTreeMap<String, ImageState>,
+    /// Deployments whose last attempt failed and whose retry is not due yet. The
+    /// executor skips their actions; the planner plans no replacement for them, only
+    /// [`Action::StartPrevious`] where the previous version has stopped.
+    pub on_hold: &'a BTreeSet<DeploymentRef>,
 }
 
 /// Hash of one service's spec; the container label that decides "up to date".
@@ -297,21 +315,48 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
             };
             let Some(keeper) = keeper else {
+                // The upgrade cannot happen in this pass: the previous version, if it
+                // stopped, is started again so it keeps serving meanwhile.
+                let mut keep_previous = |f: &mut Findings| {
+                    if let Some(prev) = previous_to_restart(&outdated, svc) {
+                        f.acted = true;
+                        f.notes.push(format!(
+                            "restarting the previous version of service {} while the upgrade waits",
+                            svc.name
+                        ));
+                        starts.push(Action::StartPrevious {
+                            deployment: dep.clone(),
+                            container_id: prev.id.clone(),
+                            name: prev.name.clone(),
+                            exit_code: match prev.state {
+                                ContainerState::Exited { code } => Some(code),
+                                _ => None,
+                            },
+                        });
+                    }
+                };
                 match input.images.get(&svc.image) {
                     Some(ImageState::Present) => {}
                     Some(ImageState::Pulling) => {
                         f.notes.push(format!("pulling image {}", svc.image));
+                        keep_previous(&mut f);
                         continue;
                     }
                     Some(ImageState::Failed(e)) => {
                         f.image_problems.push(format!("service {}: {e}", svc.name));
+                        keep_previous(&mut f);
                         continue;
                     }
                     None => {
                         ensure.entry(svc.image.clone()).or_default().push(dep.clone());
                         f.notes.push(format!("checking image {}", svc.image));
+                        keep_previous(&mut f);
                         continue;
                     }
+                }
+                if !outdated.is_empty() && input.on_hold.contains(dep) {
+                    keep_previous(&mut f);
+                    continue;
                 }
                 f.acted = true;
                 if outdated.is_empty() {
@@ -397,6 +442,26 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
     actions.extend(replaces);
     actions.extend(starts);
     Plan { actions, assessments }
+}
+
+/// The outdated container to start again while an upgrade waits, if the previous
+/// version is down: none of the outdated containers runs (or is paused or in
+/// transition), and the service's restart policy would restart it. With several
+/// outdated containers (a leftover of an interrupted replacement) one is enough.
+fn previous_to_restart<'c>(outdated: &[&'c ObservedContainer], svc: &PodmanService) -> Option<&'c ObservedContainer> {
+    let down = |c: &&&ObservedContainer| matches!(c.state, ContainerState::Exited { .. } | ContainerState::Created);
+    if outdated.is_empty() || !outdated.iter().all(|c| down(&c)) {
+        return None;
+    }
+    outdated.iter().copied().find(|c| match c.state {
+        ContainerState::Created => true,
+        ContainerState::Exited { code } => match svc.restart_policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => code != 0,
+            RestartPolicy::Never => false,
+        },
+        _ => false,
+    })
 }
 
 fn remove(dep: &DeploymentRef, c: &ObservedContainer, cause: RemoveCause) -> Action {

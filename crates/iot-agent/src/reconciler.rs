@@ -91,6 +91,9 @@ pub struct Reconciler<R> {
     config: ReconcilerConfig,
     seen: BTreeSet<(DeploymentRef, String)>,
     failures: BTreeMap<DeploymentRef, Failure>,
+    /// Failed starts of a previous version ([`Action::StartPrevious`]): attempts and
+    /// when the next may run.
+    previous_retry: BTreeMap<DeploymentRef, (u32, Instant)>,
     phases: BTreeMap<DeploymentRef, DeploymentPhase>,
     events: EventRing,
     images: ImageTracker,
@@ -119,6 +122,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             config,
             seen: BTreeSet::new(),
             failures: BTreeMap::new(),
+            previous_retry: BTreeMap::new(),
             phases: BTreeMap::new(),
             images: ImageTracker::default(),
             restarts: RestartBook::default(),
@@ -250,7 +254,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     None => return summary,
                 };
             }
-            let images = self.images.planner_view(&present, Instant::now());
+            let now = Instant::now();
+            let backing = self.backing_off(&desired, now);
+            let images = self.images.planner_view(&present, now);
             let planned = plan(PlanInput {
                 device: self.device(),
                 desired: &desired,
@@ -258,21 +264,18 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 synced: view.synced,
                 seen: &self.seen,
                 images: &images,
+                on_hold: &backing,
             });
-            let now = Instant::now();
-            let backing: BTreeSet<DeploymentRef> = self
-                .failures
-                .iter()
-                .filter(|(dep, f)| {
-                    f.retry_at > now && f.spec_hash.as_ref() == desired.get(*dep).and_then(DesiredContent::spec_hash)
-                })
-                .map(|(dep, _)| dep.clone())
-                .collect();
             self.announce_restores(&planned, &desired, &backing).await;
             let mut found = false;
             for action in &planned.actions {
                 if let Some(dep) = action.deployment() {
-                    if backing.contains(dep) {
+                    if let Action::StartPrevious { .. } = action {
+                        // Not held by the upgrade's backoff, only by its own.
+                        if self.previous_retry.get(dep).is_some_and(|(_, at)| *at > now) {
+                            continue;
+                        }
+                    } else if backing.contains(dep) {
                         backing_off.insert(dep.clone());
                         summary.skipped_backoff += 1;
                         continue;
@@ -298,6 +301,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     continue;
                 }
                 summary.executed += 1;
+                if let Action::StartPrevious { deployment, .. } = action {
+                    // Its failure is reported as an event and retried on its own
+                    // backoff; the deployment's phase stays what the upgrade says.
+                    let failed = self.execute(action).await.is_err();
+                    self.previous_started(deployment, failed, now);
+                    summary.failed += usize::from(failed);
+                    continue;
+                }
                 if let Err(f) = self.execute(action).await {
                     summary.failed += 1;
                     if let Some(dep) = action.deployment() {
@@ -327,7 +338,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 None => return summary,
             };
         }
-        let images = self.images.planner_view(&present, Instant::now());
+        let now = Instant::now();
+        let images = self.images.planner_view(&present, now);
+        let backing = self.backing_off(&desired, now);
         let assessments = plan(PlanInput {
             device: self.device(),
             desired: &desired,
@@ -335,12 +348,38 @@ impl<R: ContainerRuntime> Reconciler<R> {
             synced: view.synced,
             seen: &self.seen,
             images: &images,
+            on_hold: &backing,
         })
         .assessments;
 
         self.update_phases(&desired, &assessments, &errors, &rolled_back, &backing_off);
         self.publish(Some(Utc::now()));
         summary
+    }
+
+    /// Deployments whose last attempt at their current spec failed and whose retry
+    /// is not due yet.
+    fn backing_off(&self, desired: &BTreeMap<DeploymentRef, DesiredContent>, now: Instant) -> BTreeSet<DeploymentRef> {
+        self.failures
+            .iter()
+            .filter(|(dep, f)| {
+                f.retry_at > now && f.spec_hash.as_ref() == desired.get(*dep).and_then(DesiredContent::spec_hash)
+            })
+            .map(|(dep, _)| dep.clone())
+            .collect()
+    }
+
+    /// Records how starting a previous version went: a failure waits 1 s, doubling
+    /// to 60 s, before the next try (podman's events would otherwise trigger the
+    /// next pass, and the next try, at once).
+    fn previous_started(&mut self, dep: &DeploymentRef, failed: bool, now: Instant) {
+        if failed {
+            let attempts = self.previous_retry.get(dep).map_or(1, |(n, _)| n + 1);
+            self.previous_retry
+                .insert(dep.clone(), (attempts, now + failure_backoff(attempts)));
+        } else {
+            self.previous_retry.remove(dep);
+        }
     }
 
     /// Lists the device's containers. When the runtime does not answer, every phase
@@ -628,6 +667,40 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     clean(&e)
                 ))),
             },
+            Action::StartPrevious {
+                deployment,
+                container_id,
+                name,
+                exit_code,
+            } => match self.runtime.start(container_id).await {
+                Ok(()) => {
+                    if let Some(code) = exit_code {
+                        self.restarts.died(deployment, Some(*code));
+                    }
+                    self.restarts.restarted(deployment, Instant::now());
+                    self.metrics.restarts.inc();
+                    let shown = shown(name, self.device());
+                    let how = exit_code.map(|c| format!(" (exit code {c})")).unwrap_or_default();
+                    tracing::info!(container = %name, "started the previous version while its upgrade waits");
+                    self.event(
+                        Severity::Warning,
+                        Some(deployment.clone()),
+                        format!(
+                            "restarted container {shown} of the previous version, which had stopped{how}: it serves until the upgrade succeeds"
+                        ),
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    let error = format!(
+                        "starting container {} of the previous version failed: {}",
+                        shown(name, self.device()),
+                        clean(&e)
+                    );
+                    self.event(Severity::Error, Some(deployment.clone()), error.clone());
+                    Err(fail(error))
+                }
+            },
             Action::Unpause {
                 deployment,
                 container_id,
@@ -840,6 +913,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let now = Instant::now();
         self.phases.retain(|dep, _| desired.contains_key(dep));
         self.failures.retain(|dep, _| desired.contains_key(dep));
+        self.previous_retry.retain(|dep, _| desired.contains_key(dep));
         for (dep, content) in desired {
             let spec_hash = content.spec_hash().cloned();
             let (phase, error, detail) = if let Some(errs) = errors.get(dep) {
@@ -977,6 +1051,7 @@ fn action_kind(action: &Action) -> &'static str {
         Action::Create { .. } => "create",
         Action::Replace { .. } | Action::FinishReplace { .. } => "replace",
         Action::Start { .. } => "start",
+        Action::StartPrevious { .. } => "start_previous",
         Action::Unpause { .. } => "unpause",
     }
 }

@@ -134,7 +134,7 @@ pub struct PodmanRuntime {
 }
 
 impl PodmanRuntime {
-    fn create_spec(spec: &ContainerSpec, stop_timeout: Duration) -> CreateSpec {
+    fn create_spec(spec: &ContainerSpec, stop_timeout: Duration) -> Result<CreateSpec, RuntimeError> {
         let svc = &spec.service;
         let labels = BTreeMap::from([
             (labels::MANAGED_BY.to_owned(), labels::MANAGED_BY_VALUE.to_owned()),
@@ -148,21 +148,11 @@ impl PodmanRuntime {
             (labels::K8S_COMPONENT.to_owned(), svc.name.clone()),
             (labels::K8S_MANAGED_BY.to_owned(), labels::MANAGED_BY_VALUE.to_owned()),
         ]);
-        let resource_limits = svc.resources.as_ref().map(|r| {
-            let mut limits = serde_json::Map::new();
-            if let Some(mib) = r.memory_mib {
-                limits.insert("memory".into(), serde_json::json!({"limit": mib * 1024 * 1024}));
-            }
-            if let Some(milli) = r.cpu_millicores {
-                // CFS quota over a 100 ms period: 1000 millicores = one full period.
-                limits.insert(
-                    "cpu".into(),
-                    serde_json::json!({"period": 100_000, "quota": milli * 100}),
-                );
-            }
-            serde_json::Value::Object(limits)
-        });
-        CreateSpec {
+        let resource_limits = match &svc.resources {
+            Some(r) => Some(resource_limits(r)?),
+            None => None,
+        };
+        Ok(CreateSpec {
             name: spec.name.clone(),
             image: svc.image.clone(),
             labels,
@@ -186,8 +176,30 @@ impl PodmanRuntime {
             .to_owned(),
             resource_limits,
             stop_timeout: stop_timeout.as_secs(),
-        }
+        })
     }
+}
+
+/// The libpod resource limits of a service, with checked arithmetic: the desired
+/// state was validated, but a bad number must fail the one container, never wrap.
+fn resource_limits(r: &harmony_reconciler_contracts::ResourceLimits) -> Result<serde_json::Value, RuntimeError> {
+    let mut limits = serde_json::Map::new();
+    if let Some(mib) = r.memory_mib {
+        let bytes = mib
+            .checked_mul(1024 * 1024)
+            .filter(|b| i64::try_from(*b).is_ok())
+            .ok_or_else(|| RuntimeError(format!("resources.memory_mib {mib} is too large")))?;
+        limits.insert("memory".into(), serde_json::json!({"limit": bytes}));
+    }
+    if let Some(milli) = r.cpu_millicores {
+        // CFS quota over a 100 ms period: 1000 millicores = one full period.
+        let quota = milli
+            .checked_mul(100)
+            .filter(|q| i64::try_from(*q).is_ok())
+            .ok_or_else(|| RuntimeError(format!("resources.cpu_millicores {milli} is too large")))?;
+        limits.insert("cpu".into(), serde_json::json!({"period": 100_000, "quota": quota}));
+    }
+    Ok(serde_json::Value::Object(limits))
 }
 
 /// Podman's own message, without our request description (which names container
@@ -280,7 +292,7 @@ impl ContainerRuntime for PodmanRuntime {
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.client
-            .create(&Self::create_spec(spec, self.stop_timeout))
+            .create(&Self::create_spec(spec, self.stop_timeout)?)
             .await
             .map_err(podman_err)
     }
@@ -332,5 +344,38 @@ impl ContainerRuntime for PodmanRuntime {
         };
         let (streamed, ()) = tokio::join!(stream, forward);
         streamed.map_err(|e| RuntimeError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use harmony_reconciler_contracts::ResourceLimits;
+
+    use super::*;
+
+    #[test]
+    fn resource_limits_never_wrap() -> Result<(), RuntimeError> {
+        let ok = resource_limits(&ResourceLimits {
+            memory_mib: Some(64),
+            cpu_millicores: Some(500),
+        })?;
+        assert_eq!(ok["memory"]["limit"], 64 * 1024 * 1024);
+        assert_eq!(ok["cpu"]["quota"], 50_000);
+        for (mib, milli, field) in [
+            (Some(u64::MAX), None, "memory_mib"),
+            (Some(u64::MAX / 1024), None, "memory_mib"),
+            (None, Some(u64::MAX), "cpu_millicores"),
+            (None, Some(u64::MAX / 100), "cpu_millicores"),
+        ] {
+            let err = resource_limits(&ResourceLimits {
+                memory_mib: mib,
+                cpu_millicores: milli,
+            })
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+            assert!(err.contains(field) && err.contains("too large"), "{err}");
+        }
+        Ok(())
     }
 }

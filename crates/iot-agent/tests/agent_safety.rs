@@ -85,6 +85,57 @@ async fn upgrade_whose_command_exits_at_once_is_rolled_back_to_v1() -> anyhow::R
         "the old container is the one running again"
     );
     assert_eq!(guard.ids().len(), 1, "the failed replacement was removed");
+
+    // The retry waits 30 s. v1 stops meanwhile (`podman stop`: podman's own
+    // restart policy leaves a container a person stopped alone); the agent starts
+    // it again at once, without waiting for the upgrade's retry.
+    let stopped_at = Instant::now();
+    podman_cli(&["stop", "-t", "0", &before[0]])?;
+    wait_http(port, "v1").await?;
+    let back_after = stopped_at.elapsed();
+    eprintln!("v1 serves again {back_after:?} after it stopped");
+    assert!(back_after < Duration::from_secs(25), "v1 waited for the upgrade's backoff");
+    assert_eq!(guard.running_ids(), before, "the same v1 container runs again");
+    let status = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
+    assert!(
+        status
+            .recent_events
+            .iter()
+            .any(|e| e.message.contains("of the previous version, which had stopped")),
+        "{:?}",
+        status.recent_events
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn v1_that_stops_while_its_upgrade_image_is_missing_comes_back() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let (dev, guard) = device();
+    let _agent = Agent::spawn(&stack, &dev)?;
+    let web = dep("default", "web");
+    let port = free_port()?;
+    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
+    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let v1 = guard.running_ids();
+    let h2 = stack
+        .put(&dev, &web, &web_score("localhost/iot-web:no-such-tag", port))
+        .await?;
+    stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
+    wait_http(port, "v1").await?;
+
+    // v1 goes down twice while the upgrade cannot happen: stopped (as a person or
+    // a shutdown would), then killed (as the OOM killer would).
+    for how in [["stop", "-t", "0"], ["kill", "-s", "KILL"]] {
+        let mut args = how.to_vec();
+        args.push(&v1[0]);
+        podman_cli(&args)?;
+        wait_http(port, "v1").await?;
+        assert_eq!(guard.running_ids(), v1, "after {how:?}: the same v1 container serves again");
+    }
+    let status = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
+    let err = status.deployments[&web].last_error.clone().unwrap_or_default();
+    assert!(err.contains("no-such-tag"), "the upgrade's problem is still the one reported: {err}");
     Ok(())
 }
 

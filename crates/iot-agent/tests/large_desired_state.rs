@@ -48,7 +48,7 @@ async fn fifteen_hundred_deployments_all_run_and_none_is_removed_by_resyncs() ->
     )
     .await;
     anyhow::ensure!(err.is_none(), "{err:?}");
-    let conn = connect(&[stack.nats.url()], &Anonymous, "big", true).await?;
+    let conn = connect(&[stack.nats.url()], &Anonymous, "big", stack.nats.ca_file()).await?;
     let (tx, rx) = watch::channel(DesiredView::default());
     let follow = tokio::spawn(follow_desired_state(
         conn,

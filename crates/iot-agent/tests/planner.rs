@@ -43,6 +43,7 @@ struct Case {
     seen: BTreeSet<(DeploymentRef, String)>,
     /// `None`: every image the case uses is present.
     images: Option<BTreeMap<String, ImageState>>,
+    on_hold: BTreeSet<DeploymentRef>,
 }
 
 impl Case {
@@ -53,6 +54,7 @@ impl Case {
             synced: true,
             seen: BTreeSet::new(),
             images: None,
+            on_hold: BTreeSet::new(),
         }
     }
     fn run(&self) -> iot_agent::plan::Plan {
@@ -75,6 +77,7 @@ impl Case {
             synced: self.synced,
             seen: &self.seen,
             images: self.images.as_ref().unwrap_or(&all_present),
+            on_hold: &self.on_hold,
         })
     }
 }
@@ -104,6 +107,9 @@ fn kinds(p: &iot_agent::plan::Plan) -> Vec<String> {
             ),
             Action::EnsureImage { image, .. } => format!("ensure {image}"),
             Action::Start { container_id, .. } => format!("start {container_id}"),
+            Action::StartPrevious {
+                container_id, exit_code, ..
+            } => format!("start previous {container_id} {exit_code:?}"),
             Action::Unpause { container_id, .. } => format!("unpause {container_id}"),
         })
         .collect()
@@ -369,4 +375,59 @@ fn removals_come_before_creates_and_replacements() {
             "replace a/web c1 stop_first=false"
         ]
     );
+}
+
+#[test]
+fn a_stopped_previous_version_is_started_again_while_its_upgrade_waits() {
+    // v1 exited (a power cut, an OOM kill) while v2 cannot replace it yet.
+    let old = svc("web", "img:1");
+    let mut c = Case::new();
+    c.desired.insert(dep("web"), valid(vec![svc("web", "img:2")]));
+    c.observed.push(running("c1", "web", &old));
+    c.observed[0].state = ContainerState::Exited { code: 137 };
+    let waits: [(&str, Option<ImageState>); 3] = [
+        ("pulling", Some(ImageState::Pulling)),
+        ("failed pull", Some(ImageState::Failed("manifest unknown".into()))),
+        ("checking", None),
+    ];
+    for (why, state) in waits {
+        c.images = Some(state.map(|s| ("img:2".to_string(), s)).into_iter().collect());
+        let k = kinds(&c.run());
+        assert!(k.contains(&"start previous c1 Some(137)".to_string()), "{why}: {k:?}");
+        assert!(!k.iter().any(|a| a.starts_with("replace")), "{why}: {k:?}");
+    }
+    // The image is here, but the last attempt was rolled back and waits for its
+    // retry: no replacement, and v1 comes back.
+    c.images = None;
+    c.on_hold.insert(dep("web"));
+    assert_eq!(kinds(&c.run()), ["start previous c1 Some(137)"]);
+    // Once the retry is due, the upgrade goes ahead (v1 holds no port: no stop).
+    c.on_hold.clear();
+    assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=false"]);
+}
+
+#[test]
+fn the_previous_version_follows_the_restart_policy_and_is_left_alone_when_up() {
+    let old = svc("web", "img:1");
+    let mut new = svc("web", "img:2");
+    let mut c = Case::new();
+    c.images = Some(BTreeMap::from([("img:2".to_string(), ImageState::Pulling)]));
+    c.observed.push(running("c1", "web", &old));
+    // Running: nothing to do.
+    c.desired.insert(dep("web"), valid(vec![new.clone()]));
+    assert!(kinds(&c.run()).is_empty());
+    // A clean exit under OnFailure is a finished job, as it would be for v2.
+    new.restart_policy = RestartPolicy::OnFailure;
+    c.desired.insert(dep("web"), valid(vec![new.clone()]));
+    c.observed[0].state = ContainerState::Exited { code: 0 };
+    assert!(kinds(&c.run()).is_empty());
+    c.observed[0].state = ContainerState::Exited { code: 2 };
+    assert_eq!(kinds(&c.run()), ["start previous c1 Some(2)"]);
+    new.restart_policy = RestartPolicy::Never;
+    c.desired.insert(dep("web"), valid(vec![new]));
+    assert!(kinds(&c.run()).is_empty());
+    // Two outdated containers, one still running: the old version is up.
+    c.desired.insert(dep("web"), valid(vec![svc("web", "img:2")]));
+    c.observed.push(running("c0", "web", &svc("web", "img:0")));
+    assert!(kinds(&c.run()).is_empty());
 }

@@ -107,11 +107,11 @@ impl RestartPolicy {
 pub struct ResourceLimits {
     /// Memory limit in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 4))]
+    #[schemars(range(min = wire::MIN_MEMORY_MIB, max = wire::MAX_MEMORY_MIB))]
     pub memory_mib: Option<u64>,
     /// CPU limit in thousandths of a core (500 = half a core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = wire::MAX_CPU_MILLICORES))]
     pub cpu_millicores: Option<u64>,
 }
 

@@ -235,11 +235,26 @@ impl Callout {
             .map_err(|e| refuse(e.to_string()))?;
         let identity =
             identity_from_claims(&verified.claims, &self.config.mapping).map_err(|e| refuse(e.to_string()))?;
-        let result = match self.enrollments.check(&identity).await {
+        // The subject binds the token to the enrolled entity: a token that merely
+        // claims this identity's name (an issuer whose users can set that claim, or
+        // credentials from before a re-enrollment) is not it.
+        let subject = verified
+            .claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| refuse("token without a subject (sub)".into()))?;
+        let result = match self.enrollments.check(&identity, subject).await {
             Ok(Decision::Enrolled { from_cache: false }) => "admitted",
             Ok(Decision::Enrolled { from_cache: true }) => "admitted_cached",
             Ok(Decision::NotEnrolled) => {
                 return Err(refuse(format!("{} is not enrolled (or was revoked)", identity.name())));
+            }
+            Ok(Decision::OtherSubject) => {
+                return Err(refuse(format!(
+                    "{} is enrolled for another subject than this token's ({subject}): credentials from before a re-enrollment, or a token that only claims the name",
+                    identity.name()
+                )));
             }
             Err(e) => {
                 return Err(Refusal {

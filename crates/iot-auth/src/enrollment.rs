@@ -42,8 +42,23 @@ impl std::fmt::Debug for BaoCredentials {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Enrolled { from_cache: bool },
+    Enrolled {
+        from_cache: bool,
+    },
     NotEnrolled,
+    /// Enrolled, but with another subject: the token comes from an entity the
+    /// record does not name (credentials from before a re-enrollment, or an issuer
+    /// that let someone claim this identity's name).
+    OtherSubject,
+}
+
+/// What the cache knows of an enrolled identity.
+#[derive(Debug, Clone)]
+struct Known {
+    /// When OpenBao last vouched for it (a read or a listing).
+    at: Instant,
+    /// The subject its record names; `None` until the record was read.
+    subject: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +71,7 @@ pub struct Enrollments {
     credentials: BaoCredentials,
     /// The current OpenBao token and when to log in again.
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
-    cache: Mutex<HashMap<String, Instant>>,
+    cache: Mutex<HashMap<String, Known>>,
     /// Identities OpenBao said are not enrolled, and when. A list loaded earlier,
     /// or a concurrent refresh, must not bring them back into the cache.
     refused: Mutex<HashMap<String, Instant>>,
@@ -101,11 +116,9 @@ impl Enrollments {
         self
     }
 
-    pub async fn check(&self, identity: &Identity) -> Result<Decision, Unavailable> {
-        let path = match identity {
-            Identity::Device(id) => device_record_path(id.as_str()),
-            Identity::Operator(name) | Identity::Viewer(name) => service_record_path(name),
-        };
+    /// Whether `identity`, presenting a token whose `sub` is `subject`, is enrolled.
+    pub async fn check(&self, identity: &Identity, subject: &str) -> Result<Decision, Unavailable> {
+        let path = record_path(identity);
         let answer = match tokio::time::timeout(self.queue_wait, self.permits.acquire()).await {
             Ok(Ok(permit)) => {
                 let answer = self.read(&path).await.map_err(|e| e.to_string());
@@ -116,9 +129,21 @@ impl Enrollments {
         };
         match answer {
             Ok(Some(record)) if record_matches(identity, &record) => {
+                let enrolled_as = record.get("subject").and_then(Value::as_str).map(str::to_owned);
                 self.refused().remove(&path);
-                self.cache().insert(path, Instant::now());
-                Ok(Decision::Enrolled { from_cache: false })
+                let matches = enrolled_as.as_deref() == Some(subject);
+                self.cache().insert(
+                    path,
+                    Known {
+                        at: Instant::now(),
+                        subject: enrolled_as,
+                    },
+                );
+                Ok(if matches {
+                    Decision::Enrolled { from_cache: false }
+                } else {
+                    Decision::OtherSubject
+                })
             }
             Ok(_) => {
                 self.cache().remove(&path);
@@ -129,19 +154,29 @@ impl Enrollments {
                 if self.refused().contains_key(&path) {
                     return Ok(Decision::NotEnrolled);
                 }
-                let fresh_enough = self.cache().get(&path).is_some_and(|at| at.elapsed() < self.max_stale);
-                if fresh_enough {
-                    self.log_fallback(identity, &e);
-                    Ok(Decision::Enrolled { from_cache: true })
-                } else {
-                    Err(Unavailable(e))
+                let known = self
+                    .cache()
+                    .get(&path)
+                    .filter(|k| k.at.elapsed() < self.max_stale)
+                    .cloned();
+                match known {
+                    Some(k) if k.subject.as_deref() == Some(subject) => {
+                        self.log_fallback(identity, &e);
+                        Ok(Decision::Enrolled { from_cache: true })
+                    }
+                    Some(Known { subject: Some(_), .. }) => Ok(Decision::OtherSubject),
+                    // Listed, but its record was never read: whose tokens it vouches
+                    // for is unknown, so nobody is admitted on its strength.
+                    _ => Err(Unavailable(e)),
                 }
             }
         }
     }
 
     /// Loads the list of enrolled identities; returns how many. Identities no longer
-    /// listed are forgotten.
+    /// listed are forgotten; the records of newly listed ones are read for their
+    /// subject (each once: a record changes only when it is enrolled again, and the
+    /// connect that follows reads it).
     pub async fn refresh_all(&self) -> Result<usize, BaoError> {
         let started = Instant::now();
         let client = self.client(false).await?;
@@ -153,11 +188,18 @@ impl Enrollments {
             other => other?,
         };
         let now = Instant::now();
-        let mut listed: HashMap<String, Instant> = devices
-            .iter()
-            .map(|d| (device_record_path(d), now))
-            .chain(services.iter().map(|s| (service_record_path(s), now)))
-            .collect();
+        let mut listed: HashMap<String, Known> = {
+            let cache = self.cache();
+            devices
+                .iter()
+                .map(|d| device_record_path(d))
+                .chain(services.iter().map(|s| service_record_path(s)))
+                .map(|path| {
+                    let subject = cache.get(&path).and_then(|k| k.subject.clone());
+                    (path, Known { at: now, subject })
+                })
+                .collect()
+        };
         {
             // A refusal newer than this list wins over it; an older one is settled
             // by the list (a device re-enrolled since).
@@ -170,6 +212,28 @@ impl Enrollments {
                 newer || !listed.contains_key(path)
             });
             refused.retain(|_, at| at.elapsed() < self.max_stale);
+        }
+        let unknown: Vec<String> = listed
+            .iter()
+            .filter(|(_, k)| k.subject.is_none())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in unknown {
+            match self.read(&path).await {
+                Ok(Some(record)) => {
+                    if let Some(k) = listed.get_mut(&path) {
+                        k.subject = record.get("subject").and_then(Value::as_str).map(str::to_owned);
+                    }
+                }
+                Ok(None) => {
+                    listed.remove(&path);
+                }
+                // OpenBao went away mid-way: what was read is kept.
+                Err(e) => {
+                    tracing::debug!(record = %path, error = %e, "enrollment record not read");
+                    break;
+                }
+            }
         }
         let n = listed.len();
         *self.cache() = listed;
@@ -202,7 +266,7 @@ impl Enrollments {
         self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -231,6 +295,13 @@ impl Enrollments {
         };
         *token = Some((t.clone(), until));
         Ok(self.bao.clone().with_token(t))
+    }
+}
+
+fn record_path(identity: &Identity) -> String {
+    match identity {
+        Identity::Device(id) => device_record_path(id.as_str()),
+        Identity::Operator(name) | Identity::Viewer(name) => service_record_path(name.as_str()),
     }
 }
 

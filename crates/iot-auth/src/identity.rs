@@ -18,9 +18,9 @@ use serde_json::Value;
 pub enum Identity {
     Device(Id),
     /// The operator (and its aggregator): writes desired state, reads status.
-    Operator(String),
-    /// A read-only service (the dashboard): follows the agent-status bucket.
-    Viewer(String),
+    Operator(Id),
+    /// A read-only service (the dashboard): reads the fleet's reports.
+    Viewer(Id),
 }
 
 impl Identity {
@@ -59,8 +59,8 @@ pub enum IdentityError {
     UnknownRole(String),
     #[error("device token without a valid {claim:?} claim: {why}")]
     DeviceId { claim: String, why: String },
-    #[error("service token without a {0:?} claim")]
-    ServiceName(String),
+    #[error("service token without a valid {claim:?} claim: {why}")]
+    ServiceName { claim: String, why: String },
 }
 
 pub fn identity_from_claims(claims: &Value, mapping: &ClaimMapping) -> Result<Identity, IdentityError> {
@@ -78,12 +78,13 @@ pub fn identity_from_claims(claims: &Value, mapping: &ClaimMapping) -> Result<Id
             Ok(Identity::Device(id))
         }
         role @ ("operator" | "viewer") => {
-            let name = claims
-                .get(&mapping.name_claim)
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| IdentityError::ServiceName(mapping.name_claim.clone()))?
-                .to_owned();
+            // The name becomes a subject token and an inbox prefix: the same rules as
+            // a device id.
+            let raw = claims.get(&mapping.name_claim).and_then(Value::as_str).unwrap_or_default();
+            let name = Id::new(raw).map_err(|e| IdentityError::ServiceName {
+                claim: mapping.name_claim.clone(),
+                why: e.to_string(),
+            })?;
             Ok(if role == "operator" {
                 Identity::Operator(name)
             } else {
@@ -143,7 +144,7 @@ mod tests {
         );
         assert_eq!(
             id(json!({"iot_role": "operator", "device_id": "", "iot_name": "operator"}))?,
-            Identity::Operator("operator".into())
+            Identity::Operator(Id::new("operator")?)
         );
         Ok(())
     }
@@ -153,10 +154,10 @@ mod tests {
         let nested = json!({"urn:zitadel:iam:org:project:roles": {"iot-device": {"123": "acme.zitadel.cloud"}}, "device_id": "d1"});
         assert_eq!(id(nested)?, Identity::Device(Id::new("d1")?));
         let per_project = json!({"urn:zitadel:iam:org:project:9876:roles": {"iot-operator": {}}, "iot_name": "op"});
-        assert_eq!(id(per_project)?, Identity::Operator("op".into()));
+        assert_eq!(id(per_project)?, Identity::Operator(Id::new("op")?));
         assert_eq!(
             id(json!({"iot_role": "viewer", "iot_name": "dashboard"}))?,
-            Identity::Viewer("dashboard".into())
+            Identity::Viewer(Id::new("dashboard")?)
         );
         let flat = json!({"groups": ["staff", "iot-device"], "device_id": "d2"});
         assert_eq!(id(flat)?, Identity::Device(Id::new("d2")?));
@@ -178,9 +179,14 @@ mod tests {
             id(json!({"iot_role": "device", "device_id": ">"})),
             Err(IdentityError::DeviceId { .. })
         ));
-        assert_eq!(
-            id(json!({"iot_role": "operator", "iot_name": ""})),
-            Err(IdentityError::ServiceName("iot_name".into()))
-        );
+        for bad in ["", "dash.board", "_INBOX.>", "a b"] {
+            assert!(
+                matches!(
+                    id(json!({"iot_role": "viewer", "iot_name": bad})),
+                    Err(IdentityError::ServiceName { ref claim, .. }) if claim == "iot_name"
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

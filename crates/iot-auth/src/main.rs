@@ -33,9 +33,28 @@ struct Args {
         long,
         env = "NATS_URL",
         value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "tls://127.0.0.1:4222"
     )]
     nats_url: Vec<String>,
+
+    /// PEM file of the CA that signed the NATS server's certificate (the system's
+    /// roots without it).
+    #[arg(long, env = "NATS_CA_FILE")]
+    nats_ca_file: Option<PathBuf>,
+
+    /// Talk to NATS without TLS when the URL is nats://. For debugging only: the
+    /// callout's password then crosses the network in the clear.
+    #[arg(long, env = "NATS_INSECURE")]
+    nats_insecure: bool,
+
+    /// PEM file of the CA that signed OpenBao's certificate.
+    #[arg(long, env = "BAO_CACERT")]
+    bao_ca_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the token issuer's certificate (default: the
+    /// OpenBao CA, as OpenBao is the default issuer).
+    #[arg(long, env = "IOT_AUTH_OIDC_CA_FILE")]
+    oidc_ca_file: Option<PathBuf>,
 
     /// The callout's own NATS user: in the auth account, listed in nats-server's
     /// `auth_callout.auth_users`.
@@ -163,8 +182,13 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(p)) => BaoCredentials::Token(read_secret(p)?),
         (None, None) => anyhow::bail!("give --bao-enrollment or --bao-token-file"),
     };
-    let bao = Bao::new(&args.bao_addr)?.with_timeout(args.bao_timeout);
-    let verifier = Verifier::new(&args.oidc_issuer, &args.oidc_audience)?.with_leeway(args.clock_leeway);
+    let bao = Bao::with_ca(&args.bao_addr, args.bao_ca_file.as_deref())?.with_timeout(args.bao_timeout);
+    let verifier = Verifier::new(
+        &args.oidc_issuer,
+        &args.oidc_audience,
+        args.oidc_ca_file.as_deref().or(args.bao_ca_file.as_deref()),
+    )?
+    .with_leeway(args.clock_leeway);
     let metrics = Arc::new(CalloutMetrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
@@ -204,7 +228,14 @@ async fn main() -> anyhow::Result<()> {
         user: args.nats_user.clone(),
         password: read_secret(&args.nats_password_file)?,
     };
-    let conn = iot_kv::connect(&args.nats_url, &own, "iot-auth-callout", false).await?;
+    let options = iot_kv::ClientOptions::new("iot-auth-callout")
+        .background()
+        .tls(iot_kv::NatsTls {
+            ca_file: args.nats_ca_file.clone(),
+            required: !args.nats_insecure,
+        })
+        .inbox_prefix(iot_auth::permissions::CALLOUT_INBOX_PREFIX);
+    let conn = iot_kv::connect_with(&args.nats_url, &own, &options).await?;
     {
         let callout = callout.clone();
         let period = args.list_refresh;

@@ -126,7 +126,7 @@ pub fn decode_request(jwt: &str) -> Result<AuthRequest, JwtError> {
     Ok(request)
 }
 
-/// Subject permissions of a NATS user.
+/// Subject permissions and limits of a NATS user.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Permissions {
     pub publish: Vec<String>,
@@ -134,6 +134,27 @@ pub struct Permissions {
     /// May reply once to each request it receives (without a publish permission on
     /// the requester's inbox).
     pub respond: bool,
+    pub limits: Limits,
+}
+
+/// What nats-server enforces of a user JWT's limits (checked in its
+/// `applyAccountLimits`, 2.15): the largest message the user may publish and how
+/// many subscriptions it may hold. The JWT's `data` limit is not enforced for
+/// clients, so it is left unlimited. -1 means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub subs: i64,
+    pub payload: i64,
+}
+
+impl Limits {
+    pub const NONE: Limits = Limits { subs: -1, payload: -1 };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::NONE
+    }
 }
 
 /// The user JWT for `user_nkey` in `account`.
@@ -149,7 +170,7 @@ pub fn user_jwt(
     let mut nats = json!({
         "pub": {"allow": permissions.publish},
         "sub": {"allow": permissions.subscribe},
-        "subs": -1, "data": -1, "payload": -1,
+        "subs": permissions.limits.subs, "data": -1, "payload": permissions.limits.payload,
         "type": "user", "version": 2,
     });
     if permissions.respond {
@@ -192,6 +213,7 @@ mod tests {
             publish: vec!["a.b".into()],
             subscribe: vec!["c.>".into()],
             respond: false,
+            limits: Limits { subs: 3, payload: 1000 },
         };
         let jwt = user_jwt(&issuer, &user.public_key(), "dev1", "IOT", &perms, 2_000, 1_000)?;
         let (signed, claims, sig) = split(&jwt)?;
@@ -200,6 +222,7 @@ mod tests {
         assert_eq!(claims["aud"], "IOT");
         assert_eq!(claims["exp"], 2_000);
         assert_eq!(claims["nats"]["pub"]["allow"], json!(["a.b"]));
+        assert_eq!((claims["nats"]["subs"].clone(), claims["nats"]["payload"].clone()), (json!(3), json!(1000)));
         assert!(claims["nats"].get("resp").is_none());
         assert_eq!(claims["iss"], json!(issuer.public_key()));
         // Tampering breaks the signature.

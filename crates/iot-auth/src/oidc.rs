@@ -88,12 +88,14 @@ pub struct Verified {
 }
 
 impl Verifier {
-    pub fn new(issuer: &str, audience: &str) -> Result<Self, TokenError> {
+    /// `ca`: the CA bundle that verifies the issuer's certificate (the system's
+    /// roots if `None`).
+    pub fn new(issuer: &str, audience: &str, ca: Option<&std::path::Path>) -> Result<Self, TokenError> {
         Ok(Self {
             issuer: issuer.trim_end_matches('/').to_owned(),
             audience: audience.to_owned(),
             leeway_secs: DEFAULT_LEEWAY.as_secs() as i64,
-            http: Bao::new(issuer)
+            http: Bao::with_ca(issuer, ca)
                 .map_err(|e| TokenError::KeysUnavailable(e.to_string()))?
                 .with_timeout(Duration::from_secs(2)),
             cache: Mutex::new(KeyCache::default()),

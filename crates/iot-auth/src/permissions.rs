@@ -1,149 +1,177 @@
-//! What each identity may do on NATS: an allow-list of subjects, nothing else.
+//! What each identity may do on NATS: an allow-list of subjects, per-user limits,
+//! nothing else. README "Identity and trust" shows the same table.
 //!
-//! A device may:
-//! - receive changes of its own desired state (`$KV.desired-state.<id>.>`);
-//! - ask the read responder for its own desired state (`iot.desired.read.<id>`);
-//! - write its own status through the relay (`iot.status.write.<id>`): never by a
-//!   JetStream publish, whose acknowledgement goes to a reply subject the publisher
-//!   chooses and could land in another device's desired state;
-//! - receive on its own inbox (`_INBOX_<id>.>`).
+//! One rule shapes everything here. NATS delivers a request's answer to whatever
+//! reply subject the requester names, and a push consumer's messages to whatever
+//! deliver subject its creator names; permissions check what a client publishes,
+//! not where the server then publishes. So any identity with JetStream API rights
+//! can make the server write into any subject of the account, a device's desired
+//! state included. Only the operator, which may write every bucket anyway, gets
+//! the JetStream API.
 //!
-//! No `$JS.API` subject at all: no stream info, no consumers, no direct gets, no
-//! purge or delete. The operator gets the JetStream API of the two platform buckets
-//! only, the desired-state writes, the status writes it relays for devices, status
-//! reads, and replies to device requests.
+//! - A **device** may receive changes of its own desired state
+//!   (`$KV.desired-state.<id>.>`, a signal only: it re-reads through the responder),
+//!   ask the read responder for it (`iot.desired.read.<id>`), write its own status
+//!   through the relay (`iot.status.write.<id>`), and receive on its own inbox
+//!   (`_INBOX_<id>.>`).
+//! - A **viewer** (the dashboard) may ask the operator for the fleet's reports
+//!   (`iot.status.read.<name>`), receive changes of them (`$KV.agent-status.>`),
+//!   and receive on its own inbox (`_SVC_INBOX.viewer.<name>.>`).
+//! - The **operator** gets the JetStream API of the two platform buckets, writes
+//!   desired state and (as the relay) status, serves the three services above,
+//!   and receives on its own inbox.
+//! - The **callout**'s own user is set in nats-server's configuration, not here:
+//!   [`CALLOUT_NATS_PERMISSIONS`].
 
+use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::keys::{kv_stream_name, kv_subject};
 use harmony_reconciler_contracts::read::{
-    DESIRED_READ_PREFIX, STATUS_WRITE_PREFIX, desired_read_subject, device_inbox_prefix, status_write_subject,
+    DESIRED_READ_PREFIX, STATUS_READ_PREFIX, STATUS_WRITE_PREFIX, ServiceRole, desired_read_subject,
+    device_inbox_prefix, service_inbox_prefix, status_read_subject, status_write_subject,
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
+use iot_kv::status_relay::MAX_STATUS_BYTES;
 
 use crate::identity::Identity;
-use crate::nats_jwt::Permissions;
+use crate::nats_jwt::{Limits, Permissions};
+
+/// Largest message a device may publish: its biggest status write plus room for
+/// headers and protocol framing.
+pub const DEVICE_MAX_PAYLOAD: i64 = MAX_STATUS_BYTES as i64 + 16 * 1024;
+/// Subscriptions a device may hold. An agent uses two (its desired-state subject
+/// and its inbox); the rest is headroom for a newer agent.
+pub const DEVICE_MAX_SUBS: i64 = 16;
+/// Largest message a viewer may publish: it only sends snapshot requests.
+pub const VIEWER_MAX_PAYLOAD: i64 = 64 * 1024;
+/// Subscriptions a viewer may hold: report changes and its inbox.
+pub const VIEWER_MAX_SUBS: i64 = 16;
+
+/// The inbox prefix of the callout's own connection.
+pub const CALLOUT_INBOX_PREFIX: &str = "_SVC_INBOX.callout";
+
+/// The callout's user in nats-server's configuration (the AUTH account, which has
+/// no JetStream and no other user): it receives authorization requests and answers
+/// them (`allow_responses`), and uses its own inbox. Nothing else.
+pub const CALLOUT_NATS_PERMISSIONS: &str = "{ publish: { allow: [\"_SVC_INBOX.callout.>\"] }, subscribe: { allow: [\"$SYS.REQ.USER.AUTH\", \"_SVC_INBOX.callout.>\"] }, allow_responses: { max: 1 } }";
 
 pub fn permissions_for(identity: &Identity) -> Permissions {
     match identity {
         Identity::Device(id) => Permissions {
             publish: vec![status_write_subject(id), desired_read_subject(id)],
             subscribe: vec![
-                format!("$KV.{DESIRED_STATE_BUCKET}.{id}.>"),
+                kv_subject(DESIRED_STATE_BUCKET, &format!("{id}.>")),
                 format!("{}.>", device_inbox_prefix(id)),
             ],
             respond: false,
+            limits: Limits {
+                subs: DEVICE_MAX_SUBS,
+                payload: DEVICE_MAX_PAYLOAD,
+            },
         },
-        Identity::Viewer(_) => {
-            // One ordered consumer (a KV watch) on the status bucket, and nothing
-            // that writes: no KV subject, no acknowledgements, no other stream.
-            let stream = kv_stream_name(AGENT_STATUS_BUCKET);
-            Permissions {
-                publish: vec![
-                    "$JS.API.INFO".to_owned(),
-                    format!("$JS.API.STREAM.INFO.{stream}"),
-                    format!("$JS.API.CONSUMER.CREATE.{stream}"),
-                    format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
-                    format!("$JS.API.CONSUMER.INFO.{stream}.>"),
-                    format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
-                    format!("$JS.FC.{stream}.>"),
-                ],
-                subscribe: vec!["_INBOX.>".to_owned()],
-                respond: false,
-            }
-        }
-        Identity::Operator(_) => {
-            let mut publish = vec![
-                kv_subject(DESIRED_STATE_BUCKET, ">"),
-                // The status relay stores what each device sends on its own subject.
-                kv_subject(AGENT_STATUS_BUCKET, "status.*"),
-                "$JS.API.INFO".to_owned(),
-            ];
-            for bucket in [DESIRED_STATE_BUCKET, AGENT_STATUS_BUCKET] {
-                let stream = kv_stream_name(bucket);
-                publish.extend([
-                    format!("$JS.API.STREAM.INFO.{stream}"),
-                    format!("$JS.API.STREAM.CREATE.{stream}"),
-                    format!("$JS.API.STREAM.UPDATE.{stream}"),
-                    format!("$JS.API.DIRECT.GET.{stream}"),
-                    format!("$JS.API.DIRECT.GET.{stream}.>"),
-                    format!("$JS.API.CONSUMER.CREATE.{stream}"),
-                    format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
-                    format!("$JS.API.CONSUMER.INFO.{stream}.>"),
-                    format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
-                    format!("$JS.FC.{stream}.>"),
-                ]);
-            }
-            Permissions {
-                publish,
-                subscribe: vec![
-                    "_INBOX.>".to_owned(),
-                    format!("{DESIRED_READ_PREFIX}.*"),
-                    format!("{STATUS_WRITE_PREFIX}.*"),
-                    kv_subject(AGENT_STATUS_BUCKET, ">"),
-                    kv_subject(DESIRED_STATE_BUCKET, ">"),
-                ],
-                respond: true,
-            }
-        }
+        Identity::Viewer(name) => Permissions {
+            publish: vec![status_read_subject(name)],
+            subscribe: vec![
+                kv_subject(AGENT_STATUS_BUCKET, ">"),
+                format!("{}.>", service_inbox_prefix(ServiceRole::Viewer, name)),
+            ],
+            respond: false,
+            limits: Limits {
+                subs: VIEWER_MAX_SUBS,
+                payload: VIEWER_MAX_PAYLOAD,
+            },
+        },
+        Identity::Operator(name) => operator_permissions(name),
+    }
+}
+
+fn operator_permissions(name: &Id) -> Permissions {
+    let mut publish = vec![
+        kv_subject(DESIRED_STATE_BUCKET, ">"),
+        // The status relay stores what each device sends on its own subject.
+        kv_subject(AGENT_STATUS_BUCKET, "status.*"),
+        "$JS.API.INFO".to_owned(),
+    ];
+    for bucket in [DESIRED_STATE_BUCKET, AGENT_STATUS_BUCKET] {
+        let stream = kv_stream_name(bucket);
+        publish.extend([
+            format!("$JS.API.STREAM.INFO.{stream}"),
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            format!("$JS.API.STREAM.UPDATE.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}"),
+            format!("$JS.API.DIRECT.GET.{stream}.>"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+            format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+            format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+            format!("$JS.FC.{stream}.>"),
+        ]);
+    }
+    Permissions {
+        publish,
+        subscribe: vec![
+            format!("{}.>", service_inbox_prefix(ServiceRole::Operator, name)),
+            format!("{DESIRED_READ_PREFIX}.*"),
+            format!("{STATUS_WRITE_PREFIX}.*"),
+            format!("{STATUS_READ_PREFIX}.*"),
+        ],
+        // Answers go to the askers' inboxes, which it may not publish to otherwise.
+        respond: true,
+        limits: Limits::NONE,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use harmony_reconciler_contracts::Id;
-
     use super::*;
 
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Every subject an identity publishes to: none may be a JetStream API, KV or
+    /// acknowledgement subject unless it is the operator.
+    fn reaches_jetstream(p: &Permissions) -> bool {
+        p.publish.iter().any(|s| s.starts_with('$'))
+    }
+
     #[test]
-    fn a_device_gets_its_own_subjects_and_nothing_else() -> Result<(), harmony_reconciler_contracts::IdError> {
-        let p = permissions_for(&Identity::Device(Id::new("pi-7")?));
+    fn a_device_gets_its_own_subjects_and_nothing_else() {
+        let p = permissions_for(&Identity::Device(id("pi-7")));
         assert_eq!(p.publish, ["iot.status.write.pi-7", "iot.desired.read.pi-7"]);
         assert_eq!(p.subscribe, ["$KV.desired-state.pi-7.>", "_INBOX_pi-7.>"]);
         assert!(!p.respond);
-        assert!(
-            p.publish.iter().all(|s| !s.starts_with('$')),
-            "devices publish to no JetStream subject (API, KV or acknowledgement)"
-        );
-        Ok(())
+        assert!(!reaches_jetstream(&p), "devices publish to no JetStream subject (API, KV or ack)");
+        assert_eq!(p.limits.subs, 16);
+        // Room for the largest status the agent may send, and not much more.
+        assert!(p.limits.payload > MAX_STATUS_BYTES as i64);
+        assert!(p.limits.payload < 2 * MAX_STATUS_BYTES as i64);
     }
 
     #[test]
-    fn a_viewer_reads_device_reports_and_writes_nothing() {
-        let p = permissions_for(&Identity::Viewer("dashboard".into()));
+    fn a_viewer_reads_reports_and_can_make_the_server_write_nothing() {
+        let p = permissions_for(&Identity::Viewer(id("dashboard")));
+        assert_eq!(p.publish, ["iot.status.read.dashboard"]);
+        assert_eq!(p.subscribe, ["$KV.agent-status.>", "_SVC_INBOX.viewer.dashboard.>"]);
         assert!(!p.respond);
-        for s in &p.publish {
-            assert!(!s.starts_with("$KV."), "{s}: a KV write");
-            assert!(!s.contains("desired-state"), "{s}: desired state is not its business");
-            assert!(!s.starts_with("$JS.ACK"), "{s}");
-            assert!(
-                !s.contains("STREAM.CREATE") && !s.contains("STREAM.UPDATE") && !s.contains("PURGE"),
-                "{s}"
-            );
-        }
-        assert!(
-            p.publish
-                .iter()
-                .any(|s| s == "$JS.API.CONSUMER.CREATE.KV_agent-status.>")
-        );
-        assert_eq!(p.subscribe, ["_INBOX.>"]);
+        assert!(!reaches_jetstream(&p), "no JetStream API: it could aim answers anywhere");
+        assert!(!p.subscribe.iter().any(|s| s.starts_with("_INBOX")), "nobody else's replies");
+        assert!(p.limits.payload <= 64 * 1024 && p.limits.subs <= 16);
     }
 
     #[test]
-    fn the_operator_is_limited_to_the_platform_buckets() {
-        let p = permissions_for(&Identity::Operator("operator".into()));
+    fn the_operator_is_limited_to_the_platform_buckets_and_its_own_inbox() {
+        let p = permissions_for(&Identity::Operator(id("operator")));
         assert!(p.respond);
         for s in p
             .publish
             .iter()
-            .filter(|s| s.starts_with("$JS.API.") && *s != "$JS.API.INFO")
+            .filter(|s| s.starts_with("$JS.") && *s != "$JS.API.INFO")
         {
             assert!(
                 s.contains("KV_desired-state") || s.contains("KV_agent-status"),
                 "{s} reaches beyond the platform buckets"
             );
-            assert!(
-                !s.contains("PURGE") && !s.contains(".DELETE.KV_") || s.contains("CONSUMER"),
-                "{s}"
-            );
+            assert!(!s.contains("PURGE") && (!s.contains(".DELETE.") || s.contains("CONSUMER")), "{s}");
         }
         // It writes desired state, and status only as the devices' relay.
         assert!(p.publish.contains(&"$KV.desired-state.>".to_owned()));
@@ -153,5 +181,40 @@ mod tests {
                 .filter(|s| s.starts_with("$KV.agent-status"))
                 .all(|s| s == "$KV.agent-status.status.*")
         );
+        assert_eq!(
+            p.subscribe,
+            [
+                "_SVC_INBOX.operator.operator.>",
+                "iot.desired.read.*",
+                "iot.status.write.*",
+                "iot.status.read.*"
+            ]
+        );
+    }
+
+    #[test]
+    fn inboxes_of_different_identities_never_overlap() {
+        // A device named like a service, or like another device's prefix, gets
+        // nothing of theirs.
+        let device = permissions_for(&Identity::Device(id("viewer")));
+        let viewer = permissions_for(&Identity::Viewer(id("viewer")));
+        let operator = permissions_for(&Identity::Operator(id("viewer")));
+        let inbox = |p: &Permissions| {
+            p.subscribe
+                .iter()
+                .find(|s| s.contains("INBOX"))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let all = [inbox(&device), inbox(&viewer), inbox(&operator)];
+        for (i, a) in all.iter().enumerate() {
+            for (j, b) in all.iter().enumerate() {
+                let a_prefix = a.trim_end_matches('>');
+                if i != j {
+                    assert!(!b.starts_with(a_prefix), "{a} covers {b}");
+                }
+            }
+        }
+        assert!(CALLOUT_NATS_PERMISSIONS.contains(CALLOUT_INBOX_PREFIX));
     }
 }

@@ -19,7 +19,7 @@ use iot_kv::status_relay::write_via_relay;
 #[tokio::test]
 async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> {
     let s = Secured::start(1).await?;
-    let a = IdentityCredentials::from_enrollment(s.enroll_device("dev-a").await?)?;
+    let a = s.credentials(s.enroll_device("dev-a").await?)?;
     s.enroll_device("dev-b").await?;
     let admin = s.admin().await?;
     let admin_js = jetstream::new(admin.clone());
@@ -33,7 +33,7 @@ async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> 
 
     // The read responder and the status relay run in the fixture with the
     // operator's identity (so its permissions are exercised too).
-    let probe = Probe::connect(&s.nats.url(), &a).await?;
+    let probe = Probe::connect(&s.nats, &a).await?;
     let dev_a = Id::new("dev-a")?;
 
     // Allowed: its own desired state, in full...

@@ -25,15 +25,14 @@ async fn status_put_works(client: &async_nats::Client, device: &str) -> anyhow::
 #[tokio::test]
 async fn outages_never_admit_strangers_and_never_cut_off_connected_devices() -> anyhow::Result<()> {
     let mut s = Secured::start(2).await?;
-    let url = s.nats.url();
-    let known = IdentityCredentials::from_enrollment(s.enroll_device("dev-known").await?)?;
-    let connected = try_connect(&url, &known).await.map_err(anyhow::Error::msg)?;
+        let known = s.credentials(s.enroll_device("dev-known").await?)?;
+    let connected = try_connect(&s.nats, &known).await.map_err(anyhow::Error::msg)?;
     status_put_works(&connected, "dev-known").await?;
 
     // One replica dies: new connects keep working (the queue group routes around it).
     s.callouts[0].process.kill();
     for _ in 0..6 {
-        try_connect(&url, &known).await.map_err(anyhow::Error::msg)?;
+        try_connect(&s.nats, &known).await.map_err(anyhow::Error::msg)?;
     }
 
     // OpenBao freezes. Restart the surviving replica's view first so that its cache
@@ -41,12 +40,12 @@ async fn outages_never_admit_strangers_and_never_cut_off_connected_devices() -> 
     // has never vouched for.
     s.callouts.remove(0);
     s.add_callout(&[]).await?;
-    let newcomer = IdentityCredentials::from_enrollment(s.enroll_device("dev-new").await?)?;
+    let newcomer = s.credentials(s.enroll_device("dev-new").await?)?;
     newcomer.token().await?;
     known.token().await?;
     s.bao.freeze()?;
-    let admitted = try_connect(&url, &known).await;
-    let refused = try_connect(&url, &newcomer).await;
+    let admitted = try_connect(&s.nats, &known).await;
+    let refused = try_connect(&s.nats, &newcomer).await;
     s.bao.thaw()?;
     admitted.map_err(|e| anyhow::anyhow!("a known device was refused during the OpenBao outage: {e}"))?;
     assert!(
@@ -55,7 +54,7 @@ async fn outages_never_admit_strangers_and_never_cut_off_connected_devices() -> 
     );
     assert!(s.callout_logs().contains("admitting from cache"));
     // Once OpenBao is back, the newcomer gets in.
-    try_connect(&url, &newcomer).await.map_err(anyhow::Error::msg)?;
+    try_connect(&s.nats, &newcomer).await.map_err(anyhow::Error::msg)?;
 
     // Every callout dies: the connected device keeps working; nobody new gets in.
     for c in &mut s.callouts {
@@ -63,10 +62,10 @@ async fn outages_never_admit_strangers_and_never_cut_off_connected_devices() -> 
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     status_put_works(&connected, "dev-known").await?;
-    assert!(try_connect(&url, &known).await.is_err());
+    assert!(try_connect(&s.nats, &known).await.is_err());
     // A callout comes back: connects work again.
     s.add_callout(&[]).await?;
-    try_connect(&url, &known).await.map_err(anyhow::Error::msg)?;
+    try_connect(&s.nats, &known).await.map_err(anyhow::Error::msg)?;
     status_put_works(&connected, "dev-known").await?;
     Ok(())
 }

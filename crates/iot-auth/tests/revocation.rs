@@ -15,6 +15,8 @@ fn iotctl(s: &Secured, args: &[&str], system_password: Option<&str>) -> anyhow::
     let mut cmd = Command::new(cargo_bin("iotctl")?);
     cmd.env("BAO_ADDR", s.bao.addr())
         .env("BAO_TOKEN", s.bao.root_token())
+        .env("BAO_CACERT", s.ca.cert_file())
+        .env("NATS_CA_FILE", s.ca.cert_file())
         .env("NATS_URL", s.nats.url())
         .env_remove("NATS_SYSTEM_PASSWORD")
         .args(args);
@@ -30,13 +32,12 @@ fn iotctl(s: &Secured, args: &[&str], system_password: Option<&str>) -> anyhow::
 #[tokio::test]
 async fn revoking_with_the_system_account_ends_the_live_session_at_once() -> anyhow::Result<()> {
     let s = Secured::start(1).await?;
-    let url = s.nats.url();
-    let kicked = IdentityCredentials::from_enrollment(s.enroll_device("dev-kicked").await?)?;
-    let lingering = IdentityCredentials::from_enrollment(s.enroll_device("dev-lingering").await?)?;
-    let bystander = IdentityCredentials::from_enrollment(s.enroll_device("dev-bystander").await?)?;
-    let kicked_conn = try_connect(&url, &kicked).await.map_err(anyhow::Error::msg)?;
-    let lingering_conn = try_connect(&url, &lingering).await.map_err(anyhow::Error::msg)?;
-    let bystander_conn = try_connect(&url, &bystander).await.map_err(anyhow::Error::msg)?;
+        let kicked = s.credentials(s.enroll_device("dev-kicked").await?)?;
+    let lingering = s.credentials(s.enroll_device("dev-lingering").await?)?;
+    let bystander = s.credentials(s.enroll_device("dev-bystander").await?)?;
+    let kicked_conn = try_connect(&s.nats, &kicked).await.map_err(anyhow::Error::msg)?;
+    let lingering_conn = try_connect(&s.nats, &lingering).await.map_err(anyhow::Error::msg)?;
+    let bystander_conn = try_connect(&s.nats, &bystander).await.map_err(anyhow::Error::msg)?;
 
     let said = iotctl(&s, &["device", "revoke", "dev-kicked"], Some(&s.keys.system_password))?;
     assert!(said.contains("1 live session(s) ended"), "{said}");
@@ -57,10 +58,63 @@ async fn revoking_with_the_system_account_ends_the_live_session_at_once() -> any
     assert!(said.contains("NATS_SYSTEM_PASSWORD"), "{said}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(lingering_conn.connection_state(), connected);
-    assert!(try_connect(&url, &lingering).await.is_err());
+    assert!(try_connect(&s.nats, &lingering).await.is_err());
 
     // Nobody else was touched.
     assert_eq!(bystander_conn.connection_state(), connected);
-    try_connect(&url, &bystander).await.map_err(anyhow::Error::msg)?;
+    try_connect(&s.nats, &bystander).await.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+/// The bound of a revocation while OpenBao is down (README "When OpenBao is
+/// down"). A device revoked after a callout's last look at OpenBao, whose next
+/// connect comes while OpenBao cannot answer, is admitted from the cache: with a
+/// NATS user of at most two minutes, and only while the token it presents is
+/// valid. It cannot get a new token (OpenBao is down, and its approle is gone), so
+/// once that one expires it is refused.
+#[tokio::test]
+async fn a_device_revoked_just_before_openbao_stops_gets_in_only_until_its_token_expires() -> anyhow::Result<()> {
+    const TOKEN_TTL: Duration = Duration::from_secs(20);
+    // No list refresh during the test: the callout learns of the revocation only by
+    // asking OpenBao at a connect, which it cannot.
+    let mut s = Secured::start_with(
+        1,
+        Duration::from_secs(600),
+        &[("IOT_AUTH_LIST_REFRESH", "1h"), ("IOT_AUTH_CLOCK_LEEWAY", "1s")],
+    )
+    .await?;
+    let root = s.bao.root()?;
+    root.post(
+        &format!("identity/oidc/role/{}", iot_bao::setup::TOKEN_ROLE),
+        &serde_json::json!({"key": iot_bao::setup::TOKEN_KEY, "ttl": format!("{}s", TOKEN_TTL.as_secs()), "client_id": iot_bao::setup::TOKEN_AUDIENCE}),
+    )
+    .await?;
+    let enrollment = s.enroll_device("dev-gap").await?;
+    let creds = s.credentials(enrollment.clone())?;
+    let token = creds.token().await?;
+    let minted = std::time::Instant::now();
+    try_connect(&s.nats, &creds).await.map_err(anyhow::Error::msg)?;
+
+    iot_bao::enroll::revoke_device(&root, "dev-gap").await?;
+    s.bao.stop();
+    let file = s.dir.path().join("kept-token");
+    std::fs::write(&file, &token)?;
+    let kept = IdentityCredentials::from_token_file(file, Some(harmony_reconciler_contracts::Id::new("dev-gap")?));
+    // The gap: admitted from the cache while the token lives.
+    try_connect(&s.nats, &kept)
+        .await
+        .map_err(|e| anyhow::anyhow!("expected the documented gap, got a refusal: {e}"))?;
+    assert!(s.callout_logs().contains("admitting from cache"), "{}", s.callout_logs());
+    // No new token: OpenBao is down.
+    assert!(s.credentials(enrollment.clone())?.token().await.is_err());
+    // Its end: the token expires, and the same token is refused.
+    tokio::time::sleep((TOKEN_TTL + Duration::from_secs(3)).saturating_sub(minted.elapsed())).await;
+    let refused = try_connect(&s.nats, &kept).await;
+    assert!(refused.is_err(), "admitted after its token expired");
+    // OpenBao back: the enrollment is gone for good.
+    s.bao.restart().await?;
+    assert!(s.credentials(enrollment)?.token().await.is_err());
+    let refused = try_connect(&s.nats, &kept).await;
+    assert!(refused.is_err());
     Ok(())
 }

@@ -47,6 +47,39 @@ impl BaoError {
     }
 }
 
+/// An error and its causes on one line: hyper's "client error (Connect)" hides
+/// the part people need (a refused connection, a certificate the CA does not sign).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// A TLS client configuration that trusts exactly the certificates in `ca` (PEM).
+pub fn tls_config_for(ca: &std::path::Path) -> Result<rustls::ClientConfig, BaoError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let unreadable = |e: &dyn std::fmt::Display| BaoError::Tls(format!("CA file {}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| unreadable(&e))? {
+        roots.add(cert.map_err(|e| unreadable(&e))?).map_err(|e| unreadable(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(unreadable(&"no certificate in it"));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BaoError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// An OpenBao address plus, once logged in, a token.
 #[derive(Clone)]
 pub struct Bao {
@@ -88,12 +121,18 @@ impl std::fmt::Debug for IdentityToken {
 impl Bao {
     /// A client for `addr` (`http://` or `https://`, trusting the system's roots).
     pub fn new(addr: &str) -> Result<Self, BaoError> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()
-            .map_err(|e| BaoError::Tls(e.to_string()))?
-            .https_or_http()
-            .enable_http1()
-            .build();
+        Self::with_ca(addr, None)
+    }
+
+    /// A client for `addr` that trusts only the CA(s) in the PEM file `ca`, when
+    /// given (the platform's own CA), and the system's roots otherwise.
+    pub fn with_ca(addr: &str, ca: Option<&std::path::Path>) -> Result<Self, BaoError> {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match ca {
+            None => builder.with_native_roots().map_err(|e| BaoError::Tls(e.to_string()))?,
+            Some(path) => builder.with_tls_config(tls_config_for(path)?),
+        };
+        let https = builder.https_or_http().enable_http1().build();
         Ok(Self {
             addr: addr.trim_end_matches('/').to_owned(),
             token: None,
@@ -153,7 +192,7 @@ impl Bao {
         let resp = tokio::time::timeout(self.timeout, self.http.request(req))
             .await
             .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
-            .map_err(|e| unreachable(e.to_string()))?;
+            .map_err(|e| unreachable(error_chain(&e)))?;
         let status = resp.status();
         let bytes = tokio::time::timeout(self.timeout, resp.into_body().collect())
             .await

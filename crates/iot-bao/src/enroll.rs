@@ -9,6 +9,13 @@
 //!
 //! What the identity itself receives is an [`Enrollment`]: the approle's role id and a
 //! secret id. Revoking deletes all three, so the next connect is refused.
+//!
+//! **Enrolling again rotates everything.** The new secret id replaces every older
+//! one (destroyed, so an old seed no longer logs in), and the entity is made anew:
+//! its id is the `sub` of every identity token, the record names it (`subject`),
+//! and the auth callout admits only tokens of that subject. OpenBao tokens the old
+//! credentials logged in with are bound to the old entity, so whatever they still
+//! mint is refused at connect.
 
 use std::collections::BTreeMap;
 
@@ -84,8 +91,8 @@ pub fn service_record_path(name: &str) -> String {
     format!("services/{name}")
 }
 
-/// Enrolls a device (again, if it was: a new secret id is issued, older ones stay
-/// valid until revoked).
+/// Enrolls a device. Enrolling it again rotates its credentials: every older
+/// secret id stops working, and so does every token they got.
 pub async fn enroll_device(
     bao: &Bao,
     device_id: &str,
@@ -93,11 +100,11 @@ pub async fn enroll_device(
 ) -> Result<Enrollment, BaoError> {
     let entity = device_entity(device_id);
     let metadata = json!({"iot_role": Role::Device.as_str(), "iot_name": device_id, "device_id": device_id});
-    let (role_id, secret_id) = enroll_entity(bao, &entity, &metadata, IDENTITY_POLICY).await?;
+    let (role_id, secret_id, subject) = enroll_entity(bao, &entity, &metadata, IDENTITY_POLICY).await?;
     bao.kv_write(
         KV_MOUNT,
         &device_record_path(device_id),
-        &json!({"deviceId": device_id, "labels": labels}),
+        &json!({"deviceId": device_id, "labels": labels, "subject": subject}),
     )
     .await?;
     Ok(Enrollment {
@@ -118,11 +125,11 @@ pub async fn enroll_service(bao: &Bao, name: &str, role: Role) -> Result<Enrollm
     } else {
         IDENTITY_POLICY
     };
-    let (role_id, secret_id) = enroll_entity(bao, &entity, &metadata, policy).await?;
+    let (role_id, secret_id, subject) = enroll_entity(bao, &entity, &metadata, policy).await?;
     bao.kv_write(
         KV_MOUNT,
         &service_record_path(name),
-        &json!({"name": name, "role": role.as_str()}),
+        &json!({"name": name, "role": role.as_str(), "subject": subject}),
     )
     .await?;
     Ok(Enrollment {
@@ -172,7 +179,14 @@ async fn list_records(bao: &Bao, folder: &str) -> Result<Vec<String>, BaoError> 
     }
 }
 
-async fn enroll_entity(bao: &Bao, name: &str, metadata: &Value, policy: &str) -> Result<(String, String), BaoError> {
+/// Creates or rotates the approle and entity `name`; returns (role id, the one
+/// valid secret id, the entity id that identity tokens carry as `sub`).
+async fn enroll_entity(
+    bao: &Bao,
+    name: &str,
+    metadata: &Value,
+    policy: &str,
+) -> Result<(String, String, String), BaoError> {
     bao.post(
         &format!("auth/approle/role/{name}"),
         &json!({"token_policies": [policy], "token_ttl": "1h", "token_max_ttl": "24h", "secret_id_ttl": 0, "token_type": "service"}),
@@ -180,28 +194,66 @@ async fn enroll_entity(bao: &Bao, name: &str, metadata: &Value, policy: &str) ->
     .await?;
     let path = format!("auth/approle/role/{name}/role-id");
     let role_id = str_at(&bao.get(&path).await?, "/data/role_id", &path)?;
+    let older = secret_id_accessors(bao, name).await?;
     let path = format!("auth/approle/role/{name}/secret-id");
-    let secret_id = str_at(&bao.post(&path, &json!({})).await?, "/data/secret_id", &path)?;
+    let issued = bao.post(&path, &json!({})).await?;
+    let secret_id = str_at(&issued, "/data/secret_id", &path)?;
+    let accessor = str_at(&issued, "/data/secret_id_accessor", &path)?;
+    for old in older.iter().filter(|a| **a != accessor) {
+        bao.post(
+            &format!("auth/approle/role/{name}/secret-id-accessor/destroy"),
+            &json!({"secret_id_accessor": old}),
+        )
+        .await?;
+    }
+    // A new entity, so a new `sub`: tokens of the old one are refused at connect.
+    match bao.delete(&format!("identity/entity/name/{name}")).await {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e),
+    }
     bao.post(&format!("identity/entity/name/{name}"), &json!({"metadata": metadata}))
         .await?;
     let path = format!("identity/entity/name/{name}");
     let entity_id = str_at(&bao.get(&path).await?, "/data/id", &path)?;
-    let accessor = approle_accessor(bao).await?;
-    let alias = bao
-        .post(
-            "identity/entity-alias",
-            &json!({"name": role_id, "canonical_id": entity_id, "mount_accessor": accessor}),
-        )
-        .await;
-    match alias {
-        Ok(_) => {}
-        // Re-enrolling: the role id (and so the alias) did not change.
-        Err(BaoError::Status {
-            status: 400, message, ..
-        }) if message.contains("already") => {}
-        Err(e) => return Err(e),
+    let mount = approle_accessor(bao).await?;
+    bao.post(
+        "identity/entity-alias",
+        &json!({"name": role_id, "canonical_id": entity_id, "mount_accessor": mount}),
+    )
+    .await?;
+    Ok((role_id, secret_id, entity_id))
+}
+
+/// The accessors of an approle's secret ids (none for a new role).
+async fn secret_id_accessors(bao: &Bao, name: &str) -> Result<Vec<String>, BaoError> {
+    let list = hyper::Method::from_bytes(b"LIST").map_err(|e| BaoError::Shape {
+        path: "LIST".into(),
+        message: e.to_string(),
+    })?;
+    match bao
+        .call(list, &format!("auth/approle/role/{name}/secret-id"), None)
+        .await
+    {
+        Ok(v) => Ok(v
+            .pointer("/data/keys")
+            .and_then(Value::as_array)
+            .map(|keys| keys.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default()),
+        Err(e) if e.is_not_found() => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
-    Ok((role_id, secret_id))
+}
+
+/// The entity id of `name`, if it exists: what older records lack (see
+/// [`crate::setup::configure`], which records it).
+pub async fn entity_id(bao: &Bao, name: &str) -> Result<Option<String>, BaoError> {
+    let path = format!("identity/entity/name/{name}");
+    match bao.get(&path).await {
+        Ok(v) => Ok(v.pointer("/data/id").and_then(Value::as_str).map(str::to_owned)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 async fn remove_entity(bao: &Bao, name: &str) -> Result<(), BaoError> {

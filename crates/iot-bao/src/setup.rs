@@ -71,7 +71,8 @@ pub async fn unseal(bao: &Bao, key: &str) -> Result<(), BaoError> {
     }
 }
 
-/// Mounts, the signing key, the token role and the policies.
+/// Mounts, the signing key, the token role and the policies; and the subjects of
+/// older enrollment records ([`record_subjects`]).
 pub async fn configure(bao: &Bao) -> Result<(), BaoError> {
     let mounts = bao.get("sys/mounts").await?;
     if mounts.pointer(&format!("/data/{KV_MOUNT}~1")).is_none() && mounts.get(format!("{KV_MOUNT}/")).is_none() {
@@ -113,7 +114,39 @@ pub async fn configure(bao: &Bao) -> Result<(), BaoError> {
         ),
     )
     .await?;
+    record_subjects(bao).await?;
     Ok(())
+}
+
+/// Records the entity id (`subject`) in enrollment records written before records
+/// carried it; returns how many it updated. The auth callout refuses a record
+/// without one, since it cannot tell whose tokens it vouches for.
+pub async fn record_subjects(bao: &Bao) -> Result<usize, BaoError> {
+    use crate::enroll::{
+        device_entity, device_record_path, entity_id, list_devices, list_services, service_entity,
+        service_record_path,
+    };
+    let mut updated = 0;
+    let devices = list_devices(bao).await?;
+    let services = list_services(bao).await?;
+    let all = devices
+        .iter()
+        .map(|d| (device_record_path(d), device_entity(d)))
+        .chain(services.iter().map(|s| (service_record_path(s), service_entity(s))));
+    for (path, entity) in all {
+        let Some(mut record) = bao.kv_read(KV_MOUNT, &path).await? else { continue };
+        if record.get("subject").and_then(Value::as_str).is_some() {
+            continue;
+        }
+        let Some(subject) = entity_id(bao, &entity).await? else {
+            tracing::warn!(record = %path, "no entity for this enrollment record; enroll it again");
+            continue;
+        };
+        record["subject"] = json!(subject);
+        bao.kv_write(KV_MOUNT, &path, &record).await?;
+        updated += 1;
+    }
+    Ok(updated)
 }
 
 pub(crate) async fn put_policy(bao: &Bao, name: &str, hcl: &str) -> Result<(), BaoError> {

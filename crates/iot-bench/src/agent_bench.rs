@@ -39,14 +39,15 @@ impl Drop for Env {
 async fn env() -> anyhow::Result<Env> {
     let nats = NatsServer::start().await?;
     let podman = PodmanService::start().await?;
-    let conn = connect(&[nats.url()], &Anonymous, "bench", true).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "bench", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
     let (desired, _) = iot_kv::buckets::ensure_buckets(&js).await?;
     let device = unique_id("bench").replace('-', "_");
     let guard = DeviceContainers::new(&device);
-    let agent = Command::new(sibling_binary("iot-agent")?)
+    let mut agent = Command::new(sibling_binary("iot-agent")?);
+    nats.configure_client(&mut agent);
+    let agent = agent
         .env("IOT_DEVICE_ID", &device)
-        .env("NATS_URL", nats.url())
         .env("PODMAN_SOCKET", podman.socket())
         .env("IOT_STOP_TIMEOUT", "0s")
         .env("RUST_LOG", "warn")

@@ -82,8 +82,8 @@ impl Issuer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let claims = json!({"iss": self.url, "aud": "iot-nats", "iot_role": role, "device_id": device,
-            "iot_name": name, "iat": now, "exp": now + 3600});
+        let claims = json!({"iss": self.url, "aud": "iot-nats", "sub": subject(role, device, name),
+            "iot_role": role, "device_id": device, "iot_name": name, "iat": now, "exp": now + 3600});
         let signed = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","kid":"bench"}"#),
@@ -93,8 +93,17 @@ impl Issuer {
     }
 }
 
+/// The subject the bench's issuer gives an identity (and its record names).
+fn subject(role: &str, device: &str, name: &str) -> String {
+    format!("bench-{role}-{device}{name}")
+}
+
 /// A client plus a reconnect counter, as `iot_kv::connect` makes them.
-async fn client(url: &str, opts: ConnectOptions) -> anyhow::Result<NatsConnection> {
+async fn client(nats: &NatsServer, mut opts: ConnectOptions) -> anyhow::Result<NatsConnection> {
+    let url = nats.url();
+    if let Some(ca) = nats.ca_file() {
+        opts = opts.add_root_certificates(ca.to_path_buf()).require_tls(true);
+    }
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
     let client = opts
@@ -229,7 +238,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
                 root.kv_write(
                     "iot",
                     &format!("devices/dev{i}"),
-                    &json!({"deviceId": format!("dev{i}")}),
+                    &json!({"deviceId": format!("dev{i}"), "subject": subject("device", &format!("dev{i}"), "")}),
                 )
                 .await
             }
@@ -242,7 +251,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     root.kv_write(
         "iot",
         "services/operator",
-        &json!({"name": "operator", "role": "operator"}),
+        &json!({"name": "operator", "role": "operator", "subject": subject("operator", "", "operator")}),
     )
     .await?;
     eprintln!(
@@ -256,7 +265,15 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         "{}\nhttp: \"127.0.0.1:{monitor}\"\nmax_payload: 1048576\n",
         keys.nats_config()
     );
-    let mut nats = NatsServer::start_with_config(&config).await?;
+    let ca = iot_testkit::Ca::create(&dir.path().join("ca"))?;
+    let mut nats = NatsServer::start_custom(
+        "127.0.0.1",
+        &std::env::temp_dir(),
+        Some(&config),
+        &[],
+        iot_testkit::TlsMode::Ca(&ca),
+    )
+    .await?;
     let nats_pid = nats.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
     let binary = sibling_binary("iot-auth-callout")?;
     let mut callouts = Vec::new();
@@ -264,6 +281,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         let launch = CalloutLaunch {
             binary: &binary,
             nats_url: &nats.url(),
+            ca_file: Some(&ca.cert_file()),
             keys: &keys,
             dir: dir.path(),
             secrets_dir: dir.path(),
@@ -276,20 +294,29 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         callouts.push(CalloutProcess::spawn(&launch, &format!("callout-{i}")).await?);
     }
     let callout_pids: Vec<u32> = callouts.iter().filter_map(|c| c.process.pid()).collect();
-    let admin = ConnectOptions::with_user_and_password("admin".into(), keys.admin_password.clone())
-        .connect(nats.url())
+    let admin = nats
+        .client_with(ConnectOptions::with_user_and_password(
+            "admin".into(),
+            keys.admin_password.clone(),
+        ))
         .await?;
     let js = jetstream::new(admin);
     iot_kv::buckets::ensure_buckets(&js).await?;
     put_all(&js, devices).await?;
     let operator = client(
-        &nats.url(),
-        ConnectOptions::with_token(issuer.mint("operator", "", "operator")),
+        &nats,
+        ConnectOptions::with_token(issuer.mint("operator", "", "operator")).custom_inbox_prefix(
+            harmony_reconciler_contracts::read::service_inbox_prefix(
+                harmony_reconciler_contracts::read::ServiceRole::Operator,
+                &Id::new("operator")?,
+            ),
+        ),
     )
     .await?;
     tokio::spawn(iot_kv::desired_read::serve_desired_reads(
         operator.client.clone(),
         Duration::from_secs(30),
+        iot_kv::device_service::no_counts(),
     ));
     let rss_idle = rss_kib(nats_pid)?;
 
@@ -299,16 +326,15 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         .map(|i| issuer.mint("device", &format!("dev{i}"), ""))
         .collect();
     let storm = Instant::now();
-    let url = nats.url();
+    let nats_ref = &nats;
     let results: Vec<(usize, Duration, anyhow::Result<NatsConnection>)> =
         futures::stream::iter(tokens.into_iter().enumerate())
             .map(|(i, token)| {
-                let url = url.clone();
                 async move {
                     let t = Instant::now();
                     let dev = Id::new(format!("dev{i}")).unwrap_or_else(|e| panic!("{e}"));
                     let opts = ConnectOptions::with_token(token).custom_inbox_prefix(device_inbox_prefix(&dev));
-                    let r = tokio::time::timeout(Duration::from_secs(60), client(&url, opts))
+                    let r = tokio::time::timeout(Duration::from_secs(60), client(nats_ref, opts))
                         .await
                         .unwrap_or_else(|_| Err(anyhow::anyhow!("connect timed out")));
                     // retry_on_initial_connect returns at once; wait for the handshake.
@@ -443,13 +469,13 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let monitor2 = iot_testkit::free_port()?.to_string();
     let open = NatsServer::start_with_args(&["-m", &monitor2]).await?;
     let open_pid = open.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
-    let admin = ConnectOptions::new().connect(open.url()).await?;
+    let admin = open.client().await?;
     let js2 = jetstream::new(admin);
     iot_kv::buckets::ensure_buckets(&js2).await?;
     put_all(&js2, devices).await?;
     let mut open_conns = Vec::with_capacity(devices);
     for _ in 0..devices {
-        open_conns.push(client(&open.url(), ConnectOptions::new()).await?);
+        open_conns.push(client(&open, ConnectOptions::new()).await?);
     }
     let (baseline, _views) = follow_all(&open_conns, ReadPath::Direct, open_pid, &js2, steady).await?;
 

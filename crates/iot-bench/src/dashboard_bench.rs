@@ -146,8 +146,8 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
     let port = iot_testkit::free_port()?;
     let dir = tempfile::tempdir()?;
     let mut cmd = std::process::Command::new(sibling_binary("iot-dashboard")?);
+    cp.configure_client(&mut cmd);
     cmd.env("KUBECONFIG", cp.kubeconfig())
-        .env("NATS_URL", cp.nats_url())
         .env("IOT_DASHBOARD_ADDR", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "warn");
     let started = Instant::now();

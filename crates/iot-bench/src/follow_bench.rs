@@ -53,7 +53,7 @@ pub async fn run(devices: usize, connections: usize, resync_secs: u64, spread_se
     let monitor_arg = monitor_port.to_string();
     let mut nats = NatsServer::start_with_args(&["-m", &monitor_arg]).await?;
     let nats_pid = nats.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
     let js = jetstream::new(admin.client.clone());
     iot_kv::buckets::ensure_buckets(&js).await?;
     let (v1, _) = payload("img:1");
@@ -63,7 +63,7 @@ pub async fn run(devices: usize, connections: usize, resync_secs: u64, spread_se
 
     let mut conns = Vec::new();
     for c in 0..connections {
-        conns.push(connect(&[nats.url()], &Anonymous, &format!("sim{c}"), true).await?);
+        conns.push(connect(&[nats.url()], &Anonymous, &format!("sim{c}"), nats.ca_file()).await?);
     }
     let runtime = MemoryRuntime::with_images(&["img:1", "img:2"]);
     let mut views = Vec::with_capacity(devices);

@@ -26,8 +26,8 @@ fn spawn(
 ) -> anyhow::Result<Replica> {
     let http = free_port()?;
     let mut cmd = Command::new(sibling_binary("iot-operator")?);
+    nats.configure_client(&mut cmd);
     cmd.env("KUBECONFIG", api.kubeconfig())
-        .env("NATS_URL", nats.url())
         .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
         .env("IOT_LEADER_ELECT", "true")
         .env("POD_NAMESPACE", "default")

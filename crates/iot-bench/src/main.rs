@@ -8,6 +8,7 @@ mod fanout_bench;
 mod fleet_bench;
 mod follow_bench;
 mod leader_bench;
+mod trust_bench;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -79,6 +80,25 @@ enum Cmd {
         #[arg(long, default_value_t = 3.0)]
         reconnect_read_spread_secs: f64,
     },
+    /// A change to each of N devices: the message body applied (before) against a
+    /// signal then a read through the responder (now), in one run.
+    SignalFollow {
+        #[arg(long, default_value_t = 10000)]
+        devices: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// N devices' status relay latency, without and with one flooding device.
+    RelayFlood {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        #[arg(long, default_value_t = 20)]
+        window_secs: u64,
+    },
+    /// Runs one operator service (read, relay) against $NATS_URL until killed: the
+    /// benchmarks above measure it as a process of its own.
+    #[command(hide = true)]
+    Serve { service: String },
 }
 
 #[tokio::main]
@@ -101,5 +121,8 @@ async fn main() -> anyhow::Result<()> {
             resync_secs,
             reconnect_read_spread_secs,
         } => follow_bench::run(devices, connections, resync_secs, reconnect_read_spread_secs).await,
+        Cmd::SignalFollow { devices, rounds } => trust_bench::signal_follow(devices, rounds).await,
+        Cmd::RelayFlood { devices, window_secs } => trust_bench::relay_flood(devices, window_secs).await,
+        Cmd::Serve { service } => trust_bench::serve(&service).await,
     }
 }

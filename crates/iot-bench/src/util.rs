@@ -73,13 +73,18 @@ impl ControlPlane {
     pub fn nats_url(&self) -> String {
         self._nats.url()
     }
+
+    /// Points a platform binary at this control plane's NATS (URL and CA).
+    pub fn configure_client(&self, cmd: &mut std::process::Command) {
+        self._nats.configure_client(cmd);
+    }
 }
 
 pub async fn control_plane() -> anyhow::Result<ControlPlane> {
     use std::process::{Command, Stdio};
     let api = iot_testkit::ApiServer::start().await?;
     let nats = iot_testkit::NatsServer::start().await?;
-    let conn = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "bench", true).await?;
+    let conn = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "bench", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
     iot_kv::buckets::ensure_buckets(&js).await?;
     let operator_bin = sibling_binary("iot-operator")?;
@@ -90,8 +95,8 @@ pub async fn control_plane() -> anyhow::Result<ControlPlane> {
         .output()?;
     anyhow::ensure!(out.status.success(), "iot-operator install failed");
     let mut cmd = Command::new(&operator_bin);
+    nats.configure_client(&mut cmd);
     cmd.env("KUBECONFIG", api.kubeconfig())
-        .env("NATS_URL", nats.url())
         .env("RUST_LOG", "warn")
         .env("IOT_STALE_AFTER", "30s")
         .arg("run");

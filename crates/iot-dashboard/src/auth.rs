@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use iot_sso::{IssuerConfig, PendingLogin, Provider, Session, SsoError};
+use iot_sso::{IssuerConfig, Provider, Session, SsoError};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use kube::Api;
 use kube::api::PostParams;
+
+use crate::sealed::{SealError, Sealer};
 
 pub const SESSION_COOKIE: &str = "iot_session";
 pub const LOGIN_COOKIE: &str = "iot_login";
@@ -27,7 +29,6 @@ const SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 const PENDING_MAX_AGE: Duration = Duration::from_secs(600);
 /// Bounds memory whatever arrives: the oldest entries go first.
 const MAX_SESSIONS: usize = 10_000;
-const MAX_PENDING: usize = 1_000;
 /// How long an answer to "may I change Deployments here?" is reused.
 const PERMISSION_TTL: Duration = Duration::from_secs(30);
 
@@ -78,8 +79,17 @@ pub struct AuthConfig {
 pub struct Auth {
     config: AuthConfig,
     provider: tokio::sync::OnceCell<Provider>,
-    pending: Mutex<HashMap<String, (PendingLogin, String, Instant)>>,
+    /// Seals started sign-ins into the browser's binding cookie.
+    sealer: Sealer,
     sessions: Mutex<HashMap<String, SharedSession>>,
+}
+
+/// A started sign-in, sealed into the binding cookie.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StartedLogin {
+    login: iot_sso::PendingLoginParts,
+    next: String,
+    started_unix: i64,
 }
 
 /// Why a sign-in did not complete.
@@ -98,13 +108,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Auth {
-    pub fn new(config: AuthConfig) -> Self {
-        Self {
+    pub fn new(config: AuthConfig) -> Result<Self, SealError> {
+        Ok(Self {
             config,
             provider: tokio::sync::OnceCell::new(),
-            pending: Mutex::new(HashMap::new()),
+            sealer: Sealer::new()?,
             sessions: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Discovery happens on first use and is retried until it works, so the
@@ -134,41 +144,48 @@ impl Auth {
         c
     }
 
-    /// Starts a sign-in; returns the provider URL and the state for the binding cookie.
+    /// Starts a sign-in; returns the provider URL and the sealed cookie value
+    /// that binds the sign-in to this browser. Nothing is kept here: however many
+    /// sign-ins anyone starts, nobody else's is pushed out.
     pub async fn begin(&self, next: &str) -> Result<(String, String), SsoError> {
         let provider = self.provider().await?;
         let scopes: Vec<String> = iot_sso::DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect();
         let pending = provider.start_login(&format!("{}/callback", self.config.public_url), &scopes)?;
-        let (url, state) = (pending.url.clone(), pending.state.clone());
-        let mut map = lock(&self.pending);
-        map.retain(|_, (_, _, at)| at.elapsed() < PENDING_MAX_AGE);
-        if map.len() >= MAX_PENDING
-            && let Some(oldest) = map.iter().min_by_key(|(_, (_, _, at))| *at).map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
-        }
-        map.insert(state.clone(), (pending, safe_next(next), Instant::now()));
-        Ok((url, state))
+        let url = pending.url.clone();
+        let started = StartedLogin {
+            login: pending.into_parts(),
+            next: safe_next(next, &self.config.public_url),
+            started_unix: chrono::Utc::now().timestamp(),
+        };
+        let json = serde_json::to_vec(&started).map_err(|e| SsoError::Config(e.to_string()))?;
+        let cookie = self
+            .sealer
+            .seal(LOGIN_COOKIE, &json)
+            .map_err(|e| SsoError::Config(e.to_string()))?;
+        Ok((url, cookie))
     }
 
-    /// Finishes a sign-in. The state must match the one this browser started with
-    /// (the binding cookie), which stops a login CSRF: an attacker's code pasted
-    /// into someone else's browser.
+    /// Finishes a sign-in. The state must match the one sealed in this browser's
+    /// binding cookie, which stops a login CSRF: an attacker's code pasted into
+    /// someone else's browser.
     pub async fn complete(
         &self,
-        bound_state: Option<&str>,
+        bound: Option<&str>,
         state: &str,
         code: &str,
     ) -> Result<(String, String), LoginError> {
-        if bound_state != Some(state) {
-            return Err(LoginError::UnknownState);
-        }
-        let (pending, next, at) = lock(&self.pending).remove(state).ok_or(LoginError::UnknownState)?;
-        if at.elapsed() >= PENDING_MAX_AGE {
+        let started: StartedLogin = bound
+            .and_then(|b| self.sealer.open(LOGIN_COOKIE, b).ok())
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or(LoginError::UnknownState)?;
+        let age = chrono::Utc::now().timestamp() - started.started_unix;
+        if !same_secret(&started.login.state, state) || !(0..PENDING_MAX_AGE.as_secs() as i64).contains(&age) {
             return Err(LoginError::UnknownState);
         }
         let provider = self.provider().await?;
+        let pending = iot_sso::PendingLogin::from_parts(started.login)?;
         let sso = provider.finish_login(pending, code).await?;
+        let next = started.next;
         let sid = iot_sso::random_secret();
         let session = UserSession {
             sso,
@@ -180,7 +197,8 @@ impl Auth {
         let mut sessions = lock(&self.sessions);
         if sessions.len() >= MAX_SESSIONS {
             // Without a cheap age index, dropping an arbitrary one is the bound;
-            // this only happens under a flood of sign-ins.
+            // this only happens under a flood of completed sign-ins, which takes
+            // real accounts at the provider.
             if let Some(k) = sessions.keys().next().cloned() {
                 sessions.remove(&k);
             }
@@ -280,12 +298,30 @@ impl Auth {
     }
 }
 
-/// Only a local path may be a post-login destination (no open redirect).
-pub fn safe_next(next: &str) -> String {
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
-        next.to_owned()
-    } else {
-        "/".to_owned()
+/// Where to go after signing in: only a place on the dashboard itself (no open
+/// redirect). `next` is resolved against `public_url` as a browser would resolve
+/// it; anything that leaves the dashboard's origin, or holds a control character
+/// or a backslash (browsers drop tabs and newlines and read `\\` as `/`, so
+/// `/\t/evil.example` and `/\\evil.example` are other sites), becomes `/`.
+pub fn safe_next(next: &str, public_url: &str) -> String {
+    let fallback = "/".to_owned();
+    if !next.starts_with('/') || next.chars().any(|c| c.is_control() || c == '\\') {
+        return fallback;
+    }
+    let Ok(base) = url::Url::parse(public_url) else {
+        return fallback;
+    };
+    match base.join(next) {
+        Ok(target) if target.origin() == base.origin() => {
+            let mut path = target.path().to_owned();
+            if let Some(q) = target.query() {
+                path.push('?');
+                path.push_str(q);
+            }
+            // A path that still starts with two slashes would be read as a host.
+            if path.starts_with("//") { fallback } else { path }
+        }
+        _ => fallback,
     }
 }
 
@@ -312,15 +348,29 @@ mod tests {
 
     #[test]
     fn next_is_a_local_path_only() {
-        assert_eq!(safe_next("/deployments/default/web"), "/deployments/default/web");
+        let base = "http://127.0.0.1:8090";
+        assert_eq!(safe_next("/deployments/default/web", base), "/deployments/default/web");
+        assert_eq!(safe_next("/devices?q=a%26b&state=stale", base), "/devices?q=a%26b&state=stale");
         for evil in [
             "https://evil.example/",
             "//evil.example",
             "/\\evil.example",
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r//evil.example",
+            "/\u{0}/x",
+            "\t//evil.example",
             "javascript:alert(1)",
             "",
+            "/%2F/evil.example/..",
         ] {
-            assert_eq!(safe_next(evil), "/", "{evil}");
+            let got = safe_next(evil, base);
+            assert!(got == "/" || got.starts_with('/') && !got.starts_with("//"), "{evil:?} -> {got}");
+            let url = url::Url::parse(base).and_then(|b| b.join(&got));
+            assert_eq!(url.map(|u| u.origin()), url::Url::parse(base).map(|b| b.origin()), "{evil:?}");
+        }
+        for evil in ["https://evil.example/", "//evil.example", "/\t/evil.example", "/\\evil"] {
+            assert_eq!(safe_next(evil, base), "/", "{evil:?}");
         }
     }
 

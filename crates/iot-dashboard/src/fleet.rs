@@ -1,7 +1,9 @@
 //! The dashboard's live copy of the fleet, fed by watches and never by polling:
 //! - Deployments and their `.status` through a kube-rs reflector;
-//! - device reports through ONE watch of the `agent-status` bucket (one ordered
-//!   consumer, whatever the fleet size), stamped with the server's time.
+//! - device reports through a snapshot from the operator (`iot.status.read.<name>`,
+//!   each report stamped with the time NATS stored it) plus a plain subscription
+//!   to `$KV.agent-status.>` for every change after it. No JetStream API: the
+//!   dashboard's identity reads, and can make the server write nothing.
 //!
 //! Every change bumps a counter that open pages follow over SSE. Staleness moves
 //! with the clock and not with data, so a ticker bumps it too when a device crosses
@@ -11,7 +13,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, Operation};
 use chrono::Utc;
 use futures::StreamExt;
 use harmony_reconciler_contracts::{AgentStatus, Id, parse_agent_status_key};
@@ -90,11 +91,43 @@ impl Fleet {
             None => {
                 devices.remove(&id);
             }
-            Some(Ok(status)) => {
+            Some(Ok(status)) if status.device_id == id => {
                 devices.insert(id, DeviceRecord { status, received_at });
+            }
+            Some(Ok(status)) => {
+                // One writer per key: a report under someone else's key is ignored.
+                tracing::warn!(device = %id, claimed = %status.device_id, "report names a different device than its key; ignored")
             }
             Some(Err(e)) => {
                 tracing::warn!(device = %id, error = %e, "unreadable device report; keeping the last good one")
+            }
+        }
+    }
+
+    /// Takes a snapshot asked for at `asked_at`: each report replaces what is held
+    /// unless a newer report of that device arrived meanwhile (by the device's own
+    /// heartbeat time: one clock per device). Devices the snapshot does not list are
+    /// gone, unless they reported since it was asked for.
+    pub fn replace_from_snapshot(
+        &self,
+        records: Vec<harmony_reconciler_contracts::read::StatusRecord>,
+        asked_at: chrono::DateTime<Utc>,
+    ) {
+        let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        let listed: std::collections::HashSet<Id> = records.iter().map(|r| r.device.clone()).collect();
+        devices.retain(|id, held| listed.contains(id) || held.received_at >= asked_at);
+        for r in records {
+            let newer_held = devices
+                .get(&r.device)
+                .is_some_and(|held| held.status.heartbeat_at > r.status.heartbeat_at);
+            if !newer_held && r.status.device_id == r.device {
+                devices.insert(
+                    r.device,
+                    DeviceRecord {
+                        status: r.status,
+                        received_at: r.stored_at,
+                    },
+                );
             }
         }
     }
@@ -136,34 +169,72 @@ pub fn deployments_reflector(
     (reader, run)
 }
 
-/// Follows the whole agent-status bucket with one watch, forever.
-pub async fn follow_devices(fleet: Arc<Fleet>, store: kv::Store) {
-    loop {
-        if store.status().await.is_ok_and(|s| s.values() == 0) {
-            fleet.devices_caught_up.send_replace(true);
+/// How often the snapshot is taken again although nothing was missed: core NATS
+/// delivery is at-most-once, and a report lost to a slow-consumer cut would
+/// otherwise show until the device's next one.
+const RESNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+
+/// Follows every device's reports forever: subscribes to changes first, then takes
+/// a snapshot (again after every reconnect and every [`RESNAPSHOT_EVERY`]).
+pub async fn follow_devices(fleet: Arc<Fleet>, conn: iot_kv::NatsConnection, viewer: Id) {
+    let iot_kv::NatsConnection { client, mut connects } = conn;
+    let subject = format!("$KV.{}.>", harmony_reconciler_contracts::AGENT_STATUS_BUCKET);
+    let mut changes = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(sub) => break sub,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to device reports; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
-        match store.watch_with_history(">").await {
-            Ok(mut watch) => {
-                while let Some(entry) = watch.next().await {
-                    match entry {
-                        Ok(e) => {
-                            let value = matches!(e.operation, Operation::Put).then_some(e.value.as_ref());
-                            fleet.record(&e.key, value, e.created);
-                            if e.delta == 0 {
-                                fleet.devices_caught_up.send_replace(true);
-                            }
-                            fleet.bump();
-                        }
-                        Err(err) => {
-                            tracing::warn!(error = %err, "agent-status watch error; restarting it");
-                            break;
-                        }
+    };
+    let mut failures = 0u32;
+    let mut next_snapshot = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            msg = changes.next() => {
+                let Some(msg) = msg else {
+                    tracing::error!("the device report subscription ended");
+                    return;
+                };
+                let Some(key) = harmony_reconciler_contracts::keys::key_from_subject(
+                    harmony_reconciler_contracts::AGENT_STATUS_BUCKET,
+                    &msg.subject,
+                ) else {
+                    continue;
+                };
+                let op = msg.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_owned());
+                let deleted = matches!(op.as_deref(), Some("DEL") | Some("PURGE"));
+                // Stamped on arrival: it reached NATS an instant ago.
+                fleet.record(key, (!deleted).then_some(msg.payload.as_ref()), Utc::now());
+                fleet.bump();
+            }
+            changed = connects.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // Reports sent while we were away were not delivered.
+                next_snapshot = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep_until(next_snapshot) => {
+                let asked_at = Utc::now();
+                match iot_kv::status_snapshot::read_status_snapshot(&client, &viewer, Duration::from_secs(10)).await {
+                    Ok(records) => {
+                        failures = 0;
+                        fleet.replace_from_snapshot(records, asked_at);
+                        fleet.devices_caught_up.send_replace(true);
+                        fleet.bump();
+                        next_snapshot = tokio::time::Instant::now() + iot_kv::timing::jittered(RESNAPSHOT_EVERY);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let delay = iot_kv::backoff(failures, Duration::from_secs(30));
+                        tracing::warn!(error = %e, retry_in = ?delay, "cannot read the fleet's reports from the operator; retrying");
+                        next_snapshot = tokio::time::Instant::now() + delay;
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot watch agent-status; retrying"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -8,6 +8,7 @@
 mod auth;
 mod fleet;
 mod pages;
+mod sealed;
 mod server;
 mod view;
 mod writes;
@@ -54,6 +55,10 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, env = "IOT_LOG_JSON")]
     log_json: bool,
+    /// The name this dashboard asks the operator for the fleet's reports under,
+    /// when it connects without an enrollment (with one, the enrollment's name).
+    #[arg(long, env = "IOT_VIEWER_NAME", default_value = "dashboard")]
+    viewer_name: String,
 }
 
 #[tokio::main]
@@ -72,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("no Kubernetes API server configured (set KUBECONFIG or run in a cluster)")?;
     let client = kube::Client::try_from(kube_config.clone()).context("cannot build a Kubernetes client")?;
-    let auth = cli.oidc_issuer.as_ref().map(|issuer| {
+    let auth = match cli.oidc_issuer.as_ref().map(|issuer| {
         let public_url = cli
             .public_url
             .clone()
@@ -80,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
             .trim_end_matches('/')
             .to_owned();
         tracing::info!(%issuer, %public_url, "sign-in enabled: changes are made as the signed-in user");
-        std::sync::Arc::new(auth::Auth::new(auth::AuthConfig {
+        auth::Auth::new(auth::AuthConfig {
             issuer: iot_sso::IssuerConfig {
                 issuer_url: issuer.clone(),
                 client_id: cli.oidc_client_id.clone(),
@@ -88,29 +93,36 @@ async fn main() -> anyhow::Result<()> {
             },
             public_url,
             kube: kube_config,
-        }))
-    });
+        })
+    }) {
+        None => None,
+        Some(made) => Some(std::sync::Arc::new(made.context("setting up sign-in")?)),
+    };
     let creds = cli.nats.credentials()?;
     tracing::info!(nats = %cli.nats.nats_url.join(","), credentials = %creds.describe(), "starting iot-dashboard {}", env!("CARGO_PKG_VERSION"));
+    // The name it asks the operator under: its enrollment's, so its permissions
+    // (publish iot.status.read.<name>, replies on its own inbox) match.
+    let viewer = harmony_reconciler_contracts::Id::new(cli.nats.enrolled_name()?.unwrap_or_else(|| cli.viewer_name.clone()))
+        .context("the viewer name")?;
     let conn = iot_kv::connect_with(
         &cli.nats.nats_url,
         creds.as_ref(),
-        "iot-dashboard",
-        false,
-        cli.nats.nats_ping_interval,
+        &cli
+            .nats
+            .client_options("iot-dashboard")
+            .background()
+            .inbox_prefix(harmony_reconciler_contracts::read::service_inbox_prefix(
+                harmony_reconciler_contracts::read::ServiceRole::Viewer,
+                &viewer,
+            )),
     )
     .await
     .context("connecting to NATS")?;
-    let js = async_nats::jetstream::new(conn.client.clone());
-    let status = js
-        .get_key_value(harmony_reconciler_contracts::AGENT_STATUS_BUCKET)
-        .await
-        .context("opening the agent-status bucket (is the operator installed?)")?;
 
     let (store, run_reflector) = fleet::deployments_reflector(client);
     let fleet = fleet::Fleet::new(store, cli.stale_after);
     tokio::spawn(run_reflector(fleet.clone()));
-    tokio::spawn(fleet::follow_devices(fleet.clone(), status));
+    tokio::spawn(fleet::follow_devices(fleet.clone(), conn, viewer));
     tokio::spawn(fleet::staleness_ticker(fleet.clone()));
 
     let app = server::router(server::App {

@@ -45,10 +45,10 @@ pub async fn login(State(app): State<App>, Query(q): Query<HashMap<String, Strin
     };
     let next = q.get("next").map(String::as_str).unwrap_or("/");
     match auth.begin(next).await {
-        Ok((url, state)) => {
+        Ok((url, sealed)) => {
             let cookie = auth.cookie(
                 LOGIN_COOKIE,
-                &state,
+                &sealed,
                 "/callback",
                 Some(std::time::Duration::from_secs(600)),
             );
@@ -153,13 +153,19 @@ async fn guard(
     Ok((sid, shared))
 }
 
-/// The person's token for the API server, refreshed if need be. A session that
-/// cannot give one (the refresh token was revoked, say) is ended, and the person
-/// is asked to sign in again.
-async fn token_or_sign_in(auth: &Auth, sid: &str, session: &mut auth::UserSession) -> Result<String, Response> {
+/// The person's token for the API server, refreshed if need be. A session whose
+/// refresh the provider refused (revoked, expired, logged out elsewhere) is ended,
+/// and the person is asked to sign in again. A provider that cannot be reached or
+/// answers with anything else ends nothing: the session is kept for when it is back.
+async fn token_or_sign_in(
+    auth: &Auth,
+    sid: &str,
+    session: &mut auth::UserSession,
+    back: &str,
+) -> Result<String, Response> {
     match auth.token(session).await {
         Ok(t) => Ok(t),
-        Err(e) => {
+        Err(e) if e.needs_login() => {
             // Only the session table is locked here, never this session.
             auth.end(sid);
             Err(message_page(
@@ -169,6 +175,15 @@ async fn token_or_sign_in(auth: &Auth, sid: &str, session: &mut auth::UserSessio
                 Some(("/login", "Sign in")),
             ))
         }
+        Err(e) => Err(message_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The identity provider is unavailable",
+            &format!(
+                "Your sign-in needs a fresh token and the identity provider could not give one right now: {e}. \
+                 You are still signed in. Nothing was changed; try again in a moment."
+            ),
+            Some((back, "Back")),
+        )),
     }
 }
 
@@ -289,7 +304,7 @@ async fn edit(
         Err(r) => return r,
     };
     let mut session = shared.lock().await;
-    let token = match token_or_sign_in(&auth, &sid, &mut session).await {
+    let token = match token_or_sign_in(&auth, &sid, &mut session, &back).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -349,7 +364,7 @@ pub async fn delete(
         });
         return Redirect::to(&back).into_response();
     }
-    let token = match token_or_sign_in(&auth, &sid, &mut session).await {
+    let token = match token_or_sign_in(&auth, &sid, &mut session, &back).await {
         Ok(t) => t,
         Err(r) => return r,
     };

@@ -1,6 +1,7 @@
 //! On NATS behind the auth callout, the dashboard logs in with its own OpenBao
-//! enrollment as a viewer: it follows every device's reports, and that identity
-//! can write nothing.
+//! enrollment as a viewer: it reads every device's reports (a snapshot from the
+//! operator, then changes on a plain subscription), and that identity can write
+//! nothing (the attack matrix in `iot-e2e/tests/attacks.rs` tries everything else).
 
 use std::process::Command;
 
@@ -26,6 +27,7 @@ async fn the_dashboard_reads_the_fleet_as_a_viewer_that_cannot_write() -> anyhow
 
     let port = free_port()?;
     let mut cmd = Command::new(cargo_bin("iot-dashboard")?);
+    stack.trust(&mut cmd);
     cmd.env("KUBECONFIG", stack.kubeconfig())
         .env("NATS_URL", stack.nats.url())
         .env("NATS_IDENTITY", &file)
@@ -46,27 +48,29 @@ async fn the_dashboard_reads_the_fleet_as_a_viewer_that_cannot_write() -> anyhow
         dashboard.log_text()
     );
 
-    // The same identity cannot put a report, its own or a device's.
-    let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file)?;
-    let conn = iot_kv::connect_with(
-        &[stack.nats.url()],
-        &creds,
-        "viewer-probe",
-        false,
-        std::time::Duration::from_secs(3),
-    )
-    .await?;
-    let js = async_nats::jetstream::new(conn.client.clone());
-    let kv = js
-        .get_key_value(harmony_reconciler_contracts::AGENT_STATUS_BUCKET)
+    // The same identity cannot put a report: a plain publish onto a device's status
+    // subject is refused by the server, and the device's report stays its own.
+    let before = stack.agent_status(&dev).await;
+    let ca = stack.security.as_ref().and_then(|s| s.bao.ca_file()).map(std::path::Path::to_path_buf);
+    let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file, ca.as_deref())?;
+    let client = stack
+        .nats
+        .client_with(iot_kv::CredentialSource::connect_options(&creds).await?)
         .await?;
-    let put = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        kv.put(format!("status.{dev}"), bytes::Bytes::from_static(b"{}")),
-    )
-    .await;
-    assert!(!matches!(put, Ok(Ok(_))), "a viewer wrote a device report");
-    let status = stack.agent_status(&dev).await;
-    assert!(status.is_some(), "the device's real report is still there");
+    let mut forged = before.clone().ok_or_else(|| anyhow::anyhow!("no report yet"))?;
+    forged.agent_version = "forged-by-the-viewer".into();
+    client
+        .publish(
+            format!("$KV.agent-status.status.{dev}"),
+            serde_json::to_vec(&forged)?.into(),
+        )
+        .await?;
+    client.flush().await?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let after = stack.agent_status(&dev).await;
+    assert!(
+        after.is_some_and(|s| s.agent_version != "forged-by-the-viewer"),
+        "a viewer wrote a device report"
+    );
     Ok(())
 }

@@ -7,12 +7,17 @@
 //! - a second device is added as a target from the page, runs it, and is removed;
 //! - a viewer sees a read-only page, and a write forced anyway is refused by the
 //!   API server, whose reason the page shows;
-//! - the deployer deletes the deployment from the page.
+//! - the deployer deletes the deployment from the page;
+//! - a sign-in started before a flood of anonymous `GET /login`s still completes
+//!   (nothing is kept per started sign-in, so nothing can be pushed out);
+//! - the identity provider going away does not sign anyone out: a change that
+//!   needs a fresh token is refused with a 503, and the session stays.
 
 mod common;
 
 use common::*;
 use fantoccini::{Client, Locator};
+use futures::StreamExt as _;
 use iot_e2e::sso::install_chart_with_sso_groups;
 use iot_e2e::stack::*;
 use iot_testkit::{KubeApiServer, OidcOptions, OidcStandIn, free_port, run_captured, wait_until};
@@ -36,6 +41,20 @@ fn trust_key_of(cert: &std::path::Path) -> anyhow::Result<String> {
 /// straight back when the browser still has a session at the provider (signing
 /// out of the dashboard does not sign out of the company's identity provider).
 async fn sign_in(c: &Client, dashboard: &str, page: &str, user: &str, password: &str) -> anyhow::Result<()> {
+    sign_in_with(c, dashboard, page, user, password, 0).await
+}
+
+/// [`sign_in`], with `flood` anonymous sign-ins started by someone else while this
+/// one waits at the provider's form. The dashboard used to keep started sign-ins
+/// in a table of 1,000 and push out the oldest.
+async fn sign_in_with(
+    c: &Client,
+    dashboard: &str,
+    page: &str,
+    user: &str,
+    password: &str,
+    flood: usize,
+) -> anyhow::Result<()> {
     c.goto(&format!("{dashboard}{page}")).await?;
     c.find(Locator::Css("#signin")).await?.click().await?;
     let landed = wait_until(WAIT, "the provider's form or the signed-in page", || async {
@@ -54,6 +73,21 @@ async fn sign_in(c: &Client, dashboard: &str, page: &str, user: &str, password: 
         text(c, "#username").await.map(|_| true)
     })
     .await;
+    if flood > 0 {
+        let port: u16 = dashboard.rsplit(':').next().unwrap_or_default().parse()?;
+        let codes: Vec<u16> = futures::stream::iter(0..flood)
+            .map(|_| async move {
+                iot_testkit::http::get("127.0.0.1", port, "/login?next=/")
+                    .await
+                    .map(|(code, _)| code)
+                    .unwrap_or(0)
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let started = codes.iter().filter(|c| (300..400).contains(*c)).count();
+        assert_eq!(started, flood, "every flood request started a sign-in: {codes:?}");
+    }
     match landed {
         Ok(true) => {
             c.find(Locator::Css("#username")).await?.send_keys(user).await?;
@@ -134,7 +168,16 @@ async fn image_of(stack: &Stack) -> anyhow::Result<String> {
 #[tokio::test]
 async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let oidc = OidcStandIn::start_in(dir.path(), OidcOptions::default()).await?;
+    // Short ID tokens: the test sees refreshes, and a refresh the provider cannot
+    // answer (see the end).
+    let mut oidc = OidcStandIn::start_in(
+        dir.path(),
+        OidcOptions {
+            id_token_ttl: std::time::Duration::from_secs(30),
+            ..OidcOptions::default()
+        },
+    )
+    .await?;
     let api = KubeApiServer::start_in(dir.path(), Some(oidc.api_server_flags())).await?;
     install_chart_with_sso_groups(&api, "iot-system")?;
     let mut stack = Stack::start_on(Cluster::Full(api), false).await?;
@@ -167,8 +210,9 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
     c.goto(&format!("{dashboard}{page}")).await?;
     wait_text(c, "#changes", "the sign-in offer", |t| t.contains("Sign in to change")).await?;
 
-    // A deployer changes the image from the page; the device serves v2.
-    sign_in(c, &dashboard, page, "dave", "dave-dev").await?;
+    // A deployer changes the image from the page; the device serves v2. Their
+    // sign-in survives 1,500 others started meanwhile.
+    sign_in_with(c, &dashboard, page, "dave", "dave-dev", 1_500).await?;
     // kube-apiserver 1.20 fetches the issuer's keys in the background after it
     // starts, and refuses ID tokens until then: reload until it accepts them.
     wait_until(WAIT, "the change forms", || async {
@@ -378,5 +422,19 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
         guard.ids().is_empty().then_some(())
     })
     .await?;
+
+    // The identity provider goes away. Once dave's ID token needs refreshing, a
+    // change is refused with a 503 that says why, and he stays signed in.
+    oidc.stop();
+    tokio::time::sleep(std::time::Duration::from_secs(31)).await;
+    let body = format!(
+        "service=web&image=localhost%2Fiot-web%3Av3&csrf={}",
+        urlencoding::encode(&dave_csrf(c).await?)
+    );
+    let (status, _, text) = post_from_page(c, &format!("{page}/image"), &body).await?;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("You are still signed in"), "{text}");
+    c.goto(&format!("{dashboard}/")).await?;
+    wait_text(c, "#user", "still signed in", |t| t.starts_with("dave")).await?;
     Ok(())
 }

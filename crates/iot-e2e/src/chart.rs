@@ -129,7 +129,7 @@ pub struct Replica {
 pub fn spawn_replica(
     identity: &str,
     kubeconfig: &Path,
-    nats_url: &str,
+    nats: &iot_testkit::NatsServer,
     namespace: &str,
     lease: &str,
     extra_env: &[(&str, &str)],
@@ -137,8 +137,11 @@ pub fn spawn_replica(
 ) -> anyhow::Result<Replica> {
     let http = free_port()?;
     let mut cmd = Command::new(cargo_bin("iot-operator")?);
+    if let Some(ca) = nats.ca_file() {
+        cmd.env("NATS_CA_FILE", ca);
+    }
     cmd.env("KUBECONFIG", kubeconfig)
-        .env("NATS_URL", nats_url)
+        .env("NATS_URL", nats.url())
         .env("IOT_RESYNC_INTERVAL", "5s")
         .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
         .env("IOT_LEADER_ELECT", "true")

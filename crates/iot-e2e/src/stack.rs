@@ -75,6 +75,9 @@ pub struct Stack {
     pub operator: Option<LoggedProcess>,
     pub agents: Vec<LoggedProcess>,
     pub dir: TempDir,
+    /// The stack's CA when secured (NATS and OpenBao); a plain stack's NATS has its
+    /// own ([`NatsServer::ca_file`]).
+    pub ca: Option<iot_testkit::Ca>,
     /// Extra operator arguments (for tests of the aggregator's threshold).
     pub operator_env: Vec<(String, String)>,
     operator_starts: u32,
@@ -118,7 +121,7 @@ impl Stack {
     /// (false when a Helm chart installed it).
     pub async fn start_on(api: Cluster, install_crd: bool) -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
-        let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", true).await?;
+        let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", nats.ca_file()).await?;
         Self::start_with(api, install_crd, nats, conn.client, None).await
     }
 
@@ -127,8 +130,11 @@ impl Stack {
     /// [`Stack::start_enrolled_agent`] connect with their own identity. The test
     /// itself uses the development `admin` user for setup and inspection.
     pub async fn start_secured() -> anyhow::Result<Self> {
-        let bao = OpenBao::start().await?;
         let dir = tempfile::tempdir()?;
+        // One CA for the stack: NATS and OpenBao serve certificates it signed, and
+        // every client is given exactly it.
+        let ca = iot_testkit::Ca::create(&dir.path().join("ca"))?;
+        let bao = OpenBao::start_temp(iot_testkit::TlsMode::Ca(&ca)).await?;
         let root = bao.root()?;
         let callout = iot_bao::enroll::enroll_service(&root, "callout", Role::Callout).await?;
         let callout_file = dir.path().join("callout.json");
@@ -137,12 +143,20 @@ impl Stack {
         let operator_enrollment = dir.path().join("operator.json");
         iot_testkit::auth::write_private(&operator_enrollment, &serde_json::to_string(&operator)?)?;
         let keys = CalloutKeys::generate()?;
-        let nats = NatsServer::start_with_config(&keys.nats_config()).await?;
+        let nats = NatsServer::start_custom(
+            "127.0.0.1",
+            &std::env::temp_dir(),
+            Some(&keys.nats_config()),
+            &[],
+            iot_testkit::TlsMode::Ca(&ca),
+        )
+        .await?;
         let binary = cargo_bin("iot-auth-callout")?;
         let callout = CalloutProcess::spawn(
             &CalloutLaunch {
                 binary: &binary,
                 nats_url: &nats.url(),
+                ca_file: nats.ca_file(),
                 keys: &keys,
                 dir: dir.path(),
                 secrets_dir: dir.path(),
@@ -155,8 +169,11 @@ impl Stack {
             "callout-0",
         )
         .await?;
-        let admin = async_nats::ConnectOptions::with_user_and_password("admin".into(), keys.admin_password.clone())
-            .connect(nats.url())
+        let admin = nats
+            .client_with(async_nats::ConnectOptions::with_user_and_password(
+                "admin".into(),
+                keys.admin_password.clone(),
+            ))
             .await?;
         let security = Security {
             bao,
@@ -167,6 +184,7 @@ impl Stack {
         };
         let api = Cluster::CrdOnly(ApiServer::start().await?);
         let mut me = Self::start_with(api, true, nats, admin, Some(security)).await?;
+        me.ca = Some(ca);
         me.secured_dir = Some(dir);
         Ok(me)
     }
@@ -205,6 +223,7 @@ impl Stack {
             operator: None,
             agents: Vec::new(),
             dir: tempfile::tempdir()?,
+            ca: None,
             operator_env: Vec::new(),
             operator_starts: 0,
             operator_http: None,
@@ -221,6 +240,7 @@ impl Stack {
             .operator_kubeconfig
             .clone()
             .unwrap_or_else(|| self.api.kubeconfig());
+        self.trust(&mut cmd);
         cmd.env("KUBECONFIG", kubeconfig)
             .env("NATS_URL", self.nats.url())
             .env("IOT_RESYNC_INTERVAL", "5s")
@@ -317,6 +337,7 @@ impl Stack {
                 .env("FAKETIME", skew)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
+        self.trust(&mut cmd);
         cmd.env("IOT_DEVICE_ID", device)
             .env("NATS_URL", self.nats.url())
             .env("PODMAN_SOCKET", self.podman.socket())
@@ -344,6 +365,22 @@ impl Stack {
                 true
             }
         });
+    }
+
+    /// Gives a process the stack's CA for NATS and OpenBao (or, on a plain-TCP
+    /// stack, leave to talk without TLS).
+    pub fn trust(&self, cmd: &mut Command) {
+        match self.nats.ca_file() {
+            Some(ca) => {
+                cmd.env("NATS_CA_FILE", ca);
+                if let Some(bao_ca) = self.security.as_ref().and_then(|s| s.bao.ca_file()) {
+                    cmd.env("BAO_CACERT", bao_ca);
+                }
+            }
+            None => {
+                cmd.env("NATS_INSECURE", "true");
+            }
+        }
     }
 
     pub fn applier(&self) -> anyhow::Result<Command> {

@@ -20,6 +20,8 @@ pub struct VmDevice {
     pub http_ports: [u16; 2],
     /// Host loopback port forwarded to the agent's metrics in the guest.
     pub metrics_port: u16,
+    /// The secret id of the enrollment its seed carried (tests check where it ends up).
+    pub enrollment_secret: String,
 }
 
 /// Rewrites a host-loopback URL into the address the guest reaches it on.
@@ -32,6 +34,18 @@ pub fn from_guest(url: &str) -> String {
 /// arch, cloud-init user-data) and powers the VM on. It joins the fleet once
 /// cloud-init has run: wait for its status with [`Stack::agent_status`].
 pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) -> anyhow::Result<VmDevice> {
+    start_vm_device_with(stack, arch, agent, id, false).await
+}
+
+/// [`start_vm_device`] with a writable FAT seed (a USB stick, a Pi's boot
+/// partition) instead of an ISO.
+pub async fn start_vm_device_with(
+    stack: &Stack,
+    arch: Arch,
+    agent: &Path,
+    id: &str,
+    writable_seed: bool,
+) -> anyhow::Result<VmDevice> {
     let sec = stack
         .security
         .as_ref()
@@ -42,6 +56,11 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
         device_id: id.to_owned(),
         nats_urls: vec![from_guest(&stack.nats.url())],
         enrollment: Some(serde_json::to_string(&enrollment)?),
+        ca_pem: match stack.nats.ca_file() {
+            Some(ca) => Some(std::fs::read_to_string(ca)?),
+            None => None,
+        },
+        insecure: stack.nats.ca_file().is_none(),
         metrics_addr: Some(format!("0.0.0.0:{GUEST_METRICS_PORT}").parse()?),
         // qemu's user network: the guest is 10.0.2.15 behind the host at 10.0.2.2.
         network: Some(StaticNetwork {
@@ -70,11 +89,13 @@ pub async fn start_vm_device(stack: &Stack, arch: Arch, agent: &Path, id: &str) 
                 (metrics_port, GUEST_METRICS_PORT),
             ],
         },
+        writable_seed,
     })?)?;
     Ok(VmDevice {
         id: id.to_owned(),
         vm,
         http_ports,
         metrics_port,
+        enrollment_secret: enrollment.secret_id.clone(),
     })
 }

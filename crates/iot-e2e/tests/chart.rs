@@ -44,6 +44,13 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
         ),
         (
             vec![
+                "nats.tls.caConfigMap=iot-ca".to_owned(),
+                "nats.credentials.type=none".to_owned(),
+            ],
+            10,
+        ),
+        (
+            vec![
                 "sso.groups.viewers={fleet-viewers}".to_owned(),
                 "sso.groups.deployers={fleet-deployers,ops}".to_owned(),
                 "sso.namespaces={team-a,team-b}".to_owned(),
@@ -112,6 +119,51 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
             .as_array()
             .is_some_and(|e| e.iter().any(|v| v["name"] == "NATS_IDENTITY")),
         "identity credentials by default"
+    );
+    assert!(
+        container["env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v["name"] == "NATS_URL" && v["value"] == "tls://nats:4222")),
+        "TLS by default"
+    );
+
+    // The CA value: mounted from its ConfigMap, given to NATS and OpenBao clients.
+    let with_ca = render(
+        "iot",
+        "iot-system",
+        &["nats.tls.caConfigMap=iot-ca".into(), "nats.tls.caKey=root.pem".into()],
+    )?;
+    let dep = &docs_of_kind(&with_ca, "Deployment")?[0];
+    let pod = &dep["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let value_of = |name: &str| {
+        container["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(value_of("NATS_CA_FILE"), Some("/etc/iot/ca/root.pem".into()));
+    assert_eq!(value_of("BAO_CACERT"), Some("/etc/iot/ca/root.pem".into()));
+    assert_eq!(value_of("NATS_INSECURE"), None);
+    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["name"] == "nats-ca" && v["configMap"]["name"] == "iot-ca"),
+        "{volumes:?}"
+    );
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|v| v["mountPath"] == "/etc/iot/ca")),
+        "{container}"
+    );
+    let insecure = render("iot", "iot-system", &["nats.insecure=true".into()])?;
+    let dep = &docs_of_kind(&insecure, "Deployment")?[0];
+    assert!(
+        dep["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|v| v["name"] == "NATS_INSECURE" && v["value"] == "true"))
     );
 
     // The ClusterRole is exactly what the operator uses (the RBAC test below proves

@@ -75,6 +75,8 @@ async fn the_rendered_pod_spec_runs_the_operator_image_under_podman_kube_play() 
     let sets = vec![
         "nats.credentials.type=none".to_owned(),
         format!("nats.urls[0]={}", stack.nats.url()),
+        // The CA comes from a ConfigMap in a cluster; here a hostPath stands in.
+        "nats.tls.caConfigMap=iot-ca".to_owned(),
         format!("metrics.port={metrics_port}"),
         "image.pullPolicy=Never".to_owned(),
         "logJson=false".to_owned(),
@@ -111,8 +113,29 @@ async fn the_rendered_pod_spec_runs_the_operator_image_under_podman_kube_play() 
     // The kubelet's and the cluster network's part (see the module docs).
     let pod = &mut deployment["spec"]["template"]["spec"];
     pod["hostNetwork"] = true.into();
-    pod["volumes"] =
-        serde_json::json!([{"name": "kube-api-access", "hostPath": {"path": sa_dir, "type": "Directory"}}]);
+    let ca_dir = dir.path().join("nats-ca");
+    std::fs::create_dir_all(&ca_dir)?;
+    let nats_ca = stack
+        .nats
+        .ca_file()
+        .ok_or_else(|| anyhow::anyhow!("the stack's NATS serves TLS"))?;
+    std::fs::copy(nats_ca, ca_dir.join("ca.crt"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(ca_dir.join("ca.crt"), std::fs::Permissions::from_mode(0o644))?;
+    }
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|v| v["name"] == "nats-ca" && v["configMap"]["name"] == "iot-ca")),
+        "the chart mounts the CA ConfigMap: {}",
+        pod["volumes"]
+    );
+    pod["volumes"] = serde_json::json!([
+        {"name": "kube-api-access", "hostPath": {"path": sa_dir, "type": "Directory"}},
+        {"name": "nats-ca", "hostPath": {"path": ca_dir, "type": "Directory"}},
+    ]);
     let container = &mut pod["containers"][0];
     // On the host network a declared port is the host's port already; podman
     // refuses port declarations there (a kubelet would take them as hostPorts).
@@ -120,9 +143,10 @@ async fn the_rendered_pod_spec_runs_the_operator_image_under_podman_kube_play() 
         .as_object_mut()
         .ok_or_else(|| anyhow::anyhow!("container is not an object"))?
         .remove("ports");
-    container["volumeMounts"] = serde_json::json!([{
+    let mounts = container["volumeMounts"].as_array_mut().ok_or_else(|| anyhow::anyhow!("no mounts"))?;
+    mounts.push(serde_json::json!({
         "name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true
-    }]);
+    }));
     let env = container["env"]
         .as_array_mut()
         .ok_or_else(|| anyhow::anyhow!("no env"))?;

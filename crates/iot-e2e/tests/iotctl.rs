@@ -6,7 +6,9 @@ use iot_e2e::stack::*;
 use iot_testkit::{cargo_bin, free_port};
 
 fn iotctl(stack: &Stack, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = Command::new(cargo_bin("iotctl")?)
+    let mut cmd = Command::new(cargo_bin("iotctl")?);
+    stack.trust(&mut cmd);
+    let out = cmd
         .env("NATS_URL", stack.nats.url())
         .env("KUBECONFIG", stack.kubeconfig())
         .args(args)
@@ -189,7 +191,9 @@ async fn iotctl_reads_without_consumers_and_ends_quietly_in_a_pipe() -> anyhow::
 
     // `| head -1` closes the pipe long before iotctl is done writing.
     let bin = cargo_bin("iotctl")?;
-    let out = Command::new("bash")
+    let mut cmd = Command::new("bash");
+    stack.trust(&mut cmd);
+    let out = cmd
         .args(["-o", "pipefail", "-c"])
         .arg(format!("'{}' kv ls desired | head -1", bin.display()))
         .env("NATS_URL", stack.nats.url())
@@ -239,6 +243,7 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
     let run = |args: &[&str]| -> anyhow::Result<(bool, String, String)> {
         let out = Command::new(cargo_bin("iotctl")?)
             .env("BAO_ADDR", bao.addr())
+            .env("BAO_CACERT", bao.ca_file().unwrap_or(std::path::Path::new("")))
             .env("BAO_TOKEN", bao.root_token())
             .args(args)
             .output()?;
@@ -258,7 +263,7 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
         "the enrollment holds a secret"
     );
     // What it wrote is what a device needs: it gets an identity token with it.
-    let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file)?;
+    let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file, bao.ca_file())?;
     let token = creds.token().await?;
     assert_eq!(token.split('.').count(), 3);
     let (ok, out, _) = run(&["device", "list"])?;
@@ -271,6 +276,7 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
     // Without a token: a clear message.
     let out = Command::new(cargo_bin("iotctl")?)
         .env("BAO_ADDR", bao.addr())
+        .env("BAO_CACERT", bao.ca_file().unwrap_or(std::path::Path::new("")))
         .env_remove("BAO_TOKEN")
         .args(["device", "list"])
         .output()?;
@@ -281,7 +287,24 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
     assert!(ok, "{err}");
     let (_, out, _) = run(&["device", "list"])?;
     assert_eq!(out.trim(), "");
-    let fresh = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file)?;
+    let fresh = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file, bao.ca_file())?;
     assert!(fresh.token().await.is_err(), "a revoked enrollment still logs in");
+
+    // Attack: a seed that was copied (or a VM's ISO left attached) keeps its secret.
+    // Enrolling the device again must void it, not add a second valid secret.
+    let first = dir.path().join("pi-2-first.json");
+    let second = dir.path().join("pi-2-second.json");
+    for f in [&first, &second] {
+        let (ok, _, err) = run(&["device", "enroll", "pi-2", "--out", &f.to_string_lossy()])?;
+        assert!(ok, "{err}");
+    }
+    let old = iot_kv::identity::IdentityCredentials::from_enrollment_file(&first, bao.ca_file())?;
+    let err = old.token().await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("invalid") || err.contains("400") || err.contains("403"),
+        "the first enrollment still logs in: {err}"
+    );
+    let new = iot_kv::identity::IdentityCredentials::from_enrollment_file(&second, bao.ca_file())?;
+    assert_eq!(new.token().await?.split('.').count(), 3, "the new one works");
     Ok(())
 }

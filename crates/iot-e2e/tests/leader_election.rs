@@ -55,10 +55,10 @@ async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice
     let leases: Api<Lease> = Api::namespaced(kube, NS);
     let env = [("IOT_LEADER_LEASE_DURATION", "6s"), ("IOT_LEADER_RENEW_GRACE", "2s")];
     let kubeconfig = stack.api.kubeconfig();
-    let nats = stack.nats.url();
+    let nats = &stack.nats;
     let logs = stack.dir.path().to_owned();
-    let mut a = spawn_replica("replica-a", &kubeconfig, &nats, NS, LEASE, &env, &logs)?;
-    let mut b = spawn_replica("replica-b", &kubeconfig, &nats, NS, LEASE, &env, &logs)?;
+    let mut a = spawn_replica("replica-a", &kubeconfig, nats, NS, LEASE, &env, &logs)?;
+    let mut b = spawn_replica("replica-b", &kubeconfig, nats, NS, LEASE, &env, &logs)?;
     let first = the_leader(&[&a, &b]).await?;
     assert_eq!(holder(&leases).await.as_deref(), Some(first.as_str()));
     let (leader, standby) = if first == a.identity {
@@ -132,7 +132,7 @@ async fn a_standby_takes_over_within_the_lease_time_and_nothing_is_written_twice
 
     // A restarted replica comes back as a standby: the lease is taken.
     let old_identity = leader.identity.clone();
-    *leader = spawn_replica(&old_identity, &kubeconfig, &nats, NS, LEASE, &env, &logs)?;
+    *leader = spawn_replica(&old_identity, &kubeconfig, nats, NS, LEASE, &env, &logs)?;
     let still = the_leader(&[leader, standby]).await?;
     assert_eq!(still, standby.identity);
 
@@ -234,10 +234,10 @@ async fn a_leader_cut_off_from_the_api_server_stops_before_the_standby_takes_ove
         ("IOT_LEADER_LEASE_DURATION", duration.as_str()),
         ("IOT_LEADER_RENEW_GRACE", grace.as_str()),
     ];
-    let nats = stack.nats.url();
-    let mut a = spawn_replica("replica-a", &kc_a, &nats, NS, LEASE, &env, &logs)?;
+    let nats = &stack.nats;
+    let mut a = spawn_replica("replica-a", &kc_a, nats, NS, LEASE, &env, &logs)?;
     the_leader(&[&a]).await?;
-    let b = spawn_replica("replica-b", &kc_b, &nats, NS, LEASE, &env, &logs)?;
+    let b = spawn_replica("replica-b", &kc_b, nats, NS, LEASE, &env, &logs)?;
     assert_eq!(the_leader(&[&a, &b]).await?, "replica-a");
 
     // The leader's link to the API server goes silent; NATS still works for it, so

@@ -5,13 +5,19 @@
 //! deployment is deleted and another created. After each boot the agent is back
 //! under systemd, what should run runs exactly once, and what was deleted while the
 //! device was off stays gone. `.status` counts the device unreported while it is
-//! down and converges after.
+//! down and converges after. A pending upgrade (an image the device cannot get)
+//! does not keep the previous version down after the reset.
+//!
+//! Everything runs on the production path: NATS and OpenBao over TLS verified
+//! against the stack's CA, which the seed carries; the seed is a writable FAT disk
+//! (as a USB stick or a Pi's boot partition), which holds no secret after the
+//! first boot.
 
 use std::time::{Duration, Instant};
 
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DeploymentRef, Id, agent_status_key};
 use iot_e2e::stack::*;
-use iot_e2e::vm::{VmDevice, start_vm_device};
+use iot_e2e::vm::{VmDevice, start_vm_device_with};
 use iot_launch::vm::Arch;
 use iot_testkit::{cargo_bin, unique_id, wait_until};
 use kube::api::DeleteParams;
@@ -43,7 +49,7 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     );
     let id = unique_id("vm");
     let started = Instant::now();
-    let mut dev = start_vm_device(&stack, arch, &agent, &id).await?;
+    let mut dev = start_vm_device_with(&stack, arch, &agent, &id, true).await?;
     wait_for_report(&stack, &mut dev, 0).await?;
     eprintln!(
         "first boot to the agent's first report: {:.1} s",
@@ -56,6 +62,30 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
         console.contains("iot-agent: installed iot-agent"),
         "cloud-init ran the install script"
     );
+    // Attack: the seed (a USB stick, an SD card's boot partition) read on another
+    // machine after the device booted. The install script overwrote and removed
+    // the enrollment; not a byte of the secret is left on the disk image.
+    assert!(
+        console.contains("iot-agent: removed the enrollment secret from the seed"),
+        "{console}"
+    );
+    let secret = dev.enrollment_secret.clone();
+    let image = std::fs::read(&dev.vm.spec.seed)?;
+    assert!(
+        !image.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the writable seed still holds the enrollment secret"
+    );
+    let listing = std::process::Command::new("mdir")
+        .args(["-b", "-i"])
+        .arg(&dev.vm.spec.seed)
+        .arg("::")
+        .output()?;
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("IOT-AGENT") || listing.to_lowercase().contains("iot-agent"),
+        "the seed is readable and keeps the rest: {listing}"
+    );
+    assert!(!listing.to_lowercase().contains("enrollment"), "{listing}");
 
     // What cloud-init installed, checked inside the guest.
     assert_eq!(
@@ -121,19 +151,39 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     .await?;
     wait_for_report(&stack, &mut dev, rev).await?;
 
-    // 1. The reset button. The device falls silent, is counted unreported, then
-    //    comes back with the same one container.
+    // An upgrade that cannot happen: the new image is on no registry the device
+    // reaches. v1 keeps serving, and the deployment says why it is Failed.
+    apply(&stack, "web", &id, "localhost/iot-web:not-on-any-registry", 8080)?;
+    stack
+        .wait_resource_status("default", "web", "the pending upgrade failing", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.failed == 1)
+        })
+        .await?;
+    iot_testkit::http::wait_http("127.0.0.1", dev.http_ports[0], "v1", BOOT).await?;
+
+    // 1. The reset button, with that upgrade pending. The device falls silent, is
+    //    counted unreported, then comes back: v1's container is started again
+    //    (the agent does not wait for the upgrade), and it is the same one.
     dev.vm.hard_reset().await?;
     let reset_at = Instant::now();
-    wait_counts(&stack, "web", "the silent device counted unreported", 0, 1).await?;
+    stack
+        .wait_resource_status("default", "web", "the silent device counted unreported", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.unreported == 1)
+        })
+        .await?;
     // Silent for 15 s by now: the next report is the rebooted device's.
     let rev = latest_report(&stack, &dev.id).await?;
     wait_for_report(&stack, &mut dev, rev).await?;
     iot_testkit::http::wait_http("127.0.0.1", dev.http_ports[0], "v1", BOOT).await?;
-    wait_counts(&stack, "web", "web converged after the reset", 1, 0).await?;
+    stack
+        .wait_resource_status("default", "web", "back, with the upgrade still failing", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.failed == 1 && a.unreported == 0)
+        })
+        .await?;
     eprintln!("hard reset to serving again: {:.1} s", reset_at.elapsed().as_secs_f64());
     let after = running_once(&dev, "web").await?;
     eprintln!("web's container across the reset: {before} -> {after}");
+    assert_eq!(after, before, "the previous version's own container serves again");
     let uptime: f64 = run(&dev.vm, &["cut", "-d", " ", "-f1", "/proc/uptime"])
         .await?
         .parse()?;

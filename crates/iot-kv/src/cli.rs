@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use harmony_reconciler_contracts::Id;
 
-use crate::connect::{Anonymous, CredentialSource, CredsFile, TokenAuth, UserPassword};
+use crate::connect::{Anonymous, ClientOptions, CredentialSource, CredsFile, NatsTls, TokenAuth, UserPassword};
 use crate::identity::IdentityCredentials;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -15,7 +15,7 @@ pub struct NatsArgs {
         long,
         env = "NATS_URL",
         value_delimiter = ',',
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "tls://127.0.0.1:4222"
     )]
     pub nats_url: Vec<String>,
 
@@ -54,9 +54,49 @@ pub struct NatsArgs {
     /// to three intervals and reconnected.
     #[arg(long, env = "NATS_PING_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
     pub nats_ping_interval: std::time::Duration,
+
+    /// PEM file of the CA that signed the NATS server's certificate (the
+    /// platform's own CA). Only it is trusted; without it, the system's roots.
+    #[arg(long, env = "NATS_CA_FILE")]
+    pub nats_ca_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed OpenBao's certificate, for --nats-identity
+    /// (the system's roots without it).
+    #[arg(long, env = "BAO_CACERT")]
+    pub bao_ca_file: Option<PathBuf>,
+
+    /// Talk to NATS without TLS when the URL is nats://. For debugging only: the
+    /// identity token or password then crosses the network in the clear, and anyone
+    /// on the path can replay it. Without it every connection must be TLS.
+    #[arg(long, env = "NATS_INSECURE")]
+    pub nats_insecure: bool,
 }
 
 impl NatsArgs {
+    /// How `name` connects: TLS verified against --nats-ca-file, and required unless
+    /// --nats-insecure.
+    pub fn client_options(&self, name: &str) -> ClientOptions {
+        ClientOptions::new(name)
+            .ping_interval(self.nats_ping_interval)
+            .tls(NatsTls {
+                ca_file: self.nats_ca_file.clone(),
+                required: !self.nats_insecure,
+            })
+    }
+
+    /// The service name of an enrollment given with --nats-identity (its role must
+    /// match), for services that address the operator by name.
+    pub fn enrolled_name(&self) -> Result<Option<String>, crate::KvError> {
+        let Some(path) = &self.nats_identity else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::KvError::Credentials(format!("reading {}: {e}", path.display())))?;
+        let enrollment: iot_bao::enroll::Enrollment = serde_json::from_str(&text)
+            .map_err(|e| crate::KvError::Credentials(format!("parsing {}: {e}", path.display())))?;
+        Ok(Some(enrollment.name))
+    }
+
     /// The credential source the flags select. No flags means no credentials, which
     /// only a NATS server without auth accepts; there are no built-in defaults.
     pub fn credentials(&self) -> Result<Box<dyn CredentialSource>, crate::KvError> {
@@ -73,7 +113,7 @@ impl NatsArgs {
     /// enrollment file names its device itself).
     pub fn credentials_for(&self, device: Option<&Id>) -> Result<Box<dyn CredentialSource>, crate::KvError> {
         Ok(if let Some(path) = &self.nats_identity {
-            Box::new(IdentityCredentials::from_enrollment_file(path)?)
+            Box::new(IdentityCredentials::from_enrollment_file(path, self.bao_ca_file.as_deref())?)
         } else if let Some(path) = &self.nats_identity_token_file {
             Box::new(IdentityCredentials::from_token_file(path.clone(), device.cloned()))
         } else if let Some(path) = &self.nats_creds {
@@ -130,5 +170,18 @@ mod tests {
         assert!(parse(&[]).credentials().is_ok());
         assert!(!parse(&[]).uses_identity());
         assert!(parse(&["--nats-identity-token-file", "/x"]).uses_identity());
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure_is_asked_for() {
+        let tls = parse(&["--nats-ca-file", "/ca.pem"]).client_options("x").tls;
+        assert_eq!(
+            tls,
+            NatsTls {
+                ca_file: Some("/ca.pem".into()),
+                required: true
+            }
+        );
+        assert!(!parse(&["--nats-insecure"]).client_options("x").tls.required);
     }
 }

@@ -12,15 +12,16 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use futures::StreamExt;
 use harmony_reconciler_contracts::read::{
     DESIRED_READ_PREFIX, DESIRED_READ_QUEUE, DesiredReadPage, DesiredReadRequest, DesiredRecord, desired_read_subject,
-    device_of_read_subject, is_device_inbox,
+    is_device_inbox,
 };
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, Id};
 
+use crate::device_service::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
 use crate::direct::{KvRecord, last_values_for};
 use crate::error::KvError;
+use crate::fair::FairLimits;
 
 /// Payload bytes per page. JSON escaping can nearly double text, and NATS's
 /// default max payload is 1 MiB.
@@ -28,72 +29,45 @@ pub const PAGE_BUDGET: usize = 384 * 1024;
 /// Pages of one read, at most: far beyond any device (a guard against a loop).
 const MAX_PAGES: usize = 10_000;
 
+/// Where the responder listens and how much it takes on: 64 reads at once, and up
+/// to 100,000 devices waiting (one read each at most).
+pub fn desired_read_spec() -> ServiceSpec {
+    ServiceSpec {
+        prefix: DESIRED_READ_PREFIX,
+        queue_group: DESIRED_READ_QUEUE,
+        workers: 64,
+        limits: FairLimits {
+            max_waiting: 100_000,
+            max_waiting_bytes: 64 << 20,
+        },
+        is_own_inbox: is_device_inbox,
+    }
+}
+
 /// Answers read requests until the subscription ends. Any number of responders can
 /// run; they share the requests through a queue group.
-pub async fn serve_desired_reads(client: async_nats::Client, read_timeout: Duration) -> Result<(), KvError> {
-    let subject = format!("{DESIRED_READ_PREFIX}.*");
-    let mut sub = client
-        .queue_subscribe(subject.clone(), DESIRED_READ_QUEUE.to_owned())
-        .await
-        .map_err(|e| KvError::Request {
-            subject: subject.clone(),
-            message: e.to_string(),
-        })?;
-    // Reads in flight at most: a device flooding its subject cannot take more.
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
-    while let Some(msg) = sub.next().await {
-        let client = client.clone();
-        let Some(reply) = msg.reply.clone() else { continue };
-        // Answer only to the asking device's own inbox: a reply subject is chosen by
-        // the sender and not checked by permissions, and this connection may publish
-        // to the desired-state bucket.
-        if !device_of_read_subject(&msg.subject).is_some_and(|d| is_device_inbox(&d, &reply)) {
-            tracing::warn!(subject = %msg.subject, reply = %reply, "read request with a reply subject outside the device's inbox; ignored");
-            continue;
-        }
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            let page = match device_of_read_subject(&msg.subject) {
-                None => DesiredReadPage {
-                    error: Some(format!("{} names no valid device", msg.subject)),
+pub async fn serve_desired_reads(
+    client: async_nats::Client,
+    read_timeout: Duration,
+    counts: ServiceCounts,
+) -> Result<(), KvError> {
+    let reader = client.clone();
+    serve(client, desired_read_spec(), counts, move |req: DeviceRequest| {
+        let client = reader.clone();
+        async move {
+            let request: DesiredReadRequest = serde_json::from_slice(&req.payload).unwrap_or_default();
+            let page = match last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{}.>", req.id), read_timeout).await
+            {
+                Ok(records) => page_after(records, request.after.as_deref()),
+                Err(e) => DesiredReadPage {
+                    error: Some(e.to_string()),
                     ..Default::default()
                 },
-                Some(device) => {
-                    let request: DesiredReadRequest = serde_json::from_slice(&msg.payload).unwrap_or_default();
-                    match last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{device}.>"), read_timeout).await {
-                        Ok(records) => page_after(records, request.after.as_deref()),
-                        Err(e) => DesiredReadPage {
-                            error: Some(e.to_string()),
-                            ..Default::default()
-                        },
-                    }
-                }
             };
-            let body = serde_json::to_vec(&page).unwrap_or_default();
-            if let Err(e) = client.publish(reply.clone(), body.into()).await {
-                // Most likely a page over the server's max payload: say so to the
-                // device, which keeps its last view and logs the error.
-                tracing::warn!(error = %e, subject = %msg.subject, "could not answer a desired-state read");
-                let page = DesiredReadPage {
-                    error: Some(format!("the answer could not be sent: {e}")),
-                    ..Default::default()
-                };
-                if let Err(e) = client
-                    .publish(reply, serde_json::to_vec(&page).unwrap_or_default().into())
-                    .await
-                {
-                    tracing::debug!(error = %e, "could not send the error either");
-                }
-            }
-        });
-    }
-    Err(KvError::Request {
-        subject,
-        message: "subscription closed".into(),
+            Bytes::from(serde_json::to_vec(&page).unwrap_or_default())
+        }
     })
+    .await
 }
 
 /// The page of `records` that starts after key `after` (pure, for tests).

@@ -6,11 +6,13 @@ use thiserror::Error;
 pub enum KvError {
     #[error("NATS credentials: {0}")]
     Credentials(String),
-    #[error("cannot connect to NATS at {servers}: {source}")]
+    #[error("cannot connect to NATS at {servers}: {source}{hint}")]
     Connect {
         servers: String,
         #[source]
         source: async_nats::ConnectError,
+        /// What to check, when the error is one configuration causes.
+        hint: String,
     },
     #[error("KV bucket {bucket:?} does not exist yet (the operator creates it)")]
     BucketMissing { bucket: String },

@@ -1,10 +1,20 @@
 //! A device following its own desired state without any JetStream consumer.
 //!
 //! Two inputs, one output:
-//! - a core subscription on `$KV.desired-state.<device>.>` delivers every put,
-//!   delete and purge of this device's keys while the connection is up;
-//! - a full re-read (batched direct get) at start, after every reconnect and on a
-//!   timer repairs anything the at-most-once subscription may have missed.
+//! - a core subscription on `$KV.desired-state.<device>.>` says that this device's
+//!   keys changed, while the connection is up;
+//! - a full read of the device's keys (through the read responder, or a batched
+//!   direct get) says what they are. It runs at start, after every reconnect, on a
+//!   timer, and after every change signal.
+//!
+//! **A message on the subscription is only a signal.** Its body and headers are never
+//! applied: NATS delivers on a subject whatever anyone allowed to publish there, or
+//! any server answer whose reply subject someone pointed there, sends. What the
+//! device acts on always comes from a read of the stream. The signal's body is used
+//! for one thing only: to tell whether a read already reflects the change it
+//! announces. A read that does not (the stream had not stored it yet) is repeated a
+//! few times with a short backoff; a signal that no read ever confirms (a forged
+//! one) is dropped.
 //!
 //! The output is a [`DesiredView`] on a `watch` channel: the whole current desired
 //! state, so the reconciler downstream is level-triggered and never needs to know
@@ -21,9 +31,19 @@ use tokio::sync::watch;
 
 use crate::connect::NatsConnection;
 use crate::desired_read::read_via_responder;
-use crate::direct::last_values_for;
+use crate::direct::{KvRecord, last_values_for};
 use crate::error::KvError;
 use crate::timing::{backoff, jittered, spread};
+
+/// Reads made for one burst of unconfirmed signals before they are dropped. With
+/// the backoff below they span about 6 s: far longer than the stream needs to store
+/// a write, even under load.
+const MAX_CONFIRM_READS: u32 = 8;
+
+/// Delay before the n-th read that tries to confirm a signal: 25 ms doubling.
+fn confirm_delay(attempt: u32) -> Duration {
+    Duration::from_millis(25u64 << attempt.saturating_sub(1).min(7))
+}
 
 /// The device's desired state as last seen.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -79,6 +99,37 @@ impl Default for FollowConfig {
     }
 }
 
+/// Change signals no read has confirmed yet: per key, what the latest signal
+/// announced (a value, or `None` for a delete or purge).
+#[derive(Debug, Default)]
+struct Unconfirmed {
+    announced: BTreeMap<String, Option<Bytes>>,
+    /// Reads since the oldest of them arrived.
+    reads: u32,
+}
+
+impl Unconfirmed {
+    /// Records a signal; false if `current` (the last read) already shows what it
+    /// announces, so no read is needed.
+    fn signal(&mut self, key: &str, announced: Option<Bytes>, current: &BTreeMap<String, Bytes>) -> bool {
+        if current.get(key) == announced.as_ref() {
+            return false;
+        }
+        if self.announced.is_empty() {
+            self.reads = 0;
+        }
+        self.announced.insert(key.to_owned(), announced);
+        true
+    }
+
+    /// Drops the signals `current` confirms; true if some are left.
+    fn confirm(&mut self, current: &BTreeMap<String, Bytes>) -> bool {
+        self.reads += 1;
+        self.announced.retain(|k, v| current.get(k) != v.as_ref());
+        !self.announced.is_empty()
+    }
+}
+
 /// Follows `device`'s keys until `out` has no receivers left. Returns only on a
 /// fatal error (the subscription could not be created).
 pub async fn follow_desired_state(
@@ -96,6 +147,9 @@ pub async fn follow_desired_state(
     })?;
     let key_prefix = format!("{device}.>");
     let mut view = DesiredView::default();
+    // The values of the last complete read, by key (deleted keys absent).
+    let mut current: BTreeMap<String, Bytes> = BTreeMap::new();
+    let mut unconfirmed = Unconfirmed::default();
     let mut failures: u32 = 0;
     // Start with an immediate read.
     let mut next_read = tokio::time::Instant::now();
@@ -109,8 +163,14 @@ pub async fn follow_desired_state(
                 let Some(key) = key_from_subject(DESIRED_STATE_BUCKET, &msg.subject) else { continue };
                 let op = msg.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_owned());
                 let deleted = matches!(op.as_deref(), Some("DEL") | Some("PURGE"));
-                apply_record(&mut view, key, (!deleted).then(|| msg.payload.clone()));
-                publish(&out, &view);
+                let announced = (!deleted).then(|| msg.payload.clone());
+                if unconfirmed.signal(key, announced, &current) {
+                    // Read now, unless a read is already due sooner (a failure backoff
+                    // is kept: the reads would fail the same way).
+                    if failures == 0 {
+                        next_read = next_read.min(tokio::time::Instant::now());
+                    }
+                }
             }
             changed = connects.changed() => {
                 if changed.is_err() {
@@ -128,6 +188,7 @@ pub async fn follow_desired_state(
                 match read {
                     Ok(records) => {
                         failures = 0;
+                        current = values_of(&records);
                         // Published only if it differs from what readers already have, so an
                         // unchanged periodic re-read does not cause an extra reconcile pass.
                         let mut fresh = DesiredView { synced: true, ..Default::default() };
@@ -140,6 +201,15 @@ pub async fn follow_desired_state(
                         view = fresh;
                         publish(&out, &view);
                         next_read = tokio::time::Instant::now() + jittered(config.resync);
+                        if unconfirmed.confirm(&current) {
+                            if unconfirmed.reads >= MAX_CONFIRM_READS {
+                                let keys: Vec<&String> = unconfirmed.announced.keys().collect();
+                                tracing::warn!(%device, ?keys, "change signals that no read of the stream confirms; ignored (only what the stream holds is applied)");
+                                unconfirmed = Unconfirmed::default();
+                            } else {
+                                next_read = tokio::time::Instant::now() + confirm_delay(unconfirmed.reads);
+                            }
+                        }
                     }
                     Err(e) => {
                         failures += 1;
@@ -151,6 +221,14 @@ pub async fn follow_desired_state(
             }
         }
     }
+}
+
+/// The present values of a read, by key.
+fn values_of(records: &[KvRecord]) -> BTreeMap<String, Bytes> {
+    records
+        .iter()
+        .filter_map(|r| Some((r.key.clone(), r.value.clone()?)))
+        .collect()
 }
 
 fn apply_record(view: &mut DesiredView, key: &str, value: Option<Bytes>) {
@@ -184,6 +262,35 @@ fn publish(out: &watch::Sender<DesiredView>, view: &DesiredView) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signal_counts_only_once_a_read_shows_what_it_announced() {
+        let v = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let mut current = BTreeMap::from([("d.ns_web".to_owned(), v("v1"))]);
+        let mut u = Unconfirmed::default();
+        // What the last read already shows needs no read.
+        assert!(!u.signal("d.ns_web", Some(v("v1")), &current));
+        assert!(u.signal("d.ns_web", Some(v("v2")), &current));
+        assert!(u.signal("d.ns_db", None, &current) || current.get("d.ns_db").is_none());
+        // The latest signal for a key replaces an earlier one.
+        assert!(u.signal("d.ns_web", Some(v("v3")), &current));
+        // A read from before the write was stored confirms nothing.
+        assert!(u.confirm(&current));
+        current.insert("d.ns_web".into(), v("v2"));
+        assert!(u.confirm(&current), "v2 is not what the latest signal announced");
+        current.insert("d.ns_web".into(), v("v3"));
+        assert!(!u.confirm(&current), "v3 is stored; the absent key confirms the delete");
+        assert_eq!(u.reads, 3);
+        // A delete is confirmed by the key's absence, not by a value.
+        assert!(u.signal("d.ns_web", None, &current));
+        assert!(u.confirm(&current));
+        current.remove("d.ns_web");
+        assert!(!u.confirm(&current));
+        assert_eq!(confirm_delay(1), Duration::from_millis(25));
+        assert_eq!(confirm_delay(4), Duration::from_millis(200));
+        let waited: Duration = (1..MAX_CONFIRM_READS).map(confirm_delay).sum();
+        assert!(waited > Duration::from_secs(3) && waited < Duration::from_secs(10), "{waited:?}");
+    }
 
     #[test]
     fn records_update_and_delete_entries() {

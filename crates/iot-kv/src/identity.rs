@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_nats::{AuthError, ConnectOptions};
 use futures::future::BoxFuture;
 use harmony_reconciler_contracts::Id;
-use harmony_reconciler_contracts::read::device_inbox_prefix;
+use harmony_reconciler_contracts::read::{ServiceRole, device_inbox_prefix, service_inbox_prefix};
 use iot_bao::enroll::{Enrollment, Role};
 use iot_bao::setup::TOKEN_ROLE;
 use iot_bao::{Bao, BaoError};
@@ -36,43 +36,50 @@ struct Cached {
     jwt: Option<(String, Instant, Instant)>,
 }
 
-/// Identity-token credentials, for a device (which then uses its own inbox prefix,
-/// the only one its permissions allow) or a service.
+/// Identity-token credentials, for a device or a service. Each uses its own inbox
+/// prefix, the only one its permissions allow.
 #[derive(Debug, Clone)]
 pub struct IdentityCredentials {
     origin: Arc<Origin>,
     device: Option<Id>,
+    /// A service's role and name (from its enrollment).
+    service: Option<(ServiceRole, Id)>,
     cached: Arc<tokio::sync::Mutex<Cached>>,
 }
 
 impl IdentityCredentials {
-    /// From an enrollment (the file `iotctl device enroll` writes).
-    pub fn from_enrollment(enrollment: Enrollment) -> Result<Self, KvError> {
-        let device = match enrollment.role {
-            Role::Device => Some(
-                Id::new(enrollment.name.clone())
-                    .map_err(|e| KvError::Credentials(format!("enrollment names a bad device id: {e}")))?,
-            ),
-            _ => None,
+    /// From an enrollment (the file `iotctl device enroll` writes). `bao_ca`: the
+    /// CA bundle that verifies OpenBao's certificate (the system's roots if `None`).
+    pub fn from_enrollment(enrollment: Enrollment, bao_ca: Option<&std::path::Path>) -> Result<Self, KvError> {
+        let name = || {
+            Id::new(enrollment.name.clone())
+                .map_err(|e| KvError::Credentials(format!("the enrollment's name is not a valid id: {e}")))
         };
-        let bao = Bao::new(&enrollment.bao_addr).map_err(|e| KvError::Credentials(e.to_string()))?;
+        let (device, service) = match enrollment.role {
+            Role::Device => (Some(name()?), None),
+            Role::Operator => (None, Some((ServiceRole::Operator, name()?))),
+            Role::Viewer => (None, Some((ServiceRole::Viewer, name()?))),
+            Role::Callout => (None, None),
+        };
+        let bao = Bao::with_ca(&enrollment.bao_addr, bao_ca).map_err(|e| KvError::Credentials(e.to_string()))?;
         Ok(Self {
             origin: Arc::new(Origin::OpenBao {
                 bao: Box::new(bao),
                 enrollment,
             }),
             device,
+            service,
             cached: Arc::default(),
         })
     }
 
     /// From an enrollment file.
-    pub fn from_enrollment_file(path: &std::path::Path) -> Result<Self, KvError> {
+    pub fn from_enrollment_file(path: &std::path::Path, bao_ca: Option<&std::path::Path>) -> Result<Self, KvError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| KvError::Credentials(format!("reading {}: {e}", path.display())))?;
         let enrollment: Enrollment = serde_json::from_str(&text)
             .map_err(|e| KvError::Credentials(format!("parsing {}: {e}", path.display())))?;
-        Self::from_enrollment(enrollment)
+        Self::from_enrollment(enrollment, bao_ca)
     }
 
     /// From a token file that something else refreshes; `device` selects the inbox.
@@ -80,12 +87,18 @@ impl IdentityCredentials {
         Self {
             origin: Arc::new(Origin::File(path)),
             device,
+            service: None,
             cached: Arc::default(),
         }
     }
 
     pub fn device(&self) -> Option<&Id> {
         self.device.as_ref()
+    }
+
+    /// A service's role and name, from its enrollment.
+    pub fn service(&self) -> Option<&(ServiceRole, Id)> {
+        self.service.as_ref()
     }
 
     /// A token with at least a third of its life left, fetching one if needed.
@@ -193,6 +206,8 @@ impl CredentialSource for IdentityCredentials {
             });
             if let Some(device) = &this.device {
                 opts = opts.custom_inbox_prefix(device_inbox_prefix(device));
+            } else if let Some((role, name)) = &this.service {
+                opts = opts.custom_inbox_prefix(service_inbox_prefix(*role, name));
             }
             Ok(opts)
         })

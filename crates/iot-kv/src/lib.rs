@@ -13,17 +13,21 @@ pub mod buckets;
 pub mod cli;
 pub mod connect;
 pub mod desired_read;
+pub mod device_service;
 pub mod direct;
 pub mod error;
+pub mod fair;
 pub mod follow;
 pub mod identity;
 pub mod status_relay;
+pub mod status_snapshot;
 pub mod timing;
 pub mod write;
 
 pub use cli::NatsArgs;
 pub use connect::{
-    Anonymous, CredentialSource, CredsFile, NatsConnection, TokenAuth, UserPassword, connect, connect_with,
+    Anonymous, ClientOptions, CredentialSource, CredsFile, NatsConnection, NatsTls, TokenAuth, UserPassword, connect,
+    connect_with,
 };
 pub use direct::{KvRecord, last_values_for};
 pub use error::KvError;

@@ -4,95 +4,94 @@
 //! The relay takes `iot.status.write.<device>`, writes the body to
 //! `agent-status/status.<device>` with a JetStream publish acknowledged on its own
 //! inbox, and answers the device with the stored sequence. It answers only to the
-//! device's own inbox.
+//! device's own inbox, and shares itself fairly between devices
+//! ([`crate::device_service`]): a device has one write running and one waiting at
+//! most, and a newer status replaces its waiting one.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use harmony_reconciler_contracts::keys::kv_subject;
 use harmony_reconciler_contracts::read::{
-    STATUS_WRITE_PREFIX, STATUS_WRITE_QUEUE, StatusWriteAnswer, device_of_status_subject, is_device_inbox,
-    status_write_subject,
+    STATUS_WRITE_PREFIX, STATUS_WRITE_QUEUE, StatusWriteAnswer, is_device_inbox, status_write_subject,
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
 
+use crate::device_service::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
 use crate::error::KvError;
+use crate::fair::FairLimits;
 
 /// Largest status accepted (a status is a few KB; the cap keeps a device from
 /// filling the bucket's history with megabytes).
 pub const MAX_STATUS_BYTES: usize = 256 * 1024;
 
-/// Relays status writes until the subscription ends.
-pub async fn serve_status_writes(client: async_nats::Client, write_timeout: Duration) -> Result<(), KvError> {
-    let subject = format!("{STATUS_WRITE_PREFIX}.*");
-    let mut sub = client
-        .queue_subscribe(subject.clone(), STATUS_WRITE_QUEUE.to_owned())
-        .await
-        .map_err(|e| KvError::Request {
-            subject: subject.clone(),
-            message: e.to_string(),
-        })?;
-    let js = async_nats::jetstream::new(client.clone());
-    let limit = Arc::new(tokio::sync::Semaphore::new(256));
-    while let Some(msg) = sub.next().await {
-        let Some(reply) = msg.reply.clone() else { continue };
-        let Some(device) = device_of_status_subject(&msg.subject) else {
-            continue;
-        };
-        if !is_device_inbox(&device, &reply) {
-            tracing::warn!(%device, reply = %reply, "status write with a reply subject outside the device's inbox; ignored");
-            continue;
-        }
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        let (client, js) = (client.clone(), js.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let answer = if msg.payload.len() > MAX_STATUS_BYTES {
-                StatusWriteAnswer {
-                    error: Some(format!(
-                        "status of {} bytes is over the {MAX_STATUS_BYTES}-byte cap",
-                        msg.payload.len()
-                    )),
-                    ..Default::default()
-                }
-            } else {
-                let target = kv_subject(AGENT_STATUS_BUCKET, &agent_status_key(&device));
-                let stored = async {
-                    let ack = js
-                        .publish(target, msg.payload.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    ack.await.map_err(|e| e.to_string())
-                };
-                match tokio::time::timeout(write_timeout, stored).await {
-                    Ok(Ok(ack)) => StatusWriteAnswer {
-                        sequence: ack.sequence,
-                        error: None,
-                    },
-                    Ok(Err(e)) => StatusWriteAnswer {
-                        error: Some(e),
-                        ..Default::default()
-                    },
-                    Err(_) => StatusWriteAnswer {
-                        error: Some(format!("not stored within {write_timeout:?}")),
-                        ..Default::default()
-                    },
-                }
-            };
-            let body = serde_json::to_vec(&answer).unwrap_or_default();
-            if let Err(e) = client.publish(reply, body.into()).await {
-                tracing::debug!(error = %e, "could not answer a status write");
-            }
-        });
+/// Where the relay listens and how much it takes on: 256 writes run at once (each
+/// waits for the stream's acknowledgement), and up to 100,000 devices or 256 MiB
+/// of statuses wait for their turn.
+pub fn status_relay_spec() -> ServiceSpec {
+    ServiceSpec {
+        prefix: STATUS_WRITE_PREFIX,
+        queue_group: STATUS_WRITE_QUEUE,
+        workers: 256,
+        limits: FairLimits {
+            max_waiting: 100_000,
+            max_waiting_bytes: 256 << 20,
+        },
+        is_own_inbox: is_device_inbox,
     }
-    Err(KvError::Request {
-        subject,
-        message: "subscription closed".into(),
+}
+
+/// Relays status writes until the subscription ends.
+pub async fn serve_status_writes(
+    client: async_nats::Client,
+    write_timeout: Duration,
+    counts: ServiceCounts,
+) -> Result<(), KvError> {
+    let js = async_nats::jetstream::new(client.clone());
+    serve(client, status_relay_spec(), counts, move |req: DeviceRequest| {
+        let js = js.clone();
+        async move {
+            let answer = store_status(&js, &req.id, req.payload, write_timeout).await;
+            Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
+        }
     })
+    .await
+}
+
+async fn store_status(
+    js: &async_nats::jetstream::Context,
+    device: &Id,
+    status: Bytes,
+    write_timeout: Duration,
+) -> StatusWriteAnswer {
+    if status.len() > MAX_STATUS_BYTES {
+        return StatusWriteAnswer {
+            error: Some(format!(
+                "status of {} bytes is over the {MAX_STATUS_BYTES}-byte cap",
+                status.len()
+            )),
+            ..Default::default()
+        };
+    }
+    let target = kv_subject(AGENT_STATUS_BUCKET, &agent_status_key(device));
+    let stored = async {
+        let ack = js.publish(target, status).await.map_err(|e| e.to_string())?;
+        ack.await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(write_timeout, stored).await {
+        Ok(Ok(ack)) => StatusWriteAnswer {
+            sequence: ack.sequence,
+            error: None,
+        },
+        Ok(Err(e)) => StatusWriteAnswer {
+            error: Some(e),
+            ..Default::default()
+        },
+        Err(_) => StatusWriteAnswer {
+            error: Some(format!("not stored within {write_timeout:?}")),
+            ..Default::default()
+        },
+    }
 }
 
 /// Writes `device`'s status through the relay; the stored sequence.

@@ -33,7 +33,7 @@ async fn wait_view(
 #[tokio::test]
 async fn direct_get_reads_only_one_devices_keys_and_reports_deletes() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let conn = connect(&[nats.url()], &Anonymous, "test", true).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "test", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
     let (desired, _) = ensure_buckets(&js).await?;
     desired.put("dev1.default_a", Bytes::from_static(b"A")).await?;
@@ -73,7 +73,7 @@ async fn direct_get_reads_only_one_devices_keys_and_reports_deletes() -> anyhow:
 #[tokio::test]
 async fn missing_bucket_is_a_typed_error() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let conn = connect(&[nats.url()], &Anonymous, "test", true).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "test", nats.ca_file()).await?;
     // JetStream is up but the bucket does not exist.
     let err = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "dev1.>", Duration::from_secs(5))
         .await
@@ -85,13 +85,13 @@ async fn missing_bucket_is_a_typed_error() -> anyhow::Result<()> {
 #[tokio::test]
 async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyhow::Result<()> {
     let mut nats = NatsServer::start().await?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
     let js = jetstream::new(admin.client.clone());
     let (desired, _) = ensure_buckets(&js).await?;
     desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
 
     let device = Id::new("dev1")?;
-    let conn = connect(&[nats.url()], &Anonymous, "dev1", false).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
     let (tx, mut rx) = watch::channel(DesiredView::default());
     let cfg = FollowConfig {
         resync: Duration::from_secs(2),
@@ -120,7 +120,7 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
     nats.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart().await?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin2", true).await?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin2", nats.ca_file()).await?;
     let js = jetstream::new(admin.client.clone());
     let desired = js.get_key_value(DESIRED_STATE_BUCKET).await?;
     desired.put("dev1.default_web", Bytes::from_static(b"v3")).await?;
@@ -152,10 +152,10 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
 #[tokio::test]
 async fn unchanged_rereads_publish_nothing() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin", true).await?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
     let (desired, _) = ensure_buckets(&jetstream::new(admin.client.clone())).await?;
     desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
-    let conn = connect(&[nats.url()], &Anonymous, "dev1", true).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
     let (tx, mut rx) = watch::channel(DesiredView::default());
     let cfg = FollowConfig {
         resync: Duration::from_millis(200),
@@ -168,6 +168,61 @@ async fn unchanged_rereads_publish_nothing() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!rx.has_changed()?, "an unchanged re-read woke the reconciler");
     // A real change still does.
+    desired.put("dev1.default_web", Bytes::from_static(b"v2")).await?;
+    wait_view(&mut rx, "v2", |v| {
+        v.entries.get(&dep("web")).map(|b| &b[..]) == Some(b"v2")
+    })
+    .await?;
+    task.abort();
+    Ok(())
+}
+
+/// Attack: bytes published on a device's desired-state subject that the stream
+/// never stored (here: the stream refuses them, as it refuses a publish with a
+/// wrong expected sequence; in the wild: an answer whose reply subject someone
+/// pointed there). Before, the follower applied any message body it received.
+#[tokio::test]
+async fn a_message_the_stream_does_not_hold_is_never_applied() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
+    let (desired, _) = ensure_buckets(&jetstream::new(admin.client.clone())).await?;
+    desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
+    let (tx, mut rx) = watch::channel(DesiredView::default());
+    // A long resync: every read after the first is caused by a signal.
+    let cfg = FollowConfig {
+        resync: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let task = tokio::spawn(follow_desired_state(conn, Id::new("dev1")?, cfg, tx));
+    wait_view(&mut rx, "initial read", |v| v.synced).await?;
+
+    // Every subscriber of the subject receives this; the stream refuses to store it.
+    let subject = "$KV.desired-state.dev1.default_web";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "1000000");
+    let mut spy = admin.client.subscribe(subject.to_owned()).await?;
+    admin
+        .client
+        .publish_with_headers(subject.to_owned(), headers, Bytes::from_static(b"forged"))
+        .await?;
+    let seen = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut spy)).await?;
+    assert_eq!(seen.map(|m| m.payload), Some(Bytes::from_static(b"forged")), "delivered");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("KV-Operation", "DEL");
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "1000000");
+    admin
+        .client
+        .publish_with_headers(subject.to_owned(), headers, Bytes::new())
+        .await?;
+    let stored = last_values_for(&admin.client, DESIRED_STATE_BUCKET, "dev1.>", Duration::from_secs(5)).await?;
+    assert_eq!(stored[0].value.as_deref(), Some(&b"v1"[..]), "the stream refused both");
+
+    // The follower read the stream after each signal and kept v1.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let v = rx.borrow().clone();
+    assert_eq!(v.entries.get(&dep("web")).map(|b| &b[..]), Some(&b"v1"[..]), "{v:?}");
+    // A real write still arrives at once (the resync is 10 minutes away).
     desired.put("dev1.default_web", Bytes::from_static(b"v2")).await?;
     wait_view(&mut rx, "v2", |v| {
         v.entries.get(&dep("web")).map(|b| &b[..]) == Some(b"v2")

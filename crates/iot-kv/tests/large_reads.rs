@@ -27,7 +27,7 @@ fn key(device: &str, i: usize) -> String {
 
 async fn setup() -> anyhow::Result<(NatsServer, iot_kv::NatsConnection, jetstream::Context)> {
     let nats = NatsServer::start().await?;
-    let conn = connect(&[nats.url()], &Anonymous, "test", true).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "test", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
     ensure_buckets(&js).await?;
     Ok((nats, conn, js))

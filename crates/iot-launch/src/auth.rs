@@ -49,12 +49,13 @@ impl CalloutKeys {
     /// callout needs time to work through the queue (see BENCHMARKS.md).
     pub fn nats_config(&self) -> String {
         format!(
-            "accounts {{\n  AUTH {{ users: [ {{ user: auth, password: \"{auth}\" }} ] }}\n  \
+            "accounts {{\n  AUTH {{ users: [ {{ user: auth, password: \"{auth}\", permissions: {callout} }} ] }}\n  \
              IOT {{ jetstream: enabled, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  \
              SYS {{ users: [ {{ user: sys, password: \"{sys}\" }} ] }}\n}}\n\
              system_account: SYS\n\
              authorization {{\n  timeout: 5\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin, sys ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
             auth = self.auth_password,
+            callout = iot_auth::permissions::CALLOUT_NATS_PERMISSIONS,
             admin = self.admin_password,
             sys = self.system_password,
             issuer = self.issuer.public_key(),
@@ -76,6 +77,8 @@ impl CalloutKeys {
 pub struct CalloutLaunch<'a> {
     pub binary: &'a Path,
     pub nats_url: &'a str,
+    /// The CA of NATS's and OpenBao's certificates (`None`: plain connections).
+    pub ca_file: Option<&'a Path>,
     pub keys: &'a CalloutKeys,
     /// Where its log goes.
     pub dir: &'a Path,
@@ -103,6 +106,14 @@ impl CalloutProcess {
         write_private(&password, &l.keys.auth_password)?;
         let metrics_port = free_port()?;
         let mut cmd = Command::new(l.binary);
+        match l.ca_file {
+            Some(ca) => {
+                cmd.env("NATS_CA_FILE", ca).env("BAO_CACERT", ca);
+            }
+            None => {
+                cmd.env("NATS_INSECURE", "true");
+            }
+        }
         cmd.env("NATS_URL", l.nats_url)
             .env("IOT_AUTH_NATS_USER", "auth")
             .env("IOT_AUTH_NATS_PASSWORD_FILE", password)

@@ -11,11 +11,14 @@ use tempfile::TempDir;
 use crate::auth::write_private;
 use crate::paths::find_binary;
 use crate::process::{LoggedProcess, free_port, wait_until};
+use crate::tls::{Ca, TlsMode};
 
 pub struct OpenBao {
     process: Option<LoggedProcess>,
     host: String,
     dir: PathBuf,
+    /// (CA clients trust, server certificate, key); `None` serves plain HTTP.
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
     _temp: Option<TempDir>,
     port: u16,
     cluster_port: u16,
@@ -25,11 +28,17 @@ pub struct OpenBao {
 
 impl OpenBao {
     /// Starts a new OpenBao in a temporary directory, initialises, unseals and
-    /// configures it for the platform (`iot_bao::setup::configure`).
+    /// configures it for the platform (`iot_bao::setup::configure`). It serves
+    /// HTTPS with a CA of its own ([`Self::ca_file`]).
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_temp(TlsMode::OwnCa).await
+    }
+
+    /// [`Self::start`] with a certificate from `tls`.
+    pub async fn start_temp(tls: TlsMode<'_>) -> anyhow::Result<Self> {
         let temp = tempfile::Builder::new().prefix("iot-bao-").tempdir()?;
         let dir = temp.path().to_owned();
-        let mut me = Self::start_in(&dir).await?;
+        let mut me = Self::start_in_on_with(&dir, "127.0.0.1", tls).await?;
         me._temp = Some(temp);
         Ok(me)
     }
@@ -39,19 +48,33 @@ impl OpenBao {
     /// stack's convenience, where production uses several key holders or an
     /// auto-unseal), unsealed on every start.
     pub async fn start_in(dir: &Path) -> anyhow::Result<Self> {
-        Self::start_in_on(dir, "127.0.0.1").await
+        Self::start_in_on_with(dir, "127.0.0.1", TlsMode::OwnCa).await
     }
 
     /// [`Self::start_in`], listening on `host` (e.g. the gateway address devices
-    /// reach the platform through).
-    pub async fn start_in_on(dir: &Path, host: &str) -> anyhow::Result<Self> {
+    /// reach the platform through), with a certificate from `tls`.
+    pub async fn start_in_on_with(dir: &Path, host: &str, tls: TlsMode<'_>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("data"))?;
         let port = free_port()?;
         let cluster_port = free_port()?;
+        let hosts = [host, "127.0.0.1", "localhost", crate::tls::GUEST_HOST_ALIAS];
+        let tls = match tls {
+            TlsMode::Plain => None,
+            TlsMode::Ca(ca) => {
+                let (cert, key) = ca.issue(&format!("bao-{port}"), &hosts)?;
+                Some((ca.cert_file(), cert, key))
+            }
+            TlsMode::OwnCa => {
+                let ca = Ca::create(&dir.join("ca"))?;
+                let (cert, key) = ca.issue("bao", &hosts)?;
+                Some((ca.cert_file(), cert, key))
+            }
+        };
         let mut me = Self {
             process: None,
             host: host.to_owned(),
             dir: dir.to_owned(),
+            tls,
             _temp: None,
             port,
             cluster_port,
@@ -59,7 +82,7 @@ impl OpenBao {
             root_token: String::new(),
         };
         me.spawn().await?;
-        let bao = Bao::new(&me.addr())?;
+        let bao = me.client()?;
         let init_file = dir.join("init.json");
         if !iot_bao::setup::is_initialized(&bao).await? {
             let (key, root) = iot_bao::setup::init(&bao).await?;
@@ -76,21 +99,30 @@ impl OpenBao {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let binary = find_binary("bao", "IOT_BAO")?;
+        let listener_tls = match &self.tls {
+            Some((_, cert, key)) => format!(
+                "  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n  tls_min_version = \"tls12\"\n",
+                cert.display(),
+                key.display()
+            ),
+            None => "  tls_disable = true\n".to_owned(),
+        };
         let config = format!(
             "storage \"raft\" {{\n  path = \"{data}\"\n  node_id = \"bao1\"\n  performance_multiplier = 1\n}}\n\
-             listener \"tcp\" {{\n  address = \"{host}:{port}\"\n  cluster_address = \"127.0.0.1:{cport}\"\n  tls_disable = true\n}}\n\
-             api_addr = \"http://{host}:{port}\"\ncluster_addr = \"http://127.0.0.1:{cport}\"\n",
+             listener \"tcp\" {{\n  address = \"{host}:{port}\"\n  cluster_address = \"127.0.0.1:{cport}\"\n{listener_tls}}}\n\
+             api_addr = \"{api}\"\ncluster_addr = \"https://127.0.0.1:{cport}\"\n",
             host = self.host,
             data = self.dir.join("data").display(),
             port = self.port,
             cport = self.cluster_port,
+            api = self.addr(),
         );
         let config_path = self.dir.join("bao.hcl");
         std::fs::write(&config_path, config)?;
         let mut cmd = Command::new(binary);
         cmd.arg("server").arg(format!("-config={}", config_path.display()));
         self.process = Some(LoggedProcess::spawn("bao", cmd, self.dir.join("bao.log"))?);
-        let bao = Bao::new(&self.addr())?;
+        let bao = self.client()?;
         wait_until(Duration::from_secs(30), "OpenBao to listen", || {
             let bao = bao.clone();
             async move { bao.get("sys/seal-status").await.ok().map(|_| ()) }
@@ -99,7 +131,7 @@ impl OpenBao {
     }
 
     async fn unseal(&self) -> anyhow::Result<()> {
-        let bao = Bao::new(&self.addr())?;
+        let bao = self.client()?;
         iot_bao::setup::unseal(&bao, &self.unseal_key).await?;
         // Unsealed is not yet active, and until raft makes it leader a standby
         // answers some reads but redirects writes (307): wait for sys/health's 200,
@@ -112,12 +144,23 @@ impl OpenBao {
     }
 
     pub fn addr(&self) -> String {
-        format!("http://{}:{}", self.host, self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+
+    /// The CA clients must trust (`BAO_CACERT`), or `None` for plain HTTP.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(ca, _, _)| ca.as_path())
+    }
+
+    /// A client without a token, trusting the server's CA.
+    pub fn client(&self) -> anyhow::Result<Bao> {
+        Ok(Bao::with_ca(&self.addr(), self.ca_file())?)
     }
 
     /// A client with the root token.
     pub fn root(&self) -> anyhow::Result<Bao> {
-        Ok(Bao::new(&self.addr())?.with_token(self.root_token.clone()))
+        Ok(self.client()?.with_token(self.root_token.clone()))
     }
 
     pub fn root_token(&self) -> &str {

@@ -16,6 +16,7 @@ pub mod oidc;
 pub mod paths;
 pub mod podman;
 pub mod process;
+pub mod tls;
 pub mod vm;
 pub mod vm_seed;
 
@@ -26,3 +27,4 @@ pub use nats::NatsServer;
 pub use oidc::{OidcOptions, OidcStandIn};
 pub use podman::PodmanService;
 pub use process::{LoggedProcess, free_port, run_captured, wait_until};
+pub use tls::{Ca, TlsMode};

@@ -1,4 +1,5 @@
-//! A real nats-server with JetStream on file storage.
+//! A real nats-server with JetStream on file storage, serving TLS by default (a
+//! certificate from the stack's CA, or from a CA of its own).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -7,6 +8,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::paths::find_binary;
+use crate::tls::{Ca, TlsMode};
 use crate::process::{free_port, kill_child};
 
 /// A nats-server process. Dropping it kills the server and deletes its store.
@@ -18,12 +20,41 @@ pub struct NatsServer {
     store: TempDir,
     binary: PathBuf,
     log: PathBuf,
+    /// The CA clients must trust; `None` for a plain-TCP server.
+    ca_file: Option<PathBuf>,
 }
 
 impl NatsServer {
-    /// Starts a server on a free loopback port, JetStream stored in a temp dir.
+    /// Starts a server on a free loopback port, JetStream stored in a temp dir, TLS
+    /// with a CA of its own ([`Self::ca_file`]).
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_on("127.0.0.1").await
+    }
+
+    /// [`Self::start`] without TLS.
+    pub async fn start_plain() -> anyhow::Result<Self> {
+        Self::launch("127.0.0.1", &std::env::temp_dir(), &[], TlsMode::Plain).await
+    }
+
+    /// Starts a server with everything chosen: listen `host`, store under
+    /// `parent`, an optional configuration file's text, extra flags, and TLS.
+    pub async fn start_custom(
+        host: &str,
+        parent: &std::path::Path,
+        config: Option<&str>,
+        args: &[&str],
+        tls: TlsMode<'_>,
+    ) -> anyhow::Result<Self> {
+        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
+        let mut all: Vec<String> = Vec::new();
+        if let Some(config) = config {
+            let path = store.path().join("nats.conf");
+            std::fs::write(&path, config)?;
+            all.extend(["-c".to_owned(), path.to_string_lossy().into_owned()]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        Self::launch_in_store(host, store, &all, tls).await
     }
 
     /// Starts a server listening on `host` only (e.g. the gateway address of a
@@ -34,12 +65,12 @@ impl NatsServer {
 
     /// Like [`start_on`](Self::start_on), with its store under `parent`.
     pub async fn start_on_in(host: &str, parent: &std::path::Path) -> anyhow::Result<Self> {
-        Self::launch(host, parent, &[]).await
+        Self::launch(host, parent, &[], TlsMode::OwnCa).await
     }
 
     /// Starts a loopback server with extra command-line flags (e.g. `--auth TOKEN`).
     pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
-        Self::launch("127.0.0.1", &std::env::temp_dir(), args).await
+        Self::launch("127.0.0.1", &std::env::temp_dir(), args, TlsMode::OwnCa).await
     }
 
     /// Starts a loopback server with a configuration file of this text (accounts,
@@ -50,36 +81,91 @@ impl NatsServer {
 
     /// [`Self::start_with_config`] on `host`, with its store under `parent`.
     pub async fn start_with_config_on_in(host: &str, parent: &std::path::Path, config: &str) -> anyhow::Result<Self> {
-        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
-        let path = store.path().join("nats.conf");
-        std::fs::write(&path, config)?;
-        let path = path.to_string_lossy().into_owned();
-        Self::launch_in_store(host, store, &["-c", &path]).await
+        Self::start_custom(host, parent, Some(config), &[], TlsMode::OwnCa).await
     }
 
-    async fn launch(host: &str, parent: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
+    async fn launch(host: &str, parent: &std::path::Path, args: &[&str], tls: TlsMode<'_>) -> anyhow::Result<Self> {
         let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
-        Self::launch_in_store(host, store, args).await
+        Self::launch_in_store(host, store, args, tls).await
     }
 
-    async fn launch_in_store(host: &str, store: TempDir, args: &[&str]) -> anyhow::Result<Self> {
+    async fn launch_in_store(host: &str, store: TempDir, args: &[&str], tls: TlsMode<'_>) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
         let log = store.path().join("nats.log");
+        let own;
+        let ca = match tls {
+            TlsMode::Plain => None,
+            TlsMode::Ca(ca) => Some(ca),
+            TlsMode::OwnCa => {
+                own = Ca::create(&store.path().join("ca"))?;
+                Some(&own)
+            }
+        };
+        let port = free_port()?;
+        let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut ca_file = None;
+        if let Some(ca) = ca {
+            let (cert, key) = ca.issue(
+                &format!("nats-{port}"),
+                &[host, "127.0.0.1", "localhost", crate::tls::GUEST_HOST_ALIAS],
+            )?;
+            extra_args.extend([
+                "--tls".to_owned(),
+                "--tlscert".to_owned(),
+                cert.display().to_string(),
+                "--tlskey".to_owned(),
+                key.display().to_string(),
+            ]);
+            ca_file = Some(ca.cert_file());
+        }
         let mut me = Self {
             child: None,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_args,
             host: host.to_owned(),
-            port: free_port()?,
+            port,
             store,
             binary,
             log,
+            ca_file,
         };
         me.spawn().await?;
         Ok(me)
     }
 
+    /// `tls://host:port`, or `nats://host:port` for a plain server.
     pub fn url(&self) -> String {
-        format!("nats://{}:{}", self.host, self.port)
+        let scheme = if self.ca_file.is_some() { "tls" } else { "nats" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+
+    /// The CA that signed the server's certificate (what clients must trust), or
+    /// `None` for a plain-TCP server.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// Points a platform binary (agent, operator, dashboard, iotctl) at this server:
+    /// `NATS_URL`, and `NATS_CA_FILE`, or `NATS_INSECURE` for a plain server.
+    pub fn configure_client(&self, cmd: &mut Command) {
+        cmd.env("NATS_URL", self.url());
+        match &self.ca_file {
+            Some(ca) => cmd.env("NATS_CA_FILE", ca),
+            None => cmd.env("NATS_INSECURE", "true"),
+        };
+    }
+
+    /// A client connected as `admin` would be: with the CA, no credentials. For
+    /// the servers that admit anyone.
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        self.client_with(async_nats::ConnectOptions::new()).await
+    }
+
+    /// A client with these options plus the server's CA.
+    pub async fn client_with(&self, mut options: async_nats::ConnectOptions) -> anyhow::Result<async_nats::Client> {
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        Ok(options.connect(self.url()).await?)
     }
 
     pub fn log_path(&self) -> &std::path::Path {

@@ -135,6 +135,12 @@ impl OidcStandIn {
         self.process.pid()
     }
 
+    /// Stops the provider (an outage): its sessions and refresh tokens, kept in
+    /// memory, are gone with it.
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
     pub fn log_text(&self) -> String {
         self.process.log_text()
     }

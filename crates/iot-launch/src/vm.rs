@@ -206,7 +206,10 @@ pub struct VmSpec {
     pub image: GuestImage,
     /// The VM's own directory: disk overlay, sockets, console log.
     pub dir: PathBuf,
-    pub seed_iso: PathBuf,
+    /// The NoCloud seed: an ISO (read-only), or a FAT image (writable, as a USB
+    /// stick or a Pi's boot partition is).
+    pub seed: PathBuf,
+    pub seed_writable: bool,
     pub net: VmNet,
     pub mac: String,
     pub memory_mb: u32,
@@ -308,8 +311,9 @@ impl Vm {
             ))
             .arg("-drive")
             .arg(format!(
-                "file={},if=virtio,format=raw,readonly=on",
-                s.seed_iso.display()
+                "file={},if=virtio,format=raw{}",
+                s.seed.display(),
+                if s.seed_writable { "" } else { ",readonly=on" }
             ))
             .arg("-chardev")
             .arg(format!(

@@ -21,6 +21,9 @@ pub struct SeededVm<'a> {
     /// The VM's own directory (private: the seed holds the enrollment).
     pub dir: PathBuf,
     pub net: VmNet,
+    /// A writable FAT seed (as a USB stick or a Pi's boot partition) instead of an
+    /// ISO: the install script then removes the enrollment from it.
+    pub writable_seed: bool,
 }
 
 /// Checks that the agent is built for the VM and writes the seed ISO into the
@@ -44,15 +47,23 @@ pub fn prepare_seeded_vm(s: SeededVm<'_>) -> anyhow::Result<VmSpec> {
     crate::vm::private_dir(&s.dir)?;
     let seed_dir = s.dir.join("seed");
     let files = iot_provision::write_seed_dir(s.provision, s.agent, &[image.test_images()?], &seed_dir)?;
-    let seed_iso = s.dir.join("seed.iso");
-    iot_provision::write_seed_iso(&files, &seed_iso)?;
-    // The plain copy held the enrollment; the ISO is all the VM needs.
+    let seed = if s.writable_seed {
+        let img = s.dir.join("seed.img");
+        iot_provision::write_seed_vfat(&files, &img)?;
+        img
+    } else {
+        let iso = s.dir.join("seed.iso");
+        iot_provision::write_seed_iso(&files, &iso)?;
+        iso
+    };
+    // The plain copy held the enrollment; the image is all the VM needs.
     std::fs::remove_dir_all(&seed_dir)?;
     Ok(VmSpec {
         name: s.provision.device_id.clone(),
         image,
         dir: s.dir,
-        seed_iso,
+        seed,
+        seed_writable: s.writable_seed,
         net: s.net,
         mac,
         memory_mb: 1024,

@@ -18,5 +18,6 @@ pub mod kv_plan;
 pub mod leader;
 pub mod metrics;
 pub mod run;
+pub mod status_snapshot;
 pub mod status_writer;
 pub mod yaml;

@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
             let client = kube_client().await?;
             let opts = iot_operator::run::RunOptions {
                 nats_url: args.nats.nats_url.clone(),
-                nats_ping_interval: args.nats.nats_ping_interval,
+                nats: args.nats.client_options("iot-operator").background(),
                 resync: args.resync,
                 status_min_interval: args.status_min_interval,
                 aggregator: iot_operator::aggregator::AggregatorConfig {

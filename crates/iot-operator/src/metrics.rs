@@ -26,6 +26,12 @@ pub struct OpLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: &'static str,
 }
@@ -50,6 +56,11 @@ pub struct OperatorMetrics {
     /// 1 while this replica is the one writer (it holds the leader lease, or runs
     /// without leader election); 0 on a standby.
     pub leader: Gauge,
+    /// Requests to the device and viewer services (status relay, read responder,
+    /// status snapshot) by service subject prefix and outcome: `answered`,
+    /// `superseded` (a newer request of the same identity replaced it), `busy` (the
+    /// line was full), `foreign_reply` (a reply subject outside the asker's inbox).
+    pub device_requests: Family<ServiceLabels, Counter>,
 }
 
 impl OperatorMetrics {
@@ -81,6 +92,21 @@ impl OperatorMetrics {
             "1 while this replica writes KV and status (holds the leader lease), 0 on a standby",
             self.leader.clone(),
         );
+        r.register(
+            "device_requests",
+            "Requests to the status relay, read responder and status snapshot by outcome",
+            self.device_requests.clone(),
+        );
+    }
+
+    /// Counts each device-service request's outcome into `device_requests`.
+    pub fn device_request_counts(self: &std::sync::Arc<Self>) -> iot_kv::device_service::ServiceCounts {
+        let me = self.clone();
+        std::sync::Arc::new(move |service, result| {
+            me.device_requests
+                .get_or_create(&ServiceLabels { service, result })
+                .inc();
+        })
     }
 
     pub fn kv_write(&self, op: &'static str, ok: bool, n: u64) {

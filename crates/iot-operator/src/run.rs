@@ -27,7 +27,8 @@ use crate::status_writer::{StatusInbox, StatusWriter};
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub nats_url: Vec<String>,
-    pub nats_ping_interval: Duration,
+    /// TLS, ping interval and client name of the NATS connection.
+    pub nats: iot_kv::ClientOptions,
     pub resync: Duration,
     pub status_min_interval: Duration,
     pub aggregator: AggregatorConfig,
@@ -210,7 +211,7 @@ async fn start(
     tasks: &mut Started,
 ) -> anyhow::Result<Ready> {
     readiness.set_not_ready("connecting to NATS");
-    let conn = connect_with(&opts.nats_url, creds, "iot-operator", false, opts.nats_ping_interval).await?;
+    let conn = connect_with(&opts.nats_url, creds, &opts.nats).await?;
     let js = jetstream::new(conn.client.clone());
     readiness.set_not_ready("creating the KV buckets");
     let mut attempt = 0u32;
@@ -230,8 +231,9 @@ async fn start(
     {
         // Devices with scoped permissions write their status through this.
         let client = conn.client.clone();
+        let counts = metrics.device_request_counts();
         forever(tasks, "status relay", async move {
-            if let Err(e) = iot_kv::status_relay::serve_status_writes(client, std::time::Duration::from_secs(5)).await {
+            if let Err(e) = iot_kv::status_relay::serve_status_writes(client, std::time::Duration::from_secs(5), counts).await {
                 tracing::error!(error = %e, "status relay stopped");
             }
         });
@@ -239,8 +241,9 @@ async fn start(
     {
         // Devices with scoped permissions read their desired state through this.
         let client = conn.client.clone();
+        let counts = metrics.device_request_counts();
         forever(tasks, "desired-state read responder", async move {
-            if let Err(e) = iot_kv::desired_read::serve_desired_reads(client, std::time::Duration::from_secs(5)).await {
+            if let Err(e) = iot_kv::desired_read::serve_desired_reads(client, std::time::Duration::from_secs(5), counts).await {
                 tracing::error!(error = %e, "desired-state read responder stopped");
             }
         });
@@ -257,6 +260,16 @@ async fn start(
     }
     index.wait_ready().await;
     devices.wait_caught_up().await;
+    {
+        // Viewers (the dashboard) read the fleet's reports through this, from the
+        // device index, which only holds reports that passed its checks.
+        let (client, devices, counts) = (conn.client.clone(), devices.clone(), metrics.device_request_counts());
+        forever(tasks, "status snapshot responder", async move {
+            if let Err(e) = crate::status_snapshot::serve_status_reads(client, devices, counts).await {
+                tracing::error!(error = %e, "status snapshot responder stopped");
+            }
+        });
+    }
 
     let (controller, store) = controller(client.clone());
     let inbox = StatusInbox::new(store.clone());

@@ -19,8 +19,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 pub use cloud_config::{CloudConfig, User, WriteFile};
-pub use seed::{AGENT_FILE, elf_arch, sha256_file, write_seed_dir, write_seed_iso};
-pub use unit::{AGENT_BINARY, AGENT_ENV_FILE, AGENT_IDENTITY_FILE, INSTALL_SCRIPT, agent_unit};
+pub use seed::{AGENT_FILE, CA_FILE, ENROLLMENT_FILE, elf_arch, sha256_file, write_seed_dir, write_seed_iso, write_seed_vfat};
+pub use unit::{AGENT_BINARY, AGENT_CA_FILE, AGENT_ENV_FILE, AGENT_IDENTITY_FILE, INSTALL_SCRIPT, agent_unit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,9 +50,15 @@ pub struct DeviceProvision {
     pub hostname: Option<String>,
     /// NATS URLs as the device reaches them (through its gateway, not 127.0.0.1).
     pub nats_urls: Vec<String>,
-    /// The enrollment file's contents (`iotctl device enroll`). A secret: written
-    /// 0600 on the device.
+    /// The enrollment file's contents (`iotctl device enroll`). A secret: a file of
+    /// its own on the seed (never in `user-data`), installed 0600 on the device and
+    /// removed from the seed after a good install when the seed is writable.
     pub enrollment: Option<String>,
+    /// The CA (PEM) that signed NATS's and OpenBao's certificates: the agent
+    /// verifies both servers against it.
+    pub ca_pem: Option<String>,
+    /// Allow `nats://` and `http://` (no TLS): for debugging only.
+    pub insecure: bool,
     /// Where the agent serves /metrics, /healthz and /readyz.
     pub metrics_addr: Option<SocketAddr>,
     /// A static address; without it the image's default (DHCP on most) applies.
@@ -74,6 +80,8 @@ impl std::fmt::Debug for DeviceProvision {
             .field("device_id", &self.device_id)
             .field("nats_urls", &self.nats_urls)
             .field("enrollment", &self.enrollment.as_ref().map(|_| "<redacted>"))
+            .field("ca_pem", &self.ca_pem.is_some())
+            .field("insecure", &self.insecure)
             .field("network", &self.network)
             .field("agent_sha256", &self.agent_sha256)
             .finish_non_exhaustive()
@@ -118,10 +126,32 @@ impl DeviceProvision {
                     format!("{url} is the device's own loopback; give the address the device reaches NATS on"),
                 ));
             }
+            if url.starts_with("nats://") && !self.insecure {
+                return Err(invalid(
+                    "nats_urls",
+                    format!(
+                        "{url} is not TLS: the device's identity token would cross the network in the clear (use tls://, or --insecure for a debugging network)"
+                    ),
+                ));
+            }
         }
         if let Some(e) = &self.enrollment {
-            serde_json::from_str::<serde_json::Value>(e)
+            let v = serde_json::from_str::<serde_json::Value>(e)
                 .map_err(|err| invalid("enrollment", format!("not JSON: {err}")))?;
+            let bao = v.get("baoAddr").and_then(serde_json::Value::as_str).unwrap_or_default();
+            if bao.starts_with("http://") && !self.insecure {
+                return Err(invalid(
+                    "enrollment",
+                    format!(
+                        "its OpenBao address {bao} is not TLS: the enrollment secret would cross the network in the clear (use https://, or --insecure)"
+                    ),
+                ));
+            }
+        }
+        if let Some(ca) = &self.ca_pem
+            && !ca.contains("-----BEGIN CERTIFICATE-----")
+        {
+            return Err(invalid("ca", "not a PEM certificate (-----BEGIN CERTIFICATE-----)"));
         }
         if self.agent_sha256.len() != 64 || !self.agent_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(invalid("agent_sha256", "must be 64 hex digits"));
@@ -176,6 +206,11 @@ impl DeviceProvision {
         Ok(())
     }
 
+    /// The enrollment file as it goes on the seed and the device.
+    pub fn enrollment_file(&self) -> Option<String> {
+        self.enrollment.as_ref().map(|e| format!("{}\n", e.trim_end()))
+    }
+
     fn hostname(&self) -> String {
         self.hostname
             .clone()
@@ -191,6 +226,13 @@ impl DeviceProvision {
         if self.enrollment.is_some() {
             lines.push(format!("NATS_IDENTITY={AGENT_IDENTITY_FILE}"));
         }
+        if self.ca_pem.is_some() {
+            lines.push(format!("NATS_CA_FILE={AGENT_CA_FILE}"));
+            lines.push(format!("BAO_CACERT={AGENT_CA_FILE}"));
+        }
+        if self.insecure {
+            lines.push("NATS_INSECURE=true".to_owned());
+        }
         if let Some(a) = self.metrics_addr {
             lines.push(format!("IOT_METRICS_ADDR={a}"));
         }
@@ -203,21 +245,24 @@ impl DeviceProvision {
     /// `user-data`: the `#cloud-config` document.
     pub fn user_data(&self) -> Result<String, Error> {
         self.validate()?;
-        let mut files = vec![
+        // The enrollment is not in here: cloud-init keeps its own copies of
+        // user-data, and the seed's copy must be removable. The script checks the
+        // files it takes from the seed against these hashes (which also make a new
+        // enrollment a new instance id).
+        let files = vec![
             WriteFile::new(AGENT_ENV_FILE, "0600", self.agent_env_file()),
             WriteFile::new("/etc/systemd/system/iot-agent.service", "0644", agent_unit()),
             WriteFile::new(
                 INSTALL_SCRIPT,
                 "0755",
-                unit::install_script(&self.agent_sha256, &self.preload_images),
+                unit::install_script(&unit::SeedContents {
+                    agent_sha256: &self.agent_sha256,
+                    enrollment_sha256: self.enrollment_file().map(|e| sha256_text(&e)),
+                    ca_sha256: self.ca_pem.as_deref().map(sha256_text),
+                    preload_images: &self.preload_images,
+                }),
             ),
         ];
-        if let Some(e) = &self.enrollment {
-            files.insert(
-                1,
-                WriteFile::new(AGENT_IDENTITY_FILE, "0600", format!("{}\n", e.trim_end())),
-            );
-        }
         let users = match &self.admin {
             Some(a) => vec![User::admin(a)],
             None => Vec::new(),
@@ -298,6 +343,11 @@ impl StaticNetwork {
         }
         Ok(())
     }
+}
+
+fn sha256_text(text: &str) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
 }
 
 fn harmony_id(id: &str) -> Result<(), Error> {

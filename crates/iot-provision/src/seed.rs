@@ -12,13 +12,18 @@ use crate::{DeviceProvision, Error, invalid};
 
 /// The agent binary's name on the seed.
 pub const AGENT_FILE: &str = "iot-agent";
+/// The enrollment's name on the seed (0600): the install script takes it off, and
+/// removes it from a writable seed.
+pub const ENROLLMENT_FILE: &str = "iot-enrollment.json";
+/// The CA certificate's name on the seed.
+pub const CA_FILE: &str = "iot-ca.pem";
 
 pub(crate) fn check_file_name(field: &'static str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !["user-data", "meta-data", "network-config", AGENT_FILE].contains(&name);
+        && !["user-data", "meta-data", "network-config", AGENT_FILE, ENROLLMENT_FILE, CA_FILE].contains(&name);
     if ok {
         Ok(())
     } else {
@@ -86,10 +91,10 @@ fn write(path: &Path, content: &str, mode: u32) -> Result<(), Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io(path))
 }
 
-/// Writes the seed into `dir` (created 0700): `user-data` (0600: it carries the
-/// enrollment), `meta-data`, `network-config` if set, the agent binary and the
-/// image archives. The agent's sha256 is taken from `agent` itself. Returns the
-/// files written, in seed order.
+/// Writes the seed into `dir` (created 0700): `user-data` (0600), `meta-data`,
+/// `network-config` if set, the enrollment (0600) and CA files if set, the agent
+/// binary and the image archives. The agent's sha256 is taken from `agent`
+/// itself. Returns the files written, in seed order.
 pub fn write_seed_dir(
     provision: &DeviceProvision,
     agent: &Path,
@@ -124,12 +129,19 @@ pub fn write_seed_dir(
     };
     put("user-data", &user_data, 0o600)?;
     put("meta-data", &p.meta_data_for(&user_data), 0o644)?;
-    match network {
-        Some(n) => put("network-config", &n, 0o644)?,
-        None => {
-            let stale = dir.join("network-config");
-            if stale.exists() {
-                std::fs::remove_file(&stale).map_err(io(&stale))?;
+    let optional: [(&str, Option<String>, u32); 3] = [
+        ("network-config", network, 0o644),
+        (ENROLLMENT_FILE, p.enrollment_file(), 0o600),
+        (CA_FILE, p.ca_pem.clone(), 0o644),
+    ];
+    for (name, content, mode) in optional {
+        match content {
+            Some(text) => put(name, &text, mode)?,
+            None => {
+                let stale = dir.join(name);
+                if stale.exists() {
+                    std::fs::remove_file(&stale).map_err(io(&stale))?;
+                }
             }
         }
     }
@@ -177,4 +189,46 @@ pub fn write_seed_iso(files: &[PathBuf], iso: &Path) -> Result<(), Error> {
         });
     }
     std::fs::set_permissions(iso, std::fs::Permissions::from_mode(0o600)).map_err(io(iso))
+}
+
+/// Writes a seed's files into a FAT image labelled `CIDATA` (mode 0600): a writable
+/// seed, as a USB stick or a Pi's boot partition is, from which the install script
+/// removes the enrollment. Uses `mkfs.vfat` (dosfstools) and `mcopy` (mtools).
+pub fn write_seed_vfat(files: &[PathBuf], image: &Path) -> Result<(), Error> {
+    let mut bytes: u64 = 0;
+    for f in files {
+        bytes += std::fs::metadata(f).map_err(io(f))?.len();
+    }
+    // Room for the FAT, directory entries and cluster slack.
+    let kib = (bytes / 1024) * 5 / 4 + 16 * 1024;
+    write(image, "", 0o600)?;
+    std::fs::remove_file(image).map_err(io(image))?;
+    let tool = |name: &str, args: &[&std::ffi::OsStr]| -> Result<(), Error> {
+        let out = Command::new(name).args(args).output().map_err(|e| Error::Tool {
+            tool: name.into(),
+            detail: format!("{e} (Debian packages dosfstools and mtools)"),
+        })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::Tool {
+                tool: name.into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            })
+        }
+    };
+    let kib = kib.to_string();
+    tool(
+        "mkfs.vfat",
+        &["-n".as_ref(), "CIDATA".as_ref(), "-C".as_ref(), image.as_os_str(), kib.as_ref()],
+    )?;
+    std::fs::set_permissions(image, std::fs::Permissions::from_mode(0o600)).map_err(io(image))?;
+    for f in files {
+        let name = f.file_name().map(|n| format!("::{}", n.to_string_lossy())).unwrap_or_default();
+        tool(
+            "mcopy",
+            &["-i".as_ref(), image.as_os_str(), f.as_os_str(), name.as_ref()],
+        )?;
+    }
+    Ok(())
 }

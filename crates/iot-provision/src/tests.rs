@@ -7,8 +7,9 @@ use super::*;
 fn device() -> DeviceProvision {
     DeviceProvision {
         device_id: "pi-kitchen_1".into(),
-        nats_urls: vec!["nats://10.77.0.1:4222".into(), "nats://10.77.0.2:4222".into()],
-        enrollment: Some(r#"{"bao_addr":"http://10.77.0.1:8200","name":"pi-kitchen_1","role":"device","role_id":"r","secret_id":"s3cret"}"#.into()),
+        nats_urls: vec!["tls://10.77.0.1:4222".into(), "tls://10.77.0.2:4222".into()],
+        enrollment: Some(r#"{"baoAddr":"https://10.77.0.1:8200","name":"pi-kitchen_1","role":"device","roleId":"r","secretId":"s3cret"}"#.into()),
+        ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
         metrics_addr: Some("0.0.0.0:9464".parse().expect("addr")),
         network: Some(StaticNetwork {
             mac: "52:54:00:AB:00:01".into(),
@@ -55,14 +56,13 @@ fn user_data_installs_the_agent_config_identity_and_unit() {
     assert_eq!(
         env["content"].as_str(),
         Some(
-            "IOT_DEVICE_ID=pi-kitchen_1\nNATS_URL=nats://10.77.0.1:4222,nats://10.77.0.2:4222\nNATS_IDENTITY=/etc/iot-agent/identity.json\nIOT_METRICS_ADDR=0.0.0.0:9464\nIOT_STOP_TIMEOUT=\"5s\"\n"
+            "IOT_DEVICE_ID=pi-kitchen_1\nNATS_URL=tls://10.77.0.1:4222,tls://10.77.0.2:4222\nNATS_IDENTITY=/etc/iot-agent/identity.json\nNATS_CA_FILE=/etc/iot-agent/ca.pem\nBAO_CACERT=/etc/iot-agent/ca.pem\nIOT_METRICS_ADDR=0.0.0.0:9464\nIOT_STOP_TIMEOUT=\"5s\"\n"
         )
     );
-    let identity = file(&doc, AGENT_IDENTITY_FILE);
-    assert_eq!(identity["permissions"].as_str(), Some("0600"));
-    let parsed: serde_json::Value =
-        serde_json::from_str(identity["content"].as_str().expect("content")).expect("identity is JSON");
-    assert_eq!(parsed["secret_id"], "s3cret");
+    // The secret is not in user-data (cloud-init keeps copies of it): it is a seed
+    // file of its own, which the script installs and then removes from the seed.
+    let text = device().user_data().expect("user-data");
+    assert!(!text.contains("s3cret"), "the enrollment secret is in user-data");
     let unit = file(&doc, "/etc/systemd/system/iot-agent.service");
     let unit = unit["content"].as_str().expect("unit");
     for line in [
@@ -78,6 +78,16 @@ fn user_data_installs_the_agent_config_identity_and_unit() {
     assert_eq!(script["permissions"].as_str(), Some("0755"));
     let script = script["content"].as_str().expect("script");
     assert!(script.contains(&"ab".repeat(32)), "the checksum is checked");
+    let enrollment_sha = sha256_text(&device().enrollment_file().expect("enrollment"));
+    assert!(
+        script.contains(&format!("echo '{enrollment_sha}  {AGENT_IDENTITY_FILE}.new' | sha256sum --check")),
+        "the enrollment is checked before it is installed"
+    );
+    assert!(script.contains(&format!("install -D -m 0600 \"$src/{ENROLLMENT_FILE}\"")));
+    assert!(script.contains(&format!("install -D -m 0644 \"$src/{CA_FILE}\" {AGENT_CA_FILE}.new")));
+    let scrub = script.find(&format!("shred -n 1 -z -u \"$src/{ENROLLMENT_FILE}\"")).expect("scrubs the seed");
+    let enabled = script.find("systemctl enable").expect("enables");
+    assert!(enabled < scrub, "the seed's copy goes only after a good install");
     assert!(script.contains("podman load --quiet --input \"$src/images.tar\""));
     let runcmd: Vec<Vec<String>> = serde_yaml_ng::from_value(doc["runcmd"].clone()).expect("runcmd");
     assert_eq!(
@@ -125,7 +135,7 @@ fn the_instance_id_is_stable_per_seed_and_new_for_a_new_seed() {
         "same seed, same id: reboots do not re-provision"
     );
     let mut re = device();
-    re.enrollment = Some(r#"{"role_id":"r2","secret_id":"new"}"#.into());
+    re.enrollment = Some(r#"{"roleId":"r2","secretId":"new"}"#.into());
     let other: Value = serde_yaml_ng::from_str(&re.meta_data().expect("meta")).expect("yaml");
     assert_ne!(
         other["instance-id"].as_str(),
@@ -257,11 +267,25 @@ fn seed_dir_is_private_and_carries_the_checked_binary() {
         .collect();
     assert_eq!(
         names,
-        ["user-data", "meta-data", "network-config", "iot-agent", "images.tar"]
+        [
+            "user-data",
+            "meta-data",
+            "network-config",
+            ENROLLMENT_FILE,
+            CA_FILE,
+            "iot-agent",
+            "images.tar"
+        ]
     );
     let mode = |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join("user-data")), 0o600);
+    assert_eq!(mode(&dir.join(ENROLLMENT_FILE)), 0o600);
+    assert!(
+        std::fs::read_to_string(dir.join(ENROLLMENT_FILE))
+            .expect("enrollment")
+            .contains("s3cret")
+    );
     let want = sha256_file(&agent).expect("sha");
     let user_data = std::fs::read_to_string(dir.join("user-data")).expect("read");
     assert!(
@@ -295,36 +319,52 @@ fn seed_dir_is_private_and_carries_the_checked_binary() {
 }
 
 #[test]
-fn a_tampered_binary_is_refused_by_the_install_script() {
+fn the_install_script_checks_what_it_takes_and_scrubs_a_writable_seed() {
     // Runs the generated script against a fake seed in a directory, the way a Pi's
     // boot partition carries it, with the paths redirected into a temp dir.
     let tmp = tempfile::tempdir().expect("tmp");
     let seed = tmp.path().join("boot");
     std::fs::create_dir_all(&seed).expect("seed");
     std::fs::write(seed.join(AGENT_FILE), b"#!/bin/sh\necho iot-agent 9.9\n").expect("agent");
+    let enrollment = "{\"secretId\":\"s3cret\"}\n";
+    std::fs::write(seed.join(ENROLLMENT_FILE), enrollment).expect("enrollment");
     let good = sha256_file(&seed.join(AGENT_FILE)).expect("sha");
+    let etc = tmp.path().join("etc");
     let bin = tmp.path().join("bin/iot-agent");
-    let run = |sha: &str| {
-        let script = unit::install_script(sha, &[])
-            .replace("/dev/disk/by-label/", &format!("{}/no-such-", tmp.path().display()))
-            .replace("/boot/firmware", &seed.display().to_string())
-            .replace(AGENT_BINARY, &bin.display().to_string())
-            // Never the host's systemd: the test only sees what would be enabled.
-            .replace("systemctl ", "echo would-run systemctl ");
+    let identity = etc.join("identity.json");
+    let run = |agent_sha: &str, enrollment_sha: &str| {
+        let script = unit::install_script(&unit::SeedContents {
+            agent_sha256: agent_sha,
+            enrollment_sha256: Some(enrollment_sha.to_owned()),
+            ca_sha256: None,
+            preload_images: &[],
+        })
+        .replace("/dev/disk/by-label/", &format!("{}/no-such-", tmp.path().display()))
+        .replace("/boot/firmware", &seed.display().to_string())
+        .replace(AGENT_BINARY, &bin.display().to_string())
+        .replace(AGENT_IDENTITY_FILE, &identity.display().to_string())
+        // Never the host's systemd: the test only sees what would be enabled.
+        .replace("systemctl ", "echo would-run systemctl ");
         std::process::Command::new("sh")
             .arg("-c")
             .arg(script)
             .output()
             .expect("sh")
     };
-    let out = run(&"0".repeat(64));
+    let out = run(&"0".repeat(64), &sha256_text(enrollment));
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("does not match"),
+        String::from_utf8_lossy(&out.stderr).contains("the binary on the seed does not match"),
         "{out:?}"
     );
     assert!(!bin.exists(), "nothing installed");
-    let out = run(&good);
+    // A seed whose enrollment was swapped is refused too, and keeps it.
+    let out = run(&good, &"0".repeat(64));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the enrollment on the seed does not match"));
+    assert!(!identity.exists() && seed.join(ENROLLMENT_FILE).exists());
+
+    let out = run(&good, &sha256_text(enrollment));
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("installed iot-agent 9.9"), "{said}");
@@ -332,10 +372,9 @@ fn a_tampered_binary_is_refused_by_the_install_script() {
         said.contains("would-run systemctl enable --now podman.socket iot-agent.service"),
         "{said}"
     );
-}
-
-#[test]
-#[ignore = "prints a sample; run with --ignored --nocapture"]
-fn print_sample() {
-    println!("{}", device().user_data().expect("render"));
+    assert_eq!(std::fs::read_to_string(&identity).expect("installed"), enrollment);
+    let mode = std::fs::metadata(&identity).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(said.contains("removed the enrollment secret from the seed"), "{said}");
+    assert!(!seed.join(ENROLLMENT_FILE).exists(), "the writable seed keeps no secret");
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use cache::{Session, TokenCache, default_dir};
-pub use login::{DEFAULT_SCOPES, PendingLogin, Prompt};
+pub use login::{DEFAULT_SCOPES, PendingLogin, PendingLoginParts, Prompt};
 pub use provider::{Identity, IssuerConfig, Provider};
 
 #[derive(Debug, thiserror::Error)]

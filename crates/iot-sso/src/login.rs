@@ -50,6 +50,47 @@ impl std::fmt::Debug for PendingLogin {
     }
 }
 
+/// What a started login must remember until its callback, as plain data: for a
+/// server that keeps no table of pending logins and hands this, sealed, to the
+/// browser instead (the dashboard). Secrets: never log it.
+#[derive(Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PendingLoginParts {
+    pub state: String,
+    pub nonce: String,
+    pub verifier: String,
+    pub redirect: String,
+}
+
+impl std::fmt::Debug for PendingLoginParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingLoginParts")
+            .field("redirect", &self.redirect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingLogin {
+    /// The parts [`PendingLogin::from_parts`] needs to finish this login.
+    pub fn into_parts(self) -> PendingLoginParts {
+        PendingLoginParts {
+            state: self.state,
+            nonce: self.nonce.secret().clone(),
+            verifier: self.verifier.secret().clone(),
+            redirect: self.redirect.as_str().to_owned(),
+        }
+    }
+
+    pub fn from_parts(parts: PendingLoginParts) -> Result<Self, SsoError> {
+        Ok(Self {
+            url: String::new(),
+            state: parts.state,
+            nonce: Nonce::new(parts.nonce),
+            verifier: PkceCodeVerifier::new(parts.verifier),
+            redirect: RedirectUrl::new(parts.redirect).map_err(|e| SsoError::Config(e.to_string()))?,
+        })
+    }
+}
+
 impl Provider {
     /// Starts an authorization-code login with PKCE (S256), a random state and a
     /// nonce, returning to `redirect`. Used by `iotctl login` (loopback redirect)

@@ -148,6 +148,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         keep_logs: args.keep_logs,
         security: None,
         secure: !args.insecure,
+        ca: None,
     };
     let started = tokio::select! {
         r = up.start(args.devices) => r,

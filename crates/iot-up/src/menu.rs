@@ -16,6 +16,15 @@ pub fn write_env_file(up: &Up) -> anyhow::Result<()> {
         up.containers_conf.display(),
         up.bin_dir.display()
     );
+    match up.ca_file() {
+        // Every client verifies NATS and OpenBao against the stack's own CA.
+        Some(ca) => text.push_str(&format!(
+            "export NATS_CA_FILE={}\nexport BAO_CACERT={}\n",
+            ca.display(),
+            ca.display()
+        )),
+        None => text.push_str("export NATS_INSECURE=true\n"),
+    }
     if let Some(sec) = &up.security {
         // The development admin (bypasses the callout) for iotctl, and OpenBao's
         // root token for enrolling: a local stack's conveniences, nothing a device

@@ -42,6 +42,9 @@ pub struct Up {
     /// `None` with `--insecure`.
     pub security: Option<Security>,
     pub secure: bool,
+    /// The stack's CA: NATS and OpenBao serve certificates it signed, every
+    /// client trusts exactly it. `None` with `--insecure` (plain NATS).
+    pub ca: Option<iot_launch::Ca>,
 }
 
 /// OpenBao, the callout and the identities of a secured bring-up.
@@ -93,6 +96,24 @@ impl Up {
 
     pub fn nats_url(&self) -> String {
         self.nats.as_ref().map(NatsServer::url).unwrap_or_default()
+    }
+
+    /// The CA certificate clients are given (`NATS_CA_FILE`, `BAO_CACERT`).
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.ca.as_ref().map(iot_launch::Ca::cert_file)
+    }
+
+    /// Gives a process the stack's CA for NATS and OpenBao, or (with --insecure)
+    /// leave to talk to the plain NATS.
+    pub fn trust(&self, cmd: &mut Command) {
+        match self.ca_file() {
+            Some(ca) => {
+                cmd.env("NATS_CA_FILE", &ca).env("BAO_CACERT", &ca);
+            }
+            None => {
+                cmd.env("NATS_INSECURE", "true");
+            }
+        }
     }
 
     pub fn bin(&self, name: &str) -> PathBuf {
@@ -179,10 +200,22 @@ impl Up {
                 "OpenBao (raft storage on disk, initialised and unsealed) and the NATS auth callout",
             );
             std::fs::create_dir_all(self.identities_dir())?;
-            let bao = OpenBao::start_in_on(&self.state_dir.join("bao"), &self.net.gateway()).await?;
+            let ca = iot_launch::Ca::create(&self.state_dir.join("tls"))?;
+            let bao = OpenBao::start_in_on_with(
+                &self.state_dir.join("bao"),
+                &self.net.gateway(),
+                iot_launch::TlsMode::Ca(&ca),
+            )
+            .await?;
             let keys = CalloutKeys::generate()?;
-            let nats =
-                NatsServer::start_with_config_on_in(&self.net.gateway(), &self.state_dir, &keys.nats_config()).await?;
+            let nats = NatsServer::start_custom(
+                &self.net.gateway(),
+                &self.state_dir,
+                Some(&keys.nats_config()),
+                &[],
+                iot_launch::TlsMode::Ca(&ca),
+            )
+            .await?;
             let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
             let callout_file = self.write_enrollment(&callout)?;
             let binary = self.bin("iot-auth-callout");
@@ -191,6 +224,7 @@ impl Up {
                 let launch = CalloutLaunch {
                     binary: &binary,
                     nats_url: &nats.url(),
+                    ca_file: Some(&ca.cert_file()),
                     keys: &keys,
                     dir: &self.logs_dir(),
                     secrets_dir: &self.identities_dir(),
@@ -205,6 +239,7 @@ impl Up {
             done(t, &format!("{} with {CALLOUT_REPLICAS} callout replicas", bao.addr()));
             self.nats = Some(nats);
             self.security = Some(Security { bao, keys, callouts });
+            self.ca = Some(ca);
             n += 1;
         }
         let t = step(
@@ -217,7 +252,10 @@ impl Up {
             },
         );
         if self.nats.is_none() {
-            self.nats = Some(NatsServer::start_on_in(&self.net.gateway(), &self.state_dir).await?);
+            self.nats = Some(
+                NatsServer::start_custom(&self.net.gateway(), &self.state_dir, None, &[], iot_launch::TlsMode::Plain)
+                    .await?,
+            );
         }
         done(t, &self.nats_url());
         n += 1;
@@ -239,6 +277,7 @@ impl Up {
         let http = iot_launch::free_port()?;
         self.operator_http = Some(format!("127.0.0.1:{http}"));
         let mut cmd = Command::new(self.bin("iot-operator"));
+        self.trust(&mut cmd);
         cmd.env("KUBECONFIG", self.kubeconfig())
             .env("NATS_URL", self.nats_url())
             .env("IOT_STALE_AFTER", "30s")
@@ -275,6 +314,7 @@ impl Up {
         let mut last = None;
         for port in ports {
             let mut cmd = Command::new(self.bin("iot-dashboard"));
+            self.trust(&mut cmd);
             cmd.env("KUBECONFIG", self.kubeconfig())
                 .env("NATS_URL", self.nats_url())
                 .env("IOT_STALE_AFTER", "30s")
@@ -407,6 +447,7 @@ impl Up {
             self.logs_dir().join(format!("podman-{id}.log")),
         )?;
         let mut agent = self.nsenter(index);
+        self.trust(&mut agent);
         agent
             .arg(self.bin("iot-agent"))
             .env("IOT_DEVICE_ID", &id)
@@ -456,6 +497,10 @@ impl Up {
             agent: &agent,
             nats_url: self.nats_url(),
             enrollment,
+            ca_pem: match self.ca_file() {
+                Some(f) => Some(std::fs::read_to_string(f)?),
+                None => None,
+            },
             state_dir: &self.state_dir,
         })?;
         // TCG: about a minute on x86_64, several on aarch64.
@@ -513,7 +558,13 @@ impl Up {
     }
 
     async fn wait_device_status(&self, timeout: Duration) -> anyhow::Result<()> {
-        let conn = connect(&[self.nats_url()], self.admin_credentials().as_ref(), "iot-up", true).await?;
+        let conn = connect(
+            &[self.nats_url()],
+            self.admin_credentials().as_ref(),
+            "iot-up",
+            self.ca_file().as_deref(),
+        )
+        .await?;
         let store = jetstream::new(conn.client).get_key_value(AGENT_STATUS_BUCKET).await?;
         let deadline = Instant::now() + timeout;
         let ids = self

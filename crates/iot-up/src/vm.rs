@@ -70,6 +70,8 @@ pub struct VmLaunch<'a> {
     pub agent: &'a Path,
     pub nats_url: String,
     pub enrollment: Option<String>,
+    /// The stack's CA (PEM); `None` on an --insecure stack.
+    pub ca_pem: Option<String>,
     pub state_dir: &'a Path,
 }
 
@@ -84,6 +86,8 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         device_id: id.clone(),
         nats_urls: vec![l.nats_url.clone()],
         enrollment: l.enrollment.clone(),
+        insecure: l.ca_pem.is_none(),
+        ca_pem: l.ca_pem.clone(),
         metrics_addr: Some(format!("{ip}:{}", crate::up::AGENT_METRICS_PORT).parse()?),
         network: Some(StaticNetwork {
             mac,
@@ -107,6 +111,8 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
         net: VmNet::Tap {
             ifname: l.net.tap(l.index),
         },
+        // As a Pi's boot partition is: the enrollment leaves it at first boot.
+        writable_seed: true,
     })?;
     let tap = l.net.create_tap(l.index)?;
     let vm = Vm::start(spec)?;

@@ -22,6 +22,9 @@ pub struct BaoArgs {
     /// OpenBao token with administrative rights.
     #[arg(long, env = "BAO_TOKEN", hide_env_values = true, global = true)]
     pub bao_token: Option<String>,
+    /// The CA of OpenBao's certificate (from --bao-ca-file / BAO_CACERT).
+    #[arg(skip)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl BaoArgs {
@@ -30,7 +33,7 @@ impl BaoArgs {
             .bao_token
             .clone()
             .context("no OpenBao token: set BAO_TOKEN (or --bao-token)")?;
-        Ok(Bao::new(&self.bao_addr)?.with_token(token))
+        Ok(Bao::with_ca(&self.bao_addr, self.ca_file.as_deref())?.with_token(token))
     }
 }
 
@@ -99,7 +102,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-pub async fn device(bao: &BaoArgs, nats_url: &[String], cmd: &DeviceCmd) -> anyhow::Result<()> {
+pub async fn device(bao: &BaoArgs, nats: &iot_kv::NatsArgs, cmd: &DeviceCmd) -> anyhow::Result<()> {
     // Provisioning is offline (it needs only the enrollment file); the rest talk
     // to OpenBao.
     let client = || bao.client();
@@ -123,7 +126,7 @@ pub async fn device(bao: &BaoArgs, nats_url: &[String], cmd: &DeviceCmd) -> anyh
                 .with_context(|| format!("revoking device {id}"))?;
             match nats_system_password {
                 Some(password) => {
-                    let kicked = kick(nats_url, nats_system_user, password, &format!("device-{id}"))
+                    let kicked = kick(nats, nats_system_user, password, &format!("device-{id}"))
                         .await
                         .context("revoked, but ending its live sessions failed")?;
                     out::warn(&format!(
@@ -217,12 +220,16 @@ fn emit(e: &Enrollment, path: Option<&Path>) -> anyhow::Result<()> {
 /// Ends every live session of the NATS user `user` (as the auth callout names it):
 /// asks every server for its connections (`$SYS.REQ.SERVER.PING.CONNZ`) and kicks
 /// the matching ones (`$SYS.REQ.SERVER.<id>.KICK`). Returns how many were ended.
-async fn kick(nats_url: &[String], sys_user: &str, sys_password: &str, user: &str) -> anyhow::Result<usize> {
+async fn kick(nats: &iot_kv::NatsArgs, sys_user: &str, sys_password: &str, user: &str) -> anyhow::Result<usize> {
     use futures::StreamExt;
-    let client = async_nats::ConnectOptions::with_user_and_password(sys_user.to_owned(), sys_password.to_owned())
-        .connect(nats_url.to_vec())
+    let system = iot_kv::UserPassword {
+        user: sys_user.to_owned(),
+        password: sys_password.to_owned(),
+    };
+    let client = iot_kv::connect_with(&nats.nats_url, &system, &nats.client_options("iotctl-revoke"))
         .await
-        .context("connecting as the NATS system user")?;
+        .context("connecting as the NATS system user")?
+        .client;
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;
     let query = serde_json::json!({"auth": true, "user": user, "limit": 1024});

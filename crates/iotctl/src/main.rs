@@ -133,7 +133,11 @@ impl Cli {
         let urls = self.nats.nats_url.join(",");
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            iot_kv::connect(&self.nats.nats_url, self.nats.credentials()?.as_ref(), "iotctl", true),
+            iot_kv::connect_with(
+                &self.nats.nats_url,
+                self.nats.credentials()?.as_ref(),
+                &self.nats.client_options("iotctl"),
+            ),
         )
         .await
         .map_err(|_| anyhow::anyhow!("cannot reach NATS at {urls} (timed out); set --nats-url or NATS_URL"))?
@@ -365,12 +369,13 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.bao.ca_file = cli.nats.bao_ca_file.clone();
     let result = match &cli.cmd {
         Cmd::Kv { cmd } => kv_cmd(&cli, cmd).await,
         Cmd::Devices => devices(&cli).await,
         Cmd::Deployments { namespace } => deployments(&cli, namespace.as_deref()).await,
-        Cmd::Device { cmd } => identity::device(&cli.bao, &cli.nats.nats_url, cmd).await,
+        Cmd::Device { cmd } => identity::device(&cli.bao, &cli.nats, cmd).await,
         Cmd::Service { cmd } => identity::service(&cli.bao, cmd).await,
         Cmd::Bao { cmd } => identity::bao_cmd(&cli.bao, cmd).await,
         Cmd::Login(args) => sso::login(args).await,

@@ -25,6 +25,14 @@ pub struct ProvisionArgs {
     /// connects without credentials (development NATS only).
     #[arg(long)]
     pub enrollment: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed NATS's and OpenBao's certificates: it
+    /// goes onto the seed, and the agent trusts only it.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Allow nats:// and an http:// OpenBao: the device's secrets then cross the
+    /// network in the clear. For a debugging network only.
+    #[arg(long)]
+    pub insecure: bool,
     /// Write the seed files here (created 0700). Copy them to a Pi's boot partition
     /// or a USB stick labelled CIDATA.
     #[arg(long)]
@@ -75,6 +83,10 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
         Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?),
         None => None,
     };
+    let ca_pem = match &a.ca_file {
+        Some(f) => Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?),
+        None => None,
+    };
     let ssh_authorized_keys = a
         .ssh_keys
         .iter()
@@ -97,6 +109,8 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
         device_id: a.id.clone(),
         nats_urls: a.device_nats_urls.clone(),
         enrollment,
+        ca_pem,
+        insecure: a.insecure,
         metrics_addr: Some(a.metrics_addr),
         network,
         admin: a.admin_user.as_ref().map(|name| AdminUser {
@@ -119,9 +133,16 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
     }
     if provision.enrollment.is_none() {
         out::warn("no --enrollment: the agent will connect to NATS without credentials");
+    } else {
+        out::warn(&format!(
+            "{} holds the device's enrollment secret: keep the seed private. A writable seed (USB stick, \
+             boot partition) loses it at first boot; a read-only one (an ISO) keeps it: detach it after the first boot, or \
+             rotate the secret (README: Rotating a device's enrollment)",
+            iot_provision::ENROLLMENT_FILE
+        ));
     }
-    out::warn(
-        "user-data holds the device's enrollment secret: keep the seed private and delete it once the device has booted",
-    );
+    if provision.ca_pem.is_none() && !a.insecure {
+        out::warn("no --ca-file: the agent trusts the system's certificate roots for NATS and OpenBao");
+    }
     Ok(())
 }

@@ -29,9 +29,11 @@ fn writes_a_private_seed_that_checks_the_agent_it_carries() {
     let enrollment = tmp.path().join("pi-1.json");
     std::fs::write(
         &enrollment,
-        r#"{"bao_addr":"http://10.0.0.1:8200","name":"pi-1","role":"device","role_id":"r","secret_id":"top-secret"}"#,
+        r#"{"baoAddr":"https://10.0.0.1:8200","name":"pi-1","role":"device","roleId":"r","secretId":"top-secret"}"#,
     )
     .expect("enrollment");
+    let ca = tmp.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").expect("ca");
     let out = tmp.path().join("seed");
     let iso = tmp.path().join("seed.iso");
     let o = iotctl(&[
@@ -39,9 +41,11 @@ fn writes_a_private_seed_that_checks_the_agent_it_carries() {
         "--agent",
         agent.to_str().expect("utf8"),
         "--device-nats-url",
-        "nats://10.0.0.1:4222",
+        "tls://10.0.0.1:4222",
         "--enrollment",
         enrollment.to_str().expect("utf8"),
+        "--ca-file",
+        ca.to_str().expect("utf8"),
         "--out",
         out.to_str().expect("utf8"),
         "--iso",
@@ -65,8 +69,13 @@ fn writes_a_private_seed_that_checks_the_agent_it_carries() {
     assert_eq!(mode(&out.join("user-data")), 0o600);
     assert_eq!(mode(&iso), 0o600);
     let user_data = std::fs::read_to_string(out.join("user-data")).expect("user-data");
-    assert!(user_data.contains("top-secret"), "the enrollment is in the user-data");
-    assert!(user_data.contains("NATS_URL=nats://10.0.0.1:4222"));
+    assert!(!user_data.contains("top-secret"), "cloud-init keeps copies of user-data");
+    assert!(user_data.contains("NATS_URL=tls://10.0.0.1:4222"));
+    assert!(user_data.contains("NATS_CA_FILE=/etc/iot-agent/ca.pem"));
+    let secret = out.join("iot-enrollment.json");
+    assert!(std::fs::read_to_string(&secret).expect("enrollment").contains("top-secret"));
+    assert_eq!(mode(&secret), 0o600);
+    assert!(std::fs::read_to_string(out.join("iot-ca.pem")).expect("ca").contains("BEGIN CERTIFICATE"));
     let bytes = std::fs::read(&agent).expect("agent");
     assert_eq!(std::fs::read(out.join("iot-agent")).expect("copy"), bytes);
     let network = std::fs::read_to_string(out.join("network-config")).expect("network-config");
@@ -85,14 +94,35 @@ fn refuses_what_would_fail_on_the_device_and_names_it() {
     let out = out.to_str().expect("utf8");
     let script = tmp.path().join("agent.sh");
     std::fs::write(&script, "#!/bin/sh\n").expect("script");
-    let cases: [(&[&str], &str); 4] = [
+    let plain_bao = tmp.path().join("plain.json");
+    std::fs::write(&plain_bao, r#"{"baoAddr":"http://10.0.0.1:8200","secretId":"s"}"#).expect("enrollment");
+    let plain_bao = plain_bao.to_str().expect("utf8");
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["pi-1", "--agent", agent, "--device-nats-url", "nats://10.0.0.1:4222", "--out", out],
+            "nats://10.0.0.1:4222 is not TLS",
+        ),
+        (
+            &[
+                "pi-1",
+                "--agent",
+                agent,
+                "--device-nats-url",
+                "tls://10.0.0.1:4222",
+                "--enrollment",
+                plain_bao,
+                "--out",
+                out,
+            ],
+            "OpenBao address http://10.0.0.1:8200 is not TLS",
+        ),
         (
             &[
                 "pi-1",
                 "--agent",
                 script.to_str().expect("utf8"),
                 "--device-nats-url",
-                "nats://10.0.0.1:4222",
+                "tls://10.0.0.1:4222",
                 "--out",
                 out,
             ],
@@ -104,7 +134,7 @@ fn refuses_what_would_fail_on_the_device_and_names_it() {
                 "--agent",
                 agent,
                 "--device-nats-url",
-                "nats://127.0.0.1:4222",
+                "tls://127.0.0.1:4222",
                 "--out",
                 out,
             ],
@@ -116,7 +146,7 @@ fn refuses_what_would_fail_on_the_device_and_names_it() {
                 "--agent",
                 agent,
                 "--device-nats-url",
-                "nats://10.0.0.1:4222",
+                "tls://10.0.0.1:4222",
                 "--out",
                 out,
             ],
@@ -128,7 +158,7 @@ fn refuses_what_would_fail_on_the_device_and_names_it() {
                 "--agent",
                 agent,
                 "--device-nats-url",
-                "nats://10.0.0.1:4222",
+                "tls://10.0.0.1:4222",
                 "--out",
                 out,
                 "--address",
@@ -150,4 +180,24 @@ fn refuses_what_would_fail_on_the_device_and_names_it() {
             "nothing written for {args:?}"
         );
     }
+}
+
+#[test]
+fn insecure_allows_plain_nats_for_a_debugging_network() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let agent = std::env::current_exe().expect("exe");
+    let out = tmp.path().join("seed");
+    let o = iotctl(&[
+        "pi-1",
+        "--agent",
+        agent.to_str().expect("utf8"),
+        "--device-nats-url",
+        "nats://10.0.0.1:4222",
+        "--insecure",
+        "--out",
+        out.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let user_data = std::fs::read_to_string(out.join("user-data")).expect("user-data");
+    assert!(user_data.contains("NATS_INSECURE=true"));
 }

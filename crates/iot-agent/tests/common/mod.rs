@@ -102,7 +102,7 @@ impl Stack {
 }
 
 async fn admin(nats: &NatsServer) -> anyhow::Result<(async_nats::Client, jetstream::Context, kv::Store, kv::Store)> {
-    let conn = connect(&[nats.url()], &Anonymous, "test-admin", true).await?;
+    let conn = connect(&[nats.url()], &Anonymous, "test-admin", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
     let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
     Ok((conn.client, js, desired, status))
@@ -182,6 +182,9 @@ impl Agent {
             }
             None => Command::new(env!("CARGO_BIN_EXE_iot-agent")),
         };
+        if let Some(ca) = stack.nats.ca_file() {
+            cmd.env("NATS_CA_FILE", ca);
+        }
         cmd.env("IOT_DEVICE_ID", &self.device)
             .env("NATS_URL", stack.nats.url())
             .env("PODMAN_SOCKET", stack.podman.socket())

@@ -18,6 +18,8 @@ use iot_testkit::{NatsServer, OpenBao, cargo_bin};
 use tempfile::TempDir;
 
 pub struct Secured {
+    /// The CA of NATS's and OpenBao's certificates.
+    pub ca: iot_testkit::Ca,
     pub bao: OpenBao,
     pub nats: NatsServer,
     pub keys: CalloutKeys,
@@ -44,14 +46,23 @@ impl Secured {
     }
 
     pub async fn start_with(replicas: usize, user_ttl: Duration, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let bao = OpenBao::start().await?;
         let dir = tempfile::Builder::new().prefix("iot-auth-test-").tempdir()?;
+        let ca = iot_testkit::Ca::create(&dir.path().join("ca"))?;
+        let bao = OpenBao::start_temp(iot_testkit::TlsMode::Ca(&ca)).await?;
         let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
         let callout_enrollment = dir.path().join("callout.json");
         iot_testkit::auth::write_private(&callout_enrollment, &serde_json::to_string(&callout)?)?;
         let keys = CalloutKeys::generate()?;
-        let nats = NatsServer::start_with_config(&keys.nats_config()).await?;
+        let nats = NatsServer::start_custom(
+            "127.0.0.1",
+            &std::env::temp_dir(),
+            Some(&keys.nats_config()),
+            &[],
+            iot_testkit::TlsMode::Ca(&ca),
+        )
+        .await?;
         let mut me = Self {
+            ca,
             bao,
             nats,
             keys,
@@ -68,15 +79,17 @@ impl Secured {
         let admin = me.admin().await?;
         iot_kv::buckets::ensure_buckets(&async_nats::jetstream::new(admin)).await?;
         if replicas > 0 {
-            let operator = IdentityCredentials::from_enrollment(me.enroll_operator().await?)?;
-            let conn = iot_kv::connect(&[me.nats.url()], &operator, "operator", true).await?;
+            let operator = me.credentials(me.enroll_operator().await?)?;
+            let conn = iot_kv::connect(&[me.nats.url()], &operator, "operator", me.nats.ca_file()).await?;
             me.services.push(tokio::spawn(iot_kv::desired_read::serve_desired_reads(
                 conn.client.clone(),
                 Duration::from_secs(5),
+                iot_kv::device_service::no_counts(),
             )));
             me.services.push(tokio::spawn(iot_kv::status_relay::serve_status_writes(
                 conn.client.clone(),
                 Duration::from_secs(5),
+                iot_kv::device_service::no_counts(),
             )));
             conn.client.flush().await?;
         }
@@ -90,6 +103,7 @@ impl Secured {
         let launch = CalloutLaunch {
             binary: &binary,
             nats_url: &self.nats.url(),
+            ca_file: Some(&self.ca.cert_file()),
             keys: &self.keys,
             dir: self.dir.path(),
             secrets_dir: self.dir.path(),
@@ -115,11 +129,17 @@ impl Secured {
 
     /// The development admin user, which bypasses the callout (test setup only).
     pub async fn admin(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(
-            ConnectOptions::with_user_and_password("admin".into(), self.keys.admin_password.clone())
-                .connect(self.nats.url())
-                .await?,
-        )
+        self.nats
+            .client_with(ConnectOptions::with_user_and_password(
+                "admin".into(),
+                self.keys.admin_password.clone(),
+            ))
+            .await
+    }
+
+    /// Identity credentials from an enrollment, trusting this stack's OpenBao.
+    pub fn credentials(&self, enrollment: Enrollment) -> anyhow::Result<IdentityCredentials> {
+        Ok(IdentityCredentials::from_enrollment(enrollment, Some(&self.ca.cert_file()))?)
     }
 
     pub async fn enroll_device(&self, id: &str) -> anyhow::Result<Enrollment> {
@@ -139,7 +159,7 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub async fn connect(url: &str, creds: &IdentityCredentials) -> anyhow::Result<Self> {
+    pub async fn connect(nats: &NatsServer, creds: &IdentityCredentials) -> anyhow::Result<Self> {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         let client = creds
@@ -154,9 +174,8 @@ impl Probe {
                             .push(e.to_string());
                     }
                 }
-            })
-            .connect(url)
-            .await?;
+            });
+        let client = nats.client_with(client).await?;
         Ok(Self { client, errors })
     }
 
@@ -189,9 +208,9 @@ impl Probe {
 /// and only a reply proves it was admitted. A device writes its status (a
 /// status through the relay (stored and acknowledged); anyone else asks for
 /// `$JS.API.INFO`.
-pub async fn try_connect(url: &str, creds: &IdentityCredentials) -> Result<async_nats::Client, String> {
+pub async fn try_connect(nats: &NatsServer, creds: &IdentityCredentials) -> Result<async_nats::Client, String> {
     let opts = creds.connect_options().await.map_err(|e| e.to_string())?;
-    let client = match tokio::time::timeout(Duration::from_secs(10), opts.connect(url)).await {
+    let client = match tokio::time::timeout(Duration::from_secs(10), nats.client_with(opts)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err("timed out".into()),

@@ -89,6 +89,7 @@ pub fn spawn_dashboard_with(
 ) -> anyhow::Result<(LoggedProcess, u16)> {
     let port = free_port()?;
     let mut cmd = Command::new(cargo_bin("iot-dashboard")?);
+    stack.trust(&mut cmd);
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
     cmd.env("KUBECONFIG", stack.kubeconfig())
         .env("NATS_URL", stack.nats.url())

@@ -1,0 +1,271 @@
+//! Fair sharing of the operator-side device services (status relay, read
+//! responder) between devices.
+//!
+//! Each device has at most one request running and one waiting. A newer request
+//! from a device replaces its waiting one (for a status write the latest wins; an
+//! older read is of no use once a newer one was asked). Devices take turns in the
+//! order they first asked, so one device that floods its subject holds one place in
+//! the line, never the whole service. The receive loop never waits: a request that
+//! finds the line full is answered at once with an error, instead of blocking every
+//! device behind it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use harmony_reconciler_contracts::Id;
+use tokio::sync::Notify;
+
+/// What happened to an offered request.
+#[derive(Debug)]
+pub enum Offer<J> {
+    /// Waiting for its turn.
+    Queued,
+    /// Waiting for its turn, in place of this older request of the same device,
+    /// which will not run.
+    Replaced(J),
+    /// Refused: the line is full. The request is handed back.
+    Full(J),
+}
+
+/// Limits of a line.
+#[derive(Debug, Clone, Copy)]
+pub struct FairLimits {
+    /// Devices waiting at most.
+    pub max_waiting: usize,
+    /// Bytes of waiting requests at most (a status may be 256 KiB).
+    pub max_waiting_bytes: usize,
+}
+
+#[derive(Debug)]
+struct Slot<J> {
+    running: bool,
+    waiting: Option<(J, usize)>,
+}
+
+#[derive(Debug)]
+struct Line<J> {
+    slots: HashMap<Id, Slot<J>>,
+    /// Devices with a waiting request that may run, in turn order.
+    ready: VecDeque<Id>,
+    waiting: usize,
+    waiting_bytes: usize,
+    closed: bool,
+}
+
+/// A line of per-device requests; cloned handles share it.
+#[derive(Debug)]
+pub struct FairQueue<J> {
+    line: Arc<Mutex<Line<J>>>,
+    wake: Arc<Notify>,
+    limits: FairLimits,
+}
+
+impl<J> Clone for FairQueue<J> {
+    fn clone(&self) -> Self {
+        Self {
+            line: self.line.clone(),
+            wake: self.wake.clone(),
+            limits: self.limits,
+        }
+    }
+}
+
+impl<J> FairQueue<J> {
+    pub fn new(limits: FairLimits) -> Self {
+        Self {
+            line: Arc::new(Mutex::new(Line {
+                slots: HashMap::new(),
+                ready: VecDeque::new(),
+                waiting: 0,
+                waiting_bytes: 0,
+                closed: false,
+            })),
+            wake: Arc::new(Notify::new()),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Line<J>> {
+        self.line.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Offers `device`'s request of `bytes` bytes. Never waits.
+    pub fn offer(&self, device: &Id, job: J, bytes: usize) -> Offer<J> {
+        let mut guard = self.lock();
+        let line = &mut *guard;
+        let old_bytes = line
+            .slots
+            .get(device)
+            .and_then(|s| s.waiting.as_ref())
+            .map(|(_, b)| *b);
+        let waiting_after = line.waiting + usize::from(old_bytes.is_none());
+        let bytes_after = line.waiting_bytes - old_bytes.unwrap_or(0) + bytes;
+        if waiting_after > self.limits.max_waiting || bytes_after > self.limits.max_waiting_bytes {
+            return Offer::Full(job);
+        }
+        line.waiting = waiting_after;
+        line.waiting_bytes = bytes_after;
+        let slot = line.slots.entry(device.clone()).or_insert(Slot {
+            running: false,
+            waiting: None,
+        });
+        match slot.waiting.replace((job, bytes)) {
+            // Its place in the line is kept.
+            Some((old, _)) => Offer::Replaced(old),
+            None => {
+                if !slot.running {
+                    line.ready.push_back(device.clone());
+                    drop(guard);
+                    self.wake.notify_one();
+                }
+                Offer::Queued
+            }
+        }
+    }
+
+    /// The next request whose device has nothing running; `None` once closed.
+    pub async fn next(&self) -> Option<(Id, J)> {
+        loop {
+            let notified = self.wake.notified();
+            {
+                let mut line = self.lock();
+                if line.closed {
+                    return None;
+                }
+                while let Some(device) = line.ready.pop_front() {
+                    let Some(slot) = line.slots.get_mut(&device) else { continue };
+                    let Some((job, bytes)) = slot.waiting.take() else { continue };
+                    slot.running = true;
+                    line.waiting -= 1;
+                    line.waiting_bytes -= bytes;
+                    if !line.ready.is_empty() {
+                        // Another worker may take the next one.
+                        self.wake.notify_one();
+                    }
+                    return Some((device, job));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// `device`'s running request is done; its waiting one (if any) gets a turn, at
+    /// the back of the line.
+    pub fn done(&self, device: &Id) {
+        let mut line = self.lock();
+        let again = match line.slots.get_mut(device) {
+            Some(slot) => {
+                slot.running = false;
+                slot.waiting.is_some()
+            }
+            None => false,
+        };
+        if again {
+            line.ready.push_back(device.clone());
+            drop(line);
+            self.wake.notify_one();
+        } else {
+            line.slots.remove(device);
+        }
+    }
+
+    /// Ends every [`Self::next`].
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_waiters();
+    }
+
+    /// Requests waiting (not running).
+    pub fn waiting(&self) -> usize {
+        self.lock().waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const ROOMY: FairLimits = FairLimits {
+        max_waiting: 100,
+        max_waiting_bytes: 1 << 20,
+    };
+
+    #[tokio::test]
+    async fn a_flooding_device_holds_one_place_and_the_latest_request_wins() {
+        let q = FairQueue::new(ROOMY);
+        assert!(matches!(q.offer(&id("flood"), 0, 10), Offer::Queued));
+        for n in 1..1000 {
+            assert!(matches!(q.offer(&id("flood"), n, 10), Offer::Replaced(old) if old == n - 1));
+        }
+        assert!(matches!(q.offer(&id("a"), 1, 10), Offer::Queued));
+        assert!(matches!(q.offer(&id("b"), 1, 10), Offer::Queued));
+        assert_eq!(q.waiting(), 3);
+        // The flooder asked first and gets its turn first, with its latest request.
+        assert_eq!(q.next().await, Some((id("flood"), 999)));
+        // While it runs, its next request waits; the others go ahead.
+        assert!(matches!(q.offer(&id("flood"), 1000, 10), Offer::Queued));
+        assert_eq!(q.next().await, Some((id("a"), 1)));
+        assert_eq!(q.next().await, Some((id("b"), 1)));
+        q.done(&id("flood"));
+        q.done(&id("a"));
+        q.done(&id("b"));
+        assert_eq!(q.next().await, Some((id("flood"), 1000)));
+        q.done(&id("flood"));
+        assert_eq!(q.waiting(), 0);
+        assert!(q.lock().slots.is_empty(), "finished devices are forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_full_line_refuses_at_once_and_counts_bytes() {
+        let q = FairQueue::new(FairLimits {
+            max_waiting: 2,
+            max_waiting_bytes: 100,
+        });
+        assert!(matches!(q.offer(&id("a"), 1, 10), Offer::Queued));
+        assert!(matches!(q.offer(&id("b"), 1, 10), Offer::Queued));
+        assert!(matches!(q.offer(&id("c"), 1, 10), Offer::Full(1)));
+        // A device already waiting may still replace its own request.
+        assert!(matches!(q.offer(&id("a"), 2, 10), Offer::Replaced(1)));
+        assert!(matches!(q.next().await, Some((_, _))));
+        // Bytes: 10 waiting, 95 more do not fit.
+        assert!(matches!(q.offer(&id("d"), 1, 95), Offer::Full(1)));
+        assert!(matches!(q.offer(&id("d"), 1, 90), Offer::Queued));
+        q.close();
+        assert_eq!(q.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn workers_share_the_line_without_losing_a_request() {
+        let q: FairQueue<u32> = FairQueue::new(ROOMY);
+        let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let (q, done) = (q.clone(), done.clone());
+            workers.push(tokio::spawn(async move {
+                while let Some((device, _)) = q.next().await {
+                    tokio::task::yield_now().await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    q.done(&device);
+                }
+            }));
+        }
+        for i in 0..50 {
+            q.offer(&id(&format!("d{i}")), i, 1);
+        }
+        for _ in 0..200 {
+            if done.load(std::sync::atomic::Ordering::SeqCst) == 50 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 50);
+        q.close();
+        for w in workers {
+            assert!(w.await.is_ok());
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The client side of the viewers' status snapshot (the operator serves it; see
+//! `iot_operator::status_snapshot`): the fleet's latest reports, page by page, with
+//! no JetStream API at all.
+
+use std::time::Duration;
+
+use harmony_reconciler_contracts::Id;
+use harmony_reconciler_contracts::read::{StatusReadPage, StatusReadRequest, StatusRecord, status_read_subject};
+
+use crate::error::KvError;
+
+/// Pages of one snapshot at most: far beyond any fleet (a guard against a loop).
+const MAX_PAGES: usize = 100_000;
+
+/// Every device's latest report, asked as viewer `viewer`. Complete or an error.
+pub async fn read_status_snapshot(
+    client: &async_nats::Client,
+    viewer: &Id,
+    timeout: Duration,
+) -> Result<Vec<StatusRecord>, KvError> {
+    let subject = status_read_subject(viewer);
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..MAX_PAGES {
+        let body = serde_json::to_vec(&StatusReadRequest { after: after.clone() }).map_err(KvError::js)?;
+        let page: StatusReadPage = crate::status_relay::ask(
+            client,
+            &subject,
+            body.into(),
+            timeout,
+            "no status snapshot responder is running",
+        )
+        .await?;
+        if let Some(message) = page.error {
+            return Err(KvError::Request { subject, message });
+        }
+        after = page.records.last().map(|r| r.device.to_string());
+        let more = page.more && after.is_some();
+        out.extend(page.records);
+        if !more {
+            return Ok(out);
+        }
+    }
+    Err(KvError::Request {
+        subject,
+        message: format!("more than {MAX_PAGES} pages"),
+    })
+}
