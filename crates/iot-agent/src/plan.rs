@@ -355,6 +355,8 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                     }
                 }
                 if !outdated.is_empty() && input.on_hold.contains(dep) {
+                    f.notes
+                        .push(format!("the upgrade of service {} waits for its retry", svc.name));
                     keep_previous(&mut f);
                     continue;
                 }

@@ -351,6 +351,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
             on_hold: &backing,
         })
         .assessments;
+        // A deployment on hold that is not converged stays Failed with the error
+        // that put it there, whether its actions were skipped or not planned.
+        for dep in &backing {
+            if !matches!(assessments.get(dep), Some(Assessment::Converged)) {
+                backing_off.insert(dep.clone());
+            }
+        }
 
         self.update_phases(&desired, &assessments, &errors, &rolled_back, &backing_off);
         self.publish(Some(Utc::now()));

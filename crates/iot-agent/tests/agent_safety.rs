@@ -94,7 +94,10 @@ async fn upgrade_whose_command_exits_at_once_is_rolled_back_to_v1() -> anyhow::R
     wait_http(port, "v1").await?;
     let back_after = stopped_at.elapsed();
     eprintln!("v1 serves again {back_after:?} after it stopped");
-    assert!(back_after < Duration::from_secs(25), "v1 waited for the upgrade's backoff");
+    assert!(
+        back_after < Duration::from_secs(25),
+        "v1 waited for the upgrade's backoff"
+    );
     assert_eq!(guard.running_ids(), before, "the same v1 container runs again");
     let status = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
     assert!(
@@ -131,11 +134,18 @@ async fn v1_that_stops_while_its_upgrade_image_is_missing_comes_back() -> anyhow
         args.push(&v1[0]);
         podman_cli(&args)?;
         wait_http(port, "v1").await?;
-        assert_eq!(guard.running_ids(), v1, "after {how:?}: the same v1 container serves again");
+        assert_eq!(
+            guard.running_ids(),
+            v1,
+            "after {how:?}: the same v1 container serves again"
+        );
     }
     let status = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
     let err = status.deployments[&web].last_error.clone().unwrap_or_default();
-    assert!(err.contains("no-such-tag"), "the upgrade's problem is still the one reported: {err}");
+    assert!(
+        err.contains("no-such-tag"),
+        "the upgrade's problem is still the one reported: {err}"
+    );
     Ok(())
 }
 

@@ -108,7 +108,9 @@ fn kinds(p: &iot_agent::plan::Plan) -> Vec<String> {
             Action::EnsureImage { image, .. } => format!("ensure {image}"),
             Action::Start { container_id, .. } => format!("start {container_id}"),
             Action::StartPrevious {
-                container_id, exit_code, ..
+                container_id,
+                exit_code,
+                ..
             } => format!("start previous {container_id} {exit_code:?}"),
             Action::Unpause { container_id, .. } => format!("unpause {container_id}"),
         })
@@ -400,7 +402,19 @@ fn a_stopped_previous_version_is_started_again_while_its_upgrade_waits() {
     // retry: no replacement, and v1 comes back.
     c.images = None;
     c.on_hold.insert(dep("web"));
-    assert_eq!(kinds(&c.run()), ["start previous c1 Some(137)"]);
+    let p = c.run();
+    assert_eq!(kinds(&p), ["start previous c1 Some(137)"]);
+    assert!(
+        matches!(&p.assessments[&dep("web")], Assessment::InProgress(Some(n)) if n.contains("waits for its retry")),
+        "not converged while the new spec does not run: {:?}",
+        p.assessments
+    );
+    // v1 runs again: nothing to do, and still not converged.
+    c.observed[0].state = ContainerState::Running;
+    let p = c.run();
+    assert!(p.actions.is_empty(), "{:?}", kinds(&p));
+    assert_ne!(p.assessments[&dep("web")], Assessment::Converged);
+    c.observed[0].state = ContainerState::Exited { code: 137 };
     // Once the retry is due, the upgrade goes ahead (v1 holds no port: no stop).
     c.on_hold.clear();
     assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=false"]);

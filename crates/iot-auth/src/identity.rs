@@ -80,7 +80,10 @@ pub fn identity_from_claims(claims: &Value, mapping: &ClaimMapping) -> Result<Id
         role @ ("operator" | "viewer") => {
             // The name becomes a subject token and an inbox prefix: the same rules as
             // a device id.
-            let raw = claims.get(&mapping.name_claim).and_then(Value::as_str).unwrap_or_default();
+            let raw = claims
+                .get(&mapping.name_claim)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let name = Id::new(raw).map_err(|e| IdentityError::ServiceName {
                 claim: mapping.name_claim.clone(),
                 why: e.to_string(),

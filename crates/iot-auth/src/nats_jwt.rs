@@ -222,7 +222,10 @@ mod tests {
         assert_eq!(claims["aud"], "IOT");
         assert_eq!(claims["exp"], 2_000);
         assert_eq!(claims["nats"]["pub"]["allow"], json!(["a.b"]));
-        assert_eq!((claims["nats"]["subs"].clone(), claims["nats"]["payload"].clone()), (json!(3), json!(1000)));
+        assert_eq!(
+            (claims["nats"]["subs"].clone(), claims["nats"]["payload"].clone()),
+            (json!(3), json!(1000))
+        );
         assert!(claims["nats"].get("resp").is_none());
         assert_eq!(claims["iss"], json!(issuer.public_key()));
         // Tampering breaks the signature.

@@ -140,7 +140,10 @@ mod tests {
         assert_eq!(p.publish, ["iot.status.write.pi-7", "iot.desired.read.pi-7"]);
         assert_eq!(p.subscribe, ["$KV.desired-state.pi-7.>", "_INBOX_pi-7.>"]);
         assert!(!p.respond);
-        assert!(!reaches_jetstream(&p), "devices publish to no JetStream subject (API, KV or ack)");
+        assert!(
+            !reaches_jetstream(&p),
+            "devices publish to no JetStream subject (API, KV or ack)"
+        );
         assert_eq!(p.limits.subs, 16);
         // Room for the largest status the agent may send, and not much more.
         assert!(p.limits.payload > MAX_STATUS_BYTES as i64);
@@ -153,8 +156,14 @@ mod tests {
         assert_eq!(p.publish, ["iot.status.read.dashboard"]);
         assert_eq!(p.subscribe, ["$KV.agent-status.>", "_SVC_INBOX.viewer.dashboard.>"]);
         assert!(!p.respond);
-        assert!(!reaches_jetstream(&p), "no JetStream API: it could aim answers anywhere");
-        assert!(!p.subscribe.iter().any(|s| s.starts_with("_INBOX")), "nobody else's replies");
+        assert!(
+            !reaches_jetstream(&p),
+            "no JetStream API: it could aim answers anywhere"
+        );
+        assert!(
+            !p.subscribe.iter().any(|s| s.starts_with("_INBOX")),
+            "nobody else's replies"
+        );
         assert!(p.limits.payload <= 64 * 1024 && p.limits.subs <= 16);
     }
 
@@ -171,7 +180,10 @@ mod tests {
                 s.contains("KV_desired-state") || s.contains("KV_agent-status"),
                 "{s} reaches beyond the platform buckets"
             );
-            assert!(!s.contains("PURGE") && (!s.contains(".DELETE.") || s.contains("CONSUMER")), "{s}");
+            assert!(
+                !s.contains("PURGE") && (!s.contains(".DELETE.") || s.contains("CONSUMER")),
+                "{s}"
+            );
         }
         // It writes desired state, and status only as the devices' relay.
         assert!(p.publish.contains(&"$KV.desired-state.>".to_owned()));

@@ -36,7 +36,7 @@ fn token_file(s: &Secured, name: &str, token: &str) -> anyhow::Result<std::path:
 #[tokio::test]
 async fn bad_tokens_are_refused_with_a_reason() -> anyhow::Result<()> {
     let s = Secured::start_with(1, USER_TTL, &[("IOT_AUTH_CLOCK_LEEWAY", "1s")]).await?;
-        let root = s.bao.root()?;
+    let root = s.bao.root()?;
 
     // The baseline: an enrolled device gets in, also with its token in a file (so
     // the refusals below are about the tokens, not the file form).

@@ -13,7 +13,6 @@ use common::{Probe, Secured};
 use futures::StreamExt;
 use harmony_reconciler_contracts::Id;
 use iot_kv::desired_read::read_via_responder;
-use iot_kv::identity::IdentityCredentials;
 use iot_kv::status_relay::write_via_relay;
 
 #[tokio::test]

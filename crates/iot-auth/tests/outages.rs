@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{Secured, try_connect};
 use harmony_reconciler_contracts::Id;
-use iot_kv::identity::IdentityCredentials;
 
 async fn status_put_works(client: &async_nats::Client, device: &str) -> anyhow::Result<()> {
     iot_kv::status_relay::write_via_relay(
@@ -25,7 +24,7 @@ async fn status_put_works(client: &async_nats::Client, device: &str) -> anyhow::
 #[tokio::test]
 async fn outages_never_admit_strangers_and_never_cut_off_connected_devices() -> anyhow::Result<()> {
     let mut s = Secured::start(2).await?;
-        let known = s.credentials(s.enroll_device("dev-known").await?)?;
+    let known = s.credentials(s.enroll_device("dev-known").await?)?;
     let connected = try_connect(&s.nats, &known).await.map_err(anyhow::Error::msg)?;
     status_put_works(&connected, "dev-known").await?;
 

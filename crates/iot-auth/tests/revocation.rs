@@ -32,7 +32,7 @@ fn iotctl(s: &Secured, args: &[&str], system_password: Option<&str>) -> anyhow::
 #[tokio::test]
 async fn revoking_with_the_system_account_ends_the_live_session_at_once() -> anyhow::Result<()> {
     let s = Secured::start(1).await?;
-        let kicked = s.credentials(s.enroll_device("dev-kicked").await?)?;
+    let kicked = s.credentials(s.enroll_device("dev-kicked").await?)?;
     let lingering = s.credentials(s.enroll_device("dev-lingering").await?)?;
     let bystander = s.credentials(s.enroll_device("dev-bystander").await?)?;
     let kicked_conn = try_connect(&s.nats, &kicked).await.map_err(anyhow::Error::msg)?;
@@ -104,7 +104,11 @@ async fn a_device_revoked_just_before_openbao_stops_gets_in_only_until_its_token
     try_connect(&s.nats, &kept)
         .await
         .map_err(|e| anyhow::anyhow!("expected the documented gap, got a refusal: {e}"))?;
-    assert!(s.callout_logs().contains("admitting from cache"), "{}", s.callout_logs());
+    assert!(
+        s.callout_logs().contains("admitting from cache"),
+        "{}",
+        s.callout_logs()
+    );
     // No new token: OpenBao is down.
     assert!(s.credentials(enrollment.clone())?.token().await.is_err());
     // Its end: the token expires, and the same token is refused.

@@ -67,7 +67,9 @@ pub fn tls_config_for(ca: &std::path::Path) -> Result<rustls::ClientConfig, BaoE
     let unreadable = |e: &dyn std::fmt::Display| BaoError::Tls(format!("CA file {}: {e}", ca.display()));
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).map_err(|e| unreadable(&e))? {
-        roots.add(cert.map_err(|e| unreadable(&e))?).map_err(|e| unreadable(&e))?;
+        roots
+            .add(cert.map_err(|e| unreadable(&e))?)
+            .map_err(|e| unreadable(&e))?;
     }
     if roots.is_empty() {
         return Err(unreadable(&"no certificate in it"));

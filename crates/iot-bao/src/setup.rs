@@ -123,8 +123,7 @@ pub async fn configure(bao: &Bao) -> Result<(), BaoError> {
 /// without one, since it cannot tell whose tokens it vouches for.
 pub async fn record_subjects(bao: &Bao) -> Result<usize, BaoError> {
     use crate::enroll::{
-        device_entity, device_record_path, entity_id, list_devices, list_services, service_entity,
-        service_record_path,
+        device_entity, device_record_path, entity_id, list_devices, list_services, service_entity, service_record_path,
     };
     let mut updated = 0;
     let devices = list_devices(bao).await?;
@@ -134,7 +133,9 @@ pub async fn record_subjects(bao: &Bao) -> Result<usize, BaoError> {
         .map(|d| (device_record_path(d), device_entity(d)))
         .chain(services.iter().map(|s| (service_record_path(s), service_entity(s))));
     for (path, entity) in all {
-        let Some(mut record) = bao.kv_read(KV_MOUNT, &path).await? else { continue };
+        let Some(mut record) = bao.kv_read(KV_MOUNT, &path).await? else {
+            continue;
+        };
         if record.get("subject").and_then(Value::as_str).is_some() {
             continue;
         }

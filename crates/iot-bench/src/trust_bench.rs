@@ -29,7 +29,7 @@ use iot_testkit::{LoggedProcess, NatsServer};
 use tokio::sync::watch;
 
 use crate::follow_bench::cpu_ticks;
-use crate::util::{rss_kib, sibling_binary};
+use crate::util::rss_kib;
 
 /// A device's connection (its own inbox prefix, as the responder checks), TLS.
 async fn device_connection(nats: &NatsServer, device: &Id) -> anyhow::Result<NatsConnection> {
@@ -115,7 +115,9 @@ pub async fn signal_follow(devices: usize, rounds: usize) -> anyhow::Result<()> 
     put_round(&js, devices, &value(0)).await?;
     let responder = spawn_service(&nats, "read", dir.path())?;
     let responder_pid = responder.pid().ok_or_else(|| anyhow::anyhow!("no responder pid"))?;
-    let ids: Vec<Id> = (0..devices).map(|i| Id::new(format!("dev{i}"))).collect::<Result<_, _>>()?;
+    let ids: Vec<Id> = (0..devices)
+        .map(|i| Id::new(format!("dev{i}")))
+        .collect::<Result<_, _>>()?;
     let t = Instant::now();
     let conns = connect_all(&nats, &ids).await?;
     eprintln!("{devices} TLS connections in {:.1} s", t.elapsed().as_secs_f64());
@@ -124,10 +126,7 @@ pub async fn signal_follow(devices: usize, rounds: usize) -> anyhow::Result<()> 
     let received = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(std::sync::Mutex::new(Bytes::new()));
     for (c, id) in conns.iter().zip(&ids) {
-        let mut sub = c
-            .client
-            .subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.{id}.>"))
-            .await?;
+        let mut sub = c.client.subscribe(format!("$KV.{DESIRED_STATE_BUCKET}.{id}.>")).await?;
         let (received, expected) = (received.clone(), expected.clone());
         tokio::spawn(async move {
             while let Some(m) = sub.next().await {
@@ -202,8 +201,14 @@ pub async fn signal_follow(devices: usize, rounds: usize) -> anyhow::Result<()> 
     let (r, s) = (median(&mut raw), median(&mut signal));
     println!("| {devices} devices, one change each ({rounds} rounds, median) | |");
     println!("| --- | --- |");
-    println!("| today's path before the change: message body applied | {:.2} s |", r.as_secs_f64());
-    println!("| signal, then a read through the responder | {:.2} s |", s.as_secs_f64());
+    println!(
+        "| today's path before the change: message body applied | {:.2} s |",
+        r.as_secs_f64()
+    );
+    println!(
+        "| signal, then a read through the responder | {:.2} s |",
+        s.as_secs_f64()
+    );
     println!("| ratio | {:.2}x |", s.as_secs_f64() / r.as_secs_f64().max(0.001));
     println!(
         "| responder CPU per round (its own process) | {:.2} s ({:.0} us per device) |",
@@ -284,7 +289,9 @@ pub async fn relay_flood(devices: usize, window_secs: u64) -> anyhow::Result<()>
     iot_kv::buckets::ensure_buckets(&js).await?;
     let relay = spawn_service(&nats, "relay", dir.path())?;
     let relay_pid = relay.pid().ok_or_else(|| anyhow::anyhow!("no relay pid"))?;
-    let ids: Vec<Id> = (0..devices).map(|i| Id::new(format!("dev{i}"))).collect::<Result<_, _>>()?;
+    let ids: Vec<Id> = (0..devices)
+        .map(|i| Id::new(format!("dev{i}")))
+        .collect::<Result<_, _>>()?;
     let conns = connect_all(&nats, &ids).await?;
     let window = Duration::from_secs(window_secs);
     // Warm up (first writes create the keys).
@@ -323,7 +330,9 @@ pub async fn relay_flood(devices: usize, window_secs: u64) -> anyhow::Result<()>
     let flood_rate = sent.load(Ordering::Relaxed) as f64 / window.as_secs_f64();
 
     let failed = |v: &[Duration]| v.iter().filter(|d| **d >= Duration::from_secs(10)).count();
-    println!("| {devices} devices writing status once a second ({window_secs} s each) | no flood | one device floods | ratio |");
+    println!(
+        "| {devices} devices writing status once a second ({window_secs} s each) | no flood | one device floods | ratio |"
+    );
     println!("| --- | --- | --- | --- |");
     for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
         let (a, b) = (pct(&quiet, p), pct(&flooded, p));
@@ -334,8 +343,17 @@ pub async fn relay_flood(devices: usize, window_secs: u64) -> anyhow::Result<()>
             b.as_secs_f64() / a.as_secs_f64().max(1e-6)
         );
     }
-    println!("| writes (failed or over 10 s) | {} ({}) | {} ({}) | |", quiet.len(), failed(&quiet), flooded.len(), failed(&flooded));
-    println!("| flood: 250 KB statuses sent per second | | {flood_rate:.0} ({:.0} MB/s) | |", flood_rate * 0.25);
+    println!(
+        "| writes (failed or over 10 s) | {} ({}) | {} ({}) | |",
+        quiet.len(),
+        failed(&quiet),
+        flooded.len(),
+        failed(&flooded)
+    );
+    println!(
+        "| flood: 250 KB statuses sent per second | | {flood_rate:.0} ({:.0} MB/s) | |",
+        flood_rate * 0.25
+    );
     println!("| relay CPU while flooded | | {relay_cpu:.0} % of a core | |");
     drop(relay);
     Ok(())

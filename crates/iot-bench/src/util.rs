@@ -70,10 +70,6 @@ impl ControlPlane {
         self._api.kubeconfig()
     }
 
-    pub fn nats_url(&self) -> String {
-        self._nats.url()
-    }
-
     /// Points a platform binary at this control plane's NATS (URL and CA).
     pub fn configure_client(&self, cmd: &mut std::process::Command) {
         self._nats.configure_client(cmd);

@@ -168,12 +168,7 @@ impl Auth {
     /// Finishes a sign-in. The state must match the one sealed in this browser's
     /// binding cookie, which stops a login CSRF: an attacker's code pasted into
     /// someone else's browser.
-    pub async fn complete(
-        &self,
-        bound: Option<&str>,
-        state: &str,
-        code: &str,
-    ) -> Result<(String, String), LoginError> {
+    pub async fn complete(&self, bound: Option<&str>, state: &str, code: &str) -> Result<(String, String), LoginError> {
         let started: StartedLogin = bound
             .and_then(|b| self.sealer.open(LOGIN_COOKIE, b).ok())
             .and_then(|json| serde_json::from_slice(&json).ok())
@@ -350,7 +345,10 @@ mod tests {
     fn next_is_a_local_path_only() {
         let base = "http://127.0.0.1:8090";
         assert_eq!(safe_next("/deployments/default/web", base), "/deployments/default/web");
-        assert_eq!(safe_next("/devices?q=a%26b&state=stale", base), "/devices?q=a%26b&state=stale");
+        assert_eq!(
+            safe_next("/devices?q=a%26b&state=stale", base),
+            "/devices?q=a%26b&state=stale"
+        );
         for evil in [
             "https://evil.example/",
             "//evil.example",
@@ -365,9 +363,16 @@ mod tests {
             "/%2F/evil.example/..",
         ] {
             let got = safe_next(evil, base);
-            assert!(got == "/" || got.starts_with('/') && !got.starts_with("//"), "{evil:?} -> {got}");
+            assert!(
+                got == "/" || got.starts_with('/') && !got.starts_with("//"),
+                "{evil:?} -> {got}"
+            );
             let url = url::Url::parse(base).and_then(|b| b.join(&got));
-            assert_eq!(url.map(|u| u.origin()), url::Url::parse(base).map(|b| b.origin()), "{evil:?}");
+            assert_eq!(
+                url.map(|u| u.origin()),
+                url::Url::parse(base).map(|b| b.origin()),
+                "{evil:?}"
+            );
         }
         for evil in ["https://evil.example/", "//evil.example", "/\t/evil.example", "/\\evil"] {
             assert_eq!(safe_next(evil, base), "/", "{evil:?}");

@@ -539,7 +539,10 @@ mod tests {
             pages: 3,
         };
         let html = devices(&page, Some(DeviceState::Stale), query).into_string();
-        let start = html.find("rel=\"next\"").and_then(|i| html[..i].rfind("href=\"")).map(|i| i + 6);
+        let start = html
+            .find("rel=\"next\"")
+            .and_then(|i| html[..i].rfind("href=\""))
+            .map(|i| i + 6);
         let Some(start) = start else { return Vec::new() };
         let end = html[start..].find('"').map_or(html.len(), |e| start + e);
         // maud escapes attributes as HTML; the browser unescapes them first.

@@ -51,7 +51,11 @@ async fn the_dashboard_reads_the_fleet_as_a_viewer_that_cannot_write() -> anyhow
     // The same identity cannot put a report: a plain publish onto a device's status
     // subject is refused by the server, and the device's report stays its own.
     let before = stack.agent_status(&dev).await;
-    let ca = stack.security.as_ref().and_then(|s| s.bao.ca_file()).map(std::path::Path::to_path_buf);
+    let ca = stack
+        .security
+        .as_ref()
+        .and_then(|s| s.bao.ca_file())
+        .map(std::path::Path::to_path_buf);
     let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file, ca.as_deref())?;
     let client = stack
         .nats

@@ -88,12 +88,7 @@ impl Attacker {
         wait_until(
             Duration::from_secs(5),
             &format!("{}: {attack} refused ({subject})", self.role),
-            || async {
-                self.violations()
-                    .iter()
-                    .any(|v| v.contains(subject))
-                    .then_some(())
-            },
+            || async { self.violations().iter().any(|v| v.contains(subject)).then_some(()) },
         )
         .await
         .map_err(|e| anyhow::anyhow!("{e}; server said: {:?}", self.violations()))
@@ -176,7 +171,8 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     // ---- A device (an attacker holding some device's enrollment) ----
     let d = Attacker::connect(&stack, "device", device.connect_options().await?).await?;
     // Reply injection through the JetStream API: refused (no JetStream API at all).
-    d.publish_denied("reply injection", "$JS.API.INFO", &injected_key, "").await?;
+    d.publish_denied("reply injection", "$JS.API.INFO", &injected_key, "")
+        .await?;
     // deliver_subject injection: refused.
     d.publish_denied(
         "deliver_subject injection",
@@ -198,19 +194,35 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     d.client.flush().await?;
     // Other replies.
     d.subscribe_denied("reading every reply", "_INBOX.>").await?;
-    d.subscribe_denied("reading the victim's replies", &format!("_INBOX_{victim}.>")).await?;
-    d.subscribe_denied("reading the operator's replies", "_SVC_INBOX.operator.>").await?;
-    d.subscribe_denied("reading another device's desired state", &format!("$KV.{DESIRED_STATE_BUCKET}.{victim}.>"))
+    d.subscribe_denied("reading the victim's replies", &format!("_INBOX_{victim}.>"))
         .await?;
+    d.subscribe_denied("reading the operator's replies", "_SVC_INBOX.operator.>")
+        .await?;
+    d.subscribe_denied(
+        "reading another device's desired state",
+        &format!("$KV.{DESIRED_STATE_BUCKET}.{victim}.>"),
+    )
+    .await?;
     // The JetStream API itself.
-    d.publish_denied("consumer delete", "$JS.API.CONSUMER.DELETE.KV_desired-state.any", "_INBOX_attacker.y", "")
-        .await?;
-    d.publish_denied("stream info", "$JS.API.STREAM.INFO.KV_desired-state", "_INBOX_attacker.z", "")
-        .await?;
+    d.publish_denied(
+        "consumer delete",
+        "$JS.API.CONSUMER.DELETE.KV_desired-state.any",
+        "_INBOX_attacker.y",
+        "",
+    )
+    .await?;
+    d.publish_denied(
+        "stream info",
+        "$JS.API.STREAM.INFO.KV_desired-state",
+        "_INBOX_attacker.z",
+        "",
+    )
+    .await?;
 
     // ---- A viewer (a stolen dashboard credential) ----
     let v = Attacker::connect(&stack, "viewer", viewer.connect_options().await?).await?;
-    v.publish_denied("reply injection", "$JS.API.INFO", &injected_key, "").await?;
+    v.publish_denied("reply injection", "$JS.API.INFO", &injected_key, "")
+        .await?;
     v.publish_denied(
         "deliver_subject injection",
         "$JS.API.CONSUMER.CREATE.KV_agent-status",
@@ -219,15 +231,27 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     )
     .await?;
     v.client
-        .publish_with_reply("iot.status.read.dashboard".to_owned(), injected_key.clone(), Bytes::from_static(b"{}"))
+        .publish_with_reply(
+            "iot.status.read.dashboard".to_owned(),
+            injected_key.clone(),
+            Bytes::from_static(b"{}"),
+        )
         .await?;
     v.client.flush().await?;
     v.subscribe_denied("reading every reply", "_INBOX.>").await?;
-    v.subscribe_denied("reading the victim's replies", &format!("_INBOX_{victim}.>")).await?;
-    v.subscribe_denied("reading the operator's replies", "_SVC_INBOX.operator.>").await?;
-    v.subscribe_denied("reading desired state", &format!("$KV.{DESIRED_STATE_BUCKET}.>")).await?;
-    v.publish_denied("status write", &format!("$KV.agent-status.status.{victim}"), "_SVC_INBOX.viewer.dashboard.w", "{}")
+    v.subscribe_denied("reading the victim's replies", &format!("_INBOX_{victim}.>"))
         .await?;
+    v.subscribe_denied("reading the operator's replies", "_SVC_INBOX.operator.>")
+        .await?;
+    v.subscribe_denied("reading desired state", &format!("$KV.{DESIRED_STATE_BUCKET}.>"))
+        .await?;
+    v.publish_denied(
+        "status write",
+        &format!("$KV.agent-status.status.{victim}"),
+        "_SVC_INBOX.viewer.dashboard.w",
+        "{}",
+    )
+    .await?;
     v.publish_denied(
         "consumer delete",
         "$JS.API.CONSUMER.DELETE.KV_agent-status.any",
@@ -235,8 +259,13 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
         "",
     )
     .await?;
-    v.publish_denied("stream info", "$JS.API.STREAM.INFO.KV_agent-status", "_SVC_INBOX.viewer.dashboard.z", "")
-        .await?;
+    v.publish_denied(
+        "stream info",
+        "$JS.API.STREAM.INFO.KV_agent-status",
+        "_SVC_INBOX.viewer.dashboard.z",
+        "",
+    )
+    .await?;
     // What it may do still works: the fleet's reports, with the victim among them.
     let snapshot = iot_kv::status_snapshot::read_status_snapshot(
         &v.client,
@@ -259,10 +288,17 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
         .await?;
     let o = Attacker::connect(&stack, "operator", operator.connect_options().await?).await?;
     o.subscribe_denied("reading every reply", "_INBOX.>").await?;
-    o.subscribe_denied("reading a device's replies", &format!("_INBOX_{victim}.>")).await?;
-    o.subscribe_denied("reading the viewer's replies", "_SVC_INBOX.viewer.>").await?;
-    o.publish_denied("stream info outside the platform", "$JS.API.STREAM.INFO.OTHER", "_SVC_INBOX.operator.operator.a", "")
+    o.subscribe_denied("reading a device's replies", &format!("_INBOX_{victim}.>"))
         .await?;
+    o.subscribe_denied("reading the viewer's replies", "_SVC_INBOX.viewer.>")
+        .await?;
+    o.publish_denied(
+        "stream info outside the platform",
+        "$JS.API.STREAM.INFO.OTHER",
+        "_SVC_INBOX.operator.operator.a",
+        "",
+    )
+    .await?;
     o.publish_denied(
         "consumer create outside the platform",
         "$JS.API.CONSUMER.CREATE.OTHER",
@@ -277,8 +313,13 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
         "",
     )
     .await?;
-    o.publish_denied("publishing outside the platform", "other.x", "_SVC_INBOX.operator.operator.d", "x")
-        .await?;
+    o.publish_denied(
+        "publishing outside the platform",
+        "other.x",
+        "_SVC_INBOX.operator.operator.d",
+        "x",
+    )
+    .await?;
 
     // ---- The callout's own user (AUTH account) ----
     let c = Attacker::connect(
@@ -288,15 +329,31 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
             .custom_inbox_prefix(iot_auth::permissions::CALLOUT_INBOX_PREFIX),
     )
     .await?;
-    c.publish_denied("reply injection", "$JS.API.INFO", &injected_key, "").await?;
-    c.publish_denied("publishing a desired-state key", &injected_key, "_SVC_INBOX.callout.x", "{}")
+    c.publish_denied("reply injection", "$JS.API.INFO", &injected_key, "")
         .await?;
+    c.publish_denied(
+        "publishing a desired-state key",
+        &injected_key,
+        "_SVC_INBOX.callout.x",
+        "{}",
+    )
+    .await?;
     c.subscribe_denied("reading every reply", "_INBOX.>").await?;
     c.subscribe_denied("reading KV changes", "$KV.>").await?;
-    c.publish_denied("consumer delete", "$JS.API.CONSUMER.DELETE.KV_desired-state.any", "_SVC_INBOX.callout.y", "")
-        .await?;
-    c.publish_denied("stream info", "$JS.API.STREAM.INFO.KV_desired-state", "_SVC_INBOX.callout.z", "")
-        .await?;
+    c.publish_denied(
+        "consumer delete",
+        "$JS.API.CONSUMER.DELETE.KV_desired-state.any",
+        "_SVC_INBOX.callout.y",
+        "",
+    )
+    .await?;
+    c.publish_denied(
+        "stream info",
+        "$JS.API.STREAM.INFO.KV_desired-state",
+        "_SVC_INBOX.callout.z",
+        "",
+    )
+    .await?;
 
     // ---- Nothing landed ----
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -121,9 +121,9 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
         "identity credentials by default"
     );
     assert!(
-        container["env"]
-            .as_array()
-            .is_some_and(|e| e.iter().any(|v| v["name"] == "NATS_URL" && v["value"] == "tls://nats:4222")),
+        container["env"].as_array().is_some_and(|e| e
+            .iter()
+            .any(|v| v["name"] == "NATS_URL" && v["value"] == "tls://nats:4222")),
         "TLS by default"
     );
 

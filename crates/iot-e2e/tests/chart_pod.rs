@@ -126,9 +126,9 @@ async fn the_rendered_pod_spec_runs_the_operator_image_under_podman_kube_play() 
         std::fs::set_permissions(ca_dir.join("ca.crt"), std::fs::Permissions::from_mode(0o644))?;
     }
     assert!(
-        pod["volumes"]
-            .as_array()
-            .is_some_and(|v| v.iter().any(|v| v["name"] == "nats-ca" && v["configMap"]["name"] == "iot-ca")),
+        pod["volumes"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|v| v["name"] == "nats-ca" && v["configMap"]["name"] == "iot-ca")),
         "the chart mounts the CA ConfigMap: {}",
         pod["volumes"]
     );
@@ -143,7 +143,9 @@ async fn the_rendered_pod_spec_runs_the_operator_image_under_podman_kube_play() 
         .as_object_mut()
         .ok_or_else(|| anyhow::anyhow!("container is not an object"))?
         .remove("ports");
-    let mounts = container["volumeMounts"].as_array_mut().ok_or_else(|| anyhow::anyhow!("no mounts"))?;
+    let mounts = container["volumeMounts"]
+        .as_array_mut()
+        .ok_or_else(|| anyhow::anyhow!("no mounts"))?;
     mounts.push(serde_json::json!({
         "name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true
     }));

@@ -413,7 +413,13 @@ async fn nats_outage_is_reported_in_a_condition_and_converges_after() -> anyhow:
 
     stack.nats.restart().await?;
     // Reconnect our admin handles and wait for convergence.
-    let conn = iot_kv::connect(&[stack.nats.url()], &iot_kv::Anonymous, "e2e-admin2", stack.nats.ca_file()).await?;
+    let conn = iot_kv::connect(
+        &[stack.nats.url()],
+        &iot_kv::Anonymous,
+        "e2e-admin2",
+        stack.nats.ca_file(),
+    )
+    .await?;
     stack.js = async_nats::jetstream::new(conn.client.clone());
     stack.desired = stack
         .js

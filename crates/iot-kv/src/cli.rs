@@ -113,7 +113,10 @@ impl NatsArgs {
     /// enrollment file names its device itself).
     pub fn credentials_for(&self, device: Option<&Id>) -> Result<Box<dyn CredentialSource>, crate::KvError> {
         Ok(if let Some(path) = &self.nats_identity {
-            Box::new(IdentityCredentials::from_enrollment_file(path, self.bao_ca_file.as_deref())?)
+            Box::new(IdentityCredentials::from_enrollment_file(
+                path,
+                self.bao_ca_file.as_deref(),
+            )?)
         } else if let Some(path) = &self.nats_identity_token_file {
             Box::new(IdentityCredentials::from_token_file(path.clone(), device.cloned()))
         } else if let Some(path) = &self.nats_creds {

@@ -255,7 +255,7 @@ fn on_event(event: Event, name: &str, tx: &watch::Sender<u64>, count: &AtomicU64
             // A failed (re)connect: every tenth is logged, so a lasting problem stays
             // visible without flooding the log.
             let n = failures.fetch_add(1, Ordering::SeqCst);
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 tracing::warn!(client = %name, error = %e, failed_connects = n + 1, "NATS connect failed; retrying with backoff");
             }
         }
@@ -279,7 +279,10 @@ fn apply_tls(mut opts: ConnectOptions, options: &ClientOptions) -> ConnectOption
 /// What to check, for the errors people cause by configuration.
 pub(crate) fn connect_hint(e: &async_nats::ConnectError, tls: &NatsTls) -> String {
     let text = e.to_string();
-    if e.kind() == async_nats::ConnectErrorKind::Tls || text.contains("certificate") {
+    if tls.required && (text.contains("InvalidContentType") || text.contains("corrupt message")) {
+        // What rustls says when the other side answers a handshake in plain text.
+        " (the server does not speak TLS, and this client requires it so that no token crosses the network in the clear: use the platform's TLS port, or --nats-insecure (NATS_INSECURE=true) for a debugging server)".to_owned()
+    } else if e.kind() == async_nats::ConnectErrorKind::Tls || text.contains("certificate") {
         match &tls.ca_file {
             Some(ca) => format!(
                 " (the server's certificate does not verify against the CA in {}: is it the CA that signed the server's certificate, and does the certificate name the host in the URL?)",
@@ -292,8 +295,4 @@ pub(crate) fn connect_hint(e: &async_nats::ConnectError, tls: &NatsTls) -> Strin
     } else {
         String::new()
     }
-}
-
-fn explain_connect_error(e: &async_nats::ConnectError, tls: &NatsTls) -> String {
-    format!("{e}{}", connect_hint(e, tls))
 }

@@ -56,14 +56,14 @@ pub async fn serve_desired_reads(
         let client = reader.clone();
         async move {
             let request: DesiredReadRequest = serde_json::from_slice(&req.payload).unwrap_or_default();
-            let page = match last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{}.>", req.id), read_timeout).await
-            {
-                Ok(records) => page_after(records, request.after.as_deref()),
-                Err(e) => DesiredReadPage {
-                    error: Some(e.to_string()),
-                    ..Default::default()
-                },
-            };
+            let page =
+                match last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{}.>", req.id), read_timeout).await {
+                    Ok(records) => page_after(records, request.after.as_deref()),
+                    Err(e) => DesiredReadPage {
+                        error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                };
             Bytes::from(serde_json::to_vec(&page).unwrap_or_default())
         }
     })

@@ -93,11 +93,7 @@ impl<J> FairQueue<J> {
     pub fn offer(&self, device: &Id, job: J, bytes: usize) -> Offer<J> {
         let mut guard = self.lock();
         let line = &mut *guard;
-        let old_bytes = line
-            .slots
-            .get(device)
-            .and_then(|s| s.waiting.as_ref())
-            .map(|(_, b)| *b);
+        let old_bytes = line.slots.get(device).and_then(|s| s.waiting.as_ref()).map(|(_, b)| *b);
         let waiting_after = line.waiting + usize::from(old_bytes.is_none());
         let bytes_after = line.waiting_bytes - old_bytes.unwrap_or(0) + bytes;
         if waiting_after > self.limits.max_waiting || bytes_after > self.limits.max_waiting_bytes {
@@ -133,8 +129,12 @@ impl<J> FairQueue<J> {
                     return None;
                 }
                 while let Some(device) = line.ready.pop_front() {
-                    let Some(slot) = line.slots.get_mut(&device) else { continue };
-                    let Some((job, bytes)) = slot.waiting.take() else { continue };
+                    let Some(slot) = line.slots.get_mut(&device) else {
+                        continue;
+                    };
+                    let Some((job, bytes)) = slot.waiting.take() else {
+                        continue;
+                    };
                     slot.running = true;
                     line.waiting -= 1;
                     line.waiting_bytes -= bytes;

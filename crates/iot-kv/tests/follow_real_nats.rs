@@ -207,7 +207,11 @@ async fn a_message_the_stream_does_not_hold_is_never_applied() -> anyhow::Result
         .publish_with_headers(subject.to_owned(), headers, Bytes::from_static(b"forged"))
         .await?;
     let seen = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut spy)).await?;
-    assert_eq!(seen.map(|m| m.payload), Some(Bytes::from_static(b"forged")), "delivered");
+    assert_eq!(
+        seen.map(|m| m.payload),
+        Some(Bytes::from_static(b"forged")),
+        "delivered"
+    );
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("KV-Operation", "DEL");
     headers.insert("Nats-Expected-Last-Subject-Sequence", "1000000");

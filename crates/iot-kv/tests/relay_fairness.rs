@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use harmony_reconciler_contracts::read::{StatusWriteAnswer, device_inbox_prefix, status_write_subject};
 use harmony_reconciler_contracts::Id;
+use harmony_reconciler_contracts::read::{StatusWriteAnswer, device_inbox_prefix, status_write_subject};
 use iot_kv::buckets::ensure_buckets;
 use iot_kv::{Anonymous, ClientOptions, NatsTls, connect, connect_with};
 use iot_testkit::NatsServer;
@@ -69,7 +69,11 @@ async fn a_flooding_device_gets_one_write_at_a_time_and_the_others_get_theirs() 
         let tag = format!("{{\"n\":{n}}}");
         body[..tag.len()].copy_from_slice(tag.as_bytes());
         flooder
-            .publish_with_reply(status_write_subject(&flood_id), format!("{inbox}.{n}"), Bytes::from(body))
+            .publish_with_reply(
+                status_write_subject(&flood_id),
+                format!("{inbox}.{n}"),
+                Bytes::from(body),
+            )
             .await?;
     }
     flooder.flush().await?;

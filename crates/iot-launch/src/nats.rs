@@ -8,8 +8,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::paths::find_binary;
-use crate::tls::{Ca, TlsMode};
 use crate::process::{free_port, kill_child};
+use crate::tls::{Ca, TlsMode};
 
 /// A nats-server process. Dropping it kills the server and deletes its store.
 pub struct NatsServer {

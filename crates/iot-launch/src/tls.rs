@@ -34,6 +34,9 @@ impl Ca {
     /// A new CA in `dir` (created 0700 if missing): `ca.crt`, and `ca.key` (0600).
     pub fn create(dir: &Path) -> anyhow::Result<Self> {
         crate::vm::private_dir(dir)?;
+        // A name of its own: a client given another stack's CA then reads "unknown
+        // issuer", not a bad signature from a CA of the same name.
+        let subject = format!("/CN=iot-platform-local-ca-{}", &crate::auth::random_secret()?[..12]);
         openssl(
             dir,
             &[
@@ -51,7 +54,7 @@ impl Ca {
                 "-days",
                 DAYS,
                 "-subj",
-                "/CN=iot-platform-local-ca",
+                &subject,
                 "-addext",
                 "basicConstraints=critical,CA:TRUE",
                 "-addext",
@@ -117,8 +120,21 @@ impl Ca {
         openssl(
             &self.dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt,
-                "-days", DAYS, "-extfile", &ext_file,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                DAYS,
+                "-extfile",
+                &ext_file,
             ],
         )?;
         std::fs::remove_file(self.dir.join(&csr))?;

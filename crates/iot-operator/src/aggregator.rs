@@ -126,7 +126,9 @@ impl DeviceIndex {
         let mut page = StatusReadPage::default();
         let mut used = 0usize;
         for id in ids {
-            let Some((status, stored_at)) = statuses.get(id) else { continue };
+            let Some((status, stored_at)) = statuses.get(id) else {
+                continue;
+            };
             let record = StatusRecord {
                 device: id.clone(),
                 stored_at: *stored_at,
@@ -338,7 +340,11 @@ mod tests {
             // A budget that fits a few reports per page.
             let page = index.status_page(after.as_deref(), 300);
             assert!(!page.records.is_empty());
-            seen.extend(page.records.iter().map(|r| (r.device.to_string(), r.status.agent_version.clone())));
+            seen.extend(
+                page.records
+                    .iter()
+                    .map(|r| (r.device.to_string(), r.status.agent_version.clone())),
+            );
             after = page.records.last().map(|r| r.device.to_string());
             if !page.more {
                 break;

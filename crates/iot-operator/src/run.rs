@@ -233,7 +233,9 @@ async fn start(
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
         forever(tasks, "status relay", async move {
-            if let Err(e) = iot_kv::status_relay::serve_status_writes(client, std::time::Duration::from_secs(5), counts).await {
+            if let Err(e) =
+                iot_kv::status_relay::serve_status_writes(client, std::time::Duration::from_secs(5), counts).await
+            {
                 tracing::error!(error = %e, "status relay stopped");
             }
         });
@@ -243,7 +245,9 @@ async fn start(
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
         forever(tasks, "desired-state read responder", async move {
-            if let Err(e) = iot_kv::desired_read::serve_desired_reads(client, std::time::Duration::from_secs(5), counts).await {
+            if let Err(e) =
+                iot_kv::desired_read::serve_desired_reads(client, std::time::Duration::from_secs(5), counts).await
+            {
                 tracing::error!(error = %e, "desired-state read responder stopped");
             }
         });

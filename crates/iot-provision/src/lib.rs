@@ -19,7 +19,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 pub use cloud_config::{CloudConfig, User, WriteFile};
-pub use seed::{AGENT_FILE, CA_FILE, ENROLLMENT_FILE, elf_arch, sha256_file, write_seed_dir, write_seed_iso, write_seed_vfat};
+pub use seed::{
+    AGENT_FILE, CA_FILE, ENROLLMENT_FILE, elf_arch, sha256_file, write_seed_dir, write_seed_iso, write_seed_vfat,
+};
 pub use unit::{AGENT_BINARY, AGENT_CA_FILE, AGENT_ENV_FILE, AGENT_IDENTITY_FILE, INSTALL_SCRIPT, agent_unit};
 
 #[derive(Debug, thiserror::Error)]

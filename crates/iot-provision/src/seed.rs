@@ -23,7 +23,15 @@ pub(crate) fn check_file_name(field: &'static str, name: &str) -> Result<(), Err
         && name.len() <= 64
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !["user-data", "meta-data", "network-config", AGENT_FILE, ENROLLMENT_FILE, CA_FILE].contains(&name);
+        && ![
+            "user-data",
+            "meta-data",
+            "network-config",
+            AGENT_FILE,
+            ENROLLMENT_FILE,
+            CA_FILE,
+        ]
+        .contains(&name);
     if ok {
         Ok(())
     } else {
@@ -220,11 +228,20 @@ pub fn write_seed_vfat(files: &[PathBuf], image: &Path) -> Result<(), Error> {
     let kib = kib.to_string();
     tool(
         "mkfs.vfat",
-        &["-n".as_ref(), "CIDATA".as_ref(), "-C".as_ref(), image.as_os_str(), kib.as_ref()],
+        &[
+            "-n".as_ref(),
+            "CIDATA".as_ref(),
+            "-C".as_ref(),
+            image.as_os_str(),
+            kib.as_ref(),
+        ],
     )?;
     std::fs::set_permissions(image, std::fs::Permissions::from_mode(0o600)).map_err(io(image))?;
     for f in files {
-        let name = f.file_name().map(|n| format!("::{}", n.to_string_lossy())).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| format!("::{}", n.to_string_lossy()))
+            .unwrap_or_default();
         tool(
             "mcopy",
             &["-i".as_ref(), image.as_os_str(), f.as_os_str(), name.as_ref()],

@@ -80,12 +80,16 @@ fn user_data_installs_the_agent_config_identity_and_unit() {
     assert!(script.contains(&"ab".repeat(32)), "the checksum is checked");
     let enrollment_sha = sha256_text(&device().enrollment_file().expect("enrollment"));
     assert!(
-        script.contains(&format!("echo '{enrollment_sha}  {AGENT_IDENTITY_FILE}.new' | sha256sum --check")),
+        script.contains(&format!(
+            "echo '{enrollment_sha}  {AGENT_IDENTITY_FILE}.new' | sha256sum --check"
+        )),
         "the enrollment is checked before it is installed"
     );
     assert!(script.contains(&format!("install -D -m 0600 \"$src/{ENROLLMENT_FILE}\"")));
     assert!(script.contains(&format!("install -D -m 0644 \"$src/{CA_FILE}\" {AGENT_CA_FILE}.new")));
-    let scrub = script.find(&format!("shred -n 1 -z -u \"$src/{ENROLLMENT_FILE}\"")).expect("scrubs the seed");
+    let scrub = script
+        .find(&format!("shred -n 1 -z -u \"$src/{ENROLLMENT_FILE}\""))
+        .expect("scrubs the seed");
     let enabled = script.find("systemctl enable").expect("enables");
     assert!(enabled < scrub, "the seed's copy goes only after a good install");
     assert!(script.contains("podman load --quiet --input \"$src/images.tar\""));
@@ -376,5 +380,8 @@ fn the_install_script_checks_what_it_takes_and_scrubs_a_writable_seed() {
     let mode = std::fs::metadata(&identity).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     assert!(said.contains("removed the enrollment secret from the seed"), "{said}");
-    assert!(!seed.join(ENROLLMENT_FILE).exists(), "the writable seed keeps no secret");
+    assert!(
+        !seed.join(ENROLLMENT_FILE).exists(),
+        "the writable seed keeps no secret"
+    );
 }

@@ -96,7 +96,15 @@ mv {dest}.new {dest}
     let enrollment = c
         .enrollment_sha256
         .as_deref()
-        .map(|sha| take(crate::ENROLLMENT_FILE, AGENT_IDENTITY_FILE, "0600", sha, "the enrollment"))
+        .map(|sha| {
+            take(
+                crate::ENROLLMENT_FILE,
+                AGENT_IDENTITY_FILE,
+                "0600",
+                sha,
+                "the enrollment",
+            )
+        })
         .unwrap_or_default();
     let ca = c
         .ca_sha256

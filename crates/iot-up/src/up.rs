@@ -253,8 +253,14 @@ impl Up {
         );
         if self.nats.is_none() {
             self.nats = Some(
-                NatsServer::start_custom(&self.net.gateway(), &self.state_dir, None, &[], iot_launch::TlsMode::Plain)
-                    .await?,
+                NatsServer::start_custom(
+                    &self.net.gateway(),
+                    &self.state_dir,
+                    None,
+                    &[],
+                    iot_launch::TlsMode::Plain,
+                )
+                .await?,
             );
         }
         done(t, &self.nats_url());

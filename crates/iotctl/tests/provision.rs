@@ -69,13 +69,24 @@ fn writes_a_private_seed_that_checks_the_agent_it_carries() {
     assert_eq!(mode(&out.join("user-data")), 0o600);
     assert_eq!(mode(&iso), 0o600);
     let user_data = std::fs::read_to_string(out.join("user-data")).expect("user-data");
-    assert!(!user_data.contains("top-secret"), "cloud-init keeps copies of user-data");
+    assert!(
+        !user_data.contains("top-secret"),
+        "cloud-init keeps copies of user-data"
+    );
     assert!(user_data.contains("NATS_URL=tls://10.0.0.1:4222"));
     assert!(user_data.contains("NATS_CA_FILE=/etc/iot-agent/ca.pem"));
     let secret = out.join("iot-enrollment.json");
-    assert!(std::fs::read_to_string(&secret).expect("enrollment").contains("top-secret"));
+    assert!(
+        std::fs::read_to_string(&secret)
+            .expect("enrollment")
+            .contains("top-secret")
+    );
     assert_eq!(mode(&secret), 0o600);
-    assert!(std::fs::read_to_string(out.join("iot-ca.pem")).expect("ca").contains("BEGIN CERTIFICATE"));
+    assert!(
+        std::fs::read_to_string(out.join("iot-ca.pem"))
+            .expect("ca")
+            .contains("BEGIN CERTIFICATE")
+    );
     let bytes = std::fs::read(&agent).expect("agent");
     assert_eq!(std::fs::read(out.join("iot-agent")).expect("copy"), bytes);
     let network = std::fs::read_to_string(out.join("network-config")).expect("network-config");
@@ -99,7 +110,15 @@ fn refuses_what_would_fail_on_the_device_and_names_it() {
     let plain_bao = plain_bao.to_str().expect("utf8");
     let cases: [(&[&str], &str); 6] = [
         (
-            &["pi-1", "--agent", agent, "--device-nats-url", "nats://10.0.0.1:4222", "--out", out],
+            &[
+                "pi-1",
+                "--agent",
+                agent,
+                "--device-nats-url",
+                "nats://10.0.0.1:4222",
+                "--out",
+                out,
+            ],
             "nats://10.0.0.1:4222 is not TLS",
         ),
         (

@@ -139,7 +139,10 @@ impl Secured {
 
     /// Identity credentials from an enrollment, trusting this stack's OpenBao.
     pub fn credentials(&self, enrollment: Enrollment) -> anyhow::Result<IdentityCredentials> {
-        Ok(IdentityCredentials::from_enrollment(enrollment, Some(&self.ca.cert_file()))?)
+        Ok(IdentityCredentials::from_enrollment(
+            enrollment,
+            Some(&self.ca.cert_file()),
+        )?)
     }
 
     pub async fn enroll_device(&self, id: &str) -> anyhow::Result<Enrollment> {
@@ -162,19 +165,16 @@ impl Probe {
     pub async fn connect(nats: &NatsServer, creds: &IdentityCredentials) -> anyhow::Result<Self> {
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
-        let client = creds
-            .connect_options()
-            .await?
-            .event_callback(move |event| {
-                let sink = sink.clone();
-                async move {
-                    if let Event::ServerError(e) = event {
-                        sink.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(e.to_string());
-                    }
+        let client = creds.connect_options().await?.event_callback(move |event| {
+            let sink = sink.clone();
+            async move {
+                if let Event::ServerError(e) = event {
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(e.to_string());
                 }
-            });
+            }
+        });
         let client = nats.client_with(client).await?;
         Ok(Self { client, errors })
     }
