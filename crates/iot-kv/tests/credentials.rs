@@ -114,7 +114,10 @@ async fn tls_required_refuses_a_plain_server() -> anyhow::Result<()> {
         .map(|e| e.to_string())
         .unwrap_or_default();
     eprintln!("plain server: {err}");
-    assert!(err.contains("does not speak TLS") && err.contains("NATS_INSECURE"), "{err}");
+    assert!(
+        err.contains("does not speak TLS") && err.contains("NATS_INSECURE"),
+        "{err}"
+    );
     let relaxed = ClientOptions::new("debug");
     connect_with(&[plain.url()], &Anonymous, &relaxed).await?;
     Ok(())

@@ -76,6 +76,27 @@ async fn invalid_resources_are_rejected_naming_the_field() -> anyhow::Result<()>
     let mut s = good_spec();
     s["targetDevices"] = serde_json::json!(["dev.1"]);
     cases.push(("bad-device", s, vec!["spec.targetDevices[0]", "should match"]));
+    // Limits whose byte or quota count would overflow a u64 on the device.
+    let mut s = good_spec();
+    s["score"]["PodmanV0"]["services"][0]["resources"] = serde_json::json!({"memoryMib": 18_000_000_000_000_000u64});
+    cases.push((
+        "huge-memory",
+        s,
+        vec![
+            "spec.score.PodmanV0.services[0].resources.memoryMib",
+            "less than or equal to 1048576",
+        ],
+    ));
+    let mut s = good_spec();
+    s["score"]["PodmanV0"]["services"][0]["resources"] = serde_json::json!({"cpuMillicores": 2_000_000});
+    cases.push((
+        "huge-cpu",
+        s,
+        vec![
+            "spec.score.PodmanV0.services[0].resources.cpuMillicores",
+            "less than or equal to 1024000",
+        ],
+    ));
     let mut s = good_spec();
     s["targetDevices"] = serde_json::json!(["dev1", "dev1"]);
     cases.push(("dup-device", s, vec!["spec.targetDevices[1]", "Duplicate value"]));
