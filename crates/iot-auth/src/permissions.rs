@@ -46,6 +46,18 @@ pub const VIEWER_MAX_PAYLOAD: i64 = 64 * 1024;
 /// Subscriptions a viewer may hold: report changes and its inbox.
 pub const VIEWER_MAX_SUBS: i64 = 16;
 
+/// Subscriptions any one connection of the IOT account may hold, set on the account
+/// in nats-server's configuration ([`IOT_ACCOUNT_LIMITS`]). nats-server 2.15 does
+/// not apply a user JWT's limits to users admitted by the auth callout (it clears
+/// the connection's JWT before it applies limits: `server/auth_callout.go`), so the
+/// per-user limits above are carried for servers that do, and this account-wide
+/// cap is what holds today. It covers the operator's few subscriptions, and is
+/// far below what would let one device cost the server real memory.
+pub const ACCOUNT_MAX_SUBS: i64 = 64;
+
+/// The IOT account's `limits` block in nats-server's configuration.
+pub const IOT_ACCOUNT_LIMITS: &str = "limits: { max_subscriptions: 64 }";
+
 /// The inbox prefix of the callout's own connection.
 pub const CALLOUT_INBOX_PREFIX: &str = "_SVC_INBOX.callout";
 
@@ -202,6 +214,14 @@ mod tests {
                 "iot.status.read.*"
             ]
         );
+    }
+
+    // The account's cap never cuts below what a user's own limit allows.
+    const _: () = assert!(ACCOUNT_MAX_SUBS >= DEVICE_MAX_SUBS && ACCOUNT_MAX_SUBS >= VIEWER_MAX_SUBS);
+
+    #[test]
+    fn the_account_cap_is_what_the_configuration_says() {
+        assert!(IOT_ACCOUNT_LIMITS.contains(&format!("max_subscriptions: {ACCOUNT_MAX_SUBS}")));
     }
 
     #[test]

@@ -129,7 +129,10 @@ async fn pages_match_kubectl_and_follow_failures_and_silence_live() -> anyhow::R
 
 #[tokio::test]
 async fn an_unknown_deployment_or_device_is_a_clear_404() -> anyhow::Result<()> {
-    let stack = Stack::start().await?;
+    let mut stack = Stack::start().await?;
+    // The dashboard reads device reports from the operator's snapshot: ready once
+    // it has one.
+    stack.start_operator()?;
     let (_dashboard, port) = spawn_dashboard(&stack, "30s")?;
     wait_until(WAIT, "dashboard /readyz", || async {
         (iot_testkit::http::get_status("127.0.0.1", port, "/readyz").await.ok()? == 200).then_some(())

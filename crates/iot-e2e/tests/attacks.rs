@@ -10,7 +10,10 @@
 //!   identity's subject;
 //! - **reading other replies**: a subscription to `_INBOX.>` or another identity's
 //!   inbox (watch deliveries and read answers carry desired state, `env` included);
-//! - **consumer delete** and **stream info** on the platform's streams.
+//! - **consumer delete** and **stream info** on the platform's streams;
+//! - **limits**: more subscriptions than the account allows, a status bigger than
+//!   the largest an agent sends (and the real agent's own subscriptions fit well
+//!   within its limit).
 //!
 //! An admin watcher records the target subjects throughout, and afterwards nothing
 //! landed there, no desired-state key changed its revision, and the device's
@@ -149,6 +152,7 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     let viewer = creds_of(enroll_service(&root, "dashboard", Role::Viewer).await?)?;
     let operator = IdentityCredentials::from_enrollment_file(&sec.operator_enrollment, ca.as_deref())?;
     let callout_password = sec.keys.auth_password.clone();
+    let sec_system_password = sec.keys.system_password.clone();
 
     // The targets: a desired-state key of the victim nobody writes, and its inbox.
     let injected_key = format!("$KV.{DESIRED_STATE_BUCKET}.{victim}.default_injected");
@@ -354,6 +358,60 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
         "",
     )
     .await?;
+
+    // ---- Per-user limits ----
+    // What the victim's real agent holds fits its limit with room to spare.
+    let sys = stack
+        .nats
+        .client_with(ConnectOptions::with_user_and_password(
+            "sys".into(),
+            sec_system_password.clone(),
+        ))
+        .await?;
+    let query = serde_json::json!({"user": format!("device-{victim}"), "subscriptions": true});
+    let reply = sys
+        .request("$SYS.REQ.SERVER.PING.CONNZ", query.to_string().into())
+        .await?;
+    let connz: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    let agent_subs = connz
+        .pointer("/data/connections/0/subscriptions")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| anyhow::anyhow!("no connection of the victim in {connz}"))?;
+    eprintln!("the agent holds {agent_subs} subscriptions");
+    assert!(
+        (1..=iot_auth::permissions::DEVICE_MAX_SUBS as u64 / 4).contains(&agent_subs),
+        "the agent's {agent_subs} subscriptions leave room under the limit"
+    );
+    // A device may not hold more subscriptions than the account's cap (what
+    // nats-server 2.15 enforces for callout users; see permissions.rs).
+    let mut held = Vec::new();
+    for i in 0..iot_auth::permissions::ACCOUNT_MAX_SUBS + 4 {
+        held.push(d.client.subscribe(format!("_INBOX_attacker.s{i}")).await?);
+    }
+    d.client.flush().await?;
+    wait_until(Duration::from_secs(5), "the subscription cap", || async {
+        d.errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|e| e.to_lowercase().contains("maximum subscriptions"))
+            .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", d.errors.lock().map(|v| v.clone()).unwrap_or_default()))?;
+    drop(held);
+    // Nor store a status bigger than the largest an agent sends: the relay refuses it.
+    let refused = iot_kv::status_relay::write_via_relay(
+        &d.client,
+        &harmony_reconciler_contracts::Id::new("attacker")?,
+        Bytes::from(vec![b' '; iot_kv::status_relay::MAX_STATUS_BYTES + 1]),
+        Duration::from_secs(10),
+    )
+    .await
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(refused.contains("byte cap"), "{refused}");
 
     // ---- Nothing landed ----
     tokio::time::sleep(Duration::from_secs(3)).await;

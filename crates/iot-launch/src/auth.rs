@@ -50,12 +50,13 @@ impl CalloutKeys {
     pub fn nats_config(&self) -> String {
         format!(
             "accounts {{\n  AUTH {{ users: [ {{ user: auth, password: \"{auth}\", permissions: {callout} }} ] }}\n  \
-             IOT {{ jetstream: enabled, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  \
+             IOT {{ jetstream: enabled, {iot_limits}, users: [ {{ user: admin, password: \"{admin}\" }} ] }}\n  \
              SYS {{ users: [ {{ user: sys, password: \"{sys}\" }} ] }}\n}}\n\
              system_account: SYS\n\
              authorization {{\n  timeout: 5\n  auth_callout {{\n    issuer: {issuer}\n    auth_users: [ auth, admin, sys ]\n    account: AUTH\n    xkey: {xkey}\n  }}\n}}\n",
             auth = self.auth_password,
             callout = iot_auth::permissions::CALLOUT_NATS_PERMISSIONS,
+            iot_limits = iot_auth::permissions::IOT_ACCOUNT_LIMITS,
             admin = self.admin_password,
             sys = self.system_password,
             issuer = self.issuer.public_key(),

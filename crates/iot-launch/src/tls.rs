@@ -2,17 +2,27 @@
 //! every client trusts exactly it. This is what `scripts/up.sh` and the tests run
 //! by default, so every test exercises the production path (TLS, verified).
 //!
-//! Keys are P-256, made by the `openssl` command line (as the API servers' are).
+//! Keys are ECDSA P-256 (rcgen on ring). Certificates start a week in the past: a
+//! device whose clock is off by hours (a board without a real-time clock, before
+//! NTP has run) must still accept them. A clock that is off by more than that
+//! cannot verify any certificate until NTP sets it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
 
 /// Where a guest on qemu's user network reaches the host: server certificates of
 /// stacks that may host VM devices name it, so the guest verifies them too.
 pub const GUEST_HOST_ALIAS: &str = "10.0.2.2";
 
-/// Days a certificate of a local stack is valid.
-const DAYS: &str = "365";
+/// How far back certificates start (device clocks that run behind).
+const BACKDATE_DAYS: i64 = 7;
+/// How long a local stack's certificates last.
+const VALID_DAYS: i64 = 365;
 
 /// How a server gets its certificate.
 #[derive(Debug, Clone, Copy)]
@@ -25,44 +35,51 @@ pub enum TlsMode<'a> {
     Plain,
 }
 
-#[derive(Debug, Clone)]
+/// The CA's certificate and key, kept in memory to sign server certificates.
+#[derive(Clone)]
 pub struct Ca {
     dir: PathBuf,
+    cert: Arc<Certificate>,
+    key: Arc<KeyPair>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn validity(params: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(BACKDATE_DAYS);
+    params.not_after = now + time::Duration::days(VALID_DAYS);
 }
 
 impl Ca {
     /// A new CA in `dir` (created 0700 if missing): `ca.crt`, and `ca.key` (0600).
     pub fn create(dir: &Path) -> anyhow::Result<Self> {
         crate::vm::private_dir(dir)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
         // A name of its own: a client given another stack's CA then reads "unknown
         // issuer", not a bad signature from a CA of the same name.
-        let subject = format!("/CN=iot-platform-local-ca-{}", &crate::auth::random_secret()?[..12]);
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                DAYS,
-                "-subj",
-                &subject,
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-        )?;
-        set_private(&dir.join("ca.key"))?;
-        Ok(Self { dir: dir.to_owned() })
+        name.push(
+            DnType::CommonName,
+            format!("iot-platform-local-ca-{}", &crate::auth::random_secret()?[..12]),
+        );
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut params);
+        let cert = params.self_signed(&key)?;
+        std::fs::write(dir.join("ca.crt"), cert.pem())?;
+        crate::auth::write_private(&dir.join("ca.key"), &key.serialize_pem())?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            cert: Arc::new(cert),
+            key: Arc::new(key),
+        })
     }
 
     /// The CA certificate (PEM): what clients are given.
@@ -79,83 +96,80 @@ impl Ca {
         );
         let mut sans: Vec<String> = Vec::new();
         for h in hosts {
-            let san = if h.parse::<std::net::IpAddr>().is_ok() {
-                format!("IP:{h}")
-            } else {
-                format!("DNS:{h}")
-            };
-            if !sans.contains(&san) {
-                sans.push(san);
+            if !sans.iter().any(|s| s == h) {
+                sans.push((*h).to_owned());
             }
         }
         anyhow::ensure!(!sans.is_empty(), "a server certificate needs at least one host");
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(
-            &ext,
-            format!(
-                "subjectAltName={}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-                sans.join(",")
-            ),
-        )?;
-        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={name}"),
-            ],
-        )?;
-        set_private(&self.dir.join(&key))?;
-        let ext_file = ext.display().to_string();
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                DAYS,
-                "-extfile",
-                &ext_file,
-            ],
-        )?;
-        std::fs::remove_file(self.dir.join(&csr))?;
-        std::fs::remove_file(&ext)?;
-        Ok((self.dir.join(crt), self.dir.join(key)))
+        // IP addresses become IP SANs, the rest DNS names.
+        let mut params = CertificateParams::new(sans)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut params);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let (crt, key_file) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, cert.pem())?;
+        crate::auth::write_private(&key_file, &key.serialize_pem())?;
+        Ok((crt, key_file))
     }
 }
 
-fn set_private(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("openssl").current_dir(dir).args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "openssl {}: {}",
-        args.first().copied().unwrap_or_default(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    #[test]
+    fn certificates_name_their_hosts_and_start_in_the_past() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::create(&dir.path().join("ca"))?;
+        let (crt, key) = ca.issue("nats", &["127.0.0.1", "localhost", "10.0.2.2"])?;
+        let text = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(&crt)
+            .output()?;
+        let text = String::from_utf8_lossy(&text.stdout);
+        for want in [
+            "IP Address:127.0.0.1",
+            "DNS:localhost",
+            "IP Address:10.0.2.2",
+            "TLS Web Server Authentication",
+        ] {
+            assert!(text.contains(want), "{want} missing in {text}");
+        }
+        let verify = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(ca.cert_file())
+            .arg(&crt)
+            .output()?;
+        assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+        // A device an hour (or a day) behind still sees a valid certificate.
+        let behind = std::process::Command::new("openssl")
+            .args(["verify", "-attime"])
+            .arg(
+                (time::OffsetDateTime::now_utc() - time::Duration::days(1))
+                    .unix_timestamp()
+                    .to_string(),
+            )
+            .arg("-CAfile")
+            .arg(ca.cert_file())
+            .arg(&crt)
+            .output()?;
+        assert!(behind.status.success(), "{}", String::from_utf8_lossy(&behind.stderr));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key)?.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("ca/ca.key"))?.permissions().mode() & 0o777,
+            0o600
+        );
+        Ok(())
+    }
 }
