@@ -118,23 +118,28 @@ pub fn status_read_subject(name: &Id) -> String {
     format!("{STATUS_READ_PREFIX}.{name}")
 }
 
-/// One page request of a status snapshot: devices with ids after `after`.
+/// One page request of a status snapshot: the reports stored at stream sequence
+/// `fromSequence` or later.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReadRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after: Option<String>,
+    #[serde(default)]
+    pub from_sequence: u64,
 }
 
-/// One page of the fleet's latest reports, device ids in ascending order.
+/// One page of the fleet's latest reports, in the order NATS stored them. A device
+/// that reported again while the pages were read appears again in a later page,
+/// with its newer report: the last one read is the one that counts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusReadPage {
     #[serde(default)]
     pub records: Vec<StatusRecord>,
-    /// More devices follow: ask again with `after` = the last device of this page.
+    /// More follow: ask again with `fromSequence` = `nextSequence`.
     #[serde(default)]
     pub more: bool,
+    #[serde(default)]
+    pub next_sequence: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -222,6 +227,40 @@ mod tests {
         assert!(!is_viewer_inbox(&dash, "_SVC_INBOX.operator.dashboard.x"));
         assert!(!is_viewer_inbox(&dash, "$KV.desired-state.pi-8.default_web"));
         assert_eq!(status_read_subject(&dash), "iot.status.read.dashboard");
+        Ok(())
+    }
+
+    #[test]
+    fn status_page_shape_is_pinned() -> Result<(), serde_json::Error> {
+        assert_eq!(
+            serde_json::to_string(&StatusReadRequest { from_sequence: 42 })?,
+            r#"{"fromSequence":42}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<StatusReadRequest>("{}")?,
+            StatusReadRequest::default()
+        );
+        let status: crate::AgentStatus =
+            serde_json::from_str(r#"{"format":1,"device_id":"pi-7","heartbeat_at":"2026-12-01T00:00:00Z"}"#)?;
+        let page = StatusReadPage {
+            records: vec![StatusRecord {
+                device: Id::new("pi-7").map_err(serde::de::Error::custom)?,
+                stored_at: "2026-12-01T00:00:01Z".parse().map_err(serde::de::Error::custom)?,
+                status,
+            }],
+            more: true,
+            next_sequence: 43,
+            error: None,
+        };
+        let json = serde_json::to_value(&page)?;
+        assert_eq!(json["records"][0]["device"], "pi-7");
+        assert_eq!(json["records"][0]["storedAt"], "2026-12-01T00:00:01Z");
+        assert_eq!(json["records"][0]["status"]["device_id"], "pi-7");
+        assert_eq!(
+            (json["more"].clone(), json["nextSequence"].clone()),
+            (true.into(), 43.into())
+        );
+        assert_eq!(serde_json::from_value::<StatusReadPage>(json)?, page);
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use iot_bao::enroll::{device_record_path, list_devices, list_services, service_record_path};
 use iot_bao::setup::KV_MOUNT;
 use iot_bao::{Bao, BaoError};
@@ -82,7 +83,12 @@ pub struct Enrollments {
     permits: tokio::sync::Semaphore,
     queue_wait: Duration,
     fallbacks: Mutex<FallbackLog>,
+    /// Refreshes so far; every [`FULL_READ_EVERY`]th reads every record.
+    refreshes: std::sync::atomic::AtomicU64,
 }
+
+/// Every this many list refreshes, every record is read again for its subject.
+pub const FULL_READ_EVERY: u64 = 10;
 
 /// Cache fallbacks are logged at most every few seconds, with a count.
 #[derive(Debug, Default)]
@@ -105,6 +111,7 @@ impl Enrollments {
             permits: tokio::sync::Semaphore::new(32),
             queue_wait: Duration::from_millis(100),
             fallbacks: Mutex::new(FallbackLog::default()),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -174,11 +181,16 @@ impl Enrollments {
     }
 
     /// Loads the list of enrolled identities; returns how many. Identities no longer
-    /// listed are forgotten; the records of newly listed ones are read for their
-    /// subject (each once: a record changes only when it is enrolled again, and the
-    /// connect that follows reads it).
+    /// listed are forgotten. The records of newly listed ones are read for their
+    /// subject, and every [`FULL_READ_EVERY`]th refresh reads all of them again: a
+    /// device enrolled again through another replica changes its subject, and the
+    /// listing alone would not show it.
     pub async fn refresh_all(&self) -> Result<usize, BaoError> {
         let started = Instant::now();
+        let full = self
+            .refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(FULL_READ_EVERY);
         let client = self.client(false).await?;
         let (devices, services) = match tokio::try_join!(list_devices(&client), list_services(&client)) {
             Err(BaoError::Status { status: 403, .. }) => {
@@ -215,11 +227,21 @@ impl Enrollments {
         }
         let unknown: Vec<String> = listed
             .iter()
-            .filter(|(_, k)| k.subject.is_none())
+            .filter(|(_, k)| full || k.subject.is_none())
             .map(|(p, _)| p.clone())
             .collect();
-        for path in unknown {
-            match self.read(&path).await {
+        // A few reads at a time: a cold start with a large fleet must not bury
+        // OpenBao.
+        let reads: Vec<(String, Result<Option<Value>, BaoError>)> = futures::stream::iter(unknown)
+            .map(|path| async move {
+                let r = self.read(&path).await;
+                (path, r)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (path, read) in reads {
+            match read {
                 Ok(Some(record)) => {
                     if let Some(k) = listed.get_mut(&path) {
                         k.subject = record.get("subject").and_then(Value::as_str).map(str::to_owned);
@@ -228,15 +250,20 @@ impl Enrollments {
                 Ok(None) => {
                     listed.remove(&path);
                 }
-                // OpenBao went away mid-way: what was read is kept.
-                Err(e) => {
-                    tracing::debug!(record = %path, error = %e, "enrollment record not read");
-                    break;
-                }
+                // OpenBao went away mid-way: what was known stays (an unknown
+                // subject admits nobody from the cache).
+                Err(e) => tracing::debug!(record = %path, error = %e, "enrollment record not read"),
             }
         }
         let n = listed.len();
-        *self.cache() = listed;
+        let mut cache = self.cache();
+        // What a connect learned from OpenBao while this refresh ran is newer.
+        for (path, known) in cache.drain() {
+            if known.at > now {
+                listed.insert(path, known);
+            }
+        }
+        *cache = listed;
         Ok(n)
     }
 

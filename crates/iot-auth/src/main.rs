@@ -42,8 +42,10 @@ struct Args {
     #[arg(long, env = "NATS_CA_FILE")]
     nats_ca_file: Option<PathBuf>,
 
-    /// Talk to NATS without TLS when the URL is nats://. For debugging only: the
-    /// callout's password then crosses the network in the clear.
+    /// Talk to NATS without TLS when the URL is nats://, and to OpenBao or the token
+    /// issuer over http://. For debugging only: the callout's password and OpenBao
+    /// credentials then cross the network in the clear, and issuer keys fetched
+    /// over http:// can be replaced on the way.
     #[arg(long, env = "NATS_INSECURE")]
     nats_insecure: bool,
 
@@ -182,6 +184,16 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(p)) => BaoCredentials::Token(read_secret(p)?),
         (None, None) => anyhow::bail!("give --bao-enrollment or --bao-token-file"),
     };
+    anyhow::ensure!(
+        !args.bao_addr.starts_with("http://") || args.nats_insecure,
+        "OpenBao at {} is not TLS: the callout's credentials would cross the network in the clear (use https://, or NATS_INSECURE=true for a debugging stack)",
+        args.bao_addr
+    );
+    anyhow::ensure!(
+        !args.oidc_issuer.starts_with("http://") || args.nats_insecure,
+        "the token issuer {} is not TLS: its signing keys could be replaced on the way (use https://, or NATS_INSECURE=true for a debugging stack)",
+        args.oidc_issuer
+    );
     let bao = Bao::with_ca(&args.bao_addr, args.bao_ca_file.as_deref())?.with_timeout(args.bao_timeout);
     let verifier = Verifier::new(
         &args.oidc_issuer,

@@ -226,27 +226,35 @@ mod tests {
 
     #[test]
     fn inboxes_of_different_identities_never_overlap() {
-        // A device named like a service, or like another device's prefix, gets
-        // nothing of theirs.
-        let device = permissions_for(&Identity::Device(id("viewer")));
-        let viewer = permissions_for(&Identity::Viewer(id("viewer")));
-        let operator = permissions_for(&Identity::Operator(id("viewer")));
-        let inbox = |p: &Permissions| {
-            p.subscribe
-                .iter()
-                .find(|s| s.contains("INBOX"))
-                .cloned()
-                .unwrap_or_default()
-        };
-        let all = [inbox(&device), inbox(&viewer), inbox(&operator)];
-        for (i, a) in all.iter().enumerate() {
-            for (j, b) in all.iter().enumerate() {
-                let a_prefix = a.trim_end_matches('>');
-                if i != j {
-                    assert!(!b.starts_with(a_prefix), "{a} covers {b}");
-                }
+        // Names that are prefixes of one another, and a device named like a
+        // service, get nothing of each other's.
+        let mut inboxes = Vec::new();
+        for name in ["a", "ab", "viewer", "operator", "a-b", "a_b"] {
+            for identity in [
+                Identity::Device(id(name)),
+                Identity::Viewer(id(name)),
+                Identity::Operator(id(name)),
+            ] {
+                let p = permissions_for(&identity);
+                let inbox = p
+                    .subscribe
+                    .iter()
+                    .find(|s| s.contains("INBOX"))
+                    .cloned()
+                    .unwrap_or_default();
+                inboxes.push((format!("{identity:?}"), inbox));
             }
         }
-        assert!(CALLOUT_NATS_PERMISSIONS.contains(CALLOUT_INBOX_PREFIX));
+        inboxes.push(("callout".into(), format!("{CALLOUT_INBOX_PREFIX}.>")));
+        for (a, sa) in &inboxes {
+            for (b, sb) in &inboxes {
+                if a == b {
+                    continue;
+                }
+                // `x.>` covers every subject that starts with `x.`.
+                let covered = sa.trim_end_matches('>');
+                assert!(!sb.starts_with(covered), "{a}'s {sa} covers {b}'s {sb}");
+            }
+        }
     }
 }

@@ -289,7 +289,11 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
             enrollment_file: &callout_file,
             oidc_issuer: Some(issuer.url.clone()),
             user_ttl: Duration::from_secs(3600),
-            env: vec![("RUST_LOG".into(), "warn".into())],
+            // The bench's issuer serves plain HTTP on loopback.
+            env: vec![
+                ("RUST_LOG".into(), "warn".into()),
+                ("NATS_INSECURE".into(), "true".into()),
+            ],
         };
         callouts.push(CalloutProcess::spawn(&launch, &format!("callout-{i}")).await?);
     }

@@ -26,6 +26,9 @@ use crate::view::{DeviceRecord, DeviceState, Snapshot};
 
 pub struct Fleet {
     devices: RwLock<HashMap<Id, DeviceRecord>>,
+    /// Devices whose report was deleted, and when (this clock): a snapshot asked
+    /// for before must not bring them back.
+    removed: std::sync::Mutex<HashMap<Id, chrono::DateTime<Utc>>>,
     deployments: Store<Deployment>,
     changes: watch::Sender<u64>,
     devices_caught_up: watch::Sender<bool>,
@@ -47,6 +50,7 @@ impl Fleet {
         }
         Arc::new(Self {
             devices: RwLock::new(HashMap::new()),
+            removed: std::sync::Mutex::new(HashMap::new()),
             deployments_ready,
             deployments,
             changes: watch::channel(0).0,
@@ -90,6 +94,10 @@ impl Fleet {
         match value.map(serde_json::from_slice::<AgentStatus>) {
             None => {
                 devices.remove(&id);
+                self.removed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id, received_at);
             }
             Some(Ok(status)) if status.device_id == id => {
                 devices.insert(id, DeviceRecord { status, received_at });
@@ -114,6 +122,15 @@ impl Fleet {
         asked_at: chrono::DateTime<Utc>,
     ) {
         let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        let removed: HashMap<Id, chrono::DateTime<Utc>> = {
+            let mut removed = self.removed.lock().unwrap_or_else(PoisonError::into_inner);
+            removed.retain(|_, at| *at >= asked_at);
+            removed.clone()
+        };
+        let records: Vec<_> = records
+            .into_iter()
+            .filter(|r| !removed.contains_key(&r.device))
+            .collect();
         let listed: std::collections::HashSet<Id> = records.iter().map(|r| r.device.clone()).collect();
         devices.retain(|id, held| listed.contains(id) || held.received_at >= asked_at);
         for r in records {
@@ -250,5 +267,69 @@ pub async fn staleness_ticker(fleet: Arc<Fleet>) {
             last = now;
             fleet.bump();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use harmony_reconciler_contracts::read::StatusRecord;
+
+    use super::*;
+
+    fn status(device: &str, version: &str, heartbeat: &str) -> AgentStatus {
+        serde_json::from_value(serde_json::json!({
+            "device_id": device, "agent_version": version, "heartbeat_at": heartbeat
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_never_undoes_what_arrived_live_after_it_was_asked_for() {
+        let (store, _writer) = reflector::store::<Deployment>();
+        let fleet = Fleet::new(store, Duration::from_secs(30));
+        let bytes = |s: &AgentStatus| serde_json::to_vec(s).unwrap_or_default();
+        let asked_at = Utc::now() - chrono::Duration::seconds(5);
+        // Live, after the snapshot was asked for: a newer report of d1, a new
+        // device d4, and d2's report deleted.
+        fleet.record(
+            "status.d1",
+            Some(&bytes(&status("d1", "new", "2026-12-01T00:00:10Z"))),
+            Utc::now(),
+        );
+        fleet.record(
+            "status.d4",
+            Some(&bytes(&status("d4", "1", "2026-12-01T00:00:10Z"))),
+            Utc::now(),
+        );
+        fleet.record("status.d2", None, Utc::now());
+        // A report under someone else's key is kept out, live as in a snapshot.
+        fleet.record(
+            "status.d9",
+            Some(&bytes(&status("d1", "forged", "2026-12-01T00:00:11Z"))),
+            Utc::now(),
+        );
+        let old = |d: &str| StatusRecord {
+            device: id(d),
+            stored_at: asked_at,
+            status: status(d, "old", "2026-12-01T00:00:00Z"),
+        };
+        fleet.replace_from_snapshot(vec![old("d1"), old("d2"), old("d3")], asked_at);
+        let versions: BTreeMap<String, String> = fleet.with_snapshot(|s| {
+            s.devices
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.status.agent_version.clone()))
+                .collect()
+        });
+        let want: BTreeMap<String, String> = [("d1", "new"), ("d3", "old"), ("d4", "1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(versions, want);
     }
 }

@@ -102,9 +102,12 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(nats = %cli.nats.nats_url.join(","), credentials = %creds.describe(), "starting iot-dashboard {}", env!("CARGO_PKG_VERSION"));
     // The name it asks the operator under: its enrollment's, so its permissions
     // (publish iot.status.read.<name>, replies on its own inbox) match.
-    let viewer =
-        harmony_reconciler_contracts::Id::new(cli.nats.enrolled_name()?.unwrap_or_else(|| cli.viewer_name.clone()))
-            .context("the viewer name")?;
+    let viewer = harmony_reconciler_contracts::Id::new(
+        cli.nats
+            .enrolled_name(iot_bao::enroll::Role::Viewer)?
+            .unwrap_or_else(|| cli.viewer_name.clone()),
+    )
+    .context("the viewer name")?;
     let conn = iot_kv::connect_with(
         &cli.nats.nats_url,
         creds.as_ref(),

@@ -147,10 +147,10 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     let sec = stack.security.as_ref().ok_or_else(|| anyhow::anyhow!("secured"))?;
     let root = sec.bao.root()?;
     let ca = sec.bao.ca_file().map(std::path::Path::to_path_buf);
-    let creds_of = |e: iot_bao::enroll::Enrollment| IdentityCredentials::from_enrollment(e, ca.as_deref());
+    let creds_of = |e: iot_bao::enroll::Enrollment| IdentityCredentials::from_enrollment(e, ca.as_deref(), false);
     let device = creds_of(enroll_device(&root, "attacker", &Default::default()).await?)?;
     let viewer = creds_of(enroll_service(&root, "dashboard", Role::Viewer).await?)?;
-    let operator = IdentityCredentials::from_enrollment_file(&sec.operator_enrollment, ca.as_deref())?;
+    let operator = IdentityCredentials::from_enrollment_file(&sec.operator_enrollment, ca.as_deref(), false)?;
     let callout_password = sec.keys.auth_password.clone();
     let sec_system_password = sec.keys.system_password.clone();
 

@@ -65,9 +65,10 @@ pub struct NatsArgs {
     #[arg(long, env = "BAO_CACERT")]
     pub bao_ca_file: Option<PathBuf>,
 
-    /// Talk to NATS without TLS when the URL is nats://. For debugging only: the
-    /// identity token or password then crosses the network in the clear, and anyone
-    /// on the path can replay it. Without it every connection must be TLS.
+    /// Talk to NATS without TLS when the URL is nats://, and to OpenBao over
+    /// http://. For debugging only: the identity token, password or enrollment
+    /// secret then crosses the network in the clear, and anyone on the path can
+    /// replay it. Without it every connection must be TLS.
     #[arg(long, env = "NATS_INSECURE")]
     pub nats_insecure: bool,
 }
@@ -84,9 +85,9 @@ impl NatsArgs {
             })
     }
 
-    /// The service name of an enrollment given with --nats-identity (its role must
-    /// match), for services that address the operator by name.
-    pub fn enrolled_name(&self) -> Result<Option<String>, crate::KvError> {
+    /// The name of the enrollment given with --nats-identity, which must be for
+    /// `role`: services address the operator, and pick their inbox, by it.
+    pub fn enrolled_name(&self, role: iot_bao::enroll::Role) -> Result<Option<String>, crate::KvError> {
         let Some(path) = &self.nats_identity else {
             return Ok(None);
         };
@@ -94,6 +95,14 @@ impl NatsArgs {
             .map_err(|e| crate::KvError::Credentials(format!("reading {}: {e}", path.display())))?;
         let enrollment: iot_bao::enroll::Enrollment = serde_json::from_str(&text)
             .map_err(|e| crate::KvError::Credentials(format!("parsing {}: {e}", path.display())))?;
+        if enrollment.role != role {
+            return Err(crate::KvError::Credentials(format!(
+                "{} is the enrollment of a {} identity; this needs a {} one",
+                path.display(),
+                enrollment.role.as_str(),
+                role.as_str()
+            )));
+        }
         Ok(Some(enrollment.name))
     }
 
@@ -116,6 +125,7 @@ impl NatsArgs {
             Box::new(IdentityCredentials::from_enrollment_file(
                 path,
                 self.bao_ca_file.as_deref(),
+                self.nats_insecure,
             )?)
         } else if let Some(path) = &self.nats_identity_token_file {
             Box::new(IdentityCredentials::from_token_file(path.clone(), device.cloned()))

@@ -61,6 +61,28 @@ pub async fn last_values_for(
     }
 }
 
+/// One page of the stored messages of `bucket` whose keys match `key_filter`, from
+/// stream sequence `from_seq` on, in sequence order, at most about `max_bytes` of
+/// them; and whether more follow. A bucket keeps one message per key, so the
+/// messages are the keys' latest records; a key rewritten while pages are read
+/// shows up again in a later page, at its newer value.
+pub async fn page_by_sequence(
+    client: &async_nats::Client,
+    bucket: &str,
+    key_filter: &str,
+    from_seq: u64,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<(Vec<KvRecord>, bool), KvError> {
+    let filter = format!("$KV.{bucket}.{key_filter}");
+    let body =
+        serde_json::json!({"next_by_subj": filter, "seq": from_seq.max(1), "batch": MAX_BATCH, "max_bytes": max_bytes});
+    match request_batch(client, bucket, &body, timeout).await? {
+        Batch::Records { records, pending } => Ok((records, pending.is_some_and(|p| p > 0))),
+        Batch::TooManySubjects => Err(request_err(&api_subject(bucket), "page refused with 413")),
+    }
+}
+
 /// Every stored message matching `filter`, page by page (see the module docs).
 async fn scan(
     client: &async_nats::Client,

@@ -113,6 +113,9 @@ impl Unconfirmed {
     /// announces, so no read is needed.
     fn signal(&mut self, key: &str, announced: Option<Bytes>, current: &BTreeMap<String, Bytes>) -> bool {
         if current.get(key) == announced.as_ref() {
+            // The last read shows it: an older announcement for the key is moot
+            // (the key went A -> B -> A, say).
+            self.announced.remove(key);
             return false;
         }
         if self.announced.is_empty() {
@@ -289,6 +292,12 @@ mod tests {
         assert!(u.confirm(&current));
         current.remove("d.ns_web");
         assert!(!u.confirm(&current));
+        // Back to what the last read shows: the announcement in between is moot.
+        let mut u = Unconfirmed::default();
+        current.insert("d.ns_web".into(), v("v1"));
+        assert!(u.signal("d.ns_web", Some(v("v2")), &current));
+        assert!(!u.signal("d.ns_web", Some(v("v1")), &current));
+        assert!(u.announced.is_empty(), "{:?}", u.announced);
         assert_eq!(confirm_delay(1), Duration::from_millis(25));
         assert_eq!(confirm_delay(4), Duration::from_millis(200));
         let waited: Duration = (1..MAX_CONFIRM_READS).map(confirm_delay).sum();

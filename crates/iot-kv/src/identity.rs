@@ -50,7 +50,20 @@ pub struct IdentityCredentials {
 impl IdentityCredentials {
     /// From an enrollment (the file `iotctl device enroll` writes). `bao_ca`: the
     /// CA bundle that verifies OpenBao's certificate (the system's roots if `None`).
-    pub fn from_enrollment(enrollment: Enrollment, bao_ca: Option<&std::path::Path>) -> Result<Self, KvError> {
+    /// An `http://` OpenBao is refused unless `allow_plain`: the login sends the
+    /// enrollment's secret, a permanent credential.
+    pub fn from_enrollment(
+        enrollment: Enrollment,
+        bao_ca: Option<&std::path::Path>,
+        allow_plain: bool,
+    ) -> Result<Self, KvError> {
+        if enrollment.bao_addr.starts_with("http://") && !allow_plain {
+            return Err(KvError::Credentials(format!(
+                "the enrollment's OpenBao address {} is not TLS: its secret would cross the network in the clear \
+                 (use https://, or --nats-insecure / NATS_INSECURE=true on a debugging stack)",
+                enrollment.bao_addr
+            )));
+        }
         let name = || {
             Id::new(enrollment.name.clone())
                 .map_err(|e| KvError::Credentials(format!("the enrollment's name is not a valid id: {e}")))
@@ -73,13 +86,17 @@ impl IdentityCredentials {
         })
     }
 
-    /// From an enrollment file.
-    pub fn from_enrollment_file(path: &std::path::Path, bao_ca: Option<&std::path::Path>) -> Result<Self, KvError> {
+    /// From an enrollment file (see [`Self::from_enrollment`]).
+    pub fn from_enrollment_file(
+        path: &std::path::Path,
+        bao_ca: Option<&std::path::Path>,
+        allow_plain: bool,
+    ) -> Result<Self, KvError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| KvError::Credentials(format!("reading {}: {e}", path.display())))?;
         let enrollment: Enrollment = serde_json::from_str(&text)
             .map_err(|e| KvError::Credentials(format!("parsing {}: {e}", path.display())))?;
-        Self::from_enrollment(enrollment, bao_ca)
+        Self::from_enrollment(enrollment, bao_ca, allow_plain)
     }
 
     /// From a token file that something else refreshes; `device` selects the inbox.

@@ -19,10 +19,10 @@ pub async fn read_status_snapshot(
     timeout: Duration,
 ) -> Result<Vec<StatusRecord>, KvError> {
     let subject = status_read_subject(viewer);
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
+    let mut latest: std::collections::BTreeMap<Id, StatusRecord> = std::collections::BTreeMap::new();
+    let mut from_sequence = 0u64;
     for _ in 0..MAX_PAGES {
-        let body = serde_json::to_vec(&StatusReadRequest { after: after.clone() }).map_err(KvError::js)?;
+        let body = serde_json::to_vec(&StatusReadRequest { from_sequence }).map_err(KvError::js)?;
         let page: StatusReadPage = crate::status_relay::ask(
             client,
             &subject,
@@ -34,12 +34,14 @@ pub async fn read_status_snapshot(
         if let Some(message) = page.error {
             return Err(KvError::Request { subject, message });
         }
-        after = page.records.last().map(|r| r.device.to_string());
-        let more = page.more && after.is_some();
-        out.extend(page.records);
-        if !more {
-            return Ok(out);
+        // In stored order: a later record of a device is its newer report.
+        for r in page.records {
+            latest.insert(r.device.clone(), r);
         }
+        if !page.more || page.next_sequence <= from_sequence {
+            return Ok(latest.into_values().collect());
+        }
+        from_sequence = page.next_sequence;
     }
     Err(KvError::Request {
         subject,

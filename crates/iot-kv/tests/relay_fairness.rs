@@ -102,7 +102,6 @@ async fn a_flooding_device_gets_one_write_at_a_time_and_the_others_get_theirs() 
     );
     eprintln!("flood: {stored} stored, {superseded} superseded, {refused} refused");
     assert!(superseded > 0, "the latest write replaced waiting ones");
-    assert!(stored < FLOOD, "not every write of the flood reached the stream");
     // The latest wins: what is stored is the last status the flooder sent.
     let latest = status.get("status.flood").await?.unwrap_or_default();
     assert!(

@@ -15,7 +15,6 @@ use std::time::Duration;
 use async_nats::jetstream::kv::{self, Operation};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use harmony_reconciler_contracts::read::{StatusReadPage, StatusRecord};
 use harmony_reconciler_contracts::{AgentStatus, DeploymentRef, Id, parse_agent_status_key};
 use iot_api::Deployment;
 use kube::ResourceExt;
@@ -48,8 +47,6 @@ impl Default for AggregatorConfig {
 /// The latest report of every device, fed by one watch of the `agent-status` bucket.
 pub struct DeviceIndex {
     reports: Mutex<HashMap<Id, DeviceReport>>,
-    /// The whole latest report of each device, for viewers' snapshots.
-    statuses: Mutex<HashMap<Id, (AgentStatus, DateTime<Utc>)>>,
     dirty: AtomicBool,
     /// Server time of the oldest report not yet aggregated: the aggregator's lag.
     pending_since: Mutex<Option<DateTime<Utc>>>,
@@ -61,7 +58,6 @@ impl Default for DeviceIndex {
     fn default() -> Self {
         Self {
             reports: Mutex::new(HashMap::new()),
-            statuses: Mutex::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             pending_since: Mutex::new(None),
             processed: AtomicU64::new(0),
@@ -86,12 +82,9 @@ impl DeviceIndex {
         match value {
             None => {
                 self.lock().remove(&device);
-                self.lock_statuses().remove(&device);
             }
             Some(bytes) => match serde_json::from_slice::<AgentStatus>(bytes) {
                 Ok(status) if status.device_id == device => {
-                    self.lock_statuses()
-                        .insert(device.clone(), (status.clone(), received_at));
                     self.lock().insert(device, DeviceReport::new(status, received_at));
                 }
                 Ok(status) => {
@@ -108,41 +101,6 @@ impl DeviceIndex {
             *since = Some(since.map_or(received_at, |s| s.min(received_at)));
         }
         self.dirty.store(true, Ordering::Release);
-    }
-
-    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, HashMap<Id, (AgentStatus, DateTime<Utc>)>> {
-        self.statuses.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The page of the latest reports after device `after`, in device id order, of
-    /// about `budget` bytes of JSON at most (one report always fits).
-    pub fn status_page(&self, after: Option<&str>, budget: usize) -> StatusReadPage {
-        let statuses = self.lock_statuses();
-        let mut ids: Vec<&Id> = statuses
-            .keys()
-            .filter(|id| after.is_none_or(|a| id.as_str() > a))
-            .collect();
-        ids.sort();
-        let mut page = StatusReadPage::default();
-        let mut used = 0usize;
-        for id in ids {
-            let Some((status, stored_at)) = statuses.get(id) else {
-                continue;
-            };
-            let record = StatusRecord {
-                device: id.clone(),
-                stored_at: *stored_at,
-                status: status.clone(),
-            };
-            let size = serde_json::to_vec(&record).map_or(0, |v| v.len());
-            if !page.records.is_empty() && used + size > budget {
-                page.more = true;
-                break;
-            }
-            used += size;
-            page.records.push(record);
-        }
-        page
     }
 
     /// KV entries recorded so far (for benchmarks of ingestion).
@@ -308,49 +266,5 @@ pub async fn run_aggregator(
             sent.insert(dep.clone(), agg.clone());
             status.aggregate(dep, agg);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn report(device: &str, version: &str) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "device_id": device, "agent_version": version, "heartbeat_at": "2026-12-01T00:00:00Z"
-        }))
-        .unwrap_or_default()
-    }
-
-    #[test]
-    fn snapshot_pages_cover_every_good_report_once_in_id_order() {
-        let index = DeviceIndex::default();
-        let at = Utc::now();
-        for i in (0..30).rev() {
-            index.record(&format!("status.d{i:02}"), Some(&report(&format!("d{i:02}"), "1")), at);
-        }
-        // What the index refuses never reaches a viewer: a report under another
-        // device's key, and one that does not parse.
-        index.record("status.x", Some(&report("d01", "forged")), at);
-        index.record("status.y", Some(b"{not json"), at);
-        index.record("status.d29", None, at);
-        let mut seen = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            // A budget that fits a few reports per page.
-            let page = index.status_page(after.as_deref(), 300);
-            assert!(!page.records.is_empty());
-            seen.extend(
-                page.records
-                    .iter()
-                    .map(|r| (r.device.to_string(), r.status.agent_version.clone())),
-            );
-            after = page.records.last().map(|r| r.device.to_string());
-            if !page.more {
-                break;
-            }
-        }
-        let want: Vec<(String, String)> = (0..29).map(|i| (format!("d{i:02}"), "1".to_owned())).collect();
-        assert_eq!(seen, want);
     }
 }

@@ -52,6 +52,11 @@ struct RunArgs {
     /// Serve /metrics (Prometheus), /healthz and /readyz here; "off" to disable.
     #[arg(long, env = "IOT_HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
     http_addr: HttpAddr,
+    /// The operator's name on NATS when it connects without an enrollment (with
+    /// one, the enrollment's name): its replies come to `_SVC_INBOX.operator.<name>`,
+    /// the only inbox its permissions allow.
+    #[arg(long, env = "IOT_NATS_SERVICE_NAME", default_value = "operator")]
+    nats_service_name: String,
     #[command(flatten)]
     leader: LeaderArgs,
 }
@@ -149,7 +154,17 @@ async fn main() -> anyhow::Result<()> {
             let client = kube_client().await?;
             let opts = iot_operator::run::RunOptions {
                 nats_url: args.nats.nats_url.clone(),
-                nats: args.nats.client_options("iot-operator").background(),
+                nats: args.nats.client_options("iot-operator").background().inbox_prefix(
+                    harmony_reconciler_contracts::read::service_inbox_prefix(
+                        harmony_reconciler_contracts::read::ServiceRole::Operator,
+                        &harmony_reconciler_contracts::Id::new(
+                            args.nats
+                                .enrolled_name(iot_bao::enroll::Role::Operator)?
+                                .unwrap_or_else(|| args.nats_service_name.clone()),
+                        )
+                        .map_err(|e| anyhow::anyhow!("the operator's NATS name: {e}"))?,
+                    ),
+                ),
                 resync: args.resync,
                 status_min_interval: args.status_min_interval,
                 aggregator: iot_operator::aggregator::AggregatorConfig {

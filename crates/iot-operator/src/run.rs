@@ -265,11 +265,11 @@ async fn start(
     index.wait_ready().await;
     devices.wait_caught_up().await;
     {
-        // Viewers (the dashboard) read the fleet's reports through this, from the
-        // device index, which only holds reports that passed its checks.
-        let (client, devices, counts) = (conn.client.clone(), devices.clone(), metrics.device_request_counts());
+        // Viewers (the dashboard) read the fleet's reports through this.
+        let (client, counts) = (conn.client.clone(), metrics.device_request_counts());
         forever(tasks, "status snapshot responder", async move {
-            if let Err(e) = crate::status_snapshot::serve_status_reads(client, devices, counts).await {
+            let budget = crate::status_snapshot::PAGE_BUDGET;
+            if let Err(e) = crate::status_snapshot::serve_status_reads(client, budget, counts).await {
                 tracing::error!(error = %e, "status snapshot responder stopped");
             }
         });

@@ -1,5 +1,8 @@
 //! The status snapshot for viewers (the dashboard): `iot.status.read.<name>` answers
-//! with the fleet's latest reports, page by page, from the operator's device index.
+//! with the fleet's latest reports, page by page, read from the `agent-status`
+//! stream in the order it stored them (a batched direct get: no consumer, and
+//! nothing held in the operator's memory). Only reports that decode and name the
+//! device of their key are passed on.
 //!
 //! A viewer used to follow the `agent-status` stream itself, which took JetStream
 //! API rights; with those, any identity can make the server publish on any subject
@@ -7,18 +10,20 @@
 //! state. Viewers now get no JetStream API at all: this snapshot, plus a plain
 //! subscription to `$KV.agent-status.>` for changes.
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use harmony_reconciler_contracts::read::{STATUS_READ_PREFIX, STATUS_READ_QUEUE, StatusReadRequest, is_viewer_inbox};
+use harmony_reconciler_contracts::read::{
+    STATUS_READ_PREFIX, STATUS_READ_QUEUE, StatusReadPage, StatusReadRequest, StatusRecord, is_viewer_inbox,
+};
+use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, AgentStatus, parse_agent_status_key};
 use iot_kv::KvError;
 use iot_kv::device_service::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
 use iot_kv::fair::FairLimits;
 
-use crate::aggregator::DeviceIndex;
-
-/// JSON bytes per page: well below NATS's default 1 MiB max payload.
-pub const PAGE_BUDGET: usize = 384 * 1024;
+/// Stored bytes per page: the answer (the same reports, as JSON) stays well below
+/// NATS's default 1 MiB max payload.
+pub const PAGE_BUDGET: usize = 256 * 1024;
 
 /// Where the snapshot responder listens: a few viewers, each with one page in
 /// flight.
@@ -35,19 +40,67 @@ pub fn status_read_spec() -> ServiceSpec {
     }
 }
 
-/// Answers snapshot requests until the subscription ends.
+/// Answers snapshot requests until the subscription ends; `page_budget` bounds the
+/// stored bytes one page reads.
 pub async fn serve_status_reads(
     client: async_nats::Client,
-    devices: Arc<DeviceIndex>,
+    page_budget: usize,
     counts: ServiceCounts,
 ) -> Result<(), KvError> {
+    let reader = client.clone();
     serve(client, status_read_spec(), counts, move |req: DeviceRequest| {
-        let devices = devices.clone();
+        let client = reader.clone();
         async move {
             let request: StatusReadRequest = serde_json::from_slice(&req.payload).unwrap_or_default();
-            let page = devices.status_page(request.after.as_deref(), PAGE_BUDGET);
+            let page = status_page(&client, request.from_sequence, page_budget).await;
             Bytes::from(serde_json::to_vec(&page).unwrap_or_default())
         }
     })
     .await
+}
+
+/// One page of reports stored at `from_sequence` or later.
+pub async fn status_page(client: &async_nats::Client, from_sequence: u64, budget: usize) -> StatusReadPage {
+    let read = iot_kv::direct::page_by_sequence(
+        client,
+        AGENT_STATUS_BUCKET,
+        ">",
+        from_sequence,
+        budget,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (records, more) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            return StatusReadPage {
+                error: Some(e.to_string()),
+                ..Default::default()
+            };
+        }
+    };
+    let next_sequence = records
+        .iter()
+        .map(|r| r.sequence)
+        .max()
+        .map_or(from_sequence, |s| s + 1);
+    let records = records
+        .into_iter()
+        .filter_map(|r| {
+            let device = parse_agent_status_key(&r.key).ok()?;
+            let status: AgentStatus = serde_json::from_slice(r.value.as_deref()?).ok()?;
+            // One writer per key: a report under someone else's key is not passed on.
+            (status.device_id == device).then_some(StatusRecord {
+                device,
+                stored_at: r.stored_at?,
+                status,
+            })
+        })
+        .collect();
+    StatusReadPage {
+        records,
+        more,
+        next_sequence,
+        error: None,
+    }
 }

@@ -17,7 +17,7 @@ use crate::out;
 #[derive(Debug, Clone, Args)]
 pub struct BaoArgs {
     /// OpenBao address.
-    #[arg(long, env = "BAO_ADDR", default_value = "http://127.0.0.1:8200", global = true)]
+    #[arg(long, env = "BAO_ADDR", default_value = "https://127.0.0.1:8200", global = true)]
     pub bao_addr: String,
     /// OpenBao token with administrative rights.
     #[arg(long, env = "BAO_TOKEN", hide_env_values = true, global = true)]
@@ -25,6 +25,9 @@ pub struct BaoArgs {
     /// The CA of OpenBao's certificate (from --bao-ca-file / BAO_CACERT).
     #[arg(skip)]
     pub ca_file: Option<PathBuf>,
+    /// Whether an http:// OpenBao is allowed (from --nats-insecure).
+    #[arg(skip)]
+    pub insecure: bool,
 }
 
 impl BaoArgs {
@@ -33,6 +36,11 @@ impl BaoArgs {
             .bao_token
             .clone()
             .context("no OpenBao token: set BAO_TOKEN (or --bao-token)")?;
+        anyhow::ensure!(
+            !self.bao_addr.starts_with("http://") || self.insecure,
+            "OpenBao at {} is not TLS: the token would cross the network in the clear (use https://, or --nats-insecure for a debugging stack)",
+            self.bao_addr
+        );
         Ok(Bao::with_ca(&self.bao_addr, self.ca_file.as_deref())?.with_token(token))
     }
 }

@@ -371,6 +371,7 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
 async fn main() {
     let mut cli = Cli::parse();
     cli.bao.ca_file = cli.nats.bao_ca_file.clone();
+    cli.bao.insecure = cli.nats.nats_insecure;
     let result = match &cli.cmd {
         Cmd::Kv { cmd } => kv_cmd(&cli, cmd).await,
         Cmd::Devices => devices(&cli).await,

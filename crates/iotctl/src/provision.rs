@@ -137,7 +137,7 @@ pub fn provision(a: &ProvisionArgs) -> anyhow::Result<()> {
         out::warn(&format!(
             "{} holds the device's enrollment secret: keep the seed private. A writable seed (USB stick, \
              boot partition) loses it at first boot; a read-only one (an ISO) keeps it: detach it after the first boot, or \
-             rotate the secret (README: Rotating a device's enrollment)",
+             rotate the secret (README: Enrollment secrets)",
             iot_provision::ENROLLMENT_FILE
         ));
     }

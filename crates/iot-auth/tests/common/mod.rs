@@ -142,6 +142,7 @@ impl Secured {
         Ok(IdentityCredentials::from_enrollment(
             enrollment,
             Some(&self.ca.cert_file()),
+            false,
         )?)
     }
 
