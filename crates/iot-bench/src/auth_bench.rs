@@ -320,6 +320,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     tokio::spawn(iot_kv::desired_read::serve_desired_reads(
         operator.client.clone(),
         Duration::from_secs(30),
+        None,
         iot_kv::device_service::no_counts(),
     ));
     let rss_idle = rss_kib(nats_pid)?;

@@ -87,6 +87,10 @@ enum Cmd {
         devices: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// How the responder reads: `index` (the operator's index of the bucket,
+        /// what it runs) or `stream` (a batched direct get per read).
+        #[arg(long, default_value = "index")]
+        responder: String,
     },
     /// N devices' status relay latency, without and with one flooding device.
     RelayFlood {
@@ -94,6 +98,16 @@ enum Cmd {
         devices: usize,
         #[arg(long, default_value_t = 20)]
         window_secs: u64,
+        /// The flood's rate in megabits a second (0: as fast as its connection
+        /// takes it). 100 is a device on a fast LAN.
+        #[arg(long, default_value_t = 100.0)]
+        flood_mbps: f64,
+    },
+    /// As device `flooder`, sends 250 KB statuses to $NATS_URL until killed.
+    #[command(hide = true)]
+    Flood {
+        #[arg(long, default_value_t = 0.0)]
+        mbps: f64,
     },
     /// Runs one operator service (read, relay) against $NATS_URL until killed: the
     /// benchmarks above measure it as a process of its own.
@@ -121,8 +135,17 @@ async fn main() -> anyhow::Result<()> {
             resync_secs,
             reconnect_read_spread_secs,
         } => follow_bench::run(devices, connections, resync_secs, reconnect_read_spread_secs).await,
-        Cmd::SignalFollow { devices, rounds } => trust_bench::signal_follow(devices, rounds).await,
-        Cmd::RelayFlood { devices, window_secs } => trust_bench::relay_flood(devices, window_secs).await,
+        Cmd::SignalFollow {
+            devices,
+            rounds,
+            responder,
+        } => trust_bench::signal_follow(devices, rounds, &responder).await,
+        Cmd::RelayFlood {
+            devices,
+            window_secs,
+            flood_mbps,
+        } => trust_bench::relay_flood(devices, window_secs, flood_mbps).await,
+        Cmd::Flood { mbps } => trust_bench::flood(mbps).await,
         Cmd::Serve { service } => trust_bench::serve(&service).await,
     }
 }

@@ -75,11 +75,116 @@ pub async fn serve(service: &str) -> anyhow::Result<()> {
     let conn = iot_kv::connect(&[url], &iot_kv::Anonymous, "operator-service", ca.as_deref()).await?;
     let counts = iot_kv::device_service::no_counts();
     match service {
-        "read" => iot_kv::desired_read::serve_desired_reads(conn.client, Duration::from_secs(30), counts).await?,
+        // As the operator runs it: from its index of the bucket once caught up.
+        "read" => {
+            let js = async_nats::jetstream::new(conn.client.clone());
+            let store = js
+                .get_key_value(harmony_reconciler_contracts::DESIRED_STATE_BUCKET)
+                .await?;
+            let index = Arc::new(iot_operator::kv_index::DesiredIndex::default());
+            let follower = index.clone();
+            tokio::spawn(async move { follower.run(store).await });
+            let source: Arc<dyn iot_kv::desired_read::DesiredSource> = index;
+            iot_kv::desired_read::serve_desired_reads(conn.client, Duration::from_secs(30), Some(source), counts)
+                .await?
+        }
+        // Every read a batched direct get of the stream.
+        "read-stream" => {
+            iot_kv::desired_read::serve_desired_reads(conn.client, Duration::from_secs(30), None, counts).await?
+        }
         "relay" => iot_kv::status_relay::serve_status_writes(conn.client, Duration::from_secs(30), counts).await?,
+        "relay-shared-pool" => shared_pool_relay(conn.client).await?,
         other => anyhow::bail!("no service {other}"),
     }
     Ok(())
+}
+
+/// The relay as it was before this change, for the comparison: one pool of 256
+/// permits shared by every device, taken inside the receive loop (so a device
+/// that floods holds permits, and the loop itself waits for them).
+async fn shared_pool_relay(client: async_nats::Client) -> anyhow::Result<()> {
+    use harmony_reconciler_contracts::read::{
+        STATUS_WRITE_PREFIX, STATUS_WRITE_QUEUE, StatusWriteAnswer, device_of_status_subject, is_device_inbox,
+    };
+    let mut sub = client
+        .queue_subscribe(format!("{STATUS_WRITE_PREFIX}.*"), STATUS_WRITE_QUEUE.to_owned())
+        .await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    while let Some(msg) = sub.next().await {
+        let Some(reply) = msg.reply.clone() else { continue };
+        let Some(device) = device_of_status_subject(&msg.subject) else {
+            continue;
+        };
+        if !is_device_inbox(&device, &reply) {
+            continue;
+        }
+        let permit = limit.clone().acquire_owned().await?;
+        let (client, js) = (client.clone(), js.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let subject = format!(
+                "$KV.{}.{}",
+                harmony_reconciler_contracts::AGENT_STATUS_BUCKET,
+                harmony_reconciler_contracts::agent_status_key(&device)
+            );
+            let answer = match js.publish(subject, msg.payload).await {
+                Ok(ack) => match ack.await {
+                    Ok(a) => StatusWriteAnswer {
+                        sequence: a.sequence,
+                        error: None,
+                    },
+                    Err(e) => StatusWriteAnswer {
+                        sequence: 0,
+                        error: Some(e.to_string()),
+                    },
+                },
+                Err(e) => StatusWriteAnswer {
+                    sequence: 0,
+                    error: Some(e.to_string()),
+                },
+            };
+            let _ = client
+                .publish(reply, serde_json::to_vec(&answer).unwrap_or_default().into())
+                .await;
+        });
+    }
+    Ok(())
+}
+
+/// `iot-bench flood`: as device `flooder`, sends 250 KB statuses without waiting
+/// for answers, at `mbps` megabits a second (0: as fast as the connection takes
+/// them), until killed.
+pub async fn flood(mbps: f64) -> anyhow::Result<()> {
+    let url = std::env::var("NATS_URL")?;
+    let ca = std::env::var_os("NATS_CA_FILE").map(std::path::PathBuf::from);
+    let id = Id::new("flooder")?;
+    let opts = iot_kv::ClientOptions::new("flooder")
+        .tls(iot_kv::NatsTls {
+            ca_file: ca,
+            required: true,
+        })
+        .inbox_prefix(device_inbox_prefix(&id));
+    let client = iot_kv::connect_with(&[url], &iot_kv::Anonymous, &opts).await?.client;
+    let subject = harmony_reconciler_contracts::read::status_write_subject(&id);
+    let body = Bytes::from(vec![b'f'; 250 * 1024]);
+    let inbox = client.new_inbox();
+    let interval = (mbps > 0.0).then(|| Duration::from_secs_f64(body.len() as f64 * 8.0 / (mbps * 1e6)));
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    loop {
+        client
+            .publish_with_reply(subject.clone(), inbox.clone(), body.clone())
+            .await?;
+        sent += 1;
+        if let Some(every) = interval {
+            let due = start + every * u32::try_from(sent).unwrap_or(u32::MAX);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if sent.is_multiple_of(100) {
+            eprintln!("flooder: {sent} sent in {:.1} s", start.elapsed().as_secs_f64());
+        }
+    }
 }
 
 fn value(round: usize) -> Bytes {
@@ -106,14 +211,20 @@ fn median(v: &mut [Duration]) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-pub async fn signal_follow(devices: usize, rounds: usize) -> anyhow::Result<()> {
+pub async fn signal_follow(devices: usize, rounds: usize, responder: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let nats = NatsServer::start().await?;
     let admin = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "admin", nats.ca_file()).await?;
     let js = async_nats::jetstream::new(admin.client.clone());
     iot_kv::buckets::ensure_buckets(&js).await?;
     put_round(&js, devices, &value(0)).await?;
-    let responder = spawn_service(&nats, "read", dir.path())?;
+    let service = match responder {
+        "index" => "read",
+        "stream" => "read-stream",
+        other => anyhow::bail!("--responder {other}: index or stream"),
+    };
+    let responder_kind = responder;
+    let responder = spawn_service(&nats, service, dir.path())?;
     let responder_pid = responder.pid().ok_or_else(|| anyhow::anyhow!("no responder pid"))?;
     let ids: Vec<Id> = (0..devices)
         .map(|i| Id::new(format!("dev{i}")))
@@ -199,7 +310,9 @@ pub async fn signal_follow(devices: usize, rounds: usize) -> anyhow::Result<()> 
     }
     responder_cpu.sort_by(f64::total_cmp);
     let (r, s) = (median(&mut raw), median(&mut signal));
-    println!("| {devices} devices, one change each ({rounds} rounds, median) | |");
+    println!(
+        "| {devices} devices, one change each ({rounds} rounds, median; responder reads from the {responder_kind}) | |"
+    );
     println!("| --- | --- |");
     println!(
         "| today's path before the change: message body applied | {:.2} s |",
@@ -281,80 +394,99 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-pub async fn relay_flood(devices: usize, window_secs: u64) -> anyhow::Result<()> {
+/// Latencies (quiet, flooded) of one relay design, and the flood's rate.
+struct FloodRun {
+    quiet: Vec<Duration>,
+    flooded: Vec<Duration>,
+    flood_msgs: f64,
+    relay_cpu_pct: f64,
+}
+
+async fn flood_run(
+    nats: &NatsServer,
+    relay: &str,
+    conns: &[NatsConnection],
+    ids: &[Id],
+    window: Duration,
+    mbps: f64,
+    dir: &std::path::Path,
+) -> anyhow::Result<FloodRun> {
+    let relay = spawn_service(nats, relay, dir)?;
+    let relay_pid = relay.pid().ok_or_else(|| anyhow::anyhow!("no relay pid"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    heartbeats(conns, ids, Duration::from_secs(3)).await;
+    let quiet = heartbeats(conns, ids, window).await;
+    // The flooder is a process of its own, as a device is.
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("flood")
+        .arg("--mbps")
+        .arg(mbps.to_string())
+        .env("RUST_LOG", "warn");
+    nats.configure_client(&mut cmd);
+    let flooder = LoggedProcess::spawn("flooder", cmd, dir.join("flooder.log"))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = cpu_ticks(relay_pid)?;
+    let t = Instant::now();
+    let flooded = heartbeats(conns, ids, window).await;
+    let relay_cpu_pct = (cpu_ticks(relay_pid)? - cpu0) as f64 / 100.0 / t.elapsed().as_secs_f64() * 100.0;
+    let log = flooder.log_text();
+    let sent: f64 = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("flooder: ")?.split(' ').next()?.parse::<f64>().ok())
+        .next_back()
+        .unwrap_or(0.0);
+    drop(flooder);
+    drop(relay);
+    Ok(FloodRun {
+        quiet,
+        flooded,
+        flood_msgs: sent / (t.elapsed().as_secs_f64() + 1.0),
+        relay_cpu_pct,
+    })
+}
+
+pub async fn relay_flood(devices: usize, window_secs: u64, mbps: f64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let nats = NatsServer::start().await?;
     let admin = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "admin", nats.ca_file()).await?;
     let js = async_nats::jetstream::new(admin.client.clone());
     iot_kv::buckets::ensure_buckets(&js).await?;
-    let relay = spawn_service(&nats, "relay", dir.path())?;
-    let relay_pid = relay.pid().ok_or_else(|| anyhow::anyhow!("no relay pid"))?;
     let ids: Vec<Id> = (0..devices)
         .map(|i| Id::new(format!("dev{i}")))
         .collect::<Result<_, _>>()?;
     let conns = connect_all(&nats, &ids).await?;
     let window = Duration::from_secs(window_secs);
-    // Warm up (first writes create the keys).
-    heartbeats(&conns, &ids, Duration::from_secs(3)).await;
-
-    let quiet = heartbeats(&conns, &ids, window).await;
-
-    let flooder_id = Id::new("flooder")?;
-    let flooder = device_connection(&nats, &flooder_id).await?;
-    let sent = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = {
-        let (client, sent, stop) = (flooder.client.clone(), sent.clone(), stop.clone());
-        let subject = harmony_reconciler_contracts::read::status_write_subject(&flooder_id);
-        let body = Bytes::from(vec![b'f'; 250 * 1024]);
-        tokio::spawn(async move {
-            // Fire and forget: a misbehaving device does not wait for answers.
-            let inbox = client.new_inbox();
-            while !stop.load(Ordering::Relaxed) {
-                if client
-                    .publish_with_reply(subject.clone(), inbox.clone(), body.clone())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-            }
-        })
+    let rate = if mbps > 0.0 {
+        format!("{mbps} Mbit/s")
+    } else {
+        "as fast as its connection takes them".to_owned()
     };
-    let cpu0 = cpu_ticks(relay_pid)?;
-    let flooded = heartbeats(&conns, &ids, window).await;
-    let relay_cpu = (cpu_ticks(relay_pid)? - cpu0) as f64 / 100.0 / window.as_secs_f64() * 100.0;
-    stop.store(true, Ordering::Relaxed);
-    let _ = flood.await;
-    let flood_rate = sent.load(Ordering::Relaxed) as f64 / window.as_secs_f64();
-
-    let failed = |v: &[Duration]| v.iter().filter(|d| **d >= Duration::from_secs(10)).count();
     println!(
-        "| {devices} devices writing status once a second ({window_secs} s each) | no flood | one device floods | ratio |"
+        "| {devices} devices writing status once a second; one device floods 250 KB statuses ({rate}); {window_secs} s each | p50 | p99 | failed or over 10 s |"
     );
     println!("| --- | --- | --- | --- |");
-    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
-        let (a, b) = (pct(&quiet, p), pct(&flooded, p));
+    let failed = |v: &[Duration]| v.iter().filter(|d| **d >= Duration::from_secs(10)).count();
+    for (relay, name) in [
+        ("relay-shared-pool", "before: one permit pool for all"),
+        ("relay", "now: fair per device"),
+    ] {
+        let run = flood_run(&nats, relay, &conns, &ids, window, mbps, dir.path()).await?;
+        for (phase, v) in [("no flood", &run.quiet), ("flooded", &run.flooded)] {
+            println!(
+                "| {name}, {phase} | {:.1} ms | {:.1} ms | {} of {} |",
+                pct(v, 0.5).as_secs_f64() * 1000.0,
+                pct(v, 0.99).as_secs_f64() * 1000.0,
+                failed(v),
+                v.len()
+            );
+        }
         println!(
-            "| relay latency {name} | {:.1} ms | {:.1} ms | {:.2}x |",
-            a.as_secs_f64() * 1000.0,
-            b.as_secs_f64() * 1000.0,
-            b.as_secs_f64() / a.as_secs_f64().max(1e-6)
+            "| {name}: flooded / no flood | {:.2}x | {:.2}x | (flood {:.0} msgs/s, relay CPU {:.0} %) |",
+            pct(&run.flooded, 0.5).as_secs_f64() / pct(&run.quiet, 0.5).as_secs_f64().max(1e-6),
+            pct(&run.flooded, 0.99).as_secs_f64() / pct(&run.quiet, 0.99).as_secs_f64().max(1e-6),
+            run.flood_msgs,
+            run.relay_cpu_pct
         );
     }
-    println!(
-        "| writes (failed or over 10 s) | {} ({}) | {} ({}) | |",
-        quiet.len(),
-        failed(&quiet),
-        flooded.len(),
-        failed(&flooded)
-    );
-    println!(
-        "| flood: 250 KB statuses sent per second | | {flood_rate:.0} ({:.0} MB/s) | |",
-        flood_rate * 0.25
-    );
-    println!("| relay CPU while flooded | | {relay_cpu:.0} % of a core | |");
-    drop(relay);
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! `harmony_reconciler_contracts::read` for why it exists).
 //!
 //! The responder answers `iot.desired.read.<device>` with that device's records,
-//! read by one batched direct get ([`last_values_for`]) and cut into pages below
-//! [`PAGE_BUDGET`] bytes. Pages are separate reads, so a key written between two pages
+//! cut into pages below [`PAGE_BUDGET`] bytes. It reads them from a
+//! [`DesiredSource`]: the operator's index of the bucket (one watch of the stream,
+//! so an answer costs no request to the server), or, while that index is not
+//! caught up, one batched direct get of the stream ([`last_values_for`]). Pages are separate reads, so a key written between two pages
 //! may be seen at either value; the device's change subscription, which runs
 //! alongside, delivers the newer one in any case.
 
@@ -44,26 +46,39 @@ pub fn desired_read_spec() -> ServiceSpec {
     }
 }
 
+/// Where the responder finds a device's records when it does not ask the stream.
+pub trait DesiredSource: Send + Sync {
+    /// Every record of `device`'s keys (deleted keys left out), or `None` while the
+    /// source is not caught up with the stream.
+    fn records_for(&self, device: &Id) -> Option<Vec<KvRecord>>;
+}
+
 /// Answers read requests until the subscription ends. Any number of responders can
-/// run; they share the requests through a queue group.
+/// run; they share the requests through a queue group. `source`: an index that
+/// follows the bucket (without one, every read asks the stream).
 pub async fn serve_desired_reads(
     client: async_nats::Client,
     read_timeout: Duration,
+    source: Option<std::sync::Arc<dyn DesiredSource>>,
     counts: ServiceCounts,
 ) -> Result<(), KvError> {
     let reader = client.clone();
     serve(client, desired_read_spec(), counts, move |req: DeviceRequest| {
-        let client = reader.clone();
+        let (client, source) = (reader.clone(), source.clone());
         async move {
             let request: DesiredReadRequest = serde_json::from_slice(&req.payload).unwrap_or_default();
-            let page =
-                match last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{}.>", req.id), read_timeout).await {
-                    Ok(records) => page_after(records, request.after.as_deref()),
-                    Err(e) => DesiredReadPage {
-                        error: Some(e.to_string()),
-                        ..Default::default()
-                    },
-                };
+            let indexed = source.as_ref().and_then(|s| s.records_for(&req.id));
+            let records = match indexed {
+                Some(records) => Ok(records),
+                None => last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{}.>", req.id), read_timeout).await,
+            };
+            let page = match records {
+                Ok(records) => page_after(records, request.after.as_deref()),
+                Err(e) => DesiredReadPage {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+            };
             Bytes::from(serde_json::to_vec(&page).unwrap_or_default())
         }
     })

@@ -16,24 +16,61 @@ use futures::StreamExt;
 use harmony_reconciler_contracts::{DeploymentRef, Id, parse_desired_state_key};
 use tokio::sync::watch;
 
+/// The bucket's keys, by deployment (for the write path) and by device (for the
+/// devices' reads).
+#[derive(Debug, Default)]
+struct Keys {
+    by_deployment: HashMap<DeploymentRef, BTreeMap<Id, Bytes>>,
+    by_device: HashMap<Id, BTreeMap<DeploymentRef, Bytes>>,
+}
+
 #[derive(Debug)]
 pub struct DesiredIndex {
-    by_deployment: Mutex<HashMap<DeploymentRef, BTreeMap<Id, Bytes>>>,
+    keys: Mutex<Keys>,
     ready: watch::Sender<bool>,
 }
 
 impl Default for DesiredIndex {
     fn default() -> Self {
         Self {
-            by_deployment: Mutex::new(HashMap::new()),
+            keys: Mutex::new(Keys::default()),
             ready: watch::channel(false).0,
         }
     }
 }
 
+impl iot_kv::desired_read::DesiredSource for DesiredIndex {
+    /// A device's keys from the index: what the read responder answers with once
+    /// the index has caught up (no request to the server per read). The index
+    /// follows the stream, so a read may come a moment before it has a write the
+    /// device was just told about; the device then reads again (see
+    /// `iot_kv::follow`).
+    fn records_for(&self, device: &Id) -> Option<Vec<iot_kv::KvRecord>> {
+        if !self.is_ready() {
+            return None;
+        }
+        let keys = self.lock();
+        Some(
+            keys.by_device
+                .get(device)
+                .map(|deps| {
+                    deps.iter()
+                        .map(|(dep, value)| iot_kv::KvRecord {
+                            key: harmony_reconciler_contracts::desired_state_key(device, dep),
+                            sequence: 0,
+                            stored_at: None,
+                            value: Some(value.clone()),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        )
+    }
+}
+
 impl DesiredIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, BTreeMap<Id, Bytes>>> {
-        self.by_deployment.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -50,7 +87,7 @@ impl DesiredIndex {
 
     /// Current values of one deployment's keys.
     pub fn existing(&self, deployment: &DeploymentRef) -> BTreeMap<Id, Bytes> {
-        self.lock().get(deployment).cloned().unwrap_or_default()
+        self.lock().by_deployment.get(deployment).cloned().unwrap_or_default()
     }
 
     /// Records a write (from the watch, or from our own acknowledged write).
@@ -59,16 +96,26 @@ impl DesiredIndex {
             tracing::warn!(key, "desired-state key that names no device/deployment; ignored");
             return;
         };
-        let mut map = self.lock();
+        let mut keys = self.lock();
         match value {
             Some(v) => {
-                map.entry(deployment).or_default().insert(device, v);
+                keys.by_device
+                    .entry(device.clone())
+                    .or_default()
+                    .insert(deployment.clone(), v.clone());
+                keys.by_deployment.entry(deployment).or_default().insert(device, v);
             }
             None => {
-                if let Some(devices) = map.get_mut(&deployment) {
+                if let Some(devices) = keys.by_deployment.get_mut(&deployment) {
                     devices.remove(&device);
                     if devices.is_empty() {
-                        map.remove(&deployment);
+                        keys.by_deployment.remove(&deployment);
+                    }
+                }
+                if let Some(deps) = keys.by_device.get_mut(&device) {
+                    deps.remove(&deployment);
+                    if deps.is_empty() {
+                        keys.by_device.remove(&device);
                     }
                 }
             }
@@ -77,16 +124,16 @@ impl DesiredIndex {
 
     /// Every deployment that has at least one key.
     pub fn deployments(&self) -> std::collections::BTreeSet<DeploymentRef> {
-        self.lock().keys().cloned().collect()
+        self.lock().by_deployment.keys().cloned().collect()
     }
 
     pub fn key_count(&self) -> usize {
-        self.lock().values().map(BTreeMap::len).sum()
+        self.lock().by_deployment.values().map(BTreeMap::len).sum()
     }
 
     fn reset(&self) {
         self.ready.send_replace(false);
-        self.lock().clear();
+        *self.lock() = Keys::default();
     }
 
     /// Follows the bucket forever, rebuilding from scratch if the watch breaks.

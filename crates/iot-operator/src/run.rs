@@ -240,13 +240,21 @@ async fn start(
             }
         });
     }
+    let index = Arc::new(DesiredIndex::default());
     {
-        // Devices with scoped permissions read their desired state through this.
+        // Devices with scoped permissions read their desired state through this:
+        // from the index once it has caught up, from the stream before.
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
+        let source: Arc<dyn iot_kv::desired_read::DesiredSource> = index.clone();
         forever(tasks, "desired-state read responder", async move {
-            if let Err(e) =
-                iot_kv::desired_read::serve_desired_reads(client, std::time::Duration::from_secs(5), counts).await
+            if let Err(e) = iot_kv::desired_read::serve_desired_reads(
+                client,
+                std::time::Duration::from_secs(5),
+                Some(source),
+                counts,
+            )
+            .await
             {
                 tracing::error!(error = %e, "desired-state read responder stopped");
             }
@@ -254,7 +262,6 @@ async fn start(
     }
 
     readiness.set_not_ready("loading the desired-state and device indexes");
-    let index = Arc::new(DesiredIndex::default());
     let devices = Arc::new(DeviceIndex::default());
     {
         let index = index.clone();

@@ -84,6 +84,7 @@ impl Secured {
             me.services.push(tokio::spawn(iot_kv::desired_read::serve_desired_reads(
                 conn.client.clone(),
                 Duration::from_secs(5),
+                None,
                 iot_kv::device_service::no_counts(),
             )));
             me.services.push(tokio::spawn(iot_kv::status_relay::serve_status_writes(
