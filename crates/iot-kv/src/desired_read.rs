@@ -41,6 +41,7 @@ pub fn desired_read_spec() -> ServiceSpec {
         limits: FairLimits {
             max_waiting: 100_000,
             max_waiting_bytes: 64 << 20,
+            min_gap: Duration::ZERO,
         },
         is_own_inbox: is_device_inbox,
     }

@@ -8,9 +8,16 @@
 //! the line, never the whole service. The receive loop never waits: a request that
 //! finds the line full is answered at once with an error, instead of blocking every
 //! device behind it.
+//!
+//! A line may also space a device's turns by `min_gap`: a request that comes sooner
+//! after the device's last turn waits out the rest (still replaceable by a newer
+//! one) without holding a worker. An honest agent reports at most every 500 ms, so
+//! a gap below that only ever slows a flooding device.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use harmony_reconciler_contracts::Id;
 use tokio::sync::Notify;
@@ -34,6 +41,8 @@ pub struct FairLimits {
     pub max_waiting: usize,
     /// Bytes of waiting requests at most (a status may be 256 KiB).
     pub max_waiting_bytes: usize,
+    /// Least time between the starts of two turns of one device.
+    pub min_gap: Duration,
 }
 
 #[derive(Debug)]
@@ -47,9 +56,41 @@ struct Line<J> {
     slots: HashMap<Id, Slot<J>>,
     /// Devices with a waiting request that may run, in turn order.
     ready: VecDeque<Id>,
+    /// Devices with a waiting request that may run once the time comes.
+    spaced: BinaryHeap<Reverse<(Instant, u64, Id)>>,
+    spaced_seq: u64,
+    /// When each device last started a turn, for devices within `min_gap` of it
+    /// (older entries are pruned as the map grows).
+    last_start: HashMap<Id, Instant>,
+    last_start_pruned_at: usize,
     waiting: usize,
     waiting_bytes: usize,
     closed: bool,
+}
+
+impl<J> Line<J> {
+    /// Puts `device`'s waiting request in line: at the back, or among the spaced
+    /// ones if its last turn started less than `min_gap` ago.
+    fn make_ready(&mut self, device: &Id, min_gap: Duration) {
+        let due = self.last_start.get(device).map(|at| *at + min_gap);
+        match due {
+            Some(due) if due > Instant::now() => {
+                self.spaced_seq += 1;
+                self.spaced.push(Reverse((due, self.spaced_seq, device.clone())));
+            }
+            _ => self.ready.push_back(device.clone()),
+        }
+    }
+
+    fn started(&mut self, device: &Id, now: Instant, min_gap: Duration) {
+        self.last_start.insert(device.clone(), now);
+        // Forget starts older than the gap once the map has doubled since the last
+        // pruning, so it stays near the number of devices seen within one gap.
+        if self.last_start.len() > 2 * self.last_start_pruned_at + 1024 {
+            self.last_start.retain(|_, at| now.duration_since(*at) < min_gap);
+            self.last_start_pruned_at = self.last_start.len();
+        }
+    }
 }
 
 /// A line of per-device requests; cloned handles share it.
@@ -76,6 +117,10 @@ impl<J> FairQueue<J> {
             line: Arc::new(Mutex::new(Line {
                 slots: HashMap::new(),
                 ready: VecDeque::new(),
+                spaced: BinaryHeap::new(),
+                spaced_seq: 0,
+                last_start: HashMap::new(),
+                last_start_pruned_at: 0,
                 waiting: 0,
                 waiting_bytes: 0,
                 closed: false,
@@ -110,7 +155,7 @@ impl<J> FairQueue<J> {
             Some((old, _)) => Offer::Replaced(old),
             None => {
                 if !slot.running {
-                    line.ready.push_back(device.clone());
+                    line.make_ready(device, self.limits.min_gap);
                     drop(guard);
                     self.wake.notify_one();
                 }
@@ -123,10 +168,19 @@ impl<J> FairQueue<J> {
     pub async fn next(&self) -> Option<(Id, J)> {
         loop {
             let notified = self.wake.notified();
-            {
+            let next_due = {
                 let mut line = self.lock();
                 if line.closed {
                     return None;
+                }
+                let now = Instant::now();
+                while let Some(Reverse((due, _, _))) = line.spaced.peek() {
+                    if *due > now {
+                        break;
+                    }
+                    if let Some(Reverse((_, _, device))) = line.spaced.pop() {
+                        line.ready.push_back(device);
+                    }
                 }
                 while let Some(device) = line.ready.pop_front() {
                     let Some(slot) = line.slots.get_mut(&device) else {
@@ -138,14 +192,26 @@ impl<J> FairQueue<J> {
                     slot.running = true;
                     line.waiting -= 1;
                     line.waiting_bytes -= bytes;
+                    if !self.limits.min_gap.is_zero() {
+                        line.started(&device, now, self.limits.min_gap);
+                    }
                     if !line.ready.is_empty() {
                         // Another worker may take the next one.
                         self.wake.notify_one();
                     }
                     return Some((device, job));
                 }
+                line.spaced.peek().map(|Reverse((due, _, _))| *due)
+            };
+            match next_due {
+                Some(due) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep_until(due.into()) => {}
+                    }
+                }
+                None => notified.await,
             }
-            notified.await;
         }
     }
 
@@ -161,7 +227,7 @@ impl<J> FairQueue<J> {
             None => false,
         };
         if again {
-            line.ready.push_back(device.clone());
+            line.make_ready(device, self.limits.min_gap);
             drop(line);
             self.wake.notify_one();
         } else {
@@ -192,6 +258,7 @@ mod tests {
     const ROOMY: FairLimits = FairLimits {
         max_waiting: 100,
         max_waiting_bytes: 1 << 20,
+        min_gap: Duration::ZERO,
     };
 
     #[tokio::test]
@@ -224,6 +291,7 @@ mod tests {
         let q = FairQueue::new(FairLimits {
             max_waiting: 2,
             max_waiting_bytes: 100,
+            min_gap: Duration::ZERO,
         });
         assert!(matches!(q.offer(&id("a"), 1, 10), Offer::Queued));
         assert!(matches!(q.offer(&id("b"), 1, 10), Offer::Queued));
@@ -236,6 +304,34 @@ mod tests {
         assert!(matches!(q.offer(&id("d"), 1, 90), Offer::Queued));
         q.close();
         assert_eq!(q.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_device_waits_out_its_gap_without_holding_up_others() {
+        let gap = Duration::from_millis(300);
+        let q = FairQueue::new(FairLimits { min_gap: gap, ..ROOMY });
+        assert!(matches!(q.offer(&id("flood"), 1, 10), Offer::Queued));
+        let (_, first) = q.next().await.unwrap_or_else(|| panic!("closed"));
+        let first_at = Instant::now();
+        assert_eq!(first, 1);
+        q.done(&id("flood"));
+        // Sooner than the gap: spaced, and still replaced by a newer request.
+        assert!(matches!(q.offer(&id("flood"), 2, 10), Offer::Queued));
+        assert!(matches!(q.offer(&id("flood"), 3, 10), Offer::Replaced(2)));
+        // Another device is not held up behind it.
+        assert!(matches!(q.offer(&id("quiet"), 1, 10), Offer::Queued));
+        assert_eq!(q.next().await, Some((id("quiet"), 1)));
+        assert!(first_at.elapsed() < gap, "the quiet device went first");
+        q.done(&id("quiet"));
+        // The spaced one runs once its gap is over, with its latest request.
+        assert_eq!(q.next().await, Some((id("flood"), 3)));
+        assert!(
+            first_at.elapsed() >= gap,
+            "turns started {:?} apart",
+            first_at.elapsed()
+        );
+        q.done(&id("flood"));
+        assert_eq!(q.waiting(), 0);
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! inbox, and answers the device with the stored sequence. It answers only to the
 //! device's own inbox, and shares itself fairly between devices
 //! ([`crate::device_service`]): a device has one write running and one waiting at
-//! most, and a newer status replaces its waiting one.
+//! most, a newer status replaces its waiting one, and its writes are spaced.
 
 use std::time::Duration;
 
@@ -26,8 +26,10 @@ use crate::fair::FairLimits;
 pub const MAX_STATUS_BYTES: usize = 256 * 1024;
 
 /// Where the relay listens and how much it takes on: 256 writes run at once (each
-/// waits for the stream's acknowledgement), and up to 100,000 devices or 256 MiB
-/// of statuses wait for their turn.
+/// waits for the stream's acknowledgement), up to 100,000 devices or 256 MiB of
+/// statuses wait for their turn, and a device's writes start at least 250 ms apart
+/// (an agent reports at most every 500 ms; a flooding device gets four writes a
+/// second into the stream, each its latest).
 pub fn status_relay_spec() -> ServiceSpec {
     ServiceSpec {
         prefix: STATUS_WRITE_PREFIX,
@@ -36,6 +38,7 @@ pub fn status_relay_spec() -> ServiceSpec {
         limits: FairLimits {
             max_waiting: 100_000,
             max_waiting_bytes: 256 << 20,
+            min_gap: Duration::from_millis(250),
         },
         is_own_inbox: is_device_inbox,
     }

@@ -35,6 +35,7 @@ pub fn status_read_spec() -> ServiceSpec {
         limits: FairLimits {
             max_waiting: 1_000,
             max_waiting_bytes: 1 << 20,
+            min_gap: std::time::Duration::ZERO,
         },
         is_own_inbox: is_viewer_inbox,
     }
