@@ -98,6 +98,9 @@ enum Cmd {
         devices: usize,
         #[arg(long, default_value_t = 20)]
         window_secs: u64,
+        /// Quiet and flooded windows taking turns, per relay.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// The flood's rate in megabits a second (0: as fast as its connection
         /// takes it). 100 is a device on a fast LAN.
         #[arg(long, default_value_t = 100.0)]
@@ -143,8 +146,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::RelayFlood {
             devices,
             window_secs,
+            rounds,
             flood_mbps,
-        } => trust_bench::relay_flood(devices, window_secs, flood_mbps).await,
+        } => trust_bench::relay_flood(devices, window_secs, rounds, flood_mbps).await,
         Cmd::Flood { mbps } => trust_bench::flood(mbps).await,
         Cmd::Serve { service } => trust_bench::serve(&service).await,
     }

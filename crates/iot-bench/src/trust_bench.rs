@@ -9,8 +9,11 @@
 //!   same connections, server and bucket, alternating rounds. The responder runs in
 //!   a process of its own, so its CPU is its own.
 //! - `relay-flood`: 1,000 devices write their status through the relay once a
-//!   second; the relay latency they see, with no flood and then while one device
-//!   floods 250 KB statuses as fast as its connection takes them.
+//!   second; the relay latency they see in quiet windows and in windows while one
+//!   device floods 250 KB statuses (at a given rate, or as fast as its connection
+//!   takes them), taking turns. Once against the relay before issue 20 (one permit
+//!   pool shared by all devices), once against the fair relay, each in a process of
+//!   its own.
 //!
 //! Every connection is TLS, verified against the server's CA, as in production.
 
@@ -29,7 +32,7 @@ use iot_testkit::{LoggedProcess, NatsServer};
 use tokio::sync::watch;
 
 use crate::follow_bench::cpu_ticks;
-use crate::util::rss_kib;
+use crate::util::{median, rss_kib};
 
 /// A device's connection (its own inbox prefix, as the responder checks), TLS.
 async fn device_connection(nats: &NatsServer, device: &Id) -> anyhow::Result<NatsConnection> {
@@ -204,11 +207,6 @@ async fn put_round(js: &async_nats::jetstream::Context, devices: usize, v: &Byte
     let (n, err) = iot_kv::write_batch(js, DESIRED_STATE_BUCKET, &ops, 512).await;
     anyhow::ensure!(err.is_none() && n == devices, "put failed: {err:?}");
     Ok(())
-}
-
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 pub async fn signal_follow(devices: usize, rounds: usize, responder: &str) -> anyhow::Result<()> {
@@ -394,20 +392,30 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Latencies (quiet, flooded) of one relay design, and the flood's rate.
+/// Per-window latency percentiles of one relay, quiet and flooded windows taking
+/// turns so that drift on a noisy machine falls on both alike.
 struct FloodRun {
-    quiet: Vec<Duration>,
-    flooded: Vec<Duration>,
+    quiet: Vec<(Duration, Duration)>,
+    flooded: Vec<(Duration, Duration)>,
+    /// Writes (quiet, flooded), and how many of them failed or took 10 s.
+    writes: (usize, usize),
+    failed: (usize, usize),
     flood_msgs: f64,
     relay_cpu_pct: f64,
 }
 
+fn p50_p99(v: &[Duration]) -> (Duration, Duration) {
+    (pct(v, 0.5), pct(v, 0.99))
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn flood_run(
     nats: &NatsServer,
     relay: &str,
     conns: &[NatsConnection],
     ids: &[Id],
     window: Duration,
+    rounds: usize,
     mbps: f64,
     dir: &std::path::Path,
 ) -> anyhow::Result<FloodRun> {
@@ -415,37 +423,60 @@ async fn flood_run(
     let relay_pid = relay.pid().ok_or_else(|| anyhow::anyhow!("no relay pid"))?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     heartbeats(conns, ids, Duration::from_secs(3)).await;
-    let quiet = heartbeats(conns, ids, window).await;
-    // The flooder is a process of its own, as a device is.
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("flood")
-        .arg("--mbps")
-        .arg(mbps.to_string())
-        .env("RUST_LOG", "warn");
-    nats.configure_client(&mut cmd);
-    let flooder = LoggedProcess::spawn("flooder", cmd, dir.join("flooder.log"))?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu0 = cpu_ticks(relay_pid)?;
-    let t = Instant::now();
-    let flooded = heartbeats(conns, ids, window).await;
-    let relay_cpu_pct = (cpu_ticks(relay_pid)? - cpu0) as f64 / 100.0 / t.elapsed().as_secs_f64() * 100.0;
-    let log = flooder.log_text();
-    let sent: f64 = log
-        .lines()
-        .filter_map(|l| l.strip_prefix("flooder: ")?.split(' ').next()?.parse::<f64>().ok())
-        .next_back()
-        .unwrap_or(0.0);
-    drop(flooder);
+    let failed = |v: &[Duration]| v.iter().filter(|d| **d >= Duration::from_secs(10)).count();
+    let mut run = FloodRun {
+        quiet: Vec::new(),
+        flooded: Vec::new(),
+        writes: (0, 0),
+        failed: (0, 0),
+        flood_msgs: 0.0,
+        relay_cpu_pct: 0.0,
+    };
+    let (mut sent, mut flood_secs, mut cpu) = (0.0, 0.0, 0u64);
+    for _ in 0..rounds {
+        let quiet = heartbeats(conns, ids, window).await;
+        run.failed.0 += failed(&quiet);
+        run.writes.0 += quiet.len();
+        run.quiet.push(p50_p99(&quiet));
+        // The flooder is a process of its own, as a device is.
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("flood")
+            .arg("--mbps")
+            .arg(mbps.to_string())
+            .env("RUST_LOG", "warn");
+        nats.configure_client(&mut cmd);
+        let flooder = LoggedProcess::spawn("flooder", cmd, dir.join("flooder.log"))?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cpu0 = cpu_ticks(relay_pid)?;
+        let t = Instant::now();
+        let flooded = heartbeats(conns, ids, window).await;
+        cpu += cpu_ticks(relay_pid)? - cpu0;
+        flood_secs += t.elapsed().as_secs_f64();
+        let log = flooder.log_text();
+        sent += log
+            .lines()
+            .filter_map(|l| l.strip_prefix("flooder: ")?.split(' ').next()?.parse::<f64>().ok())
+            .next_back()
+            .unwrap_or(0.0);
+        drop(flooder);
+        run.failed.1 += failed(&flooded);
+        run.writes.1 += flooded.len();
+        run.flooded.push(p50_p99(&flooded));
+        // Let the last of the flood drain before the next quiet window.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     drop(relay);
-    Ok(FloodRun {
-        quiet,
-        flooded,
-        flood_msgs: sent / (t.elapsed().as_secs_f64() + 1.0),
-        relay_cpu_pct,
-    })
+    run.flood_msgs = sent / (flood_secs + rounds as f64);
+    run.relay_cpu_pct = cpu as f64 / 100.0 / flood_secs * 100.0;
+    Ok(run)
 }
 
-pub async fn relay_flood(devices: usize, window_secs: u64, mbps: f64) -> anyhow::Result<()> {
+fn median_ms(v: &[(Duration, Duration)], pick: fn(&(Duration, Duration)) -> Duration) -> f64 {
+    let mut xs: Vec<Duration> = v.iter().map(pick).collect();
+    median(&mut xs).as_secs_f64() * 1000.0
+}
+
+pub async fn relay_flood(devices: usize, window_secs: u64, rounds: usize, mbps: f64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let nats = NatsServer::start().await?;
     let admin = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "admin", nats.ca_file()).await?;
@@ -462,28 +493,29 @@ pub async fn relay_flood(devices: usize, window_secs: u64, mbps: f64) -> anyhow:
         "as fast as its connection takes them".to_owned()
     };
     println!(
-        "| {devices} devices writing status once a second; one device floods 250 KB statuses ({rate}); {window_secs} s each | p50 | p99 | failed or over 10 s |"
+        "| {devices} devices writing status once a second; one device floods 250 KB statuses ({rate}); {rounds} rounds of {window_secs} s quiet then {window_secs} s flooded, median over rounds | p50 | p99 | failed or over 10 s |"
     );
     println!("| --- | --- | --- | --- |");
-    let failed = |v: &[Duration]| v.iter().filter(|d| **d >= Duration::from_secs(10)).count();
     for (relay, name) in [
         ("relay-shared-pool", "before: one permit pool for all"),
         ("relay", "now: fair per device"),
     ] {
-        let run = flood_run(&nats, relay, &conns, &ids, window, mbps, dir.path()).await?;
-        for (phase, v) in [("no flood", &run.quiet), ("flooded", &run.flooded)] {
+        let run = flood_run(&nats, relay, &conns, &ids, window, rounds, mbps, dir.path()).await?;
+        let rows = [
+            ("no flood", &run.quiet, run.failed.0, run.writes.0),
+            ("flooded", &run.flooded, run.failed.1, run.writes.1),
+        ];
+        for (phase, v, failed, total) in rows {
             println!(
-                "| {name}, {phase} | {:.1} ms | {:.1} ms | {} of {} |",
-                pct(v, 0.5).as_secs_f64() * 1000.0,
-                pct(v, 0.99).as_secs_f64() * 1000.0,
-                failed(v),
-                v.len()
+                "| {name}, {phase} | {:.1} ms | {:.1} ms | {failed} of {total} |",
+                median_ms(v, |x| x.0),
+                median_ms(v, |x| x.1),
             );
         }
         println!(
             "| {name}: flooded / no flood | {:.2}x | {:.2}x | (flood {:.0} msgs/s, relay CPU {:.0} %) |",
-            pct(&run.flooded, 0.5).as_secs_f64() / pct(&run.quiet, 0.5).as_secs_f64().max(1e-6),
-            pct(&run.flooded, 0.99).as_secs_f64() / pct(&run.quiet, 0.99).as_secs_f64().max(1e-6),
+            median_ms(&run.flooded, |x| x.0) / median_ms(&run.quiet, |x| x.0).max(1e-6),
+            median_ms(&run.flooded, |x| x.1) / median_ms(&run.quiet, |x| x.1).max(1e-6),
             run.flood_msgs,
             run.relay_cpu_pct
         );
