@@ -31,6 +31,19 @@ async fn the_leader(replicas: &[&Replica]) -> anyhow::Result<String> {
         (leaders.len() == 1).then(|| leaders.remove(0))
     })
     .await
+    .map_err(|e| {
+        // What each replica said, so a failure under load can be read afterwards.
+        let tails: Vec<String> = replicas
+            .iter()
+            .map(|r| {
+                let log = r.process.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                format!("--- {} (last 30 lines):\n{tail}", r.identity)
+            })
+            .collect();
+        e.context(tails.join("\n"))
+    })
 }
 
 async fn holder(leases: &Api<Lease>) -> Option<String> {

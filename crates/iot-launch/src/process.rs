@@ -7,6 +7,38 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Whether process `pid` itself holds a listening TCP socket on `port` (read from
+/// `/proc`, in the process's own network namespace). Two bring-ups that both found
+/// a port free may both start a server on it: the loser exits, and its health check
+/// would be answered by the winner, so a readiness check must also ask who listens.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9)) else {
+                continue;
+            };
+            let local_port = local.rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok());
+            if *state == "0A" && local_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
+}
+
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
 where
@@ -147,4 +179,38 @@ pub fn run_captured(mut cmd: std::process::Command, stdin: Option<&str>) -> anyh
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_counts_as_ours_only_while_we_hold_it() -> anyhow::Result<()> {
+        let me = std::process::id();
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        assert!(listens_on(me, port));
+        drop(listener);
+        assert!(!listens_on(me, port));
+        // Another process's listener answers on the port, but is not ours: what a
+        // health check alone cannot tell apart.
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,time\ns=socket.socket()\ns.bind(('127.0.0.1',0))\ns.listen()\nprint(s.getsockname()[1],flush=True)\ntime.sleep(30)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        if let Some(out) = other.stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+        }
+        let theirs: u16 = line.trim().parse()?;
+        assert!(listens_on(other.id(), theirs));
+        assert!(!listens_on(me, theirs));
+        other.kill()?;
+        other.wait()?;
+        Ok(())
+    }
 }

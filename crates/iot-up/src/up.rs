@@ -708,7 +708,18 @@ pub async fn wait_ready(
     let start = Instant::now();
     loop {
         if iot_launch::http::get_status(host, port, "/readyz").await.ok() == Some(200) {
-            return Ok(());
+            // On loopback, make sure the answer came from our process and not from
+            // another bring-up's that took the port first.
+            let ours = host != "127.0.0.1" || p.pid().is_some_and(|pid| iot_launch::process::listens_on(pid, port));
+            anyhow::ensure!(
+                ours || p.is_running(),
+                "{} exited and another process answers on {host}:{port}; see {}",
+                p.name,
+                p.log.display()
+            );
+            if ours {
+                return Ok(());
+            }
         }
         anyhow::ensure!(p.is_running(), "{} exited; see {}", p.name, p.log.display());
         anyhow::ensure!(
