@@ -48,7 +48,10 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 
 if [ ! -f "$ROOT/.packages-done" ]; then
   log "Step 2/4: apt-get install golang-go, apiextensions-apiserver source, etcd-server in the chroot (about 60 s, ~410 MB download)"
+  # `dpkg --configure -a` first: a run killed mid-install (a CI timeout, a reboot)
+  # leaves dpkg half done, and apt then refuses every command until it is finished.
   chroot "$ROOT" /usr/bin/env DEBIAN_FRONTEND=noninteractive bash -c '
+    dpkg --configure -a &&
     apt-get -o Acquire::Check-Valid-Until=false update -q &&
     apt-get install -y -q --no-install-recommends golang-go golang-k8s-apiextensions-apiserver-dev etcd-server ca-certificates
   ' >"$IOT_CACHE/apt-sid.log" 2>&1 || die "step 2 (apt-get install in the sid chroot) failed; see $IOT_CACHE/apt-sid.log"

@@ -44,6 +44,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   need_root "setup-host.sh"
   log "Installing Debian packages: ${missing[*]} (about a minute)"
+  # A host apt run killed mid-install leaves dpkg half done; finish it first.
+  dpkg --configure -a >/dev/null
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
@@ -59,6 +61,8 @@ if ! qemu_ok; then
   need_root "setup-host.sh"
   log "Installing qemu-system-x86 and qemu-system-arm from bookworm-backports (VM devices)"
   echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/iot-bookworm-backports.list
+  # A host apt run killed mid-install leaves dpkg half done; finish it first.
+  dpkg --configure -a >/dev/null
   apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports \
     qemu-system-x86 qemu-system-arm qemu-utils >/dev/null || die "installing qemu from bookworm-backports failed"
