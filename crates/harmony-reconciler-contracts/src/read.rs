@@ -31,10 +31,24 @@ pub fn desired_read_subject(device: &Id) -> String {
     format!("{DESIRED_READ_PREFIX}.{device}")
 }
 
+/// The identity a request on `<prefix>.<id>` comes from, if `subject` is one and
+/// names a valid id. Every device service's subjects have this shape.
+pub fn id_under(prefix: &str, subject: &str) -> Option<Id> {
+    let id = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    Id::new(id).ok()
+}
+
+/// Whether `reply` is a subject under inbox prefix `prefix` (and so an inbox of the
+/// identity that owns the prefix).
+pub fn is_inbox_under(prefix: &str, reply: &str) -> bool {
+    reply
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+}
+
 /// The device a read request is for, if the subject names a valid one.
 pub fn device_of_read_subject(subject: &str) -> Option<Id> {
-    let id = subject.strip_prefix(DESIRED_READ_PREFIX)?.strip_prefix('.')?;
-    Id::new(id).ok()
+    id_under(DESIRED_READ_PREFIX, subject)
 }
 
 /// Subject prefix of status writes.
@@ -49,15 +63,12 @@ pub fn status_write_subject(device: &Id) -> String {
 
 /// The device a status write is for, if the subject names a valid one.
 pub fn device_of_status_subject(subject: &str) -> Option<Id> {
-    let id = subject.strip_prefix(STATUS_WRITE_PREFIX)?.strip_prefix('.')?;
-    Id::new(id).ok()
+    id_under(STATUS_WRITE_PREFIX, subject)
 }
 
 /// Whether `reply` is an inbox subject of `device` (and so safe to answer on).
 pub fn is_device_inbox(device: &Id, reply: &str) -> bool {
-    reply
-        .strip_prefix(&device_inbox_prefix(device))
-        .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+    is_inbox_under(&device_inbox_prefix(device), reply)
 }
 
 /// The relay's answer to a status write.
@@ -103,9 +114,7 @@ pub fn service_inbox_prefix(role: ServiceRole, name: &Id) -> String {
 
 /// Whether `reply` is an inbox subject of viewer `name` (and so safe to answer on).
 pub fn is_viewer_inbox(name: &Id, reply: &str) -> bool {
-    reply
-        .strip_prefix(&service_inbox_prefix(ServiceRole::Viewer, name))
-        .is_some_and(|rest| rest.starts_with('.') && rest.len() > 1)
+    is_inbox_under(&service_inbox_prefix(ServiceRole::Viewer, name), reply)
 }
 
 /// Subject prefix of a viewer's status snapshot requests: `iot.status.read.<name>`.

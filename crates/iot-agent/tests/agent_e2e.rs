@@ -63,10 +63,7 @@ async fn container_removed_out_of_band_is_restored_within_resync() -> anyhow::Re
     let stack = Stack::start().await?;
     let (dev, guard) = device();
     let _agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (_, port, _) = web_v1_running(&stack, &dev).await?;
     let before = guard.running_ids();
     assert_eq!(before.len(), 1);
 
@@ -105,10 +102,7 @@ async fn agent_restart_adopts_containers_without_recreating() -> anyhow::Result<
     let stack = Stack::start().await?;
     let (dev, guard) = device();
     let mut agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, _) = web_v1_running(&stack, &dev).await?;
     let before = guard.running_ids();
 
     agent.kill();
@@ -142,10 +136,7 @@ async fn nats_outage_keeps_containers_and_converges_after() -> anyhow::Result<()
     let mut stack = Stack::start().await?;
     let (dev, guard) = device();
     let mut agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, _) = web_v1_running(&stack, &dev).await?;
 
     stack.nats.stop();
     // Several resync periods without NATS: the service keeps answering, the agent lives.

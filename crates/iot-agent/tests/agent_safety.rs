@@ -24,10 +24,7 @@ async fn upgrade_to_a_missing_image_keeps_v1_serving_and_reports_the_registry_er
     let stack = Stack::start().await?;
     let (dev, guard) = device();
     let _agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, _) = web_v1_running(&stack, &dev).await?;
     let before = guard.running_ids();
 
     let h2 = stack
@@ -54,10 +51,7 @@ async fn upgrade_whose_command_exits_at_once_is_rolled_back_to_v1() -> anyhow::R
     let stack = Stack::start().await?;
     let (dev, guard) = device();
     let _agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, _) = web_v1_running(&stack, &dev).await?;
     let before = guard.running_ids();
 
     // Same image, a command that exits with 3 at once; podman's restart policy
@@ -116,10 +110,7 @@ async fn v1_that_stops_while_its_upgrade_image_is_missing_comes_back() -> anyhow
     let stack = Stack::start().await?;
     let (dev, guard) = device();
     let _agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, _) = web_v1_running(&stack, &dev).await?;
     let v1 = guard.running_ids();
     let h2 = stack
         .put(&dev, &web, &web_score("localhost/iot-web:no-such-tag", port))
@@ -155,10 +146,7 @@ async fn container_removed_with_rm_f_is_reported_missing_then_restored_and_count
     let (dev, guard) = device();
     // A long resync: only podman's event stream can make the agent react quickly.
     let _agent = Agent::spawn_with(&stack, &dev, &[("IOT_RESYNC_INTERVAL", "60s".into())])?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, _) = web_v1_running(&stack, &dev).await?;
     let before = guard.running_ids();
     let recorder = StatusRecorder::start(&stack, &dev).await?;
 
@@ -207,10 +195,7 @@ async fn paused_container_is_not_running_and_is_unpaused() -> anyhow::Result<()>
     let stack = Stack::start().await?;
     let (dev, guard) = device();
     let _agent = Agent::spawn_with(&stack, &dev, &[("IOT_RESYNC_INTERVAL", "60s".into())])?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, h1) = web_v1_running(&stack, &dev).await?;
     let id = guard.running_ids()[0].clone();
     podman_cli(&["pause", &id])?;
     let status = stack
@@ -258,10 +243,7 @@ async fn podman_going_away_fails_the_deployments_and_they_recover() -> anyhow::R
     let mut stack = Stack::start().await?;
     let (dev, _guard) = device();
     let _agent = Agent::spawn(&stack, &dev)?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    let (web, port, h1) = web_v1_running(&stack, &dev).await?;
 
     stack.podman.stop();
     let status = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h1)).await?;
@@ -338,10 +320,7 @@ async fn metrics_and_readiness_are_served_when_asked_for() -> anyhow::Result<()>
     let (dev, _guard) = device();
     let mport = free_port()?;
     let _agent = Agent::spawn_with(&stack, &dev, &[("IOT_METRICS_ADDR", format!("127.0.0.1:{mport}"))])?;
-    let web = dep("default", "web");
-    let port = free_port()?;
-    let h1 = stack.put(&dev, &web, &web_score("localhost/iot-web:v1", port)).await?;
-    stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    web_v1_running(&stack, &dev).await?;
     let metric = |text: &str, name: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(name))

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::Id;
+use harmony_reconciler_contracts::read::id_under;
 
 use crate::error::KvError;
 use crate::fair::{FairLimits, FairQueue, Offer};
@@ -50,10 +51,6 @@ pub type ServiceCounts = Arc<dyn Fn(&'static str, &'static str) + Send + Sync>;
 /// Counts nothing.
 pub fn no_counts() -> ServiceCounts {
     Arc::new(|_, _| {})
-}
-
-fn count(counts: &ServiceCounts, prefix: &'static str, result: &'static str) {
-    counts(prefix, result);
 }
 
 /// The JSON every answer type of these services reads as an error (each has an
@@ -109,21 +106,19 @@ where
                         tracing::debug!(error = %e, "could not send the error either");
                     }
                 }
-                count(&counts, prefix, "answered");
+                counts(prefix, "answered");
                 queue.done(&id);
             }
         });
     }
-    let id_of = |subject: &str| -> Option<Id> {
-        let id = subject.strip_prefix(spec.prefix)?.strip_prefix('.')?;
-        Id::new(id).ok()
-    };
     while let Some(msg) = sub.next().await {
         let Some(reply) = msg.reply.clone() else { continue };
-        let Some(id) = id_of(&msg.subject) else { continue };
+        let Some(id) = id_under(spec.prefix, &msg.subject) else {
+            continue;
+        };
         if !(spec.is_own_inbox)(&id, &reply) {
             tracing::warn!(service = spec.prefix, %id, reply = %reply, "request with a reply subject outside the asker's inbox; dropped");
-            count(&counts, spec.prefix, "foreign_reply");
+            counts(spec.prefix, "foreign_reply");
             continue;
         }
         let bytes = msg.payload.len() + reply.len();
@@ -134,14 +129,14 @@ where
         match queue.offer(&id, job, bytes) {
             Offer::Queued => {}
             Offer::Replaced(old) => {
-                count(&counts, spec.prefix, "superseded");
+                counts(spec.prefix, "superseded");
                 let answer = error_answer("superseded by a newer request from the same identity");
                 if let Err(e) = client.publish(old.reply, answer).await {
                     tracing::debug!(error = %e, "could not answer a superseded request");
                 }
             }
             Offer::Full(job) => {
-                count(&counts, spec.prefix, "busy");
+                counts(spec.prefix, "busy");
                 let answer = error_answer(&format!(
                     "the operator is busy: {} requests are waiting; try again shortly",
                     queue.waiting()

@@ -8,9 +8,10 @@ use harmony_reconciler_contracts::keys::kv_stream_name;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id};
 use iot_kv::buckets::ensure_buckets;
 use iot_kv::follow::FollowConfig;
-use iot_kv::{Anonymous, DesiredView, connect, follow_desired_state, last_values_for};
+use iot_kv::{Anonymous, DesiredView, KvError, NatsConnection, connect, follow_desired_state, last_values_for};
 use iot_testkit::NatsServer;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 fn dep(name: &str) -> DeploymentRef {
     DeploymentRef::new("default", name).expect("valid")
@@ -27,6 +28,40 @@ async fn wait_view(
     match got {
         Ok(Ok(v)) => Ok(v),
         _ => anyhow::bail!("timed out waiting for {what}; view: {:?}", *rx.borrow()),
+    }
+}
+
+/// A nats-server with the platform's buckets and `dev1.default_web = v1`, and a
+/// follower for dev1 (re-reading every `resync`) that has done its first read.
+struct Followed {
+    nats: NatsServer,
+    admin: NatsConnection,
+    desired: jetstream::kv::Store,
+    rx: watch::Receiver<DesiredView>,
+    task: JoinHandle<Result<(), KvError>>,
+}
+
+impl Followed {
+    async fn start(resync: Duration) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
+        let (desired, _) = ensure_buckets(&jetstream::new(admin.client.clone())).await?;
+        desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
+        let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
+        let (tx, mut rx) = watch::channel(DesiredView::default());
+        let cfg = FollowConfig {
+            resync,
+            ..Default::default()
+        };
+        let task = tokio::spawn(follow_desired_state(conn, Id::new("dev1")?, cfg, tx));
+        wait_view(&mut rx, "initial read", |v| v.synced).await?;
+        Ok(Self {
+            nats,
+            admin,
+            desired,
+            rx,
+            task,
+        })
     }
 }
 
@@ -84,22 +119,14 @@ async fn missing_bucket_is_a_typed_error() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyhow::Result<()> {
-    let mut nats = NatsServer::start().await?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
-    let js = jetstream::new(admin.client.clone());
-    let (desired, _) = ensure_buckets(&js).await?;
-    desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
-
-    let device = Id::new("dev1")?;
-    let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
-    let (tx, mut rx) = watch::channel(DesiredView::default());
-    let cfg = FollowConfig {
-        resync: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let task = tokio::spawn(follow_desired_state(conn, device, cfg, tx));
-
-    let v = wait_view(&mut rx, "initial read", |v| v.synced).await?;
+    let Followed {
+        mut nats,
+        admin: _first_admin,
+        desired,
+        mut rx,
+        task,
+    } = Followed::start(Duration::from_secs(2)).await?;
+    let v = rx.borrow().clone();
     assert_eq!(v.entries.get(&dep("web")).map(|b| &b[..]), Some(&b"v1"[..]));
 
     // Live updates through the core subscription.
@@ -151,18 +178,13 @@ async fn follower_sees_puts_deletes_and_converges_after_server_restart() -> anyh
 
 #[tokio::test]
 async fn unchanged_rereads_publish_nothing() -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
-    let (desired, _) = ensure_buckets(&jetstream::new(admin.client.clone())).await?;
-    desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
-    let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
-    let (tx, mut rx) = watch::channel(DesiredView::default());
-    let cfg = FollowConfig {
-        resync: Duration::from_millis(200),
-        ..Default::default()
-    };
-    let task = tokio::spawn(follow_desired_state(conn, Id::new("dev1")?, cfg, tx));
-    wait_view(&mut rx, "initial read", |v| v.synced).await?;
+    let Followed {
+        nats: _nats,
+        desired,
+        mut rx,
+        task,
+        ..
+    } = Followed::start(Duration::from_millis(200)).await?;
     rx.borrow_and_update();
     // Several re-reads happen here; none of them changes anything.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -183,19 +205,14 @@ async fn unchanged_rereads_publish_nothing() -> anyhow::Result<()> {
 /// pointed there). Before, the follower applied any message body it received.
 #[tokio::test]
 async fn a_message_the_stream_does_not_hold_is_never_applied() -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
-    let (desired, _) = ensure_buckets(&jetstream::new(admin.client.clone())).await?;
-    desired.put("dev1.default_web", Bytes::from_static(b"v1")).await?;
-    let conn = connect(&[nats.url()], &Anonymous, "dev1", nats.ca_file()).await?;
-    let (tx, mut rx) = watch::channel(DesiredView::default());
     // A long resync: every read after the first is caused by a signal.
-    let cfg = FollowConfig {
-        resync: Duration::from_secs(600),
-        ..Default::default()
-    };
-    let task = tokio::spawn(follow_desired_state(conn, Id::new("dev1")?, cfg, tx));
-    wait_view(&mut rx, "initial read", |v| v.synced).await?;
+    let Followed {
+        nats: _nats,
+        admin,
+        desired,
+        mut rx,
+        task,
+    } = Followed::start(Duration::from_secs(600)).await?;
 
     // Every subscriber of the subject receives this; the stream refuses to store it.
     let subject = "$KV.desired-state.dev1.default_web";

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use harmony_reconciler_contracts::*;
 use iot_kv::{Anonymous, connect};
-use iot_testkit::{DeviceContainers, NatsServer, PodmanService, unique_id, wait_until};
+use iot_testkit::{DeviceContainers, NatsServer, PodmanService, free_port, unique_id, wait_until};
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -324,6 +324,19 @@ pub fn web_score(image: &str, host_port: u16) -> IotScore {
 
 pub fn score_from(v: serde_json::Value) -> IotScore {
     serde_json::from_value(v).expect("test score")
+}
+
+/// Puts `default/web` (v1 of the test image on a free host port) for `device` and
+/// waits until the device reports it Running. Returns the deployment, the port and
+/// the spec's hash.
+pub async fn web_v1_running(stack: &Stack, device: &str) -> anyhow::Result<(DeploymentRef, u16, SpecHash)> {
+    let web = dep("default", "web");
+    let port = free_port()?;
+    let h1 = stack
+        .put(device, &web, &web_score("localhost/iot-web:v1", port))
+        .await?;
+    stack.wait_phase(device, &web, Phase::Running, Some(&h1)).await?;
+    Ok((web, port, h1))
 }
 
 /// Waits for HTTP 200 with `body` on 127.0.0.1:port.
