@@ -196,23 +196,30 @@ const RESNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 pub async fn follow_devices(fleet: Arc<Fleet>, conn: iot_kv::NatsConnection, viewer: Id) {
     let iot_kv::NatsConnection { client, mut connects } = conn;
     let subject = format!("$KV.{}.>", harmony_reconciler_contracts::AGENT_STATUS_BUCKET);
-    let mut changes = loop {
-        match client.subscribe(subject.clone()).await {
-            Ok(sub) => break sub,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to device reports; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    let subscribe = || async {
+        loop {
+            match client.subscribe(subject.clone()).await {
+                Ok(sub) => break sub,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to device reports; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
     };
+    let mut changes = subscribe().await;
     let mut failures = 0u32;
     let mut next_snapshot = tokio::time::Instant::now();
     loop {
         tokio::select! {
             msg = changes.next() => {
                 let Some(msg) = msg else {
-                    tracing::error!("the device report subscription ended");
-                    return;
+                    // Subscribe again, and take a snapshot for what passed meanwhile.
+                    tracing::warn!("the device report subscription ended; subscribing again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    changes = subscribe().await;
+                    next_snapshot = tokio::time::Instant::now();
+                    continue;
                 };
                 let Some(key) = harmony_reconciler_contracts::keys::key_from_subject(
                     harmony_reconciler_contracts::AGENT_STATUS_BUCKET,

@@ -13,10 +13,11 @@
 //!   answered with an error at once.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::id_under;
 
@@ -92,11 +93,19 @@ where
         let prefix = spec.prefix;
         workers.spawn(async move {
             while let Some((id, job)) = queue.next().await {
-                let answer = handle(DeviceRequest {
+                // A handler that panics must neither take this worker down nor keep
+                // the device's turn for ever (`done` below would never run).
+                let request = DeviceRequest {
                     id: id.clone(),
                     payload: job.payload,
-                })
-                .await;
+                };
+                let answer = AssertUnwindSafe(async { handle(request).await })
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::error!(service = prefix, %id, "the request handler panicked");
+                        error_answer("the service failed on this request")
+                    });
                 if let Err(e) = client.publish(job.reply.clone(), answer).await {
                     // Most likely an answer over the server's max payload: say so to
                     // the asker, who keeps what it had and logs the error.

@@ -139,12 +139,30 @@ fn api_subject(bucket: &str) -> String {
     format!("$JS.API.DIRECT.GET.{}", kv_stream_name(bucket))
 }
 
+/// Batches in flight at once in this process. Each holds a reply subscription of its
+/// own (a batch has many answers, so the client's shared request inbox cannot take
+/// them), and the IOT account caps every connection's subscriptions (64, in
+/// `iot-auth`'s permissions). Unbounded, the operator's read responder (64 workers)
+/// reading the stream while its index catches up could pass that cap, and the
+/// server would refuse the subscriptions of exactly the reads a restarted fleet
+/// waits for. Callers past the limit wait for a turn within their own timeout.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 16;
+
+static BATCHES_IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_BATCHES_IN_FLIGHT);
+
 async fn request_batch(
     client: &async_nats::Client,
     bucket: &str,
     body: &serde_json::Value,
     timeout: Duration,
 ) -> Result<Batch, KvError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let _turn = match tokio::time::timeout_at(deadline, BATCHES_IN_FLIGHT.acquire()).await {
+        Err(_) => return Err(KvError::Timeout(timeout)),
+        // Never closed: the semaphore is a static nobody closes.
+        Ok(Err(_)) => return Err(KvError::js("direct-get limiter closed")),
+        Ok(Ok(turn)) => turn,
+    };
     let api = api_subject(bucket);
     let body = serde_json::to_vec(body).map_err(KvError::js)?;
     let inbox = client.new_inbox();
@@ -158,7 +176,6 @@ async fn request_batch(
         .map_err(|e| request_err(&api, e))?;
 
     let mut records = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
             Err(_) => return Err(KvError::Timeout(timeout)),

@@ -219,3 +219,61 @@ async fn a_stream_without_direct_get_is_explained_not_called_missing() -> anyhow
     assert!(matches!(missing, KvError::BucketMissing { .. }), "{missing}");
     Ok(())
 }
+
+/// The IOT account caps each connection's subscriptions (`max_subscriptions`), and
+/// every batched read holds a reply subscription while it runs. Many reads at once
+/// on one connection (the operator's read responder has 64 workers, and reads the
+/// stream directly until its index has caught up) must all succeed under a cap
+/// below their number: the reads take turns instead of having their subscriptions
+/// refused and timing out.
+#[tokio::test]
+async fn many_reads_at_once_stay_under_the_accounts_subscription_cap() -> anyhow::Result<()> {
+    // Above the in-flight limit plus this connection's own few subscriptions, far
+    // below the number of reads.
+    let cap = iot_kv::direct::MAX_BATCHES_IN_FLIGHT + 8;
+    let config = format!(
+        "accounts {{ IOT {{ jetstream: enabled, limits: {{ max_subscriptions: {cap} }}, users: [ {{ user: op, password: op }} ] }} }}\n"
+    );
+    let nats = NatsServer::start_with_config(&config).await?;
+    let creds = iot_kv::UserPassword {
+        user: "op".into(),
+        password: "op".into(),
+    };
+    let conn = connect(&[nats.url()], &creds, "many-reads", nats.ca_file()).await?;
+    let js = jetstream::new(conn.client.clone());
+    ensure_buckets(&js).await?;
+    let devices = 96;
+    for d in 0..devices {
+        put_keys(&js, &format!("dev{d}"), 0..2, "v1").await?;
+    }
+
+    let reads = (0..devices).map(|d| {
+        let client = conn.client.clone();
+        async move {
+            last_values_for(
+                &client,
+                DESIRED_STATE_BUCKET,
+                &format!("dev{d}.>"),
+                Duration::from_secs(20),
+            )
+            .await
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {devices} reads failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|records| records.len() == 2))
+    );
+    Ok(())
+}

@@ -115,3 +115,69 @@ async fn a_flooding_device_gets_one_write_at_a_time_and_the_others_get_theirs() 
     service.abort();
     Ok(())
 }
+
+/// A handler that panics on one device's request (a bug in a service, found by
+/// whatever that device sends): the device gets an error answer, and neither it nor
+/// anyone else is left without answers later. Before, the panic ended the worker
+/// and left the device's turn taken for good: its every later request waited
+/// forever, and with one worker every device's did.
+#[tokio::test]
+async fn a_handler_that_panics_answers_an_error_and_serves_on() -> anyhow::Result<()> {
+    use iot_kv::device_service::{DeviceRequest, ServiceSpec, no_counts, serve};
+    use iot_kv::fair::FairLimits;
+
+    let nats = NatsServer::start().await?;
+    let host = connect(&[nats.url()], &Anonymous, "service", nats.ca_file())
+        .await?
+        .client;
+    let spec = ServiceSpec {
+        prefix: "test.svc",
+        queue_group: "test-svc",
+        workers: 1,
+        limits: FairLimits {
+            max_waiting: 16,
+            max_waiting_bytes: 1 << 20,
+            min_gap: Duration::ZERO,
+        },
+        is_own_inbox: |_, _| true,
+    };
+    let service = tokio::spawn(serve(host, spec, no_counts(), |req: DeviceRequest| async move {
+        if &req.payload[..] == b"boom" {
+            panic!("handler bug on {}", req.id);
+        }
+        Bytes::from(format!("ok {}", req.id))
+    }));
+    let asker = connect(&[nats.url()], &Anonymous, "asker", nats.ca_file())
+        .await?
+        .client;
+    // The service has subscribed once a request gets any answer.
+    let ask = |device: &'static str, body: &'static [u8]| {
+        let asker = asker.clone();
+        async move {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                asker.request(format!("test.svc.{device}"), Bytes::from_static(body)),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer to {device} within 5 s"))??;
+            anyhow::Ok(String::from_utf8_lossy(&answer.payload).into_owned())
+        }
+    };
+    iot_testkit::wait_until(Duration::from_secs(10), "service up", || async {
+        ask("d2", b"hi").await.ok()
+    })
+    .await?;
+
+    let first = ask("d1", b"boom").await?;
+    assert!(first.contains("\"error\""), "{first}");
+    let again = ask("d1", b"boom").await?;
+    assert!(
+        again.contains("\"error\""),
+        "the panicking device is answered again: {again}"
+    );
+    assert_eq!(ask("d1", b"hi").await?, "ok d1");
+    assert_eq!(ask("d2", b"hi").await?, "ok d2", "the only worker still serves");
+    assert!(!service.is_finished());
+    service.abort();
+    Ok(())
+}
