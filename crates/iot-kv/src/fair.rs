@@ -63,6 +63,13 @@ struct Line<J> {
     /// (older entries are pruned as the map grows).
     last_start: HashMap<Id, Instant>,
     last_start_pruned_at: usize,
+    /// The due time one idle worker sleeps until, for the earliest spaced device.
+    /// Only that worker keeps the time: the others wait to be told, so a device
+    /// coming due wakes one worker, not every idle one (256 in the relay).
+    timer: Option<Instant>,
+    /// Times a worker woke and found nothing to take.
+    #[cfg(test)]
+    empty_wakeups: u64,
     waiting: usize,
     waiting_bytes: usize,
     closed: bool,
@@ -121,6 +128,9 @@ impl<J> FairQueue<J> {
                 spaced_seq: 0,
                 last_start: HashMap::new(),
                 last_start_pruned_at: 0,
+                timer: None,
+                #[cfg(test)]
+                empty_wakeups: 0,
                 waiting: 0,
                 waiting_bytes: 0,
                 closed: false,
@@ -166,10 +176,14 @@ impl<J> FairQueue<J> {
 
     /// The next request whose device has nothing running; `None` once closed.
     pub async fn next(&self) -> Option<(Id, J)> {
+        let mut timer = TimerHold { queue: self, due: None };
+        #[cfg(test)]
+        let mut woke = false;
         loop {
             let notified = self.wake.notified();
-            let next_due = {
+            let sleep_until = {
                 let mut line = self.lock();
+                timer.release(&mut line);
                 if line.closed {
                     return None;
                 }
@@ -195,15 +209,29 @@ impl<J> FairQueue<J> {
                     if !self.limits.min_gap.is_zero() {
                         line.started(&device, now, self.limits.min_gap);
                     }
-                    if !line.ready.is_empty() {
-                        // Another worker may take the next one.
+                    if !line.ready.is_empty() || (line.timer.is_none() && !line.spaced.is_empty()) {
+                        // Another worker may take the next one, or keep the time.
                         self.wake.notify_one();
                     }
                     return Some((device, job));
                 }
-                line.spaced.peek().map(|Reverse((due, _, _))| *due)
+                #[cfg(test)]
+                if woke {
+                    line.empty_wakeups += 1;
+                }
+                // Nothing to take. Keep the time of the earliest spaced device
+                // unless another worker already keeps it (or a later one).
+                let earliest = line.spaced.peek().map(|Reverse((due, _, _))| *due);
+                match earliest {
+                    Some(due) if line.timer.is_none_or(|kept| due < kept) => {
+                        line.timer = Some(due);
+                        timer.due = Some(due);
+                        Some(due)
+                    }
+                    _ => None,
+                }
             };
-            match next_due {
+            match sleep_until {
                 Some(due) => {
                     tokio::select! {
                         () = notified => {}
@@ -211,6 +239,10 @@ impl<J> FairQueue<J> {
                     }
                 }
                 None => notified.await,
+            }
+            #[cfg(test)]
+            {
+                woke = true;
             }
         }
     }
@@ -244,6 +276,39 @@ impl<J> FairQueue<J> {
     /// Requests waiting (not running).
     pub fn waiting(&self) -> usize {
         self.lock().waiting
+    }
+}
+
+/// The time one worker keeps for the line ([`Line::timer`]). Given back when the
+/// worker wakes, and when its `next` is dropped mid-sleep, so the line is never
+/// left with a time that nobody keeps.
+struct TimerHold<'a, J> {
+    queue: &'a FairQueue<J>,
+    due: Option<Instant>,
+}
+
+impl<J> TimerHold<'_, J> {
+    fn release(&mut self, line: &mut Line<J>) -> bool {
+        match self.due.take() {
+            Some(due) if line.timer == Some(due) => {
+                line.timer = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<J> Drop for TimerHold<'_, J> {
+    fn drop(&mut self) {
+        if self.due.is_none() {
+            return;
+        }
+        let queue = self.queue;
+        let released = self.release(&mut queue.lock());
+        if released {
+            queue.wake.notify_one();
+        }
     }
 }
 
@@ -332,6 +397,87 @@ mod tests {
         );
         q.done(&id("flood"));
         assert_eq!(q.waiting(), 0);
+    }
+
+    /// Serves `q` with `n` workers; each turn is recorded with when it started.
+    fn serve(q: &FairQueue<u32>, n: usize) -> Arc<std::sync::Mutex<Vec<(Id, Instant)>>> {
+        let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for _ in 0..n {
+            let (q, served) = (q.clone(), served.clone());
+            tokio::spawn(async move {
+                while let Some((device, _)) = q.next().await {
+                    served
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((device.clone(), Instant::now()));
+                    q.done(&device);
+                }
+            });
+        }
+        served
+    }
+
+    async fn wait_served(served: &std::sync::Mutex<Vec<(Id, Instant)>>, count: usize) -> Vec<(Id, Instant)> {
+        for _ in 0..400 {
+            let now = served.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if now.len() >= count {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!(
+            "not served: {:?}",
+            served.lock().unwrap_or_else(PoisonError::into_inner)
+        );
+    }
+
+    /// A device coming due wakes one worker, not every idle one: the relay has 256,
+    /// and under a flood devices come due all the time.
+    #[tokio::test]
+    async fn a_device_coming_due_wakes_one_worker_not_all() {
+        let q = FairQueue::new(FairLimits {
+            min_gap: Duration::from_millis(200),
+            ..ROOMY
+        });
+        q.offer(&id("flood"), 1, 10);
+        assert_eq!(q.next().await, Some((id("flood"), 1)));
+        q.done(&id("flood"));
+        q.offer(&id("flood"), 2, 10);
+        let served = serve(&q, 64);
+        wait_served(&served, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let empty = q.lock().empty_wakeups;
+        assert!(empty <= 3, "{empty} workers woke for one device's turn");
+        q.close();
+    }
+
+    /// A device whose gap ends sooner than the one the kept time is for is still
+    /// served when its gap ends, not when the later one's does.
+    #[tokio::test]
+    async fn a_sooner_due_device_is_not_held_to_a_later_kept_time() {
+        let gap = Duration::from_millis(300);
+        let q = FairQueue::new(FairLimits { min_gap: gap, ..ROOMY });
+        q.offer(&id("b"), 1, 10);
+        assert!(q.next().await.is_some());
+        let b_started = Instant::now();
+        tokio::time::sleep(Duration::from_millis(300 / 2)).await;
+        q.offer(&id("a"), 1, 10);
+        assert!(q.next().await.is_some());
+        q.done(&id("a"));
+        q.done(&id("b"));
+        let served = serve(&q, 8);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // a first (due later), then b (due sooner).
+        q.offer(&id("a"), 2, 10);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        q.offer(&id("b"), 2, 10);
+        let turns = wait_served(&served, 2).await;
+        assert_eq!(turns[0].0, id("b"), "{turns:?}");
+        let b_after = turns[0].1.duration_since(b_started);
+        assert!(b_after >= gap, "b ran {b_after:?} after its last turn");
+        // a's gap ends 150 ms after b's: b did not wait for it.
+        assert!(b_after < gap + Duration::from_millis(120), "b waited {b_after:?}");
+        q.close();
     }
 
     #[tokio::test]
