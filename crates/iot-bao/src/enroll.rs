@@ -164,11 +164,16 @@ pub async fn list_services(bao: &Bao) -> Result<Vec<String>, BaoError> {
 }
 
 async fn list_records(bao: &Bao, folder: &str) -> Result<Vec<String>, BaoError> {
+    list_keys(bao, &format!("{KV_MOUNT}/metadata/{folder}")).await
+}
+
+/// The keys a `LIST` of `path` returns; none when the path does not exist.
+async fn list_keys(bao: &Bao, path: &str) -> Result<Vec<String>, BaoError> {
     let list = hyper::Method::from_bytes(b"LIST").map_err(|e| BaoError::Shape {
         path: "LIST".into(),
         message: e.to_string(),
     })?;
-    match bao.call(list, &format!("{KV_MOUNT}/metadata/{folder}"), None).await {
+    match bao.call(list, path, None).await {
         Ok(v) => Ok(v
             .pointer("/data/keys")
             .and_then(Value::as_array)
@@ -227,22 +232,7 @@ async fn enroll_entity(
 
 /// The accessors of an approle's secret ids (none for a new role).
 async fn secret_id_accessors(bao: &Bao, name: &str) -> Result<Vec<String>, BaoError> {
-    let list = hyper::Method::from_bytes(b"LIST").map_err(|e| BaoError::Shape {
-        path: "LIST".into(),
-        message: e.to_string(),
-    })?;
-    match bao
-        .call(list, &format!("auth/approle/role/{name}/secret-id"), None)
-        .await
-    {
-        Ok(v) => Ok(v
-            .pointer("/data/keys")
-            .and_then(Value::as_array)
-            .map(|keys| keys.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-            .unwrap_or_default()),
-        Err(e) if e.is_not_found() => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
+    list_keys(bao, &format!("auth/approle/role/{name}/secret-id")).await
 }
 
 /// The entity id of `name`, if it exists: what older records lack (see

@@ -370,17 +370,8 @@ impl Stack {
     /// Gives a process the stack's CA for NATS and OpenBao (or, on a plain-TCP
     /// stack, leave to talk without TLS).
     pub fn trust(&self, cmd: &mut Command) {
-        match self.nats.ca_file() {
-            Some(ca) => {
-                cmd.env("NATS_CA_FILE", ca);
-                if let Some(bao_ca) = self.security.as_ref().and_then(|s| s.bao.ca_file()) {
-                    cmd.env("BAO_CACERT", bao_ca);
-                }
-            }
-            None => {
-                cmd.env("NATS_INSECURE", "true");
-            }
-        }
+        let bao_ca = self.security.as_ref().and_then(|s| s.bao.ca_file());
+        iot_launch::tls::trust_env(cmd, self.nats.ca_file(), bao_ca);
     }
 
     pub fn applier(&self) -> anyhow::Result<Command> {

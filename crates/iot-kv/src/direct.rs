@@ -75,10 +75,26 @@ pub async fn page_by_sequence(
     timeout: Duration,
 ) -> Result<(Vec<KvRecord>, bool), KvError> {
     let filter = format!("$KV.{bucket}.{key_filter}");
-    let body =
-        serde_json::json!({"next_by_subj": filter, "seq": from_seq.max(1), "batch": MAX_BATCH, "max_bytes": max_bytes});
+    let (records, pending) = request_page(client, bucket, &filter, from_seq.max(1), Some(max_bytes), timeout).await?;
+    Ok((records, pending.is_some_and(|p| p > 0)))
+}
+
+/// One `next_by_subj` page: the records, and the matches the server says are left
+/// (`None` when it does not say).
+async fn request_page(
+    client: &async_nats::Client,
+    bucket: &str,
+    filter: &str,
+    from_seq: u64,
+    max_bytes: Option<usize>,
+    timeout: Duration,
+) -> Result<(Vec<KvRecord>, Option<u64>), KvError> {
+    let mut body = serde_json::json!({"next_by_subj": filter, "seq": from_seq, "batch": MAX_BATCH});
+    if let Some(max_bytes) = max_bytes {
+        body["max_bytes"] = max_bytes.into();
+    }
     match request_batch(client, bucket, &body, timeout).await? {
-        Batch::Records { records, pending } => Ok((records, pending.is_some_and(|p| p > 0))),
+        Batch::Records { records, pending } => Ok((records, pending)),
         Batch::TooManySubjects => Err(request_err(&api_subject(bucket), "page refused with 413")),
     }
 }
@@ -94,31 +110,24 @@ async fn scan(
     let mut next_seq = 1u64;
     let mut pages = 0usize;
     loop {
-        let body = serde_json::json!({"next_by_subj": filter, "seq": next_seq, "batch": MAX_BATCH});
-        match request_batch(client, bucket, &body, timeout).await? {
-            Batch::Records { records, pending } => {
-                let Some(last) = records.last().map(|r| r.sequence) else {
-                    break;
-                };
-                out.extend(records);
-                if pending == Some(0) || pending.is_none() {
-                    break;
-                }
-                // Every page must move forward; a bucket rewritten faster than it can be
-                // read is an error, not an endless read.
-                pages += 1;
-                if last < next_seq || pages > MAX_SCAN_PAGES {
-                    return Err(request_err(
-                        &api_subject(bucket),
-                        format!("paged read of {filter} made no progress after {pages} pages"),
-                    ));
-                }
-                next_seq = last + 1;
-            }
-            Batch::TooManySubjects => {
-                return Err(request_err(&api_subject(bucket), "scan refused with 413"));
-            }
+        let (records, pending) = request_page(client, bucket, filter, next_seq, None, timeout).await?;
+        let Some(last) = records.last().map(|r| r.sequence) else {
+            break;
+        };
+        out.extend(records);
+        if pending == Some(0) || pending.is_none() {
+            break;
         }
+        // Every page must move forward; a bucket rewritten faster than it can be
+        // read is an error, not an endless read.
+        pages += 1;
+        if last < next_seq || pages > MAX_SCAN_PAGES {
+            return Err(request_err(
+                &api_subject(bucket),
+                format!("paged read of {filter} made no progress after {pages} pages"),
+            ));
+        }
+        next_seq = last + 1;
     }
     // A key rewritten during the scan was seen twice; its higher sequence is newer.
     out.sort_by(|a, b| a.key.cmp(&b.key).then(b.sequence.cmp(&a.sequence)));

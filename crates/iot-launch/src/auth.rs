@@ -107,14 +107,7 @@ impl CalloutProcess {
         write_private(&password, &l.keys.auth_password)?;
         let metrics_port = free_port()?;
         let mut cmd = Command::new(l.binary);
-        match l.ca_file {
-            Some(ca) => {
-                cmd.env("NATS_CA_FILE", ca).env("BAO_CACERT", ca);
-            }
-            None => {
-                cmd.env("NATS_INSECURE", "true");
-            }
-        }
+        crate::tls::trust_env(&mut cmd, l.ca_file, l.ca_file);
         cmd.env("NATS_URL", l.nats_url)
             .env("IOT_AUTH_NATS_USER", "auth")
             .env("IOT_AUTH_NATS_PASSWORD_FILE", password)

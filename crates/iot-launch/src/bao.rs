@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use crate::auth::write_private;
 use crate::paths::find_binary;
 use crate::process::{LoggedProcess, free_port, wait_until};
-use crate::tls::{Ca, TlsMode};
+use crate::tls::TlsMode;
 
 pub struct OpenBao {
     process: Option<LoggedProcess>,
@@ -57,19 +57,9 @@ impl OpenBao {
         std::fs::create_dir_all(dir.join("data"))?;
         let port = free_port()?;
         let cluster_port = free_port()?;
-        let hosts = [host, "127.0.0.1", "localhost", crate::tls::GUEST_HOST_ALIAS];
-        let tls = match tls {
-            TlsMode::Plain => None,
-            TlsMode::Ca(ca) => {
-                let (cert, key) = ca.issue(&format!("bao-{port}"), &hosts)?;
-                Some((ca.cert_file(), cert, key))
-            }
-            TlsMode::OwnCa => {
-                let ca = Ca::create(&dir.join("ca"))?;
-                let (cert, key) = ca.issue("bao", &hosts)?;
-                Some((ca.cert_file(), cert, key))
-            }
-        };
+        let tls = tls
+            .server_cert(&dir.join("ca"), &format!("bao-{port}"), host)?
+            .map(|c| (c.ca_file, c.cert, c.key));
         let mut me = Self {
             process: None,
             host: host.to_owned(),

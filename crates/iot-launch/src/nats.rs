@@ -9,7 +9,7 @@ use tempfile::TempDir;
 
 use crate::paths::find_binary;
 use crate::process::{free_port, kill_child};
-use crate::tls::{Ca, TlsMode};
+use crate::tls::TlsMode;
 
 /// A nats-server process. Dropping it kills the server and deletes its store.
 pub struct NatsServer {
@@ -92,31 +92,18 @@ impl NatsServer {
     async fn launch_in_store(host: &str, store: TempDir, args: &[&str], tls: TlsMode<'_>) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
         let log = store.path().join("nats.log");
-        let own;
-        let ca = match tls {
-            TlsMode::Plain => None,
-            TlsMode::Ca(ca) => Some(ca),
-            TlsMode::OwnCa => {
-                own = Ca::create(&store.path().join("ca"))?;
-                Some(&own)
-            }
-        };
         let port = free_port()?;
         let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut ca_file = None;
-        if let Some(ca) = ca {
-            let (cert, key) = ca.issue(
-                &format!("nats-{port}"),
-                &[host, "127.0.0.1", "localhost", crate::tls::GUEST_HOST_ALIAS],
-            )?;
+        if let Some(tls) = tls.server_cert(&store.path().join("ca"), &format!("nats-{port}"), host)? {
             extra_args.extend([
                 "--tls".to_owned(),
                 "--tlscert".to_owned(),
-                cert.display().to_string(),
+                tls.cert.display().to_string(),
                 "--tlskey".to_owned(),
-                key.display().to_string(),
+                tls.key.display().to_string(),
             ]);
-            ca_file = Some(ca.cert_file());
+            ca_file = Some(tls.ca_file);
         }
         let mut me = Self {
             child: None,
@@ -148,10 +135,7 @@ impl NatsServer {
     /// `NATS_URL`, and `NATS_CA_FILE`, or `NATS_INSECURE` for a plain server.
     pub fn configure_client(&self, cmd: &mut Command) {
         cmd.env("NATS_URL", self.url());
-        match &self.ca_file {
-            Some(ca) => cmd.env("NATS_CA_FILE", ca),
-            None => cmd.env("NATS_INSECURE", "true"),
-        };
+        crate::tls::trust_env(cmd, self.ca_file.as_deref(), None);
     }
 
     /// A client connected as `admin` would be: with the CA, no credentials. For

@@ -35,6 +35,54 @@ pub enum TlsMode<'a> {
     Plain,
 }
 
+/// A server's certificate, and the CA certificate its clients verify it with.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    pub ca_file: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsMode<'_> {
+    /// The certificate for server `name` (unique per server: it names the files)
+    /// answering on `host` and the loopback and guest names; a CA of its own is made
+    /// in `own_ca_dir`. `None` for [`TlsMode::Plain`].
+    pub fn server_cert(&self, own_ca_dir: &Path, name: &str, host: &str) -> anyhow::Result<Option<ServerCert>> {
+        let own;
+        let ca = match self {
+            TlsMode::Plain => return Ok(None),
+            TlsMode::Ca(ca) => *ca,
+            TlsMode::OwnCa => {
+                own = Ca::create(own_ca_dir)?;
+                &own
+            }
+        };
+        let (cert, key) = ca.issue(name, &[host, "127.0.0.1", "localhost", GUEST_HOST_ALIAS])?;
+        Ok(Some(ServerCert {
+            ca_file: ca.cert_file(),
+            cert,
+            key,
+        }))
+    }
+}
+
+/// Tells a platform binary which CA verifies NATS (`NATS_CA_FILE`) and OpenBao
+/// (`BAO_CACERT`). Without a NATS CA the stack is plain TCP, and the binary is
+/// told so (`NATS_INSECURE`), since every client refuses plain servers otherwise.
+pub fn trust_env(cmd: &mut std::process::Command, nats_ca: Option<&Path>, bao_ca: Option<&Path>) {
+    match nats_ca {
+        Some(ca) => {
+            cmd.env("NATS_CA_FILE", ca);
+        }
+        None => {
+            cmd.env("NATS_INSECURE", "true");
+        }
+    }
+    if let Some(ca) = bao_ca {
+        cmd.env("BAO_CACERT", ca);
+    }
+}
+
 /// The CA's certificate and key, kept in memory to sign server certificates.
 #[derive(Clone)]
 pub struct Ca {

@@ -106,14 +106,8 @@ impl Up {
     /// Gives a process the stack's CA for NATS and OpenBao, or (with --insecure)
     /// leave to talk to the plain NATS.
     pub fn trust(&self, cmd: &mut Command) {
-        match self.ca_file() {
-            Some(ca) => {
-                cmd.env("NATS_CA_FILE", &ca).env("BAO_CACERT", &ca);
-            }
-            None => {
-                cmd.env("NATS_INSECURE", "true");
-            }
-        }
+        let ca = self.ca_file();
+        iot_launch::tls::trust_env(cmd, ca.as_deref(), ca.as_deref());
     }
 
     pub fn bin(&self, name: &str) -> PathBuf {
