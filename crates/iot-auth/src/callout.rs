@@ -9,6 +9,7 @@ use nkeys::{KeyPair, XKey};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -41,6 +42,11 @@ pub struct CalloutMetrics {
     /// `bad_request`, `expired` (dropped: the server stopped waiting).
     pub decisions: Family<DecisionLabels, Counter>,
     pub duration: Histogram,
+    /// Loads of the enrollment list by result (`ok`, `failed`). A replica that has
+    /// never loaded it admits nobody from its cache while OpenBao is away.
+    pub list_loads: Family<DecisionLabels, Counter>,
+    /// Identities in the enrollment list as last loaded.
+    pub enrolled_identities: Gauge,
 }
 
 impl Default for CalloutMetrics {
@@ -48,6 +54,8 @@ impl Default for CalloutMetrics {
         Self {
             decisions: Family::default(),
             duration: Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            list_loads: Family::default(),
+            enrolled_identities: Gauge::default(),
         }
     }
 }
@@ -57,6 +65,25 @@ impl CalloutMetrics {
         let r = registry.sub_registry_with_prefix("iot_auth");
         r.register("decisions", "Connect decisions by result", self.decisions.clone());
         r.register("decision_seconds", "Time from request to answer", self.duration.clone());
+        r.register(
+            "enrollment_list_loads",
+            "Loads of the enrollment list from OpenBao by result",
+            self.list_loads.clone(),
+        );
+        r.register(
+            "enrolled_identities",
+            "Identities in the enrollment list as last loaded",
+            self.enrolled_identities.clone(),
+        );
+    }
+
+    /// Counts one load of the enrollment list.
+    pub fn list_loaded(&self, loaded: Option<usize>) {
+        let result = if loaded.is_some() { "ok" } else { "failed" };
+        self.list_loads.get_or_create(&DecisionLabels { result }).inc();
+        if let Some(n) = loaded {
+            self.enrolled_identities.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
     pub fn count(&self, result: &'static str) -> u64 {
         self.decisions.get_or_create(&DecisionLabels { result }).get()

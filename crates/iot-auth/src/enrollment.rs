@@ -267,12 +267,19 @@ impl Enrollments {
         Ok(n)
     }
 
-    /// Runs [`Self::refresh_all`] every `period`, forever.
-    pub async fn keep_refreshed(&self, period: Duration) {
+    /// Runs [`Self::refresh_all`] every `period`, forever, counting each load in
+    /// `metrics`.
+    pub async fn keep_refreshed(&self, period: Duration, metrics: &crate::callout::CalloutMetrics) {
         loop {
             match self.refresh_all().await {
-                Ok(n) => tracing::debug!(identities = n, "enrollment list refreshed"),
-                Err(e) => tracing::warn!(error = %e, "could not refresh the enrollment list; keeping the last one"),
+                Ok(n) => {
+                    metrics.list_loaded(Some(n));
+                    tracing::debug!(identities = n, "enrollment list refreshed");
+                }
+                Err(e) => {
+                    metrics.list_loaded(None);
+                    tracing::warn!(error = %e, "could not refresh the enrollment list; keeping the last one");
+                }
             }
             tokio::time::sleep(period).await;
         }

@@ -252,7 +252,7 @@ async fn main() -> anyhow::Result<()> {
         let callout = callout.clone();
         let period = args.list_refresh;
         tasks.spawn(async move {
-            callout.enrollments.keep_refreshed(period).await;
+            callout.enrollments.keep_refreshed(period, &callout.metrics).await;
             ("enrollment list refresher", Ok(()))
         });
     }

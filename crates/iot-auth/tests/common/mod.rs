@@ -115,7 +115,22 @@ impl Secured {
             env: all_env,
         };
         let name = format!("callout-{}", self.callouts.len());
-        self.callouts.push(CalloutProcess::spawn(&launch, &name).await?);
+        let callout = CalloutProcess::spawn(&launch, &name).await?;
+        // Ready means answering; the enrollment list loads beside it. Tests of
+        // what a replica admits from its cache need the list loaded.
+        let port = callout.metrics_port;
+        iot_testkit::wait_until(
+            Duration::from_secs(30),
+            "the callout's first enrollment list",
+            || async move {
+                let text = iot_testkit::http::get_text("127.0.0.1", port, "/metrics").await.ok()?;
+                text.lines()
+                    .any(|l| l.starts_with("iot_auth_enrollment_list_loads_total{result=\"ok\"}"))
+                    .then_some(())
+            },
+        )
+        .await?;
+        self.callouts.push(callout);
         Ok(())
     }
 
