@@ -11,6 +11,7 @@ pub mod hash;
 pub mod id;
 pub mod keys;
 pub mod read;
+pub mod report;
 pub mod score;
 pub mod status;
 pub mod text;

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use harmony_reconciler_contracts::*;
 use iot_api::Deployment;
 use iot_kv::{KvOp, write_batch};
-use iot_operator::aggregator::DeviceIndex;
+use iot_operator::device_index::DeviceIndex;
 use kube::Api;
 use kube::api::ListParams;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -199,7 +199,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let probe = Arc::new(DeviceIndex::default());
     let probe_task = {
         let (probe, store) = (probe.clone(), js.get_key_value(AGENT_STATUS_BUCKET).await?);
-        tokio::spawn(async move { probe.follow(store).await })
+        tokio::spawn(async move { probe.follow(store, None).await })
     };
     while probe.len() < devices {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -84,9 +84,9 @@ pub async fn serve(service: &str) -> anyhow::Result<()> {
             let store = js
                 .get_key_value(harmony_reconciler_contracts::DESIRED_STATE_BUCKET)
                 .await?;
-            let index = Arc::new(iot_operator::kv_index::DesiredIndex::default());
+            let index = Arc::new(iot_operator::desired_index::DesiredIndex::default());
             let follower = index.clone();
-            tokio::spawn(async move { follower.run(store).await });
+            tokio::spawn(async move { follower.run(store, None).await });
             let source: Arc<dyn iot_kv::desired_read::DesiredSource> = index;
             iot_kv::desired_read::serve_desired_reads(conn.client, Duration::from_secs(30), Some(source), counts)
                 .await?

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use harmony_reconciler_contracts::{AgentStatus, Id, parse_agent_status_key};
+use harmony_reconciler_contracts::Id;
+use harmony_reconciler_contracts::report::{self, Staleness};
 use iot_api::Deployment;
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
@@ -33,7 +34,7 @@ pub struct Fleet {
     changes: watch::Sender<u64>,
     devices_caught_up: watch::Sender<bool>,
     deployments_ready: Arc<std::sync::atomic::AtomicBool>,
-    pub stale_after: chrono::Duration,
+    pub staleness: Staleness,
 }
 
 impl Fleet {
@@ -55,7 +56,7 @@ impl Fleet {
             deployments,
             changes: watch::channel(0).0,
             devices_caught_up: watch::channel(false).0,
-            stale_after: chrono::Duration::from_std(stale_after).unwrap_or(chrono::Duration::seconds(30)),
+            staleness: Staleness::after(stale_after),
         })
     }
 
@@ -81,7 +82,7 @@ impl Fleet {
             devices: &devices,
             deployments: &deployments,
             now: Utc::now(),
-            stale_after: self.stale_after,
+            staleness: self.staleness,
         };
         f(&snap)
     }
@@ -89,9 +90,9 @@ impl Fleet {
     /// Records one entry of the agent-status bucket. Unparseable reports are kept
     /// out (and logged): one bad device must not blank the page.
     pub fn record(&self, key: &str, value: Option<&[u8]>, received_at: chrono::DateTime<Utc>) {
-        let Ok(id) = parse_agent_status_key(key) else { return };
+        let Ok(id) = report::report_device(key) else { return };
         let mut devices = self.devices.write().unwrap_or_else(PoisonError::into_inner);
-        match value.map(serde_json::from_slice::<AgentStatus>) {
+        match value.map(|bytes| report::decode_report(&id, bytes)) {
             None => {
                 devices.remove(&id);
                 self.removed
@@ -99,16 +100,12 @@ impl Fleet {
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(id, received_at);
             }
-            Some(Ok(status)) if status.device_id == id => {
+            Some(Ok(status)) => {
                 devices.insert(id, DeviceRecord { status, received_at });
             }
-            Some(Ok(status)) => {
-                // One writer per key: a report under someone else's key is ignored.
-                tracing::warn!(device = %id, claimed = %status.device_id, "report names a different device than its key; ignored")
-            }
-            Some(Err(e)) => {
-                tracing::warn!(device = %id, error = %e, "unreadable device report; keeping the last good one")
-            }
+            // One writer per key, and one bad report must not blank a device: keep
+            // the last good one.
+            Some(Err(e)) => tracing::warn!(error = %e, "device report refused; keeping the last good one"),
         }
     }
 
@@ -137,7 +134,7 @@ impl Fleet {
             let newer_held = devices
                 .get(&r.device)
                 .is_some_and(|held| held.status.heartbeat_at > r.status.heartbeat_at);
-            if !newer_held && r.status.device_id == r.device {
+            if !newer_held && report::check_report_owner(&r.device, &r.status).is_ok() {
                 devices.insert(
                     r.device,
                     DeviceRecord {
@@ -281,6 +278,7 @@ pub async fn staleness_ticker(fleet: Arc<Fleet>) {
 mod tests {
     use std::collections::BTreeMap;
 
+    use harmony_reconciler_contracts::AgentStatus;
     use harmony_reconciler_contracts::read::StatusRecord;
 
     use super::*;

@@ -2,13 +2,14 @@
 //! time. Everything the pages render comes from here, and most tests hit these.
 //!
 //! Silence is a state, not an absence: a device whose last report reached NATS
-//! longer ago than `stale_after` (by the server's timestamp) is stale, and a device
+//! longer ago than the staleness threshold (by the server's timestamp) is stale, and a device
 //! that a deployment targets but that never reported is "never seen". Both count as
 //! problems everywhere, never as fine.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
+use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::{AgentStatus, DeploymentRef, EventEntry, Id, Phase, Severity};
 use iot_api::{Deployment, conditions};
 use kube::ResourceExt;
@@ -26,7 +27,7 @@ pub struct Snapshot<'a> {
     pub devices: &'a HashMap<Id, DeviceRecord>,
     pub deployments: &'a [std::sync::Arc<Deployment>],
     pub now: DateTime<Utc>,
-    pub stale_after: Duration,
+    pub staleness: Staleness,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -114,7 +115,7 @@ impl Snapshot<'_> {
     pub fn device_state(&self, id: &Id) -> DeviceState {
         match self.devices.get(id) {
             None => DeviceState::NeverSeen,
-            Some(r) if self.now - r.received_at > self.stale_after => DeviceState::Stale,
+            Some(r) if self.staleness.is_stale(r.received_at, self.now) => DeviceState::Stale,
             Some(_) => DeviceState::Online,
         }
     }
@@ -469,7 +470,7 @@ mod tests {
             devices: &devices,
             deployments: &deployments,
             now,
-            stale_after: Duration::seconds(30),
+            staleness: Staleness::default(),
         };
         let o = overview(&snap, 10);
         assert_eq!((o.online, o.stale, o.never_seen), (1, 1, 1));
@@ -498,7 +499,7 @@ mod tests {
             devices: &devices,
             deployments: &deployments,
             now,
-            stale_after: Duration::seconds(30),
+            staleness: Staleness::default(),
         };
         let (_, failed) = phase_table(&snap, &web, Some(DevicePhase::Failed));
         assert_eq!(failed.len(), 1);

@@ -9,6 +9,7 @@
 //!   plus full re-reads at start, reconnect and on a timer ([`follow`]);
 //! - writes are plain JetStream publishes, acknowledged by the stream.
 
+pub mod bucket_follower;
 pub mod buckets;
 pub mod cli;
 pub mod connect;
@@ -24,6 +25,7 @@ pub mod status_snapshot;
 pub mod timing;
 pub mod write;
 
+pub use bucket_follower::{BucketEntry, BucketFollower, BucketIndex};
 pub use cli::NatsArgs;
 pub use connect::{
     Anonymous, ClientOptions, CredentialSource, CredsFile, NatsConnection, NatsTls, TokenAuth, UserPassword, connect,

@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, ResourceExt};
 
 use crate::conditions::WriteOutcome;
-use crate::kv_index::DesiredIndex;
+use crate::desired_index::DesiredIndex;
 use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
 use crate::metrics::OperatorMetrics;
 use crate::status_writer::StatusInbox;

@@ -19,7 +19,7 @@ use kube::{Api, ResourceExt};
 
 use iot_api::Deployment;
 
-use crate::kv_index::DesiredIndex;
+use crate::desired_index::DesiredIndex;
 use crate::kv_plan::plan_cleanup;
 use crate::metrics::OperatorMetrics;
 

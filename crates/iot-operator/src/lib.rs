@@ -1,23 +1,26 @@
 //! The IoT operator.
 //!
 //! - [`controller`]: `Deployment` -> desired state in NATS KV (the write path), with
-//!   the pure planner in [`kv_plan`] and the bucket index in [`kv_index`].
+//!   the pure planner in [`kv_plan`] and the bucket's index in [`desired_index`].
+//! - [`device_index`]: every device's latest report; [`status_aggregator`] folds
+//!   it into each deployment's aggregate with the pure [`fleet_aggregate`].
 //! - [`status_writer`]: the one writer of `.status`, fed by the controller and the
-//!   aggregator.
+//!   status aggregator.
 //! - [`leader`]: leader election on a Lease, so only one replica writes.
 //! - [`install`]: the CRD from typed Rust (the resource types are in `iot-api`).
 
-pub mod aggregate;
-pub mod aggregator;
 pub mod conditions;
 pub mod controller;
+pub mod desired_index;
+pub mod device_index;
+pub mod fleet_aggregate;
 pub mod gc;
 pub mod install;
-pub mod kv_index;
 pub mod kv_plan;
 pub mod leader;
 pub mod metrics;
 pub mod run;
+pub mod status_aggregator;
 pub mod status_snapshot;
 pub mod status_writer;
 pub mod yaml;

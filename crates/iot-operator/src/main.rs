@@ -167,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 resync: args.resync,
                 status_min_interval: args.status_min_interval,
-                aggregator: iot_operator::aggregator::AggregatorConfig {
+                aggregator: iot_operator::status_aggregator::AggregatorConfig {
                     stale_after: args.stale_after,
                     ..Default::default()
                 },

@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use harmony_reconciler_contracts::Id;
+use harmony_reconciler_contracts::report::Staleness;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::aggregate::DeviceReport;
+use crate::fleet_aggregate::DeviceReport;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -125,9 +126,12 @@ impl OperatorMetrics {
         reports: &HashMap<Id, DeviceReport>,
         targeted: &BTreeSet<Id>,
         now: DateTime<Utc>,
-        stale_after: Duration,
+        staleness: Staleness,
     ) {
-        let stale = reports.values().filter(|r| now - r.received_at > stale_after).count();
+        let stale = reports
+            .values()
+            .filter(|r| staleness.is_stale(r.received_at, now))
+            .count();
         let never = targeted.iter().filter(|d| !reports.contains_key(*d)).count();
         self.devices
             .get_or_create(&StateLabels { state: "reporting" })

@@ -18,10 +18,11 @@ use futures::StreamExt;
 use iot_kv::{CredentialSource, connect_with};
 use iot_observe::Readiness;
 
-use crate::aggregator::{AggregatorConfig, DeviceIndex, run_aggregator};
 use crate::controller::{Ctx, controller, error_policy, reconcile};
-use crate::kv_index::DesiredIndex;
+use crate::desired_index::DesiredIndex;
+use crate::device_index::DeviceIndex;
 use crate::metrics::OperatorMetrics;
+use crate::status_aggregator::{AggregatorConfig, run_aggregator};
 use crate::status_writer::{StatusInbox, StatusWriter};
 
 #[derive(Debug, Clone)]
@@ -265,9 +266,16 @@ async fn start(
     let devices = Arc::new(DeviceIndex::default());
     {
         let index = index.clone();
-        forever(tasks, "desired-state index", async move { index.run(desired).await });
-        let devices = devices.clone();
-        forever(tasks, "device index", async move { devices.follow(status).await });
+        let connects = Some(conn.connects.clone());
+        forever(tasks, "desired-state index", async move {
+            index.run(desired, connects).await
+        });
+        let (devices, connects) = (devices.clone(), Some(conn.connects.clone()));
+        forever(
+            tasks,
+            "device index",
+            async move { devices.follow(status, connects).await },
+        );
     }
     index.wait_ready().await;
     devices.wait_caught_up().await;

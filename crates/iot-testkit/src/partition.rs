@@ -38,6 +38,12 @@ impl PartitionProxy {
     pub fn partition(&self) {
         self.cut.send_replace(true);
     }
+
+    /// New connections get through again. Those cut stay silent: the client must
+    /// notice and reconnect, as after a real outage.
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
 }
 
 impl Drop for PartitionProxy {

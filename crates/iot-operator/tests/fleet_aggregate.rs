@@ -4,10 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::*;
 use iot_api::conditions::{DEGRADED, READY, REASON_REPEATED_RESTARTS};
-use iot_operator::aggregate::{AggregateInput, AggregateLimits, DeviceReport, aggregate, without_heartbeat_churn};
 use iot_operator::conditions::fleet_conditions;
+use iot_operator::fleet_aggregate::{
+    AggregateInput, AggregateLimits, DeviceReport, aggregate, without_heartbeat_churn,
+};
 
 fn now() -> DateTime<Utc> {
     Utc.timestamp_opt(1_900_000_000, 0).single().expect("time")
@@ -55,7 +58,7 @@ fn run(reports: &HashMap<Id, DeviceReport>, n: usize) -> iot_api::AggregateStatu
         },
         reports,
         now(),
-        Duration::seconds(30),
+        Staleness::default(),
         AggregateLimits::default(),
     )
 }
@@ -167,7 +170,7 @@ fn a_device_named_like_a_word_does_not_mangle_messages() {
         },
         &r,
         now(),
-        Duration::seconds(30),
+        Staleness::default(),
         AggregateLimits::default(),
     );
     assert_eq!(a.top_errors.len(), 1);

@@ -9,7 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
+use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::text::normalize_error;
 use harmony_reconciler_contracts::{AgentStatus, DeploymentPhase, DeploymentRef, EventEntry, Id, Phase, SpecHash};
 use iot_api::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup};
@@ -79,12 +80,12 @@ pub fn verdict(
     deployment: &DeploymentRef,
     spec_hash: &SpecHash,
     now: DateTime<Utc>,
-    stale_after: Duration,
+    staleness: Staleness,
 ) -> DeviceVerdict {
     let Some(report) = report else {
         return DeviceVerdict::Unreported;
     };
-    if now - report.received_at > stale_after {
+    if staleness.is_stale(report.received_at, now) {
         return DeviceVerdict::Unreported;
     }
     let Some(phase) = report.deployments.get(deployment) else {
@@ -117,7 +118,7 @@ pub fn aggregate(
     input: AggregateInput<'_>,
     reports: &HashMap<Id, DeviceReport>,
     now: DateTime<Utc>,
-    stale_after: Duration,
+    staleness: Staleness,
     limits: AggregateLimits,
 ) -> AggregateStatus {
     let AggregateInput {
@@ -146,7 +147,7 @@ pub fn aggregate(
                     .map(|e| (device, e)),
             );
         }
-        let verdict = verdict(report, deployment, spec_hash, now, stale_after);
+        let verdict = verdict(report, deployment, spec_hash, now, staleness);
         if matches!(verdict, DeviceVerdict::Succeeded | DeviceVerdict::Failed)
             && report
                 .and_then(|r| r.deployments.get(deployment))

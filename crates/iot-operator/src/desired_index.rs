@@ -1,5 +1,5 @@
-//! In-memory index of the desired-state bucket, fed by ONE KV watch over the whole
-//! bucket (one ordered consumer, whatever the fleet size).
+//! In-memory index of the desired-state bucket, fed by the bucket's one follower
+//! ([`iot_kv::BucketFollower`]: one ordered consumer, whatever the fleet size).
 //!
 //! The write path compares against it to write only changed bytes and to find keys
 //! of devices dropped from a deployment. It is "ready" once the watch has caught up
@@ -8,13 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
-use futures::StreamExt;
-use harmony_reconciler_contracts::{DeploymentRef, Id, parse_desired_state_key};
-use tokio::sync::watch;
+use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id, parse_desired_state_key};
+use iot_kv::{BucketEntry, BucketFollower, BucketIndex};
 
 /// The bucket's keys, by deployment (for the write path) and by device (for the
 /// devices' reads).
@@ -27,14 +25,14 @@ struct Keys {
 #[derive(Debug)]
 pub struct DesiredIndex {
     keys: Mutex<Keys>,
-    ready: watch::Sender<bool>,
+    follower: BucketFollower,
 }
 
 impl Default for DesiredIndex {
     fn default() -> Self {
         Self {
             keys: Mutex::new(Keys::default()),
-            ready: watch::channel(false).0,
+            follower: BucketFollower::new(DESIRED_STATE_BUCKET),
         }
     }
 }
@@ -73,16 +71,14 @@ impl DesiredIndex {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the index has caught up with the bucket.
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.follower.is_caught_up()
     }
 
     /// Waits until the index has caught up with the bucket.
     pub async fn wait_ready(&self) {
-        let mut rx = self.ready.subscribe();
-        if rx.wait_for(|r| *r).await.is_err() {
-            tracing::debug!("desired-state index dropped while waiting");
-        }
+        self.follower.wait_caught_up().await;
     }
 
     /// Current values of one deployment's keys.
@@ -131,61 +127,14 @@ impl DesiredIndex {
         self.lock().by_deployment.values().map(BTreeMap::len).sum()
     }
 
-    fn reset(&self) {
-        self.ready.send_replace(false);
-        *self.lock() = Keys::default();
+    /// Follows the bucket forever, replaying it after errors and reconnects.
+    pub async fn run(&self, store: kv::Store, connects: Option<tokio::sync::watch::Receiver<u64>>) {
+        self.follower.run(store, connects, self).await;
     }
+}
 
-    /// Follows the bucket forever, rebuilding from scratch if the watch breaks.
-    pub async fn run(&self, store: kv::Store) {
-        loop {
-            if let Err(e) = self.follow_once(&store).await {
-                tracing::warn!(error = %e, "desired-state index watch failed; rebuilding in 1 s");
-            }
-            self.reset();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
-    async fn follow_once(&self, store: &kv::Store) -> anyhow::Result<()> {
-        let pending_at_start = store.status().await?.values();
-        let mut watch = store.watch_with_history(">").await?;
-        if pending_at_start == 0 {
-            self.mark_ready();
-        }
-        loop {
-            // Messages counted at the start can expire (purge markers have a TTL)
-            // before the watch delivers them; an empty bucket then never says
-            // "caught up", so look again while waiting.
-            let next = if self.is_ready() {
-                watch.next().await
-            } else {
-                match tokio::time::timeout(Duration::from_secs(2), watch.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        if store.status().await?.values() == 0 {
-                            self.mark_ready();
-                        }
-                        continue;
-                    }
-                }
-            };
-            let Some(entry) = next else { break };
-            let entry = entry?;
-            let value = match entry.operation {
-                Operation::Put => Some(entry.value),
-                Operation::Delete | Operation::Purge => None,
-            };
-            self.record(&entry.key, value);
-            if entry.delta == 0 && !self.is_ready() {
-                self.mark_ready();
-            }
-        }
-        anyhow::bail!("watch ended")
-    }
-
-    fn mark_ready(&self) {
-        tracing::info!(keys = self.key_count(), "desired-state index caught up");
-        self.ready.send_replace(true);
+impl BucketIndex for DesiredIndex {
+    fn apply(&self, entry: BucketEntry) {
+        self.record(&entry.key, entry.value);
     }
 }
