@@ -55,11 +55,11 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         tasks.spawn(async move { ("metrics server", server.await.context("metrics server stopped")) });
     }
 
-    let runtime = PodmanRuntime {
-        client: PodmanClient::new(&config.podman_socket),
-        stop_timeout: config.stop_timeout,
-        pull_timeout: config.pull_timeout,
-    };
+    let runtime = PodmanRuntime::new(
+        PodmanClient::new(&config.podman_socket),
+        config.stop_timeout,
+        config.pull_timeout,
+    );
 
     // Do not wait for NATS: the device keeps running its containers while offline.
     let conn = connect_with(

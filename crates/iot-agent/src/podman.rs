@@ -166,6 +166,26 @@ impl PodmanClient {
             .map(drop)
     }
 
+    /// Where podman keeps images, layers and its container database
+    /// (`store.graphRoot` of `podman info`).
+    pub async fn graph_root(&self) -> Result<PathBuf, PodmanError> {
+        #[derive(serde::Deserialize)]
+        struct Info {
+            store: Store,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Store {
+            graph_root: PathBuf,
+        }
+        let body = self.call(Method::GET, &format!("{API}/info"), None, "info").await?;
+        let info: Info = serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
+            what: "info".into(),
+            message: format!("unexpected response: {e}"),
+        })?;
+        Ok(info.store.graph_root)
+    }
+
     /// Containers (any state) carrying `label=value`.
     pub async fn list_by_label(&self, label: &str, value: &str) -> Result<Vec<ListedContainer>, PodmanError> {
         let filters = serde_json::json!({"label": [format!("{label}={value}")]}).to_string();
@@ -197,7 +217,7 @@ impl PodmanClient {
     }
 
     pub async fn start(&self, id: &str) -> Result<(), PodmanError> {
-        let what = format!("start {}", short(id));
+        let what = format!("start {}", short_id(id));
         match self
             .call(Method::POST, &format!("{API}/containers/{id}/start"), None, &what)
             .await
@@ -215,7 +235,7 @@ impl PodmanClient {
         // Podman waits up to `timeout` for the process, then kills it.
         let limit = self.timeout + timeout;
         match self
-            .call_with(Method::POST, &path, None, &format!("stop {}", short(id)), limit)
+            .call_with(Method::POST, &path, None, &format!("stop {}", short_id(id)), limit)
             .await
         {
             Err(e) if e.status() == 304 => Ok(()),
@@ -228,14 +248,14 @@ impl PodmanClient {
             Method::POST,
             &format!("{API}/containers/{id}/unpause"),
             None,
-            &format!("unpause {}", short(id)),
+            &format!("unpause {}", short_id(id)),
         )
         .await
         .map(drop)
     }
 
     pub async fn inspect(&self, id: &str) -> Result<InspectedContainer, PodmanError> {
-        let what = format!("inspect {}", short(id));
+        let what = format!("inspect {}", short_id(id));
         let body = self
             .call(Method::GET, &format!("{API}/containers/{id}/json"), None, &what)
             .await?;
@@ -250,7 +270,7 @@ impl PodmanClient {
     pub async fn remove(&self, id: &str, stop_timeout: Duration) -> Result<(), PodmanError> {
         let path = format!("{API}/containers/{id}?force=true&timeout={}", stop_timeout.as_secs());
         match self
-            .call(Method::DELETE, &path, None, &format!("remove {}", short(id)))
+            .call(Method::DELETE, &path, None, &format!("remove {}", short_id(id)))
             .await
         {
             Err(e) if e.status() == 404 => Ok(()),
@@ -433,6 +453,7 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> PodmanError {
     }
 }
 
-fn short(id: &str) -> &str {
+/// The first 12 characters of a container id, as podman shows them.
+pub fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }

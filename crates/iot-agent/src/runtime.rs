@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash};
@@ -131,9 +132,38 @@ pub struct PodmanRuntime {
     pub client: PodmanClient,
     pub stop_timeout: Duration,
     pub pull_timeout: Duration,
+    /// podman's storage directory, asked for once (`None`: podman would not say,
+    /// or it cannot be opened here).
+    storage: Arc<tokio::sync::OnceCell<Option<std::fs::File>>>,
 }
 
 impl PodmanRuntime {
+    pub fn new(client: PodmanClient, stop_timeout: Duration, pull_timeout: Duration) -> Self {
+        Self {
+            client,
+            stop_timeout,
+            pull_timeout,
+            storage: Arc::default(),
+        }
+    }
+
+    async fn open_storage(&self) -> Option<std::fs::File> {
+        let root = match self.client.graph_root().await {
+            Ok(root) => root,
+            Err(e) => {
+                tracing::warn!(error = %e, "podman did not say where its storage is; flushing every filesystem instead");
+                return None;
+            }
+        };
+        match std::fs::File::open(&root) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::warn!(path = %root.display(), error = %e, "cannot open podman's storage; flushing every filesystem instead");
+                None
+            }
+        }
+    }
+
     fn create_spec(spec: &ContainerSpec, stop_timeout: Duration) -> Result<CreateSpec, RuntimeError> {
         let svc = &spec.service;
         let labels = BTreeMap::from([
@@ -237,13 +267,26 @@ impl ContainerRuntime for PodmanRuntime {
     /// the kernel's writeback window (about 30 s) after an image load left zero-byte
     /// layer `link` files here, and the image's containers failed with "Exec format
     /// error" until it was loaded again (found by the VM power-cycle test). Podman
-    /// runs on this device, so a sync(2) makes its writes durable.
+    /// runs on this device, so a syncfs(2) of the filesystem that holds its storage
+    /// makes its writes durable, without flushing every other filesystem (on an SD
+    /// card that can take seconds).
     async fn flush_to_disk(&self) {
         let started = std::time::Instant::now();
-        if let Err(e) = tokio::task::spawn_blocking(nix::unistd::sync).await {
-            tracing::warn!(error = %e, "sync after container changes failed");
+        let storage = self.storage.get_or_init(|| self.open_storage()).await;
+        let dir = storage.as_ref().and_then(|f| f.try_clone().ok());
+        let flushed = tokio::task::spawn_blocking(move || match dir {
+            Some(dir) => nix::unistd::syncfs(&dir).map_err(|e| e.to_string()),
+            None => {
+                nix::unistd::sync();
+                Ok(())
+            }
+        })
+        .await;
+        match flushed {
+            Ok(Ok(())) => tracing::debug!(took = ?started.elapsed(), "flushed container changes to disk"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing podman's storage failed"),
+            Err(e) => tracing::warn!(error = %e, "flushing podman's storage failed"),
         }
-        tracing::debug!(took = ?started.elapsed(), "flushed container changes to disk");
     }
 
     async fn ping(&self) -> Result<(), RuntimeError> {

@@ -513,14 +513,18 @@ async fn an_interrupted_upgrade_is_settled_or_rolled_back_on_the_next_pass() {
 }
 
 #[tokio::test]
-async fn changes_are_flushed_to_disk_before_they_are_reported_and_idle_passes_are_not() {
-    let (mut rec, rt, _rx) = setup(&["img:1"]);
+async fn changes_are_flushed_to_disk_after_the_report_and_before_the_next_change() {
+    let (mut rec, rt, rx) = setup(&["img:1"]);
     let flushes = |rt: &MemoryRuntime| rt.calls().iter().filter(|c| *c == "flush").count();
     rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
     let calls = rt.calls();
     let start = calls.iter().position(|c| c.starts_with("start")).expect("started");
     let flush = calls.iter().position(|c| c == "flush").expect("flushed");
     assert!(flush > start, "flushed after the container was started: {calls:?}");
+    // The flush is the pass's last call: the report (handed to the reporter by
+    // then) does not wait for it, and the next pass's changes come after it.
+    assert_eq!(flush, calls.len() - 1, "{calls:?}");
+    assert_eq!(phase(&rx, "web").phase, Phase::Running);
     let after_create = flushes(&rt);
     rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
     assert_eq!(flushes(&rt), after_create, "nothing changed, nothing flushed");

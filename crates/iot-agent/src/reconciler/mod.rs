@@ -1,0 +1,487 @@
+//! The thin, stateful executor around the pure planner.
+//!
+//! One pass: decode desired state, list containers, plan, execute, look again, and
+//! derive each deployment's phase from what is really there. State kept between
+//! passes is only what cannot be observed: which services were seen before (to
+//! recognise out-of-band removals), per-deployment retry backoff, image pulls in
+//! flight, restart accounting, and the event ring.
+//!
+//! This module runs the pass; its parts live next to it:
+//! - [`execute`]: carrying out actions, and the image gate before creates;
+//! - [`replace`]: replace, settle, roll back;
+//! - [`status`]: phases, events and the hand-over to the reporter, with the pure
+//!   [`phase::derive_phase`];
+//! - [`retry`]: the pure backoff bookkeeping.
+
+mod execute;
+pub mod phase;
+mod replace;
+pub mod retry;
+mod status;
+
+pub use retry::{failure_backoff, rollback_backoff};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use harmony_reconciler_contracts::text::normalize_error;
+use harmony_reconciler_contracts::{
+    DeploymentPhase, DeploymentRef, EventEntry, EventRing, Id, Phase, RuntimeState, RuntimeStatus, Severity,
+};
+use iot_kv::DesiredView;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::images::{ImageTracker, PullOutcome};
+use crate::interpret::interpret_all;
+use crate::metrics::AgentMetrics;
+use crate::plan::{Action, Assessment, DesiredContent, PlanInput, plan};
+use crate::restarts::RestartBook;
+use crate::runtime::{ContainerRuntime, ObservedContainer, RuntimeError, RuntimeEvent, RuntimeEventKind};
+
+/// What the status reporter publishes; replaced wholesale after every pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub deployments: BTreeMap<DeploymentRef, DeploymentPhase>,
+    pub events: Vec<EventEntry>,
+    pub runtime: RuntimeStatus,
+    pub last_reconcile_at: Option<DateTime<Utc>>,
+    /// Increases with every change worth publishing at once (a new
+    /// `last_reconcile_at` alone rides along with the next heartbeat).
+    pub revision: u64,
+}
+
+/// Knobs of the reconciler.
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    pub device: Id,
+    pub event_capacity: usize,
+    /// How long a replacement container must stay up before the old one is removed.
+    pub settle: Duration,
+    /// Describes the runtime in "waiting for ..." messages (the podman socket path).
+    pub runtime_name: String,
+}
+
+/// Summary of one pass, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    pub executed: usize,
+    pub failed: usize,
+    pub skipped_backoff: usize,
+    pub pulls_started: usize,
+}
+
+/// Why a replacement did not happen, and whether the old container was put back.
+struct ReplaceFailure {
+    error: String,
+    rolled_back: bool,
+}
+
+pub struct Reconciler<R> {
+    runtime: R,
+    config: ReconcilerConfig,
+    seen: BTreeSet<(DeploymentRef, String)>,
+    retries: retry::RetryBook,
+    phases: BTreeMap<DeploymentRef, DeploymentPhase>,
+    events: EventRing,
+    images: ImageTracker,
+    restarts: RestartBook,
+    runtime_status: RuntimeStatus,
+    /// The runtime answered at least once since the agent started.
+    runtime_reached: bool,
+    /// Malformed keys under this device's prefix already reported as events.
+    reported_invalid_keys: BTreeSet<String>,
+    report: watch::Sender<Report>,
+    /// The revision the reporter last published, when a reporter is attached.
+    published: Option<watch::Receiver<u64>>,
+    pull_tx: mpsc::Sender<PullOutcome>,
+    pull_rx: mpsc::Receiver<PullOutcome>,
+    metrics: Arc<AgentMetrics>,
+    /// Containers changed or a pull finished since the last flush to disk.
+    unflushed: bool,
+}
+
+impl<R: ContainerRuntime> Reconciler<R> {
+    pub fn new(runtime: R, config: ReconcilerConfig, report: watch::Sender<Report>) -> Self {
+        let (pull_tx, pull_rx) = mpsc::channel(64);
+        Self {
+            runtime,
+            events: EventRing::new(config.event_capacity),
+            config,
+            seen: BTreeSet::new(),
+            retries: retry::RetryBook::default(),
+            phases: BTreeMap::new(),
+            images: ImageTracker::default(),
+            restarts: RestartBook::default(),
+            runtime_status: RuntimeStatus {
+                state: RuntimeState::Starting,
+                message: None,
+            },
+            runtime_reached: false,
+            reported_invalid_keys: BTreeSet::new(),
+            report,
+            published: None,
+            pull_tx,
+            pull_rx,
+            metrics: Arc::new(AgentMetrics::default()),
+            unflushed: false,
+        }
+    }
+
+    /// Waits (briefly) for the reporter to publish before a restore, so the moment a
+    /// container is missing is visible in status, not only the restore counter.
+    pub fn with_published(mut self, published: watch::Receiver<u64>) -> Self {
+        self.published = Some(published);
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<AgentMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn runtime(&self) -> &R {
+        &self.runtime
+    }
+
+    fn device(&self) -> &Id {
+        &self.config.device
+    }
+
+    /// The next finished background pull. Cancel-safe: use it in `select!`.
+    pub async fn next_pull(&mut self) -> Option<PullOutcome> {
+        self.pull_rx.recv().await
+    }
+
+    /// Records a finished pull; the caller runs a pass next.
+    pub fn pull_finished(&mut self, outcome: PullOutcome) {
+        match &outcome.result {
+            Ok(took) => {
+                tracing::info!(image = %outcome.image, took = ?took, "pulled image");
+                self.unflushed = true;
+                self.metrics.pulls.get_or_create(&crate::metrics::result("ok")).inc();
+                self.event(Severity::Info, None, format!("pulled image {}", outcome.image));
+            }
+            Err(e) => {
+                tracing::warn!(image = %outcome.image, error = %e, "pull failed");
+                self.metrics.pulls.get_or_create(&crate::metrics::result("error")).inc();
+            }
+        }
+        self.images.finished(&outcome, Instant::now());
+    }
+
+    /// Records what the runtime's event stream said. Events only count restarts here;
+    /// the caller runs a pass to look at the containers again.
+    pub fn runtime_event(&mut self, ev: &RuntimeEvent) {
+        let Some(dep) = &ev.deployment else { return };
+        match ev.kind {
+            RuntimeEventKind::Restarted => {
+                self.restarts.restarted(dep, Instant::now());
+                self.metrics.restarts.inc();
+            }
+            RuntimeEventKind::Died { exit_code } => self.restarts.died(dep, exit_code),
+            RuntimeEventKind::Removed | RuntimeEventKind::Paused | RuntimeEventKind::Other(_) => {}
+        }
+    }
+
+    /// Ready means: the desired state was read in full, and the runtime answers.
+    pub fn readiness(&self, view: &DesiredView) -> Result<(), String> {
+        if !view.synced {
+            return Err("desired state not read from NATS yet".into());
+        }
+        match self.runtime_status.state {
+            RuntimeState::Available => Ok(()),
+            _ => Err(self
+                .runtime_status
+                .message
+                .clone()
+                .unwrap_or_else(|| "container runtime not reached yet".into())),
+        }
+    }
+
+    /// One level-triggered pass over the whole desired state.
+    #[tracing::instrument(skip_all, fields(device = %self.config.device, deployments = view.entries.len()))]
+    pub async fn reconcile(&mut self, view: &DesiredView) -> PassSummary {
+        self.metrics.passes.inc();
+        let desired = interpret_all(&view.entries);
+        self.metrics.deployments.set(desired.len() as i64);
+        for key in &view.invalid_keys {
+            if self.reported_invalid_keys.insert(key.clone()) {
+                self.event(
+                    Severity::Warning,
+                    None,
+                    format!("ignoring desired-state key {key:?}: expected <device>.<namespace>_<name>"),
+                );
+            }
+        }
+        let wanted_images: BTreeSet<&str> = desired
+            .values()
+            .filter_map(|c| match c {
+                DesiredContent::Valid { services, .. } => Some(services.iter().map(|s| s.image.as_str())),
+                DesiredContent::Invalid { .. } => None,
+            })
+            .flatten()
+            .collect();
+        self.images.retain(&wanted_images);
+        self.restarts.retain(|d| desired.contains_key(d));
+
+        let mut summary = PassSummary::default();
+        let mut errors: BTreeMap<DeploymentRef, Vec<String>> = BTreeMap::new();
+        let mut rolled_back: BTreeSet<DeploymentRef> = BTreeSet::new();
+        let mut backing_off = BTreeSet::new();
+        let mut present: BTreeSet<String> = BTreeSet::new();
+        let mut observed = Vec::new();
+        // A second round runs only when images were found on the device in the first,
+        // so their creates happen in this pass instead of the next. It lists the
+        // containers again only if the first round changed any.
+        for round in 0..2 {
+            if round == 0 || summary.executed > 0 {
+                observed = match self.observe(&desired).await {
+                    Some(o) => o,
+                    None => return summary,
+                };
+            }
+            let now = Instant::now();
+            let backing = self.retries.backing_off(&desired, now);
+            let images = self.images.planner_view(&present, now);
+            let planned = plan(PlanInput {
+                device: self.device(),
+                desired: &desired,
+                observed: &observed,
+                synced: view.synced,
+                seen: &self.seen,
+                images: &images,
+                on_hold: &backing,
+            });
+            self.announce_restores(&planned, &desired, &backing).await;
+            let mut found = false;
+            for action in &planned.actions {
+                if let Some(dep) = action.deployment() {
+                    if let Action::StartPrevious { .. } = action {
+                        // Not held by the upgrade's backoff, only by its own.
+                        if self.retries.previous_waits(dep, now) {
+                            continue;
+                        }
+                    } else if backing.contains(dep) {
+                        backing_off.insert(dep.clone());
+                        summary.skipped_backoff += 1;
+                        continue;
+                    }
+                    // Failed earlier in this pass: the next attempt waits for its backoff.
+                    if errors.contains_key(dep) {
+                        continue;
+                    }
+                }
+                if let Action::EnsureImage { image, deployments } = action {
+                    match self.ensure_image(image).await {
+                        Ok(true) => {
+                            present.insert(image.clone());
+                            found = true;
+                        }
+                        Ok(false) => summary.pulls_started += 1,
+                        Err(e) => {
+                            for dep in deployments {
+                                errors.entry(dep.clone()).or_default().push(e.clone());
+                            }
+                        }
+                    }
+                    continue;
+                }
+                summary.executed += 1;
+                if let Action::StartPrevious { deployment, .. } = action {
+                    // Its failure is reported as an event and retried on its own
+                    // backoff; the deployment's phase stays what the upgrade says.
+                    let failed = self.execute(action).await.is_err();
+                    self.retries.previous_started(deployment, failed, now);
+                    summary.failed += usize::from(failed);
+                    continue;
+                }
+                if let Err(f) = self.execute(action).await {
+                    summary.failed += 1;
+                    if let Some(dep) = action.deployment() {
+                        errors.entry(dep.clone()).or_default().push(f.error);
+                        if f.rolled_back {
+                            rolled_back.insert(dep.clone());
+                        }
+                    }
+                }
+            }
+            if !found {
+                break;
+            }
+        }
+        self.unflushed |= summary.executed > 0;
+
+        // Look again so phases reflect what podman really has, not what we hoped,
+        // and what the pulls started in this pass are doing.
+        if summary.executed > 0 {
+            observed = match self.observe(&desired).await {
+                Some(o) => o,
+                None => return summary,
+            };
+        }
+        let now = Instant::now();
+        let images = self.images.planner_view(&present, now);
+        let backing = self.retries.backing_off(&desired, now);
+        let assessments = plan(PlanInput {
+            device: self.device(),
+            desired: &desired,
+            observed: &observed,
+            synced: view.synced,
+            seen: &self.seen,
+            images: &images,
+            on_hold: &backing,
+        })
+        .assessments;
+        // A deployment on hold that is not converged stays Failed with the error
+        // that put it there, whether its actions were skipped or not planned.
+        for dep in &backing {
+            if !matches!(assessments.get(dep), Some(Assessment::Converged)) {
+                backing_off.insert(dep.clone());
+            }
+        }
+
+        self.update_phases(&desired, &assessments, &errors, &rolled_back, &backing_off);
+        self.publish(Some(Utc::now()));
+        // Changes and finished pulls are flushed to disk while the reporter sends
+        // the report, not before: the flush is off the report's path, and the next
+        // pass (the next change) starts only once it is done.
+        if std::mem::take(&mut self.unflushed) {
+            self.runtime.flush_to_disk().await;
+        }
+        summary
+    }
+
+    /// Lists the device's containers. When the runtime does not answer, every phase
+    /// says so: the device cannot vouch for containers it cannot see.
+    async fn observe(&mut self, desired: &BTreeMap<DeploymentRef, DesiredContent>) -> Option<Vec<ObservedContainer>> {
+        match self.runtime.list(self.device()).await {
+            Ok(observed) => {
+                let was = std::mem::replace(
+                    &mut self.runtime_status,
+                    RuntimeStatus {
+                        state: RuntimeState::Available,
+                        message: None,
+                    },
+                );
+                if was.state == RuntimeState::Unavailable {
+                    tracing::info!("container runtime reachable again");
+                    self.event(Severity::Info, None, "container runtime reachable again".into());
+                } else if !self.runtime_reached {
+                    tracing::info!(runtime = %self.config.runtime_name, "container runtime reachable");
+                }
+                self.runtime_reached = true;
+                for c in &observed {
+                    if let (Some(dep), crate::runtime::ContainerState::Running) = (&c.deployment, &c.state) {
+                        self.seen.insert((dep.clone(), c.service.clone()));
+                    }
+                }
+                Some(observed)
+            }
+            Err(e) => {
+                self.runtime_unavailable(desired, &e);
+                None
+            }
+        }
+    }
+
+    fn runtime_unavailable(&mut self, desired: &BTreeMap<DeploymentRef, DesiredContent>, error: &RuntimeError) {
+        let error = stable_error(error);
+        if !self.runtime_reached {
+            // Booting: podman's socket often appears after the agent starts.
+            let message = format!(
+                "waiting for the container runtime at {}: {error}",
+                self.config.runtime_name
+            );
+            if self.runtime_status.state != RuntimeState::Starting || self.runtime_status.message.is_none() {
+                tracing::info!(runtime = %self.config.runtime_name, error = %error, "waiting for the container runtime");
+            }
+            self.runtime_status = RuntimeStatus {
+                state: RuntimeState::Starting,
+                message: Some(message),
+            };
+            for (dep, content) in desired {
+                self.set_phase(
+                    dep,
+                    Phase::Pending,
+                    content.spec_hash().cloned(),
+                    None,
+                    Some("waiting for the container runtime".into()),
+                );
+            }
+        } else {
+            let message = format!("container runtime unavailable: {error}");
+            if self.runtime_status.state != RuntimeState::Unavailable {
+                tracing::warn!(error = %error, "container runtime unavailable; will retry on the next pass");
+                self.event(Severity::Error, None, message.clone());
+            }
+            self.runtime_status = RuntimeStatus {
+                state: RuntimeState::Unavailable,
+                message: Some(message.clone()),
+            };
+            for (dep, content) in desired {
+                self.set_phase(
+                    dep,
+                    Phase::Failed,
+                    content.spec_hash().cloned(),
+                    Some(message.clone()),
+                    None,
+                );
+            }
+        }
+        self.phases.retain(|d, _| desired.contains_key(d));
+        self.publish(None);
+    }
+
+    /// Before re-creating containers removed out of band, report those deployments as
+    /// not running and give the reporter a moment to publish that.
+    async fn announce_restores(
+        &mut self,
+        planned: &crate::plan::Plan,
+        desired: &BTreeMap<DeploymentRef, DesiredContent>,
+        backing_off: &BTreeSet<DeploymentRef>,
+    ) {
+        let restoring: BTreeSet<DeploymentRef> = planned
+            .restoring()
+            .filter(|d| !backing_off.contains(*d))
+            .cloned()
+            .collect();
+        if restoring.is_empty() {
+            return;
+        }
+        for dep in &restoring {
+            let note = match planned.assessments.get(dep) {
+                Some(Assessment::InProgress(Some(note))) => note.clone(),
+                _ => "restoring a container removed outside the agent".to_owned(),
+            };
+            let hash = desired.get(dep).and_then(DesiredContent::spec_hash).cloned();
+            self.set_phase(dep, Phase::Pending, hash, None, Some(note));
+        }
+        let revision = self.publish(None);
+        if let Some(published) = &mut self.published {
+            let waited = tokio::time::timeout(Duration::from_secs(2), published.wait_for(|p| *p >= revision)).await;
+            if waited.is_err() {
+                tracing::debug!("status not published before the restore (NATS slow or down)");
+            }
+        }
+    }
+}
+
+/// A runtime's message without the tokens that differ per device and attempt
+/// (container ids, timestamps, durations), so the same failure reads the same on
+/// every device. Our own wording around it is stable already.
+fn stable_error(e: &RuntimeError) -> String {
+    normalize_error(&e.0, None)
+}
+
+/// A container name without the device id it starts with: the same on every device,
+/// and the device is known from where the report comes from.
+fn name_on_device<'a>(name: &'a str, device: &Id) -> &'a str {
+    name.strip_prefix(device.as_str())
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or(name)
+}
+
+use crate::podman::short_id;

@@ -1,0 +1,132 @@
+//! What the device reports: each deployment's phase, derived after every pass
+//! from what the runtime really has ([`super::phase::derive_phase`]), the event
+//! ring, and the hand-over to the status reporter.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use harmony_reconciler_contracts::{DeploymentPhase, DeploymentRef, EventEntry, Phase, Severity, SpecHash};
+use tokio::time::Instant;
+
+use super::Reconciler;
+use super::phase::{PhaseInputs, derive_phase};
+use crate::plan::{Assessment, DesiredContent};
+use crate::runtime::ContainerRuntime;
+
+impl<R: ContainerRuntime> Reconciler<R> {
+    /// Derives every desired deployment's phase from what this pass found, and
+    /// keeps the retry book in step.
+    pub(super) fn update_phases(
+        &mut self,
+        desired: &BTreeMap<DeploymentRef, DesiredContent>,
+        assessments: &BTreeMap<DeploymentRef, Assessment>,
+        errors: &BTreeMap<DeploymentRef, Vec<String>>,
+        rolled_back: &BTreeSet<DeploymentRef>,
+        backing_off: &BTreeSet<DeploymentRef>,
+    ) {
+        let now = Instant::now();
+        self.phases.retain(|dep, _| desired.contains_key(dep));
+        self.retries.retain(|dep| desired.contains_key(dep));
+        for (dep, content) in desired {
+            let spec_hash = content.spec_hash().cloned();
+            let failed_now = errors.get(dep).map(|errs| errs.join("; "));
+            if let Some(error) = &failed_now {
+                let rolled_back = rolled_back.contains(dep);
+                self.retries
+                    .failed(dep, spec_hash.clone(), error.clone(), rolled_back, now);
+            }
+            let held = backing_off.contains(dep) && failed_now.is_none();
+            let assessment = assessments.get(dep);
+            if !held && failed_now.is_none() && matches!(assessment, Some(Assessment::Converged)) {
+                self.retries.succeeded(dep);
+            }
+            let crash_loop = self.restarts.crash_loop(dep, now);
+            let derived = derive_phase(PhaseInputs {
+                failed_now: failed_now.as_deref(),
+                held_by: held.then(|| self.retries.last_error(dep)),
+                assessment,
+                crash_loop: crash_loop.as_deref(),
+            });
+            self.set_phase(dep, derived.phase, spec_hash, derived.error, derived.detail);
+        }
+    }
+
+    pub(super) fn set_phase(
+        &mut self,
+        dep: &DeploymentRef,
+        phase: Phase,
+        spec_hash: Option<SpecHash>,
+        error: Option<String>,
+        detail: Option<String>,
+    ) {
+        let counts = self.restarts.counts(dep, Instant::now());
+        let previous = self.phases.get(dep);
+        let changed = !previous.is_some_and(|p| p.phase == phase && p.spec_hash == spec_hash && p.last_error == error);
+        let before = previous.map(|p| p.phase);
+        let last_event_at = match previous {
+            Some(p) if !changed => p.last_event_at,
+            _ => Utc::now(),
+        };
+        if changed {
+            tracing::info!(deployment = %dep, ?phase, ?before, error = error.as_deref().unwrap_or(""), "deployment phase");
+            match (&phase, &error) {
+                (Phase::Failed, Some(e)) => self.event(Severity::Error, Some(dep.clone()), e.clone()),
+                (Phase::Running, _) if before != Some(Phase::Running) => self.event(
+                    Severity::Info,
+                    Some(dep.clone()),
+                    format!(
+                        "running spec {}",
+                        spec_hash.as_ref().map(SpecHash::as_str).unwrap_or("?")
+                    ),
+                ),
+                _ => {}
+            }
+        }
+        self.phases.insert(
+            dep.clone(),
+            DeploymentPhase {
+                phase,
+                spec_hash,
+                last_error: error,
+                last_event_at,
+                detail,
+                restarts: counts.restarts,
+                restores: counts.restores,
+                recent_restarts: counts.recent,
+            },
+        );
+    }
+
+    pub(super) fn event(&mut self, severity: Severity, deployment: Option<DeploymentRef>, message: String) {
+        self.events.push(EventEntry {
+            at: Utc::now(),
+            severity,
+            deployment,
+            message,
+        });
+    }
+
+    /// Hands the current state to the reporter; returns the report's revision. A
+    /// change other than `last_reconcile_at` bumps the revision and wakes the reporter.
+    pub(super) fn publish(&self, reconciled_at: Option<DateTime<Utc>>) -> u64 {
+        let mut revision = 0;
+        self.report.send_if_modified(|current| {
+            let last_reconcile_at = reconciled_at.or(current.last_reconcile_at);
+            let same = current.deployments == self.phases
+                && current.events == self.events.to_vec()
+                && current.runtime == self.runtime_status;
+            current.last_reconcile_at = last_reconcile_at;
+            if same {
+                revision = current.revision;
+                return false;
+            }
+            current.deployments = self.phases.clone();
+            current.events = self.events.to_vec();
+            current.runtime = self.runtime_status.clone();
+            current.revision += 1;
+            revision = current.revision;
+            true
+        });
+        revision
+    }
+}
