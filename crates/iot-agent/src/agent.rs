@@ -52,7 +52,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         let server = iot_observe::serve(addr, Arc::new(Mutex::new(registry)), readiness.clone())
             .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tasks.spawn(async move { ("metrics server", server.await.context("metrics server stopped")) });
+        tasks.spawn(async move {
+            (
+                "metrics server",
+                server.await.context("metrics server stopped").map_err(Into::into),
+            )
+        });
     }
 
     let runtime = PodmanRuntime::new(
@@ -79,10 +84,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
             while connects.changed().await.is_ok() {
                 metrics.nats_connects.inc();
             }
-            (
-                "NATS connection watcher",
-                Err(anyhow::anyhow!("the NATS client went away")),
-            )
+            ("NATS connection watcher", Err("the NATS client went away".into()))
         });
     }
 
@@ -100,8 +102,8 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     let follower = follow_desired_state(conn.clone(), config.device_id.clone(), follow_cfg, desired_tx);
     tasks.spawn(async move {
         let why = match follower.await {
-            Ok(()) => anyhow::anyhow!("stopped"),
-            Err(e) => anyhow::Error::new(e),
+            Ok(()) => "stopped".into(),
+            Err(e) => e.into(),
         };
         ("desired-state follower", Err(why))
     });
@@ -121,7 +123,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     };
     tasks.spawn(async move {
         reporter.run(report_rx).await;
-        ("status reporter", Err(anyhow::anyhow!("stopped")))
+        ("status reporter", Err("stopped".into()))
     });
 
     let (events_tx, events_rx) = mpsc::channel(1024);
@@ -130,7 +132,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         let device = config.device_id.clone();
         tasks.spawn(async move {
             watch_runtime_events(runtime, device, events_tx).await;
-            ("runtime event watcher", Err(anyhow::anyhow!("stopped")))
+            ("runtime event watcher", Err("stopped".into()))
         });
     }
 
@@ -177,7 +179,7 @@ pub async fn supervise(
 ) -> anyhow::Result<()> {
     tokio::select! {
         () = work => Err(anyhow::anyhow!("the reconcile loop stopped")),
-        e = iot_observe::supervise::next_ending(tasks) => Err(e),
+        e = iot_observe::supervise::next_ending(tasks) => Err(e.into()),
         () = shutdown => {
             tracing::info!("shutting down; containers keep running");
             Ok(())
@@ -280,7 +282,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_ending_stops_the_agent() {
         let mut tasks = Tasks::new();
-        tasks.spawn(async { ("status reporter", Err(anyhow::anyhow!("gone"))) });
+        tasks.spawn(async { ("status reporter", Err("gone".into())) });
         let err = supervise(&mut tasks, std::future::pending(), std::future::pending())
             .await
             .expect_err("must fail");

@@ -19,7 +19,6 @@ use iot_observe::Readiness;
 use iot_observe::supervise::{Tasks, next_ending};
 use nkeys::{KeyPair, XKey};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -160,9 +159,7 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    iot_observe::process::init_logging(false, "info");
     let args = Args::parse();
     let issuer = KeyPair::from_seed(&read_secret(&args.issuer_seed_file)?)
         .map_err(|e| anyhow::anyhow!("issuer seed in {}: {e}", args.issuer_seed_file.display()))?;
@@ -209,7 +206,7 @@ async fn main() -> anyhow::Result<()> {
     if args.metrics_addr != "off" {
         let addr: SocketAddr = args.metrics_addr.parse().context("--metrics-addr")?;
         let server = iot_observe::serve(addr, Arc::new(Mutex::new(registry)), readiness.clone()).await?;
-        tasks.spawn(async move { ("metrics server", server.await.map_err(anyhow::Error::from)) });
+        tasks.spawn(async move { ("metrics server", server.await.map_err(Into::into)) });
     }
     // The keys are fetched on demand too; fetching now makes a wrong issuer URL an
     // obvious error at startup rather than a refused connect later.
@@ -258,11 +255,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let client = conn.client.clone();
     let ready = readiness.clone();
-    tasks.spawn(async move { ("callout", callout.run(client, move || ready.set_ready()).await) });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tasks.spawn(async move {
+        (
+            "callout",
+            callout.run(client, move || ready.set_ready()).await.map_err(Into::into),
+        )
+    });
     tokio::select! {
-        e = next_ending(&mut tasks) => Err(e),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
+        e = next_ending(&mut tasks) => Err(e.into()),
+        () = iot_observe::process::shutdown_signal() => Ok(()),
     }
 }

@@ -120,10 +120,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
-        .init();
+    iot_observe::process::init_logging(false, "error");
     match Cli::parse().cmd {
         Cmd::AgentFootprint => agent_bench::footprint().await,
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,

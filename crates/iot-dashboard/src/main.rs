@@ -19,7 +19,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use iot_kv::NatsArgs;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "iot-dashboard", version, about = "Live fleet dashboard for harmony-iot")]
@@ -64,15 +63,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    if cli.log_json {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    iot_observe::process::init_logging(cli.log_json, "info");
     let kube_config = kube::Config::infer()
         .await
         .context("no Kubernetes API server configured (set KUBECONFIG or run in a cluster)")?;
@@ -137,11 +128,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     tracing::info!(url = %format!("http://{}", listener.local_addr()?), "dashboard serving");
     axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            if let Err(e) = tokio::signal::ctrl_c().await {
-                tracing::warn!(error = %e, "ctrl-c handler failed");
-            }
-        })
+        .with_graceful_shutdown(iot_observe::process::shutdown_signal())
         .await
         .context("serving")
 }

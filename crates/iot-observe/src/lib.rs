@@ -1,8 +1,10 @@
 //! The HTTP side of the platform's daemons: `/metrics` in the Prometheus text format
 //! (rendered by `prometheus-client`), `/healthz` (the process serves) and `/readyz`
 //! (the daemon says it can do its job). Tools and tests wait on these endpoints,
-//! never on log lines. And [`supervise`]: how the daemons treat their tasks.
+//! never on log lines. And what every daemon does alike: [`supervise`], how the
+//! daemons treat their tasks, and [`process`], logging and the stop signal.
 
+pub mod process;
 pub mod supervise;
 
 use std::net::SocketAddr;

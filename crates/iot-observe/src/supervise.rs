@@ -3,14 +3,35 @@
 //! it. A supervisor (systemd `Restart=on-failure`, a Kubernetes Deployment) then
 //! restarts the whole process, which is simpler to reason about than a half-alive one.
 
+use thiserror::Error;
 use tokio::task::{JoinError, JoinSet};
 
+/// Why a task ended: whatever error type the daemon uses.
+pub type TaskError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Named essential tasks. A task returns its name and why it ended.
-pub type Tasks = JoinSet<(&'static str, anyhow::Result<()>)>;
+pub type Tasks = JoinSet<(&'static str, Result<(), TaskError>)>;
+
+/// An essential task ended.
+#[derive(Debug, Error)]
+pub enum Ended {
+    #[error("{task} ended")]
+    Returned { task: &'static str },
+    #[error("{task} ended")]
+    Failed {
+        task: &'static str,
+        #[source]
+        why: TaskError,
+    },
+    #[error("a task panicked: {0}")]
+    Panicked(JoinError),
+    #[error("a task was cancelled: {0}")]
+    Cancelled(JoinError),
+}
 
 /// Waits until one of `tasks` ends and says which and why. Pending forever when
 /// there are none, so it can sit in a `select!` next to the real work.
-pub async fn next_ending(tasks: &mut Tasks) -> anyhow::Error {
+pub async fn next_ending(tasks: &mut Tasks) -> Ended {
     match tasks.join_next().await {
         Some(joined) => ended(joined),
         None => std::future::pending().await,
@@ -18,12 +39,12 @@ pub async fn next_ending(tasks: &mut Tasks) -> anyhow::Error {
 }
 
 /// The error for a task that ended.
-pub fn ended(joined: Result<(&'static str, anyhow::Result<()>), JoinError>) -> anyhow::Error {
+pub fn ended(joined: Result<(&'static str, Result<(), TaskError>), JoinError>) -> Ended {
     match joined {
-        Ok((task, Ok(()))) => anyhow::anyhow!("{task} ended"),
-        Ok((task, Err(e))) => e.context(format!("{task} ended")),
-        Err(e) if e.is_panic() => anyhow::anyhow!("a task panicked: {e}"),
-        Err(e) => anyhow::anyhow!("a task was cancelled: {e}"),
+        Ok((task, Ok(()))) => Ended::Returned { task },
+        Ok((task, Err(why))) => Ended::Failed { task, why },
+        Err(e) if e.is_panic() => Ended::Panicked(e),
+        Err(e) => Ended::Cancelled(e),
     }
 }
 
@@ -35,19 +56,27 @@ mod tests {
     // so these tasks stand in for them; what is under test is that any ending is
     // reported and named.
 
+    /// The whole chain, as a daemon's log shows it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    }
+
     #[tokio::test]
     async fn the_first_task_to_end_is_named_with_its_reason() {
         let mut tasks = Tasks::new();
-        tasks.spawn(async { ("desired-state follower", Err(anyhow::anyhow!("subscription closed"))) });
+        tasks.spawn(async { ("desired-state follower", Err("subscription closed".into())) });
         tasks.spawn(async {
             std::future::pending::<()>().await;
             ("status reporter", Ok(()))
         });
-        let text = format!("{:#}", next_ending(&mut tasks).await);
-        assert!(
-            text.contains("desired-state follower ended: subscription closed"),
-            "{text}"
-        );
+        let text = chain(&next_ending(&mut tasks).await);
+        assert_eq!(text, "desired-state follower ended: subscription closed");
     }
 
     #[tokio::test]

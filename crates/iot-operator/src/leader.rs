@@ -130,6 +130,19 @@ pub enum Standby {
     Broken(String),
 }
 
+/// Why this replica cannot lead, or stopped leading.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("leader election settings: {0}")]
+    Settings(String),
+    #[error("another replica took the leader lease")]
+    TakenOver,
+    #[error("the leader lease is no longer ours")]
+    NotOurs,
+    #[error("could not confirm the leader lease before it expires; stepping down")]
+    Unconfirmed,
+}
+
 /// Blocks until this replica holds the lease, reporting its standby state through
 /// `report` (a standby that can never lead must not look healthy). Errors only on
 /// settings that can never work.
@@ -137,8 +150,8 @@ pub async fn acquire(
     client: kube::Client,
     cfg: LeaderElection,
     report: impl Fn(Standby),
-) -> anyhow::Result<Leadership> {
-    cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+) -> Result<Leadership, LeaderError> {
+    cfg.validate().map_err(LeaderError::Settings)?;
     tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, identity = %cfg.identity, "standby: waiting for the leader lease");
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
     loop {
@@ -254,7 +267,7 @@ async fn released(leases: &Api<Lease>, name: &str) {
 impl Leadership {
     /// Keeps the lease renewed; resolves with the reason once it is lost or can no
     /// longer be confirmed. Call once; then stop writing at once and do not release.
-    pub async fn lost(&self) -> anyhow::Error {
+    pub async fn lost(&self) -> LeaderError {
         let check_every = self.cfg.check_every();
         let safety = self.cfg.safety();
         let (deadline_tx, mut deadline_rx) = tokio::sync::watch::channel(self.first_deadline);
@@ -262,7 +275,7 @@ impl Leadership {
             loop {
                 match self.manager.changed().await {
                     Ok(true) => {}
-                    Ok(false) => return anyhow::anyhow!("another replica took the leader lease"),
+                    Ok(false) => return LeaderError::TakenOver,
                     Err(e) => {
                         // The deadline below decides when an unrenewed lease is lost.
                         tracing::warn!(error = %e, "cannot renew the leader lease; retrying");
@@ -282,7 +295,7 @@ impl Leadership {
                             Hold::Ours { until } => {
                                 deadline_tx.send_replace(step_down_at(until, now, safety));
                             }
-                            Hold::NotOurs => return anyhow::anyhow!("the leader lease is no longer ours"),
+                            Hold::NotOurs => return LeaderError::NotOurs,
                         }
                     }
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the leader lease"),
@@ -297,7 +310,7 @@ impl Leadership {
                 e = &mut renew => return e,
                 e = &mut confirm => return e,
                 () = tokio::time::sleep_until(deadline) => {
-                    return anyhow::anyhow!("could not confirm the leader lease before it expires; stepping down");
+                    return LeaderError::Unconfirmed;
                 }
                 _ = deadline_rx.changed() => {}
             }

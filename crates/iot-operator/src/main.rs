@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use iot_kv::NatsArgs;
-use tracing_subscriber::EnvFilter;
+use iot_observe::process::{init_logging, shutdown_signal};
 
 #[derive(Parser)]
 #[command(
@@ -126,16 +126,7 @@ fn parse_addr(s: &str) -> Result<HttpAddr, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter);
-    if cli.log_json {
-        fmt.json().init();
-    } else {
-        fmt.init();
-    }
+    init_logging(cli.log_json, "info");
     match cli.cmd {
         Cmd::Crd { helm_template } => {
             if helm_template {
@@ -175,24 +166,6 @@ async fn main() -> anyhow::Result<()> {
                 leader_election,
             };
             iot_operator::run::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                r = tokio::signal::ctrl_c() => if let Err(e) = r { tracing::warn!(error = %e, "ctrl-c handler failed") },
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
-            if let Err(e) = tokio::signal::ctrl_c().await {
-                tracing::warn!(error = %e, "ctrl-c handler failed");
-            }
         }
     }
 }

@@ -67,7 +67,7 @@ pub async fn run(
         let server = iot_observe::serve(addr, Arc::new(Mutex::new(registry)), readiness.clone())
             .await
             .with_context(|| format!("cannot serve /metrics and probes on {addr}"))?;
-        tasks.spawn(async move { ("HTTP endpoints", server.await.context("stopped")) });
+        tasks.spawn(async move { ("HTTP endpoints", server.await.context("stopped").map_err(Into::into)) });
     }
 
     tokio::pin!(shutdown);
@@ -85,7 +85,7 @@ pub async fn run(
             let acquired = tokio::select! {
                 l = crate::leader::acquire(client.clone(), election.clone(), report) => l?,
                 () = &mut shutdown => return Ok(()),
-                e = next_ending(&mut tasks) => return Err(e),
+                e = next_ending(&mut tasks) => return Err(e.into()),
             };
             readiness.set_not_ready("elected leader; starting");
             let leadership = Arc::new(acquired);
@@ -102,7 +102,7 @@ pub async fn run(
     let ctrl: Option<anyhow::Result<Ready>> = tokio::select! {
         r = startup => Some(r),
         () = &mut shutdown => None,
-        e = next_ending(&mut tasks) => Some(Err(e)),
+        e = next_ending(&mut tasks) => Some(Err(e.into())),
     };
     let ctrl = match ctrl {
         Some(Ok(c)) => c,
@@ -127,9 +127,9 @@ pub async fn run(
     let writers: Vec<tokio::task::AbortHandle> = started.iter().map(|(_, h)| h.abort_handle()).collect();
     for (name, handle) in started {
         tasks.spawn(async move {
-            let why = match handle.await {
-                Ok(()) => anyhow::anyhow!("stopped"),
-                Err(e) => anyhow::anyhow!("failed: {e}"),
+            let why: iot_observe::supervise::TaskError = match handle.await {
+                Ok(()) => "stopped".into(),
+                Err(e) => format!("failed: {e}").into(),
             };
             (name, Err(why))
         });
@@ -169,7 +169,7 @@ pub async fn run(
             Ok(()) => anyhow::anyhow!("the controller stopped"),
             Err(e) => anyhow::anyhow!("the controller task failed: {e}"),
         }),
-        e = next_ending(&mut tasks) => Err(e),
+        e = next_ending(&mut tasks) => Err(e.into()),
     };
     if let Err(e) = &outcome {
         tracing::error!(
@@ -194,9 +194,9 @@ type Ready = (kube::runtime::Controller<iot_api::Deployment>, Arc<Ctx>);
 /// A lost lease stops every writer at once by ending the process, without a
 /// release (the lease may be someone else's now). Waiting for tasks to wind down
 /// would let them write past the point where a standby may take over.
-fn exit_now(lost: anyhow::Error) -> (&'static str, anyhow::Result<()>) {
+fn exit_now(lost: crate::leader::LeaderError) -> (&'static str, Result<(), iot_observe::supervise::TaskError>) {
     tracing::error!(
-        error = format!("{lost:#}"),
+        error = %lost,
         "lost the leader lease; exiting at once so that nothing writes without it"
     );
     std::process::exit(1)

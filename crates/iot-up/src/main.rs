@@ -217,19 +217,5 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                r = tokio::signal::ctrl_c() => if let Err(e) = r { say(&format!("ctrl-c handler failed: {e}")) },
-            }
-        }
-        Err(e) => {
-            say(&format!("cannot listen for SIGTERM ({e}); Ctrl-C still works"));
-            if let Err(e) = tokio::signal::ctrl_c().await {
-                say(&format!("ctrl-c handler failed: {e}"));
-            }
-        }
-    }
+    iot_observe::process::shutdown_signal_with(say).await;
 }
