@@ -56,6 +56,10 @@ pub const STATUS_WRITE_PREFIX: &str = "iot.status.write";
 /// Queue group of the status relays.
 pub const STATUS_WRITE_QUEUE: &str = "iot-status-relays";
 
+/// Largest status the relay accepts (a status is a few KB; the cap keeps a device
+/// from filling the bucket's history with megabytes).
+pub const MAX_STATUS_BYTES: usize = 256 * 1024;
+
 /// Where `device` sends its status.
 pub fn status_write_subject(device: &Id) -> String {
     format!("{STATUS_WRITE_PREFIX}.{device}")

@@ -207,7 +207,7 @@ async fn watch_runtime_events<R: ContainerRuntime>(
         } else {
             failures + 1
         };
-        tokio::time::sleep(iot_kv::backoff(failures, Duration::from_secs(10))).await;
+        tokio::time::sleep(iot_timing::backoff(failures, Duration::from_secs(10))).await;
     }
 }
 

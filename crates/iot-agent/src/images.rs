@@ -84,7 +84,7 @@ impl ImageTracker {
                 e.in_flight = false;
                 e.failures += 1;
                 e.last_error = Some(error.clone());
-                e.retry_at = Some(now + iot_kv::backoff(e.failures, PULL_RETRY_CAP));
+                e.retry_at = Some(now + iot_timing::backoff(e.failures, PULL_RETRY_CAP));
             }
         }
     }

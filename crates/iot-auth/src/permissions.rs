@@ -25,12 +25,12 @@
 
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::keys::{kv_stream_name, kv_subject};
+use harmony_reconciler_contracts::read::MAX_STATUS_BYTES;
 use harmony_reconciler_contracts::read::{
     DESIRED_READ_PREFIX, STATUS_READ_PREFIX, STATUS_WRITE_PREFIX, ServiceRole, desired_read_subject,
     device_inbox_prefix, service_inbox_prefix, status_read_subject, status_write_subject,
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
-use iot_kv::status_relay::MAX_STATUS_BYTES;
 
 use crate::identity::Identity;
 use crate::nats_jwt::{Limits, Permissions};

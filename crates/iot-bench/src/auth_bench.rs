@@ -109,7 +109,7 @@ async fn client(nats: &NatsServer, mut opts: ConnectOptions) -> anyhow::Result<N
     let client = opts
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .reconnect_delay_callback(iot_kv::timing::reconnect_delay)
+        .reconnect_delay_callback(iot_timing::reconnect_delay)
         .event_callback(move |e| {
             let tx = tx.clone();
             async move {
@@ -317,11 +317,11 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         ),
     )
     .await?;
-    tokio::spawn(iot_kv::desired_read::serve_desired_reads(
+    tokio::spawn(iot_operator::device_services::desired_read::serve_desired_reads(
         operator.client.clone(),
         Duration::from_secs(30),
         None,
-        iot_kv::device_service::no_counts(),
+        iot_operator::device_services::no_counts(),
     ));
     let rss_idle = rss_kib(nats_pid)?;
 

@@ -76,7 +76,7 @@ pub async fn serve(service: &str) -> anyhow::Result<()> {
     let url = std::env::var("NATS_URL")?;
     let ca = std::env::var_os("NATS_CA_FILE").map(std::path::PathBuf::from);
     let conn = iot_kv::connect(&[url], &iot_kv::Anonymous, "operator-service", ca.as_deref()).await?;
-    let counts = iot_kv::device_service::no_counts();
+    let counts = iot_operator::device_services::no_counts();
     match service {
         // As the operator runs it: from its index of the bucket once caught up.
         "read" => {
@@ -87,15 +87,33 @@ pub async fn serve(service: &str) -> anyhow::Result<()> {
             let index = Arc::new(iot_operator::desired_index::DesiredIndex::default());
             let follower = index.clone();
             tokio::spawn(async move { follower.run(store, None).await });
-            let source: Arc<dyn iot_kv::desired_read::DesiredSource> = index;
-            iot_kv::desired_read::serve_desired_reads(conn.client, Duration::from_secs(30), Some(source), counts)
-                .await?
+            let source: Arc<dyn iot_operator::device_services::desired_read::DesiredSource> = index;
+            iot_operator::device_services::desired_read::serve_desired_reads(
+                conn.client,
+                Duration::from_secs(30),
+                Some(source),
+                counts,
+            )
+            .await?
         }
         // Every read a batched direct get of the stream.
         "read-stream" => {
-            iot_kv::desired_read::serve_desired_reads(conn.client, Duration::from_secs(30), None, counts).await?
+            iot_operator::device_services::desired_read::serve_desired_reads(
+                conn.client,
+                Duration::from_secs(30),
+                None,
+                counts,
+            )
+            .await?
         }
-        "relay" => iot_kv::status_relay::serve_status_writes(conn.client, Duration::from_secs(30), counts).await?,
+        "relay" => {
+            iot_operator::device_services::status_relay::serve_status_writes(
+                conn.client,
+                Duration::from_secs(30),
+                counts,
+            )
+            .await?
+        }
         "relay-shared-pool" => shared_pool_relay(conn.client).await?,
         other => anyhow::bail!("no service {other}"),
     }

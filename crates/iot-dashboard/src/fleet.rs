@@ -245,11 +245,11 @@ pub async fn follow_devices(fleet: Arc<Fleet>, conn: iot_kv::NatsConnection, vie
                         fleet.replace_from_snapshot(records, asked_at);
                         fleet.devices_caught_up.send_replace(true);
                         fleet.bump();
-                        next_snapshot = tokio::time::Instant::now() + iot_kv::timing::jittered(RESNAPSHOT_EVERY);
+                        next_snapshot = tokio::time::Instant::now() + iot_timing::jittered(RESNAPSHOT_EVERY);
                     }
                     Err(e) => {
                         failures += 1;
-                        let delay = iot_kv::backoff(failures, Duration::from_secs(30));
+                        let delay = iot_timing::backoff(failures, Duration::from_secs(30));
                         tracing::warn!(error = %e, retry_in = ?delay, "cannot read the fleet's reports from the operator; retrying");
                         next_snapshot = tokio::time::Instant::now() + delay;
                     }

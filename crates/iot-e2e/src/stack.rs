@@ -199,15 +199,7 @@ impl Stack {
         let podman = PodmanService::start().await?;
         let kube = api.kube_client().await?;
         if install_crd {
-            let out = Command::new(cargo_bin("iot-operator")?)
-                .env("KUBECONFIG", api.kubeconfig())
-                .args(["install", "--timeout", "60s"])
-                .output()?;
-            anyhow::ensure!(
-                out.status.success(),
-                "iot-operator install failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            iot_launch::operator::install_crd(&cargo_bin("iot-operator")?, &api.kubeconfig())?;
         }
         let js = jetstream::new(admin);
         let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
@@ -235,21 +227,20 @@ impl Stack {
 
     pub fn start_operator(&mut self) -> anyhow::Result<()> {
         let http = iot_testkit::free_port()?;
-        let mut cmd = Command::new(cargo_bin("iot-operator")?);
         let kubeconfig = self
             .operator_kubeconfig
             .clone()
             .unwrap_or_else(|| self.api.kubeconfig());
+        let enrollment = self.security.as_ref().map(|sec| sec.operator_enrollment.as_path());
+        let mut cmd = iot_launch::operator::run_command(
+            &cargo_bin("iot-operator")?,
+            &kubeconfig,
+            &self.nats.url(),
+            http,
+            enrollment,
+        );
         self.trust(&mut cmd);
-        cmd.env("KUBECONFIG", kubeconfig)
-            .env("NATS_URL", self.nats.url())
-            .env("IOT_RESYNC_INTERVAL", "5s")
-            .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
-            .env("RUST_LOG", "info")
-            .arg("run");
-        if let Some(sec) = &self.security {
-            cmd.env("NATS_IDENTITY", &sec.operator_enrollment);
-        }
+        cmd.env("IOT_RESYNC_INTERVAL", "5s");
         self.operator_http = Some(http);
         for (k, v) in &self.operator_env {
             cmd.env(k, v);

@@ -404,7 +404,7 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     let refused = iot_kv::status_relay::write_via_relay(
         &d.client,
         &harmony_reconciler_contracts::Id::new("attacker")?,
-        Bytes::from(vec![b' '; iot_kv::status_relay::MAX_STATUS_BYTES + 1]),
+        Bytes::from(vec![b' '; harmony_reconciler_contracts::read::MAX_STATUS_BYTES + 1]),
         Duration::from_secs(10),
     )
     .await

@@ -209,7 +209,7 @@ pub async fn connect_with(
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(5))
             .ping_interval(options.ping_interval)
-            .reconnect_delay_callback(crate::timing::reconnect_delay)
+            .reconnect_delay_callback(iot_timing::reconnect_delay)
             .event_callback(move |event| {
                 let (tx, count, failures, name) = (tx.clone(), count.clone(), failures.clone(), name.clone());
                 async move { on_event(event, &name, &tx, &count, &failures) }

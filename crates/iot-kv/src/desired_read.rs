@@ -1,109 +1,25 @@
-//! The desired-state read responder and its client (see
-//! `harmony_reconciler_contracts::read` for why it exists).
-//!
-//! The responder answers `iot.desired.read.<device>` with that device's records,
-//! cut into pages below [`PAGE_BUDGET`] bytes. It reads them from a
-//! [`DesiredSource`]: the operator's index of the bucket (one watch of the stream,
-//! so an answer costs no request to the server), or, while that index is not
-//! caught up, one batched direct get of the stream ([`last_values_for`]). Pages are separate reads, so a key written between two pages
-//! may be seen at either value; the device's change subscription, which runs
-//! alongside, delivers the newer one in any case.
+//! The client of the operator's desired-state read responder (see
+//! `harmony_reconciler_contracts::read` for why it exists, and
+//! `iot_operator::device_services::desired_read` for the responder), and the
+//! records' wire form both sides share.
 
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use harmony_reconciler_contracts::read::{
-    DESIRED_READ_PREFIX, DESIRED_READ_QUEUE, DesiredReadPage, DesiredReadRequest, DesiredRecord, desired_read_subject,
-    is_device_inbox,
-};
-use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, Id};
+use harmony_reconciler_contracts::Id;
+use harmony_reconciler_contracts::read::{DesiredReadPage, DesiredReadRequest, DesiredRecord, desired_read_subject};
 
-use crate::device_service::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
-use crate::direct::{KvRecord, last_values_for};
+use crate::direct::KvRecord;
 use crate::error::KvError;
-use crate::fair::FairLimits;
 
-/// Payload bytes per page. JSON escaping can nearly double text, and NATS's
-/// default max payload is 1 MiB.
-pub const PAGE_BUDGET: usize = 384 * 1024;
 /// Pages of one read, at most: far beyond any device (a guard against a loop).
 const MAX_PAGES: usize = 10_000;
 
-/// Where the responder listens and how much it takes on: 64 reads at once, and up
-/// to 100,000 devices waiting (one read each at most).
-pub fn desired_read_spec() -> ServiceSpec {
-    ServiceSpec {
-        prefix: DESIRED_READ_PREFIX,
-        queue_group: DESIRED_READ_QUEUE,
-        workers: 64,
-        limits: FairLimits {
-            max_waiting: 100_000,
-            max_waiting_bytes: 64 << 20,
-            min_gap: Duration::ZERO,
-        },
-        is_own_inbox: is_device_inbox,
-    }
-}
-
-/// Where the responder finds a device's records when it does not ask the stream.
-pub trait DesiredSource: Send + Sync {
-    /// Every record of `device`'s keys (deleted keys left out), or `None` while the
-    /// source is not caught up with the stream.
-    fn records_for(&self, device: &Id) -> Option<Vec<KvRecord>>;
-}
-
-/// Answers read requests until the subscription ends. Any number of responders can
-/// run; they share the requests through a queue group. `source`: an index that
-/// follows the bucket (without one, every read asks the stream).
-pub async fn serve_desired_reads(
-    client: async_nats::Client,
-    read_timeout: Duration,
-    source: Option<std::sync::Arc<dyn DesiredSource>>,
-    counts: ServiceCounts,
-) -> Result<(), KvError> {
-    let reader = client.clone();
-    serve(client, desired_read_spec(), counts, move |req: DeviceRequest| {
-        let (client, source) = (reader.clone(), source.clone());
-        async move {
-            let request: DesiredReadRequest = serde_json::from_slice(&req.payload).unwrap_or_default();
-            let indexed = source.as_ref().and_then(|s| s.records_for(&req.id));
-            let records = match indexed {
-                Some(records) => Ok(records),
-                None => last_values_for(&client, DESIRED_STATE_BUCKET, &format!("{}.>", req.id), read_timeout).await,
-            };
-            let page = match records {
-                Ok(records) => page_after(records, request.after.as_deref()),
-                Err(e) => DesiredReadPage {
-                    error: Some(e.to_string()),
-                    ..Default::default()
-                },
-            };
-            Bytes::from(serde_json::to_vec(&page).unwrap_or_default())
-        }
-    })
-    .await
-}
-
-/// The page of `records` that starts after key `after` (pure, for tests).
-pub fn page_after(mut records: Vec<KvRecord>, after: Option<&str>) -> DesiredReadPage {
-    records.sort_by(|a, b| a.key.cmp(&b.key));
-    let mut page = DesiredReadPage::default();
-    let mut used = 0usize;
-    for r in records.into_iter().filter(|r| after.is_none_or(|a| r.key.as_str() > a)) {
-        let size = r.value.as_ref().map_or(0, Bytes::len) + r.key.len();
-        if !page.records.is_empty() && used + size > PAGE_BUDGET {
-            page.more = true;
-            break;
-        }
-        used += size;
-        page.records.push(to_wire(r));
-    }
-    page
-}
-
-fn to_wire(r: KvRecord) -> DesiredRecord {
+/// A record as the responder sends it: text as is, other bytes in base64, a
+/// deleted key as a marker.
+pub fn to_wire(r: KvRecord) -> DesiredRecord {
     let mut out = DesiredRecord {
         key: r.key,
         revision: r.sequence,
@@ -119,7 +35,8 @@ fn to_wire(r: KvRecord) -> DesiredRecord {
     out
 }
 
-fn from_wire(r: DesiredRecord) -> Result<KvRecord, String> {
+/// A record as the responder sent it.
+pub fn from_wire(r: DesiredRecord) -> Result<KvRecord, String> {
     let value = if r.deleted {
         None
     } else if let Some(text) = r.value {
@@ -186,50 +103,19 @@ pub async fn read_via_responder(
 mod tests {
     use super::*;
 
-    fn rec(key: &str, len: usize) -> KvRecord {
-        KvRecord {
+    #[test]
+    fn markers_text_and_binary_survive_the_wire() -> Result<(), String> {
+        let rec = |key: &str, value: Option<&'static [u8]>| KvRecord {
             key: key.into(),
             sequence: 1,
             stored_at: None,
-            value: Some(Bytes::from(vec![b'x'; len])),
-        }
-    }
-
-    #[test]
-    fn pages_cover_every_record_once_in_key_order() {
-        let records: Vec<KvRecord> = (0..10)
-            .rev()
-            .map(|i| rec(&format!("d.k{i}"), PAGE_BUDGET / 3))
-            .collect();
-        let mut seen = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = page_after(records.clone(), after.as_deref());
-            assert!(page.records.len() <= 3);
-            seen.extend(page.records.iter().map(|r| r.key.clone()));
-            after = page.records.last().map(|r| r.key.clone());
-            if !page.more {
-                break;
-            }
-        }
-        let expected: Vec<String> = (0..10).map(|i| format!("d.k{i}")).collect();
-        assert_eq!(seen, expected);
-    }
-
-    #[test]
-    fn an_oversized_record_still_travels_alone_and_markers_and_binary_survive() -> Result<(), String> {
-        let page = page_after(vec![rec("d.big", PAGE_BUDGET * 2), rec("d.next", 1)], None);
-        assert_eq!(page.records.len(), 1);
-        assert!(page.more);
-        let marker = KvRecord {
-            value: None,
-            ..rec("d.gone", 0)
+            value: value.map(Bytes::from_static),
         };
-        let binary = KvRecord {
-            value: Some(Bytes::from_static(&[0xff, 0xfe])),
-            ..rec("d.bin", 0)
-        };
-        for r in [marker, binary] {
+        for r in [
+            rec("d.gone", None),
+            rec("d.bin", Some(&[0xff, 0xfe])),
+            rec("d.text", Some(b"{}")),
+        ] {
             assert_eq!(from_wire(to_wire(r.clone()))?, r);
         }
         Ok(())

@@ -33,7 +33,7 @@ use crate::connect::NatsConnection;
 use crate::desired_read::read_via_responder;
 use crate::direct::{KvRecord, last_values_for};
 use crate::error::KvError;
-use crate::timing::{backoff, jittered, spread};
+use iot_timing::{backoff, jittered, spread};
 
 /// Reads made for one burst of unconfirmed signals before they are dropped. With
 /// the backoff below they span about 6 s: far longer than the stream needs to store

@@ -13,6 +13,7 @@ pub mod http;
 pub mod kube_apiserver;
 pub mod nats;
 pub mod oidc;
+pub mod operator;
 pub mod paths;
 pub mod podman;
 pub mod process;

@@ -99,7 +99,7 @@ impl Ctx {
 
 /// Retry delay after the n-th consecutive failure of one resource: 1 s doubling to 60 s.
 pub fn error_backoff(failures: u32) -> Duration {
-    iot_kv::backoff(failures, Duration::from_secs(60))
+    iot_timing::backoff(failures, Duration::from_secs(60))
 }
 
 fn deployment_ref(obj: &Deployment) -> Result<DeploymentRef, Error> {

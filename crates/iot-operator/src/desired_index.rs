@@ -37,7 +37,7 @@ impl Default for DesiredIndex {
     }
 }
 
-impl iot_kv::desired_read::DesiredSource for DesiredIndex {
+impl crate::device_services::desired_read::DesiredSource for DesiredIndex {
     /// A device's keys from the index: what the read responder answers with once
     /// the index has caught up (no request to the server per read). The index
     /// follows the stream, so a read may come a moment before it has a write the

@@ -4,6 +4,8 @@
 //!   the pure planner in [`kv_plan`] and the bucket's index in [`desired_index`].
 //! - [`device_index`]: every device's latest report; [`status_aggregator`] folds
 //!   it into each deployment's aggregate with the pure [`fleet_aggregate`].
+//! - [`device_services`]: what devices and viewers ask the operator over NATS
+//!   (status relay, desired-state reads, the status snapshot).
 //! - [`status_writer`]: the one writer of `.status`, fed by the controller and the
 //!   status aggregator.
 //! - [`leader`]: leader election on a Lease, so only one replica writes.
@@ -13,6 +15,7 @@ pub mod conditions;
 pub mod controller;
 pub mod desired_index;
 pub mod device_index;
+pub mod device_services;
 pub mod fleet_aggregate;
 pub mod gc;
 pub mod install;
@@ -21,6 +24,5 @@ pub mod leader;
 pub mod metrics;
 pub mod run;
 pub mod status_aggregator;
-pub mod status_snapshot;
 pub mod status_writer;
 pub mod yaml;

@@ -101,7 +101,7 @@ impl OperatorMetrics {
     }
 
     /// Counts each device-service request's outcome into `device_requests`.
-    pub fn device_request_counts(self: &std::sync::Arc<Self>) -> iot_kv::device_service::ServiceCounts {
+    pub fn device_request_counts(self: &std::sync::Arc<Self>) -> crate::device_services::ServiceCounts {
         let me = self.clone();
         std::sync::Arc::new(move |service, result| {
             me.device_requests

@@ -234,8 +234,12 @@ async fn start(
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
         forever(tasks, "status relay", async move {
-            if let Err(e) =
-                iot_kv::status_relay::serve_status_writes(client, std::time::Duration::from_secs(5), counts).await
+            if let Err(e) = crate::device_services::status_relay::serve_status_writes(
+                client,
+                std::time::Duration::from_secs(5),
+                counts,
+            )
+            .await
             {
                 tracing::error!(error = %e, "status relay stopped");
             }
@@ -247,9 +251,9 @@ async fn start(
         // from the index once it has caught up, from the stream before.
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
-        let source: Arc<dyn iot_kv::desired_read::DesiredSource> = index.clone();
+        let source: Arc<dyn crate::device_services::desired_read::DesiredSource> = index.clone();
         forever(tasks, "desired-state read responder", async move {
-            if let Err(e) = iot_kv::desired_read::serve_desired_reads(
+            if let Err(e) = crate::device_services::desired_read::serve_desired_reads(
                 client,
                 std::time::Duration::from_secs(5),
                 Some(source),
@@ -283,8 +287,8 @@ async fn start(
         // Viewers (the dashboard) read the fleet's reports through this.
         let (client, counts) = (conn.client.clone(), metrics.device_request_counts());
         forever(tasks, "status snapshot responder", async move {
-            let budget = crate::status_snapshot::PAGE_BUDGET;
-            if let Err(e) = crate::status_snapshot::serve_status_reads(client, budget, counts).await {
+            let budget = crate::device_services::status_snapshot::PAGE_BUDGET;
+            if let Err(e) = crate::device_services::status_snapshot::serve_status_reads(client, budget, counts).await {
                 tracing::error!(error = %e, "status snapshot responder stopped");
             }
         });

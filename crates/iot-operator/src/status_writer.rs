@@ -315,7 +315,7 @@ impl StatusWriter {
                 // A 404 while the reflector still has the object: the API server may be
                 // restarting (its CRDs not loaded yet). Try again later.
                 e.failures += 1;
-                e.retry_at = Some(now + iot_kv::backoff(e.failures, Duration::from_secs(30)));
+                e.retry_at = Some(now + iot_timing::backoff(e.failures, Duration::from_secs(30)));
                 e.dirty = true;
             }
             WriteResult::Rejected(message) => {
@@ -324,7 +324,7 @@ impl StatusWriter {
             }
             WriteResult::Failed(message) => {
                 e.failures += 1;
-                let delay = iot_kv::backoff(e.failures, Duration::from_secs(30));
+                let delay = iot_timing::backoff(e.failures, Duration::from_secs(30));
                 tracing::warn!(deployment = %dep, error = %message, retry_in = ?delay, "status write failed");
                 e.retry_at = Some(now + delay);
                 e.dirty = true;

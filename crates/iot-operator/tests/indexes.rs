@@ -4,10 +4,10 @@
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use harmony_reconciler_contracts::{DeploymentRef, Id};
-use iot_kv::desired_read::DesiredSource;
 use iot_kv::{BucketEntry, BucketIndex};
 use iot_operator::desired_index::DesiredIndex;
 use iot_operator::device_index::DeviceIndex;
+use iot_operator::device_services::desired_read::DesiredSource;
 
 fn at(s: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_900_000_000 + s, 0).single().expect("time")

@@ -38,10 +38,10 @@ async fn a_snapshot_pages_through_every_good_report_once_at_its_latest() -> anyh
 
     let operator = connect(&[nats.url()], &Anonymous, "operator", nats.ca_file()).await?;
     // A budget of a few reports per page, so the snapshot takes many pages.
-    let service = tokio::spawn(iot_operator::status_snapshot::serve_status_reads(
+    let service = tokio::spawn(iot_operator::device_services::status_snapshot::serve_status_reads(
         operator.client.clone(),
         400,
-        iot_kv::device_service::no_counts(),
+        iot_operator::device_services::no_counts(),
     ));
     let viewer = Id::new("dash")?;
     let options = ClientOptions::new("dash")

@@ -20,7 +20,7 @@ use crate::plan::DesiredContent;
 
 /// Backoff after the n-th consecutive failure: 1 s, 2 s, 4 s ... capped at 60 s.
 pub fn failure_backoff(attempts: u32) -> Duration {
-    iot_kv::backoff(attempts, Duration::from_secs(60))
+    iot_timing::backoff(attempts, Duration::from_secs(60))
 }
 
 /// Backoff after the n-th consecutive rolled-back upgrade: 30 s doubling to 10 min.

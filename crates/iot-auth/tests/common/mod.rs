@@ -81,17 +81,21 @@ impl Secured {
         if replicas > 0 {
             let operator = me.credentials(me.enroll_operator().await?)?;
             let conn = iot_kv::connect(&[me.nats.url()], &operator, "operator", me.nats.ca_file()).await?;
-            me.services.push(tokio::spawn(iot_kv::desired_read::serve_desired_reads(
-                conn.client.clone(),
-                Duration::from_secs(5),
-                None,
-                iot_kv::device_service::no_counts(),
-            )));
-            me.services.push(tokio::spawn(iot_kv::status_relay::serve_status_writes(
-                conn.client.clone(),
-                Duration::from_secs(5),
-                iot_kv::device_service::no_counts(),
-            )));
+            me.services.push(tokio::spawn(
+                iot_operator::device_services::desired_read::serve_desired_reads(
+                    conn.client.clone(),
+                    Duration::from_secs(5),
+                    None,
+                    iot_operator::device_services::no_counts(),
+                ),
+            ));
+            me.services.push(tokio::spawn(
+                iot_operator::device_services::status_relay::serve_status_writes(
+                    conn.client.clone(),
+                    Duration::from_secs(5),
+                    iot_operator::device_services::no_counts(),
+                ),
+            ));
             conn.client.flush().await?;
         }
         Ok(me)

@@ -12,14 +12,14 @@
 
 use std::time::Duration;
 
+use super::fair::FairLimits;
+use super::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
 use bytes::Bytes;
 use harmony_reconciler_contracts::read::{
     STATUS_READ_PREFIX, STATUS_READ_QUEUE, StatusReadPage, StatusReadRequest, StatusRecord, is_viewer_inbox,
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, AgentStatus, parse_agent_status_key};
 use iot_kv::KvError;
-use iot_kv::device_service::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
-use iot_kv::fair::FairLimits;
 
 /// Stored bytes per page: the answer (the same reports, as JSON) stays well below
 /// NATS's default 1 MiB max payload.

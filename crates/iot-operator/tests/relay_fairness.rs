@@ -33,10 +33,10 @@ async fn a_flooding_device_gets_one_write_at_a_time_and_the_others_get_theirs() 
     let js = async_nats::jetstream::new(admin.client.clone());
     let (_, status) = ensure_buckets(&js).await?;
     let relay = connect(&[nats.url()], &Anonymous, "relay", nats.ca_file()).await?;
-    let service = tokio::spawn(iot_kv::status_relay::serve_status_writes(
+    let service = tokio::spawn(iot_operator::device_services::status_relay::serve_status_writes(
         relay.client.clone(),
         Duration::from_secs(5),
-        iot_kv::device_service::no_counts(),
+        iot_operator::device_services::no_counts(),
     ));
 
     let flood_id = Id::new("flood")?;
@@ -123,8 +123,8 @@ async fn a_flooding_device_gets_one_write_at_a_time_and_the_others_get_theirs() 
 /// forever, and with one worker every device's did.
 #[tokio::test]
 async fn a_handler_that_panics_answers_an_error_and_serves_on() -> anyhow::Result<()> {
-    use iot_kv::device_service::{DeviceRequest, ServiceSpec, no_counts, serve};
-    use iot_kv::fair::FairLimits;
+    use iot_operator::device_services::fair::FairLimits;
+    use iot_operator::device_services::{DeviceRequest, ServiceSpec, no_counts, serve};
 
     let nats = NatsServer::start().await?;
     let host = connect(&[nats.url()], &Anonymous, "service", nats.ca_file())

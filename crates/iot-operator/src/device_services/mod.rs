@@ -8,9 +8,17 @@
 //!   sender and not checked by permissions, and the operator may publish to the
 //!   buckets: answering a reply subject that points into a bucket would store the
 //!   answer there. Requests with any other reply are dropped.
-//! - **Fair shares** ([`crate::fair`]): at most one request per identity runs and
+//! - **Fair shares** ([`fair`]): at most one request per identity runs and
 //!   one waits, the latest replaces an older waiting one, and a full line is
 //!   answered with an error at once.
+//!
+//! The services: [`status_relay`], [`desired_read`] (for devices) and
+//! [`status_snapshot`] (for viewers). Their clients are in `iot_kv`.
+
+pub mod desired_read;
+pub mod fair;
+pub mod status_relay;
+pub mod status_snapshot;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -21,8 +29,9 @@ use futures::{FutureExt, StreamExt};
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::id_under;
 
-use crate::error::KvError;
-use crate::fair::{FairLimits, FairQueue, Offer};
+use iot_kv::KvError;
+
+use self::fair::{FairLimits, FairQueue, Offer};
 
 /// One request, as a handler sees it.
 #[derive(Debug, Clone)]

@@ -1,4 +1,5 @@
-//! Retry and spreading rules shared by every NATS client of the platform.
+//! Retry and spreading rules shared by every part of the platform: NATS clients,
+//! the agent's reconciler, the operator's writers.
 //!
 //! A fleet behaves like a herd: after a server restart, 10,000 agents that use the
 //! same deterministic delays reconnect and re-read in lockstep. Every delay here is
