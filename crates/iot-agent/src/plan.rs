@@ -237,39 +237,45 @@ impl Findings {
     }
 }
 
+/// Actions by kind while planning; [`Planned::into_plan`] puts them in the order
+/// they run.
+#[derive(Default)]
+struct Planned {
+    removes: Vec<Action>,
+    /// Images to check, and the deployments waiting on each.
+    ensure: BTreeMap<String, Vec<DeploymentRef>>,
+    creates: Vec<Action>,
+    replaces: Vec<Action>,
+    starts: Vec<Action>,
+}
+
+impl Planned {
+    fn into_plan(self, assessments: BTreeMap<DeploymentRef, Assessment>) -> Plan {
+        let mut actions = self.removes;
+        actions.extend(
+            self.ensure
+                .into_iter()
+                .map(|(image, deployments)| Action::EnsureImage { image, deployments }),
+        );
+        actions.extend(self.creates);
+        actions.extend(self.replaces);
+        actions.extend(self.starts);
+        Plan { actions, assessments }
+    }
+}
+
+/// The containers of one service, as the planner sorts them.
+struct ServiceContainers<'c> {
+    /// One container with the desired spec, if any.
+    keeper: Option<&'c ObservedContainer>,
+    /// Containers with an older spec.
+    outdated: Vec<&'c ObservedContainer>,
+}
+
 pub fn plan(input: PlanInput<'_>) -> Plan {
-    let mut removes = Vec::new();
-    let mut ensure: BTreeMap<String, Vec<DeploymentRef>> = BTreeMap::new();
-    let mut creates = Vec::new();
-    let mut replaces = Vec::new();
-    let mut starts = Vec::new();
+    let mut planned = Planned::default();
     let mut assessments = BTreeMap::new();
-
-    let mut by_deployment: BTreeMap<&DeploymentRef, Vec<&ObservedContainer>> = BTreeMap::new();
-    for c in input.observed {
-        match &c.deployment {
-            Some(d) => by_deployment.entry(d).or_default().push(c),
-            None if input.synced => removes.push(Action::Remove {
-                deployment: None,
-                container_id: c.id.clone(),
-                name: c.name.clone(),
-                cause: RemoveCause::UnknownDeployment,
-            }),
-            None => {}
-        }
-    }
-
-    // Containers of deployments that are no longer desired.
-    if input.synced {
-        for (dep, containers) in &by_deployment {
-            if !input.desired.contains_key(*dep) {
-                for c in containers {
-                    removes.push(remove(dep, c, RemoveCause::DeploymentDeleted));
-                }
-            }
-        }
-    }
-
+    let by_deployment = group_by_deployment(&input, &mut planned);
     for (dep, content) in input.desired {
         let observed = by_deployment.get(dep).map(Vec::as_slice).unwrap_or(&[]);
         let (spec_hash, services) = match content {
@@ -283,24 +289,12 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         // Services dropped from the score.
         for c in observed.iter().filter(|c| !wanted.contains(c.service.as_str())) {
-            removes.push(remove(dep, c, RemoveCause::SpecChanged));
+            planned.removes.push(remove(dep, c, RemoveCause::SpecChanged));
             f.acted = true;
         }
         for svc in services {
             let hash = service_hash(svc);
-            let mine: Vec<&ObservedContainer> = observed.iter().copied().filter(|c| c.service == svc.name).collect();
-            let keeper = mine.iter().copied().find(|c| c.service_hash == hash.as_str());
-            let outdated: Vec<&ObservedContainer> = mine
-                .iter()
-                .copied()
-                .filter(|c| c.service_hash != hash.as_str())
-                .collect();
-            for c in mine.iter().filter(|c| c.service_hash == hash.as_str()) {
-                if keeper.is_some_and(|k| k.id != c.id) {
-                    removes.push(remove(dep, c, RemoveCause::Duplicate));
-                    f.acted = true;
-                }
-            }
+            let containers = sort_service(dep, observed, svc, &hash, &mut planned, &mut f);
             let spec = Box::new(ContainerSpec {
                 device: input.device.clone(),
                 deployment: dep.clone(),
@@ -309,141 +303,208 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 service_hash: hash.clone(),
                 spec_hash: spec_hash.clone(),
             });
-            let old_of = |c: &&ObservedContainer| OldContainer {
-                id: c.id.clone(),
-                name: c.name.clone(),
-                running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
-            };
-            let Some(keeper) = keeper else {
-                // The upgrade cannot happen in this pass: the previous version, if it
-                // stopped, is started again so it keeps serving meanwhile.
-                let mut keep_previous = |f: &mut Findings| {
-                    if let Some(prev) = previous_to_restart(&outdated, svc) {
-                        f.acted = true;
-                        f.notes.push(format!(
-                            "restarting the previous version of service {} while the upgrade waits",
-                            svc.name
-                        ));
-                        starts.push(Action::StartPrevious {
-                            deployment: dep.clone(),
-                            container_id: prev.id.clone(),
-                            name: prev.name.clone(),
-                            exit_code: match prev.state {
-                                ContainerState::Exited { code } => Some(code),
-                                _ => None,
-                            },
-                        });
-                    }
-                };
-                match input.images.get(&svc.image) {
-                    Some(ImageState::Present) => {}
-                    Some(ImageState::Pulling) => {
-                        f.notes.push(format!("pulling image {}", svc.image));
-                        keep_previous(&mut f);
-                        continue;
-                    }
-                    Some(ImageState::Failed(e)) => {
-                        f.image_problems.push(format!("service {}: {e}", svc.name));
-                        keep_previous(&mut f);
-                        continue;
-                    }
-                    None => {
-                        ensure.entry(svc.image.clone()).or_default().push(dep.clone());
-                        f.notes.push(format!("checking image {}", svc.image));
-                        keep_previous(&mut f);
-                        continue;
-                    }
-                }
-                if !outdated.is_empty() && input.on_hold.contains(dep) {
-                    f.notes
-                        .push(format!("the upgrade of service {} waits for its retry", svc.name));
-                    keep_previous(&mut f);
-                    continue;
-                }
-                f.acted = true;
-                if outdated.is_empty() {
-                    let restore = input.seen.contains(&(dep.clone(), svc.name.clone()));
-                    if restore {
-                        f.notes.push(format!(
-                            "restoring service {}, whose container was removed outside the agent",
-                            svc.name
-                        ));
-                    }
-                    creates.push(Action::Create {
+            match containers.keeper {
+                None => plan_missing(&input, dep, svc, spec, &containers.outdated, &mut planned, &mut f),
+                Some(keeper) if !containers.outdated.is_empty() => {
+                    // An interrupted replacement: settle it before anything else.
+                    planned.replaces.push(Action::FinishReplace {
                         spec,
-                        cause: if restore {
-                            CreateCause::Restore
-                        } else {
-                            CreateCause::New
-                        },
-                    });
-                } else {
-                    let old: Vec<OldContainer> = outdated.iter().map(old_of).collect();
-                    let stop_first = !svc.ports.is_empty() && old.iter().any(|o| o.running);
-                    replaces.push(Action::Replace { spec, old, stop_first });
-                }
-                continue;
-            };
-            if !outdated.is_empty() {
-                // An interrupted replacement: settle it before anything else.
-                replaces.push(Action::FinishReplace {
-                    spec,
-                    new: old_of(&keeper),
-                    old: outdated.iter().map(old_of).collect(),
-                });
-                f.acted = true;
-                continue;
-            }
-            match &keeper.state {
-                ContainerState::Running => {}
-                ContainerState::Created => {
-                    starts.push(start(dep, keeper, None));
-                    f.acted = true;
-                }
-                ContainerState::Paused => {
-                    starts.push(Action::Unpause {
-                        deployment: dep.clone(),
-                        container_id: keeper.id.clone(),
-                        name: keeper.name.clone(),
+                        new: old_container(keeper),
+                        old: containers.outdated.iter().copied().map(old_container).collect(),
                     });
                     f.acted = true;
-                    f.notes
-                        .push(format!("service {} was paused outside the agent", svc.name));
                 }
-                ContainerState::Other(state) => {
-                    f.notes.push(format!("service {}: container is {state}", svc.name));
-                }
-                ContainerState::Exited { code } => {
-                    let restart = match svc.restart_policy {
-                        RestartPolicy::Always => true,
-                        RestartPolicy::OnFailure => *code != 0,
-                        RestartPolicy::Never => false,
-                    };
-                    if restart {
-                        starts.push(start(dep, keeper, Some(*code)));
-                        f.acted = true;
-                    } else {
-                        f.problems.push(format!(
-                            "service {} exited with code {code} and its restart policy is {:?}",
-                            svc.name, svc.restart_policy
-                        ));
-                    }
-                }
+                Some(keeper) => plan_keeper(dep, svc, keeper, &mut planned, &mut f),
             }
         }
         assessments.insert(dep.clone(), f.assessment());
     }
+    planned.into_plan(assessments)
+}
 
-    let mut actions = removes;
-    actions.extend(
-        ensure
-            .into_iter()
-            .map(|(image, deployments)| Action::EnsureImage { image, deployments }),
-    );
-    actions.extend(creates);
-    actions.extend(replaces);
-    actions.extend(starts);
-    Plan { actions, assessments }
+/// Observed containers by deployment. A container without a readable deployment
+/// label is removed, and so are containers of deployments no longer desired, but
+/// only once the desired state was read in full.
+fn group_by_deployment<'c>(
+    input: &PlanInput<'c>,
+    planned: &mut Planned,
+) -> BTreeMap<&'c DeploymentRef, Vec<&'c ObservedContainer>> {
+    let mut by_deployment: BTreeMap<&DeploymentRef, Vec<&ObservedContainer>> = BTreeMap::new();
+    for c in input.observed {
+        match &c.deployment {
+            Some(d) => by_deployment.entry(d).or_default().push(c),
+            None if input.synced => planned.removes.push(Action::Remove {
+                deployment: None,
+                container_id: c.id.clone(),
+                name: c.name.clone(),
+                cause: RemoveCause::UnknownDeployment,
+            }),
+            None => {}
+        }
+    }
+    if input.synced {
+        for (dep, containers) in &by_deployment {
+            if !input.desired.contains_key(*dep) {
+                for c in containers {
+                    planned.removes.push(remove(dep, c, RemoveCause::DeploymentDeleted));
+                }
+            }
+        }
+    }
+    by_deployment
+}
+
+/// Sorts a service's containers into the one to keep and the outdated ones;
+/// duplicates of the keeper are removed.
+fn sort_service<'c>(
+    dep: &DeploymentRef,
+    observed: &[&'c ObservedContainer],
+    svc: &PodmanService,
+    hash: &SpecHash,
+    planned: &mut Planned,
+    f: &mut Findings,
+) -> ServiceContainers<'c> {
+    let mine: Vec<&ObservedContainer> = observed.iter().copied().filter(|c| c.service == svc.name).collect();
+    let keeper = mine.iter().copied().find(|c| c.service_hash == hash.as_str());
+    for c in mine.iter().filter(|c| c.service_hash == hash.as_str()) {
+        if keeper.is_some_and(|k| k.id != c.id) {
+            planned.removes.push(remove(dep, c, RemoveCause::Duplicate));
+            f.acted = true;
+        }
+    }
+    let outdated = mine.into_iter().filter(|c| c.service_hash != hash.as_str()).collect();
+    ServiceContainers { keeper, outdated }
+}
+
+/// No container runs the desired spec: create one, or replace the outdated ones,
+/// once the image is on the device and the deployment is not waiting for a retry.
+/// Until then the previous version, if it stopped, is started again so it keeps
+/// serving.
+fn plan_missing(
+    input: &PlanInput<'_>,
+    dep: &DeploymentRef,
+    svc: &PodmanService,
+    spec: Box<ContainerSpec>,
+    outdated: &[&ObservedContainer],
+    planned: &mut Planned,
+    f: &mut Findings,
+) {
+    let keep_previous = |planned: &mut Planned, f: &mut Findings| {
+        if let Some(prev) = previous_to_restart(outdated, svc) {
+            f.acted = true;
+            f.notes.push(format!(
+                "restarting the previous version of service {} while the upgrade waits",
+                svc.name
+            ));
+            planned.starts.push(Action::StartPrevious {
+                deployment: dep.clone(),
+                container_id: prev.id.clone(),
+                name: prev.name.clone(),
+                exit_code: match prev.state {
+                    ContainerState::Exited { code } => Some(code),
+                    _ => None,
+                },
+            });
+        }
+    };
+    match input.images.get(&svc.image) {
+        Some(ImageState::Present) => {}
+        Some(ImageState::Pulling) => {
+            f.notes.push(format!("pulling image {}", svc.image));
+            return keep_previous(planned, f);
+        }
+        Some(ImageState::Failed(e)) => {
+            f.image_problems.push(format!("service {}: {e}", svc.name));
+            return keep_previous(planned, f);
+        }
+        None => {
+            planned.ensure.entry(svc.image.clone()).or_default().push(dep.clone());
+            f.notes.push(format!("checking image {}", svc.image));
+            return keep_previous(planned, f);
+        }
+    }
+    if !outdated.is_empty() && input.on_hold.contains(dep) {
+        f.notes
+            .push(format!("the upgrade of service {} waits for its retry", svc.name));
+        return keep_previous(planned, f);
+    }
+    f.acted = true;
+    if outdated.is_empty() {
+        let restore = input.seen.contains(&(dep.clone(), svc.name.clone()));
+        if restore {
+            f.notes.push(format!(
+                "restoring service {}, whose container was removed outside the agent",
+                svc.name
+            ));
+        }
+        planned.creates.push(Action::Create {
+            spec,
+            cause: if restore {
+                CreateCause::Restore
+            } else {
+                CreateCause::New
+            },
+        });
+    } else {
+        let old: Vec<OldContainer> = outdated.iter().copied().map(old_container).collect();
+        let stop_first = !svc.ports.is_empty() && old.iter().any(|o| o.running);
+        planned.replaces.push(Action::Replace { spec, old, stop_first });
+    }
+}
+
+/// The container with the desired spec exists: start, unpause or leave it, as its
+/// state and the restart policy say.
+fn plan_keeper(
+    dep: &DeploymentRef,
+    svc: &PodmanService,
+    keeper: &ObservedContainer,
+    planned: &mut Planned,
+    f: &mut Findings,
+) {
+    match &keeper.state {
+        ContainerState::Running => {}
+        ContainerState::Created => {
+            planned.starts.push(start(dep, keeper, None));
+            f.acted = true;
+        }
+        ContainerState::Paused => {
+            planned.starts.push(Action::Unpause {
+                deployment: dep.clone(),
+                container_id: keeper.id.clone(),
+                name: keeper.name.clone(),
+            });
+            f.acted = true;
+            f.notes
+                .push(format!("service {} was paused outside the agent", svc.name));
+        }
+        ContainerState::Other(state) => {
+            f.notes.push(format!("service {}: container is {state}", svc.name));
+        }
+        ContainerState::Exited { code } => {
+            let restart = match svc.restart_policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => *code != 0,
+                RestartPolicy::Never => false,
+            };
+            if restart {
+                planned.starts.push(start(dep, keeper, Some(*code)));
+                f.acted = true;
+            } else {
+                f.problems.push(format!(
+                    "service {} exited with code {code} and its restart policy is {:?}",
+                    svc.name, svc.restart_policy
+                ));
+            }
+        }
+    }
+}
+
+fn old_container(c: &ObservedContainer) -> OldContainer {
+    OldContainer {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
+    }
 }
 
 /// The outdated container to start again while an upgrade waits, if the previous

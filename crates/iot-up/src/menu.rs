@@ -102,10 +102,10 @@ fn line(m: &mut String, text: impl AsRef<str>) {
     m.push('\n');
 }
 
+/// Everything the main command prints once the platform is up: how to reach,
+/// drive and watch each part.
 pub fn print(up: &Up) {
-    let first = up.target().map(|(id, _)| id).unwrap_or_default();
     let mut m = String::new();
-    let env = env_file(up);
     // The suggested deployment targets every device, so every curl below answers.
     let all: Vec<(String, String)> = up
         .devices
@@ -113,8 +113,7 @@ pub fn print(up: &Up) {
         .map(|d| (d.id.clone(), d.ip.clone()))
         .chain(up.vms.iter().map(|v| (v.id.clone(), v.ip.clone())))
         .collect();
-    let targets: String = all.iter().map(|(id, _)| format!(" --target-device {id}")).collect();
-    let apply = |image: &str| format!("example_iot_apply_deployment --name web{targets} --image {image} --port 8080");
+    let first = up.target().map(|(id, _)| id).unwrap_or_default();
     line(
         &mut m,
         format!(
@@ -122,77 +121,103 @@ pub fn print(up: &Up) {
             out::good("The platform is up.")
         ),
     );
-    line(&mut m, format!("  source {}\n", env.display()));
-    if let Some(addr) = &up.dashboard_addr {
-        if up.sso.is_some() {
-            line(
-                &mut m,
-                out::bold("Fleet dashboard (live; sign in as a demo user below to change deployments as them)"),
-            );
-        } else {
-            line(&mut m, out::bold("Fleet dashboard (live, read-only)"));
-        }
-        line(&mut m, format!("  http://{addr}\n"));
-    }
+    line(&mut m, format!("  source {}\n", env_file(up).display()));
+    dashboard_section(&mut m, up);
     sso_section(&mut m, up);
     if up.sso.is_some() {
         line(&mut m, "");
     }
-    line(&mut m, out::bold("Watch resources (as the cluster admin)"));
-    line(&mut m, "  kubectl get deployments.iot.nationtech.io -A -w");
-    line(&mut m, "  iotctl deployments");
+    deploy_section(&mut m, &all);
+    kv_section(&mut m, &first);
+    netns_section(&mut m, up);
+    vm_section(&mut m, up);
+    identity_section(&mut m, up, &first);
+    metrics_section(&mut m, up, &all);
+    logs_section(&mut m, up);
+    line(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
+    crate::say(&m);
+}
+
+/// The dashboard's address, and whether people can change things there.
+fn dashboard_section(m: &mut String, up: &Up) {
+    if let Some(addr) = &up.dashboard_addr {
+        if up.sso.is_some() {
+            line(
+                m,
+                out::bold("Fleet dashboard (live; sign in as a demo user below to change deployments as them)"),
+            );
+        } else {
+            line(m, out::bold("Fleet dashboard (live, read-only)"));
+        }
+        line(m, format!("  http://{addr}\n"));
+    }
+}
+
+/// Watching, deploying to every device, and curling what runs.
+fn deploy_section(m: &mut String, all: &[(String, String)]) {
+    let targets: String = all.iter().map(|(id, _)| format!(" --target-device {id}")).collect();
+    let apply = |image: &str| format!("example_iot_apply_deployment --name web{targets} --image {image} --port 8080");
+    line(m, out::bold("Watch resources (as the cluster admin)"));
+    line(m, "  kubectl get deployments.iot.nationtech.io -A -w");
+    line(m, "  iotctl deployments");
     line(
-        &mut m,
+        m,
         format!(
             "\n{} (v1 and v2 images are in every device's store)",
             out::bold("Deploy a web server to every device with the typed applier")
         ),
     );
-    line(&mut m, format!("  {}", apply("localhost/iot-web:v1")));
-    line(&mut m, "  # the same resource through kubectl:");
+    line(m, format!("  {}", apply("localhost/iot-web:v1")));
+    line(m, "  # the same resource through kubectl:");
     line(
-        &mut m,
+        m,
         format!("  {} --print | kubectl apply -f -", apply("localhost/iot-web:v1")),
     );
-    line(&mut m, "  # upgrade, wait until every device runs it, then delete:");
-    line(&mut m, format!("  {} --wait 60s", apply("localhost/iot-web:v2")));
-    line(&mut m, "  example_iot_apply_deployment --name web --delete");
-    line(&mut m, format!("\n{}", out::bold("Curl the service on each device")));
-    for (id, ip) in &all {
-        line(&mut m, format!("  curl http://{ip}:8080/        # {id}"));
+    line(m, "  # upgrade, wait until every device runs it, then delete:");
+    line(m, format!("  {} --wait 60s", apply("localhost/iot-web:v2")));
+    line(m, "  example_iot_apply_deployment --name web --delete");
+    line(m, format!("\n{}", out::bold("Curl the service on each device")));
+    for (id, ip) in all {
+        line(m, format!("  curl http://{ip}:8080/        # {id}"));
     }
+}
+
+/// Reading what NATS holds.
+fn kv_section(m: &mut String, first: &str) {
     line(
-        &mut m,
+        m,
         format!(
             "\n{} (instead of nats-box: no image can be pulled here)",
             out::bold("Inspect NATS KV")
         ),
     );
-    line(&mut m, "  iotctl kv ls desired");
-    line(&mut m, format!("  iotctl kv get desired {first} default/web"));
-    line(&mut m, format!("  iotctl kv get status {first}"));
-    line(&mut m, "  iotctl devices");
-    netns_section(&mut m, up);
-    vm_section(&mut m, up);
+    line(m, "  iotctl kv ls desired");
+    line(m, format!("  iotctl kv get desired {first} default/web"));
+    line(m, format!("  iotctl kv get status {first}"));
+    line(m, "  iotctl devices");
+}
+
+/// Device identities, or a warning that NATS is open.
+fn identity_section(m: &mut String, up: &Up, first: &str) {
     match &up.security {
         Some(sec) => {
             line(
-                &mut m,
+                m,
                 format!(
                     "\n{} (NATS admits every client through the auth callout; each device sees only its own keys)",
                     out::bold("Device identities")
                 ),
             );
-            line(&mut m, "  iotctl device list");
+            line(m, "  iotctl device list");
             line(
-                &mut m,
+                m,
                 format!(
                     "  iotctl device revoke {first}     # its live session ends now; every connect after is refused"
                 ),
             );
             if let Some(d) = up.devices.first() {
                 line(
-                    &mut m,
+                    m,
                     format!(
                         "  iotctl device enroll {0} --out {1}/{0}.json   # and restart its agent",
                         d.id,
@@ -202,7 +227,7 @@ pub fn print(up: &Up) {
             }
             if let Some(v) = up.vms.first() {
                 line(
-                    &mut m,
+                    m,
                     format!(
                         "  iotctl device enroll {0} --out {0}.json   # a VM gets it in a new seed: iotctl device provision {0} --enrollment {0}.json ...",
                         v.id
@@ -211,46 +236,51 @@ pub fn print(up: &Up) {
             }
             for c in &sec.callouts {
                 line(
-                    &mut m,
+                    m,
                     format!("  curl -s {} | grep ^iot_auth    # a callout replica", c.metrics_url()),
                 );
             }
         }
         None => line(
-            &mut m,
+            m,
             format!(
                 "\n{}",
                 out::bad("NATS is open (--insecure): any client can read and write everything")
             ),
         ),
     }
-    line(&mut m, format!("\n{}", out::bold("Metrics and readiness")));
+}
+
+/// Every daemon's metrics endpoint.
+fn metrics_section(m: &mut String, up: &Up, all: &[(String, String)]) {
+    line(m, format!("\n{}", out::bold("Metrics and readiness")));
     if let Some(http) = &up.operator_http {
         line(
-            &mut m,
+            m,
             format!("  curl -s http://{http}/metrics | grep ^iot_operator     # operator"),
         );
     }
-    for (id, ip) in &all {
+    for (id, ip) in all {
         line(
-            &mut m,
+            m,
             format!(
                 "  curl -s http://{ip}:{}/metrics | grep ^iot_agent   # {id}",
                 crate::up::AGENT_METRICS_PORT,
             ),
         );
     }
-    line(&mut m, format!("\n{}", out::bold("Logs")));
-    line(&mut m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
+}
+
+/// Every log file.
+fn logs_section(m: &mut String, up: &Up) {
+    line(m, format!("\n{}", out::bold("Logs")));
+    line(m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
     for dev in &up.devices {
-        line(
-            &mut m,
-            format!("  tail -f {}/agent-{}.log", up.logs_dir().display(), dev.id),
-        );
+        line(m, format!("  tail -f {}/agent-{}.log", up.logs_dir().display(), dev.id));
     }
     for v in &up.vms {
         line(
-            &mut m,
+            m,
             format!(
                 "  tail -f {}     # {}'s serial console",
                 v.vm.console_log().display(),
@@ -259,12 +289,12 @@ pub fn print(up: &Up) {
         );
     }
     if let Some(api) = &up.api {
-        line(&mut m, format!("  tail -f {}/apiserver.log", api.dir().display()));
+        line(m, format!("  tail -f {}/apiserver.log", api.dir().display()));
     }
     if let Some(sso) = &up.sso {
-        line(&mut m, format!("  tail -f {}/apiserver.log", sso.api.dir().display()));
+        line(m, format!("  tail -f {}/apiserver.log", sso.api.dir().display()));
         line(
-            &mut m,
+            m,
             format!(
                 "  tail -f {}/audit.log     # who did what, allowed or forbidden",
                 sso.api.dir().display()
@@ -272,13 +302,11 @@ pub fn print(up: &Up) {
         );
     }
     if let Some(nats) = &up.nats {
-        line(&mut m, format!("  tail -f {}", nats.log_path().display()));
+        line(m, format!("  tail -f {}", nats.log_path().display()));
     }
     if up.security.is_some() {
-        line(&mut m, format!("  tail -f {}/callout-0.log", up.logs_dir().display()));
+        line(m, format!("  tail -f {}/callout-0.log", up.logs_dir().display()));
     }
-    line(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
-    crate::say(&m);
 }
 
 /// Netns devices: each has its own podman store, reachable on its socket.

@@ -72,9 +72,22 @@ pub const AGENT_METRICS_PORT: u16 = 9464;
 /// Images every device gets in its own store.
 pub const TEST_IMAGES: [&str; 2] = ["localhost/iot-web:v1", "localhost/iot-web:v2"];
 
-pub fn step(n: usize, total: usize, what: &str) -> Instant {
-    crate::say(&format!("{} {what}", crate::out::step(&format!("[{n}/{total}]"))));
-    Instant::now()
+/// Numbered progress lines: `[n/total] what`, then `ok detail (seconds)`.
+pub struct Steps {
+    n: usize,
+    total: usize,
+}
+
+impl Steps {
+    /// Says the next step has begun; pass the result to [`done`].
+    pub fn next(&mut self, what: &str) -> Instant {
+        crate::say(&format!(
+            "{} {what}",
+            crate::out::step(&format!("[{}/{}]", self.n, self.total))
+        ));
+        self.n += 1;
+        Instant::now()
+    }
 }
 
 pub fn done(t: Instant, detail: &str) {
@@ -143,12 +156,43 @@ impl Up {
 
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
         let total = 8 + usize::from(self.secure) + usize::from(self.vm_arch.is_some()) - usize::from(device_count == 0);
+        let mut steps = Steps { n: 1, total };
+        self.start_api_server(&mut steps).await?;
+        self.start_network(&mut steps)?;
+        if self.secure {
+            self.start_identity(&mut steps).await?;
+        }
+        self.start_nats(&mut steps).await?;
+        self.start_operator(&mut steps).await?;
+        self.start_dashboard(&mut steps).await?;
+        if device_count > 0 {
+            self.start_devices(&mut steps, device_count).await?;
+        }
+        if let Some(arch) = self.vm_arch {
+            let t = steps.next(&format!(
+                "VM device ({}): Debian guest under qemu (TCG), agent installed by cloud-init from its seed",
+                arch.name()
+            ));
+            self.start_vm(arch).await?;
+            let vm = self
+                .vms
+                .last()
+                .map(|v| format!("{}@{}", v.id, v.ip))
+                .unwrap_or_default();
+            done(t, &vm);
+        }
+        let t = steps.next("sanity: every device has published status.<device>");
+        self.wait_device_status(Duration::from_secs(60)).await?;
+        done(t, "all devices reporting");
+        Ok(())
+    }
+
+    /// The Kubernetes API server: the full kube-apiserver with OIDC and RBAC for
+    /// single sign-on, the CRD-only API server otherwise.
+    async fn start_api_server(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
         if self.want_sso {
-            let t = step(
-                1,
-                total,
-                "single sign-on: OIDC stand-in for Zitadel, full kube-apiserver 1.20 with --oidc-* and RBAC",
-            );
+            let t = steps
+                .next("single sign-on: OIDC stand-in for Zitadel, full kube-apiserver 1.20 with --oidc-* and RBAC");
             // Under the state directory, so even a killed run leaves nothing in /tmp.
             let oidc = iot_launch::OidcStandIn::start_in(&self.state_dir, iot_launch::OidcOptions::default()).await?;
             let api = iot_launch::KubeApiServer::start_in(&self.state_dir, Some(oidc.api_server_flags())).await?;
@@ -164,11 +208,7 @@ impl Up {
             );
             self.sso = Some(crate::sso::Sso { oidc, api });
         } else {
-            let t = step(
-                1,
-                total,
-                "Kubernetes API server (apiextensions-apiserver + etcd) on 127.0.0.1",
-            );
+            let t = steps.next("Kubernetes API server (apiextensions-apiserver + etcd) on 127.0.0.1");
             // Under the state directory, so even a killed run leaves nothing in /tmp.
             let api = ApiServer::start_in(&self.state_dir).await?;
             // A stable path for users; the certificates it names live until teardown.
@@ -176,75 +216,77 @@ impl Up {
             done(t, &api.url());
             self.api = Some(api);
         }
+        Ok(())
+    }
 
-        let t = step(
-            2,
-            total,
-            &format!("device network: bridge {} {}/24", self.net.bridge(), self.net.gateway()),
-        );
+    /// The bridge the devices' network namespaces hang off.
+    fn start_network(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        let t = steps.next(&format!(
+            "device network: bridge {} {}/24",
+            self.net.bridge(),
+            self.net.gateway()
+        ));
         self.net.check_free()?;
         self.net.create_bridge()?;
         done(t, &format!("gateway {}", self.net.gateway()));
+        Ok(())
+    }
 
-        let mut n = 3;
-        if self.secure {
-            let t = step(
-                n,
-                total,
-                "OpenBao (raft storage on disk, initialised and unsealed) and the NATS auth callout",
-            );
-            std::fs::create_dir_all(self.identities_dir())?;
-            let ca = iot_launch::Ca::create(&self.state_dir.join("tls"))?;
-            let bao = OpenBao::start_in_on_with(
-                &self.state_dir.join("bao"),
-                &self.net.gateway(),
-                iot_launch::TlsMode::Ca(&ca),
-            )
-            .await?;
-            let keys = CalloutKeys::generate()?;
-            let nats = NatsServer::start_custom(
-                &self.net.gateway(),
-                &self.state_dir,
-                Some(&keys.nats_config()),
-                &[],
-                iot_launch::TlsMode::Ca(&ca),
-            )
-            .await?;
-            let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
-            let callout_file = self.write_enrollment(&callout)?;
-            let binary = self.bin("iot-auth-callout");
-            let mut callouts = Vec::new();
-            for i in 0..CALLOUT_REPLICAS {
-                let launch = CalloutLaunch {
-                    binary: &binary,
-                    nats_url: &nats.url(),
-                    ca_file: Some(&ca.cert_file()),
-                    keys: &keys,
-                    dir: &self.logs_dir(),
-                    secrets_dir: &self.identities_dir(),
-                    bao_addr: &bao.addr(),
-                    enrollment_file: &callout_file,
-                    oidc_issuer: None,
-                    user_ttl: Duration::from_secs(600),
-                    env: vec![("RUST_LOG".into(), "info".into())],
-                };
-                callouts.push(CalloutProcess::spawn(&launch, &format!("callout-{i}")).await?);
-            }
-            done(t, &format!("{} with {CALLOUT_REPLICAS} callout replicas", bao.addr()));
-            self.nats = Some(nats);
-            self.security = Some(Security { bao, keys, callouts });
-            self.ca = Some(ca);
-            n += 1;
+    /// OpenBao, a CA, the nats-server that sends every client through the auth
+    /// callout, and the callout replicas.
+    async fn start_identity(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        let t = steps.next("OpenBao (raft storage on disk, initialised and unsealed) and the NATS auth callout");
+        std::fs::create_dir_all(self.identities_dir())?;
+        let ca = iot_launch::Ca::create(&self.state_dir.join("tls"))?;
+        let bao = OpenBao::start_in_on_with(
+            &self.state_dir.join("bao"),
+            &self.net.gateway(),
+            iot_launch::TlsMode::Ca(&ca),
+        )
+        .await?;
+        let keys = CalloutKeys::generate()?;
+        let nats = NatsServer::start_custom(
+            &self.net.gateway(),
+            &self.state_dir,
+            Some(&keys.nats_config()),
+            &[],
+            iot_launch::TlsMode::Ca(&ca),
+        )
+        .await?;
+        let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
+        let callout_file = self.write_enrollment(&callout)?;
+        let binary = self.bin("iot-auth-callout");
+        let mut callouts = Vec::new();
+        for i in 0..CALLOUT_REPLICAS {
+            let launch = CalloutLaunch {
+                binary: &binary,
+                nats_url: &nats.url(),
+                ca_file: Some(&ca.cert_file()),
+                keys: &keys,
+                dir: &self.logs_dir(),
+                secrets_dir: &self.identities_dir(),
+                bao_addr: &bao.addr(),
+                enrollment_file: &callout_file,
+                oidc_issuer: None,
+                user_ttl: Duration::from_secs(600),
+                env: vec![("RUST_LOG".into(), "info".into())],
+            };
+            callouts.push(CalloutProcess::spawn(&launch, &format!("callout-{i}")).await?);
         }
-        let t = step(
-            n,
-            total,
-            if self.secure {
-                "nats-server with JetStream on file storage, on the gateway address, every client through the callout"
-            } else {
-                "nats-server with JetStream on file storage, on the gateway address, no authentication (--insecure)"
-            },
-        );
+        done(t, &format!("{} with {CALLOUT_REPLICAS} callout replicas", bao.addr()));
+        self.nats = Some(nats);
+        self.security = Some(Security { bao, keys, callouts });
+        self.ca = Some(ca);
+        Ok(())
+    }
+
+    /// The nats-server (already running when secured: say so, with its URL).
+    async fn start_nats(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        let t = steps.next(if self.secure {
+            "nats-server with JetStream on file storage, on the gateway address, every client through the callout"
+        } else {
+            "nats-server with JetStream on file storage, on the gateway address, no authentication (--insecure)"
+        });
         if self.nats.is_none() {
             self.nats = Some(
                 NatsServer::start_custom(
@@ -258,36 +300,34 @@ impl Up {
             );
         }
         done(t, &self.nats_url());
-        n += 1;
+        Ok(())
+    }
 
-        let t = step(n, total, "CRD deployments.iot.nationtech.io via `iot-operator install`");
-        let out = Command::new(self.bin("iot-operator"))
-            .env("KUBECONFIG", self.kubeconfig())
-            .args(["install", "--timeout", "60s"])
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "iot-operator install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    /// The CRD, then `iot-operator run` until it is ready.
+    async fn start_operator(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        let t = steps.next("CRD deployments.iot.nationtech.io via `iot-operator install`");
+        iot_launch::operator::install_crd(&self.bin("iot-operator"), &self.kubeconfig())?;
         done(t, "Established");
-        n += 1;
 
-        let t = step(n, total, "iot-operator run");
+        let t = steps.next("iot-operator run");
         let http = iot_launch::free_port()?;
         self.operator_http = Some(format!("127.0.0.1:{http}"));
-        let mut cmd = Command::new(self.bin("iot-operator"));
+        let enrollment = match &self.security {
+            Some(sec) => {
+                let e = enroll::enroll_service(&sec.bao.root()?, "operator", Role::Operator).await?;
+                Some(self.write_enrollment(&e)?)
+            }
+            None => None,
+        };
+        let mut cmd = iot_launch::operator::run_command(
+            &self.bin("iot-operator"),
+            &self.kubeconfig(),
+            &self.nats_url(),
+            http,
+            enrollment.as_deref(),
+        );
         self.trust(&mut cmd);
-        cmd.env("KUBECONFIG", self.kubeconfig())
-            .env("NATS_URL", self.nats_url())
-            .env("IOT_STALE_AFTER", "30s")
-            .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"))
-            .env("RUST_LOG", "info")
-            .arg("run");
-        if let Some(sec) = &self.security {
-            let e = enroll::enroll_service(&sec.bao.root()?, "operator", Role::Operator).await?;
-            cmd.env("NATS_IDENTITY", self.write_enrollment(&e)?);
-        }
+        cmd.env("IOT_STALE_AFTER", "30s");
         self.operator = Some(LoggedProcess::spawn(
             "iot-operator",
             cmd,
@@ -295,9 +335,12 @@ impl Up {
         )?);
         wait_ready(self.operator.as_mut(), "127.0.0.1", http, Duration::from_secs(60)).await?;
         done(t, &format!("ready (http://127.0.0.1:{http}/readyz)"));
-        n += 1;
+        Ok(())
+    }
 
-        let t = step(n, total, "iot-dashboard (the live fleet view; read-only identity)");
+    /// The dashboard, on 127.0.0.1:8090 when that is free.
+    async fn start_dashboard(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        let t = steps.next("iot-dashboard (the live fleet view; read-only identity)");
         let identity = match &self.security {
             Some(sec) => {
                 let e = enroll::enroll_service(&sec.bao.root()?, "dashboard", Role::Viewer).await?;
@@ -347,52 +390,29 @@ impl Up {
         }
         let addr = self.dashboard_addr.clone().unwrap_or_default();
         done(t, &format!("http://{addr}"));
-        n += 1;
+        Ok(())
+    }
 
-        if device_count > 0 {
-            let t = step(
-                n,
-                total,
-                &format!("{device_count} device(s): network namespace + podman service + iot-agent each"),
-            );
-            for index in 1..=device_count {
-                self.start_device(index).await?;
-            }
-            for d in &mut self.devices {
-                wait_ready(d.agent.as_mut(), &d.ip, AGENT_METRICS_PORT, Duration::from_secs(60)).await?;
-            }
-            done(
-                t,
-                &self
-                    .devices
-                    .iter()
-                    .map(|d| format!("{}@{}", d.id, d.ip))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-            n += 1;
+    /// `count` devices, each in its own network namespace with its own podman.
+    async fn start_devices(&mut self, steps: &mut Steps, count: usize) -> anyhow::Result<()> {
+        let t = steps.next(&format!(
+            "{count} device(s): network namespace + podman service + iot-agent each"
+        ));
+        for index in 1..=count {
+            self.start_device(index).await?;
         }
-        if let Some(arch) = self.vm_arch {
-            let t = step(
-                n,
-                total,
-                &format!(
-                    "VM device ({}): Debian guest under qemu (TCG), agent installed by cloud-init from its seed",
-                    arch.name()
-                ),
-            );
-            self.start_vm(arch).await?;
-            let vm = self
-                .vms
-                .last()
-                .map(|v| format!("{}@{}", v.id, v.ip))
-                .unwrap_or_default();
-            done(t, &vm);
-            n += 1;
+        for d in &mut self.devices {
+            wait_ready(d.agent.as_mut(), &d.ip, AGENT_METRICS_PORT, Duration::from_secs(60)).await?;
         }
-        let t = step(n, total, "sanity: every device has published status.<device>");
-        self.wait_device_status(Duration::from_secs(60)).await?;
-        done(t, "all devices reporting");
+        done(
+            t,
+            &self
+                .devices
+                .iter()
+                .map(|d| format!("{}@{}", d.id, d.ip))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
         Ok(())
     }
 
