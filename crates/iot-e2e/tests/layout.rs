@@ -97,6 +97,14 @@ fn no_crate_depends_on_what_its_role_forbids() -> anyhow::Result<()> {
             "what every daemon does alike, nothing else",
         ),
         ("iot-api", &["async-nats", "iot-kv"], "the Kubernetes API types only"),
+        ("iot-bao", &["async-nats", "kube"], "an OpenBao client only"),
+        ("iot-provision", &["async-nats", "kube"], "files for a device's first boot"),
+        ("iot-up", &["iot-operator"], "runs the operator's binary, never links it"),
+        (
+            "example_iot_apply_deployment",
+            &["async-nats", "iot-operator"],
+            "a typed applier needs only the API types",
+        ),
     ];
     let mut broken = Vec::new();
     for (krate, forbidden, why) in rules {

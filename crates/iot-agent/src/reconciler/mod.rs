@@ -244,17 +244,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 };
             }
             let now = Instant::now();
-            let backing = self.retries.backing_off(&desired, now);
-            let images = self.images.planner_view(&present, now);
-            let planned = plan(PlanInput {
-                device: self.device(),
-                desired: &desired,
-                observed: &observed,
-                synced: view.synced,
-                seen: &self.seen,
-                images: &images,
-                on_hold: &backing,
-            });
+            let (planned, backing) = self.plan_now(&desired, &observed, view.synced, &present, now);
             self.announce_restores(&planned, &desired, &backing).await;
             let mut found = false;
             for action in &planned.actions {
@@ -322,19 +312,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 None => return summary,
             };
         }
-        let now = Instant::now();
-        let images = self.images.planner_view(&present, now);
-        let backing = self.retries.backing_off(&desired, now);
-        let assessments = plan(PlanInput {
-            device: self.device(),
-            desired: &desired,
-            observed: &observed,
-            synced: view.synced,
-            seen: &self.seen,
-            images: &images,
-            on_hold: &backing,
-        })
-        .assessments;
+        let (planned, backing) = self.plan_now(&desired, &observed, view.synced, &present, Instant::now());
+        let assessments = planned.assessments;
         // A deployment on hold that is not converged stays Failed with the error
         // that put it there, whether its actions were skipped or not planned.
         for dep in &backing {
@@ -352,6 +331,30 @@ impl<R: ContainerRuntime> Reconciler<R> {
             self.runtime.flush_to_disk().await;
         }
         summary
+    }
+
+    /// The planner's view of this moment: what to do, and which deployments wait
+    /// for their retry.
+    fn plan_now(
+        &self,
+        desired: &BTreeMap<DeploymentRef, DesiredContent>,
+        observed: &[ObservedContainer],
+        synced: bool,
+        present: &BTreeSet<String>,
+        now: Instant,
+    ) -> (crate::plan::Plan, BTreeSet<DeploymentRef>) {
+        let backing = self.retries.backing_off(desired, now);
+        let images = self.images.planner_view(present, now);
+        let planned = plan(PlanInput {
+            device: self.device(),
+            desired,
+            observed,
+            synced,
+            seen: &self.seen,
+            images: &images,
+            on_hold: &backing,
+        });
+        (planned, backing)
     }
 
     /// Lists the device's containers. When the runtime does not answer, every phase

@@ -18,7 +18,8 @@ use bytes::Bytes;
 use harmony_reconciler_contracts::read::{
     STATUS_READ_PREFIX, STATUS_READ_QUEUE, StatusReadPage, StatusReadRequest, StatusRecord, is_viewer_inbox,
 };
-use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, AgentStatus, parse_agent_status_key};
+use harmony_reconciler_contracts::AGENT_STATUS_BUCKET;
+use harmony_reconciler_contracts::report;
 use iot_kv::KvError;
 
 /// Stored bytes per page: the answer (the same reports, as JSON) stays well below
@@ -88,10 +89,11 @@ pub async fn status_page(client: &async_nats::Client, from_sequence: u64, budget
     let records = records
         .into_iter()
         .filter_map(|r| {
-            let device = parse_agent_status_key(&r.key).ok()?;
-            let status: AgentStatus = serde_json::from_slice(r.value.as_deref()?).ok()?;
-            // One writer per key: a report under someone else's key is not passed on.
-            (status.device_id == device).then_some(StatusRecord {
+            // Taken as every reader of the fleet takes a report: one under
+            // someone else's key, or one that does not decode, is not passed on.
+            let device = report::report_device(&r.key).ok()?;
+            let status = report::decode_report(&device, r.value.as_deref()?).ok()?;
+            Some(StatusRecord {
                 device,
                 stored_at: r.stored_at?,
                 status,
