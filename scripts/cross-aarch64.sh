@@ -14,8 +14,8 @@ cargo test --target "$T" --quiet -p harmony-reconciler-contracts
 cargo test --target "$T" --quiet -p iot-kv -p iot-agent --lib --bins
 
 log "aarch64: release agent"
-cargo build --release --target "$T" --quiet -p iot-agent
-bin="target/$T/release/iot-agent"
+cargo build --profile device --target "$T" --quiet -p iot-agent
+bin="target/$T/device/iot-agent"
 # ELF e_machine (2 bytes at offset 18) is 0x00b7 for AArch64: the tests above ran
 # emulated, not natively.
 machine=$(od -An -tx2 -j18 -N2 "$bin" | tr -d ' ')

@@ -14,7 +14,7 @@ cd "$IOT_REPO"
 "$IOT_REPO/scripts/setup-host.sh" --apiserver --vm=aarch64
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 log "aarch64 release agent"
-cargo build --release --quiet --target aarch64-unknown-linux-gnu -p iot-agent
+cargo build --profile device --quiet --target aarch64-unknown-linux-gnu -p iot-agent
 log "scripts/up.sh --vm --arch aarch64 --devices 0 --auto"
 "$IOT_REPO/scripts/up.sh" --vm --arch aarch64 --devices 0 --auto
 log "power cycles of an arm64 VM device (crates/iot-e2e/tests/vm_device.rs)"

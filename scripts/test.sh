@@ -17,6 +17,7 @@ log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "operator image (scripts/build-image.sh; the chart's pod test runs it under podman kube play)"
 "$IOT_REPO/scripts/build-image.sh" >/dev/null
+"$IOT_REPO/scripts/check-agent-size.sh"
 log "cargo test (unit + integration against real nats-server, podman and the API server)"
 cargo test --workspace --quiet --no-fail-fast
 "$IOT_REPO/scripts/cross-aarch64.sh"

@@ -26,7 +26,7 @@ log "Building release binaries (first time: a few minutes)"
 cargo build --release -p iot-operator -p iot-agent -p iotctl -p example_iot_apply_deployment -p iot-up -p iot-auth -p iot-dashboard
 if [ -n "$vm_arch" ] && [ "$vm_arch" != "$(uname -m)" ]; then
   log "Building the agent for the $vm_arch VM"
-  cargo build --release --target "$vm_arch-unknown-linux-gnu" -p iot-agent
+  cargo build --profile device --target "$vm_arch-unknown-linux-gnu" -p iot-agent
 fi
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 # Every process started from here carries this, so a later run can find and stop

@@ -40,7 +40,7 @@ async fn a_vm_joins_by_cloud_init_serves_and_survives_power_cycles() -> anyhow::
     let arch = Arch::parse(&std::env::var("IOT_VM_TEST_ARCH").unwrap_or_else(|_| "x86_64".into()))?;
     let agent = match arch {
         Arch::X86_64 => cargo_bin("iot-agent")?,
-        Arch::Aarch64 => iot_launch::paths::repo_root().join("target/aarch64-unknown-linux-gnu/release/iot-agent"),
+        Arch::Aarch64 => iot_launch::paths::repo_root().join("target/aarch64-unknown-linux-gnu/device/iot-agent"),
     };
     anyhow::ensure!(
         agent.exists(),

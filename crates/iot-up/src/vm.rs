@@ -172,10 +172,11 @@ pub fn agent_for(bin_dir: &Path, arch: Arch) -> PathBuf {
     if arch.name() == std::env::consts::ARCH {
         return bin_dir.join("iot-agent");
     }
-    // bin_dir is target/release; a cross build lands in target/<triple>/release.
+    // bin_dir is target/release; the cross build (device profile) lands in
+    // target/<triple>/device.
     bin_dir
         .parent()
-        .map(|target| target.join(arch.rust_target()).join("release/iot-agent"))
+        .map(|target| target.join(arch.rust_target()).join("device/iot-agent"))
         .unwrap_or_else(|| bin_dir.join("iot-agent"))
 }
 
