@@ -98,8 +98,16 @@ fn no_crate_depends_on_what_its_role_forbids() -> anyhow::Result<()> {
         ),
         ("iot-api", &["async-nats", "iot-kv"], "the Kubernetes API types only"),
         ("iot-bao", &["async-nats", "kube"], "an OpenBao client only"),
-        ("iot-provision", &["async-nats", "kube"], "files for a device's first boot"),
-        ("iot-up", &["iot-operator"], "runs the operator's binary, never links it"),
+        (
+            "iot-provision",
+            &["async-nats", "kube"],
+            "files for a device's first boot",
+        ),
+        (
+            "iot-up",
+            &["iot-operator"],
+            "runs the operator's binary, never links it",
+        ),
         (
             "example_iot_apply_deployment",
             &["async-nats", "iot-operator"],

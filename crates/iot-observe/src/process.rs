@@ -1,20 +1,47 @@
 //! What every daemon's `main` does the same way: logging set up from `RUST_LOG`,
 //! and waiting for the signal to stop.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Logs to stderr, filtered by `RUST_LOG` (`default_filter` when unset), as JSON
-/// lines when `json` (for log collectors) and as text otherwise.
+/// Logs to stderr, filtered by `RUST_LOG` (`default_filter` when unset or
+/// unreadable), as JSON lines when `json` (for log collectors) and as text
+/// otherwise.
+///
+/// `RUST_LOG` takes a level and per-target levels: `info`,
+/// `warn,iot_agent=debug`. Span and field filters (`[span{field=x}]`) are not
+/// read: the regex engine they need was a tenth of the agent's binary.
 pub fn init_logging(json: bool, default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt()
+    let (filter, unreadable) = log_filter(std::env::var("RUST_LOG").ok().as_deref(), default_filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        fmt.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        fmt.init();
+        registry.with(fmt).init();
+    }
+    if let Some(why) = unreadable {
+        tracing::warn!("RUST_LOG is not a filter ({why}); logging at {default_filter}");
+    }
+}
+
+/// The filter `RUST_LOG` asks for, or `default_filter` (and why) when it is
+/// unset or unreadable.
+fn log_filter(rust_log: Option<&str>, default_filter: &str) -> (Targets, Option<String>) {
+    let fallback = || {
+        default_filter
+            .parse()
+            .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+    };
+    match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
+        None => (fallback(), None),
+        Some(asked) => match asked.parse::<Targets>() {
+            Ok(targets) => (targets, None),
+            Err(e) => (fallback(), Some(e.to_string())),
+        },
     }
 }
 
@@ -54,7 +81,23 @@ pub async fn shutdown_signal_with(warn: impl Fn(&str)) {
 
 #[cfg(test)]
 mod tests {
+    use tracing::Level;
+
     use super::*;
+
+    #[test]
+    fn rust_log_reads_levels_per_target_and_falls_back_on_nonsense() {
+        let (f, why) = log_filter(Some("warn,iot_agent=debug"), "info");
+        assert!(why.is_none());
+        assert!(f.would_enable("iot_agent::reconciler", &Level::DEBUG));
+        assert!(!f.would_enable("async_nats", &Level::INFO));
+        assert!(f.would_enable("async_nats", &Level::WARN));
+        let (f, why) = log_filter(None, "info");
+        assert!(why.is_none() && f.would_enable("x", &Level::INFO) && !f.would_enable("x", &Level::DEBUG));
+        let (f, why) = log_filter(Some("iot_agent=loud"), "error");
+        assert!(why.is_some(), "an unreadable filter is said");
+        assert!(f.would_enable("x", &Level::ERROR) && !f.would_enable("x", &Level::WARN));
+    }
 
     #[tokio::test]
     async fn sigterm_ends_the_wait() {

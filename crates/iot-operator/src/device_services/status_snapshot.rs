@@ -15,10 +15,10 @@ use std::time::Duration;
 use super::fair::FairLimits;
 use super::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
 use bytes::Bytes;
+use harmony_reconciler_contracts::AGENT_STATUS_BUCKET;
 use harmony_reconciler_contracts::read::{
     STATUS_READ_PREFIX, STATUS_READ_QUEUE, StatusReadPage, StatusReadRequest, StatusRecord, is_viewer_inbox,
 };
-use harmony_reconciler_contracts::AGENT_STATUS_BUCKET;
 use harmony_reconciler_contracts::report;
 use iot_kv::KvError;
 
