@@ -241,11 +241,18 @@ fn podman_err(e: PodmanError) -> RuntimeError {
     }
 }
 
+/// The runtime event for a podman event about one of our containers. Events of
+/// containers the agent does not manage are dropped: a person's own container
+/// that carries the device label would otherwise start a pass each time it
+/// stops, although no pass would look at it.
 fn event_from(ev: PodmanEvent) -> Option<RuntimeEvent> {
     if ev.type_ != "container" {
         return None;
     }
     let attrs = &ev.actor.attributes;
+    if attrs.get(labels::MANAGED_BY).map(String::as_str) != Some(labels::MANAGED_BY_VALUE) {
+        return None;
+    }
     let kind = match ev.action.as_str() {
         "died" => RuntimeEventKind::Died {
             exit_code: attrs.get("containerExitCode").and_then(|c| c.parse().ok()),
@@ -395,6 +402,37 @@ mod tests {
     use harmony_reconciler_contracts::ResourceLimits;
 
     use super::*;
+    use crate::podman::EventActor;
+
+    fn died(labels: &[(&str, &str)]) -> PodmanEvent {
+        let mut attributes: BTreeMap<String, String> =
+            labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        attributes.insert("containerExitCode".into(), "137".into());
+        PodmanEvent {
+            type_: "container".into(),
+            action: "died".into(),
+            actor: EventActor {
+                id: "abc".into(),
+                attributes,
+            },
+        }
+    }
+
+    #[test]
+    fn only_events_of_managed_containers_count() {
+        let ours = event_from(died(&[
+            (labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
+            (labels::DEVICE, "pi-1"),
+            (labels::DEPLOYMENT, "default/web"),
+        ]));
+        assert!(
+            matches!(&ours, Some(e) if e.kind == RuntimeEventKind::Died { exit_code: Some(137) } && e.deployment.is_some()),
+            "{ours:?}"
+        );
+        // A container someone ran by hand with the device's label.
+        assert!(event_from(died(&[(labels::DEVICE, "pi-1")])).is_none());
+        assert!(event_from(died(&[(labels::MANAGED_BY, "someone-else"), (labels::DEVICE, "pi-1")])).is_none());
+    }
 
     #[test]
     fn resource_limits_never_wrap() -> Result<(), RuntimeError> {
