@@ -13,7 +13,7 @@ log "aarch64: contract, KV and agent tests under qemu-aarch64-static"
 cargo test --target "$T" --quiet -p harmony-reconciler-contracts
 cargo test --target "$T" --quiet -p iot-kv -p iot-agent --lib --bins
 
-log "aarch64: release agent"
+log "aarch64: the agent as it ships (device profile)"
 cargo build --profile device --target "$T" --quiet -p iot-agent
 bin="target/$T/device/iot-agent"
 # ELF e_machine (2 bytes at offset 18) is 0x00b7 for AArch64: the tests above ran

@@ -40,7 +40,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         nats = %config.nats.nats_url.join(","),
         credentials = %creds.describe(),
         podman = %config.podman_socket.display(),
-        "starting iot-agent {}", crate::interpret::AGENT_VERSION
+        "starting iot-agent {}", crate::decode::AGENT_VERSION
     );
     let metrics = Arc::new(AgentMetrics::default());
     let readiness = Readiness::default();

@@ -2,7 +2,7 @@
 
 use harmony_reconciler_contracts::InventorySnapshot;
 
-use crate::interpret::AGENT_VERSION;
+use crate::decode::AGENT_VERSION;
 
 /// Reads the snapshot from /proc, /etc/os-release and statvfs("/"). Missing facts
 /// are left empty rather than failing: inventory is informative.

@@ -8,8 +8,8 @@
 
 pub mod agent;
 pub mod config;
+pub mod decode;
 pub mod images;
-pub mod interpret;
 pub mod inventory;
 pub mod labels;
 #[cfg(feature = "test-support")]

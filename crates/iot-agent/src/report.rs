@@ -17,7 +17,7 @@ use harmony_reconciler_contracts::keys::kv_subject;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, AgentStatus, Id, InventorySnapshot, agent_status_key};
 use tokio::sync::watch;
 
-use crate::interpret::AGENT_VERSION;
+use crate::decode::AGENT_VERSION;
 use crate::inventory;
 use crate::metrics::{AgentMetrics, result};
 use crate::reconciler::Report;

@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::claims::{ClaimMapping, identity_from_claims};
 use crate::enrollment::{Decision, Enrollments};
-use crate::identity::{ClaimMapping, identity_from_claims};
 use crate::nats_jwt::{self, AuthRequest};
 use crate::oidc::Verifier;
 use crate::permissions::permissions_for;

@@ -23,7 +23,7 @@ use iot_bao::setup::KV_MOUNT;
 use iot_bao::{Bao, BaoError};
 use serde_json::Value;
 
-use crate::identity::Identity;
+use crate::claims::Identity;
 
 /// How the callout logs in to OpenBao.
 #[derive(Clone)]

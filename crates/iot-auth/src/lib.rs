@@ -12,8 +12,8 @@
 //!    which expires no later than the presented token ([`nats_jwt`]).
 
 pub mod callout;
+pub mod claims;
 pub mod enrollment;
-pub mod identity;
 pub mod nats_jwt;
 pub mod oidc;
 pub mod permissions;

@@ -32,7 +32,7 @@ use harmony_reconciler_contracts::read::{
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 
-use crate::identity::Identity;
+use crate::claims::Identity;
 use crate::nats_jwt::{Limits, Permissions};
 
 /// Largest message a device may publish: its biggest status write plus room for

@@ -56,7 +56,7 @@ async fn the_dashboard_reads_the_fleet_as_a_viewer_that_cannot_write() -> anyhow
         .as_ref()
         .and_then(|s| s.bao.ca_file())
         .map(std::path::Path::to_path_buf);
-    let creds = iot_kv::identity::IdentityCredentials::from_enrollment_file(&file, ca.as_deref(), false)?;
+    let creds = iot_kv::token_credentials::IdentityCredentials::from_enrollment_file(&file, ca.as_deref(), false)?;
     let client = stack
         .nats
         .client_with(iot_kv::CredentialSource::connect_options(&creds).await?)

@@ -31,7 +31,7 @@ use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Phase};
 use iot_bao::enroll::{Role, enroll_device, enroll_service};
 use iot_e2e::stack::*;
 use iot_kv::CredentialSource;
-use iot_kv::identity::IdentityCredentials;
+use iot_kv::token_credentials::IdentityCredentials;
 use iot_testkit::{free_port, wait_until};
 
 /// A connection as one identity, recording the server's complaints.

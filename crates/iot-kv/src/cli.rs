@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use harmony_reconciler_contracts::Id;
 
 use crate::connect::{Anonymous, ClientOptions, CredentialSource, CredsFile, NatsTls, TokenAuth, UserPassword};
-use crate::identity::IdentityCredentials;
+use crate::token_credentials::IdentityCredentials;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsArgs {

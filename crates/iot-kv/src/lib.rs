@@ -1,6 +1,6 @@
 //! The platform's NATS client: what the agent, the operator, the dashboard, the
 //! callout and the CLI need to talk to NATS. Connections and their credentials
-//! (static, or a token from an OpenBao identity: [`identity`]), the shared clap
+//! (static, or a token from an OpenBao identity: [`token_credentials`]), the shared clap
 //! flags ([`cli`]), bucket setup, the bucket follower, consumer-free reads,
 //! pipelined writes, and the clients of the operator's device services (the
 //! services themselves are in `iot_operator::device_services`). No Kubernetes.
@@ -24,9 +24,9 @@ pub mod desired_read;
 pub mod direct;
 pub mod error;
 pub mod follow;
-pub mod identity;
 pub mod status_relay;
 pub mod status_snapshot;
+pub mod token_credentials;
 pub mod write;
 
 pub use bucket_follower::{BucketEntry, BucketFollower, BucketIndex};

@@ -13,6 +13,7 @@
 
 pub mod conditions;
 pub mod controller;
+pub mod daemon;
 pub mod desired_index;
 pub mod device_index;
 pub mod device_services;
@@ -22,7 +23,6 @@ pub mod install;
 pub mod kv_plan;
 pub mod leader;
 pub mod metrics;
-pub mod run;
 pub mod status_aggregator;
 pub mod status_writer;
 pub mod yaml;

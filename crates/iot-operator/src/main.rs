@@ -143,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => {
             let leader_election = args.leader.election()?;
             let client = kube_client().await?;
-            let opts = iot_operator::run::RunOptions {
+            let opts = iot_operator::daemon::RunOptions {
                 nats_url: args.nats.nats_url.clone(),
                 nats: args.nats.client_options("iot-operator").background().inbox_prefix(
                     harmony_reconciler_contracts::read::service_inbox_prefix(
@@ -165,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
                 http_addr: args.http_addr.0,
                 leader_election,
             };
-            iot_operator::run::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
+            iot_operator::daemon::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
         }
     }
 }

@@ -10,7 +10,7 @@ mod sso;
 mod up;
 mod vm;
 
-pub use out::say;
+pub use out::print_line;
 
 use std::path::PathBuf;
 
@@ -66,7 +66,7 @@ async fn main() {
     let code = match run(args).await {
         Ok(code) => code,
         Err(e) => {
-            say(&format!("{} {e:#}", out::bad("ERROR:")));
+            print_line(&format!("{} {e:#}", out::bad("ERROR:")));
             1
         }
     };
@@ -122,7 +122,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     }
     // Whatever a previous run left behind (if it was killed) goes first.
     if std::env::var_os("IOT_UP_STATE_DIR").is_none() {
-        say(
+        print_line(
             "note: IOT_UP_STATE_DIR is not exported (scripts/up.sh does it); processes of a crashed run cannot be found later",
         );
     }
@@ -169,7 +169,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     menu::print(&up);
     shutdown_signal().await;
     drop(up);
-    say(&out::good("stopped cleanly"));
+    print_line(&out::good("stopped cleanly"));
     Ok(0)
 }
 
@@ -178,7 +178,7 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
     if leftover_devices.is_empty() && !state_dir.exists() {
         return;
     }
-    say(&format!(
+    print_line(&format!(
         "{} cleaning up what a previous run left behind",
         out::step("==>")
     ));
@@ -198,7 +198,7 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
             let marker = format!("IOT_UP_STATE_DIR={state}");
             let ours = environ.split(|b| *b == 0).any(|kv| kv == marker.as_bytes());
             if ours && let Err(e) = iot_launch::process::kill_pid(pid) {
-                say(&format!("  warning: could not stop leftover process {pid}: {e}"));
+                print_line(&format!("  warning: could not stop leftover process {pid}: {e}"));
             }
         }
     }
@@ -212,10 +212,10 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
     }
     net.remove_all();
     if let Err(e) = std::fs::remove_dir_all(state_dir) {
-        say(&format!("  warning: could not remove {}: {e}", state_dir.display()));
+        print_line(&format!("  warning: could not remove {}: {e}", state_dir.display()));
     }
 }
 
 async fn shutdown_signal() {
-    iot_observe::process::shutdown_signal_with(say).await;
+    iot_observe::process::shutdown_signal_with(print_line).await;
 }

@@ -135,7 +135,7 @@ pub fn print(up: &Up) {
     metrics_section(&mut m, up, &all);
     logs_section(&mut m, up);
     line(&mut m, "\nPress Ctrl-C here to stop everything and clean up.");
-    crate::say(&m);
+    crate::print_line(&m);
 }
 
 /// The dashboard's address, and whether people can change things there.

@@ -133,7 +133,7 @@ impl Net {
         for index in self.existing_devices() {
             let ns = self.netns(index);
             if let Err(e) = run(&["ip", "netns", "del", &ns]) {
-                crate::say(&format!("  warning: could not delete netns {ns}: {e}"));
+                crate::print_line(&format!("  warning: could not delete netns {ns}: {e}"));
             }
         }
         let links = run_capture(&["ip", "-o", "link", "show"]).unwrap_or_default();
@@ -144,7 +144,7 @@ impl Net {
             .filter(|n| self.owns_device_link(n))
         {
             if let Err(e) = run(&["ip", "link", "del", &veth]) {
-                crate::say(&format!("  warning: could not delete {veth}: {e}"));
+                crate::print_line(&format!("  warning: could not delete {veth}: {e}"));
             }
         }
         let bridge = self.bridge();
@@ -154,7 +154,7 @@ impl Net {
             .is_ok_and(|o| o.status.success())
             && let Err(e) = run(&["ip", "link", "del", &bridge])
         {
-            crate::say(&format!("  warning: could not delete bridge {bridge}: {e}"));
+            crate::print_line(&format!("  warning: could not delete bridge {bridge}: {e}"));
         }
     }
 }

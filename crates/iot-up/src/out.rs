@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 /// Writes one line to stderr. Errors are dropped on purpose: this output is
 /// informational, and the teardown that follows matters more.
-pub fn say(line: &str) {
+pub fn print_line(line: &str) {
     let mut err = std::io::stderr().lock();
     if writeln!(err, "{line}").is_err() {
         // Nowhere left to report it.

@@ -12,7 +12,7 @@ use iot_api::{Deployment, DeploymentStatus};
 use kube::Api;
 
 use crate::up::Up;
-use crate::{out, say};
+use crate::{out, print_line};
 
 const WAIT: Duration = Duration::from_secs(90);
 const PORT: u16 = 8080;
@@ -29,37 +29,37 @@ pub async fn run(up: &Up) -> bool {
     for via in [Via::TypedApplier, Via::PrintedJson, Via::YamlManifest] {
         let t = Instant::now();
         let target = up.target().map(|(id, ip)| format!("{id} ({ip})")).unwrap_or_default();
-        say(&format!("{} regression via {via:?} on {target}", out::step("==>")));
+        print_line(&format!("{} regression via {via:?} on {target}", out::step("==>")));
         let r = lifecycle(up, via)
             .await
             .map(|()| t.elapsed())
             .map_err(|e| format!("{e:#}"));
         if let Err(e) = &r {
-            say(&format!("      {} {e}", out::fail("FAIL")));
+            print_line(&format!("      {} {e}", out::fail("FAIL")));
         }
         results.push((
             format!("{via:?}: apply v1 -> HTTP 200 -> v2 (new container) -> delete"),
             r,
         ));
     }
-    say(&format!("\n{}", out::bold("Regression summary")));
+    print_line(&format!("\n{}", out::bold("Regression summary")));
     let mut ok = true;
     for (name, r) in &results {
         match r {
-            Ok(d) => say(&format!("  {} {name} ({:.1} s)", out::ok("PASS"), d.as_secs_f64())),
+            Ok(d) => print_line(&format!("  {} {name} ({:.1} s)", out::ok("PASS"), d.as_secs_f64())),
             Err(e) => {
                 ok = false;
-                say(&format!("  {} {name}: {e}", out::fail("FAIL")));
+                print_line(&format!("  {} {name}: {e}", out::fail("FAIL")));
             }
         }
     }
     for v in &up.vms {
         match crate::vm::report_facts(v).await {
-            Ok(facts) => say(&format!("  {facts}")),
-            Err(e) => say(&format!("  {}: no facts from the guest: {e:#}", v.id)),
+            Ok(facts) => print_line(&format!("  {facts}")),
+            Err(e) => print_line(&format!("  {}: no facts from the guest: {e:#}", v.id)),
         }
     }
-    say(&if ok {
+    print_line(&if ok {
         out::good("ALL PASSED")
     } else {
         out::bad("FAILED")
@@ -80,7 +80,7 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
         s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1)
     })
     .await?;
-    say(&format!(
+    print_line(&format!(
         "      ok v1 answers on http://{}:{PORT}/, container {}, aggregate spec {hash}",
         ip,
         short(&v1[0])
@@ -99,7 +99,7 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
             .is_some_and(|a| a.succeeded == 1 && a.spec_hash != hash)
     })
     .await?;
-    say(&format!(
+    print_line(&format!(
         "      ok upgraded: container {} -> {}, aggregate spec {hash2}",
         short(&v1[0]),
         short(&v2[0])
@@ -118,7 +118,7 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
         api.get_opt("web").await.ok().flatten().is_none().then_some(())
     })
     .await?;
-    say("      ok deleted: no container, no keys, no resource");
+    print_line("      ok deleted: no container, no keys, no resource");
     Ok(())
 }
 

@@ -81,7 +81,7 @@ pub struct Steps {
 impl Steps {
     /// Says the next step has begun; pass the result to [`done`].
     pub fn next(&mut self, what: &str) -> Instant {
-        crate::say(&format!(
+        crate::print_line(&format!(
             "{} {what}",
             crate::out::step(&format!("[{}/{}]", self.n, self.total))
         ));
@@ -91,7 +91,7 @@ impl Steps {
 }
 
 pub fn done(t: Instant, detail: &str) {
-    crate::say(&format!(
+    crate::print_line(&format!(
         "      {} {detail} ({:.1} s)",
         crate::out::ok("ok"),
         t.elapsed().as_secs_f64()
@@ -566,7 +566,7 @@ impl Up {
             return match v.vm.containers().await {
                 Ok(list) => list.into_iter().map(|c| c.id).collect(),
                 Err(e) => {
-                    crate::say(&format!("      (listing {}'s containers failed: {e:#})", v.id));
+                    crate::print_line(&format!("      (listing {}'s containers failed: {e:#})", v.id));
                     Vec::new()
                 }
             };
@@ -614,7 +614,7 @@ impl Up {
     }
 
     pub fn teardown(&mut self) {
-        crate::say(&format!("{} tearing down", crate::out::step("==>")));
+        crate::print_line(&format!("{} tearing down", crate::out::step("==>")));
         // A VM is a machine of its own: its containers go with its disk.
         for v in self.vms.drain(..) {
             drop(v);
@@ -646,9 +646,9 @@ impl Up {
         self.sso = None;
         self.net.remove_all();
         if self.keep_logs {
-            crate::say(&format!("      logs kept in {}", self.logs_dir().display()));
+            crate::print_line(&format!("      logs kept in {}", self.logs_dir().display()));
         } else if let Err(e) = std::fs::remove_dir_all(&self.state_dir) {
-            crate::say(&format!(
+            crate::print_line(&format!(
                 "      warning: could not remove {}: {e}",
                 self.state_dir.display()
             ));
@@ -673,7 +673,7 @@ pub fn remove_device_containers(net: &Net, index: usize, device_dir: &Path, cont
             .args(["rm", "-f", "-t", "0", &cid])
             .output();
         if !status.is_ok_and(|o| o.status.success()) {
-            crate::say(&format!(
+            crate::print_line(&format!(
                 "  warning: could not remove container {cid} in {}",
                 device_dir.display()
             ));

@@ -11,7 +11,7 @@ use iot_launch::vm_seed::{SeededVm, prepare_seeded_vm};
 use iot_provision::{AdminUser, DeviceProvision, StaticNetwork};
 
 use crate::net::{Net, run};
-use crate::say;
+use crate::print_line;
 
 /// A VM device while up.
 pub struct VmDevice {
@@ -135,7 +135,7 @@ pub async fn watch_boot(d: &mut VmDevice, timeout: Duration) -> anyhow::Result<(
     while next < MILESTONES.len() {
         let text = d.vm.console_text();
         while next < MILESTONES.len() && text.contains(MILESTONES[next].0) {
-            say(&format!(
+            print_line(&format!(
                 "      {} {} ({:.0} s)",
                 d.id,
                 MILESTONES[next].1,

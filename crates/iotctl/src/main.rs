@@ -4,7 +4,7 @@
 //! OpenBao: device and service enrollment and revocation ([`identity`]).
 //! Output goes through [`out`], so `iotctl ... | head` ends quietly.
 
-mod identity;
+mod bao_admin;
 mod out;
 mod provision;
 mod sso;
@@ -33,7 +33,7 @@ struct Cli {
     #[command(flatten)]
     nats: NatsArgs,
     #[command(flatten)]
-    bao: identity::BaoArgs,
+    bao: bao_admin::BaoArgs,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
@@ -69,17 +69,17 @@ enum Cmd {
     /// BAO_TOKEN); provision a seed for first boot (offline).
     Device {
         #[command(subcommand)]
-        cmd: identity::DeviceCmd,
+        cmd: bao_admin::DeviceCmd,
     },
     /// Platform service identities in OpenBao (the operator, the auth callout).
     Service {
         #[command(subcommand)]
-        cmd: identity::ServiceCmd,
+        cmd: bao_admin::ServiceCmd,
     },
     /// OpenBao itself.
     Bao {
         #[command(subcommand)]
-        cmd: identity::BaoCmd,
+        cmd: bao_admin::BaoCmd,
     },
     /// Log in to the fleet's OpenID provider (browser with PKCE, or --device-code);
     /// --print-kubeconfig writes a kubeconfig that uses `iotctl credential`.
@@ -376,9 +376,9 @@ async fn main() {
         Cmd::Kv { cmd } => kv_cmd(&cli, cmd).await,
         Cmd::Devices => devices(&cli).await,
         Cmd::Deployments { namespace } => deployments(&cli, namespace.as_deref()).await,
-        Cmd::Device { cmd } => identity::device(&cli.bao, &cli.nats, cmd).await,
-        Cmd::Service { cmd } => identity::service(&cli.bao, cmd).await,
-        Cmd::Bao { cmd } => identity::bao_cmd(&cli.bao, cmd).await,
+        Cmd::Device { cmd } => bao_admin::device(&cli.bao, &cli.nats, cmd).await,
+        Cmd::Service { cmd } => bao_admin::service(&cli.bao, cmd).await,
+        Cmd::Bao { cmd } => bao_admin::bao_cmd(&cli.bao, cmd).await,
         Cmd::Login(args) => sso::login(args).await,
         Cmd::Logout(args) => sso::logout(args).await,
         Cmd::Credential(args) => sso::credential(args).await,

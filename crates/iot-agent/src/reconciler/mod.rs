@@ -34,8 +34,8 @@ use iot_kv::DesiredView;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::decode::decode_all;
 use crate::images::{ImageTracker, PullOutcome};
-use crate::interpret::interpret_all;
 use crate::metrics::AgentMetrics;
 use crate::plan::{Action, Assessment, DesiredContent, PlanInput, plan};
 use crate::restarts::RestartBook;
@@ -205,7 +205,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
     #[tracing::instrument(skip_all, fields(device = %self.config.device, deployments = view.entries.len()))]
     pub async fn reconcile(&mut self, view: &DesiredView) -> PassSummary {
         self.metrics.passes.inc();
-        let desired = interpret_all(&view.entries);
+        let desired = decode_all(&view.entries);
         self.metrics.deployments.set(desired.len() as i64);
         for key in &view.invalid_keys {
             if self.reported_invalid_keys.insert(key.clone()) {

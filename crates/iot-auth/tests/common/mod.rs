@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::{ConnectOptions, Event};
 use iot_bao::enroll::{self, Enrollment, Role};
 use iot_kv::CredentialSource;
-use iot_kv::identity::IdentityCredentials;
+use iot_kv::token_credentials::IdentityCredentials;
 use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
 use iot_testkit::{NatsServer, OpenBao, cargo_bin};
 use tempfile::TempDir;

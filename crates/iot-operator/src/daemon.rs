@@ -44,7 +44,9 @@ use iot_observe::supervise::{Tasks, next_ending};
 /// Tasks started during startup, handed to the supervisor once it is done.
 type Started = Vec<(&'static str, tokio::task::JoinHandle<()>)>;
 
-fn forever<F>(started: &mut Started, name: &'static str, f: F)
+/// Spawns a task the operator cannot do without: the supervisor ends the
+/// process when it ends.
+fn spawn_essential<F>(started: &mut Started, name: &'static str, f: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -233,7 +235,7 @@ async fn start(
         // Devices with scoped permissions write their status through this.
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
-        forever(tasks, "status relay", async move {
+        spawn_essential(tasks, "status relay", async move {
             if let Err(e) = crate::device_services::status_relay::serve_status_writes(
                 client,
                 std::time::Duration::from_secs(5),
@@ -252,7 +254,7 @@ async fn start(
         let client = conn.client.clone();
         let counts = metrics.device_request_counts();
         let source: Arc<dyn crate::device_services::desired_read::DesiredSource> = index.clone();
-        forever(tasks, "desired-state read responder", async move {
+        spawn_essential(tasks, "desired-state read responder", async move {
             if let Err(e) = crate::device_services::desired_read::serve_desired_reads(
                 client,
                 std::time::Duration::from_secs(5),
@@ -271,11 +273,11 @@ async fn start(
     {
         let index = index.clone();
         let connects = Some(conn.connects.clone());
-        forever(tasks, "desired-state index", async move {
+        spawn_essential(tasks, "desired-state index", async move {
             index.run(desired, connects).await
         });
         let (devices, connects) = (devices.clone(), Some(conn.connects.clone()));
-        forever(
+        spawn_essential(
             tasks,
             "device index",
             async move { devices.follow(status, connects).await },
@@ -286,7 +288,7 @@ async fn start(
     {
         // Viewers (the dashboard) read the fleet's reports through this.
         let (client, counts) = (conn.client.clone(), metrics.device_request_counts());
-        forever(tasks, "status snapshot responder", async move {
+        spawn_essential(tasks, "status snapshot responder", async move {
             let budget = crate::device_services::status_snapshot::PAGE_BUDGET;
             if let Err(e) = crate::device_services::status_snapshot::serve_status_reads(client, budget, counts).await {
                 tracing::error!(error = %e, "status snapshot responder stopped");
@@ -297,13 +299,13 @@ async fn start(
     let (controller, store) = controller(client.clone());
     let inbox = StatusInbox::new(store.clone());
     let writer = StatusWriter::new(client.clone(), inbox.clone(), opts.status_min_interval, metrics.clone());
-    forever(tasks, "status writer", writer.run());
-    forever(
+    spawn_essential(tasks, "status writer", writer.run());
+    spawn_essential(
         tasks,
         "aggregator",
         run_aggregator(devices, store, inbox.clone(), opts.aggregator.clone(), metrics.clone()),
     );
-    forever(
+    spawn_essential(
         tasks,
         "orphan collector",
         crate::gc::run_gc(index.clone(), client.clone(), js.clone(), opts.resync, metrics.clone()),

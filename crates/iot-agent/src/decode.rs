@@ -12,14 +12,14 @@ use crate::plan::DesiredContent;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub fn interpret_all(entries: &BTreeMap<DeploymentRef, Bytes>) -> BTreeMap<DeploymentRef, DesiredContent> {
+pub fn decode_all(entries: &BTreeMap<DeploymentRef, Bytes>) -> BTreeMap<DeploymentRef, DesiredContent> {
     entries
         .iter()
-        .map(|(dep, bytes)| (dep.clone(), interpret(dep, bytes)))
+        .map(|(dep, bytes)| (dep.clone(), decode_payload(dep, bytes)))
         .collect()
 }
 
-pub fn interpret(deployment: &DeploymentRef, bytes: &[u8]) -> DesiredContent {
+pub fn decode_payload(deployment: &DeploymentRef, bytes: &[u8]) -> DesiredContent {
     let decoded = match DecodedDesiredState::from_slice(bytes) {
         Ok(d) => d,
         Err(e) => {
