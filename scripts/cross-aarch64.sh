@@ -11,7 +11,7 @@ T=aarch64-unknown-linux-gnu
 
 log "aarch64: contract, KV and agent tests under qemu-aarch64-static"
 cargo test --target "$T" --quiet -p harmony-reconciler-contracts
-cargo test --target "$T" --quiet -p iot-kv -p iot-agent --lib --bins
+cargo test --target "$T" --quiet -p iot-nats -p iot-agent --lib --bins
 
 log "aarch64: the agent as it ships (device profile)"
 cargo build --profile device --target "$T" --quiet -p iot-agent

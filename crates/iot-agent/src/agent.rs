@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use iot_kv::follow::{FollowConfig, ReadPath};
-use iot_kv::{DesiredView, connect_with, follow_desired_state};
+use iot_nats::follow::{FollowConfig, ReadPath};
+use iot_nats::{DesiredView, connect_with, follow_desired_state};
 use iot_observe::Readiness;
 use tokio::sync::{mpsc, watch};
 

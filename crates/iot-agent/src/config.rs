@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use harmony_reconciler_contracts::Id;
-use iot_kv::NatsArgs;
+use iot_nats::NatsArgs;
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "iot-agent", version, about = "Runs this device's desired state with podman")]

@@ -4,7 +4,7 @@
 //! pure [`plan::plan`] against the containers podman reports -> libpod API calls ->
 //! per-deployment phases and events -> `AgentStatus` heartbeat.
 //!
-//! [`DesiredView`]: iot_kv::DesiredView
+//! [`DesiredView`]: iot_nats::DesiredView
 
 pub mod agent;
 pub mod config;

@@ -159,7 +159,7 @@ impl StatusReporter {
     async fn publish(&self, subject: &str, status: &AgentStatus) -> Result<(), String> {
         let bytes = serde_json::to_vec(status).map_err(|e| e.to_string())?;
         if self.via_relay {
-            return iot_kv::status_relay::write_via_relay(
+            return iot_nats::status_relay::write_via_relay(
                 &self.js.client(),
                 &self.device,
                 Bytes::from(bytes),

@@ -12,9 +12,9 @@ use harmony_reconciler_contracts::*;
 use iot_agent::agent::reconcile_loop;
 use iot_agent::memory_runtime::MemoryRuntime;
 use iot_agent::reconciler::{Reconciler, ReconcilerConfig, Report};
-use iot_kv::follow::FollowConfig;
-use iot_kv::write::DEFAULT_WINDOW;
-use iot_kv::{Anonymous, DesiredView, KvOp, connect, follow_desired_state, write_batch};
+use iot_nats::follow::FollowConfig;
+use iot_nats::write::DEFAULT_WINDOW;
+use iot_nats::{Anonymous, DesiredView, KvOp, connect, follow_desired_state, write_batch};
 use iot_testkit::wait_until;
 use tokio::sync::watch;
 

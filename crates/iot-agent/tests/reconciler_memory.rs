@@ -10,7 +10,7 @@ use harmony_reconciler_contracts::*;
 use iot_agent::memory_runtime::MemoryRuntime;
 use iot_agent::reconciler::{Reconciler, ReconcilerConfig, Report, failure_backoff, rollback_backoff};
 use iot_agent::runtime::ContainerState;
-use iot_kv::DesiredView;
+use iot_nats::DesiredView;
 use tokio::sync::watch;
 
 fn dep(name: &str) -> DeploymentRef {

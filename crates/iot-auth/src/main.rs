@@ -14,7 +14,7 @@ use iot_auth::enrollment::{BaoCredentials, Enrollments};
 use iot_auth::oidc::Verifier;
 use iot_bao::Bao;
 use iot_bao::enroll::Enrollment;
-use iot_kv::UserPassword;
+use iot_nats::UserPassword;
 use iot_observe::Readiness;
 use iot_observe::supervise::{Tasks, next_ending};
 use nkeys::{KeyPair, XKey};
@@ -237,14 +237,14 @@ async fn main() -> anyhow::Result<()> {
         user: args.nats_user.clone(),
         password: read_secret(&args.nats_password_file)?,
     };
-    let options = iot_kv::ClientOptions::new("iot-auth-callout")
+    let options = iot_nats::ClientOptions::new("iot-auth-callout")
         .background()
-        .tls(iot_kv::NatsTls {
+        .tls(iot_nats::NatsTls {
             ca_file: args.nats_ca_file.clone(),
             required: !args.nats_insecure,
         })
         .inbox_prefix(iot_auth::permissions::CALLOUT_INBOX_PREFIX);
-    let conn = iot_kv::connect_with(&args.nats_url, &own, &options).await?;
+    let conn = iot_nats::connect_with(&args.nats_url, &own, &options).await?;
     {
         let callout = callout.clone();
         let period = args.list_refresh;

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{Probe, Secured, try_connect};
 use harmony_reconciler_contracts::Id;
 use iot_bao::setup::{KV_MOUNT, TOKEN_AUDIENCE, TOKEN_KEY, TOKEN_ROLE, issuer_url};
-use iot_kv::token_credentials::IdentityCredentials;
+use iot_nats::token_credentials::IdentityCredentials;
 use serde_json::json;
 
 const USER_TTL: Duration = Duration::from_secs(5);

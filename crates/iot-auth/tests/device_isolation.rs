@@ -12,8 +12,8 @@ use bytes::Bytes;
 use common::{Probe, Secured};
 use futures::StreamExt;
 use harmony_reconciler_contracts::Id;
-use iot_kv::desired_read::read_via_responder;
-use iot_kv::status_relay::write_via_relay;
+use iot_nats::desired_read::read_via_responder;
+use iot_nats::status_relay::write_via_relay;
 
 #[tokio::test]
 async fn a_device_reaches_its_own_keys_and_nothing_else() -> anyhow::Result<()> {

@@ -11,7 +11,7 @@ use common::{Secured, try_connect};
 use harmony_reconciler_contracts::Id;
 
 async fn status_put_works(client: &async_nats::Client, device: &str) -> anyhow::Result<()> {
-    iot_kv::status_relay::write_via_relay(
+    iot_nats::status_relay::write_via_relay(
         client,
         &Id::new(device)?,
         Bytes::from_static(b"{}"),

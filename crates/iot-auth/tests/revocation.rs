@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Secured, try_connect};
-use iot_kv::token_credentials::IdentityCredentials;
+use iot_nats::token_credentials::IdentityCredentials;
 use iot_testkit::cargo_bin;
 
 fn iotctl(s: &Secured, args: &[&str], system_password: Option<&str>) -> anyhow::Result<String> {

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use harmony_reconciler_contracts::keys::kv_subject;
 use harmony_reconciler_contracts::*;
 use iot_agent::podman::{CreateSpec, PodmanClient};
-use iot_kv::{Anonymous, connect};
+use iot_nats::{Anonymous, connect};
 use iot_testkit::podman::podman_cli;
 use iot_testkit::{DeviceContainers, NatsServer, PodmanService, unique_id};
 
@@ -41,7 +41,7 @@ async fn env() -> anyhow::Result<Env> {
     let podman = PodmanService::start().await?;
     let conn = connect(&[nats.url()], &Anonymous, "bench", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
-    let (desired, _) = iot_kv::buckets::ensure_buckets(&js).await?;
+    let (desired, _) = iot_nats::buckets::ensure_buckets(&js).await?;
     let device = unique_id("bench").replace('-', "_");
     let guard = DeviceContainers::new(&device);
     let mut agent = Command::new(sibling_binary("iot-agent")?);

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::read::device_inbox_prefix;
 use harmony_reconciler_contracts::*;
-use iot_kv::follow::{FollowConfig, ReadPath};
-use iot_kv::{DesiredView, NatsConnection, follow_desired_state};
+use iot_nats::follow::{FollowConfig, ReadPath};
+use iot_nats::{DesiredView, NatsConnection, follow_desired_state};
 use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
 use iot_testkit::{NatsServer, OpenBao};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
@@ -98,7 +98,7 @@ fn subject(role: &str, device: &str, name: &str) -> String {
     format!("bench-{role}-{device}{name}")
 }
 
-/// A client plus a reconnect counter, as `iot_kv::connect` makes them.
+/// A client plus a reconnect counter, as `iot_nats::connect` makes them.
 async fn client(nats: &NatsServer, mut opts: ConnectOptions) -> anyhow::Result<NatsConnection> {
     let url = nats.url();
     if let Some(ca) = nats.ca_file() {
@@ -305,7 +305,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
         ))
         .await?;
     let js = jetstream::new(admin);
-    iot_kv::buckets::ensure_buckets(&js).await?;
+    iot_nats::buckets::ensure_buckets(&js).await?;
     put_all(&js, devices).await?;
     let operator = client(
         &nats,
@@ -476,7 +476,7 @@ pub async fn run(devices: usize, steady_secs: u64) -> anyhow::Result<()> {
     let open_pid = open.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
     let admin = open.client().await?;
     let js2 = jetstream::new(admin);
-    iot_kv::buckets::ensure_buckets(&js2).await?;
+    iot_nats::buckets::ensure_buckets(&js2).await?;
     put_all(&js2, devices).await?;
     let mut open_conns = Vec::with_capacity(devices);
     for _ in 0..devices {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use harmony_reconciler_contracts::*;
 use iot_api::Deployment;
-use iot_kv::{KvOp, write_batch};
+use iot_nats::{KvOp, write_batch};
 use kube::Api;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

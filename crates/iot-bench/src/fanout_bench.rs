@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
 use iot_api::{Deployment, DeploymentSpec};
-use iot_kv::{KvOp, write_batch};
+use iot_nats::{KvOp, write_batch};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 
@@ -64,7 +64,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         })
         .collect::<Result<_, IdError>>()?;
     let t = Instant::now();
-    let (acked, err) = write_batch(&js, DESIRED_STATE_BUCKET, &ops, iot_kv::write::DEFAULT_WINDOW).await;
+    let (acked, err) = write_batch(&js, DESIRED_STATE_BUCKET, &ops, iot_nats::write::DEFAULT_WINDOW).await;
     anyhow::ensure!(err.is_none() && acked == devices, "raw puts failed: {err:?}");
     wait_keys(&mut raw_sub, devices, Duration::from_secs(300)).await?;
     let raw = t.elapsed();

@@ -13,7 +13,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use harmony_reconciler_contracts::*;
 use iot_api::Deployment;
-use iot_kv::{KvOp, write_batch};
+use iot_nats::{KvOp, write_batch};
 use iot_operator::device_index::DeviceIndex;
 use kube::Api;
 use kube::api::ListParams;

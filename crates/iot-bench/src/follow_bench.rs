@@ -12,8 +12,8 @@ use iot_agent::agent::reconcile_loop;
 use iot_agent::memory_runtime::MemoryRuntime;
 use iot_agent::plan::service_hash;
 use iot_agent::reconciler::{Reconciler, ReconcilerConfig, Report};
-use iot_kv::follow::FollowConfig;
-use iot_kv::{Anonymous, DesiredView, connect, follow_desired_state};
+use iot_nats::follow::FollowConfig;
+use iot_nats::{Anonymous, DesiredView, connect, follow_desired_state};
 use iot_testkit::NatsServer;
 use tokio::sync::watch;
 
@@ -55,7 +55,7 @@ pub async fn run(devices: usize, connections: usize, resync_secs: u64, spread_se
     let nats_pid = nats.pid().ok_or_else(|| anyhow::anyhow!("no nats pid"))?;
     let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
     let js = jetstream::new(admin.client.clone());
-    iot_kv::buckets::ensure_buckets(&js).await?;
+    iot_nats::buckets::ensure_buckets(&js).await?;
     let (v1, _) = payload("img:1");
     let (v2, hash2) = payload("img:2");
     put_all(&js, devices, &v1).await?;

@@ -26,8 +26,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::read::device_inbox_prefix;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id};
-use iot_kv::follow::{FollowConfig, ReadPath};
-use iot_kv::{DesiredView, NatsConnection, follow_desired_state};
+use iot_nats::follow::{FollowConfig, ReadPath};
+use iot_nats::{DesiredView, NatsConnection, follow_desired_state};
 use iot_testkit::{LoggedProcess, NatsServer};
 use tokio::sync::watch;
 
@@ -75,7 +75,7 @@ fn spawn_service(nats: &NatsServer, service: &str, dir: &std::path::Path) -> any
 pub async fn serve(service: &str) -> anyhow::Result<()> {
     let url = std::env::var("NATS_URL")?;
     let ca = std::env::var_os("NATS_CA_FILE").map(std::path::PathBuf::from);
-    let conn = iot_kv::connect(&[url], &iot_kv::Anonymous, "operator-service", ca.as_deref()).await?;
+    let conn = iot_nats::connect(&[url], &iot_nats::Anonymous, "operator-service", ca.as_deref()).await?;
     let counts = iot_operator::device_services::no_counts();
     match service {
         // As the operator runs it: from its index of the bucket once caught up.
@@ -180,13 +180,15 @@ pub async fn flood(mbps: f64) -> anyhow::Result<()> {
     let url = std::env::var("NATS_URL")?;
     let ca = std::env::var_os("NATS_CA_FILE").map(std::path::PathBuf::from);
     let id = Id::new("flooder")?;
-    let opts = iot_kv::ClientOptions::new("flooder")
-        .tls(iot_kv::NatsTls {
+    let opts = iot_nats::ClientOptions::new("flooder")
+        .tls(iot_nats::NatsTls {
             ca_file: ca,
             required: true,
         })
         .inbox_prefix(device_inbox_prefix(&id));
-    let client = iot_kv::connect_with(&[url], &iot_kv::Anonymous, &opts).await?.client;
+    let client = iot_nats::connect_with(&[url], &iot_nats::Anonymous, &opts)
+        .await?
+        .client;
     let subject = harmony_reconciler_contracts::read::status_write_subject(&id);
     let body = Bytes::from(vec![b'f'; 250 * 1024]);
     let inbox = client.new_inbox();
@@ -216,13 +218,13 @@ fn value(round: usize) -> Bytes {
 
 /// One change per device, as the operator's fan-out writes it (pipelined, acked).
 async fn put_round(js: &async_nats::jetstream::Context, devices: usize, v: &Bytes) -> anyhow::Result<()> {
-    let ops: Vec<iot_kv::KvOp> = (0..devices)
-        .map(|i| iot_kv::KvOp::Put {
+    let ops: Vec<iot_nats::KvOp> = (0..devices)
+        .map(|i| iot_nats::KvOp::Put {
             key: format!("dev{i}.default_web"),
             value: v.clone(),
         })
         .collect();
-    let (n, err) = iot_kv::write_batch(js, DESIRED_STATE_BUCKET, &ops, 512).await;
+    let (n, err) = iot_nats::write_batch(js, DESIRED_STATE_BUCKET, &ops, 512).await;
     anyhow::ensure!(err.is_none() && n == devices, "put failed: {err:?}");
     Ok(())
 }
@@ -230,9 +232,9 @@ async fn put_round(js: &async_nats::jetstream::Context, devices: usize, v: &Byte
 pub async fn signal_follow(devices: usize, rounds: usize, responder: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let nats = NatsServer::start().await?;
-    let admin = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "admin", nats.ca_file()).await?;
+    let admin = iot_nats::connect(&[nats.url()], &iot_nats::Anonymous, "admin", nats.ca_file()).await?;
     let js = async_nats::jetstream::new(admin.client.clone());
-    iot_kv::buckets::ensure_buckets(&js).await?;
+    iot_nats::buckets::ensure_buckets(&js).await?;
     put_round(&js, devices, &value(0)).await?;
     let service = match responder {
         "index" => "read",
@@ -383,7 +385,7 @@ async fn heartbeats(conns: &[NatsConnection], ids: &[Id], window: Duration) -> V
                 let end = Instant::now() + window;
                 while Instant::now() < end {
                     let t = Instant::now();
-                    match iot_kv::status_relay::write_via_relay(&client, &id, status.clone(), Duration::from_secs(10))
+                    match iot_nats::status_relay::write_via_relay(&client, &id, status.clone(), Duration::from_secs(10))
                         .await
                     {
                         Ok(_) => out.push(t.elapsed()),
@@ -497,9 +499,9 @@ fn median_ms(v: &[(Duration, Duration)], pick: fn(&(Duration, Duration)) -> Dura
 pub async fn relay_flood(devices: usize, window_secs: u64, rounds: usize, mbps: f64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let nats = NatsServer::start().await?;
-    let admin = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "admin", nats.ca_file()).await?;
+    let admin = iot_nats::connect(&[nats.url()], &iot_nats::Anonymous, "admin", nats.ca_file()).await?;
     let js = async_nats::jetstream::new(admin.client.clone());
-    iot_kv::buckets::ensure_buckets(&js).await?;
+    iot_nats::buckets::ensure_buckets(&js).await?;
     let ids: Vec<Id> = (0..devices)
         .map(|i| Id::new(format!("dev{i}")))
         .collect::<Result<_, _>>()?;

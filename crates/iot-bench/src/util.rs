@@ -80,9 +80,9 @@ pub async fn control_plane() -> anyhow::Result<ControlPlane> {
     use std::process::{Command, Stdio};
     let api = iot_testkit::ApiServer::start().await?;
     let nats = iot_testkit::NatsServer::start().await?;
-    let conn = iot_kv::connect(&[nats.url()], &iot_kv::Anonymous, "bench", nats.ca_file()).await?;
+    let conn = iot_nats::connect(&[nats.url()], &iot_nats::Anonymous, "bench", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
-    iot_kv::buckets::ensure_buckets(&js).await?;
+    iot_nats::buckets::ensure_buckets(&js).await?;
     let operator_bin = sibling_binary("iot-operator")?;
     let out = Command::new(&operator_bin)
         .env("KUBECONFIG", api.kubeconfig())

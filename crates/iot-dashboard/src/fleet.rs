@@ -190,8 +190,8 @@ const RESNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 
 /// Follows every device's reports forever: subscribes to changes first, then takes
 /// a snapshot (again after every reconnect and every [`RESNAPSHOT_EVERY`]).
-pub async fn follow_devices(fleet: Arc<Fleet>, conn: iot_kv::NatsConnection, viewer: Id) {
-    let iot_kv::NatsConnection { client, mut connects } = conn;
+pub async fn follow_devices(fleet: Arc<Fleet>, conn: iot_nats::NatsConnection, viewer: Id) {
+    let iot_nats::NatsConnection { client, mut connects } = conn;
     let subject = format!("$KV.{}.>", harmony_reconciler_contracts::AGENT_STATUS_BUCKET);
     let subscribe = || async {
         loop {
@@ -239,7 +239,7 @@ pub async fn follow_devices(fleet: Arc<Fleet>, conn: iot_kv::NatsConnection, vie
             }
             _ = tokio::time::sleep_until(next_snapshot) => {
                 let asked_at = Utc::now();
-                match iot_kv::status_snapshot::read_status_snapshot(&client, &viewer, Duration::from_secs(10)).await {
+                match iot_nats::status_snapshot::read_status_snapshot(&client, &viewer, Duration::from_secs(10)).await {
                     Ok(records) => {
                         failures = 0;
                         fleet.replace_from_snapshot(records, asked_at);

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use iot_kv::NatsArgs;
+use iot_nats::NatsArgs;
 
 #[derive(Parser)]
 #[command(name = "iot-dashboard", version, about = "Live fleet dashboard for harmony-iot")]
@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| cli.viewer_name.clone()),
     )
     .context("the viewer name")?;
-    let conn = iot_kv::connect_with(
+    let conn = iot_nats::connect_with(
         &cli.nats.nats_url,
         creds.as_ref(),
         &cli.nats.client_options("iot-dashboard").background().inbox_prefix(

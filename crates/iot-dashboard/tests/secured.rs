@@ -56,10 +56,10 @@ async fn the_dashboard_reads_the_fleet_as_a_viewer_that_cannot_write() -> anyhow
         .as_ref()
         .and_then(|s| s.bao.ca_file())
         .map(std::path::Path::to_path_buf);
-    let creds = iot_kv::token_credentials::IdentityCredentials::from_enrollment_file(&file, ca.as_deref(), false)?;
+    let creds = iot_nats::token_credentials::IdentityCredentials::from_enrollment_file(&file, ca.as_deref(), false)?;
     let client = stack
         .nats
-        .client_with(iot_kv::CredentialSource::connect_options(&creds).await?)
+        .client_with(iot_nats::CredentialSource::connect_options(&creds).await?)
         .await?;
     let mut forged = before.clone().ok_or_else(|| anyhow::anyhow!("no report yet"))?;
     forged.agent_version = "forged-by-the-viewer".into();

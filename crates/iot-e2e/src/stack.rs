@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, kv};
 use harmony_reconciler_contracts::*;
 use iot_api::{Deployment, DeploymentStatus};
 use iot_bao::enroll::Role;
-use iot_kv::{Anonymous, connect};
+use iot_nats::{Anonymous, connect};
 use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
 use iot_testkit::{
     ApiServer, DeviceContainers, KubeApiServer, LoggedProcess, NatsServer, OpenBao, PodmanService, cargo_bin,
@@ -202,7 +202,7 @@ impl Stack {
             iot_launch::operator::install_crd(&cargo_bin("iot-operator")?, &api.kubeconfig())?;
         }
         let js = jetstream::new(admin);
-        let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
+        let (desired, status) = iot_nats::buckets::ensure_buckets(&js).await?;
         Ok(Self {
             api,
             operator_kubeconfig: None,

@@ -30,8 +30,8 @@ use futures::StreamExt;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Phase};
 use iot_bao::enroll::{Role, enroll_device, enroll_service};
 use iot_e2e::stack::*;
-use iot_kv::CredentialSource;
-use iot_kv::token_credentials::IdentityCredentials;
+use iot_nats::CredentialSource;
+use iot_nats::token_credentials::IdentityCredentials;
 use iot_testkit::{free_port, wait_until};
 
 /// A connection as one identity, recording the server's complaints.
@@ -271,7 +271,7 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     )
     .await?;
     // What it may do still works: the fleet's reports, with the victim among them.
-    let snapshot = iot_kv::status_snapshot::read_status_snapshot(
+    let snapshot = iot_nats::status_snapshot::read_status_snapshot(
         &v.client,
         &harmony_reconciler_contracts::Id::new("dashboard")?,
         Duration::from_secs(10),
@@ -401,7 +401,7 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     .map_err(|e| anyhow::anyhow!("{e}: {:?}", d.errors.lock().map(|v| v.clone()).unwrap_or_default()))?;
     drop(held);
     // Nor store a status bigger than the largest an agent sends: the relay refuses it.
-    let refused = iot_kv::status_relay::write_via_relay(
+    let refused = iot_nats::status_relay::write_via_relay(
         &d.client,
         &harmony_reconciler_contracts::Id::new("attacker")?,
         Bytes::from(vec![b' '; harmony_reconciler_contracts::read::MAX_STATUS_BYTES + 1]),

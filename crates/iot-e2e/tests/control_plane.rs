@@ -413,9 +413,9 @@ async fn nats_outage_is_reported_in_a_condition_and_converges_after() -> anyhow:
 
     stack.nats.restart().await?;
     // Reconnect our admin handles and wait for convergence.
-    let conn = iot_kv::connect(
+    let conn = iot_nats::connect(
         &[stack.nats.url()],
-        &iot_kv::Anonymous,
+        &iot_nats::Anonymous,
         "e2e-admin2",
         stack.nats.ca_file(),
     )

@@ -166,13 +166,13 @@ async fn iotctl_reads_without_consumers_and_ends_quietly_in_a_pipe() -> anyhow::
     use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
     let stack = Stack::start().await?;
     // More keys than one batched read returns, and more output than a pipe buffers.
-    let ops: Vec<iot_kv::KvOp> = (0..3000)
-        .map(|i| iot_kv::KvOp::Put {
+    let ops: Vec<iot_nats::KvOp> = (0..3000)
+        .map(|i| iot_nats::KvOp::Put {
             key: format!("device-with-a-long-name-{i:05}.default_app"),
             value: bytes::Bytes::from_static(b"{}"),
         })
         .collect();
-    let (_, err) = iot_kv::write_batch(&stack.js, DESIRED_STATE_BUCKET, &ops, 512).await;
+    let (_, err) = iot_nats::write_batch(&stack.js, DESIRED_STATE_BUCKET, &ops, 512).await;
     assert!(err.is_none(), "{err:?}");
     let before = (
         consumers(&stack, DESIRED_STATE_BUCKET).await?,
@@ -263,7 +263,7 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
         "the enrollment holds a secret"
     );
     // What it wrote is what a device needs: it gets an identity token with it.
-    let creds = iot_kv::token_credentials::IdentityCredentials::from_enrollment_file(&file, bao.ca_file(), false)?;
+    let creds = iot_nats::token_credentials::IdentityCredentials::from_enrollment_file(&file, bao.ca_file(), false)?;
     let token = creds.token().await?;
     assert_eq!(token.split('.').count(), 3);
     let (ok, out, _) = run(&["device", "list"])?;
@@ -287,7 +287,7 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
     assert!(ok, "{err}");
     let (_, out, _) = run(&["device", "list"])?;
     assert_eq!(out.trim(), "");
-    let fresh = iot_kv::token_credentials::IdentityCredentials::from_enrollment_file(&file, bao.ca_file(), false)?;
+    let fresh = iot_nats::token_credentials::IdentityCredentials::from_enrollment_file(&file, bao.ca_file(), false)?;
     assert!(fresh.token().await.is_err(), "a revoked enrollment still logs in");
 
     // Attack: a seed that was copied (or a VM's ISO left attached) keeps its secret.
@@ -298,13 +298,13 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao() -> anyhow::Result
         let (ok, _, err) = run(&["device", "enroll", "pi-2", "--out", &f.to_string_lossy()])?;
         assert!(ok, "{err}");
     }
-    let old = iot_kv::token_credentials::IdentityCredentials::from_enrollment_file(&first, bao.ca_file(), false)?;
+    let old = iot_nats::token_credentials::IdentityCredentials::from_enrollment_file(&first, bao.ca_file(), false)?;
     let err = old.token().await.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(
         err.contains("invalid") || err.contains("400") || err.contains("403"),
         "the first enrollment still logs in: {err}"
     );
-    let new = iot_kv::token_credentials::IdentityCredentials::from_enrollment_file(&second, bao.ca_file(), false)?;
+    let new = iot_nats::token_credentials::IdentityCredentials::from_enrollment_file(&second, bao.ca_file(), false)?;
     assert_eq!(new.token().await?.split('.').count(), 3, "the new one works");
     Ok(())
 }

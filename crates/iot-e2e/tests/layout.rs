@@ -82,7 +82,7 @@ fn no_crate_depends_on_what_its_role_forbids() -> anyhow::Result<()> {
         ),
         ("iot-timing", &[], "no dependencies at all"),
         (
-            "iot-kv",
+            "iot-nats",
             &["kube", "k8s-openapi", "iot-api", "iot-observe", "iot-operator"],
             "the NATS client: no Kubernetes, no server side",
         ),
@@ -96,7 +96,7 @@ fn no_crate_depends_on_what_its_role_forbids() -> anyhow::Result<()> {
             &["async-nats", "kube"],
             "what every daemon does alike, nothing else",
         ),
-        ("iot-api", &["async-nats", "iot-kv"], "the Kubernetes API types only"),
+        ("iot-api", &["async-nats", "iot-nats"], "the Kubernetes API types only"),
         ("iot-bao", &["async-nats", "kube"], "an OpenBao client only"),
         (
             "iot-provision",

@@ -15,7 +15,7 @@ use async_nats::jetstream;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
 use iot_api::Deployment;
 use iot_api::conditions::{REASON_INVALID_SPEC, REASON_NATS_UNAVAILABLE};
-use iot_kv::write::{DEFAULT_WINDOW, write_batch};
+use iot_nats::write::{DEFAULT_WINDOW, write_batch};
 use kube::runtime::Predicate;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event, finalizer};
@@ -44,7 +44,7 @@ pub enum Error {
         acked: usize,
         total: usize,
         #[source]
-        source: iot_kv::KvError,
+        source: iot_nats::NatsError,
     },
     #[error("finalizer: {0}")]
     Finalizer(String),
@@ -218,8 +218,8 @@ async fn write(
     if err.is_none() {
         for op in &ops {
             match op {
-                iot_kv::KvOp::Put { key, value } => ctx.index.record(key, Some(value.clone())),
-                iot_kv::KvOp::Purge { key } => ctx.index.record(key, None),
+                iot_nats::KvOp::Put { key, value } => ctx.index.record(key, Some(value.clone())),
+                iot_nats::KvOp::Purge { key } => ctx.index.record(key, None),
             }
         }
     }
@@ -234,8 +234,8 @@ async fn write(
 }
 
 /// Counts writes by kind; after a failure, the ones not acknowledged count as errors.
-pub fn record_kv_writes(metrics: &OperatorMetrics, ops: &[iot_kv::KvOp], acked: usize, complete: bool) {
-    let puts = ops.iter().filter(|o| matches!(o, iot_kv::KvOp::Put { .. })).count() as u64;
+pub fn record_kv_writes(metrics: &OperatorMetrics, ops: &[iot_nats::KvOp], acked: usize, complete: bool) {
+    let puts = ops.iter().filter(|o| matches!(o, iot_nats::KvOp::Put { .. })).count() as u64;
     let purges = ops.len() as u64 - puts;
     if complete {
         metrics.kv_write("put", true, puts);

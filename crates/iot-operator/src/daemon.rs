@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use futures::StreamExt;
-use iot_kv::{CredentialSource, connect_with};
+use iot_nats::{CredentialSource, connect_with};
 use iot_observe::Readiness;
 
 use crate::controller::{Ctx, controller, error_policy, reconcile};
@@ -29,7 +29,7 @@ use crate::status_writer::{StatusInbox, StatusWriter};
 pub struct RunOptions {
     pub nats_url: Vec<String>,
     /// TLS, ping interval and client name of the NATS connection.
-    pub nats: iot_kv::ClientOptions,
+    pub nats: iot_nats::ClientOptions,
     pub resync: Duration,
     pub status_min_interval: Duration,
     pub aggregator: AggregatorConfig,
@@ -219,7 +219,7 @@ async fn start(
     readiness.set_not_ready("creating the KV buckets");
     let mut attempt = 0u32;
     let (desired, status) = loop {
-        match iot_kv::buckets::ensure_buckets(&js).await {
+        match iot_nats::buckets::ensure_buckets(&js).await {
             Ok(stores) => break stores,
             Err(e) => {
                 attempt += 1;

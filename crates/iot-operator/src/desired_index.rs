@@ -1,5 +1,5 @@
 //! In-memory index of the desired-state bucket, fed by the bucket's one follower
-//! ([`iot_kv::BucketFollower`]: one ordered consumer, whatever the fleet size).
+//! ([`iot_nats::BucketFollower`]: one ordered consumer, whatever the fleet size).
 //!
 //! The write path compares against it to write only changed bytes and to find keys
 //! of devices dropped from a deployment. It is "ready" once the watch has caught up
@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id, parse_desired_state_key};
-use iot_kv::{BucketEntry, BucketFollower, BucketIndex};
+use iot_nats::{BucketEntry, BucketFollower, BucketIndex};
 
 /// The bucket's keys, by deployment (for the write path) and by device (for the
 /// devices' reads).
@@ -42,8 +42,8 @@ impl crate::device_services::desired_read::DesiredSource for DesiredIndex {
     /// the index has caught up (no request to the server per read). The index
     /// follows the stream, so a read may come a moment before it has a write the
     /// device was just told about; the device then reads again (see
-    /// `iot_kv::follow`).
-    fn records_for(&self, device: &Id) -> Option<Vec<iot_kv::KvRecord>> {
+    /// `iot_nats::follow`).
+    fn records_for(&self, device: &Id) -> Option<Vec<iot_nats::KvRecord>> {
         if !self.is_ready() {
             return None;
         }
@@ -53,7 +53,7 @@ impl crate::device_services::desired_read::DesiredSource for DesiredIndex {
                 .get(device)
                 .map(|deps| {
                     deps.iter()
-                        .map(|(dep, value)| iot_kv::KvRecord {
+                        .map(|(dep, value)| iot_nats::KvRecord {
                             key: harmony_reconciler_contracts::desired_state_key(device, dep),
                             sequence: 0,
                             stored_at: None,

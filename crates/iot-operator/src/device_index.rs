@@ -1,5 +1,5 @@
 //! The latest report of every device, in memory: the `agent-status` bucket's one
-//! follower ([`iot_kv::BucketFollower`]: one ordered consumer, whatever the fleet
+//! follower ([`iot_nats::BucketFollower`]: one ordered consumer, whatever the fleet
 //! size) feeds it, and the status aggregator reads it.
 //!
 //! Reports are taken as [`harmony_reconciler_contracts::report`] says: only under
@@ -13,7 +13,7 @@ use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
 use harmony_reconciler_contracts::report;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id};
-use iot_kv::{BucketEntry, BucketFollower, BucketIndex};
+use iot_nats::{BucketEntry, BucketFollower, BucketIndex};
 
 use crate::fleet_aggregate::DeviceReport;
 

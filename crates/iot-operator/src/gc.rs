@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
-use iot_kv::write::{DEFAULT_WINDOW, write_batch};
+use iot_nats::write::{DEFAULT_WINDOW, write_batch};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use harmony_reconciler_contracts::{DeploymentRef, DesiredState, Id, IdError, desired_state_key};
 use iot_api::DeploymentSpec;
-use iot_kv::KvOp;
+use iot_nats::KvOp;
 
 /// Changes for one deployment, keyed by device.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use iot_kv::NatsArgs;
+use iot_nats::NatsArgs;
 use iot_observe::process::{init_logging, shutdown_signal};
 
 #[derive(Parser)]

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use harmony_reconciler_contracts::{DeploymentRef, Id};
-use iot_kv::{BucketEntry, BucketIndex};
+use iot_nats::{BucketEntry, BucketIndex};
 use iot_operator::desired_index::DesiredIndex;
 use iot_operator::device_index::DeviceIndex;
 use iot_operator::device_services::desired_read::DesiredSource;

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use harmony_reconciler_contracts::{DecodedDesiredState, DeploymentRef, Id, desired_state_key};
 use iot_api::DeploymentSpec;
-use iot_kv::KvOp;
+use iot_nats::KvOp;
 use iot_operator::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
 
 fn spec(targets: &[&str], image: &str) -> DeploymentSpec {

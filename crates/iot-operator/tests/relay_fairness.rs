@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::{StatusWriteAnswer, device_inbox_prefix, status_write_subject};
-use iot_kv::buckets::ensure_buckets;
-use iot_kv::{Anonymous, ClientOptions, NatsTls, connect, connect_with};
+use iot_nats::buckets::ensure_buckets;
+use iot_nats::{Anonymous, ClientOptions, NatsTls, connect, connect_with};
 use iot_testkit::NatsServer;
 
 async fn device(nats: &NatsServer, id: &Id) -> anyhow::Result<async_nats::Client> {
@@ -79,7 +79,7 @@ async fn a_flooding_device_gets_one_write_at_a_time_and_the_others_get_theirs() 
     flooder.flush().await?;
     // Meanwhile a calm device writes, and every write is stored.
     for n in 0..10 {
-        let seq = iot_kv::status_relay::write_via_relay(
+        let seq = iot_nats::status_relay::write_via_relay(
             &calm,
             &calm_id,
             Bytes::from(format!("{{\"calm\":{n}}}")),

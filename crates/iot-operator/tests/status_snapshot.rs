@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::{ServiceRole, service_inbox_prefix};
-use iot_kv::{Anonymous, ClientOptions, NatsTls, connect, connect_with};
+use iot_nats::{Anonymous, ClientOptions, NatsTls, connect, connect_with};
 use iot_testkit::NatsServer;
 
 fn report(device: &str, version: &str) -> Bytes {
@@ -22,7 +22,7 @@ async fn a_snapshot_pages_through_every_good_report_once_at_its_latest() -> anyh
     let nats = NatsServer::start().await?;
     let admin = connect(&[nats.url()], &Anonymous, "admin", nats.ca_file()).await?;
     let js = async_nats::jetstream::new(admin.client.clone());
-    let (_, status) = iot_kv::buckets::ensure_buckets(&js).await?;
+    let (_, status) = iot_nats::buckets::ensure_buckets(&js).await?;
     for i in 0..30 {
         status
             .put(format!("status.d{i:02}"), report(&format!("d{i:02}"), "1"))
@@ -53,7 +53,7 @@ async fn a_snapshot_pages_through_every_good_report_once_at_its_latest() -> anyh
     let client = connect_with(&[nats.url()], &Anonymous, &options).await?.client;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let records = iot_kv::status_snapshot::read_status_snapshot(&client, &viewer, Duration::from_secs(10)).await?;
+    let records = iot_nats::status_snapshot::read_status_snapshot(&client, &viewer, Duration::from_secs(10)).await?;
     let got: Vec<(String, String)> = records
         .iter()
         .map(|r| (r.device.to_string(), r.status.agent_version.clone()))

@@ -196,14 +196,14 @@ fn run_ok(cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
 }
 
 async fn desired_keys(up: &Up) -> anyhow::Result<usize> {
-    let conn = iot_kv::connect(
+    let conn = iot_nats::connect(
         &[up.nats_url()],
         up.admin_credentials().as_ref(),
         "iot-up-check",
         up.ca_file().as_deref(),
     )
     .await?;
-    let records = iot_kv::last_values_for(&conn.client, DESIRED_STATE_BUCKET, ">", Duration::from_secs(5)).await?;
+    let records = iot_nats::last_values_for(&conn.client, DESIRED_STATE_BUCKET, ">", Duration::from_secs(5)).await?;
     Ok(records.iter().filter(|r| r.value.is_some()).count())
 }
 

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
 use iot_bao::enroll::{self, Enrollment, Role};
-use iot_kv::{Anonymous, CredentialSource, UserPassword, connect};
 use iot_launch::auth::{CalloutKeys, CalloutLaunch, CalloutProcess, write_private};
 use iot_launch::{ApiServer, LoggedProcess, NatsServer, OpenBao};
+use iot_nats::{Anonymous, CredentialSource, UserPassword, connect};
 
 use crate::net::Net;
 

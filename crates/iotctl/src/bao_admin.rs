@@ -110,7 +110,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-pub async fn device(bao: &BaoArgs, nats: &iot_kv::NatsArgs, cmd: &DeviceCmd) -> anyhow::Result<()> {
+pub async fn device(bao: &BaoArgs, nats: &iot_nats::NatsArgs, cmd: &DeviceCmd) -> anyhow::Result<()> {
     // Provisioning is offline (it needs only the enrollment file); the rest talk
     // to OpenBao.
     let client = || bao.client();
@@ -228,13 +228,13 @@ fn emit(e: &Enrollment, path: Option<&Path>) -> anyhow::Result<()> {
 /// Ends every live session of the NATS user `user` (as the auth callout names it):
 /// asks every server for its connections (`$SYS.REQ.SERVER.PING.CONNZ`) and kicks
 /// the matching ones (`$SYS.REQ.SERVER.<id>.KICK`). Returns how many were ended.
-async fn kick(nats: &iot_kv::NatsArgs, sys_user: &str, sys_password: &str, user: &str) -> anyhow::Result<usize> {
+async fn kick(nats: &iot_nats::NatsArgs, sys_user: &str, sys_password: &str, user: &str) -> anyhow::Result<usize> {
     use futures::StreamExt;
-    let system = iot_kv::UserPassword {
+    let system = iot_nats::UserPassword {
         user: sys_user.to_owned(),
         password: sys_password.to_owned(),
     };
-    let client = iot_kv::connect_with(&nats.nats_url, &system, &nats.client_options("iotctl-revoke"))
+    let client = iot_nats::connect_with(&nats.nats_url, &system, &nats.client_options("iotctl-revoke"))
         .await
         .context("connecting as the NATS system user")?
         .client;

@@ -18,7 +18,7 @@ use chrono::Utc;
 use clap::{Parser, Subcommand, ValueEnum};
 use harmony_reconciler_contracts::*;
 use iot_api::Deployment;
-use iot_kv::{KvRecord, NatsArgs, last_values_for};
+use iot_nats::{KvRecord, NatsArgs, last_values_for};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use table::{Table, age, bytes_gib};
@@ -133,7 +133,7 @@ impl Cli {
         let urls = self.nats.nats_url.join(",");
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            iot_kv::connect_with(
+            iot_nats::connect_with(
                 &self.nats.nats_url,
                 self.nats.credentials()?.as_ref(),
                 &self.nats.client_options("iotctl"),

@@ -30,7 +30,7 @@ use harmony_reconciler_contracts::text::normalize_error;
 use harmony_reconciler_contracts::{
     DeploymentPhase, DeploymentRef, EventEntry, EventRing, Id, Phase, RuntimeState, RuntimeStatus, Severity,
 };
-use iot_kv::DesiredView;
+use iot_nats::DesiredView;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use harmony_reconciler_contracts::*;
-use iot_kv::{Anonymous, connect};
+use iot_nats::{Anonymous, connect};
 use iot_testkit::{DeviceContainers, NatsServer, PodmanService, free_port, unique_id, wait_until};
 
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -104,7 +104,7 @@ impl Stack {
 async fn admin(nats: &NatsServer) -> anyhow::Result<(async_nats::Client, jetstream::Context, kv::Store, kv::Store)> {
     let conn = connect(&[nats.url()], &Anonymous, "test-admin", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
-    let (desired, status) = iot_kv::buckets::ensure_buckets(&js).await?;
+    let (desired, status) = iot_nats::buckets::ensure_buckets(&js).await?;
     Ok((conn.client, js, desired, status))
 }
 

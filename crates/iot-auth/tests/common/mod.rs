@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event};
 use iot_bao::enroll::{self, Enrollment, Role};
-use iot_kv::CredentialSource;
-use iot_kv::token_credentials::IdentityCredentials;
+use iot_nats::CredentialSource;
+use iot_nats::token_credentials::IdentityCredentials;
 use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
 use iot_testkit::{NatsServer, OpenBao, cargo_bin};
 use tempfile::TempDir;
@@ -29,7 +29,7 @@ pub struct Secured {
     pub user_ttl: Duration,
     /// The operator's device-facing services (read responder, status relay), run
     /// here with the operator's own identity.
-    pub services: Vec<tokio::task::JoinHandle<Result<(), iot_kv::KvError>>>,
+    pub services: Vec<tokio::task::JoinHandle<Result<(), iot_nats::NatsError>>>,
 }
 
 impl Drop for Secured {
@@ -77,10 +77,10 @@ impl Secured {
         }
         // Buckets, as the operator would create them.
         let admin = me.admin().await?;
-        iot_kv::buckets::ensure_buckets(&async_nats::jetstream::new(admin)).await?;
+        iot_nats::buckets::ensure_buckets(&async_nats::jetstream::new(admin)).await?;
         if replicas > 0 {
             let operator = me.credentials(me.enroll_operator().await?)?;
-            let conn = iot_kv::connect(&[me.nats.url()], &operator, "operator", me.nats.ca_file()).await?;
+            let conn = iot_nats::connect(&[me.nats.url()], &operator, "operator", me.nats.ca_file()).await?;
             me.services.push(tokio::spawn(
                 iot_operator::device_services::desired_read::serve_desired_reads(
                     conn.client.clone(),
@@ -241,7 +241,7 @@ pub async fn try_connect(nats: &NatsServer, creds: &IdentityCredentials) -> Resu
         loop {
             attempt += 1;
             let result = match creds.device() {
-                Some(device) => iot_kv::status_relay::write_via_relay(
+                Some(device) => iot_nats::status_relay::write_via_relay(
                     &client,
                     device,
                     bytes::Bytes::from_static(b"{}"),

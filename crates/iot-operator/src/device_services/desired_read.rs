@@ -1,5 +1,5 @@
 //! The desired-state read responder (see `harmony_reconciler_contracts::read` for
-//! why it exists; devices use `iot_kv::desired_read::read_via_responder`).
+//! why it exists; devices use `iot_nats::desired_read::read_via_responder`).
 //!
 //! The responder answers `iot.desired.read.<device>` with that device's records,
 //! cut into pages below [`PAGE_BUDGET`] bytes. It reads them from a
@@ -16,8 +16,8 @@ use harmony_reconciler_contracts::read::{
     DESIRED_READ_PREFIX, DESIRED_READ_QUEUE, DesiredReadPage, DesiredReadRequest, is_device_inbox,
 };
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, Id};
-use iot_kv::desired_read::to_wire;
-use iot_kv::{KvError, KvRecord, last_values_for};
+use iot_nats::desired_read::to_wire;
+use iot_nats::{KvRecord, NatsError, last_values_for};
 
 use super::fair::FairLimits;
 use super::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
@@ -57,7 +57,7 @@ pub async fn serve_desired_reads(
     read_timeout: Duration,
     source: Option<std::sync::Arc<dyn DesiredSource>>,
     counts: ServiceCounts,
-) -> Result<(), KvError> {
+) -> Result<(), NatsError> {
     let reader = client.clone();
     serve(client, desired_read_spec(), counts, move |req: DeviceRequest| {
         let (client, source) = (reader.clone(), source.clone());

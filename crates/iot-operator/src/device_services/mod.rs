@@ -13,7 +13,7 @@
 //!   answered with an error at once.
 //!
 //! The services: [`status_relay`], [`desired_read`] (for devices) and
-//! [`status_snapshot`] (for viewers). Their clients are in `iot_kv`.
+//! [`status_snapshot`] (for viewers). Their clients are in `iot_nats`.
 
 pub mod desired_read;
 pub mod fair;
@@ -29,7 +29,7 @@ use futures::{FutureExt, StreamExt};
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::id_under;
 
-use iot_kv::KvError;
+use iot_nats::NatsError;
 
 use self::fair::{FairLimits, FairQueue, Offer};
 
@@ -81,7 +81,7 @@ pub async fn serve<H, F>(
     spec: ServiceSpec,
     counts: ServiceCounts,
     handle: H,
-) -> Result<(), KvError>
+) -> Result<(), NatsError>
 where
     H: Fn(DeviceRequest) -> F + Send + Sync + 'static,
     F: Future<Output = Bytes> + Send + 'static,
@@ -90,7 +90,7 @@ where
     let mut sub = client
         .queue_subscribe(subject.clone(), spec.queue_group.to_owned())
         .await
-        .map_err(|e| KvError::Request {
+        .map_err(|e| NatsError::Request {
             subject: subject.clone(),
             message: e.to_string(),
         })?;
@@ -167,7 +167,7 @@ where
     }
     queue.close();
     workers.shutdown().await;
-    Err(KvError::Request {
+    Err(NatsError::Request {
         subject,
         message: "subscription closed".into(),
     })

@@ -1,4 +1,4 @@
-//! The status relay (devices use `iot_kv::status_relay::write_via_relay`).
+//! The status relay (devices use `iot_nats::status_relay::write_via_relay`).
 //!
 //! The relay takes `iot.status.write.<device>`, writes the body to
 //! `agent-status/status.<device>` with a JetStream publish acknowledged on its own
@@ -15,7 +15,7 @@ use harmony_reconciler_contracts::read::{
     MAX_STATUS_BYTES, STATUS_WRITE_PREFIX, STATUS_WRITE_QUEUE, StatusWriteAnswer, is_device_inbox,
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, Id, agent_status_key};
-use iot_kv::KvError;
+use iot_nats::NatsError;
 
 use super::fair::FairLimits;
 use super::{DeviceRequest, ServiceCounts, ServiceSpec, serve};
@@ -44,7 +44,7 @@ pub async fn serve_status_writes(
     client: async_nats::Client,
     write_timeout: Duration,
     counts: ServiceCounts,
-) -> Result<(), KvError> {
+) -> Result<(), NatsError> {
     let js = async_nats::jetstream::new(client.clone());
     serve(client, status_relay_spec(), counts, move |req: DeviceRequest| {
         let js = js.clone();

@@ -20,7 +20,7 @@ use harmony_reconciler_contracts::read::{
     STATUS_READ_PREFIX, STATUS_READ_QUEUE, StatusReadPage, StatusReadRequest, StatusRecord, is_viewer_inbox,
 };
 use harmony_reconciler_contracts::report;
-use iot_kv::KvError;
+use iot_nats::NatsError;
 
 /// Stored bytes per page: the answer (the same reports, as JSON) stays well below
 /// NATS's default 1 MiB max payload.
@@ -48,7 +48,7 @@ pub async fn serve_status_reads(
     client: async_nats::Client,
     page_budget: usize,
     counts: ServiceCounts,
-) -> Result<(), KvError> {
+) -> Result<(), NatsError> {
     let reader = client.clone();
     serve(client, status_read_spec(), counts, move |req: DeviceRequest| {
         let client = reader.clone();
@@ -63,7 +63,7 @@ pub async fn serve_status_reads(
 
 /// One page of reports stored at `from_sequence` or later.
 pub async fn status_page(client: &async_nats::Client, from_sequence: u64, budget: usize) -> StatusReadPage {
-    let read = iot_kv::direct::page_by_sequence(
+    let read = iot_nats::direct::page_by_sequence(
         client,
         AGENT_STATUS_BUCKET,
         ">",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use iot_kv::{Anonymous, BucketEntry, BucketFollower, BucketIndex, NatsConnection, connect};
+use iot_nats::{Anonymous, BucketEntry, BucketFollower, BucketIndex, NatsConnection, connect};
 use iot_testkit::{NatsServer, PartitionProxy};
 
 const BUCKET: &str = "follow-test";

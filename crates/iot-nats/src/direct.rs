@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use harmony_reconciler_contracts::keys::{key_from_subject, kv_stream_name};
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Most keys one request returns; the server's own cap for `multi_last` is 1024.
 pub const MAX_BATCH: usize = 1024;
@@ -51,7 +51,7 @@ pub async fn last_values_for(
     bucket: &str,
     key_filter: &str,
     timeout: Duration,
-) -> Result<Vec<KvRecord>, KvError> {
+) -> Result<Vec<KvRecord>, NatsError> {
     let filter = format!("$KV.{bucket}.{key_filter}");
     let body = serde_json::json!({"multi_last": [filter], "batch": MAX_BATCH});
     match request_batch(client, bucket, &body, timeout).await? {
@@ -73,7 +73,7 @@ pub async fn page_by_sequence(
     from_seq: u64,
     max_bytes: usize,
     timeout: Duration,
-) -> Result<(Vec<KvRecord>, bool), KvError> {
+) -> Result<(Vec<KvRecord>, bool), NatsError> {
     let filter = format!("$KV.{bucket}.{key_filter}");
     let (records, pending) = request_page(client, bucket, &filter, from_seq.max(1), Some(max_bytes), timeout).await?;
     Ok((records, pending.is_some_and(|p| p > 0)))
@@ -88,7 +88,7 @@ async fn request_page(
     from_seq: u64,
     max_bytes: Option<usize>,
     timeout: Duration,
-) -> Result<(Vec<KvRecord>, Option<u64>), KvError> {
+) -> Result<(Vec<KvRecord>, Option<u64>), NatsError> {
     let mut body = serde_json::json!({"next_by_subj": filter, "seq": from_seq, "batch": MAX_BATCH});
     if let Some(max_bytes) = max_bytes {
         body["max_bytes"] = max_bytes.into();
@@ -105,7 +105,7 @@ async fn scan(
     bucket: &str,
     filter: &str,
     timeout: Duration,
-) -> Result<Vec<KvRecord>, KvError> {
+) -> Result<Vec<KvRecord>, NatsError> {
     let mut out: Vec<KvRecord> = Vec::new();
     let mut next_seq = 1u64;
     let mut pages = 0usize;
@@ -164,16 +164,16 @@ async fn request_batch(
     bucket: &str,
     body: &serde_json::Value,
     timeout: Duration,
-) -> Result<Batch, KvError> {
+) -> Result<Batch, NatsError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let _turn = match tokio::time::timeout_at(deadline, BATCHES_IN_FLIGHT.acquire()).await {
-        Err(_) => return Err(KvError::Timeout(timeout)),
+        Err(_) => return Err(NatsError::Timeout(timeout)),
         // Never closed: the semaphore is a static nobody closes.
-        Ok(Err(_)) => return Err(KvError::js("direct-get limiter closed")),
+        Ok(Err(_)) => return Err(NatsError::js("direct-get limiter closed")),
         Ok(Ok(turn)) => turn,
     };
     let api = api_subject(bucket);
-    let body = serde_json::to_vec(body).map_err(KvError::js)?;
+    let body = serde_json::to_vec(body).map_err(NatsError::js)?;
     let inbox = client.new_inbox();
     let mut sub = client
         .subscribe(inbox.clone())
@@ -187,7 +187,7 @@ async fn request_batch(
     let mut records = Vec::new();
     loop {
         let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
-            Err(_) => return Err(KvError::Timeout(timeout)),
+            Err(_) => return Err(NatsError::Timeout(timeout)),
             Ok(None) => return Err(request_err(&api, "reply subscription closed")),
             Ok(Some(msg)) => msg,
         };
@@ -241,7 +241,7 @@ async fn request_batch(
 
 /// "No responders" on a direct get means the stream does not exist, does not allow
 /// direct get, or JetStream is off. One stream-info request tells which.
-async fn explain_no_responders(client: &async_nats::Client, bucket: &str) -> KvError {
+async fn explain_no_responders(client: &async_nats::Client, bucket: &str) -> NatsError {
     let info_subject = format!("$JS.API.STREAM.INFO.{}", kv_stream_name(bucket));
     let reply = tokio::time::timeout(
         Duration::from_secs(5),
@@ -258,7 +258,7 @@ async fn explain_no_responders(client: &async_nats::Client, bucket: &str) -> KvE
             let info: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
             // JSApiStreamNotFound
             if info.pointer("/error/err_code").and_then(serde_json::Value::as_u64) == Some(10059) {
-                return KvError::BucketMissing {
+                return NatsError::BucketMissing {
                     bucket: bucket.to_owned(),
                 };
             }
@@ -276,8 +276,8 @@ async fn explain_no_responders(client: &async_nats::Client, bucket: &str) -> KvE
     request_err(&api_subject(bucket), message)
 }
 
-fn request_err(subject: &str, e: impl std::fmt::Display) -> KvError {
-    KvError::Request {
+fn request_err(subject: &str, e: impl std::fmt::Display) -> NatsError {
+    NatsError::Request {
         subject: subject.to_owned(),
         message: e.to_string(),
     }

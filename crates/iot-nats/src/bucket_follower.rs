@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// One change of a key, as the follower hands it to the index.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,10 +108,10 @@ impl BucketFollower {
         mut connects: Option<&mut watch::Receiver<u64>>,
         index: &dyn BucketIndex,
         replay: &mut Replay,
-    ) -> Result<Rebuild, KvError> {
+    ) -> Result<Rebuild, NatsError> {
         replay.start();
-        let pending_at_start = store.status().await.map_err(KvError::js)?.values();
-        let mut watch = store.watch_with_history(">").await.map_err(KvError::js)?;
+        let pending_at_start = store.status().await.map_err(NatsError::js)?.values();
+        let mut watch = store.watch_with_history(">").await.map_err(NatsError::js)?;
         if pending_at_start == 0 {
             self.finish(replay, index);
         }
@@ -136,7 +136,7 @@ impl BucketFollower {
                 next = watch.next() => next,
                 () = reconnected => return Ok(Rebuild::Reconnected),
                 () = recheck => {
-                    if store.status().await.map_err(KvError::js)?.values() == 0 {
+                    if store.status().await.map_err(NatsError::js)?.values() == 0 {
                         self.finish(replay, index);
                     }
                     continue;
@@ -145,7 +145,7 @@ impl BucketFollower {
             let Some(entry) = next else {
                 return Ok(Rebuild::WatchEnded);
             };
-            let entry = entry.map_err(KvError::js)?;
+            let entry = entry.map_err(NatsError::js)?;
             let value = match entry.operation {
                 Operation::Put => Some(entry.value),
                 Operation::Delete | Operation::Purge => None,

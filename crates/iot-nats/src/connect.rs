@@ -10,7 +10,7 @@ use async_nats::{ConnectOptions, Event};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Where NATS credentials come from. The agent, operator and CLI take one of these
 /// instead of hard-coding any; Chapter 4 adds a source that mints short-lived
@@ -19,7 +19,7 @@ pub trait CredentialSource: Send + Sync + Debug {
     /// Short description for logs, never containing a secret.
     fn describe(&self) -> String;
     /// Connect options carrying the credentials.
-    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, KvError>>;
+    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, NatsError>>;
 }
 
 /// A NATS `.creds` file (user JWT + nkey seed), as issued by `nsc` or an account server.
@@ -30,11 +30,11 @@ impl CredentialSource for CredsFile {
     fn describe(&self) -> String {
         format!("creds file {}", self.0.display())
     }
-    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, KvError>> {
+    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, NatsError>> {
         Box::pin(async move {
             ConnectOptions::with_credentials_file(&self.0)
                 .await
-                .map_err(|e| KvError::Credentials(format!("reading {}: {e}", self.0.display())))
+                .map_err(|e| NatsError::Credentials(format!("reading {}: {e}", self.0.display())))
         })
     }
 }
@@ -53,7 +53,7 @@ impl CredentialSource for TokenAuth {
     fn describe(&self) -> String {
         "token".into()
     }
-    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, KvError>> {
+    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, NatsError>> {
         Box::pin(async move { Ok(ConnectOptions::with_token(self.0.clone())) })
     }
 }
@@ -75,7 +75,7 @@ impl CredentialSource for UserPassword {
     fn describe(&self) -> String {
         format!("user {}", self.user)
     }
-    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, KvError>> {
+    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, NatsError>> {
         Box::pin(async move {
             Ok(ConnectOptions::with_user_and_password(
                 self.user.clone(),
@@ -93,7 +93,7 @@ impl CredentialSource for Anonymous {
     fn describe(&self) -> String {
         "no credentials".into()
     }
-    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, KvError>> {
+    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, NatsError>> {
         Box::pin(async { Ok(ConnectOptions::new()) })
     }
 }
@@ -178,7 +178,7 @@ pub async fn connect(
     creds: &dyn CredentialSource,
     client_name: &str,
     ca_file: Option<&std::path::Path>,
-) -> Result<NatsConnection, KvError> {
+) -> Result<NatsConnection, NatsError> {
     let opts = ClientOptions::new(client_name).tls(NatsTls {
         ca_file: ca_file.map(Into::into),
         required: false,
@@ -194,7 +194,7 @@ pub async fn connect_with(
     servers: &[String],
     creds: &dyn CredentialSource,
     options: &ClientOptions,
-) -> Result<NatsConnection, KvError> {
+) -> Result<NatsConnection, NatsError> {
     let (tx, rx) = watch::channel(0u64);
     let tx = Arc::new(tx);
     let count = Arc::new(AtomicU64::new(0));
@@ -214,10 +214,10 @@ pub async fn connect_with(
                 let (tx, count, failures, name) = (tx.clone(), count.clone(), failures.clone(), name.clone());
                 async move { on_event(event, &name, &tx, &count, &failures) }
             });
-        Ok::<_, KvError>(apply_tls(opts, options))
+        Ok::<_, NatsError>(apply_tls(opts, options))
     };
     let joined = servers.join(",");
-    let failed = |source: async_nats::ConnectError| KvError::Connect {
+    let failed = |source: async_nats::ConnectError| NatsError::Connect {
         hint: connect_hint(&source, &options.tls),
         servers: joined.clone(),
         source,

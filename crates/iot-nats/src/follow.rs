@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use crate::connect::NatsConnection;
 use crate::desired_read::read_via_responder;
 use crate::direct::{KvRecord, last_values_for};
-use crate::error::KvError;
+use crate::error::NatsError;
 use iot_timing::{backoff, jittered, spread};
 
 /// Reads made for one burst of unconfirmed signals before they are dropped. With
@@ -140,11 +140,11 @@ pub async fn follow_desired_state(
     device: Id,
     config: FollowConfig,
     out: watch::Sender<DesiredView>,
-) -> Result<(), KvError> {
+) -> Result<(), NatsError> {
     let NatsConnection { client, mut connects } = conn;
     let filter = desired_state_device_filter(&device);
     // Subscribe before the first read so no change between the two is lost.
-    let mut sub = client.subscribe(filter.clone()).await.map_err(|e| KvError::Request {
+    let mut sub = client.subscribe(filter.clone()).await.map_err(|e| NatsError::Request {
         subject: filter.clone(),
         message: e.to_string(),
     })?;
@@ -161,7 +161,7 @@ pub async fn follow_desired_state(
             _ = out.closed() => return Ok(()),
             msg = sub.next() => {
                 let Some(msg) = msg else {
-                    return Err(KvError::Request { subject: filter, message: "subscription closed".into() });
+                    return Err(NatsError::Request { subject: filter, message: "subscription closed".into() });
                 };
                 let Some(key) = key_from_subject(DESIRED_STATE_BUCKET, &msg.subject) else { continue };
                 let op = msg.headers.as_ref().and_then(|h| h.get("KV-Operation")).map(|v| v.as_str().to_owned());

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use iot_kv::{
+use iot_nats::{
     Anonymous, ClientOptions, CredentialSource, CredsFile, NatsTls, TokenAuth, UserPassword, connect, connect_with,
 };
 use iot_testkit::NatsServer;

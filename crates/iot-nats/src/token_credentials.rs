@@ -18,7 +18,7 @@ use iot_bao::setup::TOKEN_ROLE;
 use iot_bao::{Bao, BaoError};
 
 use crate::connect::CredentialSource;
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Where an identity token comes from.
 #[derive(Debug)]
@@ -56,9 +56,9 @@ impl IdentityCredentials {
         enrollment: Enrollment,
         bao_ca: Option<&std::path::Path>,
         allow_plain: bool,
-    ) -> Result<Self, KvError> {
+    ) -> Result<Self, NatsError> {
         if enrollment.bao_addr.starts_with("http://") && !allow_plain {
-            return Err(KvError::Credentials(format!(
+            return Err(NatsError::Credentials(format!(
                 "the enrollment's OpenBao address {} is not TLS: its secret would cross the network in the clear \
                  (use https://, or --nats-insecure / NATS_INSECURE=true on a debugging stack)",
                 enrollment.bao_addr
@@ -66,7 +66,7 @@ impl IdentityCredentials {
         }
         let name = || {
             Id::new(enrollment.name.clone())
-                .map_err(|e| KvError::Credentials(format!("the enrollment's name is not a valid id: {e}")))
+                .map_err(|e| NatsError::Credentials(format!("the enrollment's name is not a valid id: {e}")))
         };
         let (device, service) = match enrollment.role {
             Role::Device => (Some(name()?), None),
@@ -74,7 +74,7 @@ impl IdentityCredentials {
             Role::Viewer => (None, Some((ServiceRole::Viewer, name()?))),
             Role::Callout => (None, None),
         };
-        let bao = Bao::with_ca(&enrollment.bao_addr, bao_ca).map_err(|e| KvError::Credentials(e.to_string()))?;
+        let bao = Bao::with_ca(&enrollment.bao_addr, bao_ca).map_err(|e| NatsError::Credentials(e.to_string()))?;
         Ok(Self {
             origin: Arc::new(Origin::OpenBao {
                 bao: Box::new(bao),
@@ -91,11 +91,11 @@ impl IdentityCredentials {
         path: &std::path::Path,
         bao_ca: Option<&std::path::Path>,
         allow_plain: bool,
-    ) -> Result<Self, KvError> {
+    ) -> Result<Self, NatsError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| KvError::Credentials(format!("reading {}: {e}", path.display())))?;
+            .map_err(|e| NatsError::Credentials(format!("reading {}: {e}", path.display())))?;
         let enrollment: Enrollment = serde_json::from_str(&text)
-            .map_err(|e| KvError::Credentials(format!("parsing {}: {e}", path.display())))?;
+            .map_err(|e| NatsError::Credentials(format!("parsing {}: {e}", path.display())))?;
         Self::from_enrollment(enrollment, bao_ca, allow_plain)
     }
 
@@ -119,11 +119,11 @@ impl IdentityCredentials {
     }
 
     /// A token with at least a third of its life left, fetching one if needed.
-    pub async fn token(&self) -> Result<String, KvError> {
+    pub async fn token(&self) -> Result<String, NatsError> {
         match self.origin.as_ref() {
             Origin::File(path) => std::fs::read_to_string(path)
                 .map(|t| t.trim().to_owned())
-                .map_err(|e| KvError::Credentials(format!("reading {}: {e}", path.display()))),
+                .map_err(|e| NatsError::Credentials(format!("reading {}: {e}", path.display()))),
             Origin::OpenBao { bao, enrollment } => {
                 let mut cached = self.cached.lock().await;
                 let now = Instant::now();
@@ -155,8 +155,8 @@ impl IdentityCredentials {
         enrollment: &Enrollment,
         cached: &mut Cached,
         now: Instant,
-    ) -> Result<String, KvError> {
-        let cred = |e: BaoError| KvError::Credentials(e.to_string());
+    ) -> Result<String, NatsError> {
+        let cred = |e: BaoError| NatsError::Credentials(e.to_string());
         let bao_token = match &cached.bao_token {
             Some((t, until)) if now < *until => t.clone(),
             _ => {
@@ -198,7 +198,7 @@ impl CredentialSource for IdentityCredentials {
         }
     }
 
-    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, KvError>> {
+    fn connect_options(&self) -> BoxFuture<'_, Result<ConnectOptions, NatsError>> {
         let this = self.clone();
         Box::pin(async move {
             let source = this.clone();

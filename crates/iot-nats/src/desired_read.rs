@@ -12,7 +12,7 @@ use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::{DesiredReadPage, DesiredReadRequest, DesiredRecord, desired_read_subject};
 
 use crate::direct::KvRecord;
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Pages of one read, at most: far beyond any device (a guard against a loop).
 const MAX_PAGES: usize = 10_000;
@@ -61,12 +61,12 @@ pub async fn read_via_responder(
     client: &async_nats::Client,
     device: &Id,
     timeout: Duration,
-) -> Result<Vec<KvRecord>, KvError> {
+) -> Result<Vec<KvRecord>, NatsError> {
     let subject = desired_read_subject(device);
     let mut out: Vec<KvRecord> = Vec::new();
     let mut after: Option<String> = None;
     for _ in 0..MAX_PAGES {
-        let body = serde_json::to_vec(&DesiredReadRequest { after: after.clone() }).map_err(KvError::js)?;
+        let body = serde_json::to_vec(&DesiredReadRequest { after: after.clone() }).map_err(NatsError::js)?;
         let page: DesiredReadPage = crate::status_relay::ask(
             client,
             &subject,
@@ -76,7 +76,7 @@ pub async fn read_via_responder(
         )
         .await?;
         if let Some(error) = page.error {
-            return Err(KvError::Request {
+            return Err(NatsError::Request {
                 subject: subject.clone(),
                 message: error,
             });
@@ -84,7 +84,7 @@ pub async fn read_via_responder(
         after = page.records.last().map(|r| r.key.clone());
         let more = page.more && after.is_some();
         for r in page.records {
-            out.push(from_wire(r).map_err(|message| KvError::Request {
+            out.push(from_wire(r).map_err(|message| NatsError::Request {
                 subject: subject.clone(),
                 message,
             })?);
@@ -93,7 +93,7 @@ pub async fn read_via_responder(
             return Ok(out);
         }
     }
-    Err(KvError::Request {
+    Err(NatsError::Request {
         subject,
         message: format!("more than {MAX_PAGES} pages"),
     })

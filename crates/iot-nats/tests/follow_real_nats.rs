@@ -6,9 +6,9 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use harmony_reconciler_contracts::keys::kv_stream_name;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id};
-use iot_kv::buckets::ensure_buckets;
-use iot_kv::follow::FollowConfig;
-use iot_kv::{Anonymous, DesiredView, KvError, NatsConnection, connect, follow_desired_state, last_values_for};
+use iot_nats::buckets::ensure_buckets;
+use iot_nats::follow::FollowConfig;
+use iot_nats::{Anonymous, DesiredView, NatsConnection, NatsError, connect, follow_desired_state, last_values_for};
 use iot_testkit::NatsServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -38,7 +38,7 @@ struct Followed {
     admin: NatsConnection,
     desired: jetstream::kv::Store,
     rx: watch::Receiver<DesiredView>,
-    task: JoinHandle<Result<(), KvError>>,
+    task: JoinHandle<Result<(), NatsError>>,
 }
 
 impl Followed {
@@ -113,7 +113,7 @@ async fn missing_bucket_is_a_typed_error() -> anyhow::Result<()> {
     let err = last_values_for(&conn.client, DESIRED_STATE_BUCKET, "dev1.>", Duration::from_secs(5))
         .await
         .expect_err("no bucket");
-    assert!(matches!(err, iot_kv::KvError::BucketMissing { .. }), "{err}");
+    assert!(matches!(err, iot_nats::NatsError::BucketMissing { .. }), "{err}");
     Ok(())
 }
 

@@ -10,11 +10,11 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use harmony_reconciler_contracts::keys::kv_stream_name;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id, desired_state_key};
-use iot_kv::buckets::ensure_buckets;
-use iot_kv::follow::FollowConfig;
-use iot_kv::write::{DEFAULT_WINDOW, PURGE_MARKER_TTL};
-use iot_kv::{
-    Anonymous, DesiredView, KvError, KvOp, connect, follow_desired_state, last_values_for, write_batch,
+use iot_nats::buckets::ensure_buckets;
+use iot_nats::follow::FollowConfig;
+use iot_nats::write::{DEFAULT_WINDOW, PURGE_MARKER_TTL};
+use iot_nats::{
+    Anonymous, DesiredView, KvOp, NatsError, connect, follow_desired_state, last_values_for, write_batch,
     write_batch_with,
 };
 use iot_testkit::NatsServer;
@@ -25,7 +25,7 @@ fn key(device: &str, i: usize) -> String {
     desired_state_key(&Id::new(device).expect("valid"), &dep)
 }
 
-async fn setup() -> anyhow::Result<(NatsServer, iot_kv::NatsConnection, jetstream::Context)> {
+async fn setup() -> anyhow::Result<(NatsServer, iot_nats::NatsConnection, jetstream::Context)> {
     let nats = NatsServer::start().await?;
     let conn = connect(&[nats.url()], &Anonymous, "test", nats.ca_file()).await?;
     let js = jetstream::new(conn.client.clone());
@@ -50,7 +50,7 @@ async fn put_keys(
 }
 
 async fn follow_until(
-    conn: &iot_kv::NatsConnection,
+    conn: &iot_nats::NatsConnection,
     device: &str,
     pred: impl Fn(&DesiredView) -> bool,
 ) -> anyhow::Result<DesiredView> {
@@ -211,12 +211,12 @@ async fn a_stream_without_direct_get_is_explained_not_called_missing() -> anyhow
     let err = last_values_for(&conn.client, "nodirect", ">", Duration::from_secs(5))
         .await
         .expect_err("no direct get");
-    assert!(!matches!(err, KvError::BucketMissing { .. }), "{err}");
+    assert!(!matches!(err, NatsError::BucketMissing { .. }), "{err}");
     assert!(err.to_string().contains("does not allow direct get"), "{err}");
     let missing = last_values_for(&conn.client, "absent", ">", Duration::from_secs(5))
         .await
         .expect_err("missing");
-    assert!(matches!(missing, KvError::BucketMissing { .. }), "{missing}");
+    assert!(matches!(missing, NatsError::BucketMissing { .. }), "{missing}");
     Ok(())
 }
 
@@ -230,12 +230,12 @@ async fn a_stream_without_direct_get_is_explained_not_called_missing() -> anyhow
 async fn many_reads_at_once_stay_under_the_accounts_subscription_cap() -> anyhow::Result<()> {
     // Above the in-flight limit plus this connection's own few subscriptions, far
     // below the number of reads.
-    let cap = iot_kv::direct::MAX_BATCHES_IN_FLIGHT + 8;
+    let cap = iot_nats::direct::MAX_BATCHES_IN_FLIGHT + 8;
     let config = format!(
         "accounts {{ IOT {{ jetstream: enabled, limits: {{ max_subscriptions: {cap} }}, users: [ {{ user: op, password: op }} ] }} }}\n"
     );
     let nats = NatsServer::start_with_config(&config).await?;
-    let creds = iot_kv::UserPassword {
+    let creds = iot_nats::UserPassword {
         user: "op".into(),
         password: "op".into(),
     };

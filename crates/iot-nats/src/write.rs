@@ -8,7 +8,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use harmony_reconciler_contracts::keys::kv_subject;
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// One write to a KV bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +49,7 @@ pub async fn write_batch(
     bucket: &str,
     ops: &[KvOp],
     window: usize,
-) -> (usize, Option<KvError>) {
+) -> (usize, Option<NatsError>) {
     write_batch_with(js, bucket, ops, window, PURGE_MARKER_TTL).await
 }
 
@@ -60,7 +60,7 @@ pub async fn write_batch_with(
     ops: &[KvOp],
     window: usize,
     marker_ttl: std::time::Duration,
-) -> (usize, Option<KvError>) {
+) -> (usize, Option<NatsError>) {
     let ttl = format!("{}s", marker_ttl.as_secs().max(1));
     let mut inflight = FuturesUnordered::new();
     let mut acked = 0usize;
@@ -75,12 +75,12 @@ pub async fn write_batch_with(
         };
         match js.send_publish(subject, msg).await {
             Ok(ack) => inflight.push(std::future::IntoFuture::into_future(ack)),
-            Err(e) => return (acked, Some(KvError::js(e))),
+            Err(e) => return (acked, Some(NatsError::js(e))),
         }
         while inflight.len() >= window.max(1) {
             match inflight.next().await {
                 Some(Ok(_)) => acked += 1,
-                Some(Err(e)) => return (acked, Some(KvError::js(e))),
+                Some(Err(e)) => return (acked, Some(NatsError::js(e))),
                 None => break,
             }
         }
@@ -88,7 +88,7 @@ pub async fn write_batch_with(
     while let Some(res) = inflight.next().await {
         match res {
             Ok(_) => acked += 1,
-            Err(e) => return (acked, Some(KvError::js(e))),
+            Err(e) => return (acked, Some(NatsError::js(e))),
         }
     }
     (acked, None)

@@ -7,7 +7,7 @@ use std::time::Duration;
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::{StatusReadPage, StatusReadRequest, StatusRecord, status_read_subject};
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Pages of one snapshot at most: far beyond any fleet (a guard against a loop).
 const MAX_PAGES: usize = 100_000;
@@ -17,12 +17,12 @@ pub async fn read_status_snapshot(
     client: &async_nats::Client,
     viewer: &Id,
     timeout: Duration,
-) -> Result<Vec<StatusRecord>, KvError> {
+) -> Result<Vec<StatusRecord>, NatsError> {
     let subject = status_read_subject(viewer);
     let mut latest: std::collections::BTreeMap<Id, StatusRecord> = std::collections::BTreeMap::new();
     let mut from_sequence = 0u64;
     for _ in 0..MAX_PAGES {
-        let body = serde_json::to_vec(&StatusReadRequest { from_sequence }).map_err(KvError::js)?;
+        let body = serde_json::to_vec(&StatusReadRequest { from_sequence }).map_err(NatsError::js)?;
         let page: StatusReadPage = crate::status_relay::ask(
             client,
             &subject,
@@ -32,7 +32,7 @@ pub async fn read_status_snapshot(
         )
         .await?;
         if let Some(message) = page.error {
-            return Err(KvError::Request { subject, message });
+            return Err(NatsError::Request { subject, message });
         }
         // In stored order: a later record of a device is its newer report.
         for r in page.records {
@@ -43,7 +43,7 @@ pub async fn read_status_snapshot(
         }
         from_sequence = page.next_sequence;
     }
-    Err(KvError::Request {
+    Err(NatsError::Request {
         subject,
         message: format!("more than {MAX_PAGES} pages"),
     })

@@ -36,6 +36,6 @@ pub use connect::{
     connect_with,
 };
 pub use direct::{KvRecord, last_values_for};
-pub use error::KvError;
+pub use error::NatsError;
 pub use follow::{DesiredView, follow_desired_state};
 pub use write::{KvOp, write_batch, write_batch_with};

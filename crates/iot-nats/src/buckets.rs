@@ -5,13 +5,13 @@ use async_nats::jetstream::{self, kv};
 use harmony_reconciler_contracts::keys::kv_stream_name;
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Both buckets, created if missing. File storage so state survives a NATS restart;
 /// history 1 because only the latest value of a key matters; direct get enabled
 /// (async-nats sets `allow_direct`) so devices can read without consumers; per-message
 /// TTLs allowed so purge markers expire (see [`crate::write::PURGE_MARKER_TTL`]).
-pub async fn ensure_buckets(js: &jetstream::Context) -> Result<(kv::Store, kv::Store), KvError> {
+pub async fn ensure_buckets(js: &jetstream::Context) -> Result<(kv::Store, kv::Store), NatsError> {
     let desired = ensure(
         js,
         DESIRED_STATE_BUCKET,
@@ -27,7 +27,7 @@ pub async fn ensure_buckets(js: &jetstream::Context) -> Result<(kv::Store, kv::S
     Ok((desired, status))
 }
 
-async fn ensure(js: &jetstream::Context, bucket: &str, description: &str) -> Result<kv::Store, KvError> {
+async fn ensure(js: &jetstream::Context, bucket: &str, description: &str) -> Result<kv::Store, NatsError> {
     let store = match js.get_key_value(bucket).await {
         Ok(store) => store,
         Err(_) => match js
@@ -42,7 +42,7 @@ async fn ensure(js: &jetstream::Context, bucket: &str, description: &str) -> Res
         {
             Ok(store) => store,
             // Another writer may have created it between our get and create.
-            Err(create_err) => js.get_key_value(bucket).await.map_err(|_| KvError::js(create_err))?,
+            Err(create_err) => js.get_key_value(bucket).await.map_err(|_| NatsError::js(create_err))?,
         },
     };
     allow_message_ttl(js, bucket).await?;
@@ -51,9 +51,9 @@ async fn ensure(js: &jetstream::Context, bucket: &str, description: &str) -> Res
 
 /// Turns on per-message TTLs, on new buckets and on buckets created by older
 /// operators alike. The server accepts this change on a live stream.
-async fn allow_message_ttl(js: &jetstream::Context, bucket: &str) -> Result<(), KvError> {
-    let mut stream = js.get_stream(kv_stream_name(bucket)).await.map_err(KvError::js)?;
-    let config = stream.info().await.map_err(KvError::js)?.config.clone();
+async fn allow_message_ttl(js: &jetstream::Context, bucket: &str) -> Result<(), NatsError> {
+    let mut stream = js.get_stream(kv_stream_name(bucket)).await.map_err(NatsError::js)?;
+    let config = stream.info().await.map_err(NatsError::js)?.config.clone();
     if config.allow_message_ttl {
         return Ok(());
     }
@@ -66,6 +66,6 @@ async fn allow_message_ttl(js: &jetstream::Context, bucket: &str) -> Result<(), 
         ..config
     })
     .await
-    .map_err(KvError::js)?;
+    .map_err(NatsError::js)?;
     Ok(())
 }

@@ -3,7 +3,7 @@ use thiserror::Error;
 /// Failures talking to NATS. Variants are coarse on purpose: callers either retry
 /// (everything transient) or report (bad configuration).
 #[derive(Debug, Error)]
-pub enum KvError {
+pub enum NatsError {
     #[error("NATS credentials: {0}")]
     Credentials(String),
     #[error("cannot connect to NATS at {servers}: {source}{hint}")]
@@ -24,8 +24,8 @@ pub enum KvError {
     JetStream(String),
 }
 
-impl KvError {
+impl NatsError {
     pub(crate) fn js(e: impl std::fmt::Display) -> Self {
-        KvError::JetStream(e.to_string())
+        NatsError::JetStream(e.to_string())
     }
 }

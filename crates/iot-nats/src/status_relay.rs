@@ -10,7 +10,7 @@ use bytes::Bytes;
 use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::read::{StatusWriteAnswer, status_write_subject};
 
-use crate::error::KvError;
+use crate::error::NatsError;
 
 /// Writes `device`'s status through the relay; the stored sequence.
 pub async fn write_via_relay(
@@ -18,11 +18,11 @@ pub async fn write_via_relay(
     device: &Id,
     status: Bytes,
     timeout: Duration,
-) -> Result<u64, KvError> {
+) -> Result<u64, NatsError> {
     let subject = status_write_subject(device);
     let answer: StatusWriteAnswer = ask(client, &subject, status, timeout, "no status relay is running").await?;
     match answer.error {
-        Some(message) => Err(KvError::Request { subject, message }),
+        Some(message) => Err(NatsError::Request { subject, message }),
         None => Ok(answer.sequence),
     }
 }
@@ -35,14 +35,14 @@ pub(crate) async fn ask<T: serde::de::DeserializeOwned>(
     body: Bytes,
     timeout: Duration,
     missing: &str,
-) -> Result<T, KvError> {
-    let failed = |message: String| KvError::Request {
+) -> Result<T, NatsError> {
+    let failed = |message: String| NatsError::Request {
         subject: subject.to_owned(),
         message,
     };
     let msg = tokio::time::timeout(timeout, client.request(subject.to_owned(), body))
         .await
-        .map_err(|_| KvError::Timeout(timeout))?
+        .map_err(|_| NatsError::Timeout(timeout))?
         .map_err(|e| match e.kind() {
             async_nats::RequestErrorKind::NoResponders => failed(format!("{missing} (the operator serves it)")),
             _ => failed(e.to_string()),

@@ -87,16 +87,16 @@ impl NatsArgs {
 
     /// The name of the enrollment given with --nats-identity, which must be for
     /// `role`: services address the operator, and pick their inbox, by it.
-    pub fn enrolled_name(&self, role: iot_bao::enroll::Role) -> Result<Option<String>, crate::KvError> {
+    pub fn enrolled_name(&self, role: iot_bao::enroll::Role) -> Result<Option<String>, crate::NatsError> {
         let Some(path) = &self.nats_identity else {
             return Ok(None);
         };
         let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::KvError::Credentials(format!("reading {}: {e}", path.display())))?;
+            .map_err(|e| crate::NatsError::Credentials(format!("reading {}: {e}", path.display())))?;
         let enrollment: iot_bao::enroll::Enrollment = serde_json::from_str(&text)
-            .map_err(|e| crate::KvError::Credentials(format!("parsing {}: {e}", path.display())))?;
+            .map_err(|e| crate::NatsError::Credentials(format!("parsing {}: {e}", path.display())))?;
         if enrollment.role != role {
-            return Err(crate::KvError::Credentials(format!(
+            return Err(crate::NatsError::Credentials(format!(
                 "{} is the enrollment of a {} identity; this needs a {} one",
                 path.display(),
                 enrollment.role.as_str(),
@@ -108,7 +108,7 @@ impl NatsArgs {
 
     /// The credential source the flags select. No flags means no credentials, which
     /// only a NATS server without auth accepts; there are no built-in defaults.
-    pub fn credentials(&self) -> Result<Box<dyn CredentialSource>, crate::KvError> {
+    pub fn credentials(&self) -> Result<Box<dyn CredentialSource>, crate::NatsError> {
         self.credentials_for(None)
     }
 
@@ -120,7 +120,7 @@ impl NatsArgs {
 
     /// As [`Self::credentials`]; `device` is who connects, for a token file (an
     /// enrollment file names its device itself).
-    pub fn credentials_for(&self, device: Option<&Id>) -> Result<Box<dyn CredentialSource>, crate::KvError> {
+    pub fn credentials_for(&self, device: Option<&Id>) -> Result<Box<dyn CredentialSource>, crate::NatsError> {
         Ok(if let Some(path) = &self.nats_identity {
             Box::new(IdentityCredentials::from_enrollment_file(
                 path,
@@ -132,7 +132,7 @@ impl NatsArgs {
         } else if let Some(path) = &self.nats_creds {
             Box::new(CredsFile(path.clone()))
         } else if (self.nats_token.is_some() || self.nats_user.is_some()) && !self.dev_shared_credentials {
-            return Err(crate::KvError::Credentials(
+            return Err(crate::NatsError::Credentials(
                 "--nats-token and --nats-user are shared secrets for development only: pass --dev-shared-credentials \
                  (NATS_DEV_SHARED_CREDENTIALS=true), or use --nats-identity"
                     .into(),
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn shared_secrets_need_the_development_flag() {
         let refused = parse(&["--nats-token", "t"]).credentials();
-        assert!(matches!(refused, Err(crate::KvError::Credentials(m)) if m.contains("--dev-shared-credentials")));
+        assert!(matches!(refused, Err(crate::NatsError::Credentials(m)) if m.contains("--dev-shared-credentials")));
         assert!(
             parse(&["--nats-user", "u", "--nats-password", "p"])
                 .credentials()
