@@ -29,6 +29,8 @@ struct Inner {
     failing_creates: bool,
     calls: Vec<String>,
     available: bool,
+    /// Lists that still answer before the runtime goes away (`None`: no limit).
+    lists_left: Option<usize>,
     watchers: Vec<mpsc::Sender<RuntimeEvent>>,
 }
 
@@ -129,6 +131,11 @@ impl MemoryRuntime {
     pub fn set_available(&self, available: bool) {
         self.lock().available = available;
     }
+
+    /// The runtime goes away after `lists` more lists (in the middle of a pass).
+    pub fn go_away_after_lists(&self, lists: usize) {
+        self.lock().lists_left = Some(lists);
+    }
     /// The calls made so far, like `create dev1.ns.web.web.1234abcd`.
     pub fn calls(&self) -> Vec<String> {
         self.lock().calls.clone()
@@ -160,6 +167,14 @@ impl ContainerRuntime for MemoryRuntime {
     }
 
     async fn list(&self, device: &Id) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        {
+            let mut inner = self.lock();
+            match inner.lists_left {
+                Some(0) => inner.available = false,
+                Some(n) => inner.lists_left = Some(n - 1),
+                None => {}
+            }
+        }
         let inner = self.check("list".into())?;
         Ok(inner
             .containers

@@ -132,9 +132,9 @@ pub struct PodmanRuntime {
     pub client: PodmanClient,
     pub stop_timeout: Duration,
     pub pull_timeout: Duration,
-    /// podman's storage directory, asked for once (`None`: podman would not say,
-    /// or it cannot be opened here).
-    storage: Arc<tokio::sync::OnceCell<Option<std::fs::File>>>,
+    /// podman's storage directory, opened once it could be (until then each
+    /// flush asks podman again, and flushes every filesystem).
+    storage: Arc<tokio::sync::OnceCell<std::fs::File>>,
 }
 
 impl PodmanRuntime {
@@ -147,21 +147,17 @@ impl PodmanRuntime {
         }
     }
 
-    async fn open_storage(&self) -> Option<std::fs::File> {
+    async fn open_storage(&self) -> Result<std::fs::File, ()> {
         let root = match self.client.graph_root().await {
             Ok(root) => root,
             Err(e) => {
                 tracing::warn!(error = %e, "podman did not say where its storage is; flushing every filesystem instead");
-                return None;
+                return Err(());
             }
         };
-        match std::fs::File::open(&root) {
-            Ok(dir) => Some(dir),
-            Err(e) => {
-                tracing::warn!(path = %root.display(), error = %e, "cannot open podman's storage; flushing every filesystem instead");
-                None
-            }
-        }
+        std::fs::File::open(&root).map_err(|e| {
+            tracing::warn!(path = %root.display(), error = %e, "cannot open podman's storage; flushing every filesystem instead");
+        })
     }
 
     fn create_spec(spec: &ContainerSpec, stop_timeout: Duration) -> Result<CreateSpec, RuntimeError> {
@@ -279,8 +275,8 @@ impl ContainerRuntime for PodmanRuntime {
     /// card that can take seconds).
     async fn flush_to_disk(&self) {
         let started = std::time::Instant::now();
-        let storage = self.storage.get_or_init(|| self.open_storage()).await;
-        let dir = storage.as_ref().and_then(|f| f.try_clone().ok());
+        let storage = self.storage.get_or_try_init(|| self.open_storage()).await;
+        let dir = storage.ok().and_then(|f| f.try_clone().ok());
         let flushed = tokio::task::spawn_blocking(move || match dir {
             Some(dir) => nix::unistd::syncfs(&dir).map_err(|e| e.to_string()),
             None => {

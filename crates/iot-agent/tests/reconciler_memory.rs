@@ -513,6 +513,17 @@ async fn an_interrupted_upgrade_is_settled_or_rolled_back_on_the_next_pass() {
 }
 
 #[tokio::test]
+async fn changes_are_flushed_even_when_podman_goes_away_before_the_pass_ends() {
+    let (mut rec, rt, _rx) = setup(&["img:1"]);
+    // The first list answers; the one after the create does not.
+    rt.go_away_after_lists(1);
+    rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
+    let calls = rt.calls();
+    assert!(calls.iter().any(|c| c.starts_with("start")), "{calls:?}");
+    assert_eq!(calls.last().map(String::as_str), Some("flush"), "{calls:?}");
+}
+
+#[tokio::test]
 async fn changes_are_flushed_to_disk_after_the_report_and_before_the_next_change() {
     let (mut rec, rt, rx) = setup(&["img:1"]);
     let flushes = |rt: &MemoryRuntime| rt.calls().iter().filter(|c| *c == "flush").count();

@@ -10,8 +10,10 @@
 //!   an empty bucket is caught up even if the watch never says so.
 //! - rebuilds after a watch error and after every reconnect: it replays again, and
 //!   keys the index holds that the replay no longer has (deleted, and the marker
-//!   gone, while we were away) are removed. The index keeps serving what it had
-//!   meanwhile, but is not caught up until the replay is done.
+//!   gone, while we were away) are removed when the replay is done. After a
+//!   reconnect the index stays caught up meanwhile (it serves what it had, as a
+//!   resumed watch would: reconnects are routine, every credential expiry brings
+//!   one); after a watch error it is not caught up until the replay is done.
 //! - stamps each entry with the time the server stored it, never our clock.
 
 use std::collections::HashSet;
@@ -90,15 +92,16 @@ impl BucketFollower {
                     tracing::info!(bucket = %self.bucket, "reconnected to NATS; replaying the bucket");
                 }
                 Ok(Rebuild::WatchEnded) => {
+                    self.caught_up.send_replace(false);
                     tracing::warn!(bucket = %self.bucket, "bucket watch ended; replaying in 1 s");
                     tokio::time::sleep(REBUILD_AFTER).await;
                 }
                 Err(e) => {
+                    self.caught_up.send_replace(false);
                     tracing::warn!(bucket = %self.bucket, error = %e, "bucket watch failed; replaying in 1 s");
                     tokio::time::sleep(REBUILD_AFTER).await;
                 }
             }
-            self.caught_up.send_replace(false);
         }
     }
 
@@ -126,8 +129,9 @@ impl BucketFollower {
                     None => std::future::pending::<()>().await,
                 }
             };
+            let replaying = replay.is_replaying();
             let recheck = async {
-                if self.is_caught_up() {
+                if !replaying {
                     std::future::pending::<()>().await;
                 }
                 tokio::time::sleep(RECHECK_WHILE_REPLAYING).await;
@@ -136,7 +140,8 @@ impl BucketFollower {
                 next = watch.next() => next,
                 () = reconnected => return Ok(Rebuild::Reconnected),
                 () = recheck => {
-                    if store.status().await.map_err(NatsError::js)?.values() == 0 {
+                    // A failed look is no reason to start over: the watch goes on.
+                    if store.status().await.is_ok_and(|s| s.values() == 0) {
                         self.finish(replay, index);
                     }
                     continue;
@@ -156,14 +161,14 @@ impl BucketFollower {
                 value,
                 stored_at: entry.created,
             });
-            if entry.delta == 0 && !self.is_caught_up() {
+            if entry.delta == 0 && replay.is_replaying() {
                 self.finish(replay, index);
             }
         }
     }
 
     fn finish(&self, replay: &mut Replay, index: &dyn BucketIndex) {
-        if self.is_caught_up() {
+        if !replay.is_replaying() {
             return;
         }
         let now = Utc::now();
@@ -199,6 +204,10 @@ struct Replay {
 impl Replay {
     fn start(&mut self) {
         self.seen = Some(HashSet::new());
+    }
+
+    fn is_replaying(&self) -> bool {
+        self.seen.is_some()
     }
 
     fn saw(&mut self, key: &str, has_value: bool) {

@@ -240,7 +240,10 @@ impl<R: ContainerRuntime> Reconciler<R> {
             if round == 0 || summary.executed > 0 {
                 observed = match self.observe(&desired).await {
                     Some(o) => o,
-                    None => return summary,
+                    None => {
+                        self.flush_if_changed().await;
+                        return summary;
+                    }
                 };
             }
             let now = Instant::now();
@@ -280,6 +283,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     continue;
                 }
                 summary.executed += 1;
+                self.unflushed = true;
                 if let Action::StartPrevious { deployment, .. } = action {
                     // Its failure is reported as an event and retried on its own
                     // backoff; the deployment's phase stays what the upgrade says.
@@ -302,14 +306,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 break;
             }
         }
-        self.unflushed |= summary.executed > 0;
 
         // Look again so phases reflect what podman really has, not what we hoped,
         // and what the pulls started in this pass are doing.
         if summary.executed > 0 {
             observed = match self.observe(&desired).await {
                 Some(o) => o,
-                None => return summary,
+                None => {
+                    // Podman does not answer; the disk does.
+                    self.flush_if_changed().await;
+                    return summary;
+                }
             };
         }
         let (planned, backing) = self.plan_now(&desired, &observed, view.synced, &present, Instant::now());
@@ -327,10 +334,16 @@ impl<R: ContainerRuntime> Reconciler<R> {
         // Changes and finished pulls are flushed to disk while the reporter sends
         // the report, not before: the flush is off the report's path, and the next
         // pass (the next change) starts only once it is done.
+        self.flush_if_changed().await;
+        summary
+    }
+
+    /// Makes the containers changed and images pulled since the last flush
+    /// survive a power cut.
+    async fn flush_if_changed(&mut self) {
         if std::mem::take(&mut self.unflushed) {
             self.runtime.flush_to_disk().await;
         }
-        summary
     }
 
     /// The planner's view of this moment: what to do, and which deployments wait

@@ -64,7 +64,12 @@ pub fn derive_phase(found: PhaseInputs<'_>) -> DerivedPhase {
         }
     };
     match found.crash_loop {
-        Some(why) if derived.phase != Phase::Failed => failed(Some(why)),
+        // The note about work under way still says what is going on.
+        Some(why) if derived.phase != Phase::Failed => DerivedPhase {
+            phase: Phase::Failed,
+            error: Some(why.to_owned()),
+            detail: derived.detail,
+        },
         _ => derived,
     }
 }
@@ -142,6 +147,18 @@ mod tests {
                 ..Default::default()
             }),
             (Phase::Failed, Some("start failed".into()))
+        );
+        let restarting = Assessment::InProgress(Some("restarting the previous version".into()));
+        let d = derive_phase(PhaseInputs {
+            assessment: Some(&restarting),
+            crash_loop: Some("restarted 5 times"),
+            ..Default::default()
+        });
+        assert_eq!(d.phase, Phase::Failed);
+        assert_eq!(
+            d.detail.as_deref(),
+            Some("restarting the previous version"),
+            "the note stays"
         );
     }
 }
