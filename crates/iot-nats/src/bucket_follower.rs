@@ -210,14 +210,16 @@ impl Replay {
         self.seen.is_some()
     }
 
+    /// Runs for every entry, also long after the replay (every device report of
+    /// the fleet): a key already held costs one lookup and no allocation.
     fn saw(&mut self, key: &str, has_value: bool) {
         if let Some(seen) = self.seen.as_mut() {
             seen.insert(key.to_owned());
         }
-        if has_value {
-            self.live.insert(key.to_owned());
-        } else {
+        if !has_value {
             self.live.remove(key);
+        } else if !self.live.contains(key) {
+            self.live.insert(key.to_owned());
         }
     }
 
