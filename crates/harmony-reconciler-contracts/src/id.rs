@@ -180,6 +180,20 @@ impl JsonSchema for DeploymentRef {
     }
 }
 
+/// Why `id` cannot be enrolled as a new device, or `None` if it can.
+///
+/// New devices get ids that are also valid Kubernetes object names (the `Device`
+/// resource is named by its id) and NATS subject tokens: a DNS-1123 label, at most
+/// 63 lowercase letters, digits and '-'. [`Id::new`] stays more permissive so that
+/// ids enrolled before this rule keep working in `targetDevices`.
+pub fn enrollable_device_id_problem(id: &str) -> Option<String> {
+    dns_label_problem(id).map(|reason| {
+        format!(
+            "device id {id:?} cannot be enrolled: {reason}. A device id is also the name of its              Kubernetes Device resource, so it must be a DNS-1123 label: 1-63 lowercase letters,              digits and '-', starting and ending with a letter or digit (for example \"pi-kitchen-01\")"
+        )
+    })
+}
+
 /// `None` if `s` is a valid DNS-1123 label, else why not.
 pub fn dns_label_problem(s: &str) -> Option<&'static str> {
     if s.is_empty() {

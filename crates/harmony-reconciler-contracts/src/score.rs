@@ -203,6 +203,10 @@ pub struct DesiredState {
     /// targets, say) rewrites no key and wakes no agent. Payloads from older
     /// operators also carry `generation`; readers ignore it.
     pub score: ScoreSlot,
+    /// The number of the `DeploymentRevision` this score belongs to (1, 2, 3 ...),
+    /// which devices report back. Absent from operators that predate revisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 fn default_format() -> u32 {
@@ -215,7 +219,14 @@ impl DesiredState {
             format: DESIRED_STATE_FORMAT,
             deployment,
             score: ScoreSlot::Known(score),
+            revision: None,
         }
+    }
+
+    /// The same payload, tagged with its revision number.
+    pub fn with_revision(mut self, revision: u64) -> Self {
+        self.revision = Some(revision);
+        self
     }
 
     /// The bytes written to KV. Deterministic for equal values, which lets the
@@ -242,6 +253,8 @@ impl DecodedDesiredState {
             format: u32,
             deployment: DeploymentRef,
             score: Value,
+            #[serde(default)]
+            revision: Option<u64>,
         }
         let raw: Raw = serde_json::from_slice(bytes)?;
         let spec_hash = spec_hash_of_value(&raw.score);
@@ -251,6 +264,7 @@ impl DecodedDesiredState {
                 format: raw.format,
                 deployment: raw.deployment,
                 score,
+                revision: raw.revision,
             },
             spec_hash,
         })

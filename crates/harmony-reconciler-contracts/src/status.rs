@@ -86,6 +86,11 @@ pub struct DeploymentPhase {
     /// reader flags a deployment whose containers keep coming back.
     #[serde(default)]
     pub recent_restarts: u32,
+    /// The revision number of the spec this phase refers to (`DesiredState::revision`).
+    /// `None` from agents that predate revisions, and for payloads that carried none:
+    /// readers show it as unknown, never as a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 impl DeploymentPhase {
@@ -100,6 +105,7 @@ impl DeploymentPhase {
             restarts: 0,
             restores: 0,
             recent_restarts: 0,
+            revision: None,
         }
     }
 }

@@ -120,3 +120,17 @@ fn deployment_ref_parses_from_slash_form() {
     assert_eq!((d.namespace(), d.name()), ("ns1", "web"));
     assert!("web".parse::<DeploymentRef>().is_err());
 }
+
+#[test]
+fn enrollment_accepts_only_kubernetes_names() {
+    use harmony_reconciler_contracts::id::enrollable_device_id_problem;
+    for ok in ["pi-kitchen-01", "a", "dev1"] {
+        assert_eq!(enrollable_device_id_problem(ok), None, "{ok}");
+    }
+    for bad in ["Pi-Kitchen", "dev_1", "-edge", "edge-", ""] {
+        let problem = enrollable_device_id_problem(bad).expect("refused");
+        assert!(problem.contains("DNS-1123 label"), "{problem}");
+    }
+    // Ids enrolled before the rule stay valid device ids for `targetDevices`.
+    assert!(harmony_reconciler_contracts::Id::new("Dev_1").is_ok());
+}

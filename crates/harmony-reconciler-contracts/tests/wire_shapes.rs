@@ -64,6 +64,23 @@ fn desired_state_shape() {
 }
 
 #[test]
+fn desired_state_with_revision_shape() {
+    let ds = DesiredState::new(DeploymentRef::new("default", "web").expect("ok"), sample_score()).with_revision(3);
+    let value = serde_json::to_value(&ds).expect("serializes");
+    assert_eq!(value["revision"], json!(3));
+    let decoded = DecodedDesiredState::from_slice(&ds.to_bytes()).expect("decodes");
+    assert_eq!(decoded.state.revision, Some(3));
+    // The revision is not part of what runs: the spec hash is the score's alone.
+    assert_eq!(decoded.spec_hash, sample_score().spec_hash());
+    // A payload from an operator that predates revisions decodes to none.
+    let old = br#"{"format":1,"deployment":"default/web","score":{"PodmanV0":{"services":[]}}}"#;
+    assert_eq!(
+        DecodedDesiredState::from_slice(old).expect("decodes").state.revision,
+        None
+    );
+}
+
+#[test]
 fn minimal_service_omits_defaults() {
     let score = IotScore::PodmanV0(PodmanV0Score {
         services: vec![PodmanService {
@@ -102,6 +119,7 @@ fn agent_status_shape() {
                 restarts: 2,
                 restores: 1,
                 recent_restarts: 3,
+                revision: Some(7),
             },
         )]),
         recent_events: vec![EventEntry {
@@ -139,7 +157,8 @@ fn agent_status_shape() {
             "last_event_at": "2027-01-15T08:00:05Z",
             "restarts": 2,
             "restores": 1,
-            "recent_restarts": 3
+            "recent_restarts": 3,
+            "revision": 7
         }},
         "recent_events": [{
             "at": "2027-01-15T08:00:05Z",

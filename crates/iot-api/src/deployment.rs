@@ -10,7 +10,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::revision::DEFAULT_REVISION_HISTORY_LIMIT;
 use crate::score::IotScore;
+use crate::selector::DeviceSelector;
 
 /// What runs on which devices.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -28,24 +30,87 @@ use crate::score::IotScore;
     printcolumn = r#"{"name":"Pending","type":"integer","jsonPath":".status.aggregate.pending"}"#,
     printcolumn = r#"{"name":"Unreported","type":"integer","jsonPath":".status.aggregate.unreported"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.aggregate.revisionSummary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("oneOf" = [
+    {"required": ["targetDevices"], "properties": {"selector": {"not": {}}}},
+    {"required": ["selector"], "properties": {"targetDevices": {"not": {}}}}
+]))]
 pub struct DeploymentSpec {
-    /// Device ids that should run this deployment. Each is a NATS subject token of
-    /// 1-64 characters from A-Z a-z 0-9 _ - ; listed at most once.
+    /// Device ids that should run this deployment, registered or not. Each is a NATS
+    /// subject token of 1-64 characters from A-Z a-z 0-9 _ - ; listed at most once.
+    /// Give either this or `selector`, not both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1), inner(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$")))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub target_devices: Vec<String>,
+    /// The registered, unrevoked `Device`s whose labels match run this deployment,
+    /// including devices labelled into the set later. An empty selector matches no
+    /// device. Give either this or `targetDevices`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<DeviceSelector>,
     /// What to run, as one variant of IotScore (today: PodmanV0).
     pub score: IotScore,
+    /// How many `DeploymentRevision`s to keep (the oldest go first). Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub revision_history_limit: Option<u32>,
+    /// When one change would take the deployment off more than this percentage of
+    /// the devices that run it (a label typo can empty a region), the removals are
+    /// held until confirmed (see the `RemovalsHeld` condition). Default 20; 100
+    /// turns the guard off. A shrink by a single device always goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_shrink_percent: Option<u32>,
 }
 
+/// Annotation that confirms held removals: its value must be the token the
+/// `RemovalsHeld` condition names, so a confirmation covers exactly the set of
+/// devices it was given for.
+pub const CONFIRM_SHRINK_ANNOTATION: &str = "iot.nationtech.io/confirm-shrink";
+
+/// Shrink guard percentage when `spec.maxShrinkPercent` is not set.
+pub const DEFAULT_MAX_SHRINK_PERCENT: u32 = 20;
+
 impl DeploymentSpec {
+    /// A deployment to the listed devices.
+    pub fn for_devices(targets: impl IntoIterator<Item = impl Into<String>>, score: IotScore) -> Self {
+        Self {
+            target_devices: targets.into_iter().map(Into::into).collect(),
+            selector: None,
+            score,
+            revision_history_limit: None,
+            max_shrink_percent: None,
+        }
+    }
+
+    /// A deployment to the devices a selector matches.
+    pub fn for_selector(selector: DeviceSelector, score: IotScore) -> Self {
+        Self {
+            target_devices: Vec::new(),
+            selector: Some(selector),
+            score,
+            revision_history_limit: None,
+            max_shrink_percent: None,
+        }
+    }
+
     /// Targets as validated device ids. The CRD schema already enforces the pattern;
     /// this guards against objects written around it.
     pub fn target_ids(&self) -> Result<std::collections::BTreeSet<Id>, IdError> {
         self.target_devices.iter().map(|d| Id::new(d.as_str())).collect()
+    }
+
+    pub fn revision_history_limit(&self) -> u32 {
+        self.revision_history_limit
+            .unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT)
+            .max(1)
+    }
+
+    pub fn max_shrink_percent(&self) -> u32 {
+        self.max_shrink_percent.unwrap_or(DEFAULT_MAX_SHRINK_PERCENT).min(100)
     }
 }
 
@@ -64,6 +129,13 @@ pub struct DeploymentStatus {
     /// The fleet's truth for this deployment, folded from device reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aggregate: Option<AggregateStatus>,
+    /// How many registered, unrevoked Devices the selector matches now (selector
+    /// deployments only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_devices: Option<u32>,
+    /// The `DeploymentRevision` the current score is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<u64>,
 }
 
 /// Per-deployment fleet summary. Counts partition the targets:
@@ -106,6 +178,32 @@ pub struct AggregateStatus {
     /// devices that fall silent show up in `unreported`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_at: Option<DateTime<Utc>>,
+    /// The revision devices must report to count as on the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// Reporting targets by the revision they run, newest first. Devices whose agent
+    /// reports no revision (older agents) are counted in `unknownRevision`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionCount>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unknown_revision: u32,
+    /// The newest revision that every target ran Running at once: what a rollback
+    /// goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good_revision: Option<u64>,
+    /// "3/5 on rev 7": targets running the current revision, of all targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_summary: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct RevisionCount {
+    pub revision: u64,
+    pub devices: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -5,17 +5,25 @@
 //! travel to devices over NATS are a different contract
 //! (`harmony-reconciler-contracts`) with names of their own; [`score`] converts.
 //!
-//! Ownership: users own `spec`; the operator alone writes `status`.
+//! Ownership: users own `spec` (and a Device's labels); the operator alone writes
+//! `status` and `DeploymentRevision`s.
 
 pub mod conditions;
 pub mod deployment;
+pub mod device;
 pub mod labels;
+pub mod revision;
 pub mod score;
+pub mod selector;
 
 pub use deployment::{
-    AggregateStatus, Deployment, DeploymentSpec, DeploymentStatus, DeviceError, DeviceEvent, ErrorGroup,
+    AggregateStatus, CONFIRM_SHRINK_ANNOTATION, Deployment, DeploymentSpec, DeploymentStatus, DeviceError, DeviceEvent,
+    ErrorGroup, RevisionCount,
 };
+pub use device::{Device, DeviceInventory, DeviceSpec, DeviceStatus, PhaseCounts, REVOKED_ANNOTATION};
+pub use revision::{DeploymentRevision, DeploymentRevisionSpec, revision_name};
 pub use score::{IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, ResourceLimits, RestartPolicy};
+pub use selector::{DeviceSelector, SelectorOperator, SelectorRequirement};
 
 /// API group and version of every resource here.
 pub const GROUP: &str = "iot.nationtech.io";

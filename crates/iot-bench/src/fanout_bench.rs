@@ -88,10 +88,7 @@ pub async fn run(devices: usize) -> anyhow::Result<()> {
         .await?;
     let mut dep = Deployment::new(
         "fanout",
-        DeploymentSpec {
-            target_devices: targets,
-            score: iot_api::IotScore::from_wire(&score),
-        },
+        DeploymentSpec::for_devices(targets, iot_api::IotScore::from_wire(&score)),
     );
     dep.metadata.namespace = Some("default".into());
     let t = Instant::now();

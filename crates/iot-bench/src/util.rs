@@ -144,10 +144,7 @@ pub async fn spread_deployments(
         }
         let mut obj = iot_api::Deployment::new(
             dep.name(),
-            iot_api::DeploymentSpec {
-                target_devices: targets,
-                score: iot_api::IotScore::from_wire(&score),
-            },
+            iot_api::DeploymentSpec::for_devices(targets, iot_api::IotScore::from_wire(&score)),
         );
         obj.metadata.namespace = Some("default".into());
         api.patch(dep.name(), &PatchParams::apply("bench").force(), &Patch::Apply(&obj))

@@ -414,10 +414,7 @@ mod tests {
                 .unwrap_or_else(|_| unreachable!("a valid service"));
         Deployment::new(
             "web",
-            DeploymentSpec {
-                target_devices: vec!["dev-1".into()],
-                score: IotScore::PodmanV0(PodmanV0Score { services: vec![svc] }),
-            },
+            DeploymentSpec::for_devices(["dev-1"], IotScore::PodmanV0(PodmanV0Score { services: vec![svc] })),
         )
     }
 

@@ -75,6 +75,8 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
         observed_generation,
         conditions,
         aggregate: inputs.aggregate.clone(),
+        matched_devices: None,
+        current_revision: None,
     }
 }
 

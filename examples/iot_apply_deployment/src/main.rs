@@ -104,10 +104,7 @@ fn build(args: &Args) -> anyhow::Result<Deployment> {
     anyhow::ensure!(problems.is_empty(), "{}", describe_problems(&problems));
     let mut dep = Deployment::new(
         &args.name,
-        DeploymentSpec {
-            target_devices: args.target_devices.clone(),
-            score,
-        },
+        DeploymentSpec::for_devices(args.target_devices.clone(), score),
     );
     dep.metadata.namespace = Some(args.namespace.clone());
     dep.metadata.labels = Some(

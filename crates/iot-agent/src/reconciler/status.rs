@@ -93,6 +93,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 restarts: counts.restarts,
                 restores: counts.restores,
                 recent_restarts: counts.recent,
+                revision: None,
             },
         );
     }

@@ -1,0 +1,74 @@
+//! `DeploymentRevision`: an immutable record of what one `Deployment` ran.
+//!
+//! Every change of a Deployment's `spec.score` creates one, numbered 1, 2, 3 ...
+//! per Deployment, owned by it and named `<deployment>-<number>`. The operator
+//! alone creates and prunes them (`spec.revisionHistoryLimit`, default 10).
+//! `iotctl rollout undo` writes an old revision's score back into the Deployment,
+//! which makes a new revision: history only grows forward.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::score::IotScore;
+
+/// Label on every revision: the name of the Deployment it belongs to.
+pub const DEPLOYMENT_LABEL: &str = "iot.nationtech.io/deployment";
+
+/// Revisions kept per Deployment when `spec.revisionHistoryLimit` is not set.
+pub const DEFAULT_REVISION_HISTORY_LIMIT: u32 = 10;
+
+/// One revision of a Deployment's score.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "iot.nationtech.io",
+    version = "v1alpha1",
+    kind = "DeploymentRevision",
+    plural = "deploymentrevisions",
+    shortname = "iotrev",
+    namespaced,
+    printcolumn = r#"{"name":"Deployment","type":"string","jsonPath":".metadata.labels.iot\\.nationtech\\.io/deployment"}"#,
+    printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#,
+    printcolumn = r#"{"name":"Hash","type":"string","jsonPath":".spec.specHash"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentRevisionSpec {
+    /// 1 for the first score a Deployment ran, then one more per change.
+    #[schemars(range(min = 1))]
+    pub revision: u64,
+    /// The hash devices report once they run this score.
+    pub spec_hash: String,
+    /// What ran, exactly as it was in the Deployment.
+    pub score: IotScore,
+}
+
+/// The name of a Deployment's revision `n`: `<deployment>-<n>`, shortened with a
+/// hash when that would pass the 253 characters Kubernetes allows.
+pub fn revision_name(deployment: &str, n: u64) -> String {
+    let suffix = format!("-{n}");
+    if deployment.len() + suffix.len() <= 253 {
+        return format!("{deployment}{suffix}");
+    }
+    let tag = &harmony_reconciler_contracts::spec_hash_of(&deployment).to_string()[..8];
+    let keep = 253 - suffix.len() - tag.len() - 1;
+    let mut head = deployment[..keep].trim_end_matches(['-', '.']).to_owned();
+    head.push('-');
+    head.push_str(tag);
+    head + &suffix
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_kubernetes() {
+        assert_eq!(revision_name("web", 3), "web-3");
+        let long = "a".repeat(253);
+        let name = revision_name(&long, 12);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.ends_with("-12"));
+        assert_ne!(revision_name(&long, 12), revision_name(&"b".repeat(253), 12));
+    }
+}
