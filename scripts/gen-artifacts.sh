@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$IOT_REPO"
 op=(cargo run -q -p iot-operator --)
-"${op[@]}" crd >deploy/crd/deployments.iot.nationtech.io.yaml
+"${op[@]}" crd >deploy/crd/iot.nationtech.io.yaml
 "${op[@]}" crd --helm-template >deploy/chart/iot-operator/templates/crd.yaml
 version=$(cargo metadata --no-deps --format-version 1 \
   | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="iot-operator"))')

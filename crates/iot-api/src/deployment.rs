@@ -34,10 +34,6 @@ use crate::selector::DeviceSelector;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("oneOf" = [
-    {"required": ["targetDevices"], "properties": {"selector": {"not": {}}}},
-    {"required": ["selector"], "properties": {"targetDevices": {"not": {}}}}
-]))]
 pub struct DeploymentSpec {
     /// Device ids that should run this deployment, registered or not. Each is a NATS
     /// subject token of 1-64 characters from A-Z a-z 0-9 _ - ; listed at most once.
@@ -75,6 +71,17 @@ pub const CONFIRM_SHRINK_ANNOTATION: &str = "iot.nationtech.io/confirm-shrink";
 pub const DEFAULT_MAX_SHRINK_PERCENT: u32 = 20;
 
 impl DeploymentSpec {
+    /// The schema rule "exactly one of `targetDevices` and `selector`", for the CRD.
+    /// Each branch names the field it forbids, so that the API server's message
+    /// names the field (the schema generator cannot express this: it merges the
+    /// properties of `oneOf` branches into the object).
+    pub fn one_target_rule() -> serde_json::Value {
+        serde_json::json!([
+            {"required": ["targetDevices"], "properties": {"selector": {"not": {}}}},
+            {"required": ["selector"], "properties": {"targetDevices": {"not": {}}}}
+        ])
+    }
+
     /// A deployment to the listed devices.
     pub fn for_devices(targets: impl IntoIterator<Item = impl Into<String>>, score: IotScore) -> Self {
         Self {

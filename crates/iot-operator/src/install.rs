@@ -1,63 +1,113 @@
-//! Installs the CRD from the typed Rust definition (no YAML) and waits until the API
-//! server reports it Established.
+//! Installs the CRDs from the typed Rust definitions (no YAML) and waits until the
+//! API server reports them Established.
 
 use std::time::Duration;
 
-use iot_api::{Deployment, labels};
+use iot_api::{Deployment, DeploymentRevision, DeploymentSpec, Device, labels};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, CustomResourceExt};
 
-/// The CRD from the typed Rust definition, with the well-known labels.
+/// Every CRD of the `iot.nationtech.io` group, with the well-known labels:
+/// `Deployment`, `Device` and `DeploymentRevision`.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    let mut deployment = Deployment::crd();
+    add_one_target_rule(&mut deployment);
+    let mut all = vec![deployment, Device::crd(), DeploymentRevision::crd()];
+    for crd in &mut all {
+        crd.metadata.labels = Some(
+            [
+                (labels::PART_OF, labels::PLATFORM),
+                (labels::NAME, "iot-operator"),
+                (labels::COMPONENT, "crd"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+    }
+    all
+}
+
+/// The `Deployment` CRD alone.
 pub fn crd() -> CustomResourceDefinition {
-    let mut crd = Deployment::crd();
-    crd.metadata.labels = Some(
-        [
-            (labels::PART_OF, labels::PLATFORM),
-            (labels::NAME, "iot-operator"),
-            (labels::COMPONENT, "crd"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-    );
-    crd
+    crds().swap_remove(0)
+}
+
+/// A Deployment names `targetDevices` or a `selector`, exactly one. The rule is
+/// added to the generated schema here because the schema generator folds the
+/// properties of `oneOf` branches into the object, which would lose it.
+fn add_one_target_rule(crd: &mut CustomResourceDefinition) {
+    for version in &mut crd.spec.versions {
+        let spec = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("spec"));
+        if let Some(spec) = spec
+            && let Ok(rule) = serde_json::from_value(DeploymentSpec::one_target_rule())
+        {
+            spec.one_of = Some(rule);
+        }
+    }
 }
 
 pub async fn install_crd(client: kube::Client, timeout: Duration) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    let crd = crd();
-    let name = crd.metadata.name.clone().unwrap_or_default();
-    crds.patch(&name, &PatchParams::apply("iot-operator").force(), &Patch::Apply(&crd))
-        .await
-        .map_err(|e| anyhow::anyhow!("applying CRD {name}: {e}"))?;
-    tracing::info!(crd = %name, "CRD applied; waiting until Established");
-    tokio::time::timeout(timeout, await_condition(crds, &name, conditions::is_crd_established()))
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let crds = crds();
+    for crd in &crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &PatchParams::apply("iot-operator").force(), &Patch::Apply(crd))
+            .await
+            .map_err(|e| anyhow::anyhow!("applying CRD {name}: {e}"))?;
+        tracing::info!(crd = %name, "CRD applied");
+    }
+    for crd in &crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        tokio::time::timeout(
+            timeout,
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
         .await
         .map_err(|_| anyhow::anyhow!("CRD {name} not Established within {timeout:?}"))?
         .map_err(|e| anyhow::anyhow!("waiting for CRD {name}: {e}"))?;
-    tracing::info!(crd = %name, "CRD Established");
+        tracing::info!(crd = %name, "CRD Established");
+    }
     Ok(())
 }
 
-/// The CRD as YAML (generated at build time, never at runtime).
+/// The CRDs as one multi-document YAML (generated at build time, never at runtime).
 pub fn crd_yaml() -> anyhow::Result<String> {
-    Ok(crate::yaml::to_yaml(&serde_json::to_value(crd())?))
+    documents(crds())
 }
 
-/// The chart's `templates/crd.yaml`. The CRD is a template, not in `crds/`, because
-/// Helm never upgrades `crds/`: a chart upgrade that changes the schema must change
-/// it. `helm.sh/resource-policy: keep` stops `helm uninstall` from deleting the CRD,
-/// which would delete every Deployment resource in the cluster with it.
+fn documents(crds: Vec<CustomResourceDefinition>) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for (i, crd) in crds.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&crate::yaml::to_yaml(&serde_json::to_value(crd)?));
+    }
+    Ok(out)
+}
+
+/// The chart's `templates/crd.yaml`. The CRDs are a template, not in `crds/`,
+/// because Helm never upgrades `crds/`: a chart upgrade that changes a schema must
+/// change it. `helm.sh/resource-policy: keep` stops `helm uninstall` from deleting
+/// a CRD, which would delete every resource of that kind in the cluster with it.
 pub fn crd_helm_template() -> anyhow::Result<String> {
-    let mut crd = crd();
-    crd.metadata.annotations = Some(
-        [("helm.sh/resource-policy".to_owned(), "keep".to_owned())]
-            .into_iter()
-            .collect(),
-    );
-    let body = crate::yaml::to_yaml(&serde_json::to_value(crd)?);
+    let mut crds = crds();
+    for crd in &mut crds {
+        crd.metadata.annotations = Some(
+            [("helm.sh/resource-policy".to_owned(), "keep".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+    }
+    let body = documents(crds)?;
     Ok(format!(
         "{{{{- if .Values.crds.install }}}}\n# Generated from the Rust types by `iot-operator crd --helm-template`. Do not edit:\n# scripts/gen-artifacts.sh regenerates it, and a test fails when it is stale.\n{body}{{{{- end }}}}\n"
     ))

@@ -20,12 +20,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Apply the Deployment CRD (from typed Rust) and wait until it is Established.
+    /// Apply the CRDs (Deployment, Device, DeploymentRevision; from typed Rust) and wait until they are Established.
     Install {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Print the CRD as YAML.
+    /// Print the CRDs as YAML.
     Crd {
         /// Print the Helm chart's templates/crd.yaml instead.
         #[arg(long)]
