@@ -76,6 +76,11 @@ impl Staleness {
         }
     }
 
+    /// How long a report counts as fresh.
+    pub fn window(&self) -> std::time::Duration {
+        self.after.to_std().unwrap_or(std::time::Duration::MAX)
+    }
+
     /// Whether a report that reached NATS at `received_at` is stale at `now`.
     pub fn is_stale(&self, received_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
         now.signed_duration_since(received_at) > self.after

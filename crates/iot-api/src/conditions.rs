@@ -1,4 +1,4 @@
-//! Condition types and reasons of `Deployment.status`. Every string a user, a script
+//! Condition types and reasons of `Deployment.status` and `Device.status`. Every string a user, a script
 //! or a tool (kstatus, Argo CD, Flux) may match on lives here.
 
 pub const DESIRED_STATE_WRITTEN: &str = "DesiredStateWritten";
@@ -8,9 +8,20 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// Some devices failed, went silent, or keep restarting.
 pub const DEGRADED: &str = "Degraded";
+/// The selector shrank by too much at once; removals wait for a confirmation.
+pub const REMOVALS_HELD: &str = "RemovalsHeld";
+
+// Device conditions.
+/// The device reported within the staleness window (the NATS server's clock).
+pub const ONLINE: &str = "Online";
+/// The device's container runtime answered its agent.
+pub const RUNTIME_READY: &str = "RuntimeReady";
+/// `iotctl device revoke` revoked the device's identity.
+pub const REVOKED: &str = "Revoked";
 
 pub const REASON_WRITTEN: &str = "Written";
 pub const REASON_NATS_UNAVAILABLE: &str = "NatsUnavailable";
+pub const REASON_KUBERNETES_UNAVAILABLE: &str = "KubernetesUnavailable";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 pub const REASON_ALL_RUNNING: &str = "AllDevicesRunning";
 pub const REASON_NO_REPORTS_YET: &str = "AwaitingReports";
@@ -22,3 +33,14 @@ pub const REASON_ROLLOUT_COMPLETE: &str = "RolloutComplete";
 pub const REASON_HEALTHY: &str = "Healthy";
 /// The fleet summary is still being computed for the current generation.
 pub const REASON_AGGREGATING: &str = "Aggregating";
+pub const REASON_LARGE_SHRINK: &str = "LargeShrink";
+pub const REASON_NO_REMOVALS_HELD: &str = "NoRemovalsHeld";
+pub const REASON_REPORTING: &str = "Reporting";
+pub const REASON_SILENT: &str = "Silent";
+pub const REASON_NEVER_REPORTED: &str = "NeverReported";
+pub const REASON_RUNTIME_ANSWERS: &str = "RuntimeAnswers";
+pub const REASON_RUNTIME_UNAVAILABLE: &str = "RuntimeUnavailable";
+pub const REASON_RUNTIME_STARTING: &str = "RuntimeStarting";
+pub const REASON_RUNTIME_UNKNOWN: &str = "RuntimeNotReported";
+pub const REASON_REVOKED: &str = "IdentityRevoked";
+pub const REASON_NOT_REVOKED: &str = "Enrolled";

@@ -15,8 +15,40 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 /// Outcome of the last write-path reconcile of a resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
-    Written { devices: usize },
-    Failed { reason: &'static str, message: String },
+    Written {
+        devices: usize,
+        /// Selector deployments: how many Devices the selector matches.
+        matched: Option<usize>,
+        /// Removals the shrink guard holds.
+        held: Option<HeldRemovals>,
+        revision: Option<u64>,
+    },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Removals the shrink guard holds, for the `RemovalsHeld` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldRemovals {
+    pub count: usize,
+    /// The confirmation annotation's value that lets exactly these go.
+    pub token: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl WriteOutcome {
+    /// Written for `devices` listed devices, with no revision.
+    pub fn written(devices: usize) -> Self {
+        WriteOutcome::Written {
+            devices,
+            matched: None,
+            held: None,
+            revision: None,
+        }
+    }
 }
 
 /// Everything status is computed from.
@@ -36,7 +68,7 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
     let mut conditions = Vec::new();
     if let Some(write) = &inputs.write {
         let (status, reason, message) = match write {
-            WriteOutcome::Written { devices } => (
+            WriteOutcome::Written { devices, .. } => (
                 "True",
                 REASON_WRITTEN,
                 format!("desired state written for {devices} device(s)"),
@@ -67,6 +99,46 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
             ));
         }
     }
+    let (mut matched_devices, mut current_revision) = (None, None);
+    if let Some(WriteOutcome::Written {
+        matched,
+        held,
+        revision,
+        ..
+    }) = &inputs.write
+    {
+        matched_devices = matched.map(|m| m as u32);
+        current_revision = *revision;
+        if matched.is_some() {
+            let (status, reason, message) = match held {
+                Some(h) => (
+                    "True",
+                    REASON_LARGE_SHRINK,
+                    format!(
+                        "the selector now matches {} device(s); removing the deployment from {} more that run it would \
+                         take it off too many at once, so they keep it. Fix the selector or the labels, or confirm with: \
+                         kubectl annotate deployments.iot.nationtech.io {} -n {} {}={} --overwrite",
+                        matched.unwrap_or(0),
+                        h.count,
+                        h.name,
+                        h.namespace,
+                        iot_api::CONFIRM_SHRINK_ANNOTATION,
+                        h.token,
+                    ),
+                ),
+                None => ("False", REASON_NO_REMOVALS_HELD, "no removals are held".to_owned()),
+            };
+            conditions.push(condition(
+                live,
+                REMOVALS_HELD,
+                status,
+                reason,
+                &message,
+                inputs.write_generation,
+                now,
+            ));
+        }
+    }
     let observed_generation = match (inputs.write_generation, aggregate_generation) {
         (Some(w), Some(a)) => Some(w.min(a)),
         (w, a) => w.or(a),
@@ -75,8 +147,8 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
         observed_generation,
         conditions,
         aggregate: inputs.aggregate.clone(),
-        matched_devices: None,
-        current_revision: None,
+        matched_devices,
+        current_revision,
     }
 }
 
@@ -159,8 +231,24 @@ fn condition(
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) -> Condition {
-    let since = live
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+    let previous = live.map(|l| l.conditions.as_slice()).unwrap_or_default();
+    carry_condition(previous, type_, status, reason, message, generation, now)
+}
+
+/// A condition that keeps the `lastTransitionTime` of `previous` when its status
+/// did not change (so recomputing, or an operator restart, changes nothing).
+pub fn carry_condition(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Condition {
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_)
         .filter(|c| c.status == status)
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| Time(to_k8s_time(now)));

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
-use iot_api::Deployment;
-use iot_api::conditions::{REASON_INVALID_SPEC, REASON_NATS_UNAVAILABLE};
+use iot_api::conditions::{REASON_INVALID_SPEC, REASON_KUBERNETES_UNAVAILABLE, REASON_NATS_UNAVAILABLE};
+use iot_api::{CONFIRM_SHRINK_ANNOTATION, Deployment, Device};
 use iot_nats::write::{DEFAULT_WINDOW, write_batch};
 use kube::runtime::Predicate;
 use kube::runtime::controller::{Action, Controller};
@@ -23,11 +23,13 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, ResourceExt};
 
-use crate::conditions::WriteOutcome;
+use crate::conditions::{HeldRemovals, WriteOutcome};
 use crate::desired_index::DesiredIndex;
 use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
 use crate::metrics::OperatorMetrics;
+use crate::revisions::Revisions;
 use crate::status_writer::StatusInbox;
+use crate::targeting::{Resolved, TargetBook, guard_removals, select};
 
 pub const FINALIZER: &str = "iot.nationtech.io/desired-state";
 
@@ -48,6 +50,10 @@ pub enum Error {
     },
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("the Device inventory is not loaded yet")]
+    DevicesNotReady,
+    #[error(transparent)]
+    Revision(#[from] crate::revisions::RevisionError),
 }
 
 impl Error {
@@ -56,7 +62,7 @@ impl Error {
         match self {
             Error::NoNamespace | Error::Invalid(_) => "invalid",
             Error::NatsNotReady(_) | Error::Nats { .. } => "nats",
-            Error::Finalizer(_) => "kubernetes",
+            Error::Finalizer(_) | Error::DevicesNotReady | Error::Revision(_) => "kubernetes",
         }
     }
 }
@@ -69,6 +75,11 @@ pub struct Ctx {
     pub status: StatusInbox,
     pub resync: Duration,
     pub metrics: Arc<OperatorMetrics>,
+    /// The Device inventory (a reflector), for selectors.
+    pub devices: Store<Device>,
+    /// What each reconcile decided, for the aggregator and the Device watch.
+    pub book: Arc<TargetBook>,
+    revisions: Revisions,
     failures: Mutex<HashMap<DeploymentRef, u32>>,
 }
 
@@ -80,6 +91,7 @@ impl Ctx {
         status: StatusInbox,
         resync: Duration,
         metrics: Arc<OperatorMetrics>,
+        fleet: Fleet,
     ) -> Self {
         Self {
             client,
@@ -88,6 +100,9 @@ impl Ctx {
             status,
             resync,
             metrics,
+            devices: fleet.devices,
+            book: fleet.book,
+            revisions: Revisions::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -145,32 +160,8 @@ fn ready_js(ctx: &Ctx) -> Result<&jetstream::Context, Error> {
 
 async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
     let generation = obj.metadata.generation;
-    let targets = match target_ids(&obj.spec) {
-        Ok(t) => t,
-        Err(e) => {
-            // Not retried quickly: only a spec change can fix it.
-            let message = format!("spec.targetDevices: {e}");
-            tracing::warn!(deployment = %dep, error = %message, "invalid resource");
-            ctx.status.written(
-                dep.clone(),
-                generation,
-                WriteOutcome::Failed {
-                    reason: REASON_INVALID_SPEC,
-                    message,
-                },
-            );
-            return Ok(Action::requeue(ctx.resync));
-        }
-    };
-    let js = ready_js(ctx)?;
-    let problems = harmony_reconciler_contracts::validate_score(&obj.spec.score.to_wire());
-    if !problems.is_empty() {
-        // The schema cannot express every rule (unique service names, say); devices
-        // would each reject it, so say it once, here.
-        let message = format!(
-            "spec.score: {}",
-            harmony_reconciler_contracts::describe_problems(&problems)
-        );
+    let invalid = |message: String| {
+        // Not retried quickly: only a spec change can fix it.
         tracing::warn!(deployment = %dep, error = %message, "invalid resource");
         ctx.status.written(
             dep.clone(),
@@ -180,19 +171,85 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
                 message,
             },
         );
-        return Ok(Action::requeue(ctx.resync));
+        Ok(Action::requeue(ctx.resync))
+    };
+    if let Some(selector) = &obj.spec.selector
+        && let Err(e) = selector.validate()
+    {
+        return invalid(e.to_string());
     }
-    let plan = plan_apply(&targets, &payload(dep, &obj.spec), &ctx.index.existing(dep));
+    let listed = match target_ids(&obj.spec) {
+        Ok(t) => t,
+        Err(e) => return invalid(format!("spec.targetDevices: {e}")),
+    };
+    let js = ready_js(ctx)?;
+    let problems = harmony_reconciler_contracts::validate_score(&obj.spec.score.to_wire());
+    if !problems.is_empty() {
+        // The schema cannot express every rule (unique service names, say); devices
+        // would each reject it, so say it once, here.
+        return invalid(format!(
+            "spec.score: {}",
+            harmony_reconciler_contracts::describe_problems(&problems)
+        ));
+    }
+    let existing = ctx.index.existing(dep);
+    let (targets, matched, held) = match &obj.spec.selector {
+        None => (listed, None, None),
+        Some(selector) => {
+            // Before the inventory is loaded, every selector would match nothing and
+            // the deployment would be taken off every device.
+            if !devices_ready(&ctx.devices).await {
+                return Err(Error::DevicesNotReady);
+            }
+            let matched = select(ctx.devices.state().iter().map(|d| d.as_ref()), selector);
+            let holding = existing.keys().cloned().collect();
+            let confirmation = obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(String::as_str);
+            let guarded = guard_removals(matched, &holding, obj.spec.max_shrink_percent(), confirmation);
+            let held = guarded.held.map(|h| {
+                tracing::warn!(deployment = %dep, held = h.devices.len(), matched = guarded.matched, "selector shrank by too much at once; holding the removals");
+                HeldRemovals {
+                    count: h.devices.len(),
+                    token: h.token,
+                    namespace: dep.namespace().to_owned(),
+                    name: dep.name().to_owned(),
+                }
+            });
+            (guarded.targets, Some(guarded.matched), held)
+        }
+    };
+    // The revision exists before any device is told its number.
+    let revision = ctx.revisions.ensure(&ctx.client, obj, dep).await?;
+    let plan = plan_apply(&targets, &payload(dep, &obj.spec, Some(revision)), &existing);
     if !plan.is_empty() {
-        tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), "writing desired state");
+        tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), revision, "writing desired state");
         write(js, ctx, dep, &plan).await?;
     }
+    let devices = targets.len();
+    ctx.book.set(
+        dep.clone(),
+        Resolved {
+            targets,
+            revision: Some(revision),
+        },
+    );
     ctx.status.written(
         dep.clone(),
         generation,
-        WriteOutcome::Written { devices: targets.len() },
+        WriteOutcome::Written {
+            devices,
+            matched,
+            held,
+            revision: Some(revision),
+        },
     );
     Ok(Action::requeue(ctx.resync))
+}
+
+/// Whether the Device reflector has its first full list (waits a little for it).
+async fn devices_ready(devices: &Store<Device>) -> bool {
+    tokio::time::timeout(Duration::from_secs(5), devices.wait_until_ready())
+        .await
+        .is_ok_and(|r| r.is_ok())
 }
 
 async fn cleanup(dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
@@ -200,6 +257,8 @@ async fn cleanup(dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
     let plan = plan_cleanup(&ctx.index.existing(dep));
     tracing::info!(deployment = %dep, purges = plan.purges.len(), "deployment deleted; removing its desired state");
     write(js, ctx, dep, &plan).await?;
+    ctx.revisions.delete_all(&ctx.client, dep).await?;
+    ctx.book.forget(dep);
     ctx.status.forget(dep);
     Ok(Action::await_change())
 }
@@ -267,6 +326,7 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
     let reason = match err {
         Error::NatsNotReady(_) | Error::Nats { .. } => Some(REASON_NATS_UNAVAILABLE),
         Error::Invalid(_) => Some(REASON_INVALID_SPEC),
+        Error::DevicesNotReady | Error::Revision(_) => Some(REASON_KUBERNETES_UNAVAILABLE),
         _ => None,
     };
     if let Some(reason) = reason {
@@ -282,19 +342,104 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
     Action::requeue(delay)
 }
 
-/// The controller and the reflector store it fills. Only generation (spec) and
-/// finalizer changes trigger reconciles; the store still sees every change, status
-/// included, for the aggregator and the status writer.
-pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deployment>) {
-    let api: Api<Deployment> = Api::all(client);
+/// The Device inventory and the write path's decisions, shared by the controller,
+/// the aggregator and the Device status writer.
+#[derive(Clone)]
+pub struct Fleet {
+    pub devices: Store<Device>,
+    pub book: Arc<TargetBook>,
+}
+
+/// The controller and the reflector store it fills. Only generation (spec),
+/// finalizer and shrink-confirmation changes trigger reconciles; the store still
+/// sees every change, status included, for the aggregator and the status writer.
+///
+/// Devices are watched too (a reflector the selectors read): a Device whose labels,
+/// revocation or existence change wakes the selector deployments it matches now
+/// and those that hold it, so membership follows the labels.
+pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deployment>, Fleet) {
+    let api: Api<Deployment> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
         .predicate_filter(
-            predicates::generation.combine(predicates::finalizers),
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(shrink_confirmation),
             Default::default(),
         );
-    (Controller::for_stream(stream, reader.clone()), reader)
+    let (device_reader, device_writer) = reflector::store();
+    let device_stream = watcher(Api::<Device>::all(client), watcher::Config::default())
+        .default_backoff()
+        .reflect(device_writer)
+        .touched_objects()
+        .predicate_filter(device_membership, Default::default());
+    let book = Arc::new(TargetBook::default());
+    let fleet = Fleet {
+        devices: device_reader,
+        book: book.clone(),
+    };
+    let deployments = reader.clone();
+    let controller = Controller::for_stream(stream, reader.clone())
+        .watches_stream(device_stream, move |device: Device| {
+            affected_by(&device, &deployments, &book)
+        });
+    (controller, reader, fleet)
+}
+
+/// Changes of the confirmation annotation count as a change to act on.
+fn shrink_confirmation(obj: &Deployment) -> Option<u64> {
+    obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(|v| hash_str(v))
+}
+
+/// What of a Device decides membership: its labels, revocation and deletion.
+fn device_membership(obj: &Device) -> Option<u64> {
+    let mut key = format!("{:?}|{:?}", obj.label_map(), obj.revoked_at());
+    if obj.metadata.deletion_timestamp.is_some() {
+        key.push_str("|deleting");
+    }
+    Some(hash_str(&key))
+}
+
+fn hash_str(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// The deployments a change of `device` may concern.
+fn affected_by(
+    device: &Device,
+    deployments: &Store<Deployment>,
+    book: &TargetBook,
+) -> Vec<reflector::ObjectRef<Deployment>> {
+    let Some(id) = device
+        .metadata
+        .name
+        .as_deref()
+        .and_then(|n| harmony_reconciler_contracts::Id::new(n).ok())
+    else {
+        return Vec::new();
+    };
+    let mut refs: Vec<reflector::ObjectRef<Deployment>> = book
+        .holding(&id)
+        .into_iter()
+        .map(|d| reflector::ObjectRef::new(d.name()).within(d.namespace()))
+        .collect();
+    for dep in deployments.state() {
+        if dep
+            .spec
+            .selector
+            .as_ref()
+            .is_some_and(|s| s.matches(device.label_map()))
+        {
+            refs.push(reflector::ObjectRef::from_obj(dep.as_ref()));
+        }
+    }
+    refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    refs.dedup();
+    refs
 }

@@ -33,6 +33,7 @@ pub struct RunOptions {
     pub resync: Duration,
     pub status_min_interval: Duration,
     pub aggregator: AggregatorConfig,
+    pub device_status: crate::device_status::DeviceStatusConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere).
     pub http_addr: Option<SocketAddr>,
     /// Hold this Lease before writing anything (`None`: this is the only replica).
@@ -296,20 +297,38 @@ async fn start(
         });
     }
 
-    let (controller, store) = controller(client.clone());
+    let (controller, store, fleet) = controller(client.clone());
     let inbox = StatusInbox::new(store.clone());
     let writer = StatusWriter::new(client.clone(), inbox.clone(), opts.status_min_interval, metrics.clone());
     spawn_essential(tasks, "status writer", writer.run());
     spawn_essential(
         tasks,
         "aggregator",
-        run_aggregator(devices, store, inbox.clone(), opts.aggregator.clone(), metrics.clone()),
+        run_aggregator(
+            devices.clone(),
+            store,
+            inbox.clone(),
+            opts.aggregator.clone(),
+            metrics.clone(),
+            fleet.clone(),
+        ),
+    );
+    spawn_essential(
+        tasks,
+        "Device status writer",
+        crate::device_status::run_device_status(
+            client.clone(),
+            fleet.devices.clone(),
+            devices,
+            opts.device_status,
+            metrics.clone(),
+        ),
     );
     spawn_essential(
         tasks,
         "orphan collector",
         crate::gc::run_gc(index.clone(), client.clone(), js.clone(), opts.resync, metrics.clone()),
     );
-    let ctx = Arc::new(Ctx::new(client, js, index, inbox, opts.resync, metrics));
+    let ctx = Arc::new(Ctx::new(client, js, index, inbox, opts.resync, metrics, fleet));
     Ok((controller, ctx))
 }

@@ -12,8 +12,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::text::normalize_error;
-use harmony_reconciler_contracts::{AgentStatus, DeploymentPhase, DeploymentRef, EventEntry, Id, Phase, SpecHash};
-use iot_api::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup};
+use harmony_reconciler_contracts::{
+    AgentStatus, DeploymentPhase, DeploymentRef, EventEntry, Id, InventorySnapshot, Phase, RuntimeStatus, SpecHash,
+};
+use iot_api::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup, RevisionCount};
 
 /// Restarts or restores within the agent's recent window (10 minutes) that mark a
 /// device as `restarting` for a deployment.
@@ -46,6 +48,16 @@ pub struct DeviceReport {
     pub deployments: BTreeMap<DeploymentRef, DeploymentPhase>,
     /// Deployment-tagged events, newest last, at most a few per device.
     pub events: Vec<EventEntry>,
+    /// What the device says it is, for its `Device.status` (information only).
+    pub about: DeviceFacts,
+}
+
+/// The parts of a report that `Device.status` shows besides phases.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceFacts {
+    pub agent_version: String,
+    pub inventory: Option<InventorySnapshot>,
+    pub runtime: RuntimeStatus,
 }
 
 /// Events kept per device in memory.
@@ -62,6 +74,11 @@ impl DeviceReport {
             received_at,
             deployments: s.deployments,
             events,
+            about: DeviceFacts {
+                agent_version: s.agent_version,
+                inventory: s.inventory,
+                runtime: s.runtime,
+            },
         }
     }
 }
@@ -112,6 +129,8 @@ pub struct AggregateInput<'a> {
     pub generation: Option<i64>,
     pub spec_hash: &'a SpecHash,
     pub targets: &'a BTreeSet<Id>,
+    /// The current `DeploymentRevision` (none before the write path made one).
+    pub revision: Option<u64>,
 }
 
 pub fn aggregate(
@@ -126,13 +145,16 @@ pub fn aggregate(
         generation,
         spec_hash,
         targets,
+        revision,
     } = input;
     let mut agg = AggregateStatus {
         observed_generation: generation,
         targets: targets.len() as u32,
         spec_hash: spec_hash.to_string(),
+        revision,
         ..Default::default()
     };
+    let mut on_revision: BTreeMap<u64, u32> = BTreeMap::new();
     // message (volatile tokens masked) -> devices
     let mut groups: BTreeMap<String, Vec<&Id>> = BTreeMap::new();
     let mut events: Vec<(&Id, &EventEntry)> = Vec::new();
@@ -148,6 +170,14 @@ pub fn aggregate(
             );
         }
         let verdict = verdict(report, deployment, spec_hash, now, staleness);
+        if verdict != DeviceVerdict::Unreported
+            && let Some(phase) = report.and_then(|r| r.deployments.get(deployment))
+        {
+            match phase.revision {
+                Some(n) => *on_revision.entry(n).or_default() += 1,
+                None => agg.unknown_revision += 1,
+            }
+        }
         if matches!(verdict, DeviceVerdict::Succeeded | DeviceVerdict::Failed)
             && report
                 .and_then(|r| r.deployments.get(deployment))
@@ -191,6 +221,15 @@ pub fn aggregate(
     top.sort_by(|a, b| b.devices.cmp(&a.devices).then_with(|| a.message.cmp(&b.message)));
     top.truncate(limits.error_groups);
     agg.top_errors = top;
+    agg.revisions = on_revision
+        .into_iter()
+        .rev()
+        .map(|(revision, devices)| RevisionCount { revision, devices })
+        .collect();
+    agg.revision_summary = revision.map(|n| {
+        let running = revision_running(targets, reports, deployment, n, now, staleness);
+        format!("{running}/{} on rev {n}", agg.targets)
+    });
 
     // Newest first; the same message from many devices is shown once.
     events.sort_by(|a, b| b.1.at.cmp(&a.1.at).then_with(|| a.0.cmp(b.0)));
@@ -207,6 +246,42 @@ pub fn aggregate(
         })
         .collect();
     agg
+}
+
+/// Targets that report the revision `n` Running (fresh reports only).
+fn revision_running(
+    targets: &BTreeSet<Id>,
+    reports: &HashMap<Id, DeviceReport>,
+    deployment: &DeploymentRef,
+    n: u64,
+    now: DateTime<Utc>,
+    staleness: Staleness,
+) -> usize {
+    targets
+        .iter()
+        .filter_map(|d| reports.get(d))
+        .filter(|r| !staleness.is_stale(r.received_at, now))
+        .filter_map(|r| r.deployments.get(deployment))
+        .filter(|p| p.phase == Phase::Running && p.revision == Some(n))
+        .count()
+}
+
+/// The last good revision after `next`: the current revision once every target
+/// runs it (succeeded counts the current spec hash; every target must also report
+/// the current revision, so a device on an older revision with the same score, or
+/// an agent that reports none, does not vouch for it). Otherwise the previous one.
+pub fn last_good_revision(previous: Option<&AggregateStatus>, next: &AggregateStatus) -> Option<u64> {
+    let before = previous.and_then(|p| p.last_good_revision);
+    let all_on_current = next.targets > 0
+        && next.succeeded == next.targets
+        && next.revision.is_some_and(|n| {
+            next.revisions.len() == 1 && next.revisions[0].revision == n && next.revisions[0].devices == next.targets
+        });
+    if all_on_current {
+        next.revision.max(before)
+    } else {
+        before
+    }
 }
 
 /// Keeps status writes to meaningful changes: if `next` differs from `previous` only

@@ -39,11 +39,13 @@ pub fn target_ids(spec: &DeploymentSpec) -> Result<BTreeSet<Id>, IdError> {
     spec.target_ids()
 }
 
-/// The bytes every targeted device gets: the deployment's name and its score in the
-/// wire form, nothing that changes without the score. Deterministic, so an
+/// The bytes every targeted device gets: the deployment's name, its score in the
+/// wire form and the score's revision number, nothing that changes without the score. Deterministic, so an
 /// unchanged score produces byte-identical values and no writes.
-pub fn payload(deployment: &DeploymentRef, spec: &DeploymentSpec) -> Bytes {
-    Bytes::from(DesiredState::new(deployment.clone(), spec.score.to_wire()).to_bytes())
+pub fn payload(deployment: &DeploymentRef, spec: &DeploymentSpec, revision: Option<u64>) -> Bytes {
+    let mut state = DesiredState::new(deployment.clone(), spec.score.to_wire());
+    state.revision = revision;
+    Bytes::from(state.to_bytes())
 }
 
 /// Puts for targets whose value differs (or is missing), purges for devices that

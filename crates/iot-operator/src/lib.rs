@@ -1,7 +1,10 @@
 //! The IoT operator.
 //!
 //! - [`controller`]: `Deployment` -> desired state in NATS KV (the write path), with
-//!   the pure planner in [`kv_plan`] and the bucket's index in [`desired_index`].
+//!   the pure planner in [`kv_plan`], target resolution and the shrink guard in
+//!   [`targeting`], revision records in [`revisions`], and the bucket's index in
+//!   [`desired_index`].
+//! - [`device_status`]: the one writer of `Device.status`, from device reports.
 //! - [`device_index`]: every device's latest report; [`status_aggregator`] folds
 //!   it into each deployment's aggregate with the pure [`fleet_aggregate`].
 //! - [`device_services`]: what devices and viewers ask the operator over NATS
@@ -17,12 +20,15 @@ pub mod daemon;
 pub mod desired_index;
 pub mod device_index;
 pub mod device_services;
+pub mod device_status;
 pub mod fleet_aggregate;
 pub mod gc;
 pub mod install;
 pub mod kv_plan;
 pub mod leader;
 pub mod metrics;
+pub mod revisions;
 pub mod status_aggregator;
 pub mod status_writer;
+pub mod targeting;
 pub mod yaml;

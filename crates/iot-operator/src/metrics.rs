@@ -62,6 +62,17 @@ pub struct OperatorMetrics {
     /// `superseded` (a newer request of the same identity replaced it), `busy` (the
     /// line was full), `foreign_reply` (a reply subject outside the asker's inbox).
     pub device_requests: Family<ServiceLabels, Counter>,
+    /// `Device.status` writes by kind (`change`: something a person sees changed;
+    /// `refresh`: only `lastSeenAt`) and result.
+    pub device_status_writes: Family<KindLabels, Counter>,
+    /// Devices that report to NATS but have no `Device` object.
+    pub unregistered_devices: Gauge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+    pub result: &'static str,
 }
 
 impl OperatorMetrics {
@@ -98,6 +109,22 @@ impl OperatorMetrics {
             "Requests to the status relay, read responder and status snapshot by outcome",
             self.device_requests.clone(),
         );
+        r.register(
+            "device_status_writes",
+            "Device status writes by kind (change, refresh of lastSeenAt) and result",
+            self.device_status_writes.clone(),
+        );
+        r.register(
+            "unregistered_devices",
+            "Devices that report to NATS but have no Device object",
+            self.unregistered_devices.clone(),
+        );
+    }
+
+    pub fn device_status_write(&self, kind: &'static str, result: &'static str) {
+        self.device_status_writes
+            .get_or_create(&KindLabels { kind, result })
+            .inc();
     }
 
     /// Counts each device-service request's outcome into `device_requests`.

@@ -17,8 +17,9 @@ use iot_api::Deployment;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 
+use crate::controller::Fleet;
 use crate::device_index::DeviceIndex;
-use crate::fleet_aggregate::{AggregateInput, AggregateLimits, aggregate, without_heartbeat_churn};
+use crate::fleet_aggregate::{AggregateInput, AggregateLimits, aggregate, last_good_revision, without_heartbeat_churn};
 use crate::metrics::OperatorMetrics;
 use crate::status_writer::StatusInbox;
 
@@ -49,6 +50,7 @@ pub async fn run_aggregator(
     status: StatusInbox,
     config: AggregatorConfig,
     metrics: Arc<OperatorMetrics>,
+    fleet: Fleet,
 ) {
     let mut sent: HashMap<DeploymentRef, iot_api::AggregateStatus> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -64,6 +66,7 @@ pub async fn run_aggregator(
         last_full = tokio::time::Instant::now();
         let now = Utc::now();
         let mut fresh = Vec::new();
+        let mut targeted: BTreeSet<Id> = BTreeSet::new();
         {
             let reports = index.reports();
             let objects = deployments.state();
@@ -74,29 +77,45 @@ pub async fn run_aggregator(
                 if obj.metadata.deletion_timestamp.is_some() {
                     continue;
                 }
-                let (Ok(dep), Ok(targets)) = (DeploymentRef::new(ns, name), obj.spec.target_ids()) else {
+                let Ok(dep) = DeploymentRef::new(ns, name) else {
                     continue;
+                };
+                // Count over the devices the write path gave it (a selector's
+                // matches plus held removals); before its first reconcile, over the
+                // listed devices, and a selector deployment waits.
+                let resolved = fleet.book.get(&dep);
+                let listed;
+                let (targets, revision) = match &resolved {
+                    Some(r) => (&r.targets, r.revision),
+                    None if obj.spec.selector.is_some() => continue,
+                    None => match obj.spec.target_ids() {
+                        Ok(t) => {
+                            listed = t;
+                            (&listed, None)
+                        }
+                        Err(_) => continue,
+                    },
                 };
                 let agg = aggregate(
                     AggregateInput {
                         deployment: &dep,
                         generation: obj.metadata.generation,
                         spec_hash: &obj.spec.score.spec_hash(),
-                        targets: &targets,
+                        targets,
+                        revision,
                     },
                     &reports,
                     now,
                     staleness,
                     config.limits,
                 );
+                targeted.extend(targets.iter().cloned());
                 fresh.push((dep, agg));
             }
-            let targeted: BTreeSet<Id> = objects
-                .iter()
-                .flat_map(|o| o.spec.target_devices.iter())
-                .filter_map(|d| Id::new(d.as_str()).ok())
-                .collect();
             metrics.record_devices(&reports, &targeted, now, staleness);
+            metrics
+                .unregistered_devices
+                .set(crate::device_status::unregistered(reports.keys(), &fleet.devices).len() as i64);
         }
         if let Some(since) = index.take_pending_since() {
             metrics
@@ -107,6 +126,8 @@ pub async fn run_aggregator(
         sent.retain(|d, _| live.contains(d));
         for (dep, agg) in fresh {
             let previous = sent.get(&dep).cloned().or_else(|| status.live_aggregate(&dep));
+            let mut agg = agg;
+            agg.last_good_revision = last_good_revision(previous.as_ref(), &agg);
             let agg = without_heartbeat_churn(previous.as_ref(), agg);
             if sent.get(&dep) == Some(&agg) && status.has_aggregate(&dep) {
                 continue;

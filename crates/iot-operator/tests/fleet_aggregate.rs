@@ -41,6 +41,7 @@ fn report(age_s: i64, phase: Option<(Phase, &str, Option<&str>)>) -> DeviceRepor
         received_at: now() - Duration::seconds(age_s),
         deployments,
         events: vec![],
+        about: Default::default(),
     }
 }
 
@@ -55,6 +56,7 @@ fn run(reports: &HashMap<Id, DeviceReport>, n: usize) -> iot_api::AggregateStatu
             generation: Some(4),
             spec_hash: &h("new"),
             targets: &targets(n),
+            revision: None,
         },
         reports,
         now(),
@@ -167,6 +169,7 @@ fn a_device_named_like_a_word_does_not_mangle_messages() {
             generation: Some(1),
             spec_hash: &h("new"),
             targets: &targets,
+            revision: None,
         },
         &r,
         now(),

@@ -26,7 +26,7 @@ fn dep() -> DeploymentRef {
 
 #[test]
 fn fresh_resource_puts_every_target() {
-    let p = payload(&dep(), &spec(&["a", "b"], "img:1"));
+    let p = payload(&dep(), &spec(&["a", "b"], "img:1"), Some(1));
     let plan = plan_apply(&ids(&["a", "b"]), &p, &BTreeMap::new());
     assert_eq!(plan.puts.len(), 2);
     assert!(plan.purges.is_empty());
@@ -34,7 +34,7 @@ fn fresh_resource_puts_every_target() {
 
 #[test]
 fn unchanged_bytes_produce_no_writes() {
-    let p = payload(&dep(), &spec(&["a", "b"], "img:1"));
+    let p = payload(&dep(), &spec(&["a", "b"], "img:1"), Some(1));
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, p.clone())).collect();
     assert!(plan_apply(&ids(&["a", "b"]), &p, &existing).is_empty());
 }
@@ -42,13 +42,13 @@ fn unchanged_bytes_produce_no_writes() {
 #[test]
 fn payload_is_deterministic() {
     let s = spec(&["a"], "img:1");
-    assert_eq!(payload(&dep(), &s), payload(&dep(), &s));
+    assert_eq!(payload(&dep(), &s, Some(1)), payload(&dep(), &s, Some(1)));
 }
 
 #[test]
 fn changed_spec_rewrites_and_dropped_devices_are_purged() {
-    let old = payload(&dep(), &spec(&["a", "b"], "img:1"));
-    let new = payload(&dep(), &spec(&["a", "c"], "img:2"));
+    let old = payload(&dep(), &spec(&["a", "b"], "img:1"), Some(1));
+    let new = payload(&dep(), &spec(&["a", "c"], "img:2"), Some(1));
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, old.clone())).collect();
     let plan = plan_apply(&ids(&["a", "c"]), &new, &existing);
     let put_devices: Vec<&str> = plan.puts.iter().map(|(d, _)| d.as_str()).collect();
@@ -62,7 +62,7 @@ fn changed_spec_rewrites_and_dropped_devices_are_purged() {
 
 #[test]
 fn cleanup_purges_everything_written() {
-    let p = payload(&dep(), &spec(&["a"], "img:1"));
+    let p = payload(&dep(), &spec(&["a"], "img:1"), Some(1));
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "z"]).into_iter().map(|d| (d, p.clone())).collect();
     let plan = plan_cleanup(&existing);
     assert_eq!(plan.purges.len(), 2);
@@ -72,7 +72,7 @@ fn cleanup_purges_everything_written() {
 #[test]
 fn payload_decodes_on_the_device_side_with_the_same_hash() {
     let s = spec(&["a"], "img:1");
-    let p = payload(&dep(), &s);
+    let p = payload(&dep(), &s, Some(1));
     let decoded = DecodedDesiredState::from_slice(&p).expect("agent decodes it");
     assert_eq!(decoded.spec_hash, s.score.spec_hash());
     assert_eq!(desired_state_key(&Id::new("a").expect("id"), &dep()), "a.ns_web");
@@ -82,8 +82,8 @@ fn payload_decodes_on_the_device_side_with_the_same_hash() {
 fn adding_a_target_writes_only_the_new_device() {
     // The payload carries nothing that changes with the target list, so the devices
     // already targeted keep byte-identical values.
-    let before = payload(&dep(), &spec(&["a", "b"], "img:1"));
-    let after = payload(&dep(), &spec(&["a", "b", "c"], "img:1"));
+    let before = payload(&dep(), &spec(&["a", "b"], "img:1"), Some(1));
+    let after = payload(&dep(), &spec(&["a", "b", "c"], "img:1"), Some(1));
     assert_eq!(before, after);
     let existing: BTreeMap<Id, Bytes> = ids(&["a", "b"]).into_iter().map(|d| (d, before.clone())).collect();
     let plan = plan_apply(&ids(&["a", "b", "c"]), &after, &existing);

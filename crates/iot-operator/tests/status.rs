@@ -25,7 +25,7 @@ fn conditions_carry_the_generation_of_their_own_input() {
     // Generation 2 is written, but the fleet summary is still about generation 1.
     let inputs = StatusInputs {
         write_generation: Some(2),
-        write: Some(WriteOutcome::Written { devices: 1 }),
+        write: Some(WriteOutcome::written(1)),
         aggregate: Some(agg(1, 1)),
     };
     let s = build_status(None, &inputs, Utc::now());
@@ -52,7 +52,7 @@ fn unchanged_conditions_keep_the_live_transition_time() {
     let t0 = Utc.timestamp_opt(1_800_000_000, 0).single().expect("time");
     let inputs = StatusInputs {
         write_generation: Some(1),
-        write: Some(WriteOutcome::Written { devices: 1 }),
+        write: Some(WriteOutcome::written(1)),
         aggregate: Some(agg(1, 1)),
     };
     let live = build_status(None, &inputs, t0);

@@ -33,7 +33,7 @@ fn sample(name: &str) -> anyhow::Result<Deployment> {
 }
 
 fn inputs(inbox: &StatusInbox, dep: &DeploymentRef) {
-    inbox.written(dep.clone(), Some(1), WriteOutcome::Written { devices: 1 });
+    inbox.written(dep.clone(), Some(1), WriteOutcome::written(1));
     inbox.aggregate(
         dep.clone(),
         AggregateStatus {
@@ -119,7 +119,7 @@ async fn a_status_the_server_refuses_is_not_retried_until_it_changes() -> anyhow
     assert_eq!(count(&metrics, "invalid"), 1, "refused once, not retried");
     assert_eq!(count(&metrics, "error"), 0);
     // New inputs are tried again (and refused again).
-    inbox.written(dep.clone(), Some(1), WriteOutcome::Written { devices: 2 });
+    inbox.written(dep.clone(), Some(1), WriteOutcome::written(2));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(count(&metrics, "invalid"), 2);
     task.abort();
@@ -152,13 +152,7 @@ async fn a_silent_api_server_never_blocks_whoever_reports_status() -> anyhow::Re
         for round in 0..200u32 {
             for i in 0..50 {
                 let dep = DeploymentRef::new("default", format!("d{i}")).expect("ref");
-                inbox.written(
-                    dep,
-                    Some(1),
-                    WriteOutcome::Written {
-                        devices: round as usize,
-                    },
-                );
+                inbox.written(dep, Some(1), WriteOutcome::written(round as usize));
             }
             tokio::task::yield_now().await;
         }

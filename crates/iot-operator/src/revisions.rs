@@ -1,0 +1,229 @@
+//! `DeploymentRevision`s: the write path records every score a Deployment runs,
+//! before it writes that score to NATS, so that the number devices get always
+//! names a revision that exists.
+//!
+//! The numbering is per Deployment and only grows: a score that comes back (an
+//! undo) gets a new number. The operator prunes the oldest beyond
+//! `spec.revisionHistoryLimit` itself (the API servers this runs on may have no
+//! garbage collector; a cluster's would only act when the owner goes), and deletes
+//! them all when the Deployment goes. A per-process cache keeps steady-state
+//! reconciles free of API calls: only a score change, or the first reconcile after
+//! a start, lists revisions.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use harmony_reconciler_contracts::{DeploymentRef, SpecHash};
+use iot_api::revision::DEPLOYMENT_LABEL;
+use iot_api::{Deployment, DeploymentRevision, DeploymentRevisionSpec, revision_name};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::{Api, Resource, ResourceExt};
+
+/// What the revision step decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevisionPlan {
+    /// The number the current score has, or gets.
+    pub current: u64,
+    /// Whether a new revision must be created with that number.
+    pub create: bool,
+    /// Revisions to delete, oldest first (never the current one).
+    pub prune: Vec<u64>,
+}
+
+/// Pure: `existing` are (number, spec hash) of the Deployment's revisions.
+pub fn plan_revision(existing: &[(u64, String)], current_hash: &str, limit: u32) -> RevisionPlan {
+    let newest = existing.iter().max_by_key(|(n, _)| *n);
+    let (current, create) = match newest {
+        Some((n, h)) if h == current_hash => (*n, false),
+        Some((n, _)) => (n + 1, true),
+        None => (1, true),
+    };
+    let mut numbers: Vec<u64> = existing.iter().map(|(n, _)| *n).filter(|n| *n != current).collect();
+    numbers.sort_unstable();
+    // The current one counts towards the limit.
+    let keep_others = (limit as usize).saturating_sub(1);
+    let prune = numbers[..numbers.len().saturating_sub(keep_others)].to_vec();
+    RevisionPlan { current, create, prune }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("DeploymentRevisions of {deployment}: {message}")]
+pub struct RevisionError {
+    deployment: DeploymentRef,
+    message: String,
+}
+
+/// Revisions as the write path sees them.
+#[derive(Default)]
+pub struct Revisions {
+    /// Deployment -> (score hash, its revision) as last recorded by this process.
+    known: Mutex<HashMap<DeploymentRef, (SpecHash, u64)>>,
+}
+
+impl Revisions {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, (SpecHash, u64)>> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The revision number of `obj`'s current score, recording a new revision (and
+    /// pruning old ones) when the score changed.
+    pub async fn ensure(
+        &self,
+        client: &kube::Client,
+        obj: &Deployment,
+        dep: &DeploymentRef,
+    ) -> Result<u64, RevisionError> {
+        let hash = obj.spec.score.spec_hash();
+        if let Some((h, n)) = self.known().get(dep)
+            && *h == hash
+        {
+            return Ok(*n);
+        }
+        let fail = |message: String| RevisionError {
+            deployment: dep.clone(),
+            message,
+        };
+        let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), dep.namespace());
+        let list = api
+            .list(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", dep.name())))
+            .await
+            .map_err(|e| fail(format!("cannot list: {e}")))?;
+        let existing: Vec<(u64, String)> = list
+            .items
+            .iter()
+            .map(|r| (r.spec.revision, r.spec.spec_hash.clone()))
+            .collect();
+        let plan = plan_revision(&existing, hash.as_str(), obj.spec.revision_history_limit());
+        if plan.create {
+            let revision = DeploymentRevision {
+                metadata: ObjectMeta {
+                    name: Some(revision_name(dep.name(), plan.current)),
+                    namespace: Some(dep.namespace().to_owned()),
+                    labels: Some(
+                        [
+                            (DEPLOYMENT_LABEL.to_owned(), dep.name().to_owned()),
+                            (iot_api::labels::MANAGED_BY.to_owned(), "iot-operator".to_owned()),
+                            (
+                                iot_api::labels::PART_OF.to_owned(),
+                                iot_api::labels::PLATFORM.to_owned(),
+                            ),
+                        ]
+                        .into(),
+                    ),
+                    owner_references: owner(obj).map(|o| vec![o]),
+                    ..Default::default()
+                },
+                spec: DeploymentRevisionSpec {
+                    revision: plan.current,
+                    spec_hash: hash.to_string(),
+                    score: obj.spec.score.clone(),
+                },
+            };
+            match api.create(&PostParams::default(), &revision).await {
+                Ok(_) => {
+                    tracing::info!(deployment = %dep, revision = plan.current, spec_hash = %hash, "recorded a new revision")
+                }
+                // Left by an earlier attempt whose answer was lost: only the same
+                // score may be reused; anything else is retried from a fresh list.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let theirs = api
+                        .get(&revision.name_any())
+                        .await
+                        .map_err(|e| fail(format!("cannot read back: {e}")))?;
+                    if theirs.spec.spec_hash != hash.as_str() {
+                        return Err(fail(format!(
+                            "revision {} exists with another score; retrying",
+                            plan.current
+                        )));
+                    }
+                }
+                Err(e) => return Err(fail(format!("cannot create revision {}: {e}", plan.current))),
+            }
+        }
+        for n in &plan.prune {
+            let name = revision_name(dep.name(), *n);
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => tracing::info!(deployment = %dep, revision = n, "pruned an old revision"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                // Pruning is housekeeping: the next score change tries again.
+                Err(e) => tracing::warn!(deployment = %dep, revision = n, error = %e, "cannot prune an old revision"),
+            }
+        }
+        self.known().insert(dep.clone(), (hash, plan.current));
+        Ok(plan.current)
+    }
+
+    /// The Deployment is gone: so are its revisions.
+    pub async fn delete_all(&self, client: &kube::Client, dep: &DeploymentRef) -> Result<(), RevisionError> {
+        self.known().remove(dep);
+        let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), dep.namespace());
+        let fail = |message: String| RevisionError {
+            deployment: dep.clone(),
+            message,
+        };
+        let list = api
+            .list_metadata(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", dep.name())))
+            .await
+            .map_err(|e| fail(format!("cannot list: {e}")))?;
+        for r in list.items {
+            match api.delete(&r.name_any(), &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(fail(format!("cannot delete {}: {e}", r.name_any()))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn owner(obj: &Deployment) -> Option<OwnerReference> {
+    Some(OwnerReference {
+        api_version: Deployment::api_version(&()).into_owned(),
+        kind: Deployment::kind(&()).into_owned(),
+        name: obj.name_any(),
+        uid: obj.metadata.uid.clone()?,
+        controller: Some(true),
+        block_owner_deletion: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revs(list: &[(u64, &str)]) -> Vec<(u64, String)> {
+        list.iter().map(|(n, h)| (*n, h.to_string())).collect()
+    }
+
+    #[test]
+    fn first_score_is_revision_one() {
+        assert_eq!(
+            plan_revision(&[], "a", 10),
+            RevisionPlan {
+                current: 1,
+                create: true,
+                prune: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn unchanged_score_keeps_its_number_and_a_returning_one_gets_a_new_number() {
+        let existing = revs(&[(1, "a"), (2, "b"), (3, "c")]);
+        assert_eq!(plan_revision(&existing, "c", 10).current, 3);
+        assert!(!plan_revision(&existing, "c", 10).create);
+        // An undo to the score of revision 1 is revision 4.
+        let undo = plan_revision(&existing, "a", 10);
+        assert_eq!((undo.current, undo.create), (4, true));
+    }
+
+    #[test]
+    fn the_limit_prunes_the_oldest_and_counts_the_current() {
+        let existing = revs(&[(1, "a"), (2, "b"), (3, "c")]);
+        assert_eq!(plan_revision(&existing, "d", 2).prune, vec![1, 2]);
+        assert_eq!(plan_revision(&existing, "d", 3).prune, vec![1]);
+        assert_eq!(plan_revision(&existing, "c", 1).prune, vec![1, 2]);
+        assert!(plan_revision(&existing, "d", 10).prune.is_empty());
+    }
+}
