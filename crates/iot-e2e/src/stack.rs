@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use harmony_reconciler_contracts::*;
-use iot_api::{Deployment, DeploymentStatus};
+use iot_api::{Deployment, DeploymentStatus, Device, DeviceSpec};
 use iot_bao::enroll::Role;
 use iot_nats::{Anonymous, connect};
 use iot_testkit::auth::{CalloutKeys, CalloutLaunch, CalloutProcess};
@@ -373,6 +373,27 @@ impl Stack {
 
     pub fn kubeconfig(&self) -> PathBuf {
         self.api.kubeconfig()
+    }
+
+    pub fn devices(&self) -> Api<Device> {
+        Api::all(self.kube.clone())
+    }
+
+    /// Registers a device as `iotctl device enroll` does on the Kubernetes side: a
+    /// `Device` named by its id, with these labels.
+    pub async fn register_device(&self, id: &str, labels: &[(&str, &str)]) -> anyhow::Result<Device> {
+        let mut device = Device::new(id, DeviceSpec::default());
+        device.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        Ok(self.devices().create(&Default::default(), &device).await?)
+    }
+
+    /// Sets (`Some`) or removes (`None`) one label of a Device.
+    pub async fn label_device(&self, id: &str, key: &str, value: Option<&str>) -> anyhow::Result<()> {
+        let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
+        self.devices()
+            .patch(id, &Default::default(), &kube::api::Patch::Merge(&patch))
+            .await?;
+        Ok(())
     }
 
     pub fn deployments(&self, ns: &str) -> Api<Deployment> {

@@ -177,7 +177,9 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
         role["rules"],
         serde_json::json!([
             {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments"], "verbs": ["list", "watch", "patch"]},
-            {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments/status"], "verbs": ["patch"]},
+            {"apiGroups": ["iot.nationtech.io"], "resources": ["deployments/status", "devices/status"], "verbs": ["patch"]},
+            {"apiGroups": ["iot.nationtech.io"], "resources": ["devices"], "verbs": ["list", "watch"]},
+            {"apiGroups": ["iot.nationtech.io"], "resources": ["deploymentrevisions"], "verbs": ["get", "list", "create", "delete"]},
         ])
     );
     Ok(())
@@ -217,11 +219,19 @@ fn sso_values_bind_oidc_groups_to_the_fleet_roles() -> anyhow::Result<()> {
     assert!(verbs_on("iot-fleet-deployer", "deployments").contains(&"create".to_owned()));
     assert!(verbs_on("iot-fleet-admin", "deployments").contains(&"deletecollection".to_owned()));
     for role in ["iot-fleet-viewer", "iot-fleet-deployer", "iot-fleet-admin"] {
-        assert!(
-            verbs_on(role, "deployments/status").is_empty(),
-            "{role} must not write status"
-        );
+        for owned_by_the_operator in ["deployments/status", "devices/status", "deploymentrevisions"] {
+            assert!(
+                verbs_on(role, owned_by_the_operator).is_empty(),
+                "{role} must not write {owned_by_the_operator}"
+            );
+        }
     }
+    // Deployers label Devices (and pause them); only admins create and delete them.
+    let deployer_on_devices = verbs_on("iot-fleet-deployer", "devices");
+    assert!(deployer_on_devices.contains(&"patch".to_owned()));
+    assert!(!deployer_on_devices.iter().any(|v| v == "create" || v == "delete"));
+    let admin_on_devices = verbs_on("iot-fleet-admin", "devices");
+    assert!(admin_on_devices.contains(&"create".to_owned()) && admin_on_devices.contains(&"delete".to_owned()));
     assert!(
         docs_of_kind(&rendered, "ClusterRoleBinding")?.len() == 1,
         "only the operator's binding without sso values"
