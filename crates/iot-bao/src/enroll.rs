@@ -91,22 +91,37 @@ pub fn service_record_path(name: &str) -> String {
     format!("services/{name}")
 }
 
-/// Enrolls a device. Enrolling it again rotates its credentials: every older
-/// secret id stops working, and so does every token they got.
-pub async fn enroll_device(
-    bao: &Bao,
-    device_id: &str,
-    labels: &BTreeMap<String, String>,
-) -> Result<Enrollment, BaoError> {
+/// A device's enrollment record (`iot/devices/<id>`), as the auth callout reads it.
+///
+/// Labels are not part of it: they are the `metadata.labels` of the device's
+/// `Device` object in Kubernetes, the one place they are kept. Records written
+/// before that carry a `labels` map, which readers ignore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRecord {
+    pub device_id: String,
+    /// The entity id identity tokens of this device carry as `sub`. Missing in
+    /// records written before subjects were recorded (`iotctl bao setup` adds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// Enrolls a device: its approle, entity and enrollment record. Enrolling it again
+/// rotates its credentials: every older secret id stops working, and so does every
+/// token they got.
+pub async fn enroll_device_identity(bao: &Bao, device_id: &str) -> Result<Enrollment, BaoError> {
     let entity = device_entity(device_id);
     let metadata = json!({"iot_role": Role::Device.as_str(), "iot_name": device_id, "device_id": device_id});
     let (role_id, secret_id, subject) = enroll_entity(bao, &entity, &metadata, IDENTITY_POLICY).await?;
-    bao.kv_write(
-        KV_MOUNT,
-        &device_record_path(device_id),
-        &json!({"deviceId": device_id, "labels": labels, "subject": subject}),
-    )
-    .await?;
+    let record = DeviceRecord {
+        device_id: device_id.to_owned(),
+        subject: Some(subject),
+    };
+    let record = serde_json::to_value(&record).map_err(|e| BaoError::Shape {
+        path: device_record_path(device_id),
+        message: e.to_string(),
+    })?;
+    bao.kv_write(KV_MOUNT, &device_record_path(device_id), &record).await?;
     Ok(Enrollment {
         bao_addr: bao.addr().to_owned(),
         name: device_id.to_owned(),
@@ -114,6 +129,23 @@ pub async fn enroll_device(
         role_id,
         secret_id,
     })
+}
+
+/// [`enroll_device_identity`] for callers written when the record carried labels:
+/// `labels` is ignored. A device's labels are those of its `Device` object in
+/// Kubernetes (`iotctl device enroll --label` sets them there).
+pub async fn enroll_device(
+    bao: &Bao,
+    device_id: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Enrollment, BaoError> {
+    if !labels.is_empty() {
+        tracing::warn!(
+            device = device_id,
+            "labels are no longer recorded in OpenBao; set them on the Device object"
+        );
+    }
+    enroll_device_identity(bao, device_id).await
 }
 
 /// Enrolls a platform service (the operator, the auth callout).
@@ -270,4 +302,26 @@ async fn approle_accessor(bao: &Bao) -> Result<String, BaoError> {
             path: "sys/auth".into(),
             message: "approle is not enabled (run the setup first)".into(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_carry_no_labels_and_old_ones_still_read() -> Result<(), serde_json::Error> {
+        let new = serde_json::to_value(DeviceRecord {
+            device_id: "pi-1".into(),
+            subject: Some("e-1".into()),
+        })?;
+        assert_eq!(new, json!({"deviceId": "pi-1", "subject": "e-1"}));
+        // Written by an older iotctl, with labels (and, older still, no subject).
+        let old: DeviceRecord =
+            serde_json::from_value(json!({"deviceId": "pi-2", "labels": {"site": "lab"}, "subject": "e-2"}))?;
+        assert_eq!(old.device_id, "pi-2");
+        assert_eq!(old.subject.as_deref(), Some("e-2"));
+        let oldest: DeviceRecord = serde_json::from_value(json!({"deviceId": "pi-3", "labels": {}}))?;
+        assert_eq!(oldest.subject, None);
+        Ok(())
+    }
 }
