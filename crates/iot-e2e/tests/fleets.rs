@@ -401,3 +401,72 @@ async fn nothing_in_a_report_reaches_a_devices_labels_or_spec() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_paused_device_keeps_what_it_runs_until_resumed() -> anyhow::Result<()> {
+    let mut stack = Stack::start().await?;
+    stack.start_operator()?;
+    let (a, _a) = stack.start_agent()?;
+    let (b, _b) = stack.start_agent()?;
+    stack.register_device(&a, &[("site", "lab")]).await?;
+    stack.register_device(&b, &[("site", "lab")]).await?;
+    apply(
+        &stack,
+        "web",
+        DeploymentSpec::for_selector(site("lab"), score("localhost/iot-web:v1", "one")),
+    )
+    .await?;
+    stack
+        .wait_resource_status("default", "web", "both run v1", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 2)
+        })
+        .await?;
+    let pause = |paused: bool| serde_json::json!({"spec": {"paused": paused}});
+    stack
+        .devices()
+        .patch(&b, &PatchParams::default(), &Patch::Merge(&pause(true)))
+        .await?;
+    // Give the reflector the pause before the spec changes.
+    wait_until(WAIT, "paused seen", || async {
+        stack.devices().get(&b).await.ok().filter(|d| d.spec.paused).map(|_| ())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let two = score("localhost/iot-web:v1", "two");
+    let hash = two.spec_hash();
+    apply(&stack, "web", DeploymentSpec::for_selector(site("lab"), two)).await?;
+    stack
+        .wait_resource_status("default", "web", "a on the new spec, b pending", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 1 && a.pending == 1)
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on = |device: &str| {
+        let device = device.to_owned();
+        let stack = &stack;
+        async move {
+            stack
+                .agent_status(&device)
+                .await
+                .and_then(|r| r.deployments.values().next().and_then(|p| p.spec_hash.clone()))
+        }
+    };
+    assert_eq!(on(&a).await.as_ref(), Some(&hash));
+    assert_ne!(on(&b).await.as_ref(), Some(&hash), "a paused device got the change");
+    // Labelled out while paused: it keeps it too.
+    stack.label_device(&b, "site", None).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(on(&b).await.is_some(), "a paused device lost its deployment");
+    // Resumed (and labelled back): it catches up.
+    stack.label_device(&b, "site", Some("lab")).await?;
+    stack
+        .devices()
+        .patch(&b, &PatchParams::default(), &Patch::Merge(&pause(false)))
+        .await?;
+    stack
+        .wait_resource_status("default", "web", "both on the new spec", |s| {
+            s.aggregate.as_ref().is_some_and(|a| a.succeeded == 2)
+        })
+        .await?;
+    Ok(())
+}

@@ -254,7 +254,52 @@ fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()
         assert!(page.contains(&format!(r#"data-device="iott2-device-{i}""#)), "{page}");
     }
     assert!(!page.contains("never seen</span></td>"), "{page}");
+    // The fleet: both devices are labelled Devices, online; the selector example
+    // reaches the canary (device 1) and only it.
+    let inventory = commands
+        .iter()
+        .find(|l| l.starts_with("kubectl get devices -L"))
+        .ok_or_else(|| anyhow::anyhow!("no kubectl get devices line in the menu:\n{menu}"))?;
+    let listed = wait_until_shell(&shell, inventory, |out| {
+        (1..=2).all(|i| {
+            out.lines()
+                .any(|l| l.starts_with(&format!("iott2-device-{i} ")) && l.contains("True"))
+        })
+    })?;
+    assert!(listed.contains("canary") && listed.contains("lab"), "{listed}");
+    let canary = commands
+        .iter()
+        .find(|l| l.starts_with("example_iot_apply_deployment") && l.contains("--selector"))
+        .ok_or_else(|| anyhow::anyhow!("no selector example in the menu:\n{menu}"))?;
+    shell(&format!("{canary} --wait 90s"))?;
+    let first_ip = commands
+        .iter()
+        .find_map(|l| l.strip_prefix("curl http://"))
+        .and_then(|rest| rest.split(':').next())
+        .ok_or_else(|| anyhow::anyhow!("no device address in the menu"))?;
+    let body = shell(&format!("curl -sf --max-time 5 http://{first_ip}:8081/"))?;
+    assert_eq!(body.trim(), "v1");
     Ok(())
+}
+
+/// Runs `line` until `ok` accepts its output (Device status follows the first
+/// reports by a second or two).
+fn wait_until_shell(
+    shell: &dyn Fn(&str) -> anyhow::Result<String>,
+    line: &str,
+    ok: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let start = Instant::now();
+    loop {
+        let out = shell(line)?;
+        if ok(&out) {
+            return Ok(out);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("{line} never showed what was expected:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// The tail of every log a failed run kept, for the failure message.

@@ -25,7 +25,7 @@ use kube::{Api, ResourceExt};
 
 use crate::conditions::{HeldRemovals, WriteOutcome};
 use crate::desired_index::DesiredIndex;
-use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids};
+use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids, without_paused};
 use crate::metrics::OperatorMetrics;
 use crate::revisions::Revisions;
 use crate::status_writer::StatusInbox;
@@ -192,15 +192,15 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             harmony_reconciler_contracts::describe_problems(&problems)
         ));
     }
+    // Before the inventory is loaded, every selector would match nothing (the
+    // deployment would be taken off every device) and no device would be paused.
+    if !devices_ready(&ctx.devices).await {
+        return Err(Error::DevicesNotReady);
+    }
     let existing = ctx.index.existing(dep);
     let (targets, matched, held) = match &obj.spec.selector {
         None => (listed, None, None),
         Some(selector) => {
-            // Before the inventory is loaded, every selector would match nothing and
-            // the deployment would be taken off every device.
-            if !devices_ready(&ctx.devices).await {
-                return Err(Error::DevicesNotReady);
-            }
             let matched = select(ctx.devices.state().iter().map(|d| d.as_ref()), selector);
             let holding = existing.keys().cloned().collect();
             let confirmation = obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(String::as_str);
@@ -219,7 +219,11 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
     };
     // The revision exists before any device is told its number.
     let revision = ctx.revisions.ensure(&ctx.client, obj, dep).await?;
-    let plan = plan_apply(&targets, &payload(dep, &obj.spec, Some(revision)), &existing);
+    let paused = paused_devices(&ctx.devices);
+    let plan = without_paused(
+        plan_apply(&targets, &payload(dep, &obj.spec, Some(revision)), &existing),
+        &paused,
+    );
     if !plan.is_empty() {
         tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), revision, "writing desired state");
         write(js, ctx, dep, &plan).await?;
@@ -243,6 +247,16 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         },
     );
     Ok(Action::requeue(ctx.resync))
+}
+
+/// Devices in maintenance (`spec.paused`).
+fn paused_devices(devices: &Store<Device>) -> std::collections::BTreeSet<harmony_reconciler_contracts::Id> {
+    devices
+        .state()
+        .iter()
+        .filter(|d| d.spec.paused)
+        .filter_map(|d| harmony_reconciler_contracts::Id::new(d.metadata.name.clone()?).ok())
+        .collect()
 }
 
 /// Whether the Device reflector has its first full list (waits a little for it).
@@ -394,9 +408,9 @@ fn shrink_confirmation(obj: &Deployment) -> Option<u64> {
     obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(|v| hash_str(v))
 }
 
-/// What of a Device decides membership: its labels, revocation and deletion.
+/// What of a Device decides what it gets: its labels, revocation, pause, deletion.
 fn device_membership(obj: &Device) -> Option<u64> {
-    let mut key = format!("{:?}|{:?}", obj.label_map(), obj.revoked_at());
+    let mut key = format!("{:?}|{:?}|{}", obj.label_map(), obj.revoked_at(), obj.spec.paused);
     if obj.metadata.deletion_timestamp.is_some() {
         key.push_str("|deleting");
     }

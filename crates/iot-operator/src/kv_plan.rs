@@ -67,3 +67,16 @@ pub fn plan_cleanup(existing: &BTreeMap<Id, Bytes>) -> KvPlan {
         purges: existing.keys().cloned().collect(),
     }
 }
+
+/// Leaves paused devices alone (`Device.spec.paused`, maintenance): no new or
+/// changed desired state reaches them, and nothing is taken away from them; they
+/// keep what they run until they are resumed.
+pub fn without_paused(plan: KvPlan, paused: &BTreeSet<Id>) -> KvPlan {
+    if paused.is_empty() {
+        return plan;
+    }
+    KvPlan {
+        puts: plan.puts.into_iter().filter(|(d, _)| !paused.contains(d)).collect(),
+        purges: plan.purges.into_iter().filter(|d| !paused.contains(d)).collect(),
+    }
+}

@@ -108,3 +108,25 @@ fn orphans_are_deployments_with_keys_but_no_resource() {
     assert_eq!(orphaned(&in_kv, &resources), [r("b")].into());
     assert!(orphaned(&BTreeSet::new(), &resources).is_empty());
 }
+
+#[test]
+fn paused_devices_keep_what_they_run() {
+    use iot_operator::kv_plan::without_paused;
+    let old = payload(&dep(), &spec(&["a", "b"], "img:1"), Some(1));
+    let new = payload(&dep(), &spec(&["a", "b"], "img:2"), Some(2));
+    let existing = BTreeMap::from([(id("a"), old.clone()), (id("b"), old.clone()), (id("c"), old)]);
+    let targets: BTreeSet<Id> = [id("a"), id("b"), id("d")].into();
+    let paused: BTreeSet<Id> = [id("b"), id("c"), id("d")].into();
+    let plan = without_paused(plan_apply(&targets, &new, &existing), &paused);
+    // Only a gets the new version; b keeps the old one, c is not taken off, d gets
+    // nothing until it is resumed.
+    assert_eq!(
+        plan.puts.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
+        vec![id("a")]
+    );
+    assert!(plan.purges.is_empty());
+}
+
+fn id(s: &str) -> Id {
+    Id::new(s).expect("id")
+}

@@ -128,6 +128,7 @@ pub fn print(up: &Up) {
         line(&mut m, "");
     }
     deploy_section(&mut m, &all);
+    fleet_section(&mut m, &first);
     kv_section(&mut m, &first);
     netns_section(&mut m, up);
     vm_section(&mut m, up);
@@ -180,6 +181,39 @@ fn deploy_section(m: &mut String, all: &[(String, String)]) {
     for (id, ip) in all {
         line(m, format!("  curl http://{ip}:8080/        # {id}"));
     }
+}
+
+/// The inventory, and deploying by labels instead of ids.
+fn fleet_section(m: &mut String, first: &str) {
+    line(
+        m,
+        format!(
+            "\n{} (Devices are labelled site=lab; {first} is ring=canary, the rest ring=main)",
+            out::bold("The fleet: Devices and label selectors")
+        ),
+    );
+    line(m, "  kubectl get devices -L site,ring");
+    line(m, "  kubectl get devices -l ring=canary -o wide");
+    line(
+        m,
+        "  # deploy to every device labelled ring=canary, and to any device labelled so later:",
+    );
+    line(
+        m,
+        "  example_iot_apply_deployment --name canary-web --selector ring=canary --image localhost/iot-web:v1 --port 8081",
+    );
+    line(
+        m,
+        "  kubectl get deployments.iot.nationtech.io canary-web -o jsonpath='{.status.matchedDevices}'",
+    );
+    line(
+        m,
+        format!("  kubectl label device {first} ring=main --overwrite   # labelled out: its container goes"),
+    );
+    line(
+        m,
+        "  iotctl rollout history default/web        # revisions; iotctl rollout undo default/web",
+    );
 }
 
 /// Reading what NATS holds.

@@ -483,6 +483,10 @@ impl Up {
             let e = enroll::enroll_device(&sec.bao.root()?, &id, &Default::default()).await?;
             agent.env("NATS_IDENTITY", self.write_enrollment(&e)?);
         }
+        // The first device is the canary ring: the menu's selector examples use it.
+        let ring = if index == 1 { "canary" } else { "main" };
+        self.register_device(&id, &[("site", "lab"), ("ring", ring), ("kind", "netns")])
+            .await?;
         let agent = LoggedProcess::spawn(
             &format!("agent {id}"),
             agent,
@@ -499,6 +503,23 @@ impl Up {
         Ok(())
     }
 
+    /// The device's `Device` resource, labelled, as `iotctl device enroll --label`
+    /// makes it (server-side apply: a re-run changes nothing).
+    async fn register_device(&self, id: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let kube = iot_launch::apiserver::kube_client_from(&self.kubeconfig()).await?;
+        let mut device = iot_api::Device::new(id, iot_api::DeviceSpec::default());
+        device.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        kube::Api::<iot_api::Device>::all(kube)
+            .patch(
+                id,
+                &kube::api::PatchParams::apply("iot-up").force(),
+                &kube::api::Patch::Apply(&device),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("registering the Device {id}: {e}"))?;
+        Ok(())
+    }
+
     async fn start_vm(&mut self, arch: iot_launch::vm::Arch) -> anyhow::Result<()> {
         let index = self.vms.len() + 1;
         let id = self.net.vm_id(index);
@@ -509,6 +530,8 @@ impl Up {
             }
             None => None,
         };
+        self.register_device(&id, &[("site", "lab"), ("ring", "main"), ("kind", "vm")])
+            .await?;
         let agent = crate::vm::agent_for(&self.bin_dir, arch);
         let mut vm = crate::vm::start(&crate::vm::VmLaunch {
             net: &self.net,

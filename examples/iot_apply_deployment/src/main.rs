@@ -30,8 +30,12 @@ struct Args {
     #[arg(long, default_value = "default")]
     namespace: String,
     /// Device to run on (repeat for several).
-    #[arg(long = "target-device", value_name = "DEVICE_ID")]
+    #[arg(long = "target-device", value_name = "DEVICE_ID", conflicts_with = "selector")]
     target_devices: Vec<String>,
+    /// Run on every registered Device with this label, KEY=VALUE (repeat: all must
+    /// hold), including devices labelled so later.
+    #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = parse_env)]
+    selector: Vec<(String, String)>,
     /// Container image (must be on the device or pullable by it).
     #[arg(long)]
     image: Option<String>,
@@ -78,8 +82,8 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 fn build(args: &Args) -> anyhow::Result<Deployment> {
     DeploymentRef::new(&args.namespace, &args.name).context("invalid --namespace/--name")?;
     anyhow::ensure!(
-        !args.target_devices.is_empty(),
-        "at least one --target-device is required"
+        !args.target_devices.is_empty() || !args.selector.is_empty(),
+        "at least one --target-device or --selector is required"
     );
     for d in &args.target_devices {
         Id::new(d.as_str()).context("invalid --target-device")?;
@@ -102,10 +106,16 @@ fn build(args: &Args) -> anyhow::Result<Deployment> {
     });
     let problems = validate_score(&score.to_wire());
     anyhow::ensure!(problems.is_empty(), "{}", describe_problems(&problems));
-    let mut dep = Deployment::new(
-        &args.name,
-        DeploymentSpec::for_devices(args.target_devices.clone(), score),
-    );
+    let spec = if args.selector.is_empty() {
+        DeploymentSpec::for_devices(args.target_devices.clone(), score)
+    } else {
+        let selector = iot_api::DeviceSelector {
+            match_labels: args.selector.iter().cloned().collect(),
+            ..Default::default()
+        };
+        DeploymentSpec::for_selector(selector, score)
+    };
+    let mut dep = Deployment::new(&args.name, spec);
     dep.metadata.namespace = Some(args.namespace.clone());
     dep.metadata.labels = Some(
         [
