@@ -40,6 +40,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         nats = %config.nats.nats_url.join(","),
         credentials = %creds.describe(),
         podman = %config.podman_socket.display(),
+        runtime_call_timeout = %humantime::format_duration(config.runtime_call_timeout),
         "starting iot-agent {}", crate::decode::AGENT_VERSION
     );
     let metrics = Arc::new(AgentMetrics::default());
@@ -61,7 +62,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     }
 
     let runtime = PodmanRuntime::new(
-        PodmanClient::new(&config.podman_socket),
+        PodmanClient::new(&config.podman_socket).with_call_timeout(config.runtime_call_timeout),
         config.stop_timeout,
         config.pull_timeout,
     );

@@ -26,12 +26,15 @@ pub fn decode_payload(deployment: &DeploymentRef, bytes: &[u8]) -> DesiredConten
             return DesiredContent::Invalid {
                 spec_hash: None,
                 error: format!("desired state for {deployment} does not parse: {e}"),
+                revision: None,
             };
         }
     };
+    let revision = decoded.state.revision;
     let invalid = |error: String| DesiredContent::Invalid {
         spec_hash: Some(decoded.spec_hash.clone()),
         error,
+        revision,
     };
     if &decoded.state.deployment != deployment {
         return invalid(format!(
@@ -56,6 +59,7 @@ pub fn decode_payload(deployment: &DeploymentRef, bytes: &[u8]) -> DesiredConten
         IotScore::PodmanV0(p) => DesiredContent::Valid {
             spec_hash: decoded.spec_hash.clone(),
             services: p.services.clone(),
+            revision,
         },
     }
 }

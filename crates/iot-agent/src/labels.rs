@@ -13,6 +13,10 @@ pub const SERVICE: &str = "iot.nationtech.io/service";
 pub const SERVICE_HASH: &str = "iot.nationtech.io/service-hash";
 /// Hash of the whole deployment score at creation time (informational).
 pub const SPEC_HASH: &str = "iot.nationtech.io/spec-hash";
+/// The number of the `DeploymentRevision` the container was created for (absent
+/// when the desired state carried none). Read back after an agent restart: it is
+/// how the agent knows which revision an older container that still serves runs.
+pub const REVISION: &str = "iot.nationtech.io/revision";
 
 /// The labels Kubernetes users know, so tools that group by them work on devices too.
 pub const K8S_NAME: &str = "app.kubernetes.io/name";

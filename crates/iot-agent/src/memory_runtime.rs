@@ -29,6 +29,9 @@ struct Inner {
     failing_creates: bool,
     calls: Vec<String>,
     available: bool,
+    /// Every call waits this long and then fails as unanswered, like a frozen
+    /// podman behind a client with this deadline.
+    unresponsive: Option<Duration>,
     /// Lists that still answer before the runtime goes away (`None`: no limit).
     lists_left: Option<usize>,
     watchers: Vec<mpsc::Sender<RuntimeEvent>>,
@@ -132,6 +135,13 @@ impl MemoryRuntime {
         self.lock().available = available;
     }
 
+    /// Makes every call hang for `deadline` and then fail as unanswered, like a
+    /// frozen podman service (`kill -STOP`) behind a client with that deadline
+    /// (`None`: answers again).
+    pub fn set_unresponsive(&self, deadline: Option<Duration>) {
+        self.lock().unresponsive = deadline;
+    }
+
     /// The runtime goes away after `lists` more lists (in the middle of a pass).
     pub fn go_away_after_lists(&self, lists: usize) {
         self.lock().lists_left = Some(lists);
@@ -150,23 +160,37 @@ impl MemoryRuntime {
         }
     }
 
+    /// Waits out the deadline of a frozen runtime, and fails.
+    async fn answer(&self) -> Result<(), RuntimeError> {
+        let deadline = self.lock().unresponsive;
+        match deadline {
+            Some(d) => {
+                tokio::time::sleep(d).await;
+                Err(RuntimeError::no_answer("memory runtime", d))
+            }
+            None => Ok(()),
+        }
+    }
+
     fn check(&self, call: String) -> Result<std::sync::MutexGuard<'_, Inner>, RuntimeError> {
         let mut inner = self.lock();
         inner.calls.push(call);
         if inner.available {
             Ok(inner)
         } else {
-            Err(RuntimeError("connection refused".into()))
+            Err(RuntimeError::new("connection refused"))
         }
     }
 }
 
 impl ContainerRuntime for MemoryRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
+        self.answer().await?;
         self.check("ping".into()).map(drop)
     }
 
     async fn list(&self, device: &Id) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        self.answer().await?;
         {
             let mut inner = self.lock();
             match inner.lists_left {
@@ -189,11 +213,13 @@ impl ContainerRuntime for MemoryRuntime {
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.answer().await?;
         let inner = self.check(format!("image_present {image}"))?;
         Ok(inner.images.iter().any(|i| i == image))
     }
 
     async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
+        self.answer().await?;
         let delay = self.check(format!("pull {image}"))?.pull_delay;
         tokio::time::sleep(delay).await;
         let mut inner = self.lock();
@@ -201,22 +227,23 @@ impl ContainerRuntime for MemoryRuntime {
             inner.images.push(image.to_owned());
             Ok(())
         } else {
-            Err(RuntimeError(format!("{image}: manifest unknown")))
+            Err(RuntimeError::new(format!("{image}: manifest unknown")))
         }
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.answer().await?;
         let mut inner = self.check(format!("create {}", spec.name))?;
         if inner.failing_creates {
-            return Err(RuntimeError(
-                "cannot listen on the TCP port: address already in use".into(),
+            return Err(RuntimeError::new(
+                "cannot listen on the TCP port: address already in use",
             ));
         }
         if !inner.images.contains(&spec.service.image) {
-            return Err(RuntimeError(format!("{}: image not known", spec.service.image)));
+            return Err(RuntimeError::new(format!("{}: image not known", spec.service.image)));
         }
         if inner.containers.values().any(|(_, c, _)| c.name == spec.name) {
-            return Err(RuntimeError(format!("name {} is in use", spec.name)));
+            return Err(RuntimeError::new(format!("name {} is in use", spec.name)));
         }
         inner.next_id += 1;
         let id = format!("{:064x}", inner.next_id);
@@ -226,6 +253,7 @@ impl ContainerRuntime for MemoryRuntime {
             deployment: Some(spec.deployment.clone()),
             service: spec.service.name.clone(),
             service_hash: spec.service_hash.to_string(),
+            revision: spec.revision,
             state: ContainerState::Created,
         };
         inner
@@ -235,6 +263,7 @@ impl ContainerRuntime for MemoryRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.answer().await?;
         let mut inner = self.check(format!("start {id}"))?;
         let crashing = inner.crashing.clone();
         match inner.containers.get_mut(id) {
@@ -246,11 +275,12 @@ impl ContainerRuntime for MemoryRuntime {
                 };
                 Ok(())
             }
-            None => Err(RuntimeError(format!("no such container {id}"))),
+            None => Err(RuntimeError::new(format!("no such container {id}"))),
         }
     }
 
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.answer().await?;
         let mut inner = self.check(format!("stop {id}"))?;
         if let Some((_, c, _)) = inner.containers.get_mut(id) {
             c.state = ContainerState::Exited { code: 0 };
@@ -259,24 +289,27 @@ impl ContainerRuntime for MemoryRuntime {
     }
 
     async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.answer().await?;
         let mut inner = self.check(format!("unpause {id}"))?;
         match inner.containers.get_mut(id) {
             Some((_, c, _)) if c.state == ContainerState::Paused => {
                 c.state = ContainerState::Running;
                 Ok(())
             }
-            Some(_) => Err(RuntimeError("container state improper".into())),
-            None => Err(RuntimeError(format!("no such container {id}"))),
+            Some(_) => Err(RuntimeError::new("container state improper")),
+            None => Err(RuntimeError::new(format!("no such container {id}"))),
         }
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.answer().await?;
         let mut inner = self.check(format!("remove {id}"))?;
         inner.containers.remove(id);
         Ok(())
     }
 
     async fn health(&self, id: &str) -> Result<ContainerHealth, RuntimeError> {
+        self.answer().await?;
         let inner = self.check(format!("health {id}"))?;
         match inner.containers.get(id).map(|(_, c, _)| &c.state) {
             Some(ContainerState::Running) => Ok(ContainerHealth {
@@ -294,7 +327,7 @@ impl ContainerRuntime for MemoryRuntime {
                 restart_count: 0,
                 exit_code: 0,
             }),
-            None => Err(RuntimeError(format!("no such container {id}"))),
+            None => Err(RuntimeError::new(format!("no such container {id}"))),
         }
     }
 

@@ -25,10 +25,18 @@ pub enum DesiredContent {
     Valid {
         spec_hash: SpecHash,
         services: Vec<PodmanService>,
+        /// The payload's `DeploymentRevision` number (`None` from operators that
+        /// predate revisions).
+        revision: Option<u64>,
     },
     /// Cannot be acted on. Existing containers of the deployment are left running:
     /// a bad update must not take down what works.
-    Invalid { spec_hash: Option<SpecHash>, error: String },
+    Invalid {
+        spec_hash: Option<SpecHash>,
+        error: String,
+        /// `None` also when the payload did not parse.
+        revision: Option<u64>,
+    },
 }
 
 impl DesiredContent {
@@ -36,6 +44,12 @@ impl DesiredContent {
         match self {
             DesiredContent::Valid { spec_hash, .. } => Some(spec_hash),
             DesiredContent::Invalid { spec_hash, .. } => spec_hash.as_ref(),
+        }
+    }
+
+    pub fn revision(&self) -> Option<u64> {
+        match self {
+            DesiredContent::Valid { revision, .. } | DesiredContent::Invalid { revision, .. } => *revision,
         }
     }
 }
@@ -173,6 +187,9 @@ pub struct Plan {
     /// replacements, starts and unpauses.
     pub actions: Vec<Action>,
     pub assessments: BTreeMap<DeploymentRef, Assessment>,
+    /// The revision each desired deployment runs, as seen before acting
+    /// ([`running_revision`]).
+    pub revisions: BTreeMap<DeploymentRef, Option<u64>>,
 }
 
 impl Plan {
@@ -250,7 +267,11 @@ struct Planned {
 }
 
 impl Planned {
-    fn into_plan(self, assessments: BTreeMap<DeploymentRef, Assessment>) -> Plan {
+    fn into_plan(
+        self,
+        assessments: BTreeMap<DeploymentRef, Assessment>,
+        revisions: BTreeMap<DeploymentRef, Option<u64>>,
+    ) -> Plan {
         let mut actions = self.removes;
         actions.extend(
             self.ensure
@@ -260,7 +281,11 @@ impl Planned {
         actions.extend(self.creates);
         actions.extend(self.replaces);
         actions.extend(self.starts);
-        Plan { actions, assessments }
+        Plan {
+            actions,
+            assessments,
+            revisions,
+        }
     }
 }
 
@@ -275,26 +300,38 @@ struct ServiceContainers<'c> {
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let mut planned = Planned::default();
     let mut assessments = BTreeMap::new();
+    let mut revisions = BTreeMap::new();
     let by_deployment = group_by_deployment(&input, &mut planned);
     for (dep, content) in input.desired {
         let observed = by_deployment.get(dep).map(Vec::as_slice).unwrap_or(&[]);
-        let (spec_hash, services) = match content {
-            DesiredContent::Invalid { error, .. } => {
+        let labels = observed.iter().map(|c| c.revision);
+        let (spec_hash, services, revision) = match content {
+            DesiredContent::Invalid { error, revision, .. } => {
                 assessments.insert(dep.clone(), Assessment::Invalid(error.clone()));
+                // Whatever runs is left alone, and is older than this payload.
+                let older = !observed.is_empty();
+                revisions.insert(dep.clone(), running_revision(*revision, false, older, labels));
                 continue;
             }
-            DesiredContent::Valid { spec_hash, services } => (spec_hash, services),
+            DesiredContent::Valid {
+                spec_hash,
+                services,
+                revision,
+            } => (spec_hash, services, *revision),
         };
         let mut f = Findings::default();
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         // Services dropped from the score.
+        let mut older = false;
         for c in observed.iter().filter(|c| !wanted.contains(c.service.as_str())) {
             planned.removes.push(remove(dep, c, RemoveCause::SpecChanged));
             f.acted = true;
+            older = true;
         }
         for svc in services {
             let hash = service_hash(svc);
             let containers = sort_service(dep, observed, svc, &hash, &mut planned, &mut f);
+            older |= !containers.outdated.is_empty();
             let spec = Box::new(ContainerSpec {
                 device: input.device.clone(),
                 deployment: dep.clone(),
@@ -302,6 +339,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 service: svc.clone(),
                 service_hash: hash.clone(),
                 spec_hash: spec_hash.clone(),
+                revision,
             });
             match containers.keeper {
                 None => plan_missing(&input, dep, svc, spec, &containers.outdated, &mut planned, &mut f),
@@ -317,9 +355,42 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 Some(keeper) => plan_keeper(dep, svc, keeper, &mut planned, &mut f),
             }
         }
-        assessments.insert(dep.clone(), f.assessment());
+        let assessment = f.assessment();
+        let converged = assessment == Assessment::Converged;
+        revisions.insert(dep.clone(), running_revision(revision, converged, older, labels));
+        assessments.insert(dep.clone(), assessment);
     }
-    planned.into_plan(assessments)
+    planned.into_plan(assessments, revisions)
+}
+
+/// The revision a deployment runs on the device, reported next to its phase.
+///
+/// - `desired`: the payload's revision; without one (an operator that predates
+///   revisions, a payload that does not parse) the answer is `None`, unknown.
+/// - Converged, or nothing of an older spec on the device (the deployment is new,
+///   being restored, or stopped at its current spec): the phase is about the
+///   desired spec, and so is the revision.
+/// - Containers of an older spec are still there (an upgrade that waits for its
+///   image, failed, or was rolled back; a payload that cannot be acted on): the
+///   previous version is what serves, so the revision is the newest one the
+///   deployment's containers were created for (their [`crate::labels::REVISION`],
+///   which survives an agent restart), below the desired one. A service the last
+///   upgrades did not change keeps its older container and label, which is why the
+///   newest, not the oldest, is taken. `None` if no container says (created by an
+///   agent that predates revisions).
+///
+/// `labels` are the revisions of all the deployment's containers.
+pub fn running_revision(
+    desired: Option<u64>,
+    converged: bool,
+    older: bool,
+    labels: impl IntoIterator<Item = Option<u64>>,
+) -> Option<u64> {
+    let desired = desired?;
+    if converged || !older {
+        return Some(desired);
+    }
+    labels.into_iter().flatten().filter(|r| *r < desired).max()
 }
 
 /// Observed containers by deployment. A container without a readable deployment
@@ -542,5 +613,32 @@ fn start(dep: &DeploymentRef, c: &ObservedContainer, exit_code: Option<i32>) -> 
         container_id: c.id.clone(),
         name: c.name.clone(),
         exit_code,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::running_revision;
+
+    #[test]
+    fn the_revision_is_the_desired_one_unless_an_older_version_is_what_is_there() {
+        // Converged, or nothing older on the device: the desired revision, whatever
+        // older labels unchanged services carry.
+        assert_eq!(running_revision(Some(4), true, true, [Some(2), Some(4)]), Some(4));
+        assert_eq!(running_revision(Some(4), false, false, [Some(2)]), Some(4));
+        assert_eq!(running_revision(Some(4), false, false, []), Some(4));
+        // An upgrade to 4 that did not happen: the previous version's revision.
+        assert_eq!(running_revision(Some(4), false, true, [Some(3)]), Some(3));
+        // Web replaced at 3 (db unchanged, still labelled 1), then 4 fails for web:
+        // the device ran 3, the newest label below the desired one.
+        assert_eq!(running_revision(Some(4), false, true, [Some(1), Some(3)]), Some(3));
+        // A service already replaced for 4 while another still waits does not
+        // make it 4.
+        assert_eq!(running_revision(Some(4), false, true, [Some(4), Some(3)]), Some(3));
+        // Containers from an agent that predates revisions: unknown.
+        assert_eq!(running_revision(Some(4), false, true, [None]), None);
+        // Payloads without a revision (older operators): unknown, always.
+        assert_eq!(running_revision(None, true, false, [Some(3)]), None);
+        assert_eq!(running_revision(None, false, true, [Some(3)]), None);
     }
 }

@@ -4,6 +4,13 @@
 //! image exists, pull, and the event stream. One HTTP/1.1 connection per request
 //! keeps it simple and robust across podman service restarts; the cost (a
 //! unix-socket connect) is negligible next to what podman itself does per call.
+//!
+//! Every call has a deadline, so a podman service that accepts connections but
+//! never answers (frozen, deadlocked) is noticed instead of holding the agent:
+//! reads (ping, info, list, inspect, image exists, the event stream's connect) get
+//! the short call timeout, calls that change containers get
+//! [`CHANGE_TIMEOUT_FACTOR`] times as long (stop and remove also the container's
+//! stop timeout), and pulls get their own, long, timeout.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +25,14 @@ use tokio::net::UnixStream;
 
 const API: &str = "/v4.0.0/libpod";
 
+/// Deadline of reads when none is set ([`PodmanClient::with_call_timeout`]).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Calls that change containers (create, start, unpause, and stop and remove on top
+/// of the stop timeout) may take this many times the call timeout: podman does real
+/// work for them (storage, the OCI runtime, networking), on a slow SD card too.
+pub const CHANGE_TIMEOUT_FACTOR: u32 = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
     #[error("podman socket {path}: {source}")]
@@ -30,7 +45,7 @@ pub enum PodmanError {
     Api { what: String, status: u16, message: String },
     #[error("podman API {what}: {message}")]
     Transport { what: String, message: String },
-    #[error("podman API {what} timed out after {after:?}")]
+    #[error("podman API {what}: no answer within {}", humantime::format_duration(*after))]
     Timeout { what: String, after: Duration },
 }
 
@@ -144,6 +159,7 @@ struct ErrorBody {
 #[derive(Debug, Clone)]
 pub struct PodmanClient {
     socket: PathBuf,
+    /// Deadline of reads; changes get [`CHANGE_TIMEOUT_FACTOR`] times as long.
     timeout: Duration,
 }
 
@@ -151,12 +167,28 @@ impl PodmanClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
             socket: socket.into(),
-            timeout: Duration::from_secs(60),
+            timeout: DEFAULT_CALL_TIMEOUT,
         }
+    }
+
+    /// Sets the deadline of reads (and with it that of changes).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn socket(&self) -> &std::path::Path {
         &self.socket
+    }
+
+    /// The deadline of reads.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The deadline of calls that change containers.
+    pub fn change_timeout(&self) -> Duration {
+        self.timeout.saturating_mul(CHANGE_TIMEOUT_FACTOR)
     }
 
     /// Checks that the service answers.
@@ -207,7 +239,13 @@ impl PodmanClient {
             message: e.to_string(),
         })?;
         let body = self
-            .call(Method::POST, &format!("{API}/containers/create"), Some(payload), &what)
+            .call_with(
+                Method::POST,
+                &format!("{API}/containers/create"),
+                Some(payload),
+                &what,
+                self.change_timeout(),
+            )
             .await?;
         let resp: CreateResponse = serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
             what,
@@ -219,7 +257,13 @@ impl PodmanClient {
     pub async fn start(&self, id: &str) -> Result<(), PodmanError> {
         let what = format!("start {}", short_id(id));
         match self
-            .call(Method::POST, &format!("{API}/containers/{id}/start"), None, &what)
+            .call_with(
+                Method::POST,
+                &format!("{API}/containers/{id}/start"),
+                None,
+                &what,
+                self.change_timeout(),
+            )
             .await
         {
             // 304: already running, which is what we wanted.
@@ -233,7 +277,7 @@ impl PodmanClient {
     pub async fn stop(&self, id: &str, timeout: Duration) -> Result<(), PodmanError> {
         let path = format!("{API}/containers/{id}/stop?timeout={}", timeout.as_secs());
         // Podman waits up to `timeout` for the process, then kills it.
-        let limit = self.timeout + timeout;
+        let limit = self.change_timeout().saturating_add(timeout);
         match self
             .call_with(Method::POST, &path, None, &format!("stop {}", short_id(id)), limit)
             .await
@@ -244,11 +288,12 @@ impl PodmanClient {
     }
 
     pub async fn unpause(&self, id: &str) -> Result<(), PodmanError> {
-        self.call(
+        self.call_with(
             Method::POST,
             &format!("{API}/containers/{id}/unpause"),
             None,
             &format!("unpause {}", short_id(id)),
+            self.change_timeout(),
         )
         .await
         .map(drop)
@@ -269,8 +314,10 @@ impl PodmanClient {
     /// is already gone counts as removed.
     pub async fn remove(&self, id: &str, stop_timeout: Duration) -> Result<(), PodmanError> {
         let path = format!("{API}/containers/{id}?force=true&timeout={}", stop_timeout.as_secs());
+        // A running container is stopped first, which may take `stop_timeout`.
+        let limit = self.change_timeout().saturating_add(stop_timeout);
         match self
-            .call(Method::DELETE, &path, None, &format!("remove {}", short_id(id)))
+            .call_with(Method::DELETE, &path, None, &format!("remove {}", short_id(id)), limit)
             .await
         {
             Err(e) if e.status() == 404 => Ok(()),
@@ -320,7 +367,9 @@ impl PodmanClient {
         let what = "events";
         let filters = serde_json::json!({"label": [format!("{label}={value}")], "type": ["container"]}).to_string();
         let path = format!("{API}/events?stream=true&filters={}", urlencoding::encode(&filters));
-        let resp = tokio::time::timeout(self.timeout, self.send(Method::GET, &path, None, what))
+        // Only the answer's head has a deadline: the stream itself is quiet for as
+        // long as nothing happens to the device's containers.
+        let (resp, _conn) = tokio::time::timeout(self.timeout, self.send(Method::GET, &path, None, what))
             .await
             .map_err(|_| PodmanError::Timeout {
                 what: what.to_owned(),
@@ -371,7 +420,7 @@ impl PodmanClient {
         timeout: Duration,
     ) -> Result<Bytes, PodmanError> {
         let call = async {
-            let resp = self.send(method, path, body, what).await?;
+            let (resp, _conn) = self.send(method, path, body, what).await?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -397,14 +446,17 @@ impl PodmanClient {
         }
     }
 
-    /// Sends one request on a fresh connection; the response body streams from it.
+    /// Sends one request on a fresh connection; the response body streams from it
+    /// for as long as the returned guard lives. Dropping the guard closes the
+    /// connection, so a call given up on (a frozen podman) leaves no task or socket
+    /// behind.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
         what: &str,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, PodmanError> {
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, ConnGuard), PodmanError> {
         let transport = |e: &dyn std::fmt::Display| PodmanError::Transport {
             what: what.to_owned(),
             message: e.to_string(),
@@ -418,11 +470,11 @@ impl PodmanClient {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| transport(&e))?;
-        let conn_task = tokio::spawn(async move {
+        let conn_task = ConnGuard(tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "podman connection ended with error");
             }
-        });
+        }));
         let mut req = Request::builder().method(method).uri(path).header("host", "podman");
         if body.is_some() {
             req = req.header("content-type", "application/json");
@@ -431,9 +483,16 @@ impl PodmanClient {
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| transport(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
-        // The connection task ends with the response body (or when podman closes).
-        drop(conn_task);
-        Ok(resp)
+        Ok((resp, conn_task))
+    }
+}
+
+/// The task driving one connection; aborted (and the socket closed) on drop.
+struct ConnGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -456,4 +515,92 @@ fn api_error(what: &str, status: StatusCode, bytes: &[u8]) -> PodmanError {
 /// The first 12 characters of a container id, as podman shows them.
 pub fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// A socket like a frozen podman's (`kill -STOP`): connections are accepted
+    /// (here by the test, there by the kernel's backlog) and nothing is answered.
+    /// Sends each accepted connection to the test.
+    fn frozen_podman(dir: &std::path::Path) -> (PathBuf, tokio::sync::mpsc::UnboundedReceiver<UnixStream>) {
+        let socket = dir.join("podman.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                if tx.send(conn).is_err() {
+                    return;
+                }
+            }
+        });
+        (socket, rx)
+    }
+
+    #[tokio::test]
+    async fn a_podman_that_does_not_answer_times_out_at_the_call_deadline_and_the_connection_is_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (socket, mut accepted) = frozen_podman(dir.path());
+        let client = PodmanClient::new(&socket).with_call_timeout(Duration::from_millis(300));
+        assert_eq!(client.change_timeout(), Duration::from_millis(1200));
+
+        let started = Instant::now();
+        let err = client.list_by_label("k", "v").await.expect_err("no answer");
+        let took = started.elapsed();
+        assert!(
+            matches!(&err, PodmanError::Timeout { after, .. } if *after == Duration::from_millis(300)),
+            "{err:?}"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        assert_eq!(err.to_string(), "podman API list containers: no answer within 300ms");
+
+        // The call that was given up on leaves no connection open behind it.
+        let mut conn = accepted.recv().await.expect("connection");
+        let mut request = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut request)).await;
+        assert!(read.is_ok(), "the client kept the connection open");
+        assert!(String::from_utf8_lossy(&request).starts_with("GET /v4.0.0/libpod/containers/json"));
+
+        // The event stream's connect has the same deadline: the watcher reconnects
+        // instead of waiting forever for an answer.
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let started = Instant::now();
+        let err = client.stream_events("k", "v", &tx).await.expect_err("no answer");
+        assert!(matches!(err, PodmanError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn changes_get_longer_than_reads_and_pulls_their_own_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (socket, _accepted) = frozen_podman(dir.path());
+        let client = PodmanClient::new(&socket).with_call_timeout(Duration::from_millis(100));
+        let err = client.start("abc").await.expect_err("no answer");
+        assert!(
+            matches!(err, PodmanError::Timeout { after, .. } if after == Duration::from_millis(400)),
+            "{err:?}"
+        );
+        let err = client
+            .remove("abc", Duration::from_millis(200))
+            .await
+            .expect_err("no answer");
+        assert!(
+            matches!(err, PodmanError::Timeout { after, .. } if after == Duration::from_millis(600)),
+            "{err:?}"
+        );
+        let err = client
+            .pull("img:1", Duration::from_millis(700))
+            .await
+            .expect_err("no answer");
+        assert!(
+            matches!(err, PodmanError::Timeout { after, .. } if after == Duration::from_millis(700)),
+            "{err:?}"
+        );
+    }
 }

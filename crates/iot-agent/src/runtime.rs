@@ -37,6 +37,9 @@ pub struct ObservedContainer {
     pub deployment: Option<DeploymentRef>,
     pub service: String,
     pub service_hash: String,
+    /// The revision of the deployment's desired state it was created for (its
+    /// [`labels::REVISION`]); `None` without one.
+    pub revision: Option<u64>,
     pub state: ContainerState,
 }
 
@@ -49,6 +52,9 @@ pub struct ContainerSpec {
     pub service: PodmanService,
     pub service_hash: SpecHash,
     pub spec_hash: SpecHash,
+    /// The revision of the desired state the container is created for, stored next
+    /// to the spec hash so a restarted agent knows what runs.
+    pub revision: Option<u64>,
 }
 
 /// How a just-started container is doing.
@@ -93,8 +99,39 @@ impl RuntimeEventKind {
 
 /// Why a runtime call failed, worded for `last_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RuntimeError(pub String);
+#[error("{message}")]
+pub struct RuntimeError {
+    pub message: String,
+    /// `Some` when the runtime did not answer within this deadline: it accepts
+    /// calls but is frozen or stuck, as opposed to refusing or failing them.
+    pub no_answer_within: Option<Duration>,
+}
+
+impl RuntimeError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            no_answer_within: None,
+        }
+    }
+
+    /// The runtime did not answer `what` within `after`.
+    pub fn no_answer(what: &str, after: Duration) -> Self {
+        Self {
+            message: format!("{what}: no answer within {}", humantime::format_duration(after)),
+            no_answer_within: Some(after),
+        }
+    }
+}
+
+impl From<PodmanError> for RuntimeError {
+    fn from(e: PodmanError) -> Self {
+        match e {
+            PodmanError::Timeout { what, after } => RuntimeError::no_answer(&format!("podman API {what}"), after),
+            other => RuntimeError::new(other.to_string()),
+        }
+    }
+}
 
 /// Everything the reconciler asks of the container runtime. Cloneable so image pulls
 /// can run on their own tasks, off the serial action loop.
@@ -162,7 +199,7 @@ impl PodmanRuntime {
 
     fn create_spec(spec: &ContainerSpec, stop_timeout: Duration) -> Result<CreateSpec, RuntimeError> {
         let svc = &spec.service;
-        let labels = BTreeMap::from([
+        let mut labels = BTreeMap::from([
             (labels::MANAGED_BY.to_owned(), labels::MANAGED_BY_VALUE.to_owned()),
             (labels::DEVICE.to_owned(), spec.device.to_string()),
             (labels::DEPLOYMENT.to_owned(), spec.deployment.to_string()),
@@ -174,6 +211,9 @@ impl PodmanRuntime {
             (labels::K8S_COMPONENT.to_owned(), svc.name.clone()),
             (labels::K8S_MANAGED_BY.to_owned(), labels::MANAGED_BY_VALUE.to_owned()),
         ]);
+        if let Some(revision) = spec.revision {
+            labels.insert(labels::REVISION.to_owned(), revision.to_string());
+        }
         let resource_limits = match &svc.resources {
             Some(r) => Some(resource_limits(r)?),
             None => None,
@@ -214,7 +254,7 @@ fn resource_limits(r: &harmony_reconciler_contracts::ResourceLimits) -> Result<s
         let bytes = mib
             .checked_mul(1024 * 1024)
             .filter(|b| i64::try_from(*b).is_ok())
-            .ok_or_else(|| RuntimeError(format!("resources.memory_mib {mib} is too large")))?;
+            .ok_or_else(|| RuntimeError::new(format!("resources.memory_mib {mib} is too large")))?;
         limits.insert("memory".into(), serde_json::json!({"limit": bytes}));
     }
     if let Some(milli) = r.cpu_millicores {
@@ -222,18 +262,20 @@ fn resource_limits(r: &harmony_reconciler_contracts::ResourceLimits) -> Result<s
         let quota = milli
             .checked_mul(100)
             .filter(|q| i64::try_from(*q).is_ok())
-            .ok_or_else(|| RuntimeError(format!("resources.cpu_millicores {milli} is too large")))?;
+            .ok_or_else(|| RuntimeError::new(format!("resources.cpu_millicores {milli} is too large")))?;
         limits.insert("cpu".into(), serde_json::json!({"period": 100_000, "quota": quota}));
     }
     Ok(serde_json::Value::Object(limits))
 }
 
 /// Podman's own message, without our request description (which names container
-/// ids): the reconciler says which service it was about.
+/// ids): the reconciler says which service it was about. No answer in time says
+/// only that.
 fn podman_err(e: PodmanError) -> RuntimeError {
     match e {
-        PodmanError::Api { message, .. } if !message.is_empty() => RuntimeError(message),
-        other => RuntimeError(other.to_string()),
+        PodmanError::Api { message, .. } if !message.is_empty() => RuntimeError::new(message),
+        PodmanError::Timeout { after, .. } => RuntimeError::no_answer("podman", after),
+        other => RuntimeError::from(other),
     }
 }
 
@@ -293,7 +335,7 @@ impl ContainerRuntime for PodmanRuntime {
     }
 
     async fn ping(&self) -> Result<(), RuntimeError> {
-        self.client.ping().await.map_err(|e| RuntimeError(e.to_string()))
+        self.client.ping().await.map_err(RuntimeError::from)
     }
 
     async fn list(&self, device: &Id) -> Result<Vec<ObservedContainer>, RuntimeError> {
@@ -301,7 +343,7 @@ impl ContainerRuntime for PodmanRuntime {
             .client
             .list_by_label(labels::DEVICE, device.as_str())
             .await
-            .map_err(|e| RuntimeError(e.to_string()))?;
+            .map_err(RuntimeError::from)?;
         Ok(listed
             .into_iter()
             .filter_map(|c| {
@@ -322,6 +364,7 @@ impl ContainerRuntime for PodmanRuntime {
                     deployment: labels.get(labels::DEPLOYMENT).and_then(|d| d.parse().ok()),
                     service: labels.get(labels::SERVICE).cloned().unwrap_or_default(),
                     service_hash: labels.get(labels::SERVICE_HASH).cloned().unwrap_or_default(),
+                    revision: labels.get(labels::REVISION).and_then(|r| r.parse().ok()),
                     state,
                 })
             })
@@ -389,7 +432,7 @@ impl ContainerRuntime for PodmanRuntime {
             }
         };
         let (streamed, ()) = tokio::join!(stream, forward);
-        streamed.map_err(|e| RuntimeError(e.to_string()))
+        streamed.map_err(RuntimeError::from)
     }
 }
 
@@ -431,6 +474,52 @@ mod tests {
     }
 
     #[test]
+    fn the_revision_is_a_label_next_to_the_spec_hash_when_there_is_one() {
+        let service: PodmanService =
+            serde_json::from_value(serde_json::json!({"name": "web", "image": "img:1"})).expect("service");
+        let mut spec = ContainerSpec {
+            device: Id::new("pi-1").expect("id"),
+            deployment: "default/web".parse().expect("deployment"),
+            name: "pi-1.default.web.web.12345678".into(),
+            service_hash: crate::plan::service_hash(&service),
+            service,
+            spec_hash: SpecHash::from_reported("h"),
+            revision: Some(7),
+        };
+        let labels = PodmanRuntime::create_spec(&spec, Duration::from_secs(1))
+            .expect("spec")
+            .labels;
+        assert_eq!(labels.get(labels::REVISION).map(String::as_str), Some("7"));
+        assert_eq!(labels.get(labels::SPEC_HASH).map(String::as_str), Some("h"));
+        spec.revision = None;
+        let labels = PodmanRuntime::create_spec(&spec, Duration::from_secs(1))
+            .expect("spec")
+            .labels;
+        assert!(!labels.contains_key(labels::REVISION), "{labels:?}");
+    }
+
+    #[test]
+    fn no_answer_in_time_is_told_apart_from_other_failures() {
+        let timeout = PodmanError::Timeout {
+            what: "list containers".into(),
+            after: Duration::from_secs(5),
+        };
+        let e = RuntimeError::from(timeout);
+        assert_eq!(e.no_answer_within, Some(Duration::from_secs(5)));
+        assert_eq!(e.message, "podman API list containers: no answer within 5s");
+        let e = podman_err(PodmanError::Timeout {
+            what: "start 0123456789ab".into(),
+            after: Duration::from_secs(20),
+        });
+        assert_eq!(e.no_answer_within, Some(Duration::from_secs(20)));
+        let refused = PodmanError::Connect {
+            path: "/run/podman/podman.sock".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        assert_eq!(RuntimeError::from(refused).no_answer_within, None);
+    }
+
+    #[test]
     fn resource_limits_never_wrap() -> Result<(), RuntimeError> {
         let ok = resource_limits(&ResourceLimits {
             memory_mib: Some(64),
@@ -449,7 +538,7 @@ mod tests {
                 cpu_millicores: milli,
             })
             .err()
-            .map(|e| e.0)
+            .map(|e| e.message)
             .unwrap_or_default();
             assert!(err.contains(field) && err.contains("too large"), "{err}");
         }

@@ -274,3 +274,61 @@ async fn two_agents_on_one_podman_host_never_touch_each_other() -> anyhow::Resul
     wait_http(pb, "v2").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_revision_that_runs_is_reported_and_survives_an_agent_restart() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let (dev, guard) = device();
+    let mut agent = Agent::spawn(&stack, &dev)?;
+    let web = dep("default", "web");
+    let port = free_port()?;
+    let h1 = stack
+        .put_revision(&dev, &web, &web_score("localhost/iot-web:v1", port), 1)
+        .await?;
+    let running = stack.wait_phase(&dev, &web, Phase::Running, Some(&h1)).await?;
+    assert_eq!(running.deployments[&web].revision, Some(1));
+    let ids = guard.running_ids();
+    let label = podman_cli(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"iot.nationtech.io/revision\"}}",
+        &ids[0],
+    ])?;
+    assert_eq!(label.trim(), "1", "stored next to the spec hash");
+
+    // Revision 2 cannot be had: revision 1 keeps serving, and is what is reported.
+    let h2 = stack
+        .put_revision(&dev, &web, &web_score("localhost/iot-web:no-such-tag", port), 2)
+        .await?;
+    let failed = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
+    assert_eq!(failed.deployments[&web].revision, Some(1));
+
+    // After a restart the agent knows it from the container's label alone.
+    agent.kill();
+    let killed_at = chrono::Utc::now();
+    agent.start(&stack)?;
+    let after = stack
+        .wait_status(&dev, "a report of the restarted agent after its first pass", |s| {
+            s.heartbeat_at > killed_at
+                && s.last_reconcile_at.is_some_and(|t| t > killed_at)
+                && s.deployments.contains_key(&web)
+        })
+        .await?;
+    assert_eq!(
+        after.deployments[&web].revision,
+        Some(1),
+        "{:?}",
+        after.deployments[&web]
+    );
+    assert_eq!(guard.running_ids(), ids);
+    wait_http(port, "v1").await?;
+
+    // Revision 3 works: it is what runs and what is reported.
+    let h3 = stack
+        .put_revision(&dev, &web, &web_score("localhost/iot-web:v2", port), 3)
+        .await?;
+    let upgraded = stack.wait_phase(&dev, &web, Phase::Running, Some(&h3)).await?;
+    assert_eq!(upgraded.deployments[&web].revision, Some(3));
+    wait_http(port, "v2").await?;
+    Ok(())
+}

@@ -22,6 +22,7 @@ fn valid(services: Vec<PodmanService>) -> DesiredContent {
     DesiredContent::Valid {
         spec_hash: SpecHash::from_reported("h"),
         services,
+        revision: None,
     }
 }
 
@@ -32,6 +33,7 @@ fn running(id: &str, d: &str, s: &PodmanService) -> ObservedContainer {
         deployment: Some(dep(d)),
         service: s.name.clone(),
         service_hash: service_hash(s).to_string(),
+        revision: None,
         state: ContainerState::Running,
     }
 }
@@ -323,6 +325,7 @@ fn invalid_desired_state_keeps_existing_containers_and_touches_nothing_else() {
         DesiredContent::Invalid {
             spec_hash: None,
             error: "does not parse".into(),
+            revision: None,
         },
     );
     c.desired.insert(dep("api"), valid(vec![api.clone()]));

@@ -27,6 +27,17 @@ fn payload_with(name: &str, service: serde_json::Value) -> Bytes {
     Bytes::from(DesiredState::new(dep(name), score).to_bytes())
 }
 
+/// A payload of revision `revision` of `name`'s score with these services.
+fn payload_rev(name: &str, services: serde_json::Value, revision: u64) -> Bytes {
+    let score: IotScore =
+        serde_json::from_value(serde_json::json!({"PodmanV0": {"services": services}})).expect("score");
+    Bytes::from(DesiredState::new(dep(name), score).with_revision(revision).to_bytes())
+}
+
+fn web_rev(image: &str, revision: u64) -> Bytes {
+    payload_rev("web", serde_json::json!([{"name": "web", "image": image}]), revision)
+}
+
 fn view(entries: &[(&str, Bytes)]) -> DesiredView {
     DesiredView {
         entries: entries
@@ -486,6 +497,7 @@ async fn an_interrupted_upgrade_is_settled_or_rolled_back_on_the_next_pass() {
                 service: svc,
                 service_hash: hash,
                 spec_hash: SpecHash::from_reported("h"),
+                revision: None,
             }
         };
         let new = rt.create(&spec).await.expect("create");
@@ -541,4 +553,168 @@ async fn changes_are_flushed_to_disk_after_the_report_and_before_the_next_change
     assert_eq!(flushes(&rt), after_create, "nothing changed, nothing flushed");
     rec.reconcile(&view(&[])).await;
     assert_eq!(flushes(&rt), after_create + 1, "a removal is flushed too");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_that_stops_answering_fails_every_deployment_with_that_reason_and_recovers() {
+    let (mut rec, rt, rx) = setup(&["img:1"]);
+    let v = view(&[("web", web_rev("img:1", 3)), ("api", payload("api", "img:1"))]);
+    rec.reconcile(&v).await;
+    assert_eq!(phase(&rx, "web").phase, Phase::Running);
+    let hash = phase(&rx, "web").spec_hash;
+
+    // Frozen behind a 5 s deadline: one pass costs one deadline, not one per call.
+    rt.set_unresponsive(Some(Duration::from_secs(5)));
+    let started = tokio::time::Instant::now();
+    rec.reconcile(&v).await;
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+    let report = rx.borrow().clone();
+    let reason = "container runtime did not answer within 5s";
+    assert_eq!(report.runtime.state, RuntimeState::Unavailable);
+    assert_eq!(report.runtime.message.as_deref(), Some(reason));
+    for name in ["web", "api"] {
+        let p = &report.deployments[&dep(name)];
+        assert_eq!(
+            p.phase,
+            Phase::Failed,
+            "{name}: a device that cannot see its containers"
+        );
+        assert_eq!(p.last_error.as_deref(), Some(reason));
+    }
+    let web = &report.deployments[&dep("web")];
+    assert_eq!(
+        (&web.spec_hash, web.revision),
+        (&hash, Some(3)),
+        "what ran last stays reported"
+    );
+    assert_eq!(rec.readiness(&v), Err(reason.to_owned()));
+    let errors = |rx: &watch::Receiver<Report>| {
+        rx.borrow()
+            .events
+            .iter()
+            .filter(|e| e.severity == Severity::Error && e.message == reason)
+            .count()
+    };
+    // One for the device, one per deployment.
+    assert_eq!(errors(&rx), 3, "{:?}", rx.borrow().events);
+    // Still frozen: the same report, no new events.
+    rec.reconcile(&v).await;
+    assert_eq!(errors(&rx), 3, "{:?}", rx.borrow().events);
+    assert_eq!(rx.borrow().revision, report.revision, "nothing changed while frozen");
+
+    // It answers again: back to Running on the next pass, by itself.
+    rt.set_unresponsive(None);
+    rec.reconcile(&v).await;
+    let report = rx.borrow().clone();
+    assert_eq!(report.runtime.state, RuntimeState::Available);
+    assert_eq!(report.runtime.message, None);
+    assert_eq!(report.deployments[&dep("web")].phase, Phase::Running);
+    assert_eq!(report.deployments[&dep("api")].phase, Phase::Running);
+    assert!(
+        report
+            .events
+            .iter()
+            .any(|e| e.message == "container runtime reachable again"),
+        "{:?}",
+        report.events
+    );
+    assert_eq!(rt.containers().len(), 2, "nothing was re-created");
+    assert!(rec.readiness(&v).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_revision_reported_is_the_one_that_runs_through_failed_upgrades_and_agent_restarts() {
+    let rt = MemoryRuntime::with_images(&["img:1", "broken:2", "img:2"]).with_crashing(&["broken:2"]);
+    let (mut rec, rt, rx) = setup_with(rt);
+    let v3 = view(&[("web", web_rev("img:1", 3))]);
+    rec.reconcile(&v3).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision), (Phase::Running, Some(3)));
+    assert_eq!(rt.containers()[0].revision, Some(3), "stored on the container");
+    let h3 = p.spec_hash;
+
+    // Revision 4 does not come up: rolled back, revision 3 is what serves.
+    let v4 = view(&[("web", web_rev("broken:2", 4))]);
+    rec.reconcile(&v4).await;
+    let p = phase(&rx, "web");
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(
+        p.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("previous version keeps running"))
+    );
+    assert_eq!(p.revision, Some(3), "the revision of what runs, not the failed one");
+    assert_ne!(p.spec_hash, h3, "the failure is reported against the new spec");
+
+    // A restarted agent knows nothing but the containers' labels.
+    let (mut rec, rt, rx) = setup_with(rt);
+    rec.reconcile(&v4).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision), (Phase::Failed, Some(3)));
+
+    // Revision 5 goes back to revision 3's score: the container of revision 3 is
+    // kept, and it runs revision 5 now.
+    let v5 = view(&[("web", web_rev("img:1", 5))]);
+    rec.reconcile(&v5).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision, &p.spec_hash), (Phase::Running, Some(5), &h3));
+    assert_eq!(rt.containers()[0].revision, Some(3), "not re-created");
+
+    // Revision 6 works: replaced, labelled, reported.
+    rec.reconcile(&view(&[("web", web_rev("img:2", 6))])).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision), (Phase::Running, Some(6)));
+    assert_eq!(
+        rt.containers().iter().map(|c| c.revision).collect::<Vec<_>>(),
+        [Some(6)]
+    );
+    // Restarted again while converged: the payload's revision.
+    let (mut rec, _rt, rx) = setup_with(rt);
+    rec.reconcile(&view(&[("web", web_rev("img:2", 6))])).await;
+    assert_eq!(phase(&rx, "web").revision, Some(6));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_the_failed_upgrade_left_alone_does_not_hide_the_revision_that_ran() {
+    let rt = MemoryRuntime::with_images(&["web:1", "db:1", "db:2", "broken:3"]).with_crashing(&["broken:3"]);
+    let (mut rec, rt, rx) = setup_with(rt);
+    let two = |web: &str, db: &str, revision| {
+        view(&[(
+            "web",
+            payload_rev(
+                "web",
+                serde_json::json!([{"name": "web", "image": web}, {"name": "db", "image": db}]),
+                revision,
+            ),
+        )])
+    };
+    rec.reconcile(&two("web:1", "db:1", 1)).await;
+    // Revision 2 changes db only: web keeps its container of revision 1.
+    rec.reconcile(&two("web:1", "db:2", 2)).await;
+    assert_eq!(phase(&rx, "web").revision, Some(2));
+    let mut labels: Vec<_> = rt
+        .containers()
+        .iter()
+        .map(|c| (c.service.clone(), c.revision))
+        .collect();
+    labels.sort();
+    assert_eq!(labels, [("db".into(), Some(2)), ("web".into(), Some(1))]);
+    // Revision 3 breaks web: it is rolled back, and the device runs revision 2.
+    rec.reconcile(&two("broken:3", "db:2", 3)).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision), (Phase::Failed, Some(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn payloads_without_a_revision_report_none() {
+    let (mut rec, rt, rx) = setup(&["img:1"]);
+    rec.reconcile(&view(&[("web", payload("web", "img:1"))])).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision), (Phase::Running, None));
+    assert_eq!(rt.containers()[0].revision, None, "no label without a revision");
+    // An upgrade that waits for its image, from an operator with revisions, over a
+    // container from one without: what runs has no known revision.
+    rec.reconcile(&view(&[("web", web_rev("missing:2", 2))])).await;
+    let p = phase(&rx, "web");
+    assert_eq!((p.phase, p.revision), (Phase::Pending, None));
 }

@@ -320,7 +320,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             };
         }
         let (planned, backing) = self.plan_now(&desired, &observed, view.synced, &present, Instant::now());
-        let assessments = planned.assessments;
+        let (assessments, revisions) = (planned.assessments, planned.revisions);
         // A deployment on hold that is not converged stays Failed with the error
         // that put it there, whether its actions were skipped or not planned.
         for dep in &backing {
@@ -329,7 +329,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
         }
 
-        self.update_phases(&desired, &assessments, &errors, &rolled_back, &backing_off);
+        self.update_phases(&desired, &assessments, &revisions, &errors, &rolled_back, &backing_off);
         self.publish(Some(Utc::now()));
         // Changes and finished pulls are flushed to disk while the reporter sends
         // the report, not before: the flush is off the report's path, and the next
@@ -404,7 +404,26 @@ impl<R: ContainerRuntime> Reconciler<R> {
     }
 
     fn runtime_unavailable(&mut self, desired: &BTreeMap<DeploymentRef, DesiredContent>, error: &RuntimeError) {
-        let error = stable_error(error);
+        // A runtime that accepts calls but never answers (frozen, deadlocked) is as
+        // unavailable as one that refuses them, and the message says which.
+        let (error, why) = match error.no_answer_within {
+            Some(after) => {
+                let after = humantime::format_duration(after);
+                (
+                    format!("no answer within {after}"),
+                    format!("container runtime did not answer within {after}"),
+                )
+            }
+            None => {
+                let error = stable_error(error);
+                let why = format!("container runtime unavailable: {error}");
+                (error, why)
+            }
+        };
+        // What runs cannot be seen: the revision last seen stays.
+        let revision = |phases: &BTreeMap<DeploymentRef, DeploymentPhase>, dep: &DeploymentRef| {
+            phases.get(dep).and_then(|p| p.revision)
+        };
         if !self.runtime_reached {
             // Booting: podman's socket often appears after the agent starts.
             let message = format!(
@@ -419,18 +438,20 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 message: Some(message),
             };
             for (dep, content) in desired {
+                let revision = revision(&self.phases, dep);
                 self.set_phase(
                     dep,
                     Phase::Pending,
                     content.spec_hash().cloned(),
+                    revision,
                     None,
                     Some("waiting for the container runtime".into()),
                 );
             }
         } else {
-            let message = format!("container runtime unavailable: {error}");
+            let message = why;
             if self.runtime_status.state != RuntimeState::Unavailable {
-                tracing::warn!(error = %error, "container runtime unavailable; will retry on the next pass");
+                tracing::warn!(error = %error, "{message}; will retry on the next pass");
                 self.event(Severity::Error, None, message.clone());
             }
             self.runtime_status = RuntimeStatus {
@@ -438,10 +459,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 message: Some(message.clone()),
             };
             for (dep, content) in desired {
+                let revision = revision(&self.phases, dep);
                 self.set_phase(
                     dep,
                     Phase::Failed,
                     content.spec_hash().cloned(),
+                    revision,
                     Some(message.clone()),
                     None,
                 );
@@ -473,7 +496,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 _ => "restoring a container removed outside the agent".to_owned(),
             };
             let hash = desired.get(dep).and_then(DesiredContent::spec_hash).cloned();
-            self.set_phase(dep, Phase::Pending, hash, None, Some(note));
+            let revision = planned.revisions.get(dep).copied().flatten();
+            self.set_phase(dep, Phase::Pending, hash, revision, None, Some(note));
         }
         let revision = self.publish(None);
         if let Some(published) = &mut self.published {
@@ -489,7 +513,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
 /// (container ids, timestamps, durations), so the same failure reads the same on
 /// every device. Our own wording around it is stable already.
 fn stable_error(e: &RuntimeError) -> String {
-    normalize_error(&e.0, None)
+    normalize_error(&e.message, None)
 }
 
 /// A container name without the device id it starts with: the same on every device,

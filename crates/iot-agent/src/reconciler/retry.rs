@@ -154,6 +154,7 @@ mod tests {
             DesiredContent::Invalid {
                 error: "x".into(),
                 spec_hash: Some(SpecHash::from_reported(hash)),
+                revision: None,
             },
         )])
     }

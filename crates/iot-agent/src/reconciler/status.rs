@@ -20,6 +20,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         &mut self,
         desired: &BTreeMap<DeploymentRef, DesiredContent>,
         assessments: &BTreeMap<DeploymentRef, Assessment>,
+        revisions: &BTreeMap<DeploymentRef, Option<u64>>,
         errors: &BTreeMap<DeploymentRef, Vec<String>>,
         rolled_back: &BTreeSet<DeploymentRef>,
         backing_off: &BTreeSet<DeploymentRef>,
@@ -47,7 +48,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 assessment,
                 crash_loop: crash_loop.as_deref(),
             });
-            self.set_phase(dep, derived.phase, spec_hash, derived.error, derived.detail);
+            let revision = revisions.get(dep).copied().flatten();
+            self.set_phase(dep, derived.phase, spec_hash, revision, derived.error, derived.detail);
         }
     }
 
@@ -56,6 +58,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
         dep: &DeploymentRef,
         phase: Phase,
         spec_hash: Option<SpecHash>,
+        // The revision of what runs (see [`crate::plan::running_revision`]).
+        revision: Option<u64>,
         error: Option<String>,
         detail: Option<String>,
     ) {
@@ -93,7 +97,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 restarts: counts.restarts,
                 restores: counts.restores,
                 recent_restarts: counts.recent,
-                revision: None,
+                revision,
             },
         );
     }

@@ -51,6 +51,19 @@ impl Stack {
         Ok(score.spec_hash())
     }
 
+    /// Puts `score` as revision `revision` of the deployment.
+    pub async fn put_revision(
+        &self,
+        device: &str,
+        dep: &DeploymentRef,
+        score: &IotScore,
+        revision: u64,
+    ) -> anyhow::Result<SpecHash> {
+        let ds = DesiredState::new(dep.clone(), score.clone()).with_revision(revision);
+        self.put_raw(device, dep, ds.to_bytes()).await?;
+        Ok(score.spec_hash())
+    }
+
     pub async fn put_raw(&self, device: &str, dep: &DeploymentRef, bytes: Vec<u8>) -> anyhow::Result<()> {
         let key = desired_state_key(&Id::new(device)?, dep);
         self.desired.put(key, Bytes::from(bytes)).await?;
