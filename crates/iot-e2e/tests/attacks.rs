@@ -413,6 +413,35 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     .unwrap_or_default();
     assert!(refused.contains("byte cap"), "{refused}");
 
+    // A device's report is information, never authority: what it claims about its
+    // labels, its spec or its identity reaches no Device (it has no Kubernetes
+    // credentials at all; the operator copies nothing from a report into either).
+    stack.register_device("attacker", &[("site", "lab")]).await?;
+    stack.register_device(&victim, &[("site", "madrid")]).await?;
+    let mut claim = serde_json::to_value(stack.agent_status(&victim).await.expect("report"))?;
+    claim["device_id"] = serde_json::json!("attacker");
+    claim["labels"] = serde_json::json!({"site": "madrid", "tenant": "victim"});
+    claim["spec"] = serde_json::json!({"paused": true});
+    claim["metadata"] = serde_json::json!({"name": victim, "labels": {"site": "lab"}});
+    for device_id in ["attacker", victim.as_str()] {
+        claim["device_id"] = serde_json::json!(device_id);
+        // Pass or fail, what the relay stores is the attacker's own key.
+        let _ = iot_nats::status_relay::write_via_relay(
+            &d.client,
+            &harmony_reconciler_contracts::Id::new("attacker")?,
+            Bytes::from(serde_json::to_vec(&claim)?),
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, site) in [("attacker", "lab"), (victim.as_str(), "madrid")] {
+        let now = stack.devices().get(name).await?;
+        let labels = now.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get("site").map(String::as_str), Some(site), "{name}: {labels:?}");
+        assert!(!labels.contains_key("tenant") && !now.spec.paused, "{name}: {now:?}");
+    }
+
     // ---- Nothing landed ----
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(watcher.seen(), Vec::new(), "something landed on a target subject");

@@ -27,27 +27,27 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
         serde_json::from_str(&helm_ok(&["lint", &chart(), "--strict", "--kube-version", "v1.20.2"])?)?;
     assert_eq!(lint["errors"], serde_json::json!([]), "{lint}");
 
-    // The operator's 7 objects, plus the three iot-fleet-* ClusterRoles, plus the
+    // The operator's 9 objects (3 CRDs), plus the three iot-fleet-* ClusterRoles, plus the
     // SSO bindings when groups are set.
     for (sets, objects) in [
-        (vec![], 10),
+        (vec![], 12),
         (
             vec!["replicas=2".to_owned(), "nats.credentials.type=none".to_owned()],
-            10,
+            12,
         ),
         (
             vec![
                 "nats.credentials.type=creds".to_owned(),
                 "extraLabels.team=edge".to_owned(),
             ],
-            10,
+            12,
         ),
         (
             vec![
                 "nats.tls.caConfigMap=iot-ca".to_owned(),
                 "nats.credentials.type=none".to_owned(),
             ],
-            10,
+            12,
         ),
         (
             vec![
@@ -55,7 +55,7 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
                 "sso.groups.deployers={fleet-deployers,ops}".to_owned(),
                 "sso.namespaces={team-a,team-b}".to_owned(),
             ],
-            14,
+            16,
         ),
     ] {
         let rendered = render("iot", "iot-system", &sets)?;
@@ -647,7 +647,31 @@ async fn the_operator_as_the_charts_service_account_runs_the_core_loop_and_nothi
     assert!(forbidden.is_empty(), "forbidden calls: {forbidden:#?}");
 
     // And no more than that: kubectl auth can-i, as a SubjectAccessReview.
-    let checks: [(&str, &str, &str, Option<&str>, bool); 11] = [
+    assert!(
+        mine.iter()
+            .any(|e| e.verb == "create" && e.uri.contains("/deploymentrevisions")),
+        "it recorded revisions as {sa_user}"
+    );
+    let checks: [(&str, &str, &str, Option<&str>, bool); 17] = [
+        ("watch", "iot.nationtech.io", "devices", None, true),
+        ("patch", "iot.nationtech.io", "devices/status", None, true),
+        // A Device's labels and spec are people's: never the operator's.
+        ("patch", "iot.nationtech.io", "devices", None, false),
+        ("create", "iot.nationtech.io", "devices", None, false),
+        (
+            "create",
+            "iot.nationtech.io",
+            "deploymentrevisions",
+            Some("default"),
+            true,
+        ),
+        (
+            "update",
+            "iot.nationtech.io",
+            "deploymentrevisions",
+            Some("default"),
+            false,
+        ),
         ("list", "iot.nationtech.io", "deployments", None, true),
         (
             "patch",
