@@ -1,12 +1,17 @@
 //! `iotctl`: the fleet from a terminal. Reads NATS KV (desired state, device status)
-//! and the Kubernetes API (Deployments); writes nothing there, and creates no
-//! JetStream consumer (every listing is a batched direct get). Manages identities in
-//! OpenBao: device and service enrollment and revocation ([`identity`]).
+//! and writes nothing there, creating no JetStream consumer (every listing is a
+//! batched direct get). Manages identities in OpenBao: device and service enrollment
+//! and revocation ([`bao_admin`]). In Kubernetes it reads Deployments, keeps the
+//! `Device` objects of the devices it enrolls and revokes ([`registry`]), and writes
+//! an earlier revision's score back into a Deployment ([`rollout`]).
 //! Output goes through [`out`], so `iotctl ... | head` ends quietly.
 
 mod bao_admin;
+mod k8s;
 mod out;
 mod provision;
+mod registry;
+mod rollout;
 mod sso;
 mod table;
 
@@ -21,6 +26,7 @@ use iot_api::Deployment;
 use iot_nats::{KvRecord, NatsArgs, last_values_for};
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
+use registry::Registration;
 use table::{Table, age, bytes_gib};
 
 #[derive(Parser)]
@@ -57,7 +63,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KvCmd,
     },
-    /// Every device that reported: heartbeat age, deployments and their phase, inventory.
+    /// Every device that reported: heartbeat age, deployments and their phase,
+    /// inventory; with KUBECONFIG, whether it has a Device object.
     Devices,
     /// Deployment resources with their fleet aggregate and top errors (needs KUBECONFIG).
     Deployments {
@@ -65,11 +72,17 @@ enum Cmd {
         #[arg(short, long)]
         namespace: Option<String>,
     },
-    /// Devices: enroll, revoke, list their identities in OpenBao (needs BAO_ADDR,
-    /// BAO_TOKEN); provision a seed for first boot (offline).
+    /// Devices: enroll, revoke, list (their identities in OpenBao, needs BAO_ADDR and
+    /// BAO_TOKEN; their Device objects in Kubernetes, KUBECONFIG); provision a seed
+    /// for first boot (offline).
     Device {
         #[command(subcommand)]
         cmd: bao_admin::DeviceCmd,
+    },
+    /// A Deployment's revisions, and going back to one (needs KUBECONFIG).
+    Rollout {
+        #[command(subcommand)]
+        cmd: rollout::RolloutCmd,
     },
     /// Platform service identities in OpenBao (the operator, the auth callout).
     Service {
@@ -165,6 +178,18 @@ impl Cli {
     }
 }
 
+/// An error as iotctl prints it: the top message plus the root cause (the middle
+/// of the chain only repeats).
+pub(crate) fn error_line(e: &anyhow::Error) -> String {
+    let top = e.to_string();
+    let root = e.root_cause().to_string();
+    if top.contains(&root) {
+        top
+    } else {
+        format!("{top}: {root}")
+    }
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     out::line(&serde_json::to_string_pretty(v)?);
     Ok(())
@@ -235,14 +260,21 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
             Err(e) => out::warn(&format!("warning: {}: undecodable status: {e}", r.key)),
         }
     }
+    // Whether each has a Device object; left out when Kubernetes is not at hand.
+    let registry = registry::optional_all().await;
+    let registration = |id: &Id| registry.as_ref().map(|r| Registration::of(r, id.as_str()));
     if cli.output == Output::Json {
-        // Each status as the device wrote it, plus when NATS received it.
+        // Each status as the device wrote it, plus when NATS received it (and, with
+        // Kubernetes, `registration`).
         let items: Vec<serde_json::Value> = statuses
             .iter()
             .map(|(s, at)| {
                 let mut v = serde_json::to_value(s).unwrap_or_default();
                 if let Some(obj) = v.as_object_mut() {
                     obj.insert("received_at".into(), serde_json::json!(at));
+                    if let Some(r) = registration(&s.device_id) {
+                        obj.insert("registration".into(), serde_json::json!(r));
+                    }
                 }
                 v
             })
@@ -250,18 +282,12 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
         return print_json(&items);
     }
     let now = Utc::now();
-    let mut t = Table::new(&[
-        "DEVICE",
-        "REPORTED",
-        "STATE",
-        "RUNTIME",
-        "DEPLOYMENTS",
-        "ARCH",
-        "CPUS",
-        "MEM",
-        "OS",
-        "AGENT",
-    ]);
+    let mut header = vec!["DEVICE", "REPORTED", "STATE"];
+    if registry.is_some() {
+        header.push("REGISTRATION");
+    }
+    header.extend(["RUNTIME", "DEPLOYMENTS", "ARCH", "CPUS", "MEM", "OS", "AGENT"]);
+    let mut t = Table::new(&header);
     for (s, received) in statuses {
         // Judged by when NATS received the report: a device's clock may be wrong.
         let secs = received.map(|at| (now - at).num_seconds());
@@ -280,10 +306,15 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
                 .join(",")
         };
         let inv = s.inventory.unwrap_or_default();
-        t.row(vec![
+        let mut row = vec![
             s.device_id.to_string(),
             secs.map(|s| format!("{} ago", age(s))).unwrap_or_else(|| "-".into()),
             state.into(),
+        ];
+        if let Some(r) = registration(&s.device_id) {
+            row.push(r.as_str().into());
+        }
+        row.extend([
             format!("{:?}", s.runtime.state),
             deps,
             if inv.arch.is_empty() { "-".into() } else { inv.arch },
@@ -292,15 +323,14 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
             if inv.os.is_empty() { "-".into() } else { inv.os },
             s.agent_version,
         ]);
+        t.row(row);
     }
     out::text(&t.render());
     Ok(())
 }
 
 async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("cannot reach a Kubernetes API server (set KUBECONFIG)")?;
+    let client = k8s::client().await?;
     let api: Api<Deployment> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
@@ -376,7 +406,8 @@ async fn main() {
         Cmd::Kv { cmd } => kv_cmd(&cli, cmd).await,
         Cmd::Devices => devices(&cli).await,
         Cmd::Deployments { namespace } => deployments(&cli, namespace.as_deref()).await,
-        Cmd::Device { cmd } => bao_admin::device(&cli.bao, &cli.nats, cmd).await,
+        Cmd::Device { cmd } => bao_admin::device(&cli.bao, &cli.nats, cmd, cli.output == Output::Json).await,
+        Cmd::Rollout { cmd } => rollout::rollout(cmd, cli.output == Output::Json).await,
         Cmd::Service { cmd } => bao_admin::service(&cli.bao, cmd).await,
         Cmd::Bao { cmd } => bao_admin::bao_cmd(&cli.bao, cmd).await,
         Cmd::Login(args) => sso::login(args).await,
@@ -384,14 +415,7 @@ async fn main() {
         Cmd::Credential(args) => sso::credential(args).await,
     };
     if let Err(e) = result {
-        // The top message plus the root cause; the middle of the chain only repeats.
-        let top = e.to_string();
-        let root = e.root_cause().to_string();
-        if top.contains(&root) {
-            out::warn(&format!("iotctl: {top}"));
-        } else {
-            out::warn(&format!("iotctl: {top}: {root}"));
-        }
+        out::warn(&format!("iotctl: {}", error_line(&e)));
         std::process::exit(1);
     }
 }

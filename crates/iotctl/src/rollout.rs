@@ -1,0 +1,411 @@
+//! `iotctl rollout history|undo`: a Deployment's `DeploymentRevision`s, and writing
+//! an earlier one's score back into the Deployment.
+//!
+//! Undo writes `spec.score` of the Deployment itself (a JSON merge patch under the
+//! object's resourceVersion), so what runs stays what the Deployment says: a Git-
+//! or kubectl-driven workflow sees the change, and the operator records it as a new
+//! revision. History only grows forward.
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use iot_api::revision::DEPLOYMENT_LABEL;
+use iot_api::{Deployment, DeploymentRevision, IotScore};
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::table::Table;
+use crate::{k8s, out, print_json};
+
+/// Attempts at writing the score when others keep changing the Deployment (the
+/// operator writes its status often, which moves its resourceVersion).
+const WRITE_ATTEMPTS: usize = 5;
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// The Deployment's revisions, oldest first, the current one marked (the
+    /// operator records one for every change of spec.score).
+    History {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+    },
+    /// Write an earlier revision's score back into the Deployment's spec.score; the
+    /// operator records it as a new revision. Default: the revision before the
+    /// current one.
+    Undo {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+        /// The revision whose score to write back.
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+}
+
+pub async fn rollout(cmd: &RolloutCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        RolloutCmd::History { deployment } => {
+            let (ns, name) = parse_ref(deployment)?;
+            history(&k8s::client().await?, ns, name, json).await
+        }
+        RolloutCmd::Undo {
+            deployment,
+            to_revision,
+        } => {
+            let (ns, name) = parse_ref(deployment)?;
+            undo(&k8s::client().await?, ns, name, *to_revision, json).await
+        }
+    }
+}
+
+fn parse_ref(s: &str) -> anyhow::Result<(&str, &str)> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns, name)),
+        _ => anyhow::bail!("{s:?}: give the Deployment as NAMESPACE/NAME"),
+    }
+}
+
+fn deployments(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<Deployment>(&()))
+}
+
+/// The Deployment as the API server holds it (every field, known to iotctl or not).
+async fn get_deployment(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<DynamicObject> {
+    match deployments(client, ns).get_opt(name).await {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => anyhow::bail!("no Deployment {ns}/{name}"),
+        Err(e) if k8s::is_missing_kind(&e) => {
+            anyhow::bail!("the Deployment CRD is not installed (run `iot-operator install`)")
+        }
+        Err(e) => anyhow::bail!("cannot read Deployment {ns}/{name}: {}", k8s::describe(&e)),
+    }
+}
+
+/// `status.currentRevision`, when the operator has written it.
+fn current_revision(d: &DynamicObject) -> Option<u64> {
+    d.data.pointer("/status/currentRevision")?.as_u64()
+}
+
+fn raw_score(d: &DynamicObject) -> Value {
+    d.data.pointer("/spec/score").cloned().unwrap_or(Value::Null)
+}
+
+/// The Deployment's revisions (by the label the operator puts on each), sorted by
+/// number.
+async fn revisions(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<Vec<DeploymentRevision>> {
+    let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), ns);
+    let list = api
+        .list(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={name}")))
+        .await
+        .map_err(|e| {
+            if k8s::is_missing_kind(&e) {
+                anyhow::anyhow!("the DeploymentRevision CRD is not installed (run `iot-operator install`)")
+            } else {
+                anyhow::anyhow!("cannot list the revisions of {ns}/{name}: {}", k8s::describe(&e))
+            }
+        })?;
+    let mut revs = list.items;
+    revs.sort_by_key(|r| r.spec.revision);
+    Ok(revs)
+}
+
+/// The images a score runs, in the order of its services.
+fn images(score: &IotScore) -> Vec<String> {
+    match score {
+        IotScore::PodmanV0(s) => s.services.iter().map(|s| s.image.clone()).collect(),
+    }
+}
+
+fn images_text(images: &[String]) -> String {
+    if images.is_empty() {
+        "-".into()
+    } else {
+        images.join(",")
+    }
+}
+
+async fn history(client: &kube::Client, ns: &str, name: &str, json: bool) -> anyhow::Result<()> {
+    let dep = get_deployment(client, ns, name).await?;
+    let current = current_revision(&dep);
+    let revs = revisions(client, ns, name).await?;
+    let created = |r: &DeploymentRevision| r.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
+    if json {
+        let items: Vec<Value> = revs
+            .iter()
+            .map(|r| {
+                json!({
+                    "revision": r.spec.revision,
+                    "name": r.metadata.name,
+                    "specHash": r.spec.spec_hash,
+                    "createdAt": created(r),
+                    "images": images(&r.spec.score),
+                    "current": Some(r.spec.revision) == current,
+                    "score": r.spec.score,
+                })
+            })
+            .collect();
+        return print_json(&items);
+    }
+    if revs.is_empty() {
+        out::warn(&format!(
+            "{ns}/{name} has no recorded revisions yet (the operator records one for every change of spec.score)"
+        ));
+        return Ok(());
+    }
+    let mut t = Table::new(&["REVISION", "CURRENT", "SPEC-HASH", "CREATED", "IMAGES"]);
+    for r in &revs {
+        t.row(vec![
+            r.spec.revision.to_string(),
+            if Some(r.spec.revision) == current { "yes" } else { "-" }.into(),
+            r.spec.spec_hash.clone(),
+            created(r).unwrap_or_else(|| "-".into()),
+            images_text(&images(&r.spec.score)),
+        ]);
+    }
+    out::text(&t.render());
+    match current {
+        None => out::warn(&format!(
+            "note: {ns}/{name} names no current revision yet (status.currentRevision)"
+        )),
+        Some(c) if !revs.iter().any(|r| r.spec.revision == c) => out::warn(&format!(
+            "note: the current revision of {ns}/{name}, {c}, is not among the kept ones"
+        )),
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// Which revision `undo` goes back to, of the kept `numbers` (ascending): `to` if
+/// given; else the highest below `current`; else (no current revision known) the
+/// second-highest.
+fn undo_target(numbers: &[u64], current: Option<u64>, to: Option<u64>) -> Result<u64, String> {
+    let kept = || {
+        if numbers.is_empty() {
+            "none".to_owned()
+        } else {
+            numbers.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        }
+    };
+    match (to, current) {
+        (Some(n), _) if numbers.contains(&n) => Ok(n),
+        (Some(n), _) => Err(format!("no revision {n} (kept: {})", kept())),
+        (None, Some(c)) => numbers
+            .iter()
+            .rev()
+            .find(|n| **n < c)
+            .copied()
+            .ok_or_else(|| format!("no kept revision before the current one, {c} (kept: {})", kept())),
+        (None, None) if numbers.len() >= 2 => Ok(numbers[numbers.len() - 2]),
+        (None, None) => Err(format!(
+            "no current revision is recorded and fewer than two are kept (kept: {}); give --to-revision",
+            kept()
+        )),
+    }
+}
+
+/// A JSON merge patch (RFC 7386) that turns `old` into exactly `new`: keys `new`
+/// lacks are removed, objects are patched key by key, everything else replaced.
+fn merge_patch(old: &Value, new: &Value) -> Value {
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut patch = serde_json::Map::new();
+            for (k, ov) in o {
+                match n.get(k) {
+                    None => {
+                        patch.insert(k.clone(), Value::Null);
+                    }
+                    Some(nv) if nv != ov => {
+                        patch.insert(k.clone(), merge_patch(ov, nv));
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (k, nv) in n {
+                if !o.contains_key(k) {
+                    patch.insert(k.clone(), nv.clone());
+                }
+            }
+            Value::Object(patch)
+        }
+        _ => new.clone(),
+    }
+}
+
+async fn undo(client: &kube::Client, ns: &str, name: &str, to: Option<u64>, json: bool) -> anyhow::Result<()> {
+    let mut dep = get_deployment(client, ns, name).await?;
+    let revs = revisions(client, ns, name).await?;
+    let numbers: Vec<u64> = revs.iter().map(|r| r.spec.revision).collect();
+    let target_n = undo_target(&numbers, current_revision(&dep), to)
+        .map_err(|problem| anyhow::anyhow!("cannot undo {ns}/{name}: {problem}"))?;
+    let target = revs
+        .iter()
+        .find(|r| r.spec.revision == target_n)
+        .context("the chosen revision is kept")?;
+    let target_score = serde_json::to_value(&target.spec.score)?;
+    let first_score = raw_score(&dep);
+    let params = PatchParams {
+        field_manager: Some("iotctl".into()),
+        ..Default::default()
+    };
+    for attempt in 1..=WRITE_ATTEMPTS {
+        let score = raw_score(&dep);
+        let typed: Option<IotScore> = serde_json::from_value(score.clone()).ok();
+        // The revision the Deployment is at: as the operator recorded it, else the
+        // newest kept revision with this score.
+        let from = current_revision(&dep).or_else(|| {
+            revs.iter()
+                .rev()
+                .find(|r| typed.as_ref() == Some(&r.spec.score))
+                .map(|r| r.spec.revision)
+        });
+        if typed.as_ref() == Some(&target.spec.score) {
+            return report(ns, name, from, target, typed.as_ref(), false, json);
+        }
+        anyhow::ensure!(
+            score == first_score,
+            "the score of {ns}/{name} was changed by someone else while iotctl was writing it; \
+             nothing was written: run the command again to undo from the new state"
+        );
+        let resource_version = dep
+            .metadata
+            .resource_version
+            .clone()
+            .context("the API server gave the Deployment no resourceVersion")?;
+        // The resourceVersion makes the write conditional: if anything changed the
+        // Deployment since it was read, the API server refuses it (409).
+        let patch = json!({
+            "metadata": {"resourceVersion": resource_version},
+            "spec": {"score": merge_patch(&score, &target_score)},
+        });
+        match deployments(client, ns)
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return report(ns, name, from, target, typed.as_ref(), true, json),
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                if attempt < WRITE_ATTEMPTS {
+                    dep = get_deployment(client, ns, name).await?;
+                }
+            }
+            Err(e) => anyhow::bail!(
+                "cannot write the score of revision {target_n} into {ns}/{name}: {}",
+                k8s::describe(&e)
+            ),
+        }
+    }
+    anyhow::bail!("{ns}/{name} kept changing while iotctl wrote it ({WRITE_ATTEMPTS} attempts); nothing was written")
+}
+
+fn report(
+    ns: &str,
+    name: &str,
+    from: Option<u64>,
+    target: &DeploymentRevision,
+    before: Option<&IotScore>,
+    written: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let to = target.spec.revision;
+    let before_images = before.map(images);
+    let after_images = images(&target.spec.score);
+    if json {
+        return print_json(&json!({
+            "deployment": format!("{ns}/{name}"),
+            "from": from,
+            "to": to,
+            "written": written,
+            "images": {"before": before_images, "after": after_images},
+        }));
+    }
+    let from_text = from
+        .map(|f| format!("revision {f}"))
+        .unwrap_or_else(|| "a score no kept revision has".into());
+    if written {
+        out::warn(&format!(
+            "{ns}/{name}: spec.score set to the score of revision {to} (was {from_text}); images {} -> {}. \
+             The operator records it as a new revision.",
+            before_images.as_deref().map(images_text).unwrap_or_else(|| "?".into()),
+            images_text(&after_images),
+        ));
+    } else {
+        out::warn(&format!(
+            "{ns}/{name} already runs the score of revision {to} (images {}): nothing written",
+            images_text(&after_images)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_references() {
+        assert_eq!(parse_ref("default/web").ok(), Some(("default", "web")));
+        for bad in ["web", "/web", "default/", "a/b/c"] {
+            let e = parse_ref(bad).expect_err(bad).to_string();
+            assert!(e.contains("NAMESPACE/NAME"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_revision_undo_goes_back_to() {
+        // The one before the current one, even when newer ones exist.
+        assert_eq!(undo_target(&[1, 2, 3, 4], Some(3), None), Ok(2));
+        // Pruned revisions in between are skipped.
+        assert_eq!(undo_target(&[1, 5, 6], Some(6), None), Ok(5));
+        assert_eq!(undo_target(&[2, 7], Some(5), None), Ok(2));
+        // No current revision recorded: the second-highest.
+        assert_eq!(undo_target(&[1, 2, 3], None, None), Ok(2));
+        // An explicit one, if it is kept.
+        assert_eq!(undo_target(&[1, 2, 3], Some(3), Some(1)), Ok(1));
+        assert_eq!(undo_target(&[1, 2, 3], Some(3), Some(3)), Ok(3));
+        assert_eq!(
+            undo_target(&[1, 2, 3], Some(3), Some(9)),
+            Err("no revision 9 (kept: 1, 2, 3)".into())
+        );
+        assert_eq!(
+            undo_target(&[3, 4], Some(3), None),
+            Err("no kept revision before the current one, 3 (kept: 3, 4)".into())
+        );
+        let e = undo_target(&[1], None, None).expect_err("one revision");
+        assert!(e.contains("--to-revision"), "{e}");
+        let e = undo_target(&[], None, None).expect_err("none");
+        assert!(e.contains("kept: none"), "{e}");
+    }
+
+    #[test]
+    fn merge_patch_yields_exactly_the_new_value() {
+        // RFC 7386 applied by hand, to check the patch really turns old into new.
+        fn apply(target: &Value, patch: &Value) -> Value {
+            match patch {
+                Value::Object(p) => {
+                    let mut t = match target {
+                        Value::Object(t) => t.clone(),
+                        _ => serde_json::Map::new(),
+                    };
+                    for (k, v) in p {
+                        if v.is_null() {
+                            t.remove(k);
+                        } else {
+                            let cur = t.get(k).cloned().unwrap_or(Value::Null);
+                            t.insert(k.clone(), apply(&cur, v));
+                        }
+                    }
+                    Value::Object(t)
+                }
+                other => other.clone(),
+            }
+        }
+        let old =
+            json!({"PodmanV0": {"services": [{"name": "web", "image": "a:2", "env": {"X": "1"}}], "extra": {"k": 1}}});
+        let new = json!({"PodmanV0": {"services": [{"name": "web", "image": "a:1"}]}});
+        let patch = merge_patch(&old, &new);
+        assert_eq!(apply(&old, &patch), new);
+        assert_eq!(patch["PodmanV0"]["extra"], Value::Null);
+        // Another variant replaces the old one entirely.
+        let other = json!({"OtherV1": {"x": 1}});
+        assert_eq!(apply(&old, &merge_patch(&old, &other)), other);
+        assert_eq!(merge_patch(&new, &new), json!({}));
+    }
+}
