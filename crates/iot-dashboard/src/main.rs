@@ -112,9 +112,11 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("connecting to NATS")?;
 
-    let (store, run_reflector) = fleet::deployments_reflector(client);
-    let fleet = fleet::Fleet::new(store, cli.stale_after);
+    let (store, run_reflector) = fleet::deployments_reflector(client.clone());
+    let (registry, run_registry) = fleet::devices_reflector(client);
+    let fleet = fleet::Fleet::new(store, registry, cli.stale_after);
     tokio::spawn(run_reflector(fleet.clone()));
+    tokio::spawn(run_registry(fleet.clone()));
     tokio::spawn(fleet::follow_devices(fleet.clone(), conn, viewer));
     tokio::spawn(fleet::staleness_ticker(fleet.clone()));
 

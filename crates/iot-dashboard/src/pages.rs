@@ -4,7 +4,11 @@
 
 use maud::{DOCTYPE, Markup, html};
 
-use crate::view::{DeploymentRow, DevicePhase, DeviceRow, DeviceState, Overview, Page, PhaseRow, age, severity_label};
+use crate::fleet::Registry;
+use crate::view::{
+    DeploymentRow, DeviceDeployment, DevicePhase, DeviceRow, DeviceState, Mark, Overview, Page, PhaseRow, Registration,
+    age, severity_label,
+};
 
 pub const STYLE: &str = include_str!("../assets/style.css");
 pub const SCRIPT: &str = include_str!("../assets/live.js");
@@ -95,6 +99,9 @@ pub enum Changes {
         may: crate::auth::May,
         services: Vec<(String, String)>,
         targets: Vec<String>,
+        /// The selector, for a deployment that selects its devices by label: it
+        /// has no list to edit.
+        selector: Option<String>,
     },
 }
 
@@ -124,6 +131,7 @@ pub fn changes_for(chrome: &Chrome, may: Option<crate::auth::May>, dep: &iot_api
             .map(|s| (s.name.clone(), s.image.clone()))
             .collect(),
         targets: dep.spec.target_devices.clone(),
+        selector: dep.spec.selector.as_ref().map(crate::view::selector_text),
     })
 }
 
@@ -137,7 +145,7 @@ fn changes_panel(base: &str, c: &Changes) -> Markup {
                     "Read-only for " (who) " (groups: " (if groups.is_empty() { "none".to_owned() } else { groups.join(", ") }) "): "
                     "the cluster's RBAC allows you no changes to Deployments here."
                 },
-                Changes::Allowed { csrf, generation, may, services, targets } => {
+                Changes::Allowed { csrf, generation, may, services, targets, selector } => {
                     @if may.update {
                         @for (svc, image) in services {
                             form.change #{ "image-" (svc) } method="post" action={ (base) "/image" } {
@@ -148,6 +156,12 @@ fn changes_panel(base: &str, c: &Changes) -> Markup {
                                 button type="submit" { "Change image" }
                             }
                         }
+                        @if let Some(sel) = selector {
+                            p.muted #selector-note {
+                                "This deployment selects devices by label (" span.mono { (sel) } "): "
+                                "to add or remove a device, change the Device's labels."
+                            }
+                        } @else {
                         form.change #add-target method="post" action={ (base) "/targets" } {
                             input type="hidden" name="csrf" value=(csrf);
                             input type="hidden" name="gen" value=(generation);
@@ -155,7 +169,8 @@ fn changes_panel(base: &str, c: &Changes) -> Markup {
                             label { "Add target device " input.mono type="text" name="device" required; }
                             button type="submit" { "Add" }
                         }
-                        @if targets.len() > 1 {
+                        }
+                        @if selector.is_none() && targets.len() > 1 {
                             form.change #remove-target method="post" action={ (base) "/targets" } {
                                 input type="hidden" name="csrf" value=(csrf);
                                 input type="hidden" name="gen" value=(generation);
@@ -201,6 +216,19 @@ pub fn phase_badge(p: DevicePhase) -> Markup {
     }
 }
 
+/// Revoked, unregistered, paused: each a badge with a symbol and a word.
+pub fn mark_badges(r: &Registration) -> Markup {
+    html! {
+        @if r.revoked.is_some() { (badge("bad", "⊘", Mark::Revoked.label())) " " }
+        @if r.unregistered { (badge("warn", "!", Mark::Unregistered.label())) " " }
+        @if r.paused { (badge("info", "⏸", Mark::Paused.label())) " " }
+    }
+}
+
+fn label_chips(labels: &std::collections::BTreeMap<String, String>) -> Markup {
+    html! { @for (k, v) in labels { span.chip.mono { (k) "=" (v) } " " } }
+}
+
 pub fn deployment_state_badge(label: &str) -> Markup {
     match label {
         "ready" => badge("ok", "✓", label),
@@ -225,6 +253,12 @@ pub fn overview(o: &Overview) -> Markup {
             (stat("online", o.online, "ok", "/devices?state=online"))
             (stat("stale", o.stale, if o.stale > 0 { "warn" } else { "" }, "/devices?state=stale"))
             (stat("never seen", o.never_seen, if o.never_seen > 0 { "bad" } else { "" }, "/devices?state=never"))
+            @if let Some(n) = o.revoked {
+                (stat("revoked", n, if n > 0 { "bad" } else { "" }, "/devices?mark=revoked"))
+            }
+            @if let Some(n) = o.unregistered {
+                (stat("unregistered", n, if n > 0 { "warn" } else { "" }, "/devices?mark=unregistered"))
+            }
         }
         section.stats aria-label="Deployments" {
             @for state in ["ready", "progressing", "pending", "degraded"] {
@@ -299,8 +333,9 @@ pub fn deployments(page: &Page<DeploymentRow>) -> Markup {
         h1 { "Deployments" }
         table #deployments {
             thead { tr {
-                th { "Deployment" } th { "State" } th.num { "Targets" } th.num { "Succeeded" }
-                th.num { "Failed" } th.num { "Pending" } th.num { "Unreported" } th { "Conditions" } th { "Age" }
+                th { "Deployment" } th { "State" } th.num { "Targets" } th { "Devices" } th.num { "Succeeded" }
+                th.num { "Failed" } th.num { "Pending" } th.num { "Unreported" } th { "Revision" } th { "Last good" }
+                th { "Conditions" } th { "Age" }
             } }
             tbody {
                 @for r in &page.rows {
@@ -308,10 +343,13 @@ pub fn deployments(page: &Page<DeploymentRow>) -> Markup {
                         td { a href={ "/deployments/" (r.namespace) "/" (r.name) } { (r.namespace) "/" (r.name) } }
                         td { (deployment_state_badge(r.state.label())) }
                         td.num data-col="targets" { (r.targets) }
+                        td data-col="selector" { (targeting(r)) }
                         td.num data-col="succeeded" { (r.succeeded) }
                         td.num.bad-if[r.failed > 0] data-col="failed" { (r.failed) }
                         td.num data-col="pending" { (r.pending) }
                         td.num.warn-if[r.unreported > 0] data-col="unreported" { (r.unreported) }
+                        td data-col="revision" { (revision_text(r)) }
+                        td data-col="last-good" { @if let Some(n) = r.last_good_revision { "rev " (n) } }
                         td.conds { @for (t, s, reason) in &r.conditions {
                             span.cond class={ "c-" (s.to_lowercase()) } title=(reason) { (t) "=" (s) } " "
                         } }
@@ -321,6 +359,25 @@ pub fn deployments(page: &Page<DeploymentRow>) -> Markup {
             }
         }
         (pager("/deployments", "", page.page, page.pages, page.total))
+    }
+}
+
+/// How a deployment picks its devices: its selector, or "listed".
+fn targeting(r: &DeploymentRow) -> Markup {
+    html! {
+        @match &r.selector {
+            Some(sel) => { span.muted { "label " } span.mono { (sel) } },
+            None => span.muted { "listed" },
+        }
+    }
+}
+
+/// "3/5 on rev 7", or the current revision alone before devices report.
+fn revision_text(r: &DeploymentRow) -> String {
+    match (&r.revision_summary, r.revision) {
+        (Some(s), _) => s.clone(),
+        (None, Some(n)) => format!("rev {n}"),
+        (None, None) => String::new(),
     }
 }
 
@@ -344,6 +401,26 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
     let now = chrono::Utc::now();
     html! {
         h1 { (r.namespace) "/" (r.name) " " (deployment_state_badge(r.state.label())) }
+        p #targeting {
+            @match &r.selector {
+                Some(sel) => {
+                    "Selects devices by label: " span.mono { (sel) }
+                    " · " strong { (r.matched.unwrap_or_default()) } " matched now"
+                    " · runs on " strong { (r.targets) }
+                },
+                None => { "Listed devices: " strong { (r.targets) } },
+            }
+            @if r.revision.is_some() || r.revision_summary.is_some() {
+                span #revision {
+                    " · revision " @if let Some(n) = r.revision { (n) }
+                    @if let Some(sum) = &r.revision_summary { " (" (sum) ")" }
+                }
+            }
+            @if let Some(n) = r.last_good_revision { span #last-good { " · last good revision " (n) } }
+        }
+        @if let Some(held) = d.status.and_then(|s| s.conditions.iter().find(|c| c.type_ == iot_api::conditions::REMOVALS_HELD && c.status == "True")) {
+            p.note.warn #removals-held role="status" { span aria-hidden="true" { "◌ " } "Removals held: " (held.message) }
+        }
         @if rolling_out {
             @let done = d.counts.get(&DevicePhase::Running).copied().unwrap_or_default();
             section.rollout aria-label="Rollout" {
@@ -412,10 +489,20 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
     }
 }
 
-pub fn devices(page: &Page<DeviceRow>, only: Option<DeviceState>, query: &str) -> Markup {
+/// What the device list is filtered by.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceFilters<'a> {
+    pub only: Option<DeviceState>,
+    pub mark: Option<Mark>,
+    pub query: &'a str,
+}
+
+pub fn devices(page: &Page<DeviceRow>, f: &DeviceFilters<'_>, registry: &Registry) -> Markup {
+    let (only, query) = (f.only, f.query);
     let extra = format!(
-        "{}{}",
+        "{}{}{}",
         only.map(|s| format!("&state={}", filter_name(s))).unwrap_or_default(),
+        f.mark.map(|m| format!("&mark={}", m.label())).unwrap_or_default(),
         if query.is_empty() {
             String::new()
         } else {
@@ -424,8 +511,17 @@ pub fn devices(page: &Page<DeviceRow>, only: Option<DeviceState>, query: &str) -
     );
     html! {
         h1 { "Devices" }
+        @match registry {
+            Registry::Known => {},
+            Registry::Loading => p.muted #registry-note { "Loading the Device objects: labels and marks follow." },
+            Registry::Unavailable(why) => p.note.warn #registry-note role="status" {
+                span aria-hidden="true" { "◌ " }
+                "Device objects are not shown: " (why) ". Labels, paused, revoked and unregistered marks need them; "
+                "online and stale come from the devices' reports as always."
+            },
+        }
         form.filters method="get" action="/devices" {
-            label { "Device id contains " input type="search" name="q" value=(query); }
+            label { "Id or label contains " input type="search" name="q" value=(query) placeholder="site=madrid"; }
             label { "State "
                 select name="state" {
                     option value="" selected[only.is_none()] { "any" }
@@ -434,18 +530,28 @@ pub fn devices(page: &Page<DeviceRow>, only: Option<DeviceState>, query: &str) -
                     }
                 }
             }
+            label { "Mark "
+                select name="mark" {
+                    option value="" selected[f.mark.is_none()] { "any" }
+                    @for m in Mark::ALL {
+                        option value=(m.label()) selected[f.mark == Some(m)] { (m.label()) }
+                    }
+                }
+            }
             button type="submit" { "Filter" }
         }
         table #devices {
             thead { tr {
-                th { "Device" } th { "State" } th { "Last report" } th { "Agent" } th { "Arch" } th { "OS" }
-                th.num { "Deployments" } th.num { "Failing" }
+                th { "Device" } th { "State" } th { "Marks" } th { "Labels" } th { "Last report" } th { "Agent" }
+                th { "Arch" } th { "OS" } th.num { "Deployments" } th.num { "Failing" }
             } }
             tbody {
                 @for r in &page.rows {
                     tr data-device=(r.id) {
                         td { a href={ "/devices/" (r.id) } { (r.id) } }
                         td data-col="state" { (device_state_badge(r.state)) }
+                        td data-col="marks" { (mark_badges(&r.registration)) }
+                        td data-col="labels" { (label_chips(&r.registration.labels)) }
                         td { @if let Some(a) = r.heartbeat_age { (age(a)) " ago" } @else { "never" } }
                         td.mono { (r.agent_version) }
                         td { (r.arch) }
@@ -472,29 +578,56 @@ pub struct DeviceDetail<'a> {
     pub id: &'a str,
     pub state: DeviceState,
     pub record: Option<&'a crate::view::DeviceRecord>,
-    /// (deployment, phase, error) for every deployment that targets the device.
-    pub phases: Vec<(String, DevicePhase, Option<String>)>,
+    /// Every deployment that lists the device or selects it.
+    pub deployments: Vec<DeviceDeployment>,
+    pub registration: Registration,
+    /// Whether the Device objects could be read (otherwise labels are unknown).
+    pub registry_known: bool,
 }
 
 pub fn device(d: &DeviceDetail<'_>) -> Markup {
     let now = chrono::Utc::now();
+    let reg = &d.registration;
     html! {
-        h1 { (d.id) " " (device_state_badge(d.state)) }
+        h1 { (d.id) " " (device_state_badge(d.state)) " " (mark_badges(reg)) }
         @if let Some(r) = d.record {
             p.muted { "Last report reached NATS " (age(now - r.received_at)) " ago · agent " (r.status.agent_version) }
         } @else {
             p.muted { "This device has never reported." }
         }
+        @if let Some(at) = &reg.revoked {
+            p.note.bad #revoked-note role="status" {
+                span aria-hidden="true" { "⊘ " } strong { "Revoked" } " (" (at) "): its identity was revoked; "
+                "no selector picks it any more."
+            }
+        }
+        @if reg.unregistered {
+            p.note.warn #unregistered-note role="status" {
+                span aria-hidden="true" { "! " } strong { "Unregistered" } ": this device reports, but has no Device object, "
+                "so it has no labels and no selector matches it. " span.mono { "iotctl device enroll " (d.id) " --label KEY=VALUE" }
+                " registers it."
+            }
+        }
+        @if reg.paused {
+            p.note.info #paused-note { span aria-hidden="true" { "⏸ " } strong { "Paused" } ": no rollout reaches it, and it keeps what it runs, until it is resumed." }
+        }
+        @if d.registry_known {
+            p #labels { "Labels: " @if reg.labels.is_empty() { span.muted { "none" } } @else { (label_chips(&reg.labels)) } }
+        }
         div.columns {
             section {
                 h2 { "Deployments" }
                 table #device-deployments {
-                    thead { tr { th { "Deployment" } th { "Phase" } th { "Last error" } } }
-                    tbody { @for (dep, phase, err) in &d.phases {
-                        tr data-deployment=(dep) {
-                            td { a href={ "/deployments/" (dep) } { (dep) } }
-                            td data-col="phase" { (phase_badge(*phase)) }
-                            td.error { @if let Some(e) = err { (e) } }
+                    thead { tr { th { "Deployment" } th { "Phase" } th { "Why here" } th { "Last error" } } }
+                    tbody { @for dd in &d.deployments {
+                        tr data-deployment=(dd.deployment) {
+                            td { a href={ "/deployments/" (dd.deployment) } { (dd.deployment) } }
+                            td data-col="phase" { (phase_badge(dd.phase)) }
+                            td data-col="by" { @match &dd.selector {
+                                Some(sel) => { span.muted { "label " } span.mono { (sel) } },
+                                None => span.muted { "listed" },
+                            } }
+                            td.error { @if let Some(e) = &dd.error { (e) } }
                         }
                     } }
                 }
@@ -538,7 +671,12 @@ mod tests {
             page: 1,
             pages: 3,
         };
-        let html = devices(&page, Some(DeviceState::Stale), query).into_string();
+        let filters = DeviceFilters {
+            only: Some(DeviceState::Stale),
+            mark: Some(Mark::Revoked),
+            query,
+        };
+        let html = devices(&page, &filters, &Registry::Known).into_string();
         let start = html
             .find("rel=\"next\"")
             .and_then(|i| html[..i].rfind("href=\""))
@@ -559,8 +697,138 @@ mod tests {
             let pairs = next_link_query(q);
             assert!(pairs.contains(&("page".into(), "2".into())), "{q}: {pairs:?}");
             assert!(pairs.contains(&("state".into(), "stale".into())), "{q}: {pairs:?}");
+            assert!(pairs.contains(&("mark".into(), "revoked".into())), "{q}: {pairs:?}");
             assert!(pairs.contains(&("q".into(), q.into())), "{q}: {pairs:?}");
             assert_eq!(pairs.iter().filter(|(k, _)| k == "q").count(), 1, "{q}: {pairs:?}");
         }
+    }
+
+    fn deployment(spec: serde_json::Value) -> iot_api::Deployment {
+        let spec = serde_json::json!({
+            "apiVersion": "iot.nationtech.io/v1alpha1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "default", "generation": 3},
+            "spec": spec,
+        });
+        serde_json::from_value(spec).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn panel_for(dep: &iot_api::Deployment) -> String {
+        let chrome = Chrome {
+            auth_enabled: true,
+            user: Some(SignedIn {
+                name: "dave".into(),
+                groups: vec![],
+                csrf: "t".into(),
+            }),
+            ..Chrome::default()
+        };
+        let may = crate::auth::May {
+            update: true,
+            delete: true,
+        };
+        let changes = changes_for(&chrome, Some(may), dep).unwrap_or_else(|| panic!("a panel"));
+        changes_panel("/deployments/default/web", &changes).into_string()
+    }
+
+    #[test]
+    fn a_selector_deployment_offers_no_target_edits_and_says_why() {
+        let score = serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v1"}]}});
+        let selected = panel_for(&deployment(serde_json::json!({
+            "selector": {"matchLabels": {"site": "madrid"}, "matchExpressions": [{"key": "ring", "operator": "In", "values": ["canary"]}]},
+            "score": score,
+        })));
+        assert!(
+            !selected.contains("add-target") && !selected.contains("remove-target"),
+            "{selected}"
+        );
+        assert!(!selected.contains("/targets"), "{selected}");
+        assert!(selected.contains("id=\"selector-note\""), "{selected}");
+        assert!(selected.contains("site=madrid, ring in (canary)"), "{selected}");
+        assert!(
+            selected.contains("id=\"image-web\"") && selected.contains("id=\"delete\""),
+            "{selected}"
+        );
+        let listed = panel_for(&deployment(serde_json::json!({
+            "targetDevices": ["dev-1", "dev-2"],
+            "score": score,
+        })));
+        assert!(
+            listed.contains("id=\"add-target\"") && listed.contains("id=\"remove-target\""),
+            "{listed}"
+        );
+        assert!(!listed.contains("selector-note"), "{listed}");
+    }
+
+    #[test]
+    fn the_device_list_marks_revoked_unregistered_and_paused_in_words() {
+        let row = |id: &str, registration: Registration| DeviceRow {
+            id: harmony_reconciler_contracts::Id::new(id).unwrap_or_else(|e| panic!("{e}")),
+            state: DeviceState::Online,
+            heartbeat_age: None,
+            agent_version: String::new(),
+            arch: String::new(),
+            os: String::new(),
+            deployments: 0,
+            failed: 0,
+            registration,
+        };
+        let page = Page {
+            rows: vec![
+                row(
+                    "gone-1",
+                    Registration {
+                        revoked: Some("2026-01-02T03:04:05Z".into()),
+                        ..Registration::default()
+                    },
+                ),
+                row(
+                    "stray-1",
+                    Registration {
+                        unregistered: true,
+                        ..Registration::default()
+                    },
+                ),
+                row(
+                    "lab-1",
+                    Registration {
+                        paused: true,
+                        labels: [("site".to_owned(), "madrid".to_owned())].into_iter().collect(),
+                        ..Registration::default()
+                    },
+                ),
+            ],
+            total: 3,
+            page: 1,
+            pages: 1,
+        };
+        let html = devices(&page, &DeviceFilters::default(), &Registry::Known).into_string();
+        let cell = |id: &str, col: &str| {
+            let row = html
+                .find(&format!("data-device=\"{id}\""))
+                .unwrap_or_else(|| panic!("{id}"));
+            let start = html[row..]
+                .find(&format!("data-col=\"{col}\""))
+                .map(|i| row + i)
+                .unwrap_or(row);
+            let end = html[start..].find("</td>").map_or(html.len(), |e| start + e);
+            html[start..end].to_owned()
+        };
+        assert!(cell("gone-1", "marks").contains("⊘</span> revoked"), "{html}");
+        assert!(cell("stray-1", "marks").contains("!</span> unregistered"), "{html}");
+        assert!(cell("lab-1", "marks").contains("paused"), "{html}");
+        assert!(!cell("lab-1", "marks").contains("revoked"), "{html}");
+        assert!(cell("lab-1", "labels").contains("site=madrid"), "{html}");
+        assert!(!html.contains("registry-note"));
+        // Without the Device objects, the page says why labels and marks are missing.
+        let html = devices(
+            &page,
+            &DeviceFilters::default(),
+            &Registry::Unavailable("this dashboard's Kubernetes identity may not list Devices (403: no)".into()),
+        )
+        .into_string();
+        assert!(
+            html.contains("id=\"registry-note\"") && html.contains("may not list Devices"),
+            "{html}"
+        );
     }
 }

@@ -18,8 +18,9 @@ use maud::Markup;
 
 use crate::auth::{Auth, May};
 use crate::fleet::Fleet;
+use crate::fleet::Registry;
 use crate::pages;
-use crate::view::{self, DevicePhase, DeviceState};
+use crate::view::{self, DevicePhase, DeviceState, Mark};
 use crate::writes;
 
 #[derive(Clone)]
@@ -221,17 +222,27 @@ async fn deployment(
 
 async fn devices(State(app): State<App>, headers: HeaderMap, Query(q): Params) -> Response {
     let only = q.get("state").and_then(|s| DeviceState::parse(s));
+    let mark = q.get("mark").and_then(|m| Mark::parse(m));
     let query = q.get("q").map(|s| s.trim().to_owned()).unwrap_or_default();
     let chrome = app.chrome(&headers, "/devices").await;
-    let rows = app.fleet.with_snapshot(|s| view::device_rows(s, only, &query));
+    let rows = app.fleet.with_snapshot(|s| view::device_rows(s, only, mark, &query));
     let page = view::paginate(rows, page_of(&q), app.page_size);
+    let registry = app.fleet.registry_state();
     respond(
         &headers,
         &chrome,
         StatusCode::OK,
         "Devices",
         "Devices",
-        pages::devices(&page, only, &query),
+        pages::devices(
+            &page,
+            &pages::DeviceFilters {
+                only,
+                mark,
+                query: &query,
+            },
+            &registry,
+        ),
     )
 }
 
@@ -247,26 +258,21 @@ async fn device(State(app): State<App>, headers: HeaderMap, Path(id): Path<Strin
             pages::not_found("That device id"),
         );
     };
+    let registry = app.fleet.registry_state();
     let main = app.fleet.with_snapshot(|s| {
         let record = s.devices.get(&id);
-        let phases: Vec<_> = s
-            .deployments
-            .iter()
-            .filter(|d| d.spec.target_devices.iter().any(|t| t == id.as_str()))
-            .filter_map(|d| {
-                let r = view::deployment_ref(d)?;
-                let (phase, err) = view::device_phase(s, &id, d);
-                Some((format!("{}/{}", r.namespace(), r.name()), phase, err))
-            })
-            .collect();
-        if record.is_none() && phases.is_empty() {
+        let deployments = view::device_deployments(s, &id);
+        let registered = s.registry.is_some_and(|r| r.contains_key(id.as_str()));
+        if record.is_none() && deployments.is_empty() && !registered {
             return None;
         }
         Some(pages::device(&pages::DeviceDetail {
             id: id.as_str(),
             state: s.device_state(&id),
             record,
-            phases,
+            deployments,
+            registration: s.registration(&id),
+            registry_known: registry == Registry::Known,
         }))
     });
     match main {

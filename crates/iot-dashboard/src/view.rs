@@ -5,13 +5,20 @@
 //! longer ago than the staleness threshold (by the server's timestamp) is stale, and a device
 //! that a deployment targets but that never reported is "never seen". Both count as
 //! problems everywhere, never as fine.
+//!
+//! The `Device` objects (labels, `spec.paused`, revocation) come from Kubernetes
+//! and are the registry; whether a device is online comes from NATS alone. When
+//! the dashboard cannot read the Device objects ([`Snapshot::registry`] is
+//! `None`), it shows no labels and marks nothing as unregistered: it does not
+//! know, and an unknown registry must not look like an empty one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::{AgentStatus, DeploymentRef, EventEntry, Id, Phase, Severity};
-use iot_api::{Deployment, conditions};
+use iot_api::{Deployment, Device, DeviceSelector, SelectorOperator, conditions};
 use kube::ResourceExt;
 
 /// The latest report of one device, stamped with when NATS stored it.
@@ -25,7 +32,10 @@ pub struct DeviceRecord {
 #[derive(Debug, Clone)]
 pub struct Snapshot<'a> {
     pub devices: &'a HashMap<Id, DeviceRecord>,
-    pub deployments: &'a [std::sync::Arc<Deployment>],
+    pub deployments: &'a [Arc<Deployment>],
+    /// The Device objects by name, once the dashboard has their first full list;
+    /// `None` while it may not read them (forbidden, no CRD) or has no list yet.
+    pub registry: Option<&'a HashMap<String, Arc<Device>>>,
     pub now: DateTime<Utc>,
     pub staleness: Staleness,
 }
@@ -120,16 +130,199 @@ impl Snapshot<'_> {
         }
     }
 
-    /// Every device that reported or that some deployment targets.
+    /// Every device that reported, that some deployment lists, or that has a
+    /// Device object.
     fn all_device_ids(&self) -> Vec<Id> {
-        let mut ids: std::collections::BTreeSet<Id> = self.devices.keys().cloned().collect();
+        let mut ids: BTreeSet<Id> = self.devices.keys().cloned().collect();
         for d in self.deployments {
             if let Ok(targets) = d.spec.target_ids() {
                 ids.extend(targets);
             }
         }
+        if let Some(registry) = self.registry {
+            ids.extend(registry.keys().filter_map(|name| Id::new(name.as_str()).ok()));
+        }
         ids.into_iter().collect()
     }
+
+    /// What the Device object of `id` says (labels, paused, revoked), or that the
+    /// device reports without one. Nothing while the registry is unknown.
+    pub fn registration(&self, id: &Id) -> Registration {
+        let Some(registry) = self.registry else {
+            return Registration::default();
+        };
+        match registry.get(id.as_str()) {
+            Some(d) => Registration {
+                labels: d.label_map().clone(),
+                paused: d.spec.paused,
+                revoked: revoked_since(d),
+                unregistered: false,
+            },
+            None => Registration {
+                unregistered: self.devices.contains_key(id),
+                ..Registration::default()
+            },
+        }
+    }
+
+    /// Whether a selector deployment selects the Device named `id`, by the
+    /// operator's rule: a registered Device, not revoked, not being deleted, whose
+    /// labels match. Never for an unknown registry.
+    fn selects(&self, selector: &DeviceSelector, id: &str) -> bool {
+        self.registry
+            .and_then(|r| r.get(id))
+            .is_some_and(|d| selected_by(selector, d))
+    }
+}
+
+/// The operator's rule for one Device (`iot-operator`'s `targeting::select`).
+fn selected_by(selector: &DeviceSelector, d: &Device) -> bool {
+    revoked_since(d).is_none() && d.metadata.deletion_timestamp.is_none() && selector.matches(d.label_map())
+}
+
+/// When the device was revoked, if it was: `iotctl device revoke`'s annotation,
+/// or the operator's `Revoked` condition (either is enough).
+pub fn revoked_since(d: &Device) -> Option<String> {
+    if let Some(at) = d.revoked_at() {
+        return Some(at.to_owned());
+    }
+    d.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::REVOKED && c.status == "True")
+        .map(|c| c.last_transition_time.0.to_string())
+}
+
+/// A device's standing in the registry, as the pages mark it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registration {
+    /// The Device's labels (none without a Device, or with the registry unknown).
+    pub labels: BTreeMap<String, String>,
+    /// `spec.paused`: out of every rollout, keeps what it runs.
+    pub paused: bool,
+    /// Revoked, and since when (as the annotation or condition says it).
+    pub revoked: Option<String>,
+    /// It reports, but has no Device object: no selector can match it. Only said
+    /// when the registry is known.
+    pub unregistered: bool,
+}
+
+/// A mark the device list can be filtered by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mark {
+    Revoked,
+    Unregistered,
+    Paused,
+}
+
+impl Mark {
+    pub const ALL: [Mark; 3] = [Mark::Revoked, Mark::Unregistered, Mark::Paused];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mark::Revoked => "revoked",
+            Mark::Unregistered => "unregistered",
+            Mark::Paused => "paused",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Mark::ALL.into_iter().find(|m| m.label() == s)
+    }
+
+    fn on(self, r: &Registration) -> bool {
+        match self {
+            Mark::Revoked => r.revoked.is_some(),
+            Mark::Unregistered => r.unregistered,
+            Mark::Paused => r.paused,
+        }
+    }
+}
+
+/// A selector as people write it: `site=madrid, ring in (canary, early)`,
+/// `gpu`, `!retired`. An empty one says that it matches nothing.
+pub fn selector_text(s: &DeviceSelector) -> String {
+    if s.is_empty() {
+        return "(empty: matches no device)".to_owned();
+    }
+    let mut parts: Vec<String> = s.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    for r in &s.match_expressions {
+        parts.push(match r.operator {
+            SelectorOperator::In => format!("{} in ({})", r.key, r.values.join(", ")),
+            SelectorOperator::NotIn => format!("{} notin ({})", r.key, r.values.join(", ")),
+            SelectorOperator::Exists => r.key.clone(),
+            SelectorOperator::DoesNotExist => format!("!{}", r.key),
+        });
+    }
+    parts.join(", ")
+}
+
+/// The devices a deployment's page lists. `targetDevices`: exactly those. A
+/// selector: the Devices it selects now, plus every device whose live report
+/// carries the deployment (it runs there, e.g. while a held removal waits, or
+/// while the registry is unknown).
+pub fn deployment_devices(snap: &Snapshot<'_>, dep: &Deployment) -> BTreeSet<Id> {
+    let Some(selector) = &dep.spec.selector else {
+        return dep.spec.target_ids().unwrap_or_default();
+    };
+    let mut ids = BTreeSet::new();
+    if let Some(registry) = snap.registry {
+        ids.extend(
+            registry
+                .iter()
+                .filter(|(_, d)| selected_by(selector, d))
+                .filter_map(|(name, _)| Id::new(name.as_str()).ok()),
+        );
+    }
+    if let Some(key) = deployment_ref(dep) {
+        ids.extend(
+            snap.devices
+                .iter()
+                .filter(|(_, r)| r.status.deployments.contains_key(&key))
+                .map(|(id, _)| id.clone()),
+        );
+    }
+    ids
+}
+
+/// One deployment on a device's page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDeployment {
+    /// `namespace/name`.
+    pub deployment: String,
+    pub phase: DevicePhase,
+    pub error: Option<String>,
+    /// The selector that brings it here; `None`: the device is listed by id.
+    pub selector: Option<String>,
+}
+
+/// The deployments of one device: those that list it, and the selector
+/// deployments whose selector matches its Device or that its live report carries.
+pub fn device_deployments(snap: &Snapshot<'_>, id: &Id) -> Vec<DeviceDeployment> {
+    let report = snap.devices.get(id);
+    snap.deployments
+        .iter()
+        .filter_map(|d| {
+            let key = deployment_ref(d)?;
+            let here = match &d.spec.selector {
+                None => d.spec.target_devices.iter().any(|t| t == id.as_str()),
+                Some(s) => {
+                    snap.selects(s, id.as_str()) || report.is_some_and(|r| r.status.deployments.contains_key(&key))
+                }
+            };
+            if !here {
+                return None;
+            }
+            let (phase, error) = device_phase(snap, id, d);
+            Some(DeviceDeployment {
+                deployment: format!("{}/{}", key.namespace(), key.name()),
+                phase,
+                error,
+                selector: d.spec.selector.as_ref().map(selector_text),
+            })
+        })
+        .collect()
 }
 
 pub fn deployment_ref(d: &Deployment) -> Option<DeploymentRef> {
@@ -183,6 +376,10 @@ pub struct Overview {
     pub online: usize,
     pub stale: usize,
     pub never_seen: usize,
+    /// Devices revoked, and devices that report without a Device object; `None`
+    /// while the registry is unknown.
+    pub revoked: Option<usize>,
+    pub unregistered: Option<usize>,
     pub deployments_by_state: BTreeMap<&'static str, usize>,
     pub deployments: usize,
     /// Error message -> devices affected, summed over deployments, most first.
@@ -199,6 +396,15 @@ pub fn overview(snap: &Snapshot<'_>, recent_limit: usize) -> Overview {
             DeviceState::Stale => o.stale += 1,
             DeviceState::NeverSeen => o.never_seen += 1,
         }
+        if snap.registry.is_some() {
+            let r = snap.registration(&id);
+            *o.revoked.get_or_insert(0) += usize::from(r.revoked.is_some());
+            *o.unregistered.get_or_insert(0) += usize::from(r.unregistered);
+        }
+    }
+    if snap.registry.is_some() {
+        o.revoked.get_or_insert(0);
+        o.unregistered.get_or_insert(0);
     }
     let mut errors: BTreeMap<String, (u32, Vec<Id>)> = BTreeMap::new();
     for d in snap.deployments {
@@ -246,6 +452,16 @@ pub struct DeploymentRow {
     pub failed: u32,
     pub pending: u32,
     pub unreported: u32,
+    /// The selector, as people write it; `None`: the deployment lists its devices.
+    pub selector: Option<String>,
+    /// Registered, unrevoked Devices the selector matches now (`status.matchedDevices`).
+    pub matched: Option<u32>,
+    /// `status.currentRevision`.
+    pub revision: Option<u64>,
+    /// "3/5 on rev 7".
+    pub revision_summary: Option<String>,
+    /// The newest revision every target ran at once.
+    pub last_good_revision: Option<u64>,
     /// (type, status, reason) of each condition.
     pub conditions: Vec<(String, String, String)>,
     pub created: Option<DateTime<Utc>>,
@@ -263,19 +479,29 @@ pub fn deployment_rows(snap: &Snapshot<'_>) -> Vec<DeploymentRow> {
 
 pub fn deployment_row(d: &Deployment) -> DeploymentRow {
     let agg = d.status.as_ref().and_then(|s| s.aggregate.clone()).unwrap_or_default();
+    let matched = d.status.as_ref().and_then(|s| s.matched_devices);
+    // The aggregate counts the devices the deployment runs on (for a selector:
+    // matched plus held removals). Before it has any, the spec's list, or for a
+    // selector what it matches: never `targetDevices.len()`, which is 0 there.
+    let targets = match (agg.targets, &d.spec.selector) {
+        (0, None) => d.spec.target_devices.len() as u32,
+        (0, Some(_)) => matched.unwrap_or_default(),
+        (n, _) => n,
+    };
     DeploymentRow {
         namespace: d.namespace().unwrap_or_default(),
         name: d.name_any(),
         state: deployment_state(d),
-        targets: if agg.targets == 0 {
-            d.spec.target_devices.len() as u32
-        } else {
-            agg.targets
-        },
+        targets,
         succeeded: agg.succeeded,
         failed: agg.failed,
         pending: agg.pending,
         unreported: agg.unreported,
+        selector: d.spec.selector.as_ref().map(selector_text),
+        matched,
+        revision: d.status.as_ref().and_then(|s| s.current_revision),
+        revision_summary: agg.revision_summary.clone(),
+        last_good_revision: agg.last_good_revision,
         conditions: d
             .status
             .as_ref()
@@ -332,7 +558,7 @@ pub fn phase_table(
 ) -> (BTreeMap<DevicePhase, usize>, Vec<PhaseRow>) {
     let mut counts = BTreeMap::new();
     let mut rows = Vec::new();
-    for device in dep.spec.target_ids().unwrap_or_default() {
+    for device in deployment_devices(snap, dep) {
         let (phase, error) = device_phase(snap, &device, dep);
         *counts.entry(phase).or_default() += 1;
         if only.is_none_or(|o| o == phase) {
@@ -353,18 +579,27 @@ pub struct DeviceRow {
     pub os: String,
     pub deployments: usize,
     pub failed: usize,
+    pub registration: Registration,
 }
 
-pub fn device_rows(snap: &Snapshot<'_>, only: Option<DeviceState>, query: &str) -> Vec<DeviceRow> {
+/// Whether a device is what the search box asks for: its id contains the text, or
+/// one of its labels does, written `key=value`.
+fn found(id: &Id, labels: &BTreeMap<String, String>, query: &str) -> bool {
+    query.is_empty() || id.as_str().contains(query) || labels.iter().any(|(k, v)| format!("{k}={v}").contains(query))
+}
+
+pub fn device_rows(snap: &Snapshot<'_>, only: Option<DeviceState>, mark: Option<Mark>, query: &str) -> Vec<DeviceRow> {
     let mut rows: Vec<DeviceRow> = snap
         .all_device_ids()
         .into_iter()
-        .filter(|id| query.is_empty() || id.as_str().contains(query))
-        .map(|id| {
+        .map(|id| (snap.registration(&id), id))
+        .filter(|(reg, id)| found(id, &reg.labels, query) && mark.is_none_or(|m| m.on(reg)))
+        .map(|(registration, id)| {
             let state = snap.device_state(&id);
             let r = snap.devices.get(&id);
             let inv = r.and_then(|r| r.status.inventory.clone()).unwrap_or_default();
             DeviceRow {
+                registration,
                 state,
                 heartbeat_age: r.map(|r| snap.now - r.received_at),
                 agent_version: r.map(|r| r.status.agent_version.clone()).unwrap_or_default(),
@@ -419,8 +654,7 @@ pub fn severity_label(s: Severity) -> &'static str {
 mod tests {
     use super::*;
     use harmony_reconciler_contracts::DeploymentPhase;
-    use iot_api::DeploymentSpec;
-    use std::sync::Arc;
+    use iot_api::{DeploymentSpec, DeviceSpec};
 
     fn dep(name: &str, targets: &[&str]) -> Arc<Deployment> {
         let spec: DeploymentSpec = serde_json::from_value(serde_json::json!({
@@ -469,6 +703,7 @@ mod tests {
         let snap = Snapshot {
             devices: &devices,
             deployments: &deployments,
+            registry: None,
             now,
             staleness: Staleness::default(),
         };
@@ -479,7 +714,7 @@ mod tests {
         // b's report says Running, but it is stale: that is not a running device.
         assert_eq!(counts.get(&DevicePhase::Unreported), Some(&2));
         assert_eq!(rows[0].phase, DevicePhase::Unreported);
-        let stale = device_rows(&snap, Some(DeviceState::Stale), "");
+        let stale = device_rows(&snap, Some(DeviceState::Stale), None, "");
         assert_eq!(stale.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["b"]);
     }
 
@@ -498,6 +733,7 @@ mod tests {
         let snap = Snapshot {
             devices: &devices,
             deployments: &deployments,
+            registry: None,
             now,
             staleness: Staleness::default(),
         };
@@ -508,6 +744,236 @@ mod tests {
         let (counts, _) = phase_table(&snap, &web, None);
         assert_eq!(counts.get(&DevicePhase::Outdated), Some(&1));
         assert_eq!(counts.get(&DevicePhase::Running), Some(&1));
+    }
+
+    fn selector_dep(name: &str, selector: serde_json::Value, status: serde_json::Value) -> Arc<Deployment> {
+        let mut d: Deployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "iot.nationtech.io/v1alpha1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "selector": selector,
+                "score": {"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v1"}]}}
+            },
+        }))
+        .expect("deployment");
+        d.status = serde_json::from_value(status).expect("status");
+        Arc::new(d)
+    }
+
+    fn device_object(name: &str, labels: &[(&str, &str)]) -> Device {
+        let mut d = Device::new(name, DeviceSpec::default());
+        d.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        d
+    }
+
+    fn registry_of(devices: Vec<Device>) -> HashMap<String, Arc<Device>> {
+        devices
+            .into_iter()
+            .map(|d| (d.metadata.name.clone().unwrap_or_default(), Arc::new(d)))
+            .collect()
+    }
+
+    fn marks_of(rows: &[DeviceRow]) -> BTreeMap<String, Registration> {
+        rows.iter()
+            .map(|r| (r.id.to_string(), r.registration.clone()))
+            .collect()
+    }
+
+    /// A registry with: `lab-1` labelled and paused, `gone-1` revoked by
+    /// `iotctl device revoke`'s annotation, `gone-2` revoked by the operator's
+    /// condition only, `quiet-1` registered but never reporting.
+    fn fleet_registry() -> HashMap<String, Arc<Device>> {
+        let mut paused = device_object("lab-1", &[("site", "madrid"), ("ring", "canary")]);
+        paused.spec.paused = true;
+        let mut by_annotation = device_object("gone-1", &[("site", "madrid")]);
+        by_annotation.metadata.annotations = Some(
+            [(
+                iot_api::REVOKED_ANNOTATION.to_owned(),
+                "2026-01-02T03:04:05Z".to_owned(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let mut by_condition = device_object("gone-2", &[("site", "madrid")]);
+        by_condition.status = serde_json::from_value(serde_json::json!({"conditions": [{
+            "type": "Revoked", "status": "True", "reason": "IdentityRevoked", "message": "",
+            "lastTransitionTime": "2026-01-03T00:00:00Z"
+        }]}))
+        .expect("status");
+        registry_of(vec![
+            paused,
+            by_annotation,
+            by_condition,
+            device_object("quiet-1", &[("site", "paris")]),
+        ])
+    }
+
+    #[test]
+    fn revoked_paused_and_unregistered_devices_are_marked_only_when_the_registry_is_known() {
+        let now = Utc::now();
+        let devices: HashMap<Id, DeviceRecord> = ["lab-1", "gone-1", "gone-2", "stray-1"]
+            .into_iter()
+            .map(|id| report(id, now, vec![]))
+            .collect();
+        let registry = fleet_registry();
+        let deployments = Vec::new();
+        let known = Snapshot {
+            devices: &devices,
+            deployments: &deployments,
+            registry: Some(&registry),
+            now,
+            staleness: Staleness::default(),
+        };
+        let marks = marks_of(&device_rows(&known, None, None, ""));
+        // Registered but never reporting: listed, never seen, not unregistered.
+        assert_eq!(
+            marks["quiet-1"],
+            Registration {
+                labels: [("site".to_owned(), "paris".to_owned())].into_iter().collect(),
+                ..Registration::default()
+            }
+        );
+        assert!(
+            device_rows(&known, Some(DeviceState::NeverSeen), None, "")
+                .iter()
+                .any(|r| r.id.as_str() == "quiet-1")
+        );
+        assert!(marks["lab-1"].paused && marks["lab-1"].revoked.is_none() && !marks["lab-1"].unregistered);
+        assert_eq!(marks["lab-1"].labels.get("ring").map(String::as_str), Some("canary"));
+        assert_eq!(marks["gone-1"].revoked.as_deref(), Some("2026-01-02T03:04:05Z"));
+        assert_eq!(marks["gone-2"].revoked.as_deref(), Some("2026-01-03T00:00:00Z"));
+        assert!(marks["stray-1"].unregistered && marks["stray-1"].labels.is_empty());
+        assert_eq!(marks.values().filter(|r| r.unregistered).count(), 1);
+        // The filters and the overview count the same marks.
+        let ids = |mark| {
+            device_rows(&known, None, Some(mark), "")
+                .into_iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(Mark::Revoked), vec!["gone-1", "gone-2"]);
+        assert_eq!(ids(Mark::Unregistered), vec!["stray-1"]);
+        assert_eq!(ids(Mark::Paused), vec!["lab-1"]);
+        let o = overview(&known, 0);
+        assert_eq!((o.revoked, o.unregistered), (Some(2), Some(1)));
+        assert_eq!((o.online, o.never_seen), (4, 1));
+        // The search box finds labels too.
+        let found: Vec<_> = device_rows(&known, None, None, "site=madrid")
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(found, vec!["gone-1", "gone-2", "lab-1"]);
+
+        // The registry unknown (forbidden, no CRD, no list yet): no labels, and
+        // nobody is called unregistered.
+        let unknown = Snapshot {
+            registry: None,
+            ..known
+        };
+        let marks = marks_of(&device_rows(&unknown, None, None, ""));
+        assert_eq!(marks.len(), 4, "only the reporting devices: {marks:?}");
+        assert!(marks.values().all(|r| *r == Registration::default()), "{marks:?}");
+        let o = overview(&unknown, 0);
+        assert_eq!((o.revoked, o.unregistered), (None, None));
+    }
+
+    #[test]
+    fn selectors_read_as_people_write_them() {
+        let s: DeviceSelector = serde_json::from_value(serde_json::json!({
+            "matchLabels": {"site": "madrid"},
+            "matchExpressions": [
+                {"key": "ring", "operator": "In", "values": ["canary"]},
+                {"key": "model", "operator": "NotIn", "values": ["pi3", "pi2"]},
+                {"key": "gpu", "operator": "Exists"},
+                {"key": "retired", "operator": "DoesNotExist"}
+            ]
+        }))
+        .expect("selector");
+        assert_eq!(
+            selector_text(&s),
+            "site=madrid, ring in (canary), model notin (pi3, pi2), gpu, !retired"
+        );
+        assert_eq!(selector_text(&DeviceSelector::default()), "(empty: matches no device)");
+    }
+
+    #[test]
+    fn a_selector_deployment_counts_targets_from_its_status_and_shows_its_revisions() {
+        let selector = serde_json::json!({
+            "matchLabels": {"site": "madrid"},
+            "matchExpressions": [{"key": "ring", "operator": "In", "values": ["canary"]}]
+        });
+        let full = selector_dep(
+            "web",
+            selector.clone(),
+            serde_json::json!({
+                "matchedDevices": 3, "currentRevision": 7,
+                "aggregate": {"specHash": "h", "targets": 5, "succeeded": 3, "failed": 0,
+                    "pending": 2, "unreported": 0, "revisionSummary": "3/5 on rev 7",
+                    "lastGoodRevision": 6}
+            }),
+        );
+        assert!(full.spec.target_devices.is_empty());
+        let row = deployment_row(&full);
+        // The aggregate counts matched devices plus held removals.
+        assert_eq!(row.targets, 5);
+        assert_eq!(row.matched, Some(3));
+        assert_eq!(row.selector.as_deref(), Some("site=madrid, ring in (canary)"));
+        assert_eq!(row.revision, Some(7));
+        assert_eq!(row.revision_summary.as_deref(), Some("3/5 on rev 7"));
+        assert_eq!(row.last_good_revision, Some(6));
+        // Before the aggregate has any: what the selector matches, not the empty list.
+        let early = selector_dep("web", selector, serde_json::json!({"matchedDevices": 3}));
+        assert_eq!(deployment_row(&early).targets, 3);
+        // A listed deployment is unchanged.
+        let listed = deployment_row(&dep("web", &["a", "b"]));
+        assert_eq!((listed.targets, listed.selector, listed.matched), (2, None, None));
+    }
+
+    #[test]
+    fn a_selector_deployment_lists_the_devices_it_selects_and_those_that_run_it() {
+        let now = Utc::now();
+        let sel = selector_dep(
+            "web",
+            serde_json::json!({"matchLabels": {"site": "madrid"}}),
+            serde_json::json!({"matchedDevices": 1}),
+        );
+        // lab-1 matches (paused, still selected); gone-1/gone-2 match but are
+        // revoked; stray-1 has no Device but its report carries the deployment.
+        let devices: HashMap<Id, DeviceRecord> = [
+            report("lab-1", now, vec![(&sel, Phase::Running, true)]),
+            report("stray-1", now, vec![(&sel, Phase::Failed, true)]),
+            report("quiet-1", now, vec![]),
+        ]
+        .into_iter()
+        .collect();
+        let registry = fleet_registry();
+        let deployments = vec![sel.clone()];
+        let snap = Snapshot {
+            devices: &devices,
+            deployments: &deployments,
+            registry: Some(&registry),
+            now,
+            staleness: Staleness::default(),
+        };
+        let (counts, rows) = phase_table(&snap, &sel, None);
+        let listed: Vec<_> = rows.iter().map(|r| (r.device.as_str(), r.phase)).collect();
+        assert_eq!(
+            listed,
+            vec![("stray-1", DevicePhase::Failed), ("lab-1", DevicePhase::Running)]
+        );
+        assert_eq!(counts.values().sum::<usize>(), 2);
+        let on = |id: &str| device_deployments(&snap, &Id::new(id).expect("id"));
+        let lab = on("lab-1");
+        assert_eq!(lab.len(), 1);
+        assert_eq!(lab[0].deployment, "default/web");
+        assert_eq!(lab[0].selector.as_deref(), Some("site=madrid"));
+        assert_eq!(on("stray-1").len(), 1, "its report carries it");
+        assert!(on("gone-1").is_empty(), "revoked: not selected");
+        assert!(on("quiet-1").is_empty(), "site=paris");
+        // With the registry unknown, only the reports say where it runs.
+        let unknown = Snapshot { registry: None, ..snap };
+        let (_, rows) = phase_table(&unknown, &sel, None);
+        assert_eq!(rows.len(), 2);
     }
 
     #[test]

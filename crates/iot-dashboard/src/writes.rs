@@ -228,7 +228,23 @@ pub async fn change_targets(
     edit(state, headers, path, form, change).await
 }
 
+/// A target edit on a deployment that selects its devices by label: there is no
+/// list to edit, and writing one would make the spec name both (the API server
+/// refuses that). Labels live on the Devices.
+fn refuse_target_edit(dep: &Deployment) -> Result<(), String> {
+    match &dep.spec.selector {
+        Some(selector) => Err(format!(
+            "this deployment selects devices by label ({}); change the Device's labels instead",
+            crate::view::selector_text(selector)
+        )),
+        None => Ok(()),
+    }
+}
+
 fn apply_change(dep: &mut Deployment, change: &Change) -> Result<String, String> {
+    if matches!(change, Change::AddTarget(_) | Change::RemoveTarget(_)) {
+        refuse_target_edit(dep)?;
+    }
     match change {
         Change::Image { service, image } => {
             if image.is_empty() {
@@ -465,5 +481,33 @@ mod tests {
         assert!(apply_change(&mut d, &Change::RemoveTarget("dev-1".into())).is_ok());
         assert!(apply_change(&mut d, &Change::RemoveTarget("dev-1".into())).is_err());
         assert_eq!(d.spec.target_devices, vec!["dev-2"]);
+    }
+
+    #[test]
+    fn target_edits_are_refused_for_a_selector_deployment_and_its_image_still_changes() {
+        let IotScore::PodmanV0(score) = dep().spec.score;
+        let selector: iot_api::DeviceSelector =
+            serde_json::from_value(serde_json::json!({"matchLabels": {"site": "madrid"}}))
+                .unwrap_or_else(|_| unreachable!("a valid selector"));
+        let mut d = Deployment::new("web", DeploymentSpec::for_selector(selector, IotScore::PodmanV0(score)));
+        let before = d.spec.clone();
+        for change in [Change::AddTarget("dev-2".into()), Change::RemoveTarget("dev-2".into())] {
+            assert_eq!(
+                apply_change(&mut d, &change),
+                Err(
+                    "this deployment selects devices by label (site=madrid); change the Device's labels instead".into()
+                )
+            );
+        }
+        assert_eq!(d.spec, before, "nothing changed");
+        assert!(d.spec.target_devices.is_empty());
+        let changed = apply_change(
+            &mut d,
+            &Change::Image {
+                service: "web".into(),
+                image: "localhost/iot-web:v2".into(),
+            },
+        );
+        assert!(changed.is_ok(), "{changed:?}");
     }
 }
