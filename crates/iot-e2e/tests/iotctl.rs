@@ -28,6 +28,15 @@ fn iotctl(stack: &Stack, args: &[&str]) -> anyhow::Result<(bool, String, String)
     ))
 }
 
+/// Runs iotctl until it succeeds with an output `ok` accepts; returns that output.
+async fn iotctl_until(stack: &Stack, args: &[&str], what: &str, ok: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    iot_testkit::wait_until(WAIT, what, || async {
+        let (success, out, _) = iotctl(stack, args).ok()?;
+        (success && ok(&out)).then_some(out)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
     let mut stack = Stack::start().await?;
@@ -108,18 +117,19 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
             "AGENT"
         ]
     );
-    let row = out
-        .lines()
-        .find(|l| l.starts_with(&dev))
-        .unwrap_or_else(|| panic!("no row for {dev}:\n{out}"));
-    assert!(
+    let row_of = |out: &str| out.lines().find(|l| l.starts_with(&dev)).unwrap_or("").to_owned();
+    // The agent retries the missing image's pull, so "broken" turns Pending during
+    // each attempt: look until a listing catches it Failed.
+    let out = iotctl_until(&stack, &["devices"], "devices: broken Failed", |out| {
+        let row = row_of(out);
         row.contains("fresh")
             && row.contains(" unregistered ")
             && row.contains("Available")
             && row.contains("default/web=Running")
-            && row.contains("default/broken=Failed"),
-        "{row}"
-    );
+            && row.contains("default/broken=Failed")
+    })
+    .await;
+    assert!(out.is_ok(), "{}", row_of(&iotctl(&stack, &["devices"])?.1));
     let (ok, out, _) = iotctl(&stack, &["devices", "-o", "json"])?;
     assert!(ok);
     let devices: Vec<harmony_reconciler_contracts::AgentStatus> = serde_json::from_str(&out)?;
@@ -172,9 +182,14 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
     );
     assert!(plain.contains(&dev) && !plain.contains("revoked"), "{plain}");
 
-    // deployments: aggregate counts and the top error
-    let (ok, out, err) = iotctl(&stack, &["deployments"])?;
-    assert!(ok, "{err}");
+    // deployments: aggregate counts and the top error (again while broken is
+    // Failed, between the agent's pull attempts).
+    let broken_failed = |out: &str| {
+        out.lines()
+            .find(|l| l.contains(" broken "))
+            .is_some_and(|l| l.split_whitespace().nth(4) == Some("1"))
+    };
+    let out = iotctl_until(&stack, &["deployments"], "deployments: broken Failed", broken_failed).await?;
     let broken_row = out
         .lines()
         .find(|l| l.contains(" broken "))
@@ -197,8 +212,13 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
         &web_row.split_whitespace().collect::<Vec<_>>()[..8],
         ["default", "web", "1", "1", "0", "0", "0", "True"]
     );
-    let (ok, out, _) = iotctl(&stack, &["deployments", "-n", "default", "-o", "json"])?;
-    assert!(ok);
+    let out = iotctl_until(
+        &stack,
+        &["deployments", "-n", "default", "-o", "json"],
+        "a top error",
+        |out| out.contains("topErrors"),
+    )
+    .await?;
     let items: Vec<serde_json::Value> = serde_json::from_str(&out)?;
     assert_eq!(items.len(), 2);
     assert!(
@@ -725,6 +745,22 @@ async fn iotctl_rollout_lists_revisions_and_undo_writes_an_old_score_back() -> a
         (3.into(), 2.into(), true.into())
     );
     assert_eq!(deployments.get("web").await?.spec.score, v2);
+
+    // What undo's write relies on: a merge patch that carries a resourceVersion is
+    // refused (409) once the object moved past it, so a score changed in between is
+    // never overwritten unseen.
+    let stale = back.metadata.resource_version.clone().unwrap_or_default();
+    let refused = deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"resourceVersion": stale}, "spec": {"score": v3}})),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 409),
+        "{refused:?}"
+    );
 
     // Refusals, each writing nothing.
     let rv = deployments.get("web").await?.metadata.resource_version;
