@@ -518,6 +518,37 @@ async fn iotctl_enrolls_lists_and_revokes_devices_in_openbao_and_kubernetes() ->
     );
     assert_eq!(devices.get("pi-1").await?.revoked_at(), None);
 
+    // OpenBao unreachable after the Device was made: the error says so, and the same
+    // command run again finishes the enrollment.
+    let out = Command::new(cargo_bin("iotctl")?)
+        .env("BAO_ADDR", format!("https://127.0.0.1:{}", free_port()?))
+        .env("BAO_CACERT", bao.ca_file().unwrap_or(Path::new("")))
+        .env("BAO_TOKEN", bao.root_token())
+        .env("KUBECONFIG", api.kubeconfig())
+        .args(["device", "enroll", "pi-5", "--label", "site=lab"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{err}");
+    assert!(
+        err.contains(
+            "The Device object pi-5 exists, but the OpenBao identity was not created: run the same command again"
+        ),
+        "{err}"
+    );
+    let half = devices.get("pi-5").await?;
+    let (ok, _, err) = run(&["device", "enroll", "pi-5", "--label", "site=lab", "--out", "/dev/null"])?;
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("Device pi-5 already existed and was kept; labels unchanged: site=lab"),
+        "{err}"
+    );
+    assert_eq!(devices.get("pi-5").await?.metadata.uid, half.metadata.uid);
+    assert!(
+        iot_bao::enroll::list_devices(&bao.root()?)
+            .await?
+            .contains(&"pi-5".to_owned())
+    );
+
     // Without a token: a clear message.
     let out = Command::new(cargo_bin("iotctl")?)
         .env("BAO_ADDR", bao.addr())
