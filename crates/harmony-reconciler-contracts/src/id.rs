@@ -189,7 +189,9 @@ impl JsonSchema for DeploymentRef {
 pub fn enrollable_device_id_problem(id: &str) -> Option<String> {
     dns_label_problem(id).map(|reason| {
         format!(
-            "device id {id:?} cannot be enrolled: {reason}. A device id is also the name of its              Kubernetes Device resource, so it must be a DNS-1123 label: 1-63 lowercase letters,              digits and '-', starting and ending with a letter or digit (for example \"pi-kitchen-01\")"
+            "device id {id:?} cannot be enrolled: {reason}. A device id is also the name of its \
+             Kubernetes Device resource, so it must be a DNS-1123 label: 1-63 lowercase letters, \
+             digits and '-', starting and ending with a letter or digit (for example \"pi-kitchen-01\")"
         )
     })
 }
@@ -206,7 +208,10 @@ pub fn dns_label_problem(s: &str) -> Option<&'static str> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Some("may contain only lowercase letters, digits and '-'");
+        return Some(
+            "may contain only lowercase letters, \
+             digits and '-'",
+        );
     }
     if s.starts_with('-') || s.ends_with('-') {
         return Some("must start and end with a letter or digit");

@@ -15,6 +15,22 @@ use crate::score::IotScore;
 /// Label on every revision: the name of the Deployment it belongs to.
 pub const DEPLOYMENT_LABEL: &str = "iot.nationtech.io/deployment";
 
+/// The value of [`DEPLOYMENT_LABEL`] for a Deployment: its name when that fits a
+/// label value (63 characters), else a shortened name with a hash of the whole.
+pub fn deployment_label_value(deployment: &str) -> String {
+    if deployment.len() <= 63 {
+        return deployment.to_owned();
+    }
+    let tag = &harmony_reconciler_contracts::spec_hash_of(&deployment).to_string()[..10];
+    let head = deployment[..52].trim_end_matches(['-', '.']);
+    format!("{head}-{tag}")
+}
+
+/// The label selector that lists a Deployment's revisions.
+pub fn revisions_of(deployment: &str) -> String {
+    format!("{DEPLOYMENT_LABEL}={}", deployment_label_value(deployment))
+}
+
 /// Revisions kept per Deployment when `spec.revisionHistoryLimit` is not set.
 pub const DEFAULT_REVISION_HISTORY_LIMIT: u32 = 10;
 
@@ -61,6 +77,17 @@ pub fn revision_name(deployment: &str, n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_fit_kubernetes() {
+        assert_eq!(deployment_label_value("web"), "web");
+        let long = format!("{}.b", "a".repeat(100));
+        let v = deployment_label_value(&long);
+        assert!(v.len() <= 63, "{v}");
+        assert!(v.chars().last().is_some_and(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(v, deployment_label_value(&format!("{}.c", "a".repeat(100))));
+        assert_eq!(revisions_of("web"), "iot.nationtech.io/deployment=web");
+    }
 
     #[test]
     fn names_fit_kubernetes() {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use harmony_reconciler_contracts::{DeploymentRef, SpecHash};
-use iot_api::revision::DEPLOYMENT_LABEL;
+use iot_api::revision::{DEPLOYMENT_LABEL, deployment_label_value, revisions_of};
 use iot_api::{Deployment, DeploymentRevision, DeploymentRevisionSpec, revision_name};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
@@ -86,7 +86,7 @@ impl Revisions {
         };
         let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), dep.namespace());
         let list = api
-            .list(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", dep.name())))
+            .list(&ListParams::default().labels(&revisions_of(dep.name())))
             .await
             .map_err(|e| fail(format!("cannot list: {e}")))?;
         let existing: Vec<(u64, String)> = list
@@ -102,7 +102,7 @@ impl Revisions {
                     namespace: Some(dep.namespace().to_owned()),
                     labels: Some(
                         [
-                            (DEPLOYMENT_LABEL.to_owned(), dep.name().to_owned()),
+                            (DEPLOYMENT_LABEL.to_owned(), deployment_label_value(dep.name())),
                             (iot_api::labels::MANAGED_BY.to_owned(), "iot-operator".to_owned()),
                             (
                                 iot_api::labels::PART_OF.to_owned(),
@@ -163,7 +163,7 @@ impl Revisions {
             message,
         };
         let list = api
-            .list_metadata(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", dep.name())))
+            .list_metadata(&ListParams::default().labels(&revisions_of(dep.name())))
             .await
             .map_err(|e| fail(format!("cannot list: {e}")))?;
         for r in list.items {

@@ -8,7 +8,7 @@
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use iot_api::revision::DEPLOYMENT_LABEL;
+use iot_api::revision::revisions_of;
 use iot_api::{Deployment, DeploymentRevision, IotScore};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
@@ -94,7 +94,7 @@ fn raw_score(d: &DynamicObject) -> Value {
 async fn revisions(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<Vec<DeploymentRevision>> {
     let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), ns);
     let list = api
-        .list(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={name}")))
+        .list(&ListParams::default().labels(&revisions_of(name)))
         .await
         .map_err(|e| {
             if k8s::is_missing_kind(&e) {
