@@ -406,7 +406,7 @@ async fn nothing_in_a_report_reaches_a_devices_labels_or_spec() -> anyhow::Resul
 async fn a_paused_device_keeps_what_it_runs_until_resumed() -> anyhow::Result<()> {
     let mut stack = Stack::start().await?;
     stack.start_operator()?;
-    let (a, _a) = stack.start_agent()?;
+    let (a, a_ctr) = stack.start_agent()?;
     let (b, _b) = stack.start_agent()?;
     stack.register_device(&a, &[("site", "lab")]).await?;
     stack.register_device(&b, &[("site", "lab")]).await?;
@@ -467,6 +467,12 @@ async fn a_paused_device_keeps_what_it_runs_until_resumed() -> anyhow::Result<()
         .wait_resource_status("default", "web", "both on the new spec", |s| {
             s.aggregate.as_ref().is_some_and(|a| a.succeeded == 2)
         })
+        .await?;
+    // A deleted Device is no longer selected: its container goes.
+    stack.devices().delete(&a, &Default::default()).await?;
+    wait_containers(&a_ctr, false, "a deleted Device's container goes").await?;
+    stack
+        .wait_resource_status("default", "web", "one target left", |s| s.matched_devices == Some(1))
         .await?;
     Ok(())
 }

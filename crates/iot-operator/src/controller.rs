@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt as _;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
 use iot_api::conditions::{REASON_INVALID_SPEC, REASON_KUBERNETES_UNAVAILABLE, REASON_NATS_UNAVAILABLE};
 use iot_api::{CONFIRM_SHRINK_ANNOTATION, Deployment, Device};
@@ -388,8 +389,10 @@ pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deploy
     let device_stream = watcher(Api::<Device>::all(client), watcher::Config::default())
         .default_backoff()
         .reflect(device_writer)
-        .touched_objects()
-        .predicate_filter(device_membership, Default::default());
+        .scan(HashMap::new(), |seen, event| {
+            std::future::ready(Some(membership_change(seen, event)))
+        })
+        .filter_map(std::future::ready);
     let book = Arc::new(TargetBook::default());
     let fleet = Fleet {
         devices: device_reader,
@@ -408,13 +411,35 @@ fn shrink_confirmation(obj: &Deployment) -> Option<u64> {
     obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(|v| hash_str(v))
 }
 
+/// Device events that can change what a device gets: every delete, and applies
+/// that change its labels, revocation, pause or deletion mark. The operator's own
+/// status writes (and anything else) pass no further. (kube's `predicate_filter`
+/// would also drop a delete whose object looks like the last one it saw.)
+fn membership_change(
+    seen: &mut HashMap<String, u64>,
+    event: Result<watcher::Event<Device>, watcher::Error>,
+) -> Option<Result<Device, watcher::Error>> {
+    match event {
+        Err(e) => Some(Err(e)),
+        Ok(watcher::Event::Delete(d)) => {
+            seen.remove(&d.name_any());
+            Some(Ok(d))
+        }
+        Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
+            let key = device_membership(&d);
+            (seen.insert(d.name_any(), key) != Some(key)).then_some(Ok(d))
+        }
+        Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+    }
+}
+
 /// What of a Device decides what it gets: its labels, revocation, pause, deletion.
-fn device_membership(obj: &Device) -> Option<u64> {
+fn device_membership(obj: &Device) -> u64 {
     let mut key = format!("{:?}|{:?}|{}", obj.label_map(), obj.revoked_at(), obj.spec.paused);
     if obj.metadata.deletion_timestamp.is_some() {
         key.push_str("|deleting");
     }
-    Some(hash_str(&key))
+    hash_str(&key)
 }
 
 fn hash_str(s: &str) -> u64 {
