@@ -17,7 +17,6 @@
 //! credentials logged in with are bound to the old entity, so whatever they still
 //! mint is refused at connect.
 
-use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -129,23 +128,6 @@ pub async fn enroll_device_identity(bao: &Bao, device_id: &str) -> Result<Enroll
         role_id,
         secret_id,
     })
-}
-
-/// [`enroll_device_identity`] for callers written when the record carried labels:
-/// `labels` is ignored. A device's labels are those of its `Device` object in
-/// Kubernetes (`iotctl device enroll --label` sets them there).
-pub async fn enroll_device(
-    bao: &Bao,
-    device_id: &str,
-    labels: &BTreeMap<String, String>,
-) -> Result<Enrollment, BaoError> {
-    if !labels.is_empty() {
-        tracing::warn!(
-            device = device_id,
-            "labels are no longer recorded in OpenBao; set them on the Device object"
-        );
-    }
-    enroll_device_identity(bao, device_id).await
 }
 
 /// Enrolls a platform service (the operator, the auth callout).

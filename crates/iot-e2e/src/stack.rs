@@ -297,7 +297,7 @@ impl Stack {
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("not a secured stack"))?;
         let device = unique_id("dev");
-        let enrollment = iot_bao::enroll::enroll_device(&sec.bao.root()?, &device, &Default::default()).await?;
+        let enrollment = iot_bao::enroll::enroll_device_identity(&sec.bao.root()?, &device).await?;
         let file = self.dir.path().join(format!("{device}.json"));
         iot_testkit::auth::write_private(&file, &serde_json::to_string(&enrollment)?)?;
         sec.enrollments.insert(device.clone(), file);

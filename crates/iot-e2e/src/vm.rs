@@ -50,7 +50,7 @@ pub async fn start_vm_device_with(
         .security
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("a VM device needs a secured stack"))?;
-    let mut enrollment = iot_bao::enroll::enroll_device(&sec.bao.root()?, id, &Default::default()).await?;
+    let mut enrollment = iot_bao::enroll::enroll_device_identity(&sec.bao.root()?, id).await?;
     enrollment.bao_addr = from_guest(&enrollment.bao_addr);
     let provision = DeviceProvision {
         device_id: id.to_owned(),

@@ -28,7 +28,7 @@ use async_nats::{ConnectOptions, Event};
 use bytes::Bytes;
 use futures::StreamExt;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Phase};
-use iot_bao::enroll::{Role, enroll_device, enroll_service};
+use iot_bao::enroll::{Role, enroll_device_identity, enroll_service};
 use iot_e2e::stack::*;
 use iot_nats::CredentialSource;
 use iot_nats::token_credentials::IdentityCredentials;
@@ -148,7 +148,7 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     let root = sec.bao.root()?;
     let ca = sec.bao.ca_file().map(std::path::Path::to_path_buf);
     let creds_of = |e: iot_bao::enroll::Enrollment| IdentityCredentials::from_enrollment(e, ca.as_deref(), false);
-    let device = creds_of(enroll_device(&root, "attacker", &Default::default()).await?)?;
+    let device = creds_of(enroll_device_identity(&root, "attacker").await?)?;
     let viewer = creds_of(enroll_service(&root, "dashboard", Role::Viewer).await?)?;
     let operator = IdentityCredentials::from_enrollment_file(&sec.operator_enrollment, ca.as_deref(), false)?;
     let callout_password = sec.keys.auth_password.clone();

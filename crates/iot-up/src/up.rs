@@ -480,7 +480,7 @@ impl Up {
             )
             .env("RUST_LOG", "info");
         if let Some(sec) = &self.security {
-            let e = enroll::enroll_device(&sec.bao.root()?, &id, &Default::default()).await?;
+            let e = enroll::enroll_device_identity(&sec.bao.root()?, &id).await?;
             agent.env("NATS_IDENTITY", self.write_enrollment(&e)?);
         }
         // The first device is the canary ring: the menu's selector examples use it.
@@ -525,7 +525,7 @@ impl Up {
         let id = self.net.vm_id(index);
         let enrollment = match &self.security {
             Some(sec) => {
-                let e = enroll::enroll_device(&sec.bao.root()?, &id, &Default::default()).await?;
+                let e = enroll::enroll_device_identity(&sec.bao.root()?, &id).await?;
                 Some(serde_json::to_string(&e)?)
             }
             None => None,

@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -167,7 +166,7 @@ impl Secured {
     }
 
     pub async fn enroll_device(&self, id: &str) -> anyhow::Result<Enrollment> {
-        Ok(enroll::enroll_device(&self.bao.root()?, id, &BTreeMap::new()).await?)
+        Ok(enroll::enroll_device_identity(&self.bao.root()?, id).await?)
     }
 
     pub async fn enroll_operator(&self) -> anyhow::Result<Enrollment> {
