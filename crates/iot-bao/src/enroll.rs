@@ -17,7 +17,6 @@
 //! credentials logged in with are bound to the old entity, so whatever they still
 //! mint is refused at connect.
 
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
