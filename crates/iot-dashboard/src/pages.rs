@@ -348,8 +348,8 @@ pub fn deployments(page: &Page<DeploymentRow>) -> Markup {
                         td.num.bad-if[r.failed > 0] data-col="failed" { (r.failed) }
                         td.num data-col="pending" { (r.pending) }
                         td.num.warn-if[r.unreported > 0] data-col="unreported" { (r.unreported) }
-                        td data-col="revision" { (revision_text(r)) }
-                        td data-col="last-good" { @if let Some(n) = r.last_good_revision { "rev " (n) } }
+                        td.nowrap data-col="revision" { (revision_text(r)) }
+                        td.nowrap data-col="last-good" { @if let Some(n) = r.last_good_revision { "rev " (n) } }
                         td.conds { @for (t, s, reason) in &r.conditions {
                             span.cond class={ "c-" (s.to_lowercase()) } title=(reason) { (t) "=" (s) } " "
                         } }

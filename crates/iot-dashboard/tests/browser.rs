@@ -2,6 +2,8 @@
 //! by fantoccini), against the real local stack: API server, operator, NATS, an
 //! agent running podman. Pages show what `.status` and the devices say; an open
 //! page follows a failure and its recovery, and a silent agent, without a reload.
+//! Device objects mark devices (unregistered, revoked) and give them labels, live;
+//! a selector deployment's targets come from its `.status`.
 //! Screenshots of every page land in target/screenshots/.
 
 use std::time::Instant;
@@ -9,6 +11,7 @@ use std::time::Instant;
 mod common;
 
 use common::*;
+use iot_api::{Device, DeviceSpec, REVOKED_ANNOTATION};
 use iot_e2e::stack::*;
 use iot_testkit::{free_port, podman_cli, unique_id, wait_until};
 use serde_json::json;
@@ -59,6 +62,12 @@ async fn pages_match_kubectl_and_follow_failures_and_silence_live() -> anyhow::R
     assert_eq!(text(c, r#"[data-stat="online"] .value"#).await.as_deref(), Some("1"));
     assert_eq!(text(c, r#"[data-stat="ready"] .value"#).await.as_deref(), Some("1"));
     assert_eq!(text(c, r#"[data-stat="stale"] .value"#).await.as_deref(), Some("0"));
+    // The device reports without a Device object (the stack does not register it).
+    assert_eq!(
+        text(c, r#"[data-stat="unregistered"] .value"#).await.as_deref(),
+        Some("1")
+    );
+    assert_eq!(text(c, r#"[data-stat="revoked"] .value"#).await.as_deref(), Some("0"));
     screenshot(c, "overview").await?;
 
     // The list shows what .status says (what `kubectl get iotdep` prints).
@@ -107,13 +116,97 @@ async fn pages_match_kubectl_and_follow_failures_and_silence_live() -> anyhow::R
     c.goto(&format!("{base}/deployments/default/web?phase=failed")).await?;
     assert_eq!(text(c, &phase).await, None, "a running device is filtered out");
 
-    // The device page, then its agent falls silent: stale, on the open page.
-    c.goto(&format!("{base}/devices/{dev}")).await?;
-    wait_text(c, "h1", "device heading", |t| t.contains("online")).await?;
-    screenshot(c, "device").await?;
+    // The registry, on an open devices page: the device is unregistered until its
+    // Device object comes, with its labels; a revoked Device is marked.
     c.goto(&format!("{base}/devices")).await?;
+    let marks = format!(r#"tr[data-device="{dev}"] [data-col="marks"]"#);
+    let labels = format!(r#"tr[data-device="{dev}"] [data-col="labels"]"#);
+    wait_text(c, &marks, "unregistered", |t| t.contains("unregistered")).await?;
+    wait_text(c, "#live", "live", |t| t == "live").await?;
+    stack
+        .register_device(&dev, &[("site", "lab"), ("ring", "canary")])
+        .await?;
+    let gone = unique_id("gone");
+    let mut revoked = Device::new(&gone, DeviceSpec::default());
+    revoked.metadata.annotations = Some(
+        [(REVOKED_ANNOTATION.to_owned(), "2026-01-02T03:04:05Z".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    stack.devices().create(&Default::default(), &revoked).await?;
+    wait_text(c, &labels, "labels on the open page", |t| t.contains("site=lab")).await?;
+    assert_eq!(text(c, &marks).await.as_deref(), Some(""), "registered now");
+    let gone_marks = format!(r#"tr[data-device="{gone}"] [data-col="marks"]"#);
+    wait_text(c, &gone_marks, "revoked", |t| t.contains("revoked")).await?;
+    screenshot(c, "devices-registry").await?;
+
+    // A selector deployment lists no device in its spec: its targets come from
+    // .status, and its page and the device's show the selector.
+    let mut cmd = stack.applier()?;
+    cmd.args(["--name", "web-lab", "--namespace", "default", "--selector", "site=lab"])
+        .args(["--image", "localhost/iot-web:v1"]);
+    run_ok(cmd)?;
+    stack
+        .wait_resource_status("default", "web-lab", "matched and counted", |s| {
+            s.matched_devices == Some(1) && s.aggregate.as_ref().is_some_and(|a| a.targets == 1)
+        })
+        .await?;
+    // From here the device starts web-lab's container, and Chromium may abort a
+    // load when that adds a network interface: pages are loaded until they show.
+    let row = r#"tr[data-deployment="default/web-lab"]"#;
+    let targets = format!(r#"{row} [data-col="targets"]"#);
+    goto_until(c, &format!("{base}/deployments"), &targets, "1 target", |t| t == "1").await?;
+    assert_eq!(
+        text(c, &format!(r#"{row} [data-col="selector"]"#)).await.as_deref(),
+        Some("label site=lab")
+    );
+    wait_text(c, &format!(r#"{row} [data-col="revision"]"#), "revision 1", |t| {
+        t.contains("rev 1")
+    })
+    .await?;
+    screenshot(c, "deployments-selector").await?;
+    goto_until(
+        c,
+        &format!("{base}/deployments/default/web-lab"),
+        "#targeting",
+        "the selector",
+        |t| t.contains("site=lab"),
+    )
+    .await?;
+    wait_text(
+        c,
+        &format!(r#"tr[data-device="{dev}"]"#),
+        "the device it selects",
+        |_| true,
+    )
+    .await?;
+
+    // The device page, then its agent falls silent: stale, on the open page.
+    goto_until(c, &format!("{base}/devices/{dev}"), "h1", "device heading", |t| {
+        t.contains("online")
+    })
+    .await?;
+    assert!(text(c, "#labels").await.is_some_and(|t| t.contains("ring=canary")));
+    assert_eq!(text(c, "#unregistered-note").await, None);
+    let by = r#"tr[data-deployment="default/web-lab"] [data-col="by"]"#;
+    wait_text(c, by, "the selector deployment on the device", |t| {
+        t.contains("site=lab")
+    })
+    .await?;
+    screenshot(c, "device").await?;
+    goto_until(
+        c,
+        &format!("{base}/devices/{gone}"),
+        "#revoked-note",
+        "the revoked note",
+        |t| t.contains("Revoked"),
+    )
+    .await?;
     let state = format!(r#"tr[data-device="{dev}"] [data-col="state"]"#);
-    wait_text(c, &state, "online", |t| t.contains("online")).await?;
+    goto_until(c, &format!("{base}/devices"), &state, "online", |t| {
+        t.contains("online")
+    })
+    .await?;
     wait_text(c, "#live", "live", |t| t == "live").await?;
     stack.kill_agent(&dev);
     let t = Instant::now();

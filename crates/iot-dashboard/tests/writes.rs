@@ -5,6 +5,8 @@
 //!   the deployment page, and the device serves v2;
 //! - a write without the session's CSRF token is refused and changes nothing;
 //! - a second device is added as a target from the page, runs it, and is removed;
+//! - a deployment that selects devices by label offers no target edits, and one
+//!   forced anyway is refused with the reason, changing nothing;
 //! - a viewer sees a read-only page, and a write forced anyway is refused by the
 //!   API server, whose reason the page shows;
 //! - the deployer deletes the deployment from the page;
@@ -334,6 +336,45 @@ async fn people_change_deployments_as_themselves_and_rbac_decides() -> anyhow::R
     .await?;
     let targets = stack.deployments("default").get("web").await?.spec.target_devices;
     assert_eq!(targets, vec![dev.clone()]);
+
+    // A deployment that selects its devices by label has no list to edit: the
+    // page offers no target forms, and a forced edit is refused with the reason.
+    let mut cmd = stack.applier()?;
+    cmd.args([
+        "--name",
+        "web-sel",
+        "--namespace",
+        "default",
+        "--selector",
+        "site=madrid",
+    ])
+    .args(["--image", "localhost/iot-web:v1"]);
+    run_ok(cmd)?;
+    let sel_page = "/deployments/default/web-sel";
+    c.goto(&format!("{dashboard}{sel_page}")).await?;
+    wait_text(c, "#selector-note", "the selector note", |t| t.contains("site=madrid")).await?;
+    assert!(
+        c.find_all(Locator::Css("#add-target, #remove-target"))
+            .await?
+            .is_empty(),
+        "no target forms for a selector deployment"
+    );
+    let body = format!(
+        "op=add&device={dev2}&csrf={}",
+        urlencoding::encode(&dave_csrf(c).await?)
+    );
+    let (status, _, text) = post_from_page(c, &format!("{sel_page}/targets"), &body).await?;
+    assert!(
+        status == 200
+            && text.contains("this deployment selects devices by label (site=madrid); change the Device")
+            && text.contains("labels instead"),
+        "{status}: {text}"
+    );
+    let sel = stack.deployments("default").get("web-sel").await?;
+    assert!(
+        sel.spec.target_devices.is_empty() && sel.spec.selector.is_some(),
+        "unchanged"
+    );
     sign_out(c).await?;
 
     // A viewer, in her own browser: the page is read-only, and a write forced

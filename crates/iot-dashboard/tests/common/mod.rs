@@ -64,6 +64,38 @@ pub async fn wait_text(c: &Client, selector: &str, what: &str, pred: impl Fn(&st
     r
 }
 
+/// Loads `url` and waits until `selector`'s text satisfies `pred`, loading it again
+/// while it does not: Chromium aborts a load when the host's network interfaces
+/// change (a device's new container adds a veth), and a person would reload.
+pub async fn goto_until(
+    c: &Client,
+    url: &str,
+    selector: &str,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
+    let r = wait_until(WAIT, what, || async {
+        if let Some(t) = text(c, selector).await.filter(|t| pred(t)) {
+            return Some(t);
+        }
+        let aborted = text(c, "body")
+            .await
+            .is_none_or(|t| t.contains("network change was detected"));
+        let elsewhere = c.current_url().await.map(|u| u.as_str() != url).unwrap_or(true);
+        if aborted || elsewhere {
+            let _ = c.goto(url).await;
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        None
+    })
+    .await;
+    if r.is_err() {
+        eprintln!("last text of {selector} at {url}: {:?}", text(c, selector).await);
+    }
+    r
+}
+
 pub fn screenshots_dir() -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots");
     std::fs::create_dir_all(&dir)?;
