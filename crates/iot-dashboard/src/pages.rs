@@ -604,8 +604,12 @@ pub fn device(d: &DeviceDetail<'_>) -> Markup {
         @if reg.unregistered {
             p.note.warn #unregistered-note role="status" {
                 span aria-hidden="true" { "! " } strong { "Unregistered" } ": this device reports, but has no Device object, "
-                "so it has no labels and no selector matches it. " span.mono { "iotctl device enroll " (d.id) " --label KEY=VALUE" }
-                " registers it."
+                "so it has no labels and no selector matches it. "
+                @if harmony_reconciler_contracts::id::enrollable_device_id_problem(d.id).is_none() {
+                    span.mono { "iotctl device enroll " (d.id) " --label KEY=VALUE" } " registers it."
+                } @else {
+                    "Its id cannot name a Device (not a lowercase DNS-1123 label): re-enroll it under a lowercase id to use selectors."
+                }
             }
         }
         @if reg.paused {
@@ -830,5 +834,32 @@ mod tests {
             html.contains("id=\"registry-note\"") && html.contains("may not list Devices"),
             "{html}"
         );
+    }
+
+    #[test]
+    fn an_unregistered_device_is_told_how_to_register_or_why_it_cannot() {
+        let page = |id: &str| {
+            device(&DeviceDetail {
+                id,
+                state: DeviceState::Online,
+                record: None,
+                deployments: Vec::new(),
+                registration: Registration {
+                    unregistered: true,
+                    ..Registration::default()
+                },
+                registry_known: true,
+            })
+            .into_string()
+        };
+        let html = page("pi-kitchen");
+        assert!(html.contains("id=\"unregistered-note\""), "{html}");
+        assert!(
+            html.contains("iotctl device enroll pi-kitchen --label KEY=VALUE"),
+            "{html}"
+        );
+        let html = page("Pi_Kitchen");
+        assert!(html.contains("re-enroll it under a lowercase id"), "{html}");
+        assert!(!html.contains("iotctl device enroll"), "{html}");
     }
 }
