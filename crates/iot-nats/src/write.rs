@@ -73,7 +73,24 @@ pub async fn write_batch_with(
                 .header("Nats-Rollup", "sub")
                 .header("Nats-TTL", ttl.as_str()),
         };
-        match js.send_publish(subject, msg).await {
+        // The context caps unacknowledged publishes across all its users (5,000 by
+        // default) and makes a publish wait for room. Acks are collected while
+        // waiting: a batch that waited without polling its own acks would hold its
+        // share of that room for good, and enough concurrent batches (a reconcile
+        // of many deployments at once) would wait on each other forever.
+        let publish = js.send_publish(subject, msg);
+        tokio::pin!(publish);
+        let sent = loop {
+            tokio::select! {
+                biased;
+                sent = &mut publish => break sent,
+                Some(res) = inflight.next(), if !inflight.is_empty() => match res {
+                    Ok(_) => acked += 1,
+                    Err(e) => return (acked, Some(NatsError::js(e))),
+                },
+            }
+        };
+        match sent {
             Ok(ack) => inflight.push(std::future::IntoFuture::into_future(ack)),
             Err(e) => return (acked, Some(NatsError::js(e))),
         }

@@ -277,3 +277,38 @@ async fn many_reads_at_once_stay_under_the_accounts_subscription_cap() -> anyhow
     );
     Ok(())
 }
+
+/// Many batches at once on one context, together far past its cap of
+/// unacknowledged publishes (5,000), as when the operator reconciles many
+/// deployments at once. A publish waits for room; a batch that waits without
+/// collecting its own acks keeps its share of that room, and enough such batches
+/// wait on each other forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_past_the_contexts_ack_cap_all_finish() -> anyhow::Result<()> {
+    let (_nats, _conn, js) = setup().await?;
+    let batches = 100usize;
+    let per_batch = 400usize;
+    let tasks: Vec<_> = (0..batches)
+        .map(|b| {
+            let js = js.clone();
+            tokio::spawn(async move {
+                let ops: Vec<KvOp> = (0..per_batch)
+                    .map(|i| KvOp::Put {
+                        key: key(&format!("dev{b}"), i),
+                        value: Bytes::from_static(b"x"),
+                    })
+                    .collect();
+                write_batch(&js, DESIRED_STATE_BUCKET, &ops, DEFAULT_WINDOW).await
+            })
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(tasks))
+        .await
+        .map_err(|_| anyhow::anyhow!("concurrent batches wedged"))?;
+    for r in results {
+        let (acked, err) = r?;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(acked, per_batch);
+    }
+    Ok(())
+}

@@ -425,9 +425,17 @@ fn membership_change(
             seen.remove(&d.name_any());
             Some(Ok(d))
         }
-        Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) => {
+        Ok(watcher::Event::Apply(d)) => {
             let key = device_membership(&d);
             (seen.insert(d.name_any(), key) != Some(key)).then_some(Ok(d))
+        }
+        // The first list wakes nothing: every Deployment is reconciled when the
+        // controller starts anyway, and mapping 10,000 Devices over 1,000 selectors
+        // would hold up the inventory's readiness by seconds. A later re-list (after
+        // the watch lost its place) wakes what changed meanwhile.
+        Ok(watcher::Event::InitApply(d)) => {
+            let key = device_membership(&d);
+            matches!(seen.insert(d.name_any(), key), Some(old) if old != key).then_some(Ok(d))
         }
         Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
     }
