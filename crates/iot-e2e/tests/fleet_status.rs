@@ -75,11 +75,14 @@ async fn ready_after_apply_and_printer_columns_read_like_a_fleet_summary() -> an
             "PENDING",
             "UNREPORTED",
             "READY",
+            "REVISION",
             "AGE"
         ]
     );
     let row: Vec<&str> = out.lines().nth(1).unwrap_or("").split_whitespace().collect();
     assert_eq!(&row[..7], ["web", "1", "1", "0", "0", "0", "True"], "{out}");
+    // Two scores, two revisions: the device runs the second.
+    assert_eq!(&row[7..11], ["1/1", "on", "rev", "2"], "{out}");
     Ok(())
 }
 
