@@ -57,6 +57,11 @@ pub struct StatusInputs {
     /// The generation `write` is about.
     pub write_generation: Option<i64>,
     pub write: Option<WriteOutcome>,
+    /// The last successful write's outcome: what it matched, held and which
+    /// revision it wrote stay in the status while a later attempt fails (a NATS
+    /// blip must not drop `currentRevision`, or the token that confirms held
+    /// removals).
+    pub last_written: Option<WriteOutcome>,
     /// Carries the generation it was computed for.
     pub aggregate: Option<AggregateStatus>,
 }
@@ -105,7 +110,7 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
         held,
         revision,
         ..
-    }) = &inputs.write
+    }) = inputs.last_written.as_ref().or(inputs.write.as_ref())
     {
         matched_devices = matched.map(|m| m as u32);
         current_revision = *revision;

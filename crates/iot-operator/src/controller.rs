@@ -30,7 +30,7 @@ use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids, without_paus
 use crate::metrics::OperatorMetrics;
 use crate::revisions::Revisions;
 use crate::status_writer::StatusInbox;
-use crate::targeting::{Resolved, TargetBook, guard_removals, select};
+use crate::targeting::{Resolved, ShrinkLedger, TargetBook, guard_removals, select};
 
 pub const FINALIZER: &str = "iot.nationtech.io/desired-state";
 
@@ -81,6 +81,7 @@ pub struct Ctx {
     /// What each reconcile decided, for the aggregator and the Device watch.
     pub book: Arc<TargetBook>,
     revisions: Revisions,
+    ledger: ShrinkLedger,
     failures: Mutex<HashMap<DeploymentRef, u32>>,
 }
 
@@ -104,6 +105,7 @@ impl Ctx {
             devices: fleet.devices,
             book: fleet.book,
             revisions: Revisions::default(),
+            ledger: ShrinkLedger::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -199,13 +201,16 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         return Err(Error::DevicesNotReady);
     }
     let existing = ctx.index.existing(dep);
+    let mut shrink = None;
     let (targets, matched, held) = match &obj.spec.selector {
         None => (listed, None, None),
         Some(selector) => {
             let matched = select(ctx.devices.state().iter().map(|d| d.as_ref()), selector);
             let holding = existing.keys().cloned().collect();
             let confirmation = obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(String::as_str);
-            let guarded = guard_removals(matched, &holding, obj.spec.max_shrink_percent(), confirmation);
+            let recent = ctx.ledger.recent(dep);
+            let guarded = guard_removals(matched, &holding, &recent, obj.spec.max_shrink_percent(), confirmation);
+            shrink = Some((guarded.removals.clone(), guarded.confirmed));
             let held = guarded.held.map(|h| {
                 tracing::warn!(deployment = %dep, held = h.devices.len(), matched = guarded.matched, "selector shrank by too much at once; holding the removals");
                 HeldRemovals {
@@ -226,8 +231,27 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         &paused,
     );
     if !plan.is_empty() {
+        // A Device event during the write must find this deployment among the
+        // holders of both the old and the new targets.
+        let mut during: std::collections::BTreeSet<harmony_reconciler_contracts::Id> =
+            ctx.book.get(dep).map(|r| r.targets.clone()).unwrap_or_default();
+        during.extend(targets.iter().cloned());
+        ctx.book.set(
+            dep.clone(),
+            Resolved {
+                targets: during,
+                revision: Some(revision),
+            },
+        );
         tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), revision, "writing desired state");
         write(js, ctx, dep, &plan).await?;
+    }
+    match shrink {
+        Some((_, true)) => ctx.ledger.clear(dep),
+        Some((removed, false)) => ctx
+            .ledger
+            .record(dep, removed.into_iter().filter(|d| plan.purges.contains(d))),
+        None => {}
     }
     let devices = targets.len();
     ctx.book.set(
@@ -274,6 +298,7 @@ async fn cleanup(dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
     write(js, ctx, dep, &plan).await?;
     ctx.revisions.delete_all(&ctx.client, dep).await?;
     ctx.book.forget(dep);
+    ctx.ledger.clear(dep);
     ctx.status.forget(dep);
     Ok(Action::await_change())
 }
@@ -341,7 +366,9 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
     let reason = match err {
         Error::NatsNotReady(_) | Error::Nats { .. } => Some(REASON_NATS_UNAVAILABLE),
         Error::Invalid(_) => Some(REASON_INVALID_SPEC),
-        Error::DevicesNotReady | Error::Revision(_) => Some(REASON_KUBERNETES_UNAVAILABLE),
+        // The inventory loads within moments of a start: not worth a status flap.
+        Error::DevicesNotReady => None,
+        Error::Revision(_) => Some(REASON_KUBERNETES_UNAVAILABLE),
         _ => None,
     };
     if let Some(reason) = reason {
@@ -389,10 +416,10 @@ pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deploy
     let device_stream = watcher(Api::<Device>::all(client), watcher::Config::default())
         .default_backoff()
         .reflect(device_writer)
-        .scan(HashMap::new(), |seen, event| {
-            std::future::ready(Some(membership_change(seen, event)))
+        .scan(MembershipSeen::default(), |seen, event| {
+            std::future::ready(Some(futures::stream::iter(membership_change(seen, event))))
         })
-        .filter_map(std::future::ready);
+        .flatten();
     let book = Arc::new(TargetBook::default());
     let fleet = Fleet {
         devices: device_reader,
@@ -411,33 +438,77 @@ fn shrink_confirmation(obj: &Deployment) -> Option<u64> {
     obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(|v| hash_str(v))
 }
 
+/// What the Device watch has seen, to pass on only events that can change what a
+/// device gets.
+#[derive(Default)]
+struct MembershipSeen {
+    /// Device name -> its membership fingerprint, as last passed on.
+    known: HashMap<String, u64>,
+    /// Objects of a re-list under way (between `Init` and `InitDone`).
+    relist: Option<HashMap<String, Device>>,
+}
+
 /// Device events that can change what a device gets: every delete, and applies
 /// that change its labels, revocation, pause or deletion mark. The operator's own
 /// status writes (and anything else) pass no further. (kube's `predicate_filter`
 /// would also drop a delete whose object looks like the last one it saw.)
+///
+/// A re-list (the first list, or after the watch lost its place) is passed on at
+/// its end, when the reflector's store holds it: the first one wakes nothing
+/// (every Deployment is reconciled when the controller starts anyway, and mapping
+/// 10,000 Devices over 1,000 selectors would hold up the inventory by seconds);
+/// later ones pass on the Devices that changed, appeared or vanished meanwhile.
 fn membership_change(
-    seen: &mut HashMap<String, u64>,
+    seen: &mut MembershipSeen,
     event: Result<watcher::Event<Device>, watcher::Error>,
-) -> Option<Result<Device, watcher::Error>> {
+) -> Vec<Result<Device, watcher::Error>> {
     match event {
-        Err(e) => Some(Err(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the Device watch failed; retrying");
+            vec![Err(e)]
+        }
         Ok(watcher::Event::Delete(d)) => {
-            seen.remove(&d.name_any());
-            Some(Ok(d))
+            seen.known.remove(&d.name_any());
+            vec![Ok(d)]
         }
         Ok(watcher::Event::Apply(d)) => {
             let key = device_membership(&d);
-            (seen.insert(d.name_any(), key) != Some(key)).then_some(Ok(d))
+            if seen.known.insert(d.name_any(), key) == Some(key) {
+                vec![]
+            } else {
+                vec![Ok(d)]
+            }
         }
-        // The first list wakes nothing: every Deployment is reconciled when the
-        // controller starts anyway, and mapping 10,000 Devices over 1,000 selectors
-        // would hold up the inventory's readiness by seconds. A later re-list (after
-        // the watch lost its place) wakes what changed meanwhile.
+        Ok(watcher::Event::Init) => {
+            seen.relist = Some(HashMap::new());
+            vec![]
+        }
         Ok(watcher::Event::InitApply(d)) => {
-            let key = device_membership(&d);
-            matches!(seen.insert(d.name_any(), key), Some(old) if old != key).then_some(Ok(d))
+            seen.relist.get_or_insert_default().insert(d.name_any(), d);
+            vec![]
         }
-        Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+        Ok(watcher::Event::InitDone) => {
+            let listed = seen.relist.take().unwrap_or_default();
+            let first = seen.known.is_empty();
+            let mut changed = Vec::new();
+            // Vanished while the watch was away: as deletes (an object with the
+            // name alone finds the deployments that hold it).
+            for name in seen.known.keys() {
+                if !listed.contains_key(name) {
+                    changed.push(Ok(Device::new(name, Default::default())));
+                }
+            }
+            let mut known = HashMap::with_capacity(listed.len());
+            for (name, d) in listed {
+                let key = device_membership(&d);
+                if !first && seen.known.get(&name) != Some(&key) {
+                    changed.push(Ok(d));
+                }
+                known.insert(name, key);
+            }
+            seen.known = known;
+            changed
+        }
     }
 }
 
@@ -489,4 +560,82 @@ fn affected_by(
     refs.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     refs.dedup();
     refs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iot_api::DeviceSpec;
+
+    fn device(name: &str, site: &str) -> Device {
+        let mut d = Device::new(name, DeviceSpec::default());
+        d.metadata.labels = Some([("site".to_owned(), site.to_owned())].into());
+        d
+    }
+
+    fn names(out: Vec<Result<Device, watcher::Error>>) -> Vec<String> {
+        let mut v: Vec<String> = out.into_iter().filter_map(|r| r.ok()).map(|d| d.name_any()).collect();
+        v.sort();
+        v
+    }
+
+    fn relist(seen: &mut MembershipSeen, devices: &[Device]) -> Vec<String> {
+        assert!(names(membership_change(seen, Ok(watcher::Event::Init))).is_empty());
+        for d in devices {
+            assert!(names(membership_change(seen, Ok(watcher::Event::InitApply(d.clone())))).is_empty());
+        }
+        names(membership_change(seen, Ok(watcher::Event::InitDone)))
+    }
+
+    #[test]
+    fn only_membership_changes_wake_deployments() {
+        let mut seen = MembershipSeen::default();
+        // The first list wakes nothing.
+        assert!(relist(&mut seen, &[device("a", "x"), device("b", "x")]).is_empty());
+        // A status write (same labels) wakes nothing; a label change does.
+        let mut a = device("a", "x");
+        a.status = Some(Default::default());
+        assert!(names(membership_change(&mut seen, Ok(watcher::Event::Apply(a)))).is_empty());
+        assert_eq!(
+            names(membership_change(
+                &mut seen,
+                Ok(watcher::Event::Apply(device("a", "y")))
+            )),
+            ["a"]
+        );
+        // Pausing and revoking do too.
+        let mut paused = device("a", "y");
+        paused.spec.paused = true;
+        assert_eq!(
+            names(membership_change(&mut seen, Ok(watcher::Event::Apply(paused)))),
+            ["a"]
+        );
+        // A delete always does, even of an object that looks like the last one.
+        assert_eq!(
+            names(membership_change(
+                &mut seen,
+                Ok(watcher::Event::Delete(device("b", "x")))
+            )),
+            ["b"]
+        );
+        // A new device does.
+        assert_eq!(
+            names(membership_change(
+                &mut seen,
+                Ok(watcher::Event::Apply(device("c", "x")))
+            )),
+            ["c"]
+        );
+    }
+
+    #[test]
+    fn a_relist_wakes_what_changed_appeared_or_vanished_meanwhile() {
+        let mut seen = MembershipSeen::default();
+        relist(&mut seen, &[device("a", "x"), device("b", "x"), device("c", "x")]);
+        // While the watch was away: a relabelled, b deleted, d created, c unchanged.
+        let woken = relist(&mut seen, &[device("a", "y"), device("c", "x"), device("d", "x")]);
+        assert_eq!(woken, ["a", "b", "d"]);
+        // And the next relist with nothing new wakes nothing.
+        assert!(relist(&mut seen, &[device("a", "y"), device("c", "x"), device("d", "x")]).is_empty());
+    }
 }

@@ -90,7 +90,7 @@ pub fn device_status(
             "the device is not reporting".into(),
         ),
         Some(rt) => {
-            let message = rt.message.clone();
+            let message = rt.message.as_deref().map(bounded);
             match rt.state {
                 RuntimeState::Available => cond(RUNTIME_READY, "True", REASON_RUNTIME_ANSWERS, "podman answers".into()),
                 RuntimeState::Unavailable => cond(
@@ -151,6 +151,20 @@ pub fn device_status(
     }
 }
 
+/// What a device says goes into etcd and into every reader's cache of Devices:
+/// each string is cut to a size a person reads.
+fn bounded(s: &str) -> String {
+    const MAX: usize = 256;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// Kubernetes times have second precision.
 fn seconds(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
@@ -193,7 +207,7 @@ struct RefreshBudget {
 impl RefreshBudget {
     fn top_up(&mut self, devices: usize, every: Duration, elapsed: Duration) {
         let rate = devices as f64 / every.as_secs_f64().max(1.0);
-        // At most one period's worth of burst.
+        // At most one second's worth of burst (and at least one write).
         self.tokens = (self.tokens + rate * elapsed.as_secs_f64()).min(rate.max(1.0));
     }
 

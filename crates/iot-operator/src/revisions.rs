@@ -31,13 +31,15 @@ pub struct RevisionPlan {
     pub prune: Vec<u64>,
 }
 
-/// Pure: `existing` are (number, spec hash) of the Deployment's revisions.
-pub fn plan_revision(existing: &[(u64, String)], current_hash: &str, limit: u32) -> RevisionPlan {
+/// Pure: `existing` are (number, spec hash) of the Deployment's revisions;
+/// `floor` the highest number the Deployment's status ever named, so that numbers
+/// are not reused when someone deletes revisions by hand.
+pub fn plan_revision(existing: &[(u64, String)], current_hash: &str, limit: u32, floor: Option<u64>) -> RevisionPlan {
     let newest = existing.iter().max_by_key(|(n, _)| *n);
+    let highest = newest.map(|(n, _)| *n).max(floor).unwrap_or(0);
     let (current, create) = match newest {
         Some((n, h)) if h == current_hash => (*n, false),
-        Some((n, _)) => (n + 1, true),
-        None => (1, true),
+        _ => (highest + 1, true),
     };
     let mut numbers: Vec<u64> = existing.iter().map(|(n, _)| *n).filter(|n| *n != current).collect();
     numbers.sort_unstable();
@@ -94,7 +96,11 @@ impl Revisions {
             .iter()
             .map(|r| (r.spec.revision, r.spec.spec_hash.clone()))
             .collect();
-        let plan = plan_revision(&existing, hash.as_str(), obj.spec.revision_history_limit());
+        let floor = obj.status.as_ref().and_then(|s| {
+            let agg = s.aggregate.as_ref();
+            s.current_revision.max(agg.and_then(|a| a.last_good_revision))
+        });
+        let plan = plan_revision(&existing, hash.as_str(), obj.spec.revision_history_limit(), floor);
         if plan.create {
             let revision = DeploymentRevision {
                 metadata: ObjectMeta {
@@ -162,10 +168,16 @@ impl Revisions {
             deployment: dep.clone(),
             message,
         };
-        let list = api
+        let list = match api
             .list_metadata(&ListParams::default().labels(&revisions_of(dep.name())))
             .await
-            .map_err(|e| fail(format!("cannot list: {e}")))?;
+        {
+            Ok(list) => list,
+            // No DeploymentRevision CRD: there is nothing to delete, and the
+            // Deployment must not hang in Terminating for it.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => return Err(fail(format!("cannot list: {e}"))),
+        };
         for r in list.items {
             match api.delete(&r.name_any(), &DeleteParams::default()).await {
                 Ok(_) => {}
@@ -199,7 +211,7 @@ mod tests {
     #[test]
     fn first_score_is_revision_one() {
         assert_eq!(
-            plan_revision(&[], "a", 10),
+            plan_revision(&[], "a", 10, None),
             RevisionPlan {
                 current: 1,
                 create: true,
@@ -211,19 +223,29 @@ mod tests {
     #[test]
     fn unchanged_score_keeps_its_number_and_a_returning_one_gets_a_new_number() {
         let existing = revs(&[(1, "a"), (2, "b"), (3, "c")]);
-        assert_eq!(plan_revision(&existing, "c", 10).current, 3);
-        assert!(!plan_revision(&existing, "c", 10).create);
+        assert_eq!(plan_revision(&existing, "c", 10, None).current, 3);
+        assert!(!plan_revision(&existing, "c", 10, None).create);
         // An undo to the score of revision 1 is revision 4.
-        let undo = plan_revision(&existing, "a", 10);
+        let undo = plan_revision(&existing, "a", 10, None);
         assert_eq!((undo.current, undo.create), (4, true));
+    }
+
+    #[test]
+    fn numbers_are_not_reused_after_revisions_were_deleted_by_hand() {
+        // Status said revision 7; someone deleted every revision object.
+        assert_eq!(plan_revision(&[], "a", 10, Some(7)).current, 8);
+        let existing = revs(&[(2, "b")]);
+        assert_eq!(plan_revision(&existing, "c", 10, Some(7)).current, 8);
+        // The newest still carrying the current score keeps its number.
+        assert_eq!(plan_revision(&existing, "b", 10, Some(7)).current, 2);
     }
 
     #[test]
     fn the_limit_prunes_the_oldest_and_counts_the_current() {
         let existing = revs(&[(1, "a"), (2, "b"), (3, "c")]);
-        assert_eq!(plan_revision(&existing, "d", 2).prune, vec![1, 2]);
-        assert_eq!(plan_revision(&existing, "d", 3).prune, vec![1]);
-        assert_eq!(plan_revision(&existing, "c", 1).prune, vec![1, 2]);
-        assert!(plan_revision(&existing, "d", 10).prune.is_empty());
+        assert_eq!(plan_revision(&existing, "d", 2, None).prune, vec![1, 2]);
+        assert_eq!(plan_revision(&existing, "d", 3, None).prune, vec![1]);
+        assert_eq!(plan_revision(&existing, "c", 1, None).prune, vec![1, 2]);
+        assert!(plan_revision(&existing, "d", 10, None).prune.is_empty());
     }
 }

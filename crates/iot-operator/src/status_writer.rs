@@ -93,6 +93,9 @@ impl StatusInbox {
                 return;
             }
             e.inputs.write_generation = generation;
+            if matches!(outcome, WriteOutcome::Written { .. }) {
+                e.inputs.last_written = Some(outcome.clone());
+            }
             e.inputs.write = Some(outcome);
             e.dirty = true;
         }

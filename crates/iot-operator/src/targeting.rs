@@ -43,6 +43,10 @@ pub struct Guarded {
     pub targets: BTreeSet<Id>,
     pub matched: usize,
     pub held: Option<Held>,
+    /// Devices this decision takes the deployment off.
+    pub removals: BTreeSet<Id>,
+    /// A person confirmed these removals.
+    pub confirmed: bool,
 }
 
 /// The token that confirms removing exactly `devices`.
@@ -51,30 +55,33 @@ pub fn shrink_token(devices: &BTreeSet<Id>) -> String {
     spec_hash_of(&ids).as_str().chars().take(10).collect()
 }
 
-/// Applies the shrink guard: `holding` are the devices that hold the deployment
-/// now (its keys in KV), `matched` what the selector matches.
+/// Applies the shrink guard. `holding` are the devices that hold the deployment
+/// now (its keys in KV), `matched` what the selector matches, and `recent` the
+/// devices it was taken off within the last [`SHRINK_WINDOW`] without a
+/// confirmation: a region relabelled one device at a time (`kubectl label` sends
+/// one request per object) counts as one shrink, not as many small ones.
 pub fn guard_removals(
     matched: BTreeSet<Id>,
     holding: &BTreeSet<Id>,
+    recent: &BTreeSet<Id>,
     max_shrink_percent: u32,
     confirmation: Option<&str>,
 ) -> Guarded {
     let removals: BTreeSet<Id> = holding.difference(&matched).cloned().collect();
     let matched_count = matched.len();
-    let too_many = removals.len() > 1 && removals.len() * 100 > holding.len() * max_shrink_percent as usize;
-    if !too_many {
-        return Guarded {
-            targets: matched,
-            matched: matched_count,
-            held: None,
-        };
-    }
+    let still_gone: BTreeSet<&Id> = recent.iter().filter(|d| !matched.contains(*d)).collect();
+    let shrink = removals.len() + still_gone.iter().filter(|d| !holding.contains(**d)).count();
+    let baseline = holding.len() + still_gone.iter().filter(|d| !holding.contains(**d)).count();
+    let too_many = !removals.is_empty() && shrink > 1 && shrink * 100 > baseline * max_shrink_percent as usize;
     let token = shrink_token(&removals);
-    if confirmation == Some(token.as_str()) {
+    let confirmed = too_many && confirmation == Some(token.as_str());
+    if !too_many || confirmed {
         return Guarded {
             targets: matched,
             matched: matched_count,
             held: None,
+            removals,
+            confirmed,
         };
     }
     let mut targets = matched;
@@ -86,6 +93,55 @@ pub fn guard_removals(
             devices: removals,
             token,
         }),
+        removals: BTreeSet::new(),
+        confirmed: false,
+    }
+}
+
+/// How long removals count towards one shrink.
+pub const SHRINK_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Devices each deployment was recently taken off without a confirmation, for
+/// [`guard_removals`]. In memory: an operator restart forgets it (the guard then
+/// starts counting again).
+#[derive(Debug, Default)]
+pub struct ShrinkLedger {
+    removed: Mutex<HashMap<DeploymentRef, Vec<(std::time::Instant, Id)>>>,
+}
+
+impl ShrinkLedger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, Vec<(std::time::Instant, Id)>>> {
+        self.removed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The devices removed within the window.
+    pub fn recent(&self, deployment: &DeploymentRef) -> BTreeSet<Id> {
+        let mut map = self.lock();
+        let Some(list) = map.get_mut(deployment) else {
+            return BTreeSet::new();
+        };
+        list.retain(|(at, _)| at.elapsed() < SHRINK_WINDOW);
+        let ids = list.iter().map(|(_, d)| d.clone()).collect();
+        if list.is_empty() {
+            map.remove(deployment);
+        }
+        ids
+    }
+
+    /// Removals that went through unconfirmed (small ones) count for the window.
+    pub fn record(&self, deployment: &DeploymentRef, removed: impl IntoIterator<Item = Id>) {
+        let now = std::time::Instant::now();
+        let mut map = self.lock();
+        let list = map.entry(deployment.clone()).or_default();
+        list.extend(removed.into_iter().map(|d| (now, d)));
+        if list.is_empty() {
+            map.remove(deployment);
+        }
+    }
+
+    /// A person confirmed a shrink (or the deployment is gone): start afresh.
+    pub fn clear(&self, deployment: &DeploymentRef) {
+        self.lock().remove(deployment);
     }
 }
 

@@ -68,14 +68,20 @@ fn a_selector_matches_registered_unrevoked_devices_by_label() {
 fn a_small_shrink_goes_through() {
     let holding = ids(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]);
     let matched = ids(&["a", "b", "c", "d", "e", "f", "g", "h", "i"]);
-    let g = guard_removals(matched.clone(), &holding, 20, None);
+    let g = guard_removals(matched.clone(), &holding, &none(), 20, None);
     assert_eq!(g.targets, matched);
     assert!(g.held.is_none());
     // Two of ten is 20 %: not more than the limit.
-    let g = guard_removals(ids(&["a", "b", "c", "d", "e", "f", "g", "h"]), &holding, 20, None);
+    let g = guard_removals(
+        ids(&["a", "b", "c", "d", "e", "f", "g", "h"]),
+        &holding,
+        &none(),
+        20,
+        None,
+    );
     assert!(g.held.is_none());
     // One device always goes, even out of one.
-    let g = guard_removals(ids(&[]), &ids(&["a"]), 20, None);
+    let g = guard_removals(ids(&[]), &ids(&["a"]), &none(), 20, None);
     assert!(g.targets.is_empty() && g.held.is_none());
 }
 
@@ -83,25 +89,60 @@ fn a_small_shrink_goes_through() {
 fn a_large_shrink_is_held_until_confirmed_with_its_token() {
     let holding = ids(&["a", "b", "c", "d", "e"]);
     let matched = ids(&["a", "b"]);
-    let g = guard_removals(matched.clone(), &holding, 20, None);
+    let g = guard_removals(matched.clone(), &holding, &none(), 20, None);
     let held = g.held.clone().expect("held");
     assert_eq!(held.devices, ids(&["c", "d", "e"]));
     assert_eq!(g.targets, holding, "held devices keep the deployment");
     assert_eq!(g.matched, 2);
     // A stale or wrong confirmation does not release them.
     assert!(
-        guard_removals(matched.clone(), &holding, 20, Some("nope"))
+        guard_removals(matched.clone(), &holding, &none(), 20, Some("nope"))
             .held
             .is_some()
     );
     assert_eq!(held.token, shrink_token(&ids(&["c", "d", "e"])));
-    let confirmed = guard_removals(matched.clone(), &holding, 20, Some(&held.token));
+    let confirmed = guard_removals(matched.clone(), &holding, &none(), 20, Some(&held.token));
     assert!(confirmed.held.is_none());
     assert_eq!(confirmed.targets, matched);
     // The token is for exactly that set: another shrink needs its own.
     assert_ne!(shrink_token(&ids(&["c", "d"])), held.token);
     // 100 turns the guard off.
-    assert!(guard_removals(ids(&[]), &holding, 100, None).held.is_none());
+    assert!(guard_removals(ids(&[]), &holding, &none(), 100, None).held.is_none());
+}
+
+fn none() -> BTreeSet<Id> {
+    BTreeSet::new()
+}
+
+#[test]
+fn a_region_relabelled_one_device_at_a_time_is_one_shrink() {
+    // Ten devices hold it; they are labelled out one by one (one reconcile each).
+    let all = ids(&["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]);
+    let mut holding = all.clone();
+    let mut recent = BTreeSet::new();
+    let mut went = Vec::new();
+    for gone in ["a", "b", "c", "d"] {
+        let matched: BTreeSet<Id> = holding.iter().filter(|d| d.as_str() != gone).cloned().collect();
+        let g = guard_removals(matched.clone(), &holding, &recent, 20, None);
+        if g.held.is_some() {
+            break;
+        }
+        went.push(gone);
+        recent.insert(id(gone));
+        holding = matched;
+    }
+    // Two of ten go (20 %); the third is held, although each step removes one.
+    assert_eq!(went, ["a", "b"]);
+    // A device that came back does not count.
+    let back = ids(&["a", "c", "d", "e", "f", "g", "h", "i", "j"]);
+    let g = guard_removals(
+        back.iter().filter(|d| d.as_str() != "c").cloned().collect(),
+        &back,
+        &ids(&["a", "b"]),
+        20,
+        None,
+    );
+    assert!(g.held.is_none(), "b and c: 2 of 10");
 }
 
 fn report(age_s: i64, runtime: RuntimeState, phases: &[Phase]) -> DeviceReport {

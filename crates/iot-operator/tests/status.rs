@@ -26,6 +26,7 @@ fn conditions_carry_the_generation_of_their_own_input() {
     let inputs = StatusInputs {
         write_generation: Some(2),
         write: Some(WriteOutcome::written(1)),
+        last_written: None,
         aggregate: Some(agg(1, 1)),
     };
     let s = build_status(None, &inputs, Utc::now());
@@ -53,6 +54,7 @@ fn unchanged_conditions_keep_the_live_transition_time() {
     let inputs = StatusInputs {
         write_generation: Some(1),
         write: Some(WriteOutcome::written(1)),
+        last_written: None,
         aggregate: Some(agg(1, 1)),
     };
     let live = build_status(None, &inputs, t0);
@@ -77,5 +79,42 @@ fn unchanged_conditions_keep_the_live_transition_time() {
     assert_eq!(
         cond(&later, DESIRED_STATE_WRITTEN).last_transition_time,
         cond(&live, DESIRED_STATE_WRITTEN).last_transition_time
+    );
+}
+
+#[test]
+fn a_failed_write_keeps_the_revision_and_the_held_removals_of_the_last_good_one() {
+    use iot_operator::conditions::HeldRemovals;
+    let written = WriteOutcome::Written {
+        devices: 5,
+        matched: Some(2),
+        held: Some(HeldRemovals {
+            count: 3,
+            token: "abc123".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+        }),
+        revision: Some(7),
+    };
+    let failed = WriteOutcome::Failed {
+        reason: iot_api::conditions::REASON_NATS_UNAVAILABLE,
+        message: "NATS is not available yet".into(),
+    };
+    let inputs = StatusInputs {
+        write_generation: Some(3),
+        write: Some(failed),
+        last_written: Some(written),
+        aggregate: Some(agg(3, 1)),
+    };
+    let s = build_status(None, &inputs, Utc::now());
+    assert_eq!(cond(&s, DESIRED_STATE_WRITTEN).status, "False");
+    assert_eq!(s.current_revision, Some(7));
+    assert_eq!(s.matched_devices, Some(2));
+    let held = cond(&s, iot_api::conditions::REMOVALS_HELD);
+    assert_eq!(held.status, "True");
+    assert!(
+        held.message.contains("iot.nationtech.io/confirm-shrink=abc123"),
+        "{}",
+        held.message
     );
 }
