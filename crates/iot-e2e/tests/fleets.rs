@@ -63,12 +63,11 @@ async fn membership_follows_labels_and_a_large_shrink_waits_for_a_confirmation()
     let (b, b_ctr) = stack.start_agent()?;
     stack.register_device(&a, &[("site", "madrid")]).await?;
     stack.register_device(&b, &[("site", "paris")]).await?;
-    apply(
-        &stack,
-        "web",
-        DeploymentSpec::for_selector(site("madrid"), score("localhost/iot-web:v1", "a")),
-    )
-    .await?;
+    // The guard off at first: this part takes devices off one by one, which would
+    // add up to a large shrink within the guard's window.
+    let mut spec = DeploymentSpec::for_selector(site("madrid"), score("localhost/iot-web:v1", "a"));
+    spec.max_shrink_percent = Some(100);
+    apply(&stack, "web", spec).await?;
     wait_containers(&a_ctr, true, "the madrid device runs it").await?;
     stack
         .wait_resource_status("default", "web", "one matched", |s| {
