@@ -63,7 +63,10 @@ async fn no_cluster_and_no_crd_are_explained() -> anyhow::Result<()> {
 fn invalid_flags_are_rejected_before_anything_is_sent() -> anyhow::Result<()> {
     let nowhere = std::path::Path::new("/nonexistent");
     let cases: [(&[&str], &str); 6] = [
-        (&["--image", "x", "--print"], "at least one --target-device or --selector is required"),
+        (
+            &["--image", "x", "--print"],
+            "at least one --target-device or --selector is required",
+        ),
         (
             &["--target-device", "dev.1", "--image", "x", "--print"],
             "invalid --target-device",
