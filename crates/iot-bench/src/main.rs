@@ -3,9 +3,11 @@
 
 mod agent_bench;
 mod auth_bench;
+mod contention_bench;
 mod dashboard_bench;
 mod fanout_bench;
 mod fleet_bench;
+mod fleets_bench;
 mod follow_bench;
 mod leader_bench;
 mod trust_bench;
@@ -106,6 +108,57 @@ enum Cmd {
         #[arg(long, default_value_t = 100.0)]
         flood_mbps: f64,
     },
+    /// N registered Devices heartbeating: Device status writes per second to fill,
+    /// idle, with paced lastSeenAt refreshes, and with a share of devices flapping.
+    DeviceStatusWrites {
+        #[arg(long, default_value_t = 10000)]
+        devices: usize,
+        /// Share of devices that go silent past IOT_STALE_AFTER and come back, again
+        /// and again (0: none).
+        #[arg(long, default_value_t = 1.0)]
+        flap_percent: f64,
+        /// Length of each measured window (the flapping one is rounded up to whole
+        /// flap cycles).
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// The operator's IOT_DEVICE_LAST_SEEN_EVERY, in seconds (its default: 900).
+        #[arg(long, default_value_t = 900)]
+        last_seen_every_secs: u64,
+        /// How often every synthetic device reports (the agent default is 10 s).
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+        /// The operator's IOT_STALE_AFTER, in seconds (its default: 30).
+        #[arg(long, default_value_t = 30)]
+        stale_after_secs: u64,
+    },
+    /// N labelled Devices and M selector Deployments: relabel one device, move one
+    /// selector; time until the keys are right and the KV writes it took.
+    SelectorTargeting {
+        #[arg(long, default_value_t = 10000)]
+        devices: usize,
+        #[arg(long, default_value_t = 1000)]
+        deployments: usize,
+        /// Distinct `site` label values; deployment k selects site k mod sites.
+        #[arg(long, default_value_t = 40)]
+        sites: usize,
+        /// Relabels and selector moves measured (medians reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Apply the Deployments one by one to a running operator, at most 8 not yet
+        /// written (default: every Deployment exists before the operator starts).
+        #[arg(long)]
+        paced: bool,
+    },
+    /// Concurrent pipelined KV writes on one JetStream context (what many
+    /// Deployments reconciling at once do): done, or wedged.
+    WriteContention {
+        #[arg(long, default_value_t = 40)]
+        batches: usize,
+        #[arg(long, default_value_t = 250)]
+        ops: usize,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
     /// As device `flooder`, sends 250 KB statuses to $NATS_URL until killed.
     #[command(hide = true)]
     Flood {
@@ -146,6 +199,45 @@ async fn main() -> anyhow::Result<()> {
             rounds,
             flood_mbps,
         } => trust_bench::relay_flood(devices, window_secs, rounds, flood_mbps).await,
+        Cmd::DeviceStatusWrites {
+            devices,
+            flap_percent,
+            secs,
+            last_seen_every_secs,
+            heartbeat_secs,
+            stale_after_secs,
+        } => {
+            fleets_bench::device_status_writes(fleets_bench::StatusArgs {
+                devices,
+                flap_percent,
+                secs,
+                last_seen_every_secs,
+                heartbeat_secs,
+                stale_after_secs,
+            })
+            .await
+        }
+        Cmd::SelectorTargeting {
+            devices,
+            deployments,
+            sites,
+            rounds,
+            paced,
+        } => {
+            fleets_bench::selector_targeting(fleets_bench::SelectorArgs {
+                devices,
+                deployments,
+                sites,
+                rounds,
+                paced,
+            })
+            .await
+        }
+        Cmd::WriteContention {
+            batches,
+            ops,
+            timeout_secs,
+        } => contention_bench::run(batches, ops, std::time::Duration::from_secs(timeout_secs)).await,
         Cmd::Flood { mbps } => trust_bench::flood(mbps).await,
         Cmd::Serve { service } => trust_bench::serve(&service).await,
     }

@@ -56,59 +56,184 @@ pub fn ms(d: Duration) -> String {
 /// API server with the CRD, nats-server with the buckets, and the release operator.
 /// The servers are owned here so they live exactly as long as the benchmark.
 pub struct ControlPlane {
-    _api: iot_testkit::ApiServer,
-    _nats: iot_testkit::NatsServer,
+    servers: Servers,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    _operator: iot_testkit::LoggedProcess,
+    _operator: Operator,
     pub operator_pid: u32,
     pub kube: kube::Client,
 }
 
 impl ControlPlane {
     pub fn kubeconfig(&self) -> PathBuf {
-        self._api.kubeconfig()
+        self.servers.api.kubeconfig()
     }
 
     /// Points a platform binary at this control plane's NATS (URL and CA).
     pub fn configure_client(&self, cmd: &mut std::process::Command) {
-        self._nats.configure_client(cmd);
+        self.servers.nats.configure_client(cmd);
     }
 }
 
 pub async fn control_plane() -> anyhow::Result<ControlPlane> {
-    use std::process::{Command, Stdio};
-    let api = iot_testkit::ApiServer::start().await?;
-    let nats = iot_testkit::NatsServer::start().await?;
-    let conn = iot_nats::connect(&[nats.url()], &iot_nats::Anonymous, "bench", nats.ca_file()).await?;
-    let js = jetstream::new(conn.client.clone());
-    iot_nats::buckets::ensure_buckets(&js).await?;
-    let operator_bin = sibling_binary("iot-operator")?;
-    let out = Command::new(&operator_bin)
-        .env("KUBECONFIG", api.kubeconfig())
-        .arg("install")
-        .stderr(Stdio::null())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "iot-operator install failed");
-    let mut cmd = Command::new(&operator_bin);
-    nats.configure_client(&mut cmd);
-    cmd.env("KUBECONFIG", api.kubeconfig())
-        .env("RUST_LOG", "warn")
-        .env("IOT_STALE_AFTER", "30s")
-        .arg("run");
-    let operator = iot_testkit::LoggedProcess::spawn("iot-operator", cmd, api.dir().join("operator.log"))?;
-    let operator_pid = operator.pid().ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
-    let kube = api.kube_client().await?;
+    let servers = Servers::start().await?;
+    let operator = servers.operator(&[("IOT_STALE_AFTER", "30s".into())])?;
     Ok(ControlPlane {
-        _api: api,
-        _nats: nats,
-        client: conn.client,
-        js,
+        client: servers.client.clone(),
+        js: servers.js.clone(),
+        operator_pid: operator.pid,
+        kube: servers.kube.clone(),
         _operator: operator,
-        operator_pid,
-        kube,
+        servers,
     })
 }
+
+/// The API server (every CRD installed with `iot-operator install`) and nats-server
+/// (the buckets created), without an operator: a benchmark that fills the API
+/// server first starts the operator itself, with [`Servers::operator`].
+pub struct Servers {
+    pub api: iot_testkit::ApiServer,
+    pub nats: iot_testkit::NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub kube: kube::Client,
+}
+
+impl Servers {
+    pub async fn start() -> anyhow::Result<Self> {
+        use std::process::{Command, Stdio};
+        let api = iot_testkit::ApiServer::start().await?;
+        let nats = iot_testkit::NatsServer::start().await?;
+        let conn = iot_nats::connect(&[nats.url()], &iot_nats::Anonymous, "bench", nats.ca_file()).await?;
+        let js = jetstream::new(conn.client.clone());
+        iot_nats::buckets::ensure_buckets(&js).await?;
+        let out = Command::new(sibling_binary("iot-operator")?)
+            .env("KUBECONFIG", api.kubeconfig())
+            .arg("install")
+            .stderr(Stdio::null())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "iot-operator install failed");
+        let kube = api.kube_client().await?;
+        Ok(Self {
+            api,
+            nats,
+            client: conn.client,
+            js,
+            kube,
+        })
+    }
+
+    /// Starts the release operator (`RUST_LOG=warn`, or `$IOT_BENCH_OPERATOR_LOG`)
+    /// with these environment variables on top, serving `/metrics` on a free
+    /// loopback port. Its log is `operator.log` in the API server's directory.
+    pub fn operator(&self, env: &[(&str, String)]) -> anyhow::Result<Operator> {
+        let http = iot_testkit::free_port()?;
+        let mut cmd = std::process::Command::new(sibling_binary("iot-operator")?);
+        self.nats.configure_client(&mut cmd);
+        cmd.env("KUBECONFIG", self.api.kubeconfig())
+            .env(
+                "RUST_LOG",
+                std::env::var("IOT_BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("IOT_HTTP_ADDR", format!("127.0.0.1:{http}"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.arg("run");
+        let process = iot_testkit::LoggedProcess::spawn("iot-operator", cmd, self.api.dir().join("operator.log"))?;
+        let pid = process.pid().ok_or_else(|| anyhow::anyhow!("no operator pid"))?;
+        Ok(Operator {
+            _process: process,
+            pid,
+            http,
+        })
+    }
+
+    /// The API server's and etcd's process ids (children of this process).
+    pub fn apiserver_pids(&self) -> Vec<u32> {
+        children_named(&["iot-apiserver", "etcd"])
+    }
+}
+
+/// The release operator, killed on drop.
+pub struct Operator {
+    _process: iot_testkit::LoggedProcess,
+    pub pid: u32,
+    pub http: u16,
+}
+
+impl Operator {
+    /// Its `/metrics` text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        iot_testkit::http::get_text("127.0.0.1", self.http, "/metrics").await
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        while iot_testkit::http::get_status("127.0.0.1", self.http, "/readyz")
+            .await
+            .ok()
+            != Some(200)
+        {
+            anyhow::ensure!(
+                start.elapsed() < timeout,
+                "the operator was not ready within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Sum of the samples of metric `name` (Prometheus text) whose labels include every
+/// `key="value"` pair of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, set) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"").as_str()));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Process ids of this process's children whose command name is one of `names`.
+pub fn children_named(names: &[&str]) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+            let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(me) && names.contains(&comm)
+        })
+        .collect()
+}
+
+/// CPU time of several processes together, in clock ticks.
+pub fn cpu_ticks_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|p| cpu_ticks(*p).ok()).sum()
+}
+
+/// Clock ticks per second (USER_HZ; 100 on Linux).
+pub const TICKS_PER_SEC: f64 = 100.0;
 
 pub use crate::follow_bench::cpu_ticks;
 
