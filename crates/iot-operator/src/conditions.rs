@@ -70,6 +70,7 @@ pub struct StatusInputs {
 /// status did not change keep its `lastTransitionTime`, so an operator restart
 /// changes nothing.
 pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now: DateTime<Utc>) -> DeploymentStatus {
+    let previous = live.map(|l| l.conditions.as_slice()).unwrap_or_default();
     let mut conditions = Vec::new();
     if let Some(write) = &inputs.write {
         let (status, reason, message) = match write {
@@ -80,8 +81,8 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
             ),
             WriteOutcome::Failed { reason, message } => ("False", *reason, message.clone()),
         };
-        conditions.push(condition(
-            live,
+        conditions.push(carry_condition(
+            previous,
             DESIRED_STATE_WRITTEN,
             status,
             reason,
@@ -93,8 +94,8 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
     let aggregate_generation = inputs.aggregate.as_ref().and_then(|a| a.observed_generation);
     if let Some(agg) = &inputs.aggregate {
         for (type_, status, reason, message) in fleet_conditions(agg) {
-            conditions.push(condition(
-                live,
+            conditions.push(carry_condition(
+                previous,
                 type_,
                 status,
                 reason,
@@ -133,8 +134,8 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
                 ),
                 None => ("False", REASON_NO_REMOVALS_HELD, "no removals are held".to_owned()),
             };
-            conditions.push(condition(
-                live,
+            conditions.push(carry_condition(
+                previous,
                 REMOVALS_HELD,
                 status,
                 reason,
@@ -225,19 +226,6 @@ pub fn fleet_conditions(agg: &AggregateStatus) -> Vec<(&'static str, &'static st
         (PROGRESSING, progressing.0, progressing.1, progressing.2),
         (DEGRADED, degraded.0, degraded.1, degraded.2),
     ]
-}
-
-fn condition(
-    live: Option<&DeploymentStatus>,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: DateTime<Utc>,
-) -> Condition {
-    let previous = live.map(|l| l.conditions.as_slice()).unwrap_or_default();
-    carry_condition(previous, type_, status, reason, message, generation, now)
 }
 
 /// A condition that keeps the `lastTransitionTime` of `previous` when its status

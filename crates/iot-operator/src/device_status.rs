@@ -26,7 +26,7 @@ use iot_api::{Device, DeviceInventory, DeviceStatus, PhaseCounts};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
-use kube::{Api, ResourceExt};
+use kube::Api;
 
 use crate::conditions::carry_condition;
 use crate::device_index::DeviceIndex;
@@ -337,7 +337,7 @@ pub fn unregistered<'a>(
         .filter(|id| {
             devices
                 .get(&kube::runtime::reflector::ObjectRef::new(id.as_str()))
-                .is_none_or(|d| d.name_any() != id.as_str())
+                .is_none()
         })
         .cloned()
         .collect()
