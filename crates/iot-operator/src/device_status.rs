@@ -24,9 +24,9 @@ use harmony_reconciler_contracts::{Phase, RuntimeState};
 use iot_api::conditions::*;
 use iot_api::{Device, DeviceInventory, DeviceStatus, PhaseCounts};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Api;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::Store;
-use kube::Api;
 
 use crate::conditions::carry_condition;
 use crate::device_index::DeviceIndex;
