@@ -10,6 +10,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// The selector shrank by too much at once; removals wait for a confirmation.
 pub const REMOVALS_HELD: &str = "RemovalsHeld";
+/// A rollout's gate failed and the last good revision was written back.
+pub const ROLLED_BACK: &str = "RolledBack";
 
 // Device conditions.
 /// The device reported within the staleness window (the NATS server's clock).
@@ -35,6 +37,15 @@ pub const REASON_HEALTHY: &str = "Healthy";
 pub const REASON_AGGREGATING: &str = "Aggregating";
 pub const REASON_LARGE_SHRINK: &str = "LargeShrink";
 pub const REASON_NO_REMOVALS_HELD: &str = "NoRemovalsHeld";
+// Rollouts (`spec.rollout`).
+pub const REASON_ROLLOUT_PROGRESSING: &str = "RolloutProgressing";
+pub const REASON_ROLLOUT_PAUSED: &str = "RolloutPaused";
+pub const REASON_AWAITING_PROMOTION: &str = "AwaitingPromotion";
+pub const REASON_ROLLOUT_SUSPENDED: &str = "RolloutSuspended";
+pub const REASON_ROLLING_BACK: &str = "RollingBack";
+pub const REASON_ROLLED_BACK: &str = "RolledBack";
+pub const REASON_PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+pub const REASON_NOT_ROLLED_BACK: &str = "NotRolledBack";
 pub const REASON_REPORTING: &str = "Reporting";
 pub const REASON_SILENT: &str = "Silent";
 pub const REASON_NEVER_REPORTED: &str = "NeverReported";

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::revision::DEFAULT_REVISION_HISTORY_LIMIT;
+use crate::rollout::{RolloutSpec, RolloutStatus};
 use crate::score::IotScore;
 use crate::selector::DeviceSelector;
 
@@ -31,6 +32,7 @@ use crate::selector::DeviceSelector;
     printcolumn = r#"{"name":"Unreported","type":"integer","jsonPath":".status.aggregate.unreported"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.aggregate.revisionSummary"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -60,6 +62,11 @@ pub struct DeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub max_shrink_percent: Option<u32>,
+    /// How a new revision reaches the devices: batches gated on what devices
+    /// report, with automatic rollback. Without it every matched device gets a new
+    /// revision at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// Annotation that confirms held removals: its value must be the token the
@@ -90,6 +97,7 @@ impl DeploymentSpec {
             score,
             revision_history_limit: None,
             max_shrink_percent: None,
+            rollout: None,
         }
     }
 
@@ -101,6 +109,7 @@ impl DeploymentSpec {
             score,
             revision_history_limit: None,
             max_shrink_percent: None,
+            rollout: None,
         }
     }
 
@@ -143,6 +152,10 @@ pub struct DeploymentStatus {
     /// The `DeploymentRevision` the current score is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_revision: Option<u64>,
+    /// The progressive rollout of `currentRevision` (deployments with
+    /// `spec.rollout`). Written by the operator before it acts on a decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// Per-deployment fleet summary. Counts partition the targets:
@@ -170,6 +183,10 @@ pub struct AggregateStatus {
     /// (restarted or restored several times in the last 10 minutes).
     #[serde(default)]
     pub restarting: u32,
+    /// Restarts plus restores the targets report for the current spec (since
+    /// each agent started).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
     /// The most recent failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<DeviceError>,

@@ -13,6 +13,7 @@ pub mod deployment;
 pub mod device;
 pub mod labels;
 pub mod revision;
+pub mod rollout;
 pub mod score;
 pub mod selector;
 
@@ -21,7 +22,11 @@ pub use deployment::{
     ErrorGroup, RevisionCount,
 };
 pub use device::{Device, DeviceInventory, DeviceSpec, DeviceStatus, PhaseCounts, REVOKED_ANNOTATION};
-pub use revision::{DeploymentRevision, DeploymentRevisionSpec, revision_name};
+pub use revision::{DeploymentRevision, DeploymentRevisionSpec, RolloutPlan, revision_name};
+pub use rollout::{
+    ABORT_ANNOTATION, BatchStatus, FailureCluster, OnFailure, PROMOTE_ANNOTATION, RolloutBatch, RolloutPhase,
+    RolloutSpec, RolloutStatus,
+};
 pub use score::{IotScore, PodmanService, PodmanV0Score, PortMapping, Protocol, ResourceLimits, RestartPolicy};
 pub use selector::{DeviceSelector, SelectorOperator, SelectorRequirement};
 

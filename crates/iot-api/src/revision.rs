@@ -57,6 +57,18 @@ pub struct DeploymentRevisionSpec {
     pub spec_hash: String,
     /// What ran, exactly as it was in the Deployment.
     pub score: IotScore,
+    /// For a Deployment with `spec.rollout`: which devices each batch of this
+    /// revision's rollout holds, fixed when the revision was recorded (so a
+    /// restarted operator dispatches the same devices in the same order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_plan: Option<RolloutPlan>,
+}
+
+/// The devices of each batch, in batch order; the last batch holds the devices no
+/// batch of the spec named.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct RolloutPlan {
+    pub batches: Vec<Vec<String>>,
 }
 
 /// The name of a Deployment's revision `n`: `<deployment>-<n>`, shortened with a

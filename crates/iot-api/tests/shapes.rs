@@ -62,6 +62,7 @@ fn status_is_camel_case_with_observed_generation() {
         conditions: vec![],
         matched_devices: None,
         current_revision: None,
+        rollout: None,
         aggregate: Some(AggregateStatus {
             observed_generation: Some(3),
             spec_hash: "abc".into(),

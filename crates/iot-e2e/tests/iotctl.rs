@@ -671,6 +671,7 @@ fn revision(deployment: &str, n: u64, score: IotScore) -> DeploymentRevision {
             revision: n,
             spec_hash: score.spec_hash().to_string(),
             score,
+            rollout_plan: None,
         },
     );
     r.metadata.labels = Some(labels(&[(DEPLOYMENT_LABEL, deployment)]));

@@ -155,6 +155,7 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
         aggregate: inputs.aggregate.clone(),
         matched_devices,
         current_revision,
+        rollout: None,
     }
 }
 

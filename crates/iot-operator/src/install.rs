@@ -50,6 +50,23 @@ fn add_one_target_rule(crd: &mut CustomResourceDefinition) {
             && let Ok(rule) = serde_json::from_value(DeploymentSpec::one_target_rule())
         {
             spec.one_of = Some(rule);
+            // A batch waits for a person or for its bake time, not both.
+            let batch = spec
+                .properties
+                .as_mut()
+                .and_then(|p| p.get_mut("rollout"))
+                .and_then(|r| r.properties.as_mut())
+                .and_then(|p| p.get_mut("batches"))
+                .and_then(|b| b.items.as_mut());
+            if let Some(
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(
+                    item,
+                ),
+            ) = batch
+                && let Ok(rule) = serde_json::from_value(serde_json::json!({"required": ["pause", "bakeTime"]}))
+            {
+                item.not = Some(Box::new(rule));
+            }
         }
     }
 }

@@ -124,6 +124,7 @@ impl Revisions {
                     revision: plan.current,
                     spec_hash: hash.to_string(),
                     score: obj.spec.score.clone(),
+                    rollout_plan: None,
                 },
             };
             match api.create(&PostParams::default(), &revision).await {
