@@ -28,6 +28,12 @@ pub const PROMOTE_ANNOTATION: &str = "iot.nationtech.io/rollout-promote";
 /// Aborts the rollout of a revision and rolls back: the value is the revision, e.g. `4`.
 pub const ABORT_ANNOTATION: &str = "iot.nationtech.io/rollout-abort";
 
+/// [`RolloutStatus::reason`] values.
+pub const REASON_BATCH_FAILED: &str = "BatchFailed";
+pub const REASON_FAILURE_THRESHOLD: &str = "FailureThreshold";
+pub const REASON_DEADLINE: &str = "ProgressDeadlineExceeded";
+pub const REASON_ABORTED: &str = "Aborted";
+
 /// Success threshold of the first batch when none is given: every device.
 pub const FIRST_BATCH_SUCCESS_THRESHOLD: u32 = 100;
 /// Success threshold of later batches when none is given.
@@ -322,10 +328,18 @@ pub struct RolloutStatus {
     /// by the time spent waiting for a person).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress_since: Option<DateTime<Utc>>,
+    /// Since when the rollout waits for a person (paused, or a `pause: {}` batch
+    /// that passed); that time does not count against the progress deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<DateTime<Utc>>,
     /// When the rollout reached a final phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
     pub batches: Vec<BatchStatus>,
+    /// Why the rollout stopped, for machines: `BatchFailed`, `FailureThreshold`,
+    /// `ProgressDeadlineExceeded` or `Aborted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// What is happening, or why it stopped, in a sentence.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,

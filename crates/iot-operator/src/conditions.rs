@@ -64,6 +64,8 @@ pub struct StatusInputs {
     pub last_written: Option<WriteOutcome>,
     /// Carries the generation it was computed for.
     pub aggregate: Option<AggregateStatus>,
+    /// The rollout of the current revision (deployments with `spec.rollout`).
+    pub rollout: Option<iot_api::RolloutStatus>,
 }
 
 /// The status to write. `live` is the object's current status: conditions whose
@@ -93,7 +95,11 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
     }
     let aggregate_generation = inputs.aggregate.as_ref().and_then(|a| a.observed_generation);
     if let Some(agg) = &inputs.aggregate {
-        for (type_, status, reason, message) in fleet_conditions(agg) {
+        let mut fleet = fleet_conditions(agg);
+        if let Some(rollout) = &inputs.rollout {
+            crate::rollout_conditions::apply(&mut fleet, rollout, agg);
+        }
+        for (type_, status, reason, message) in fleet {
             conditions.push(carry_condition(
                 previous,
                 type_,

@@ -26,7 +26,7 @@ use kube::{Api, ResourceExt};
 
 use crate::conditions::{HeldRemovals, WriteOutcome};
 use crate::desired_index::DesiredIndex;
-use crate::kv_plan::{payload, plan_apply, plan_cleanup, target_ids, without_paused};
+use crate::kv_plan::{payload, plan_apply_each, plan_cleanup, target_ids, without_paused};
 use crate::metrics::OperatorMetrics;
 use crate::revisions::Revisions;
 use crate::status_writer::StatusInbox;
@@ -55,6 +55,8 @@ pub enum Error {
     DevicesNotReady,
     #[error(transparent)]
     Revision(#[from] crate::revisions::RevisionError),
+    #[error(transparent)]
+    RolloutStatus(#[from] crate::rollout_write::RolloutWriteError),
 }
 
 impl Error {
@@ -63,7 +65,7 @@ impl Error {
         match self {
             Error::NoNamespace | Error::Invalid(_) => "invalid",
             Error::NatsNotReady(_) | Error::Nats { .. } => "nats",
-            Error::Finalizer(_) | Error::DevicesNotReady | Error::Revision(_) => "kubernetes",
+            Error::Finalizer(_) | Error::DevicesNotReady | Error::Revision(_) | Error::RolloutStatus(_) => "kubernetes",
         }
     }
 }
@@ -81,11 +83,15 @@ pub struct Ctx {
     /// What each reconcile decided, for the aggregator and the Device watch.
     pub book: Arc<TargetBook>,
     revisions: Revisions,
+    rollouts: crate::rollout_write::Rollouts,
     ledger: ShrinkLedger,
     failures: Mutex<HashMap<DeploymentRef, u32>>,
 }
 
 impl Ctx {
+    // Each part is shared with another task of the daemon; a builder would only
+    // move the list elsewhere.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: kube::Client,
         js: jetstream::Context,
@@ -94,6 +100,7 @@ impl Ctx {
         resync: Duration,
         metrics: Arc<OperatorMetrics>,
         fleet: Fleet,
+        rollouts: crate::rollout_write::Rollouts,
     ) -> Self {
         Self {
             client,
@@ -105,6 +112,7 @@ impl Ctx {
             devices: fleet.devices,
             book: fleet.book,
             revisions: Revisions::default(),
+            rollouts,
             ledger: ShrinkLedger::default(),
             failures: Mutex::new(HashMap::new()),
         }
@@ -181,6 +189,11 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
     {
         return invalid(e.to_string());
     }
+    if let Some(rollout) = &obj.spec.rollout
+        && let Err(e) = rollout.validate()
+    {
+        return invalid(e.to_string());
+    }
     let listed = match target_ids(&obj.spec) {
         Ok(t) => t,
         Err(e) => return invalid(format!("spec.targetDevices: {e}")),
@@ -223,13 +236,69 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             (guarded.targets, Some(guarded.matched), held)
         }
     };
-    // The revision exists before any device is told its number.
-    let revision = ctx.revisions.ensure(&ctx.client, obj, dep).await?;
+    // The revision exists before any device is told its number; with a rollout
+    // it carries the batches, decided over the devices matched now.
+    let current = ctx
+        .revisions
+        .ensure(&ctx.client, obj, dep, || {
+            let spec = obj.spec.rollout.as_ref()?;
+            let labels = target_labels(&ctx.devices, &targets);
+            let batches = crate::rollout_plan::plan_batches(dep, spec, &targets, &labels);
+            Some(iot_api::RolloutPlan {
+                batches: batches
+                    .into_iter()
+                    .map(|b| b.into_iter().map(|d| d.to_string()).collect())
+                    .collect(),
+            })
+        })
+        .await?;
+    let revision = current.number;
     let paused = paused_devices(&ctx.devices);
-    let plan = without_paused(
-        plan_apply(&targets, &payload(dep, &obj.spec, Some(revision)), &existing),
-        &paused,
-    );
+    let new_payload = payload(dep, &obj.spec, Some(revision));
+    let mut requeue = ctx.resync;
+    let mut rollout_status = None;
+    let desired: std::collections::BTreeMap<harmony_reconciler_contracts::Id, bytes::Bytes> =
+        match (&obj.spec.rollout, &current.plan) {
+            (Some(_), Some(rollout_plan)) => {
+                let stable_revision = ctx.rollouts.stable_revision(obj, dep, revision);
+                let stable = match stable_revision {
+                    Some(n) => ctx
+                        .revisions
+                        .score_of(&ctx.client, dep, n)
+                        .await?
+                        .map(|score| (n, crate::kv_plan::payload_of(dep, &score, Some(n)))),
+                    None => None,
+                };
+                let stored = ctx.index.existing_stored(dep);
+                let stepped = ctx.rollouts.step(&crate::rollout_write::StepContext {
+                    obj,
+                    dep,
+                    revision,
+                    plan: rollout_plan,
+                    targets: &targets,
+                    new_payload: &new_payload,
+                    stable,
+                    existing: &stored,
+                    devices: &ctx.devices,
+                });
+                if let Some(again) = stepped.again {
+                    requeue = requeue.min(again);
+                }
+                rollout_status = Some(stepped.status);
+                stepped.desired
+            }
+            _ => targets.iter().map(|d| (d.clone(), new_payload.clone())).collect(),
+        };
+    let plan = without_paused(plan_apply_each(&desired, &existing), &paused);
+    // The rollout's decision is in the API server before KV changes on its word.
+    ctx.rollouts
+        .persist(&ctx.client, dep, obj, rollout_status.as_ref(), !plan.is_empty())
+        .await?;
+    if let Some(st) = &rollout_status {
+        ctx.status.rollout(dep.clone(), Some(st.clone()));
+    } else {
+        ctx.status.rollout(dep.clone(), None);
+    }
     if !plan.is_empty() {
         // A Device event during the write must find this deployment among the
         // holders of both the old and the new targets.
@@ -271,7 +340,21 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             revision: Some(revision),
         },
     );
-    Ok(Action::requeue(ctx.resync))
+    Ok(Action::requeue(requeue))
+}
+
+/// The labels of the target Devices (for batch selectors).
+fn target_labels(
+    devices: &Store<Device>,
+    targets: &std::collections::BTreeSet<harmony_reconciler_contracts::Id>,
+) -> std::collections::BTreeMap<harmony_reconciler_contracts::Id, std::collections::BTreeMap<String, String>> {
+    targets
+        .iter()
+        .filter_map(|d| {
+            let obj = devices.get(&reflector::ObjectRef::new(d.as_str()))?;
+            Some((d.clone(), obj.labels().clone()))
+        })
+        .collect()
 }
 
 /// Devices in maintenance (`spec.paused`).
@@ -297,6 +380,7 @@ async fn cleanup(dep: &DeploymentRef, ctx: &Ctx) -> Result<Action, Error> {
     tracing::info!(deployment = %dep, purges = plan.purges.len(), "deployment deleted; removing its desired state");
     write(js, ctx, dep, &plan).await?;
     ctx.revisions.delete_all(&ctx.client, dep).await?;
+    ctx.rollouts.forget(dep);
     ctx.book.forget(dep);
     ctx.ledger.clear(dep);
     ctx.status.forget(dep);
@@ -368,7 +452,7 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
         Error::Invalid(_) => Some(REASON_INVALID_SPEC),
         // The inventory loads within moments of a start: not worth a status flap.
         Error::DevicesNotReady => None,
-        Error::Revision(_) => Some(REASON_KUBERNETES_UNAVAILABLE),
+        Error::Revision(_) | Error::RolloutStatus(_) => Some(REASON_KUBERNETES_UNAVAILABLE),
         _ => None,
     };
     if let Some(reason) = reason {
@@ -433,9 +517,17 @@ pub fn controller(client: kube::Client) -> (Controller<Deployment>, Store<Deploy
     (controller, reader, fleet)
 }
 
-/// Changes of the confirmation annotation count as a change to act on.
+/// Changes of the annotations people act with (shrink confirmation, rollout
+/// promote and abort) count as a change to act on.
 fn shrink_confirmation(obj: &Deployment) -> Option<u64> {
-    obj.annotations().get(CONFIRM_SHRINK_ANNOTATION).map(|v| hash_str(v))
+    let a = obj.annotations();
+    let acts = [
+        CONFIRM_SHRINK_ANNOTATION,
+        iot_api::PROMOTE_ANNOTATION,
+        iot_api::ABORT_ANNOTATION,
+    ]
+    .map(|k| a.get(k));
+    acts.iter().any(Option::is_some).then(|| hash_str(&format!("{acts:?}")))
 }
 
 /// What the Device watch has seen, to pass on only events that can change what a

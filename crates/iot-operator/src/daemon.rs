@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub status_min_interval: Duration,
     pub aggregator: AggregatorConfig,
     pub device_status: crate::device_status::DeviceStatusConfig,
+    /// How often an unfinished rollout is stepped.
+    pub rollout_tick: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere).
     pub http_addr: Option<SocketAddr>,
     /// Hold this Lease before writing anything (`None`: this is the only replica).
@@ -298,6 +300,7 @@ async fn start(
     }
 
     let (controller, store, fleet) = controller(client.clone());
+    let rollout_reports = devices.clone();
     let inbox = StatusInbox::new(store.clone());
     let writer = StatusWriter::new(client.clone(), inbox.clone(), opts.status_min_interval, metrics.clone());
     spawn_essential(tasks, "status writer", writer.run());
@@ -319,7 +322,7 @@ async fn start(
         crate::device_status::run_device_status(
             client.clone(),
             fleet.devices.clone(),
-            devices,
+            devices.clone(),
             opts.device_status,
             metrics.clone(),
         ),
@@ -329,6 +332,22 @@ async fn start(
         "orphan collector",
         crate::gc::run_gc(index.clone(), client.clone(), js.clone(), opts.resync, metrics.clone()),
     );
-    let ctx = Arc::new(Ctx::new(client, js, index, inbox, opts.resync, metrics, fleet));
+    let rollouts = crate::rollout_write::Rollouts::new(
+        rollout_reports,
+        crate::rollout_write::RolloutConfig {
+            tick: opts.rollout_tick,
+            staleness: harmony_reconciler_contracts::report::Staleness::after(opts.aggregator.stale_after),
+        },
+    );
+    let ctx = Arc::new(Ctx::new(
+        client,
+        js,
+        index,
+        inbox,
+        opts.resync,
+        metrics,
+        fleet,
+        rollouts,
+    ));
     Ok((controller, ctx))
 }

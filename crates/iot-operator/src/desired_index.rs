@@ -11,6 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef, Id, parse_desired_state_key};
 use iot_nats::{BucketEntry, BucketFollower, BucketIndex};
 
@@ -18,7 +19,9 @@ use iot_nats::{BucketEntry, BucketFollower, BucketIndex};
 /// devices' reads).
 #[derive(Debug, Default)]
 struct Keys {
-    by_deployment: HashMap<DeploymentRef, BTreeMap<Id, Bytes>>,
+    /// Each value with when it was stored (the server's clock once the watch has
+    /// seen it; this process's clock for a moment after its own write).
+    by_deployment: HashMap<DeploymentRef, BTreeMap<Id, (Bytes, DateTime<Utc>)>>,
     by_device: HashMap<Id, BTreeMap<DeploymentRef, Bytes>>,
 }
 
@@ -83,11 +86,30 @@ impl DesiredIndex {
 
     /// Current values of one deployment's keys.
     pub fn existing(&self, deployment: &DeploymentRef) -> BTreeMap<Id, Bytes> {
+        self.lock()
+            .by_deployment
+            .get(deployment)
+            .map(|m| m.iter().map(|(d, (v, _))| (d.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Current values of one deployment's keys, with when each was stored: when a
+    /// device was given what it holds (a rollout's dispatch time, on the NATS
+    /// server's clock, so it survives an operator restart).
+    pub fn existing_stored(&self, deployment: &DeploymentRef) -> BTreeMap<Id, (Bytes, DateTime<Utc>)> {
         self.lock().by_deployment.get(deployment).cloned().unwrap_or_default()
     }
 
-    /// Records a write (from the watch, or from our own acknowledged write).
+    /// Records our own acknowledged write (stamped now, until the watch brings the
+    /// server's time).
     pub fn record(&self, key: &str, value: Option<Bytes>) {
+        self.record_at(key, value, None);
+    }
+
+    /// Records a write seen by the watch (`stored_at` from the server), or our own
+    /// (`None`). An unchanged value keeps its time: re-recording our own write must
+    /// not move a dispatch time.
+    fn record_at(&self, key: &str, value: Option<Bytes>, stored_at: Option<DateTime<Utc>>) {
         let Ok((device, deployment)) = parse_desired_state_key(key) else {
             tracing::warn!(key, "desired-state key that names no device/deployment; ignored");
             return;
@@ -99,7 +121,13 @@ impl DesiredIndex {
                     .entry(device.clone())
                     .or_default()
                     .insert(deployment.clone(), v.clone());
-                keys.by_deployment.entry(deployment).or_default().insert(device, v);
+                let slot = keys.by_deployment.entry(deployment).or_default();
+                let at = match (stored_at, slot.get(&device)) {
+                    (Some(at), _) => at,
+                    (None, Some((old, at))) if *old == v => *at,
+                    (None, _) => Utc::now(),
+                };
+                slot.insert(device, (v, at));
             }
             None => {
                 if let Some(devices) = keys.by_deployment.get_mut(&deployment) {
@@ -135,6 +163,6 @@ impl DesiredIndex {
 
 impl BucketIndex for DesiredIndex {
     fn apply(&self, entry: BucketEntry) {
-        self.record(&entry.key, entry.value);
+        self.record_at(&entry.key, entry.value, Some(entry.stored_at));
     }
 }

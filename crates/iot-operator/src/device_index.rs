@@ -75,7 +75,9 @@ impl DeviceIndex {
                 self.lock().remove(&device);
             }
             Some(Ok(status)) => {
-                self.lock().insert(device, DeviceReport::new(status, received_at));
+                let mut reports = self.lock();
+                let report = DeviceReport::new(status, received_at).follow(reports.get(&device));
+                reports.insert(device, report);
             }
             // One writer per key, and one bad report must not erase a device: keep
             // the previous one.

@@ -18,8 +18,18 @@ use harmony_reconciler_contracts::{
 use iot_api::{AggregateStatus, DeviceError, DeviceEvent, ErrorGroup, RevisionCount};
 
 /// Restarts or restores within the agent's recent window (10 minutes) that mark a
-/// device as `restarting` for a deployment.
+/// device as `restarting` for a deployment, and count it as failed.
 pub const RESTARTING_THRESHOLD: u32 = 3;
+
+/// A device whose containers of a deployment were restarted or restored within
+/// this window (seen on the NATS server's clock) counts as failed for it, however
+/// quickly the agent brought them back: a `podman rm -f` must show, and a
+/// crash-looping version must never pass a rollout's gate. A rollout's batch with
+/// a bake time uses that instead.
+pub const RESTART_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Times kept per device and deployment at which its restart count was seen to grow.
+const RESTARTS_SEEN_KEPT: usize = 8;
 
 /// Limits that keep `.status` small whatever the fleet size.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +60,10 @@ pub struct DeviceReport {
     pub events: Vec<EventEntry>,
     /// What the device says it is, for its `Device.status` (information only).
     pub about: DeviceFacts,
+    /// Per deployment, when (the server's clock) a report first showed more
+    /// restarts or restores than the one before, newest last, at most a few. Kept
+    /// by the index across reports; an operator restart starts it afresh.
+    pub restarts_seen: BTreeMap<DeploymentRef, Vec<DateTime<Utc>>>,
 }
 
 /// The parts of a report that `Device.status` shows besides phases.
@@ -79,7 +93,47 @@ impl DeviceReport {
                 inventory: s.inventory,
                 runtime: s.runtime,
             },
+            restarts_seen: BTreeMap::new(),
         }
+    }
+
+    /// Carries the restart history over from the device's previous report, adding
+    /// this report's time for every deployment whose restarts plus restores grew
+    /// (for the same spec: the agent counts per spec, and from zero after its own
+    /// restart, so a drop is a new count, not a restart).
+    pub fn follow(mut self, previous: Option<&DeviceReport>) -> Self {
+        let Some(previous) = previous else { return self };
+        for (dep, phase) in &self.deployments {
+            let mut seen = previous.restarts_seen.get(dep).cloned().unwrap_or_default();
+            if let Some(before) = previous.deployments.get(dep)
+                && before.spec_hash == phase.spec_hash
+                && phase.restarts + phase.restores > before.restarts + before.restores
+            {
+                seen.push(self.received_at);
+                if seen.len() > RESTARTS_SEEN_KEPT {
+                    seen.drain(..seen.len() - RESTARTS_SEEN_KEPT);
+                }
+            }
+            if !seen.is_empty() {
+                self.restarts_seen.insert(dep.clone(), seen);
+            }
+        }
+        self
+    }
+
+    /// Restarts or restores of `deployment` seen within `window` before `now`.
+    pub fn restarts_within(
+        &self,
+        deployment: &DeploymentRef,
+        window: std::time::Duration,
+        now: DateTime<Utc>,
+    ) -> usize {
+        let Ok(window) = chrono::Duration::from_std(window) else {
+            return 0;
+        };
+        self.restarts_seen
+            .get(deployment)
+            .map_or(0, |seen| seen.iter().filter(|t| **t > now - window).count())
     }
 }
 
@@ -92,12 +146,17 @@ pub enum DeviceVerdict {
     Unreported,
 }
 
+/// How one target counts for the current spec. A device running it whose
+/// containers keep coming back (restarted or restored within `restart_window`, or
+/// [`RESTARTING_THRESHOLD`] times in the agent's 10-minute window) counts as
+/// failed: the agent's quick repairs must not hide a crash loop.
 pub fn verdict(
     report: Option<&DeviceReport>,
     deployment: &DeploymentRef,
     spec_hash: &SpecHash,
     now: DateTime<Utc>,
     staleness: Staleness,
+    restart_window: std::time::Duration,
 ) -> DeviceVerdict {
     let Some(report) = report else {
         return DeviceVerdict::Unreported;
@@ -115,13 +174,38 @@ pub fn verdict(
         None => phase.phase == Phase::Failed,
     };
     match (current, phase.phase) {
+        (true, Phase::Running) if restart_failure(report, deployment, restart_window, now).is_some() => {
+            DeviceVerdict::Failed
+        }
         (true, Phase::Running) => DeviceVerdict::Succeeded,
         (true, Phase::Failed) => DeviceVerdict::Failed,
         _ => DeviceVerdict::Pending,
     }
 }
 
-/// The aggregate for one deployment over its targets.
+/// Why a running deployment counts as failed because of restarts, if it does.
+pub fn restart_failure(
+    report: &DeviceReport,
+    deployment: &DeploymentRef,
+    window: std::time::Duration,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    let phase = report.deployments.get(deployment)?;
+    let seen = report.restarts_within(deployment, window, now);
+    if seen > 0 {
+        return Some(format!(
+            "containers restarted or restored {seen} time(s) within {}s",
+            window.as_secs()
+        ));
+    }
+    (phase.recent_restarts >= RESTARTING_THRESHOLD).then(|| {
+        format!(
+            "containers restarted or restored {} time(s) within 10 minutes",
+            phase.recent_restarts
+        )
+    })
+}
+
 /// What one aggregate is computed for.
 #[derive(Debug, Clone, Copy)]
 pub struct AggregateInput<'a> {
@@ -169,7 +253,7 @@ pub fn aggregate(
                     .map(|e| (device, e)),
             );
         }
-        let verdict = verdict(report, deployment, spec_hash, now, staleness);
+        let verdict = verdict(report, deployment, spec_hash, now, staleness, RESTART_FAILURE_WINDOW);
         if verdict != DeviceVerdict::Unreported
             && let Some(phase) = report.and_then(|r| r.deployments.get(deployment))
         {
@@ -179,11 +263,13 @@ pub fn aggregate(
             }
         }
         if matches!(verdict, DeviceVerdict::Succeeded | DeviceVerdict::Failed)
-            && report
-                .and_then(|r| r.deployments.get(deployment))
-                .is_some_and(|p| p.recent_restarts >= RESTARTING_THRESHOLD)
+            && let Some(phase) = report.and_then(|r| r.deployments.get(deployment))
+            && phase.spec_hash.as_ref() == Some(spec_hash)
         {
-            agg.restarting += 1;
+            agg.restarts += phase.restarts + phase.restores;
+            if phase.recent_restarts >= RESTARTING_THRESHOLD {
+                agg.restarting += 1;
+            }
         }
         match verdict {
             DeviceVerdict::Succeeded => agg.succeeded += 1,
@@ -192,9 +278,7 @@ pub fn aggregate(
             DeviceVerdict::Failed => {
                 agg.failed += 1;
                 let phase = report.and_then(|r| r.deployments.get(deployment));
-                let message = phase
-                    .and_then(|p| p.last_error.clone())
-                    .unwrap_or_else(|| "failed (no error message)".into());
+                let message = failure_message(report, deployment, now, RESTART_FAILURE_WINDOW);
                 let at = phase.map(|p| p.last_event_at).unwrap_or(now);
                 if agg.last_error.as_ref().is_none_or(|e| at > e.at) {
                     agg.last_error = Some(DeviceError {
@@ -246,6 +330,30 @@ pub fn aggregate(
         })
         .collect();
     agg
+}
+
+/// What a failed target says: its error, or why its restarts count as a failure.
+pub fn failure_message(
+    report: Option<&DeviceReport>,
+    deployment: &DeploymentRef,
+    now: DateTime<Utc>,
+    restart_window: std::time::Duration,
+) -> String {
+    let Some(report) = report else {
+        return "failed (no report)".into();
+    };
+    let Some(phase) = report.deployments.get(deployment) else {
+        return "failed (no phase reported)".into();
+    };
+    if phase.phase == Phase::Running
+        && let Some(why) = restart_failure(report, deployment, restart_window, now)
+    {
+        return why;
+    }
+    phase
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "failed (no error message)".into())
 }
 
 /// Targets that report the revision `n` Running (fresh reports only).

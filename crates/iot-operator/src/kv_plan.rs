@@ -43,7 +43,12 @@ pub fn target_ids(spec: &DeploymentSpec) -> Result<BTreeSet<Id>, IdError> {
 /// wire form and the score's revision number, nothing that changes without the score. Deterministic, so an
 /// unchanged score produces byte-identical values and no writes.
 pub fn payload(deployment: &DeploymentRef, spec: &DeploymentSpec, revision: Option<u64>) -> Bytes {
-    let mut state = DesiredState::new(deployment.clone(), spec.score.to_wire());
+    payload_of(deployment, &spec.score, revision)
+}
+
+/// The bytes for one score (a rollback writes an earlier revision's).
+pub fn payload_of(deployment: &DeploymentRef, score: &iot_api::IotScore, revision: Option<u64>) -> Bytes {
+    let mut state = DesiredState::new(deployment.clone(), score.to_wire());
     state.revision = revision;
     Bytes::from(state.to_bytes())
 }
@@ -51,12 +56,20 @@ pub fn payload(deployment: &DeploymentRef, spec: &DeploymentSpec, revision: Opti
 /// Puts for targets whose value differs (or is missing), purges for devices that
 /// hold a value but are no longer targeted.
 pub fn plan_apply(targets: &BTreeSet<Id>, payload: &Bytes, existing: &BTreeMap<Id, Bytes>) -> KvPlan {
-    let puts = targets
+    let desired = targets.iter().map(|d| (d.clone(), payload.clone())).collect();
+    plan_apply_each(&desired, existing)
+}
+
+/// The same per device: each target with its own payload (a rollout gives some
+/// devices the new revision and others an earlier one); devices absent from
+/// `desired` that hold a value are purged.
+pub fn plan_apply_each(desired: &BTreeMap<Id, Bytes>, existing: &BTreeMap<Id, Bytes>) -> KvPlan {
+    let puts = desired
         .iter()
-        .filter(|d| existing.get(*d) != Some(payload))
-        .map(|d| (d.clone(), payload.clone()))
+        .filter(|(d, v)| existing.get(*d) != Some(*v))
+        .map(|(d, v)| (d.clone(), v.clone()))
         .collect();
-    let purges = existing.keys().filter(|d| !targets.contains(*d)).cloned().collect();
+    let purges = existing.keys().filter(|d| !desired.contains_key(*d)).cloned().collect();
     KvPlan { puts, purges }
 }
 

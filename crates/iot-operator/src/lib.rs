@@ -2,8 +2,9 @@
 //!
 //! - [`controller`]: `Deployment` -> desired state in NATS KV (the write path), with
 //!   the pure planner in [`kv_plan`], target resolution and the shrink guard in
-//!   [`targeting`], revision records in [`revisions`], and the bucket's index in
-//!   [`desired_index`].
+//!   [`targeting`], revision records in [`revisions`], progressive rollouts in
+//!   [`rollout`] (the pure step) and [`rollout_plan`] (batch membership), and the
+//!   bucket's index in [`desired_index`].
 //! - [`device_status`]: the one writer of `Device.status`, from device reports.
 //! - [`device_index`]: every device's latest report; [`status_aggregator`] folds
 //!   it into each deployment's aggregate with the pure [`fleet_aggregate`].
@@ -28,6 +29,10 @@ pub mod kv_plan;
 pub mod leader;
 pub mod metrics;
 pub mod revisions;
+pub mod rollout;
+pub mod rollout_conditions;
+pub mod rollout_plan;
+pub mod rollout_write;
 pub mod status_aggregator;
 pub mod status_writer;
 pub mod targeting;

@@ -54,6 +54,10 @@ struct RunArgs {
     /// devices at about 11 writes per second.
     #[arg(long, env = "IOT_DEVICE_LAST_SEEN_EVERY", default_value = "15m", value_parser = humantime::parse_duration)]
     device_last_seen_every: Duration,
+    /// An unfinished progressive rollout is stepped this often: its gates are
+    /// checked, and its next devices dispatched, at this resolution.
+    #[arg(long, env = "IOT_ROLLOUT_TICK", default_value = "1s", value_parser = humantime::parse_duration)]
+    rollout_tick: Duration,
     /// Serve /metrics (Prometheus), /healthz and /readyz here; "off" to disable.
     #[arg(long, env = "IOT_HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
     http_addr: HttpAddr,
@@ -171,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
                     stale_after: args.stale_after,
                     last_seen_every: args.device_last_seen_every,
                 },
+                rollout_tick: args.rollout_tick,
                 http_addr: args.http_addr.0,
                 leader_election,
             };

@@ -11,11 +11,11 @@
 //! a start, lists revisions.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use harmony_reconciler_contracts::{DeploymentRef, SpecHash};
 use iot_api::revision::{DEPLOYMENT_LABEL, deployment_label_value, revisions_of};
-use iot_api::{Deployment, DeploymentRevision, DeploymentRevisionSpec, revision_name};
+use iot_api::{Deployment, DeploymentRevision, DeploymentRevisionSpec, IotScore, RolloutPlan, revision_name};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::{Api, Resource, ResourceExt};
@@ -56,31 +56,70 @@ pub struct RevisionError {
     message: String,
 }
 
+/// The current revision as the write path uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurrentRevision {
+    pub number: u64,
+    /// Its rollout's batches (deployments with `spec.rollout` when it was recorded).
+    pub plan: Option<Arc<RolloutPlan>>,
+}
+
 /// Revisions as the write path sees them.
 #[derive(Default)]
 pub struct Revisions {
     /// Deployment -> (score hash, its revision) as last recorded by this process.
-    known: Mutex<HashMap<DeploymentRef, (SpecHash, u64)>>,
+    known: Mutex<HashMap<DeploymentRef, (SpecHash, CurrentRevision)>>,
+    /// Scores of revisions read so far, for rollbacks: revisions never change.
+    scores: Mutex<HashMap<(DeploymentRef, u64), IotScore>>,
 }
 
 impl Revisions {
-    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, (SpecHash, u64)>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, (SpecHash, CurrentRevision)>> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The revision number of `obj`'s current score, recording a new revision (and
-    /// pruning old ones) when the score changed.
+    fn scores(&self) -> std::sync::MutexGuard<'_, HashMap<(DeploymentRef, u64), IotScore>> {
+        self.scores.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The score of revision `n`, if that revision still exists.
+    pub async fn score_of(
+        &self,
+        client: &kube::Client,
+        dep: &DeploymentRef,
+        n: u64,
+    ) -> Result<Option<IotScore>, RevisionError> {
+        if let Some(s) = self.scores().get(&(dep.clone(), n)) {
+            return Ok(Some(s.clone()));
+        }
+        let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), dep.namespace());
+        match api.get_opt(&revision_name(dep.name(), n)).await {
+            Ok(Some(r)) => {
+                self.scores().insert((dep.clone(), n), r.spec.score.clone());
+                Ok(Some(r.spec.score))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(RevisionError {
+                deployment: dep.clone(),
+                message: format!("cannot read revision {n}: {e}"),
+            }),
+        }
+    }
+
+    /// The current score's revision, recording a new revision (and pruning old
+    /// ones) when the score changed. `plan` gives a new revision's rollout batches.
     pub async fn ensure(
         &self,
         client: &kube::Client,
         obj: &Deployment,
         dep: &DeploymentRef,
-    ) -> Result<u64, RevisionError> {
+        plan: impl FnOnce() -> Option<RolloutPlan>,
+    ) -> Result<CurrentRevision, RevisionError> {
         let hash = obj.spec.score.spec_hash();
-        if let Some((h, n)) = self.known().get(dep)
+        if let Some((h, current)) = self.known().get(dep)
             && *h == hash
         {
-            return Ok(*n);
+            return Ok(current.clone());
         }
         let fail = |message: String| RevisionError {
             deployment: dep.clone(),
@@ -100,8 +139,21 @@ impl Revisions {
             let agg = s.aggregate.as_ref();
             s.current_revision.max(agg.and_then(|a| a.last_good_revision))
         });
+        {
+            let mut scores = self.scores();
+            for r in &list.items {
+                scores.insert((dep.clone(), r.spec.revision), r.spec.score.clone());
+            }
+        }
+        let rollout_plan = plan;
         let plan = plan_revision(&existing, hash.as_str(), obj.spec.revision_history_limit(), floor);
+        let mut batches = list
+            .items
+            .iter()
+            .find(|r| r.spec.revision == plan.current)
+            .and_then(|r| r.spec.rollout_plan.clone());
         if plan.create {
+            batches = rollout_plan();
             let revision = DeploymentRevision {
                 metadata: ObjectMeta {
                     name: Some(revision_name(dep.name(), plan.current)),
@@ -124,7 +176,7 @@ impl Revisions {
                     revision: plan.current,
                     spec_hash: hash.to_string(),
                     score: obj.spec.score.clone(),
-                    rollout_plan: None,
+                    rollout_plan: batches.clone(),
                 },
             };
             match api.create(&PostParams::default(), &revision).await {
@@ -144,6 +196,7 @@ impl Revisions {
                             plan.current
                         )));
                     }
+                    batches = theirs.spec.rollout_plan;
                 }
                 Err(e) => return Err(fail(format!("cannot create revision {}: {e}", plan.current))),
             }
@@ -157,13 +210,20 @@ impl Revisions {
                 Err(e) => tracing::warn!(deployment = %dep, revision = n, error = %e, "cannot prune an old revision"),
             }
         }
-        self.known().insert(dep.clone(), (hash, plan.current));
-        Ok(plan.current)
+        self.scores()
+            .insert((dep.clone(), plan.current), obj.spec.score.clone());
+        let current = CurrentRevision {
+            number: plan.current,
+            plan: batches.map(Arc::new),
+        };
+        self.known().insert(dep.clone(), (hash, current.clone()));
+        Ok(current)
     }
 
     /// The Deployment is gone: so are its revisions.
     pub async fn delete_all(&self, client: &kube::Client, dep: &DeploymentRef) -> Result<(), RevisionError> {
         self.known().remove(dep);
+        self.scores().retain(|(d, _), _| d != dep);
         let api: Api<DeploymentRevision> = Api::namespaced(client.clone(), dep.namespace());
         let fail = |message: String| RevisionError {
             deployment: dep.clone(),

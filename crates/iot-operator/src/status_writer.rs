@@ -116,6 +116,21 @@ impl StatusInbox {
         self.shared.wake.notify_one();
     }
 
+    /// The rollout's status (its conditions come from it; `.status.rollout` itself
+    /// is written by the write path).
+    pub fn rollout(&self, deployment: DeploymentRef, rollout: Option<iot_api::RolloutStatus>) {
+        {
+            let mut entries = self.entries();
+            let e = entries.entry(deployment).or_default();
+            if e.inputs.rollout == rollout {
+                return;
+            }
+            e.inputs.rollout = rollout;
+            e.dirty = true;
+        }
+        self.shared.wake.notify_one();
+    }
+
     /// The resource is gone; nothing more is written for it.
     pub fn forget(&self, deployment: &DeploymentRef) {
         self.entries().remove(deployment);
@@ -264,6 +279,12 @@ impl StatusWriter {
         baseline: Option<DeploymentStatus>,
     ) -> WriteResult {
         let status = build_status(baseline.as_ref(), inputs, Utc::now());
+        // `.status.rollout` has a writer of its own (the write path); this one
+        // neither writes nor compares it.
+        let baseline = baseline.map(|mut b| {
+            b.rollout = None;
+            b
+        });
         if baseline.as_ref() == Some(&status) {
             return WriteResult::Unchanged;
         }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::*;
-use iot_api::conditions::{DEGRADED, READY, REASON_REPEATED_RESTARTS};
+use iot_api::conditions::{DEGRADED, READY, REASON_DEVICES_FAILED};
 use iot_operator::conditions::fleet_conditions;
 use iot_operator::fleet_aggregate::{
     AggregateInput, AggregateLimits, DeviceReport, aggregate, without_heartbeat_churn,
@@ -42,6 +42,7 @@ fn report(age_s: i64, phase: Option<(Phase, &str, Option<&str>)>) -> DeviceRepor
         deployments,
         events: vec![],
         about: Default::default(),
+        restarts_seen: Default::default(),
     }
 }
 
@@ -184,7 +185,7 @@ fn a_device_named_like_a_word_does_not_mangle_messages() {
 }
 
 #[test]
-fn repeated_restarts_count_as_restarting_and_degrade() {
+fn repeated_restarts_count_as_failed_and_show_in_the_aggregate() {
     let mut r = HashMap::new();
     let mut noisy = report(1, Some((Phase::Running, "new", None)));
     if let Some(p) = noisy.deployments.get_mut(&dep()) {
@@ -194,16 +195,68 @@ fn repeated_restarts_count_as_restarting_and_degrade() {
     let mut once = report(1, Some((Phase::Running, "new", None)));
     if let Some(p) = once.deployments.get_mut(&dep()) {
         p.recent_restarts = 1;
+        p.restores = 1;
     }
     r.insert(id("d0"), noisy);
     r.insert(id("d1"), once);
     let a = run(&r, 2);
-    assert_eq!((a.succeeded, a.restarting), (2, 1));
+    // A crash loop (3+ in the agent's 10 minutes) is a failure, however quickly the
+    // agent brings the containers back; one restart long ago is not.
+    assert_eq!((a.succeeded, a.failed, a.restarting, a.restarts), (1, 1, 1, 10));
+    assert_eq!(
+        a.last_error.as_ref().expect("error").message,
+        "containers restarted or restored 5 time(s) within 10 minutes"
+    );
     let conds = fleet_conditions(&a);
     let degraded = conds.iter().find(|c| c.0 == DEGRADED).expect("degraded");
-    assert_eq!((degraded.1, degraded.2), ("True", REASON_REPEATED_RESTARTS));
-    // Ready says whether every device runs the spec; restarts show in Degraded.
-    assert_eq!(conds.iter().find(|c| c.0 == READY).expect("ready").1, "True");
+    assert_eq!((degraded.1, degraded.2), ("True", REASON_DEVICES_FAILED));
+    assert_eq!(conds.iter().find(|c| c.0 == READY).expect("ready").1, "False");
+}
+
+#[test]
+fn a_restore_seen_within_the_window_counts_as_failed_until_it_passes() {
+    // The operator sees the count grow between two reports (server times): a
+    // `podman rm -f` that the agent repaired in 0.3 s still shows, for a minute.
+    let before = report(20, Some((Phase::Running, "new", None)));
+    let mut after = report(1, Some((Phase::Running, "new", None)));
+    if let Some(p) = after.deployments.get_mut(&dep()) {
+        p.restores = 1;
+        p.recent_restarts = 1;
+    }
+    let after = after.follow(Some(&before));
+    assert_eq!(
+        after.restarts_within(&dep(), std::time::Duration::from_secs(60), now()),
+        1
+    );
+    let a = run(&HashMap::from([(id("d0"), after.clone())]), 1);
+    assert_eq!((a.succeeded, a.failed), (0, 1));
+    assert!(
+        a.last_error.as_ref().expect("error").message.contains("within 60s"),
+        "the error says why"
+    );
+    // The next report with the same count adds nothing; once the window has passed
+    // the device counts as succeeded again.
+    let mut later = report(0, Some((Phase::Running, "new", None)));
+    if let Some(p) = later.deployments.get_mut(&dep()) {
+        p.restores = 1;
+        p.recent_restarts = 1;
+    }
+    let later = later.follow(Some(&after));
+    assert_eq!(later.restarts_seen.get(&dep()).map(Vec::len), Some(1));
+    let in_two_minutes = now() + chrono::Duration::seconds(120);
+    assert_eq!(
+        later.restarts_within(&dep(), std::time::Duration::from_secs(60), in_two_minutes),
+        0
+    );
+    // A count that drops (the agent restarted, or a new spec) is not a restart.
+    let mut reset = report(0, Some((Phase::Running, "new", None)));
+    if let Some(p) = reset.deployments.get_mut(&dep()) {
+        p.restores = 0;
+    }
+    assert_eq!(
+        reset.follow(Some(&later)).restarts_seen.get(&dep()).map(Vec::len),
+        Some(1)
+    );
 }
 
 #[test]

@@ -173,6 +173,7 @@ fn report(age_s: i64, runtime: RuntimeState, phases: &[Phase]) -> DeviceReport {
                 message: None,
             },
         },
+        restarts_seen: Default::default(),
     }
 }
 

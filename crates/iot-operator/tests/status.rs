@@ -28,6 +28,7 @@ fn conditions_carry_the_generation_of_their_own_input() {
         write: Some(WriteOutcome::written(1)),
         last_written: None,
         aggregate: Some(agg(1, 1)),
+        rollout: None,
     };
     let s = build_status(None, &inputs, Utc::now());
     assert_eq!(s.observed_generation, Some(1), "the older of the two inputs");
@@ -56,6 +57,7 @@ fn unchanged_conditions_keep_the_live_transition_time() {
         write: Some(WriteOutcome::written(1)),
         last_written: None,
         aggregate: Some(agg(1, 1)),
+        rollout: None,
     };
     let live = build_status(None, &inputs, t0);
     // An operator restart an hour later computes exactly the live status.
@@ -105,6 +107,7 @@ fn a_failed_write_keeps_the_revision_and_the_held_removals_of_the_last_good_one(
         write: Some(failed),
         last_written: Some(written),
         aggregate: Some(agg(3, 1)),
+        rollout: None,
     };
     let s = build_status(None, &inputs, Utc::now());
     assert_eq!(cond(&s, DESIRED_STATE_WRITTEN).status, "False");
