@@ -8,6 +8,7 @@
 mod auth;
 mod fleet;
 mod pages;
+mod rollout;
 mod sealed;
 mod server;
 mod view;

@@ -5,6 +5,9 @@
 use maud::{DOCTYPE, Markup, html};
 
 use crate::fleet::Registry;
+use crate::rollout::{
+    BatchState, RolloutView, batch_views, commands, limit_text, phase_badge_parts, rollout_view, segments,
+};
 use crate::view::{
     DeploymentRow, DeviceDeployment, DevicePhase, DeviceRow, DeviceState, Mark, Overview, Page, PhaseRow, Registration,
     age, severity_label,
@@ -335,7 +338,7 @@ pub fn deployments(page: &Page<DeploymentRow>) -> Markup {
             thead { tr {
                 th { "Deployment" } th { "State" } th.num { "Targets" } th { "Devices" } th.num { "Succeeded" }
                 th.num { "Failed" } th.num { "Pending" } th.num { "Unreported" } th { "Revision" } th { "Last good" }
-                th { "Conditions" } th { "Age" }
+                th { "Rollout" } th { "Conditions" } th { "Age" }
             } }
             tbody {
                 @for r in &page.rows {
@@ -350,6 +353,10 @@ pub fn deployments(page: &Page<DeploymentRow>) -> Markup {
                         td.num.warn-if[r.unreported > 0] data-col="unreported" { (r.unreported) }
                         td.nowrap data-col="revision" { (revision_text(r)) }
                         td.nowrap data-col="last-good" { @if let Some(n) = r.last_good_revision { "rev " (n) } }
+                        td data-col="rollout" { @if let Some((phase, summary)) = &r.rollout {
+                            @let (class, symbol, words) = phase_badge_parts(*phase);
+                            (badge(class, symbol, words)) br; span.muted.nowrap { (summary) }
+                        } }
                         td.conds { @for (t, s, reason) in &r.conditions {
                             span.cond class={ "c-" (s.to_lowercase()) } title=(reason) { (t) "=" (s) } " "
                         } }
@@ -381,6 +388,162 @@ fn revision_text(r: &DeploymentRow) -> String {
     }
 }
 
+/// The rollout part of a deployment's page: the progressive rollout that
+/// `.status.rollout` records (batches, failures, the command that acts on it), or
+/// how a new revision reaches the devices when there is none. Read-only: people
+/// act with `iotctl`, under their own RBAC.
+pub fn rollout_panel(
+    r: &DeploymentRow,
+    spec: &iot_api::DeploymentSpec,
+    status: Option<&iot_api::DeploymentStatus>,
+    counts: &std::collections::BTreeMap<DevicePhase, usize>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Markup {
+    let count = |p| counts.get(&p).copied().unwrap_or_default();
+    let rolling_out = count(DevicePhase::Outdated) + count(DevicePhase::Pending) > 0;
+    let done = count(DevicePhase::Running);
+    let at_once = html! {
+        "Rolling out: " strong { (done) " of " (r.targets) } " devices run the current spec."
+        progress max=(r.targets.max(1)) value=(done) aria-label="Devices that run the current spec" {}
+    };
+    match rollout_view(spec.rollout.as_ref(), status.and_then(|s| s.rollout.as_ref())) {
+        RolloutView::AllAtOnce => html! {
+            @if rolling_out {
+                section.rollout #rollout aria-label="Rollout" {
+                    (at_once)
+                    p.muted #rollout-none { "No progressive rollout (spec.rollout): every matched device gets a new revision at once." }
+                }
+            } @else {
+                p.muted #rollout-none { "No progressive rollout (spec.rollout): every matched device gets a new revision at once." }
+            }
+        },
+        RolloutView::Configured(rs) => html! {
+            section.rollout #rollout aria-label="Rollout" {
+                p #rollout-plan {
+                    "Progressive rollout: a new revision goes out in batches, "
+                    @for b in &rs.batches {
+                        "up to " (limit_text(&b.limit))
+                        @if b.pause.is_some() { " (then waits for promotion)" }
+                        @if let Some(t) = &b.bake_time { " (then bakes " (t) ")" }
+                        ", "
+                    }
+                    "then the rest. No rollout is recorded yet."
+                }
+                @if rolling_out { (at_once) }
+            }
+        },
+        RolloutView::Recorded { spec: rs, status: st } => {
+            let (class, symbol, words) = phase_badge_parts(st.phase);
+            let total = st.batches.len();
+            html! {
+                section.rollout.progressive #rollout aria-labelledby="rollout-title" data-phase=(words) {
+                    h2 #rollout-title { "Rollout " (badge(class, symbol, words)) }
+                    p #rollout-head {
+                        span #rollout-revision {
+                            "Revision " strong { (st.revision) }
+                            @match st.stable_revision {
+                                Some(s) => { " from stable revision " strong { (s) } },
+                                None => { " (no earlier good revision)" },
+                            }
+                        }
+                        " · " span #rollout-summary { (st.summary) }
+                        " · " (st.matched_at_start) " devices matched at the start"
+                        " · started " span title=(st.started_at.to_rfc3339()) { (age(now - st.started_at)) " ago" }
+                        @if let Some(f) = st.finished_at {
+                            " · finished " span title=(f.to_rfc3339()) { (age(now - f)) " ago" }
+                        }
+                    }
+                    @if !st.message.is_empty() { p #rollout-message { (st.message) } }
+                    @if rs.is_none() {
+                        p.muted #rollout-none { "spec.rollout is gone: the next revision goes to every matched device at once. This is the last rollout recorded." }
+                    }
+                    ol.batches #rollout-batches aria-label="Batches" {
+                        @for v in batch_views(rs, st, now) {
+                            @let segs = segments(v.status);
+                            @let text = counts_text(v.status, &segs);
+                            @let sum: u32 = segs.iter().map(|s| s.1).sum::<u32>().max(v.status.selected).max(1);
+                            li.batch.current[v.current] data-batch=(v.number) aria-current=[v.current.then_some("step")] {
+                                div.batch-head {
+                                    strong { "Batch " (v.number) " of " (total) }
+                                    @if v.current { " " span.chip { "current" } }
+                                    " · " span.batch-state data-col="state" { (batch_state(v.state, now)) }
+                                    @if let Some(t) = v.success_threshold { span.muted { " · passes at " (t) " % succeeded" } }
+                                    @if v.pause { span.muted { " · then waits for promotion" } }
+                                    @if let Some(b) = &v.bake_time { span.muted { " · then bakes " (b) } }
+                                }
+                                div.bar role="progressbar" aria-label={ "Batch " (v.number) " succeeded" }
+                                    aria-valuemin="0" aria-valuemax=(v.status.selected.max(1)) aria-valuenow=(v.status.succeeded)
+                                    aria-valuetext=(text) {
+                                    @for (c, n, w) in &segs {
+                                        span class={ "seg " (c) } style={ "width:" (format!("{:.3}", f64::from(*n) * 100.0 / f64::from(sum))) "%" }
+                                            title={ (n) " " (w) } {}
+                                    }
+                                }
+                                p.counts data-col="counts" { (text) }
+                            }
+                        }
+                    }
+                    @if !st.failure_clusters.is_empty() {
+                        h3 { "Failures, grouped" }
+                        table #failure-clusters {
+                            thead { tr { th { "Failure" } th.num { "Devices" } th { "Labels they share" } th { "For example" } } }
+                            tbody { @for fc in &st.failure_clusters {
+                                tr.cluster {
+                                    td.error data-col="message" { (fc.message) }
+                                    td.num data-col="devices" { (fc.devices) }
+                                    td data-col="labels" {
+                                        @if fc.shared_labels.is_empty() { span.muted { "none" } } @else { (label_chips(&fc.shared_labels)) }
+                                    }
+                                    td data-col="examples" { @for dev in &fc.example_devices {
+                                        @if harmony_reconciler_contracts::Id::new(dev.as_str()).is_ok() {
+                                            a.mono href={ "/devices/" (urlencoding::encode(dev)) } { (dev) }
+                                        } @else {
+                                            span.mono { (dev) }
+                                        }
+                                        " "
+                                    } }
+                                }
+                            } }
+                        }
+                    }
+                    div #rollout-commands {
+                        p.muted { "To act on it (with your own access):" }
+                        ul { @for c in commands(&r.namespace, &r.name, rs, st) {
+                            li { code.copy { (c.line) } " " span.muted { "— " (c.does) } }
+                        } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a batch waits for or did, in words.
+fn batch_state(s: BatchState, now: chrono::DateTime<chrono::Utc>) -> Markup {
+    let when = |t: chrono::DateTime<chrono::Utc>| html! { span title=(t.to_rfc3339()) { (age(now - t)) " ago" } };
+    html! {
+        @match s {
+            BatchState::NotStarted => span.muted { "not started" },
+            BatchState::InProgress => "in progress",
+            BatchState::Baking { passed, until } => { "passed " (when(passed)) ", baking: " (age(until - now)) " left" },
+            BatchState::WaitingForPromotion { passed } => { "passed " (when(passed)) ", " strong { "waiting for promotion" } },
+            BatchState::Passed { at } => { span aria-hidden="true" { "✓ " } "passed " (when(at)) },
+            BatchState::DidNotPass => strong.error { span aria-hidden="true" { "✕ " } "did not pass" },
+        }
+    }
+}
+
+/// The text equivalent of a batch's bar: `3 of 5 succeeded · 1 failed · 1 in flight`.
+fn counts_text(b: &iot_api::BatchStatus, segs: &[crate::rollout::Segment]) -> String {
+    let mut parts = vec![format!("{} of {} succeeded", b.succeeded, b.selected)];
+    parts.extend(
+        segs.iter()
+            .filter(|(_, _, w)| *w != "succeeded")
+            .map(|(_, n, w)| format!("{n} {w}")),
+    );
+    parts.join(" · ")
+}
+
 pub struct DeploymentDetail<'a> {
     pub row: &'a DeploymentRow,
     pub counts: &'a std::collections::BTreeMap<DevicePhase, usize>,
@@ -395,9 +558,6 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
     let r = d.row;
     let base = format!("/deployments/{}/{}", r.namespace, r.name);
     let agg = d.status.and_then(|s| s.aggregate.as_ref());
-    let rolling_out = d.counts.get(&DevicePhase::Outdated).copied().unwrap_or_default()
-        + d.counts.get(&DevicePhase::Pending).copied().unwrap_or_default()
-        > 0;
     let now = chrono::Utc::now();
     html! {
         h1 { (r.namespace) "/" (r.name) " " (deployment_state_badge(r.state.label())) }
@@ -421,13 +581,7 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
         @if let Some(held) = d.status.and_then(|s| s.conditions.iter().find(|c| c.type_ == iot_api::conditions::REMOVALS_HELD && c.status == "True")) {
             p.note.warn #removals-held role="status" { span aria-hidden="true" { "◌ " } "Removals held: " (held.message) }
         }
-        @if rolling_out {
-            @let done = d.counts.get(&DevicePhase::Running).copied().unwrap_or_default();
-            section.rollout aria-label="Rollout" {
-                "Rolling out: " strong { (done) " of " (r.targets) } " devices run the current spec."
-                progress max=(r.targets) value=(done) {}
-            }
-        }
+        (rollout_panel(r, d.spec, d.status, d.counts, now))
         section.stats aria-label="Phases" {
             @for p in [DevicePhase::Running, DevicePhase::Failed, DevicePhase::Pending, DevicePhase::Outdated, DevicePhase::Unreported] {
                 @let n = d.counts.get(&p).copied().unwrap_or_default();
@@ -861,5 +1015,265 @@ mod tests {
         let html = page("Pi_Kitchen");
         assert!(html.contains("re-enroll it under a lowercase id"), "{html}");
         assert!(!html.contains("iotctl device enroll"), "{html}");
+    }
+
+    /// A deployment with `spec.rollout` and `.status.rollout` as given, rendered
+    /// as its page's rollout part at 10:06.
+    fn rollout_html(spec: serde_json::Value, status: Option<serde_json::Value>) -> String {
+        let mut dep = deployment(spec);
+        if let Some(st) = status {
+            dep.status = Some(serde_json::from_value(st).unwrap_or_else(|e| panic!("{e}")));
+        }
+        let row = crate::view::deployment_row(&dep);
+        let counts = [(DevicePhase::Running, 1), (DevicePhase::Outdated, 9)]
+            .into_iter()
+            .collect();
+        rollout_panel(
+            &row,
+            &dep.spec,
+            dep.status.as_ref(),
+            &counts,
+            crate::rollout::tests::at(6),
+        )
+        .into_string()
+    }
+
+    /// The part of `html` from the element with `id` to the end of its tag `tag`.
+    fn element<'a>(html: &'a str, id: &str, tag: &str) -> &'a str {
+        let start = html
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id} in {html}"));
+        let end = html[start..]
+            .find(&format!("</{tag}>"))
+            .map_or(html.len(), |e| start + e);
+        &html[start..end]
+    }
+
+    fn score() -> serde_json::Value {
+        serde_json::json!({"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v2"}]}})
+    }
+
+    #[test]
+    fn a_rollout_shows_each_batch_as_a_bar_and_the_promote_command() {
+        let html = rollout_html(
+            serde_json::json!({
+                "selector": {"matchLabels": {"site": "madrid"}}, "score": score(),
+                "rollout": {"batches": [{"limit": 1}, {"limit": "50%", "pause": {}}]},
+            }),
+            Some(serde_json::json!({
+                "conditions": [], "currentRevision": 5,
+                "rollout": {
+                    "revision": 5, "stableRevision": 4, "phase": "Paused", "currentBatch": 2,
+                    "matchedAtStart": 10, "startedAt": "2026-03-04T10:00:00Z",
+                    "batches": [
+                        {"selected": 1, "dispatched": 1, "succeeded": 1,
+                         "startedAt": "2026-03-04T10:00:00Z", "passedAt": "2026-03-04T10:02:00Z"},
+                        {"selected": 4, "dispatched": 3, "succeeded": 3, "pendingOffline": 1,
+                         "startedAt": "2026-03-04T10:02:00Z", "passedAt": "2026-03-04T10:05:00Z"},
+                        {"selected": 5},
+                    ],
+                    "message": "batch 2 passed; waiting for promotion",
+                    "summary": "batch 2/3, 4/10",
+                },
+            })),
+        );
+        assert!(html.contains("data-phase=\"paused\""), "{html}");
+        assert!(
+            element(&html, "rollout-title", "h2").contains("⏸</span> paused"),
+            "{html}"
+        );
+        let head = element(&html, "rollout-head", "p");
+        assert!(
+            head.contains("Revision <strong>5</strong> from stable revision <strong>4</strong>"),
+            "{head}"
+        );
+        assert!(head.contains("batch 2/3, 4/10"), "{head}");
+        assert!(element(&html, "rollout-message", "p").contains("waiting for promotion"));
+        // Three bars, each a progressbar with its numbers and the same words as text.
+        assert_eq!(html.matches("role=\"progressbar\"").count(), 3, "{html}");
+        for (max, now) in [(1, 1), (4, 3), (5, 0)] {
+            assert!(
+                html.contains(&format!("aria-valuemax=\"{max}\" aria-valuenow=\"{now}\"")),
+                "{max}/{now}: {html}"
+            );
+        }
+        assert!(html.contains("3 of 4 succeeded · 1 pending offline"), "{html}");
+        assert!(html.contains("0 of 5 succeeded · 5 not dispatched yet"), "{html}");
+        // The second batch is the current one, and waits for a person.
+        let current = &html[html.find("aria-current=\"step\"").unwrap_or_else(|| panic!("{html}"))..];
+        let current = &current[..current.find("</li>").unwrap_or(current.len())];
+        assert!(current.contains("Batch 2 of 3"), "{current}");
+        assert!(current.contains("waiting for promotion"), "{current}");
+        assert_eq!(html.matches("aria-current").count(), 1, "{html}");
+        assert!(html.contains("not started"), "{html}");
+        let cmds = element(&html, "rollout-commands", "div");
+        assert!(
+            cmds.contains("<code class=\"copy\">iotctl rollout promote default/web</code>"),
+            "{cmds}"
+        );
+        assert!(cmds.contains("starts batch 3 of 3"), "{cmds}");
+        // Read-only: nothing on it acts.
+        for tag in ["<button", "<form", "<input"] {
+            assert!(!html.contains(tag), "{tag}: {html}");
+        }
+        assert!(!html.contains("rollout-none"), "{html}");
+    }
+
+    #[test]
+    fn a_rolled_back_rollout_shows_its_failure_clusters_escaped() {
+        let html = rollout_html(
+            serde_json::json!({
+                "selector": {"matchLabels": {"site": "madrid"}}, "score": score(),
+                "rollout": {"batches": [{"limit": "10%"}], "onFailure": "Rollback"},
+            }),
+            Some(serde_json::json!({
+                "conditions": [],
+                "rollout": {
+                    "revision": 7, "stableRevision": 6, "phase": "RolledBack", "currentBatch": 1,
+                    "matchedAtStart": 30, "startedAt": "2026-03-04T10:00:00Z",
+                    "finishedAt": "2026-03-04T10:04:00Z",
+                    "batches": [
+                        {"selected": 3, "dispatched": 3, "succeeded": 1, "failed": 1, "silent": 1,
+                         "startedAt": "2026-03-04T10:00:00Z"},
+                        {"selected": 27},
+                    ],
+                    "message": "batch 1: 1 of 3 succeeded, 100 % needed; rolled back to revision 6",
+                    "failureClusters": [{
+                        "message": "exec format error <script>alert(1)</script>",
+                        "devices": 2,
+                        "exampleDevices": ["pi-7", "not an id/../x"],
+                        "sharedLabels": {"hw": "rpi3"},
+                    }],
+                    "summary": "batch 1/2, 1/30",
+                },
+            })),
+        );
+        assert!(element(&html, "rollout-title", "h2").contains("rolled back"), "{html}");
+        assert!(html.contains("finished"), "{html}");
+        assert!(html.contains("1 of 3 succeeded · 1 failed · 1 silent"), "{html}");
+        assert!(html.contains("did not pass"), "{html}");
+        let clusters = element(&html, "failure-clusters", "table");
+        assert!(
+            clusters.contains("exec format error &lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{clusters}"
+        );
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(
+            clusters.contains("<td class=\"num\" data-col=\"devices\">2</td>"),
+            "{clusters}"
+        );
+        assert!(clusters.contains("hw=rpi3"), "{clusters}");
+        assert!(clusters.contains("href=\"/devices/pi-7\""), "{clusters}");
+        // A string that is no device id is shown, never made a link.
+        assert!(
+            clusters.contains("<span class=\"mono\">not an id/../x</span>"),
+            "{clusters}"
+        );
+        assert!(!clusters.contains("href=\"/devices/not"), "{clusters}");
+        // Finished: the status, not a command that would act.
+        let cmds = element(&html, "rollout-commands", "div");
+        assert!(cmds.contains("iotctl rollout status default/web<"), "{cmds}");
+        assert!(!cmds.contains("abort") && !cmds.contains("promote"), "{cmds}");
+    }
+
+    #[test]
+    fn a_suspended_rollout_offers_abort_and_undo() {
+        let html = rollout_html(
+            serde_json::json!({"targetDevices": ["pi-1", "pi-2"], "score": score(), "rollout": {}}),
+            Some(serde_json::json!({
+                "conditions": [],
+                "rollout": {
+                    "revision": 3, "stableRevision": 2, "phase": "Suspended", "currentBatch": 1,
+                    "matchedAtStart": 2, "startedAt": "2026-03-04T10:00:00Z",
+                    "batches": [{"selected": 2, "dispatched": 2, "succeeded": 1, "timedOut": 1, "neverAcknowledged": 0}],
+                    "summary": "batch 1/1, 1/2",
+                },
+            })),
+        );
+        assert!(
+            element(&html, "rollout-title", "h2").contains("✕</span> suspended"),
+            "{html}"
+        );
+        assert!(html.contains("1 of 2 succeeded · 1 timed out"), "{html}");
+        let cmds = element(&html, "rollout-commands", "div");
+        assert!(cmds.contains("iotctl rollout abort default/web"), "{cmds}");
+        assert!(
+            cmds.contains("iotctl rollout undo default/web --to-revision 2"),
+            "{cmds}"
+        );
+    }
+
+    #[test]
+    fn without_spec_rollout_the_page_says_every_device_gets_it_at_once() {
+        let html = rollout_html(serde_json::json!({"targetDevices": ["pi-1"], "score": score()}), None);
+        assert!(
+            element(&html, "rollout-none", "p").contains("every matched device gets a new revision at once"),
+            "{html}"
+        );
+        assert!(
+            !html.contains("progressbar") && !html.contains("rollout-commands"),
+            "{html}"
+        );
+        // Devices still moving to the new spec: the one bar over all of them.
+        assert!(html.contains("Rolling out: <strong>1 of 1</strong>"), "{html}");
+        // Nothing moving: the line alone, in no box.
+        let dep = deployment(serde_json::json!({"targetDevices": ["pi-1"], "score": score()}));
+        let row = crate::view::deployment_row(&dep);
+        let counts = [(DevicePhase::Running, 1)].into_iter().collect();
+        let html = rollout_panel(&row, &dep.spec, None, &counts, crate::rollout::tests::at(6)).into_string();
+        assert!(html.starts_with("<p class=\"muted\" id=\"rollout-none\">"), "{html}");
+        assert!(!html.contains("<section"), "{html}");
+        // spec.rollout, no rollout yet: the plan.
+        let html = rollout_html(
+            serde_json::json!({"targetDevices": ["pi-1"], "score": score(),
+                "rollout": {"batches": [{"limit": 1, "pause": {}}, {"limit": "50%", "bakeTime": "10m"}]}}),
+            None,
+        );
+        let plan = element(&html, "rollout-plan", "p");
+        assert!(
+            plan.contains("up to 1 device (then waits for promotion), up to 50% (then bakes 10m), then the rest"),
+            "{plan}"
+        );
+        assert!(!html.contains("rollout-none"), "{html}");
+    }
+
+    #[test]
+    fn the_deployment_list_shows_the_rollout_phase_and_summary() {
+        let mut dep = deployment(serde_json::json!({"targetDevices": ["pi-1"], "score": score()}));
+        dep.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "conditions": [],
+                "rollout": {
+                    "revision": 2, "phase": "Progressing", "currentBatch": 2, "matchedAtStart": 120,
+                    "startedAt": "2026-03-04T10:00:00Z", "batches": [], "summary": "batch 2/4, 37/120",
+                },
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        let plain = deployment(serde_json::json!({"targetDevices": ["pi-1"], "score": score()}));
+        let mut other = crate::view::deployment_row(&plain);
+        other.name = "plain".into();
+        let page = Page {
+            rows: vec![crate::view::deployment_row(&dep), other],
+            total: 2,
+            page: 1,
+            pages: 1,
+        };
+        let html = deployments(&page).into_string();
+        assert!(html.contains("<th>Rollout</th>"), "{html}");
+        let cell = element(&html, "deployments", "table");
+        let web = &cell[cell
+            .find("data-deployment=\"default/web\"")
+            .unwrap_or_else(|| panic!("{cell}"))..];
+        let web = &web[web.find("data-col=\"rollout\"").unwrap_or(0)..];
+        let web = &web[..web.find("</td>").unwrap_or(web.len())];
+        assert!(
+            web.contains("progressing") && web.contains("batch 2/4, 37/120"),
+            "{web}"
+        );
+        let plain = &cell[cell
+            .find("data-deployment=\"default/plain\"")
+            .unwrap_or_else(|| panic!("{cell}"))..];
+        assert!(plain.contains("data-col=\"rollout\"></td>"), "{plain}");
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::{AgentStatus, DeploymentRef, EventEntry, Id, Phase, Severity};
-use iot_api::{Deployment, Device, DeviceSelector, SelectorOperator, conditions};
+use iot_api::{Deployment, Device, DeviceSelector, RolloutPhase, SelectorOperator, conditions};
 use kube::ResourceExt;
 
 /// The latest report of one device, stamped with when NATS stored it.
@@ -465,6 +465,8 @@ pub struct DeploymentRow {
     /// (type, status, reason) of each condition.
     pub conditions: Vec<(String, String, String)>,
     pub created: Option<DateTime<Utc>>,
+    /// The phase and summary of `.status.rollout` (`batch 2/4, 37/120`).
+    pub rollout: Option<(RolloutPhase, String)>,
 }
 
 pub fn deployment_rows(snap: &Snapshot<'_>) -> Vec<DeploymentRow> {
@@ -517,6 +519,11 @@ pub fn deployment_row(d: &Deployment) -> DeploymentRow {
             .creation_timestamp
             .as_ref()
             .map(|t| DateTime::from_timestamp_micros(t.0.as_microsecond()).unwrap_or_default()),
+        rollout: d
+            .status
+            .as_ref()
+            .and_then(|s| s.rollout.as_ref())
+            .map(|r| (r.phase, r.summary.clone())),
     }
 }
 

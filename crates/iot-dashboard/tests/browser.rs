@@ -4,6 +4,8 @@
 //! page follows a failure and its recovery, and a silent agent, without a reload.
 //! Device objects mark devices (unregistered, revoked) and give them labels, live;
 //! a selector deployment's targets come from its `.status`.
+//! A progressive rollout's `.status.rollout` (written by the test, as the operator
+//! would) shows as one bar per batch, its failures grouped, and the command to act.
 //! Screenshots of every page land in target/screenshots/.
 
 use std::time::Instant;
@@ -11,9 +13,10 @@ use std::time::Instant;
 mod common;
 
 use common::*;
-use iot_api::{Device, DeviceSpec, REVOKED_ANNOTATION};
+use iot_api::{Deployment, Device, DeviceSpec, REVOKED_ANNOTATION};
 use iot_e2e::stack::*;
 use iot_testkit::{free_port, podman_cli, unique_id, wait_until};
+use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
 #[tokio::test]
@@ -221,7 +224,7 @@ async fn pages_match_kubectl_and_follow_failures_and_silence_live() -> anyhow::R
 }
 
 #[tokio::test]
-async fn an_unknown_deployment_or_device_is_a_clear_404() -> anyhow::Result<()> {
+async fn unknown_pages_are_a_clear_404_and_a_rollout_shows_its_batches_and_failures() -> anyhow::Result<()> {
     let mut stack = Stack::start().await?;
     // The dashboard reads device reports from the operator's snapshot: ready once
     // it has one.
@@ -240,5 +243,153 @@ async fn an_unknown_deployment_or_device_is_a_clear_404() -> anyhow::Result<()> 
     assert_eq!(status, 200);
     // Complete without JavaScript: the numbers are in the HTML itself.
     assert!(body.contains(r#"data-stat="online""#), "{body}");
+
+    // The rollout view. The test is the operator here: it writes .status.rollout
+    // itself (the status subresource), after stopping the real one so that nothing
+    // else writes it. The dashboard only reads it.
+    stack.stop_operator();
+    let api = stack.deployments("default");
+    let dep: Deployment = serde_json::from_value(json!({
+        "apiVersion": "iot.nationtech.io/v1alpha1", "kind": "Deployment",
+        "metadata": {"name": "web-rollout", "namespace": "default"},
+        "spec": {
+            "selector": {"matchLabels": {"site": "madrid"}},
+            "score": {"PodmanV0": {"services": [{"name": "web", "image": "localhost/iot-web:v2"}]}},
+            "rollout": {"batches": [{"limit": 1, "pause": {}}, {"limit": "50%"}]},
+        },
+    }))?;
+    api.create(&PostParams::default(), &dep).await?;
+    let now = chrono::Utc::now();
+    let ago = |min: i64| (now - chrono::Duration::minutes(min)).to_rfc3339();
+    let rollout = |phase: &str| {
+        json!({"status": {"currentRevision": 2, "rollout": {
+            "revision": 2, "stableRevision": 1, "phase": phase, "currentBatch": 2,
+            "matchedAtStart": 10, "startedAt": ago(30),
+            "batches": [
+                {"selected": 1, "dispatched": 1, "succeeded": 1, "startedAt": ago(30), "passedAt": ago(25)},
+                {"selected": 5, "dispatched": 5, "succeeded": 2, "failed": 2, "silent": 1, "startedAt": ago(20)},
+                {"selected": 4},
+            ],
+            "message": "batch 2: 2 of 5 succeeded, 90 % needed",
+            "failureClusters": [{
+                "message": "exec format error in <b>web</b>",
+                "devices": 3,
+                "exampleDevices": ["pi-old-1", "pi-old-2"],
+                "sharedLabels": {"hw": "rpi3"},
+            }],
+            "summary": "batch 2/3, 3/10",
+        }}})
+    };
+    api.patch_status(
+        "web-rollout",
+        &PatchParams::default(),
+        &Patch::Merge(rollout("Suspended")),
+    )
+    .await?;
+
+    let b = browser(stack.dir.path()).await?;
+    let c = &b.client;
+    let base = format!("http://127.0.0.1:{port}");
+    goto_until(
+        c,
+        &format!("{base}/deployments/default/web-rollout"),
+        "#rollout-title",
+        "the suspended rollout",
+        |t| t.contains("suspended"),
+    )
+    .await?;
+    // One bar per batch, with its numbers for assistive technology.
+    let bars = eval_string(
+        c,
+        "return JSON.stringify([...document.querySelectorAll('#rollout-batches [role=progressbar]')]\
+         .map(e => [e.getAttribute('aria-valuenow'), e.getAttribute('aria-valuemax'), e.getAttribute('aria-valuetext')]));",
+    )
+    .await;
+    let want = json!([
+        ["1", "1", "1 of 1 succeeded"],
+        ["2", "5", "2 of 5 succeeded · 2 failed · 1 silent"],
+        ["0", "4", "0 of 4 succeeded · 4 not dispatched yet"],
+    ]);
+    assert_eq!(
+        bars.map(|b| serde_json::from_str::<serde_json::Value>(&b).ok()),
+        Some(Some(want))
+    );
+    let current = r#"#rollout-batches li[aria-current="step"]"#;
+    assert!(
+        text(c, current)
+            .await
+            .is_some_and(|t| t.contains("Batch 2 of 3") && t.contains("did not pass"))
+    );
+    assert_eq!(
+        text(c, &format!(r#"{current} [data-col="counts"]"#)).await.as_deref(),
+        Some("2 of 5 succeeded · 2 failed · 1 silent")
+    );
+    // The failures, grouped: the device-provided message is text, not markup.
+    assert_eq!(
+        text(c, r#"#failure-clusters [data-col="message"]"#).await.as_deref(),
+        Some("exec format error in <b>web</b>")
+    );
+    assert_eq!(
+        eval_string(
+            c,
+            "return String(document.querySelectorAll('#failure-clusters b').length);"
+        )
+        .await
+        .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        text(c, r#"#failure-clusters [data-col="devices"]"#).await.as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        text(c, r#"#failure-clusters [data-col="labels"]"#).await.as_deref(),
+        Some("hw=rpi3")
+    );
+    assert!(
+        text(c, r#"#failure-clusters a[href="/devices/pi-old-1"]"#)
+            .await
+            .is_some()
+    );
+    let cmds = text(c, "#rollout-commands").await.unwrap_or_default();
+    assert!(cmds.contains("iotctl rollout abort default/web-rollout"), "{cmds}");
+    assert!(
+        cmds.contains("iotctl rollout undo default/web-rollout --to-revision 1"),
+        "{cmds}"
+    );
+    // Read-only: nothing in the rollout view acts.
+    assert_eq!(
+        eval_string(
+            c,
+            "return String(document.querySelectorAll('#rollout button, #rollout form, #rollout input').length);"
+        )
+        .await
+        .as_deref(),
+        Some("0")
+    );
+    screenshot(c, "deployment-rollout").await?;
+    // The open page follows the status: rolling back, without a reload.
+    wait_text(c, "#live", "live", |t| t == "live").await?;
+    api.patch_status(
+        "web-rollout",
+        &PatchParams::default(),
+        &Patch::Merge(rollout("RollingBack")),
+    )
+    .await?;
+    wait_text(c, "#rollout-title", "rolling back on the open page", |t| {
+        t.contains("rolling back")
+    })
+    .await?;
+    // The list: phase and summary in one compact column.
+    c.goto(&format!("{base}/deployments")).await?;
+    let cell = wait_text(
+        c,
+        r#"tr[data-deployment="default/web-rollout"] [data-col="rollout"]"#,
+        "the rollout column",
+        |t| t.contains("rolling back"),
+    )
+    .await?;
+    assert!(cell.contains("batch 2/3, 3/10"), "{cell}");
+    screenshot(c, "deployments-rollout").await?;
     Ok(())
 }
