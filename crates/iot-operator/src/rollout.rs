@@ -349,10 +349,6 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
                 .iter()
                 .filter(|d| out.get(**d).is_some_and(Outcome::is_failure))
                 .count();
-            let succeeded_k = in_batch
-                .iter()
-                .filter(|d| out.get(**d) == Some(&Outcome::Succeeded))
-                .count();
             // Online devices of started batches that do not hold it yet.
             let waiting: Vec<Id> = batches[..=k]
                 .iter()
@@ -402,6 +398,10 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
                 break;
             }
             let dispatched_k = in_batch.iter().filter(|d| dispatched.contains_key(**d)).count();
+            let succeeded_k = in_batch
+                .iter()
+                .filter(|d| out.get(**d) == Some(&Outcome::Succeeded))
+                .count();
             if succeeded_k * 100 < threshold as usize * dispatched_k {
                 failure = Some((
                     REASON_BATCH_FAILED,
