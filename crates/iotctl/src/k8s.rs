@@ -79,3 +79,25 @@ pub fn describe(e: &kube::Error) -> String {
         }
     }
 }
+
+/// When the API server refused a request (403): "permission denied: USER cannot
+/// VERB RESOURCE in namespace NS", with the user as the API server named it (the
+/// identity KUBECONFIG authenticates as). `None` for any other error.
+pub fn permission_denied(e: &kube::Error, verb: &str, resource: &str, ns: &str) -> Option<String> {
+    let kube::Error::Api(s) = e else {
+        return None;
+    };
+    if s.code != 403 {
+        return None;
+    }
+    // `... is forbidden: User "system:serviceaccount:ns:sa" cannot patch resource ...`
+    let user = s
+        .message
+        .split_once("User \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(user, _)| user.to_owned())
+        .unwrap_or_else(|| "the user KUBECONFIG names".to_owned());
+    Some(format!(
+        "permission denied: {user} cannot {verb} {resource} in namespace {ns}"
+    ))
+}

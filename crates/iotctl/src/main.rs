@@ -3,7 +3,8 @@
 //! batched direct get). Manages identities in OpenBao: device and service enrollment
 //! and revocation ([`bao_admin`]). In Kubernetes it reads Deployments, keeps the
 //! `Device` objects of the devices it enrolls and revokes ([`registry`]), and writes
-//! an earlier revision's score back into a Deployment ([`rollout`]).
+//! an earlier revision's score back into a Deployment; shows and steers a
+//! Deployment's progressive rollout with ordinary edits ([`rollout`]).
 //! Output goes through [`out`], so `iotctl ... | head` ends quietly.
 
 mod bao_admin;
@@ -12,6 +13,7 @@ mod out;
 mod provision;
 mod registry;
 mod rollout;
+mod rollout_status;
 mod sso;
 mod table;
 
@@ -79,7 +81,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: bao_admin::DeviceCmd,
     },
-    /// A Deployment's revisions, and going back to one (needs KUBECONFIG).
+    /// A Deployment's revisions and progressive rollout: status, pause, resume,
+    /// promote, abort, history, undo (needs KUBECONFIG).
     Rollout {
         #[command(subcommand)]
         cmd: rollout::RolloutCmd,

@@ -1,25 +1,41 @@
-//! `iotctl rollout history|undo`: a Deployment's `DeploymentRevision`s, and writing
-//! an earlier one's score back into the Deployment.
+//! `iotctl rollout`: a Deployment's `DeploymentRevision`s and its progressive
+//! rollout.
 //!
-//! Undo writes `spec.score` of the Deployment itself (a JSON merge patch under the
-//! object's resourceVersion), so what runs stays what the Deployment says: a Git-
-//! or kubectl-driven workflow sees the change, and the operator records it as a new
-//! revision. History only grows forward.
+//! - `history|undo`: the revisions, and writing an earlier one's score back into
+//!   the Deployment. Undo writes `spec.score` of the Deployment itself (a JSON merge
+//!   patch under the object's resourceVersion), so what runs stays what the
+//!   Deployment says: a Git- or kubectl-driven workflow sees the change, and the
+//!   operator records it as a new revision. History only grows forward.
+//! - `status` ([`rollout_status`]): where the rollout stands, once or followed.
+//! - `pause|resume|promote|abort`: ordinary edits of the Deployment
+//!   (`spec.rollout.paused`, and the promote and abort annotations), so RBAC
+//!   decides who may use them: whoever may patch the Deployment. The annotations
+//!   name the revision (and batch) they act on, so a stale one never acts on a later
+//!   rollout.
+
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Subcommand;
 use iot_api::revision::revisions_of;
-use iot_api::{Deployment, DeploymentRevision, IotScore};
+use iot_api::rollout::promote_value;
+use iot_api::{
+    ABORT_ANNOTATION, Deployment, DeploymentRevision, IotScore, PROMOTE_ANNOTATION, RolloutPhase, RolloutStatus,
+};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
+use crate::rollout_status::{self, View, describe};
 use crate::table::Table;
 use crate::{k8s, out, print_json};
 
 /// Attempts at writing the score when others keep changing the Deployment (the
 /// operator writes its status often, which moves its resourceVersion).
 const WRITE_ATTEMPTS: usize = 5;
+
+/// The resource, as RBAC and permission errors name it.
+pub(crate) const RESOURCE: &str = "deployments.iot.nationtech.io";
 
 #[derive(Subcommand)]
 pub enum RolloutCmd {
@@ -39,6 +55,44 @@ pub enum RolloutCmd {
         #[arg(long)]
         to_revision: Option<u64>,
     },
+    /// Where the rollout stands: phase, revisions, each batch's devices, failures
+    /// grouped by error, and the command to run next. Exit code 0 only when the
+    /// rollout of the current revision is complete (without spec.rollout: when every
+    /// target runs it), 1 otherwise. `-o json` prints status.rollout.
+    Status {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+        /// Follow the rollout, printing it at every change, until it completes (exit
+        /// 0), is rolled back or suspended (exit 1), or --timeout passes (exit 1).
+        #[arg(short, long)]
+        watch: bool,
+        /// With --watch: give up after this long (e.g. 10m).
+        #[arg(long, requires = "watch", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Stop dispatching the new revision to more devices (sets spec.rollout.paused);
+    /// devices keep what they have, and gates keep being checked.
+    Pause {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+    },
+    /// Dispatch again after `pause` (removes spec.rollout.paused).
+    Resume {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+    },
+    /// Go on past a batch with `pause: {}` that passed and waits for a person (the
+    /// rollout-promote annotation, naming the revision and batch).
+    Promote {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+    },
+    /// Stop the rollout and roll the devices that received the new revision back to
+    /// the stable one (the rollout-abort annotation, naming the revision).
+    Abort {
+        /// The Deployment, as NAMESPACE/NAME.
+        deployment: String,
+    },
 }
 
 pub async fn rollout(cmd: &RolloutCmd, json: bool) -> anyhow::Result<()> {
@@ -53,6 +107,30 @@ pub async fn rollout(cmd: &RolloutCmd, json: bool) -> anyhow::Result<()> {
         } => {
             let (ns, name) = parse_ref(deployment)?;
             undo(&k8s::client().await?, ns, name, *to_revision, json).await
+        }
+        RolloutCmd::Status {
+            deployment,
+            watch,
+            timeout,
+        } => {
+            let (ns, name) = parse_ref(deployment)?;
+            rollout_status::status(&k8s::client().await?, ns, name, *watch, *timeout, json).await
+        }
+        RolloutCmd::Pause { deployment } => {
+            let (ns, name) = parse_ref(deployment)?;
+            set_paused(&k8s::client().await?, ns, name, true, json).await
+        }
+        RolloutCmd::Resume { deployment } => {
+            let (ns, name) = parse_ref(deployment)?;
+            set_paused(&k8s::client().await?, ns, name, false, json).await
+        }
+        RolloutCmd::Promote { deployment } => {
+            let (ns, name) = parse_ref(deployment)?;
+            promote(&k8s::client().await?, ns, name, json).await
+        }
+        RolloutCmd::Abort { deployment } => {
+            let (ns, name) = parse_ref(deployment)?;
+            abort(&k8s::client().await?, ns, name, json).await
         }
     }
 }
@@ -69,15 +147,31 @@ fn deployments(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
 }
 
 /// The Deployment as the API server holds it (every field, known to iotctl or not).
-async fn get_deployment(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<DynamicObject> {
+pub(crate) async fn get_deployment(client: &kube::Client, ns: &str, name: &str) -> anyhow::Result<DynamicObject> {
     match deployments(client, ns).get_opt(name).await {
         Ok(Some(d)) => Ok(d),
         Ok(None) => anyhow::bail!("no Deployment {ns}/{name}"),
         Err(e) if k8s::is_missing_kind(&e) => {
             anyhow::bail!("the Deployment CRD is not installed (run `iot-operator install`)")
         }
-        Err(e) => anyhow::bail!("cannot read Deployment {ns}/{name}: {}", k8s::describe(&e)),
+        Err(e) => match k8s::permission_denied(&e, "get", RESOURCE, ns) {
+            Some(denied) => anyhow::bail!("cannot read Deployment {ns}/{name}: {denied}"),
+            None => anyhow::bail!("cannot read Deployment {ns}/{name}: {}", k8s::describe(&e)),
+        },
     }
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some("iotctl".into()),
+        ..Default::default()
+    }
+}
+
+/// Why a write of the Deployment was refused, in one line: who may not (403), or
+/// the API server's own words.
+fn write_error(e: &kube::Error, ns: &str) -> String {
+    k8s::permission_denied(e, "patch", RESOURCE, ns).unwrap_or_else(|| k8s::describe(e))
 }
 
 /// `status.currentRevision`, when the operator has written it.
@@ -242,10 +336,7 @@ async fn undo(client: &kube::Client, ns: &str, name: &str, to: Option<u64>, json
         .context("the chosen revision is kept")?;
     let target_score = serde_json::to_value(&target.spec.score)?;
     let first_score = raw_score(&dep);
-    let params = PatchParams {
-        field_manager: Some("iotctl".into()),
-        ..Default::default()
-    };
+    let params = patch_params();
     for attempt in 1..=WRITE_ATTEMPTS {
         let score = raw_score(&dep);
         let typed: Option<IotScore> = serde_json::from_value(score.clone()).ok();
@@ -288,7 +379,7 @@ async fn undo(client: &kube::Client, ns: &str, name: &str, to: Option<u64>, json
             }
             Err(e) => anyhow::bail!(
                 "cannot write the score of revision {target_n} into {ns}/{name}: {}",
-                k8s::describe(&e)
+                write_error(&e, ns)
             ),
         }
     }
@@ -332,6 +423,214 @@ fn report(
             images_text(&after_images)
         ));
     }
+    Ok(())
+}
+
+/// Refuses a rollout command on a Deployment without `spec.rollout`.
+fn require_rollout_spec(view: &View, verb: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        view.has_rollout_spec,
+        "cannot {verb} {}/{}: it has no spec.rollout, so there is no rollout to {verb}: every matched device gets \
+         a new revision at once (add spec.rollout to roll out in batches)",
+        view.ns,
+        view.name
+    );
+    Ok(())
+}
+
+/// The rollout a promote or abort acts on: the one of the revision the spec is now,
+/// once the operator has started it.
+fn started_rollout<'a>(view: &'a View, verb: &str) -> anyhow::Result<&'a RolloutStatus> {
+    let (ns, name) = (&view.ns, &view.name);
+    let r = view.rollout.as_ref().with_context(|| {
+        format!("cannot {verb} {ns}/{name}: the operator has not started a rollout yet (no status.rollout)")
+    })?;
+    if let Some(current) = view.current_revision().filter(|c| *c != r.revision) {
+        anyhow::bail!(
+            "cannot {verb} {ns}/{name}: the spec is revision {current}, whose rollout has not started yet \
+             (status.rollout is about revision {}); try again once it has",
+            r.revision
+        );
+    }
+    Ok(r)
+}
+
+/// `spec.rollout.paused`: set (pause) or removed (resume). The write is conditional
+/// on the resourceVersion read: had spec.rollout been removed in between, a plain
+/// merge patch would create one. It is sent even when the flag is already as asked
+/// (a no-op for the API server), so whether the command works never depends on
+/// what someone else did first, only on RBAC, and the audit log names who asked.
+async fn set_paused(client: &kube::Client, ns: &str, name: &str, pause: bool, json: bool) -> anyhow::Result<()> {
+    let verb = if pause { "pause" } else { "resume" };
+    let mut dep = get_deployment(client, ns, name).await?;
+    for attempt in 1..=WRITE_ATTEMPTS {
+        let view = View::of(&dep, ns, name)?;
+        require_rollout_spec(&view, verb)?;
+        let resource_version = dep
+            .metadata
+            .resource_version
+            .clone()
+            .context("the API server gave the Deployment no resourceVersion")?;
+        let paused = if pause { Value::Bool(true) } else { Value::Null };
+        let patch = json!({
+            "metadata": {"resourceVersion": resource_version},
+            "spec": {"rollout": {"paused": paused}},
+        });
+        match deployments(client, ns)
+            .patch(name, &patch_params(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return report_paused(&view, pause, view.paused != pause, json),
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                if attempt < WRITE_ATTEMPTS {
+                    dep = get_deployment(client, ns, name).await?;
+                }
+            }
+            Err(e) => anyhow::bail!("cannot {verb} the rollout of {ns}/{name}: {}", write_error(&e, ns)),
+        }
+    }
+    anyhow::bail!("{ns}/{name} kept changing while iotctl wrote it ({WRITE_ATTEMPTS} attempts); nothing was written")
+}
+
+/// `changed`: the flag was not already as asked.
+fn report_paused(view: &View, pause: bool, changed: bool, json: bool) -> anyhow::Result<()> {
+    let reference = format!("{}/{}", view.ns, view.name);
+    if json {
+        return print_json(&json!({"deployment": reference, "paused": pause, "changed": changed}));
+    }
+    let revision = view
+        .rollout
+        .as_ref()
+        .map(|r| format!("revision {}", r.revision))
+        .unwrap_or_else(|| "a new revision".into());
+    out::warn(&match (pause, changed) {
+        (true, true) => format!(
+            "{reference}: rollout paused (spec.rollout.paused: true): no more devices get {revision} until \
+             `iotctl rollout resume {reference}`; devices keep what they have, and gates keep being checked"
+        ),
+        (true, false) => format!("{reference}: already paused (spec.rollout.paused is true); nothing changed"),
+        (false, true) => {
+            format!(
+                "{reference}: rollout resumed (spec.rollout.paused removed): the operator dispatches {revision} again"
+            )
+        }
+        (false, false) => format!("{reference}: was not paused (no spec.rollout.paused); nothing changed"),
+    });
+    Ok(())
+}
+
+/// Sets one annotation of the Deployment; returns whether that changed it (it did
+/// not have that value). The value names what it acts on, so the write needs no
+/// resourceVersion: a later rollout ignores it. Sent even when the value is already
+/// there, as [`set_paused`] is.
+async fn annotate(client: &kube::Client, view: &View, key: &str, value: &str, verb: &str) -> anyhow::Result<bool> {
+    let (ns, name) = (view.ns.as_str(), view.name.as_str());
+    let changed = view.annotation(key) != Some(value);
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    deployments(client, ns)
+        .patch(name, &patch_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot {verb} {ns}/{name}: {}", write_error(&e, ns)))?;
+    Ok(changed)
+}
+
+async fn promote(client: &kube::Client, ns: &str, name: &str, json: bool) -> anyhow::Result<()> {
+    let dep = get_deployment(client, ns, name).await?;
+    let view = View::of(&dep, ns, name)?;
+    require_rollout_spec(&view, "promote")?;
+    let r = started_rollout(&view, "promote")?;
+    // A phase read before the operator saw a `resume` may still say Paused: a
+    // promotion written then would approve a batch before it passed.
+    if let Some(why) = view.spec_not_observed() {
+        anyhow::bail!("cannot promote {ns}/{name} yet: {why}; try again in a moment");
+    }
+    if !view.awaiting_promotion() {
+        let hint = if view.paused && r.phase == RolloutPhase::Paused {
+            format!(", by spec.rollout.paused: `iotctl rollout resume {ns}/{name}` goes on")
+        } else {
+            String::new()
+        };
+        anyhow::bail!(
+            "cannot promote {ns}/{name}: {}; no batch waits for promotion{hint} (only a batch with `pause: {{}}` that \
+             passed does)",
+            describe(r)
+        );
+    }
+    let value = promote_value(r.revision, r.current_batch);
+    let changed = annotate(client, &view, PROMOTE_ANNOTATION, &value, "promote").await?;
+    let batches = r.batches.len();
+    if json {
+        return print_json(&json!({
+            "deployment": format!("{ns}/{name}"),
+            "revision": r.revision,
+            "batch": r.current_batch,
+            "annotation": {PROMOTE_ANNOTATION: value},
+            "changed": changed,
+        }));
+    }
+    let then = if (r.current_batch as usize) < batches {
+        format!("the operator goes on with batch {}/{batches}", r.current_batch + 1)
+    } else {
+        "that was the last batch".to_owned()
+    };
+    out::warn(&if changed {
+        format!(
+            "{ns}/{name}: promoted batch {}/{batches} of revision {} ({PROMOTE_ANNOTATION}={value}); {then}",
+            r.current_batch, r.revision
+        )
+    } else {
+        format!(
+            "{ns}/{name}: batch {}/{batches} of revision {} was already promoted ({PROMOTE_ANNOTATION}={value}); \
+             nothing changed, waiting for the operator",
+            r.current_batch, r.revision
+        )
+    });
+    Ok(())
+}
+
+async fn abort(client: &kube::Client, ns: &str, name: &str, json: bool) -> anyhow::Result<()> {
+    let dep = get_deployment(client, ns, name).await?;
+    let view = View::of(&dep, ns, name)?;
+    require_rollout_spec(&view, "abort")?;
+    let r = started_rollout(&view, "abort")?;
+    let stable = r
+        .stable_revision
+        .map(|s| format!("revision {s}"))
+        .unwrap_or_else(|| "the last good revision".to_owned());
+    match r.phase {
+        RolloutPhase::Complete => anyhow::bail!(
+            "cannot abort {ns}/{name}: {}: nothing to abort (to go back to an earlier revision: \
+             `iotctl rollout undo {ns}/{name}`)",
+            describe(r)
+        ),
+        RolloutPhase::RolledBack => anyhow::bail!(
+            "cannot abort {ns}/{name}: {}: the devices that received revision {} run {stable} again already",
+            describe(r),
+            r.revision
+        ),
+        _ => {}
+    }
+    let value = r.revision.to_string();
+    let changed = annotate(client, &view, ABORT_ANNOTATION, &value, "abort").await?;
+    if json {
+        return print_json(&json!({
+            "deployment": format!("{ns}/{name}"),
+            "revision": r.revision,
+            "annotation": {ABORT_ANNOTATION: value},
+            "changed": changed,
+        }));
+    }
+    let already = if changed {
+        ""
+    } else {
+        " (it already was; nothing changed)"
+    };
+    out::warn(&format!(
+        "{ns}/{name}: abort of revision {} requested ({ABORT_ANNOTATION}={value}){already}: the operator stops the \
+         rollout and writes {stable} back to the devices that received revision {}; follow it with \
+         `iotctl rollout status {ns}/{name} --watch`",
+        r.revision, r.revision
+    ));
     Ok(())
 }
 
