@@ -214,6 +214,15 @@ fn fleet_section(m: &mut String, first: &str) {
         m,
         "  iotctl rollout history default/web        # revisions; iotctl rollout undo default/web",
     );
+    line(
+        m,
+        "  # a progressive rollout: the canary, then 50 %, then the rest, rolled back on failure (README: Rolling out safely)",
+    );
+    line(m, "  kubectl apply -f deploy/examples/rollout.yaml");
+    line(
+        m,
+        "  iotctl rollout status default/shop-web --watch   # then: iotctl rollout promote default/shop-web",
+    );
 }
 
 /// Reading what NATS holds.
