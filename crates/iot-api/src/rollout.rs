@@ -80,8 +80,10 @@ pub struct RolloutSpec {
     /// What a failed gate does: `Pause` (default) stops dispatching and keeps every
     /// device as it is; `Rollback` writes the last good revision back to every
     /// device that received the new one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub on_failure: Option<OnFailure>,
+    // Not an Option: a nullable enum renders as `enum: [..., null]`, which
+    // kube-apiserver 1.20 refuses in a CRD.
+    #[serde(default)]
+    pub on_failure: OnFailure,
     /// Stops dispatching until set back to false (`iotctl rollout pause|resume`).
     /// Gates keep being checked.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -251,7 +253,7 @@ impl RolloutSpec {
     }
 
     pub fn on_failure(&self) -> OnFailure {
-        self.on_failure.unwrap_or_default()
+        self.on_failure
     }
 }
 

@@ -263,7 +263,7 @@ fn a_failed_canary_suspends_and_nothing_else_is_dispatched() {
 #[test]
 fn with_rollback_the_devices_that_got_it_get_the_last_good_one_and_only_they() {
     let mut spec = batches(vec![count(1), count(3)]);
-    spec.on_failure = Some(OnFailure::Rollback);
+    spec.on_failure = OnFailure::Rollback;
     let mut f = Fleet::new(spec, PLAN);
     f.labels.insert(id("d0"), [("hw".to_owned(), "rpi3".to_owned())].into());
     for d in ["d1", "d2", "d3", "d4", "d5"] {
