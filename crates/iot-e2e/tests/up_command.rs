@@ -280,6 +280,61 @@ fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()
         .ok_or_else(|| anyhow::anyhow!("no device address in the menu"))?;
     let body = shell(&format!("curl -sf --max-time 5 http://{first_ip}:8081/"))?;
     assert_eq!(body.trim(), "v1");
+
+    // The progressive rollout example, verbatim: the canary first, then it waits
+    // for a person; promoted, the other device follows after its bake time.
+    let find = |pred: &dyn Fn(&str) -> bool, what: &str| {
+        commands
+            .iter()
+            .find(|l| pred(l))
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("no {what} line in the menu:\n{menu}"))
+    };
+    let apply_rollout = find(
+        &|l| l.starts_with("kubectl apply -f") && l.ends_with("rollout.yaml"),
+        "rollout example",
+    )?;
+    shell(apply_rollout)?;
+    let status = find(
+        &|l| l.starts_with("iotctl rollout status default/shop-web") && !l.contains("--watch"),
+        "rollout status",
+    )?;
+    let promote = find(
+        &|l| l.starts_with("iotctl rollout promote default/shop-web"),
+        "rollout promote",
+    )?;
+    let watch = find(
+        &|l| l.starts_with("iotctl rollout status default/shop-web --watch"),
+        "rollout watch",
+    )?;
+    // `status` exits 1 until the rollout is complete: read its output either way.
+    let status_now = || -> anyhow::Result<(bool, String)> {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("source {} && {status}", env_file.display()))
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    let start = Instant::now();
+    let waiting = loop {
+        let (done, out) = status_now()?;
+        anyhow::ensure!(!done, "complete before anyone promoted it:\n{out}");
+        if out.contains("Paused") && out.contains("promote") {
+            break out;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(90),
+            "the canary never passed:\n{out}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    eprintln!("{waiting}");
+    let body = shell(&format!("curl -sf --max-time 5 http://{first_ip}:8082/"))?;
+    assert_eq!(body.trim(), "v1", "the canary runs it");
+    shell(promote)?;
+    shell(&format!("timeout 120 {watch}"))?;
+    let (done, out) = status_now()?;
+    assert!(done && out.contains("Complete"), "{out}");
     Ok(())
 }
 

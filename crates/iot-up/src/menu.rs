@@ -218,10 +218,17 @@ fn fleet_section(m: &mut String, first: &str) {
         m,
         "  # a progressive rollout: the canary, then 50 %, then the rest, rolled back on failure (README: Rolling out safely)",
     );
-    line(m, "  kubectl apply -f deploy/examples/rollout.yaml");
+    let example = iot_launch::paths::repo_root().join("deploy/examples/rollout.yaml");
+    let example = std::fs::canonicalize(&example).unwrap_or(example);
+    line(m, format!("  kubectl apply -f {}", example.display()));
     line(
         m,
-        "  iotctl rollout status default/shop-web --watch   # then: iotctl rollout promote default/shop-web",
+        "  iotctl rollout status default/shop-web          # the canary ran it; its batch waits for a person",
+    );
+    line(m, "  iotctl rollout promote default/shop-web");
+    line(
+        m,
+        "  iotctl rollout status default/shop-web --watch  # bars per batch; exits 0 when complete",
     );
 }
 
