@@ -46,8 +46,8 @@ pub enum RolloutCmd {
         deployment: String,
     },
     /// Write an earlier revision's score back into the Deployment's spec.score; the
-    /// operator records it as a new revision. Default: the revision before the
-    /// current one.
+    /// operator records it as a new revision. Default: the last good revision (a
+    /// rollout's stable one), else the revision before the current one.
     Undo {
         /// The Deployment, as NAMESPACE/NAME.
         deployment: String,
@@ -179,6 +179,17 @@ fn current_revision(d: &DynamicObject) -> Option<u64> {
     d.data.pointer("/status/currentRevision")?.as_u64()
 }
 
+/// The revision to go back to by default: the stable revision of a rollout of the
+/// current revision, else the last revision every target ran.
+fn last_good_revision(d: &DynamicObject) -> Option<u64> {
+    let current = current_revision(d);
+    let rollout = d.data.pointer("/status/rollout");
+    let stable = rollout
+        .filter(|r| r.pointer("/revision").and_then(Value::as_u64) == current)
+        .and_then(|r| r.pointer("/stableRevision")?.as_u64());
+    stable.or_else(|| d.data.pointer("/status/aggregate/lastGoodRevision")?.as_u64())
+}
+
 fn raw_score(d: &DynamicObject) -> Value {
     d.data.pointer("/spec/score").cloned().unwrap_or(Value::Null)
 }
@@ -269,9 +280,12 @@ async fn history(client: &kube::Client, ns: &str, name: &str, json: bool) -> any
 }
 
 /// Which revision `undo` goes back to, of the kept `numbers` (ascending): `to` if
-/// given; else the highest below `current`; else (no current revision known) the
-/// second-highest.
-fn undo_target(numbers: &[u64], current: Option<u64>, to: Option<u64>) -> Result<u64, String> {
+/// given; else the last good one (what every device last ran at once, and what a
+/// rollback goes back to) when it is kept and not the current one; else the highest
+/// below `current`; else (no current revision known) the second-highest. The last
+/// good one comes first because the revision just before a bad one may itself have
+/// been bad (rolled back).
+fn undo_target(numbers: &[u64], current: Option<u64>, last_good: Option<u64>, to: Option<u64>) -> Result<u64, String> {
     let kept = || {
         if numbers.is_empty() {
             "none".to_owned()
@@ -279,9 +293,11 @@ fn undo_target(numbers: &[u64], current: Option<u64>, to: Option<u64>) -> Result
             numbers.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
         }
     };
+    let good = last_good.filter(|g| numbers.contains(g) && Some(*g) != current);
     match (to, current) {
         (Some(n), _) if numbers.contains(&n) => Ok(n),
         (Some(n), _) => Err(format!("no revision {n} (kept: {})", kept())),
+        (None, _) if good.is_some() => good.ok_or_else(String::new),
         (None, Some(c)) => numbers
             .iter()
             .rev()
@@ -328,7 +344,7 @@ async fn undo(client: &kube::Client, ns: &str, name: &str, to: Option<u64>, json
     let mut dep = get_deployment(client, ns, name).await?;
     let revs = revisions(client, ns, name).await?;
     let numbers: Vec<u64> = revs.iter().map(|r| r.spec.revision).collect();
-    let target_n = undo_target(&numbers, current_revision(&dep), to)
+    let target_n = undo_target(&numbers, current_revision(&dep), last_good_revision(&dep), to)
         .map_err(|problem| anyhow::anyhow!("cannot undo {ns}/{name}: {problem}"))?;
     let target = revs
         .iter()
@@ -649,27 +665,33 @@ mod tests {
 
     #[test]
     fn the_revision_undo_goes_back_to() {
+        // The last good one first: after rev 4 was rolled back and rev 5 failed too,
+        // undo goes to 3, not to the bad 4.
+        assert_eq!(undo_target(&[1, 2, 3, 4, 5], Some(5), Some(3), None), Ok(3));
+        // ... unless it is the current one, or not kept.
+        assert_eq!(undo_target(&[1, 2, 3], Some(3), Some(3), None), Ok(2));
+        assert_eq!(undo_target(&[2, 3], Some(3), Some(1), None), Ok(2));
         // The one before the current one, even when newer ones exist.
-        assert_eq!(undo_target(&[1, 2, 3, 4], Some(3), None), Ok(2));
+        assert_eq!(undo_target(&[1, 2, 3, 4], Some(3), None, None), Ok(2));
         // Pruned revisions in between are skipped.
-        assert_eq!(undo_target(&[1, 5, 6], Some(6), None), Ok(5));
-        assert_eq!(undo_target(&[2, 7], Some(5), None), Ok(2));
+        assert_eq!(undo_target(&[1, 5, 6], Some(6), None, None), Ok(5));
+        assert_eq!(undo_target(&[2, 7], Some(5), None, None), Ok(2));
         // No current revision recorded: the second-highest.
-        assert_eq!(undo_target(&[1, 2, 3], None, None), Ok(2));
+        assert_eq!(undo_target(&[1, 2, 3], None, None, None), Ok(2));
         // An explicit one, if it is kept.
-        assert_eq!(undo_target(&[1, 2, 3], Some(3), Some(1)), Ok(1));
-        assert_eq!(undo_target(&[1, 2, 3], Some(3), Some(3)), Ok(3));
+        assert_eq!(undo_target(&[1, 2, 3], Some(3), None, Some(1)), Ok(1));
+        assert_eq!(undo_target(&[1, 2, 3], Some(3), None, Some(3)), Ok(3));
         assert_eq!(
-            undo_target(&[1, 2, 3], Some(3), Some(9)),
+            undo_target(&[1, 2, 3], Some(3), None, Some(9)),
             Err("no revision 9 (kept: 1, 2, 3)".into())
         );
         assert_eq!(
-            undo_target(&[3, 4], Some(3), None),
+            undo_target(&[3, 4], Some(3), None, None),
             Err("no kept revision before the current one, 3 (kept: 3, 4)".into())
         );
-        let e = undo_target(&[1], None, None).expect_err("one revision");
+        let e = undo_target(&[1], None, None, None).expect_err("one revision");
         assert!(e.contains("--to-revision"), "{e}");
-        let e = undo_target(&[], None, None).expect_err("none");
+        let e = undo_target(&[], None, None, None).expect_err("none");
         assert!(e.contains("kept: none"), "{e}");
     }
 
