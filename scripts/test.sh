@@ -13,6 +13,10 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 log "cargo fmt --check"
 cargo fmt --all --check
+# Every package of the lock file, every platform's: the layout test reads the
+# resolved graph offline (`cargo metadata --offline`), which a build alone does
+# not download.
+cargo fetch --locked --quiet
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "operator image (scripts/build-image.sh; the chart's pod test runs it under podman kube play)"
