@@ -74,8 +74,10 @@ async fn wait_times_out_with_the_reason_when_the_upgrade_fails() -> anyhow::Resu
         .args(["--wait", "90s"]);
     run_ok(cmd)?;
     let mut cmd = stack.applier()?;
+    // Long enough for a loaded machine to try the pull and report it failed (15 s
+    // was not, once, with three builds running alongside).
     cmd.args(applier_args("web", &[&dev], "localhost/iot-web:typo", Some(port)))
-        .args(["--wait", "15s"]);
+        .args(["--wait", "25s"]);
     let (ok, _out, err) = iot_testkit::run_captured(cmd, None)?;
     assert!(!ok, "--wait must fail when the device cannot run the new spec");
     assert!(err.contains("not rolled out") && err.contains("1 failed"), "{err}");
