@@ -10,6 +10,7 @@ mod fleet_bench;
 mod fleets_bench;
 mod follow_bench;
 mod leader_bench;
+mod rollout_bench;
 mod trust_bench;
 mod util;
 
@@ -35,6 +36,37 @@ enum Cmd {
     Fanout {
         #[arg(long, default_value_t = 1000)]
         devices: usize,
+        /// Also print where the time goes: the operator logs every API request
+        /// (`RUST_LOG=info,kube_client=debug`), merged into a timeline from the apply
+        /// call to the last key. The logging costs a little; time the ratio without.
+        #[arg(long)]
+        breakdown: bool,
+    },
+    /// One Deployment over N simulated devices: a new score without `spec.rollout`
+    /// (the floor: apply -> every device reported it Running and the status says
+    /// so) against one in 10 batches (10 %, 20 % ... 100 %, no bake time: apply ->
+    /// `.status.rollout.phase: Complete`), alternating, `--runs` times each. Also the
+    /// time per batch step and dispatch order (desired-state KV times), and the
+    /// operator's CPU and RSS sampled every 0.5 s. Markdown rows, then one JSON line.
+    Rollout {
+        #[command(flatten)]
+        fleet: RolloutFleet,
+    },
+    /// Abort latency: 10-batch rollouts with `onFailure: Rollback` in which the
+    /// devices of batch `--fail-batch` report the new revision Failed. From the first
+    /// failure report stored in `agent-status` to (i) the last dispatch of the new
+    /// revision and (ii) the stable revision written back to every device that had
+    /// it, all KV times. Markdown rows, then one JSON line with every run.
+    RolloutAbort {
+        #[command(flatten)]
+        fleet: RolloutFleet,
+        /// The batch (1-based, 2..10) whose devices fail the new revision.
+        #[arg(long, default_value_t = 3)]
+        fail_batch: usize,
+        /// `spec.rollout.maxUnavailable` (a count or a percentage such as `2%`), so
+        /// that a batch is dispatched over several steps; default: no cap.
+        #[arg(long)]
+        max_unavailable: Option<String>,
     },
     /// Aggregator at scale: N synthetic devices over 20 Deployments.
     FleetStatus {
@@ -171,13 +203,54 @@ enum Cmd {
     Serve { service: String },
 }
 
+/// The simulated fleet of the rollout benchmarks.
+#[derive(clap::Args)]
+struct RolloutFleet {
+    #[arg(long, default_value_t = 10000)]
+    devices: usize,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// How long after a simulated device sees its key change it reports the new
+    /// payload (Running, or Failed when told to fail it).
+    #[arg(long, default_value_t = 200)]
+    report_delay_ms: u64,
+    /// How often every simulated device re-reports what it runs (the agent's
+    /// default is 10 s).
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// The operator's IOT_ROLLOUT_TICK: how often an unfinished rollout is stepped
+    /// (its default is 1s).
+    #[arg(long, default_value = "1s")]
+    rollout_tick: String,
+}
+
+impl RolloutFleet {
+    fn args(self, fail_batch: usize, max_unavailable: Option<String>) -> rollout_bench::Args {
+        rollout_bench::Args {
+            devices: self.devices,
+            runs: self.runs,
+            report_delay_ms: self.report_delay_ms,
+            heartbeat_secs: self.heartbeat_secs,
+            rollout_tick: self.rollout_tick,
+            fail_batch,
+            max_unavailable,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     iot_observe::process::init_logging(false, "error");
     match Cli::parse().cmd {
         Cmd::AgentFootprint => agent_bench::footprint().await,
         Cmd::ReconcileOverhead { runs } => agent_bench::overhead(runs).await,
-        Cmd::Fanout { devices } => fanout_bench::run(devices).await,
+        Cmd::Fanout { devices, breakdown } => fanout_bench::run(devices, breakdown).await,
+        Cmd::Rollout { fleet } => rollout_bench::rollout(fleet.args(0, None)).await,
+        Cmd::RolloutAbort {
+            fleet,
+            fail_batch,
+            max_unavailable,
+        } => rollout_bench::abort(fleet.args(fail_batch, max_unavailable)).await,
         Cmd::FleetStatus { devices, steady_secs } => fleet_bench::run(devices, steady_secs).await,
         Cmd::AuthScale { devices, steady_secs } => auth_bench::run(devices, steady_secs).await,
         Cmd::LeaderFailover { rounds, lease_secs } => leader_bench::run(rounds, lease_secs).await,

@@ -69,6 +69,11 @@ impl ControlPlane {
         self.servers.api.kubeconfig()
     }
 
+    /// The operator's log file (its stderr), inside the API server's directory.
+    pub fn operator_log(&self) -> PathBuf {
+        self.servers.api.dir().join("operator.log")
+    }
+
     /// Points a platform binary at this control plane's NATS (URL and CA).
     pub fn configure_client(&self, cmd: &mut std::process::Command) {
         self.servers.nats.configure_client(cmd);
@@ -76,8 +81,16 @@ impl ControlPlane {
 }
 
 pub async fn control_plane() -> anyhow::Result<ControlPlane> {
+    control_plane_with(&[]).await
+}
+
+/// [`control_plane`] with more environment variables for the operator (e.g.
+/// `RUST_LOG`, which overrides `$IOT_BENCH_OPERATOR_LOG`).
+pub async fn control_plane_with(env: &[(&str, String)]) -> anyhow::Result<ControlPlane> {
     let servers = Servers::start().await?;
-    let operator = servers.operator(&[("IOT_STALE_AFTER", "30s".into())])?;
+    let mut all = vec![("IOT_STALE_AFTER", "30s".to_owned())];
+    all.extend(env.iter().map(|(k, v)| (*k, v.clone())));
+    let operator = servers.operator(&all)?;
     Ok(ControlPlane {
         client: servers.client.clone(),
         js: servers.js.clone(),
