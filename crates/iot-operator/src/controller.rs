@@ -137,6 +137,14 @@ pub async fn reconcile(obj: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Er
     let dep = deployment_ref(&obj)?;
     tracing::info!(namespace = dep.namespace(), name = dep.name(), generation = ?obj.metadata.generation, "reconcile");
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), dep.namespace());
+    // A new Deployment's keys go out before the finalizer round trip (a patch of the
+    // whole object, then waiting for its watch event), which at 10,000 targets came
+    // to half a second before any device heard of it (BENCHMARKS.md, fan-out). If the
+    // Deployment is deleted before the finalizer lands, the orphan collector removes
+    // what this wrote.
+    if obj.metadata.deletion_timestamp.is_none() && !obj.finalizers().iter().any(|f| f == FINALIZER) {
+        apply(&obj, &dep, &ctx).await?;
+    }
     let result = finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             Event::Apply(obj) => apply(&obj, &dep, &ctx).await,
@@ -290,10 +298,23 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             _ => targets.iter().map(|d| (d.clone(), new_payload.clone())).collect(),
         };
     let plan = without_paused(plan_apply_each(&desired, &existing), &paused);
-    // The rollout's decision is in the API server before KV changes on its word.
-    ctx.rollouts
-        .persist(&ctx.client, dep, obj, rollout_status.as_ref(), !plan.is_empty())
-        .await?;
+    // A rollout that stops (suspended, rolling back) says so in the API server before
+    // KV changes on its word: KV alone would not tell a restarted operator that the
+    // devices without the new revision were rolled back rather than not reached yet.
+    // A step that only dispatches is written after KV, which records the dispatch
+    // itself (a restarted operator finds the batch from it), so that the status
+    // write of a large object does not delay the devices (BENCHMARKS.md, rollouts).
+    let stops = rollout_status.as_ref().is_some_and(|s| {
+        matches!(
+            s.phase,
+            iot_api::RolloutPhase::Suspended | iot_api::RolloutPhase::RollingBack | iot_api::RolloutPhase::RolledBack
+        )
+    });
+    if stops || plan.is_empty() {
+        ctx.rollouts
+            .persist(&ctx.client, dep, obj, rollout_status.as_ref(), !plan.is_empty())
+            .await?;
+    }
     if let Some(st) = &rollout_status {
         ctx.status.rollout(dep.clone(), Some(st.clone()));
     } else {
@@ -314,6 +335,11 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         );
         tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), revision, "writing desired state");
         write(js, ctx, dep, &plan).await?;
+        if !stops {
+            ctx.rollouts
+                .persist(&ctx.client, dep, obj, rollout_status.as_ref(), true)
+                .await?;
+        }
     }
     match shrink {
         Some((_, true)) => ctx.ledger.clear(dep),

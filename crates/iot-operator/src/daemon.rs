@@ -44,6 +44,24 @@ pub struct RunOptions {
 
 use iot_observe::supervise::{Tasks, next_ending};
 
+/// One small read of `DeploymentRevision`s before the operator says it is ready.
+/// An API server whose CRD was just created answers the first such list with `429
+/// Retry-After: 1`; paid here, that second does not delay the first Deployment
+/// (BENCHMARKS.md, fan-out). Failures are only logged: the write path retries
+/// its own reads.
+async fn warm_revisions(client: &kube::Client) {
+    let api: kube::Api<iot_api::DeploymentRevision> = kube::Api::all(client.clone());
+    for attempt in 1..=5u32 {
+        match api.list_metadata(&kube::api::ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "listing DeploymentRevisions at start");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 /// Tasks started during startup, handed to the supervisor once it is done.
 type Started = Vec<(&'static str, tokio::task::JoinHandle<()>)>;
 
@@ -288,6 +306,7 @@ async fn start(
     }
     index.wait_ready().await;
     devices.wait_caught_up().await;
+    warm_revisions(&client).await;
     {
         // Viewers (the dashboard) read the fleet's reports through this.
         let (client, counts) = (conn.client.clone(), metrics.device_request_counts());

@@ -1,12 +1,12 @@
 //! The write path's side of progressive rollouts: gathers what one step of
 //! [`crate::rollout`] needs, turns its decision into per-device payloads, and
-//! keeps `.status.rollout` in the API server before KV is changed on its word.
+//! keeps `.status.rollout` in the API server.
 //!
 //! `.status.rollout` is written here, by server-side apply with a field manager of
 //! its own, and only that field: the status writer owns the rest of `.status`. A
-//! decision that dispatches or rolls back is written (and acknowledged) first, so
-//! an operator killed a moment later finds the batch it was on; counts alone are
-//! written at most every [`COUNTS_EVERY`].
+//! decision that stops the rollout (suspends it, or rolls back) is written before
+//! KV changes; one that dispatches right after, KV being the record of dispatch
+//! (see the controller). Counts alone are written at most every [`COUNTS_EVERY`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};

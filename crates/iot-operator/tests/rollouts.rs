@@ -538,11 +538,11 @@ fn a_crash_loop_fails_the_gate_even_when_the_agent_keeps_the_containers_up() {
     let mut f = Fleet::new(batches(vec![count(1)]), &[&["d0"], &["d1"]]);
     f.step();
     f.says("d0", Says::NewRunning);
-    if let Some(Some(r)) = f.reports.get_mut(&id("d0")) {
-        if let Some(p) = r.deployments.get_mut(&dep()) {
-            p.recent_restarts = 4;
-            p.restarts = 4;
-        }
+    if let Some(Some(r)) = f.reports.get_mut(&id("d0"))
+        && let Some(p) = r.deployments.get_mut(&dep())
+    {
+        p.recent_restarts = 4;
+        p.restarts = 4;
     }
     f.step();
     assert_eq!(f.phase(), RolloutPhase::Suspended);
