@@ -125,6 +125,18 @@ impl Stack {
         Self::start_with(api, install_crd, nats, conn.client, None).await
     }
 
+    /// [`Stack::start`] with NATS listening on `host` only: the host end of an
+    /// [`iot_testkit::NetNs`], so an agent inside the namespace
+    /// ([`Stack::start_agent_in`]) reaches it over the namespace's link. Everything
+    /// on the host (operator, test, other agents) reaches it whatever the link's
+    /// state: the host keeps its local address when the link goes down.
+    pub async fn start_with_nats_on(host: &str) -> anyhow::Result<Self> {
+        let api = Cluster::CrdOnly(ApiServer::start().await?);
+        let nats = NatsServer::start_on(host).await?;
+        let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", nats.ca_file()).await?;
+        Self::start_with(api, true, nats, conn.client, None).await
+    }
+
     /// [`Stack::start`] with NATS guarded by the auth callout (backed by a real
     /// OpenBao): the operator and each agent started with
     /// [`Stack::start_enrolled_agent`] connect with their own identity. The test
@@ -328,6 +340,23 @@ impl Stack {
                 .env("FAKETIME", skew)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
+        self.launch_agent(device, cmd)
+    }
+
+    /// Starts an agent for a fresh device inside the network namespace `net` (its
+    /// network only: podman's socket is reached through the shared filesystem), so
+    /// a test can cut the device's link with [`iot_testkit::NetNs::link_down`]. NATS
+    /// must listen where the namespace reaches it ([`Stack::start_with_nats_on`]).
+    pub fn start_agent_in(&mut self, net: &iot_testkit::NetNs) -> anyhow::Result<(String, DeviceContainers)> {
+        let device = unique_id("dev");
+        self.cleanups.push(DeviceContainers::new(&device));
+        // nsenter enters the namespace and execs the agent: the process is the agent.
+        self.launch_agent(&device, net.command(cargo_bin("iot-agent")?))?;
+        Ok((device.clone(), DeviceContainers::observer(&device)))
+    }
+
+    /// Gives an agent command the stack's settings and starts it as `agent <device>`.
+    fn launch_agent(&mut self, device: &str, mut cmd: Command) -> anyhow::Result<()> {
         self.trust(&mut cmd);
         cmd.env("IOT_DEVICE_ID", device)
             .env("NATS_URL", self.nats.url())
@@ -356,6 +385,12 @@ impl Stack {
                 true
             }
         });
+    }
+
+    /// The pid of a device's agent (to stop it with SIGSTOP, say), if it runs.
+    pub fn agent_pid(&self, device: &str) -> Option<u32> {
+        let name = format!("agent {device}");
+        self.agents.iter().find(|a| a.name == name).and_then(LoggedProcess::pid)
     }
 
     /// Gives a process the stack's CA for NATS and OpenBao (or, on a plain-TCP
