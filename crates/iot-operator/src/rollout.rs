@@ -253,9 +253,9 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
         .and_then(|m| resolve_amount(m, total).ok())
         .map(|n| n.max(1) as usize);
 
+    let eligible = |d: &Id| !input.devices.get(d).is_some_and(|v| v.paused);
     if st.phase == RolloutPhase::Complete {
         decision.newcomers = Newcomers::New;
-        let eligible = |d: &Id| !input.devices.get(d).is_some_and(|v| v.paused);
         decision.dispatch = targets
             .iter()
             .filter(|d| !dispatched.contains_key(*d) && eligible(d))
@@ -441,6 +441,11 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
                 st.finished_at = Some(now);
                 st.message = format!("every batch passed; revision {} is rolled out", input.revision);
                 decision.newcomers = Newcomers::New;
+                // The devices skipped while offline get it now, in KV, for when they
+                // return: nothing steps a complete rollout again until a change.
+                for d in targets.iter().filter(|d| !dispatched.contains_key(*d) && eligible(d)) {
+                    decision.dispatch.insert(d.clone());
+                }
                 break;
             }
             k += 1;

@@ -88,6 +88,10 @@ pub struct Reconciler<R> {
     events: EventRing,
     images: ImageTracker,
     restarts: RestartBook,
+    /// Replacements removed after they failed to settle: the runtime's restart
+    /// events about them (some arrive after the removal) are not the deployment's
+    /// restarts, which the previous version, kept running, would be blamed for.
+    failed_replacements: std::collections::VecDeque<String>,
     runtime_status: RuntimeStatus,
     /// The runtime answered at least once since the agent started.
     runtime_reached: bool,
@@ -115,6 +119,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             phases: BTreeMap::new(),
             images: ImageTracker::default(),
             restarts: RestartBook::default(),
+            failed_replacements: std::collections::VecDeque::new(),
             runtime_status: RuntimeStatus {
                 state: RuntimeState::Starting,
                 message: None,
@@ -176,6 +181,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// the caller runs a pass to look at the containers again.
     pub fn runtime_event(&mut self, ev: &RuntimeEvent) {
         let Some(dep) = &ev.deployment else { return };
+        if self.failed_replacements.contains(&ev.container_id) {
+            return;
+        }
         match ev.kind {
             RuntimeEventKind::Restarted => {
                 self.restarts.restarted(dep, Instant::now());
@@ -184,6 +192,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
             RuntimeEventKind::Died { exit_code } => self.restarts.died(dep, exit_code),
             RuntimeEventKind::Removed | RuntimeEventKind::Paused | RuntimeEventKind::Other(_) => {}
         }
+    }
+
+    /// A replacement that failed to settle was removed: its restarts so far were its
+    /// own, not the deployment's, and so are any still on their way.
+    fn forget_failed_replacement(&mut self, deployment: &DeploymentRef, container_id: &str) {
+        const KEPT: usize = 16;
+        if self.failed_replacements.len() == KEPT {
+            self.failed_replacements.pop_front();
+        }
+        self.failed_replacements.push_back(container_id.to_owned());
+        self.restarts.reset(deployment);
     }
 
     /// Ready means: the desired state was read in full, and the runtime answers.

@@ -90,6 +90,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     // The next pass sees it next to the old one and settles it again.
                     tracing::warn!(container = %spec.name, error = %e, "could not remove the failed replacement");
                 }
+                self.forget_failed_replacement(&spec.deployment, id);
                 let restarted = self.restart_old(stopped).await;
                 Err(self.rollback_failure(spec, &error, old, stopped, restarted))
             }
