@@ -439,15 +439,15 @@ mod tests {
             batches: vec![RolloutBatch::of(IntOrString::String("ten".into()))],
             ..Default::default()
         };
-        let e = spec.validate().unwrap_err();
+        let e = spec.validate().expect_err("invalid");
         assert_eq!(e.field, "batches[0].limit");
         spec.batches[0].limit = IntOrString::Int(1);
         spec.batches[0].pause = Some(BatchPause {});
         spec.batches[0].bake_time = Some("1m".into());
-        assert_eq!(spec.validate().unwrap_err().field, "batches[0]");
+        assert_eq!(spec.validate().expect_err("invalid").field, "batches[0]");
         spec.batches[0].bake_time = None;
         assert!(spec.validate().is_ok());
         spec.max_unavailable = Some(IntOrString::Int(0));
-        assert_eq!(spec.validate().unwrap_err().field, "maxUnavailable");
+        assert_eq!(spec.validate().expect_err("invalid").field, "maxUnavailable");
     }
 }
