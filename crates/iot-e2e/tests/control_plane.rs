@@ -343,13 +343,14 @@ async fn operator_restart_writes_nothing_that_did_not_change() -> anyhow::Result
     stack.stop_operator();
     stack.start_operator()?;
     stack.wait_operator_ready().await?;
-    // Long enough for a full reconcile of every resource and one resync (5 s).
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    let m = stack.operator_metrics().await?;
-    assert!(
-        metric(&m, "iot_operator_reconciles_total{result=\"ok\"}") >= 10.0,
-        "every resource reconciled at start and at the resync: {m}"
-    );
+    // A full reconcile of every resource at start and once more at the resync
+    // (5 s); waited for rather than slept for, since a loaded machine (CI runs
+    // eight tests at once) took longer than 7 s once.
+    wait_until(WAIT, "every resource reconciled at start and at the resync", || async {
+        let m = stack.operator_metrics().await.ok()?;
+        (metric(&m, "iot_operator_reconciles_total{result=\"ok\"}") >= 10.0).then_some(())
+    })
+    .await?;
     let after = stack.desired_last_sequence().await?;
     assert_eq!(
         before,

@@ -76,6 +76,7 @@ async fn ready_after_apply_and_printer_columns_read_like_a_fleet_summary() -> an
             "UNREPORTED",
             "READY",
             "REVISION",
+            "ROLLOUT",
             "AGE"
         ]
     );
