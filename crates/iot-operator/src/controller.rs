@@ -246,11 +246,15 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
     };
     // The revision exists before any device is told its number; with a rollout
     // it carries the batches, decided over the devices matched now.
+    // Batch selectors and failure clusters read the targets' labels.
+    let labels = match &obj.spec.rollout {
+        Some(_) => target_labels(&ctx.devices, &targets),
+        None => Default::default(),
+    };
     let current = ctx
         .revisions
         .ensure(&ctx.client, obj, dep, || {
             let spec = obj.spec.rollout.as_ref()?;
-            let labels = target_labels(&ctx.devices, &targets);
             let batches = crate::rollout_plan::plan_batches(dep, spec, &targets, &labels);
             Some(iot_api::RolloutPlan {
                 batches: batches
@@ -287,7 +291,8 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
                     new_payload: &new_payload,
                     stable,
                     existing: &stored,
-                    devices: &ctx.devices,
+                    labels: &labels,
+                    paused: &paused,
                 });
                 if let Some(again) = stepped.again {
                     requeue = requeue.min(again);
@@ -315,11 +320,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             .persist(&ctx.client, dep, obj, rollout_status.as_ref(), !plan.is_empty())
             .await?;
     }
-    if let Some(st) = &rollout_status {
-        ctx.status.rollout(dep.clone(), Some(st.clone()));
-    } else {
-        ctx.status.rollout(dep.clone(), None);
-    }
+    ctx.status.rollout(dep.clone(), rollout_status.clone());
     if !plan.is_empty() {
         // A Device event during the write must find this deployment among the
         // holders of both the old and the new targets.

@@ -16,9 +16,8 @@ use bytes::Bytes;
 use chrono::Utc;
 use harmony_reconciler_contracts::report::Staleness;
 use harmony_reconciler_contracts::{DeploymentRef, Id};
-use iot_api::{ABORT_ANNOTATION, Deployment, Device, PROMOTE_ANNOTATION, RolloutPlan, RolloutStatus};
+use iot_api::{ABORT_ANNOTATION, Deployment, PROMOTE_ANNOTATION, RolloutPlan, RolloutStatus};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::Store;
 use kube::{Api, ResourceExt};
 
 use crate::device_index::DeviceIndex;
@@ -86,7 +85,10 @@ pub struct StepContext<'a> {
     /// The stable (last good) revision's payload, when its score is known.
     pub stable: Option<(u64, Bytes)>,
     pub existing: &'a BTreeMap<Id, (Bytes, chrono::DateTime<Utc>)>,
-    pub devices: &'a Store<Device>,
+    /// The targets' labels (for failure clusters).
+    pub labels: &'a BTreeMap<Id, BTreeMap<String, String>>,
+    /// Devices in maintenance (`Device.spec.paused`).
+    pub paused: &'a BTreeSet<Id>,
 }
 
 impl Rollouts {
@@ -137,24 +139,6 @@ impl Rollouts {
             .map(|b| b.iter().filter_map(|d| Id::new(d.as_str()).ok()).collect())
             .collect();
         let previous = self.previous(cx.obj, cx.dep);
-        let labels: BTreeMap<Id, BTreeMap<String, String>> = cx
-            .targets
-            .iter()
-            .filter_map(|d| {
-                let obj = cx.devices.get(&kube::runtime::reflector::ObjectRef::new(d.as_str()))?;
-                Some((d.clone(), obj.labels().clone()))
-            })
-            .collect();
-        let paused: BTreeSet<Id> = cx
-            .targets
-            .iter()
-            .filter(|d| {
-                cx.devices
-                    .get(&kube::runtime::reflector::ObjectRef::new(d.as_str()))
-                    .is_some_and(|o| o.spec.paused)
-            })
-            .cloned()
-            .collect();
         let decision: RolloutDecision = {
             let reports = self.reports.reports();
             let views: BTreeMap<Id, DeviceView<'_>> = cx
@@ -164,9 +148,9 @@ impl Rollouts {
                     let dispatched_at = cx.existing.get(d).filter(|(v, _)| v == cx.new_payload).map(|(_, t)| *t);
                     let view = DeviceView {
                         dispatched_at,
-                        paused: paused.contains(d),
+                        paused: cx.paused.contains(d),
                         report: reports.get(d),
-                        labels: labels.get(d),
+                        labels: cx.labels.get(d),
                     };
                     (d.clone(), view)
                 })
