@@ -2,9 +2,22 @@ use std::net::TcpListener;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
+/// A free TCP port on 127.0.0.1, bound then released, and never handed out twice by
+/// this process. A test asks for a port long before anything listens on it (an agent
+/// publishes a container there only once the operator dispatched), so without the
+/// ledger a parallel test could be given the same port meanwhile and be answered by
+/// the other test's container.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..64 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port on 127.0.0.1 that this process has not handed out already")
 }
 
 /// Whether process `pid` itself holds a listening TCP socket on `port` (read from
