@@ -54,7 +54,25 @@ impl NatsServer {
         }
         all.extend(args.iter().map(|a| a.to_string()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        Self::launch_in_store(host, store, &all, tls).await
+        Self::launch_in_store(host, store, &all, tls, None).await
+    }
+
+    /// A member of a cluster: like [`Self::start_custom`], on a port chosen by the
+    /// caller (every member's configuration names the others' ports before any
+    /// starts), with its certificate named `name`.
+    pub async fn start_member(
+        host: &str,
+        parent: &std::path::Path,
+        config: &str,
+        port: u16,
+        tls: TlsMode<'_>,
+    ) -> anyhow::Result<Self> {
+        let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
+        let path = store.path().join("nats.conf");
+        std::fs::write(&path, config)?;
+        let args = ["-c".to_owned(), path.to_string_lossy().into_owned()];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launch_in_store(host, store, &args, tls, Some(port)).await
     }
 
     /// Starts a server listening on `host` only (e.g. the gateway address of a
@@ -86,13 +104,22 @@ impl NatsServer {
 
     async fn launch(host: &str, parent: &std::path::Path, args: &[&str], tls: TlsMode<'_>) -> anyhow::Result<Self> {
         let store = tempfile::Builder::new().prefix("iot-nats-").tempdir_in(parent)?;
-        Self::launch_in_store(host, store, args, tls).await
+        Self::launch_in_store(host, store, args, tls, None).await
     }
 
-    async fn launch_in_store(host: &str, store: TempDir, args: &[&str], tls: TlsMode<'_>) -> anyhow::Result<Self> {
+    async fn launch_in_store(
+        host: &str,
+        store: TempDir,
+        args: &[&str],
+        tls: TlsMode<'_>,
+        port: Option<u16>,
+    ) -> anyhow::Result<Self> {
         let binary = find_binary("nats-server", "IOT_NATS_SERVER")?;
         let log = store.path().join("nats.log");
-        let port = free_port()?;
+        let port = match port {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let mut extra_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut ca_file = None;
         if let Some(tls) = tls.server_cert(&store.path().join("ca"), &format!("nats-{port}"), host)? {
@@ -150,6 +177,15 @@ impl NatsServer {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
         Ok(options.connect(self.url()).await?)
+    }
+
+    /// The directory holding its store, configuration, certificate and log.
+    pub fn dir(&self) -> &std::path::Path {
+        self.store.path()
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     pub fn log_path(&self) -> &std::path::Path {

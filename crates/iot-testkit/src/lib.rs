@@ -10,8 +10,9 @@ pub mod process;
 pub mod signin;
 
 pub use iot_launch::{
-    ApiServer, Ca, KubeApiServer, LoggedProcess, NatsServer, OidcOptions, OidcStandIn, OpenBao, PodmanService, TlsMode,
-    apiserver, auth, free_port, http, kube_apiserver, nats, oidc, paths, run_captured, wait_until,
+    ApiServer, Ca, ClusterOptions, KubeApiServer, LoggedProcess, NatsCluster, NatsServer, OidcOptions, OidcStandIn,
+    OpenBao, PodmanService, TlsMode, apiserver, auth, free_port, http, kube_apiserver, nats, oidc, paths, run_captured,
+    wait_until,
 };
 pub use netns::NetNs;
 pub use partition::PartitionProxy;
