@@ -36,6 +36,9 @@ pub struct BucketEntry {
     /// When the server stored the change (for a key swept after a rebuild: when
     /// the follower noticed it was gone).
     pub stored_at: DateTime<Utc>,
+    /// The change's stream sequence (the key's revision); 0 for a key swept after a
+    /// rebuild. Readers that must never go back to an older value compare these.
+    pub sequence: u64,
 }
 
 /// What a follower feeds. Called from one task, in stream order.
@@ -160,6 +163,7 @@ impl BucketFollower {
                 key: entry.key,
                 value,
                 stored_at: entry.created,
+                sequence: entry.revision,
             });
             if entry.delta == 0 && replay.is_replaying() {
                 self.finish(replay, index);
@@ -177,6 +181,7 @@ impl BucketFollower {
                 key,
                 value: None,
                 stored_at: now,
+                sequence: 0,
             });
         }
         tracing::info!(bucket = %self.bucket, keys = replay.live.len(), "caught up with the bucket");

@@ -107,6 +107,39 @@ pub struct NatsConnection {
     pub connects: watch::Receiver<u64>,
 }
 
+/// Which server a client is on, as that server introduced itself (its INFO, which
+/// the client refreshes on every reconnect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSummary {
+    pub name: String,
+    pub id: String,
+    /// The cluster's name; `None` for a server alone.
+    pub cluster: Option<String>,
+    pub version: String,
+}
+
+impl ServerSummary {
+    pub fn of(client: &async_nats::Client) -> Self {
+        let info = client.server_info();
+        Self {
+            name: info.server_name,
+            id: info.server_id,
+            cluster: info.cluster.filter(|c| !c.is_empty()),
+            version: info.version,
+        }
+    }
+}
+
+impl std::fmt::Display for ServerSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nats server {} (version {}", self.name, self.version)?;
+        match &self.cluster {
+            Some(cluster) => write!(f, ", cluster {cluster})"),
+            None => write!(f, ", no cluster)"),
+        }
+    }
+}
+
 /// How often a client pings the server. async-nats drops a connection once more than
 /// two pings are unanswered, so a dead link (a cut cable, a NAT that forgot us) is
 /// noticed within two to three intervals, instead of waiting minutes for TCP

@@ -16,6 +16,13 @@
 //! few times with a short backoff; a signal that no read ever confirms (a forged
 //! one) is dropped.
 //!
+//! **A read never takes the device back.** On a JetStream cluster every replica
+//! answers direct gets, and a replica may be behind the leader; after a reconnect
+//! the operator's index may be rebuilt from one. So each key's revision (its stream
+//! sequence) is remembered, and a read that shows a key at an older revision than
+//! the device already applied is discarded and repeated shortly, until the source
+//! has caught up.
+//!
 //! The output is a [`DesiredView`] on a `watch` channel: the whole current desired
 //! state, so the reconciler downstream is level-triggered and never needs to know
 //! which event caused a change.
@@ -133,6 +140,33 @@ impl Unconfirmed {
     }
 }
 
+/// Per key, the newest revision (stream sequence) the follower has published.
+#[derive(Debug, Default)]
+struct Revisions {
+    applied: BTreeMap<String, u64>,
+}
+
+impl Revisions {
+    /// The first key that `records` show at an older revision than already applied.
+    /// Revision 0 means "unknown" (the operator's own write, before its watch has
+    /// seen it: always the newest value) and is never called older.
+    fn regression<'a>(&self, records: &'a [KvRecord]) -> Option<(&'a str, u64, u64)> {
+        records.iter().find_map(|r| {
+            let held = *self.applied.get(&r.key)?;
+            (r.sequence != 0 && r.sequence < held).then_some((r.key.as_str(), r.sequence, held))
+        })
+    }
+
+    /// Takes `records` as the new state (keys absent from it are forgotten).
+    fn accept(&mut self, records: &[KvRecord]) {
+        let before = std::mem::take(&mut self.applied);
+        for r in records {
+            let held = before.get(&r.key).copied().unwrap_or(0);
+            self.applied.insert(r.key.clone(), r.sequence.max(held));
+        }
+    }
+}
+
 /// Follows `device`'s keys until `out` has no receivers left. Returns only on a
 /// fatal error (the subscription could not be created).
 pub async fn follow_desired_state(
@@ -153,6 +187,9 @@ pub async fn follow_desired_state(
     // The values of the last complete read, by key (deleted keys absent).
     let mut current: BTreeMap<String, Bytes> = BTreeMap::new();
     let mut unconfirmed = Unconfirmed::default();
+    let mut revisions = Revisions::default();
+    // Reads in a row that showed an older revision than applied.
+    let mut stale_reads: u32 = 0;
     let mut failures: u32 = 0;
     // Start with an immediate read.
     let mut next_read = tokio::time::Instant::now();
@@ -191,6 +228,15 @@ pub async fn follow_desired_state(
                 match read {
                     Ok(records) => {
                         failures = 0;
+                        if let Some((key, seen, held)) = revisions.regression(&records) {
+                            stale_reads += 1;
+                            let delay = confirm_delay(stale_reads.min(MAX_CONFIRM_READS));
+                            tracing::info!(%device, key, seen, held, retry_in = ?delay, "read an older revision than already applied (a replica behind); reading again");
+                            next_read = tokio::time::Instant::now() + delay;
+                            continue;
+                        }
+                        stale_reads = 0;
+                        revisions.accept(&records);
                         current = values_of(&records);
                         // Published only if it differs from what readers already have, so an
                         // unchanged periodic re-read does not cause an extra reconcile pass.
@@ -305,6 +351,26 @@ mod tests {
             waited > Duration::from_secs(3) && waited < Duration::from_secs(10),
             "{waited:?}"
         );
+    }
+
+    #[test]
+    fn a_read_older_than_what_was_applied_is_refused() {
+        let rec = |key: &str, sequence: u64| KvRecord {
+            key: key.into(),
+            sequence,
+            stored_at: None,
+            value: Some(Bytes::from_static(b"x")),
+        };
+        let mut r = Revisions::default();
+        assert_eq!(r.regression(&[rec("d.a", 5)]), None, "nothing applied yet");
+        r.accept(&[rec("d.a", 5), rec("d.b", 9)]);
+        assert_eq!(r.regression(&[rec("d.a", 4), rec("d.b", 9)]), Some(("d.a", 4, 5)));
+        assert_eq!(r.regression(&[rec("d.a", 5), rec("d.b", 10)]), None);
+        assert_eq!(r.regression(&[rec("d.a", 0)]), None, "revision 0 is unknown, not old");
+        // Unknown keeps what was known; a key absent from a read is forgotten.
+        r.accept(&[rec("d.a", 0)]);
+        assert_eq!(r.regression(&[rec("d.a", 4)]), Some(("d.a", 4, 5)));
+        assert_eq!(r.regression(&[rec("d.b", 1)]), None);
     }
 
     #[test]

@@ -32,8 +32,8 @@ pub mod write;
 pub use bucket_follower::{BucketEntry, BucketFollower, BucketIndex};
 pub use cli::NatsArgs;
 pub use connect::{
-    Anonymous, ClientOptions, CredentialSource, CredsFile, NatsConnection, NatsTls, TokenAuth, UserPassword, connect,
-    connect_with,
+    Anonymous, ClientOptions, CredentialSource, CredsFile, NatsConnection, NatsTls, ServerSummary, TokenAuth,
+    UserPassword, connect, connect_with,
 };
 pub use direct::{KvRecord, last_values_for};
 pub use error::NatsError;

@@ -23,12 +23,16 @@ use tokio::sync::watch;
 #[derive(Debug, Clone)]
 pub struct Readiness {
     tx: Arc<watch::Sender<Result<(), String>>>,
+    /// Lines `/readyz` shows after its verdict (e.g. which NATS server the daemon
+    /// is on): for people, never parsed.
+    detail: Arc<Mutex<String>>,
 }
 
 impl Default for Readiness {
     fn default() -> Self {
         Self {
             tx: Arc::new(watch::channel(Err("starting".to_owned())).0),
+            detail: Arc::default(),
         }
     }
 }
@@ -49,6 +53,20 @@ impl Readiness {
             *r = Err(why);
             changed
         });
+    }
+
+    /// Replaces the lines shown after the verdict.
+    pub fn set_detail(&self, detail: impl Into<String>) {
+        *self.detail.lock().unwrap_or_else(PoisonError::into_inner) = detail.into();
+    }
+
+    fn detail(&self) -> String {
+        let detail = self.detail.lock().unwrap_or_else(PoisonError::into_inner);
+        if detail.is_empty() {
+            String::new()
+        } else {
+            format!("{}\n", detail.trim_end())
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -131,8 +149,11 @@ fn respond(req: &Request<Incoming>, registry: &Mutex<Registry>, readiness: &Read
         }
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match readiness.state() {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Ok(()) => text(StatusCode::OK, format!("ready\n{}", readiness.detail())),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n{}", readiness.detail()),
+            ),
         },
         _ => text(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n".into()),
     }

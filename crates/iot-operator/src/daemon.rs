@@ -36,6 +36,9 @@ pub struct RunOptions {
     pub device_status: crate::device_status::DeviceStatusConfig,
     /// How often an unfinished rollout is stepped.
     pub rollout_tick: Duration,
+    /// Replicas of each KV bucket: 3 on a JetStream cluster of three or more
+    /// servers, 1 on a single server. Existing buckets are moved to this count.
+    pub kv_replicas: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: nowhere).
     pub http_addr: Option<SocketAddr>,
     /// Hold this Lease before writing anything (`None`: this is the only replica).
@@ -58,6 +61,34 @@ async fn warm_revisions(client: &kube::Client) {
                 tracing::debug!(error = %e, attempt, "listing DeploymentRevisions at start");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+        }
+    }
+}
+
+/// Keeps `/readyz`'s detail and `iot_operator_nats_server` on the server the
+/// connection is on, through every reconnect (on a cluster, to another member).
+async fn track_nats_server(conn: iot_nats::NatsConnection, metrics: Arc<OperatorMetrics>, readiness: Readiness) {
+    let mut connects = conn.connects.clone();
+    let mut shown: Option<iot_nats::ServerSummary> = None;
+    loop {
+        let now = iot_nats::ServerSummary::of(&conn.client);
+        if shown.as_ref() != Some(&now) {
+            metrics.nats_server.clear();
+            metrics
+                .nats_server
+                .get_or_create(&crate::metrics::ServerLabels {
+                    server: now.name.clone(),
+                    cluster: now.cluster.clone().unwrap_or_default(),
+                })
+                .set(1);
+            readiness.set_detail(format!("connected to {now}"));
+            if let Some(before) = &shown {
+                tracing::info!(server = %now.name, was = %before.name, "now on another NATS server");
+            }
+            shown = Some(now);
+        }
+        if connects.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -240,7 +271,7 @@ async fn start(
     readiness.set_not_ready("creating the KV buckets");
     let mut attempt = 0u32;
     let (desired, status) = loop {
-        match iot_nats::buckets::ensure_buckets(&js).await {
+        match iot_nats::buckets::ensure_buckets_replicated(&js, opts.kv_replicas).await {
             Ok(stores) => break stores,
             Err(e) => {
                 attempt += 1;
@@ -250,7 +281,12 @@ async fn start(
             }
         }
     };
-    tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], "KV bucket ready");
+    tracing::info!(buckets = ?[harmony_reconciler_contracts::DESIRED_STATE_BUCKET, harmony_reconciler_contracts::AGENT_STATUS_BUCKET], replicas = opts.kv_replicas, "KV bucket ready");
+    spawn_essential(
+        tasks,
+        "NATS server tracker",
+        track_nats_server(conn.clone(), metrics.clone(), readiness.clone()),
+    );
 
     {
         // Devices with scoped permissions write their status through this.

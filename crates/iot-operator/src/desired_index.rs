@@ -22,7 +22,8 @@ struct Keys {
     /// Each value with when it was stored (the server's clock once the watch has
     /// seen it; this process's clock for a moment after its own write).
     by_deployment: HashMap<DeploymentRef, BTreeMap<Id, (Bytes, DateTime<Utc>)>>,
-    by_device: HashMap<Id, BTreeMap<DeploymentRef, Bytes>>,
+    /// Each value with its stream sequence (0 until the watch brings our own write).
+    by_device: HashMap<Id, BTreeMap<DeploymentRef, (Bytes, u64)>>,
 }
 
 #[derive(Debug)]
@@ -56,9 +57,9 @@ impl crate::device_services::desired_read::DesiredSource for DesiredIndex {
                 .get(device)
                 .map(|deps| {
                     deps.iter()
-                        .map(|(dep, value)| iot_nats::KvRecord {
+                        .map(|(dep, (value, sequence))| iot_nats::KvRecord {
                             key: harmony_reconciler_contracts::desired_state_key(device, dep),
-                            sequence: 0,
+                            sequence: *sequence,
                             stored_at: None,
                             value: Some(value.clone()),
                         })
@@ -103,24 +104,38 @@ impl DesiredIndex {
     /// Records our own acknowledged write (stamped now, until the watch brings the
     /// server's time).
     pub fn record(&self, key: &str, value: Option<Bytes>) {
-        self.record_at(key, value, None);
+        self.record_at(key, value, None, 0);
     }
 
     /// Records a write seen by the watch (`stored_at` from the server), or our own
     /// (`None`). An unchanged value keeps its time: re-recording our own write must
-    /// not move a dispatch time.
-    fn record_at(&self, key: &str, value: Option<Bytes>, stored_at: Option<DateTime<Utc>>) {
+    /// not move a dispatch time. `sequence` is the stream's (0 for our own write:
+    /// devices then take the value without comparing revisions, as it is the newest).
+    /// A change older than what the index holds (a replay from a replica that is
+    /// behind) is ignored.
+    fn record_at(&self, key: &str, value: Option<Bytes>, stored_at: Option<DateTime<Utc>>, sequence: u64) {
         let Ok((device, deployment)) = parse_desired_state_key(key) else {
             tracing::warn!(key, "desired-state key that names no device/deployment; ignored");
             return;
         };
         let mut keys = self.lock();
+        let held = keys
+            .by_device
+            .get(&device)
+            .and_then(|deps| deps.get(&deployment))
+            .map(|(_, seq)| *seq)
+            .unwrap_or(0);
+        if sequence != 0 && sequence < held {
+            tracing::debug!(key, sequence, held, "older change than the index holds; ignored");
+            return;
+        }
         match value {
             Some(v) => {
+                let kept = if sequence == 0 { held } else { sequence };
                 keys.by_device
                     .entry(device.clone())
                     .or_default()
-                    .insert(deployment.clone(), v.clone());
+                    .insert(deployment.clone(), (v.clone(), kept));
                 let slot = keys.by_deployment.entry(deployment).or_default();
                 let at = match (stored_at, slot.get(&device)) {
                     (Some(at), _) => at,
@@ -163,6 +178,6 @@ impl DesiredIndex {
 
 impl BucketIndex for DesiredIndex {
     fn apply(&self, entry: BucketEntry) {
-        self.record_at(&entry.key, entry.value, Some(entry.stored_at));
+        self.record_at(&entry.key, entry.value, Some(entry.stored_at), entry.sequence);
     }
 }

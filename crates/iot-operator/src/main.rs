@@ -58,6 +58,11 @@ struct RunArgs {
     /// checked, and its next devices dispatched, at this resolution.
     #[arg(long, env = "IOT_ROLLOUT_TICK", default_value = "1s", value_parser = humantime::parse_duration)]
     rollout_tick: Duration,
+    /// Replicas of each KV bucket: 3 on a JetStream cluster of three or more servers
+    /// (tolerates the loss of one), 1 on a single server. Buckets that exist with
+    /// another count are moved to this one, online.
+    #[arg(long, env = "IOT_KV_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    kv_replicas: u8,
     /// Serve /metrics (Prometheus), /healthz and /readyz here; "off" to disable.
     #[arg(long, env = "IOT_HTTP_ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
     http_addr: HttpAddr,
@@ -176,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
                     last_seen_every: args.device_last_seen_every,
                 },
                 rollout_tick: args.rollout_tick,
+                kv_replicas: usize::from(args.kv_replicas),
                 http_addr: args.http_addr.0,
                 leader_election,
             };

@@ -67,6 +67,15 @@ pub struct OperatorMetrics {
     pub device_status_writes: Family<KindLabels, Counter>,
     /// Devices that report to NATS but have no `Device` object.
     pub unregistered_devices: Gauge,
+    /// 1 for the NATS server this replica is connected to (by server name and
+    /// cluster); the series of a server it left are removed.
+    pub nats_server: Family<ServerLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -89,6 +98,11 @@ impl OperatorMetrics {
             self.kv_writes.clone(),
         );
         r.register("status_writes", "Status writes by result", self.status_writes.clone());
+        r.register(
+            "nats_server",
+            "The NATS server this replica is connected to (1), by server name and cluster",
+            self.nats_server.clone(),
+        );
         r.register(
             "aggregator_lag_seconds",
             "From the oldest unaggregated device report reaching NATS to its aggregation",

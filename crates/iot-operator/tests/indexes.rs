@@ -18,6 +18,7 @@ fn put(key: &str, value: &[u8], s: i64) -> BucketEntry {
         key: key.into(),
         value: Some(Bytes::copy_from_slice(value)),
         stored_at: at(s),
+        sequence: u64::try_from(s).unwrap_or(0),
     }
 }
 
@@ -26,6 +27,7 @@ fn del(key: &str, s: i64) -> BucketEntry {
         key: key.into(),
         value: None,
         stored_at: at(s),
+        sequence: u64::try_from(s).unwrap_or(0),
     }
 }
 
