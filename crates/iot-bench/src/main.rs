@@ -3,6 +3,7 @@
 
 mod agent_bench;
 mod auth_bench;
+mod cluster_bench;
 mod contention_bench;
 mod dashboard_bench;
 mod fanout_bench;
@@ -11,6 +12,7 @@ mod fleets_bench;
 mod follow_bench;
 mod leader_bench;
 mod rollout_bench;
+mod scale_bench;
 mod trust_bench;
 mod util;
 
@@ -191,6 +193,88 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
+    /// N simulated devices (the agent's follower, reconciler with the in-memory
+    /// runtime, and status reporter; each on its own TLS connection with its own
+    /// name and inbox) in child processes, on one nats-server or an N-member
+    /// cluster: connect storm, steady state, and `--runs` applies to every device
+    /// (apply -> every device reported it Running: p50, p99, max), with per-server
+    /// memory and CPU. Markdown rows, then one JSON line.
+    ScaleE2e {
+        #[arg(long, default_value_t = 10000)]
+        devices: usize,
+        /// 1: one nats-server; more: a JetStream cluster of that many members.
+        #[arg(long, default_value_t = 1)]
+        servers: usize,
+        /// Replicas of both buckets (at most the number of servers).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Devices (connections) per agents process; a process may hold 20,000 fds.
+        #[arg(long, default_value_t = 15000)]
+        per_process: usize,
+        /// Connects in flight per agents process during the storm.
+        #[arg(long, default_value_t = 64)]
+        connect_parallel: usize,
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+        #[arg(long, default_value_t = 10)]
+        resync_secs: u64,
+        /// The reconciler's settle wait after replacing a container (the agent's
+        /// default is 3 s; 0 measures the platform, not the wait).
+        #[arg(long, default_value_t = 0)]
+        settle_ms: u64,
+        #[arg(long, default_value_t = 30)]
+        steady_secs: u64,
+        /// `sync_interval: always` on every server.
+        #[arg(long)]
+        sync_always: bool,
+        /// async-nats read buffer of each simulated device's client (its default is
+        /// 65535; the server side is what is measured).
+        #[arg(long, default_value_t = 8192)]
+        read_buffer: u16,
+        /// Stop everything when the machine's MemAvailable drops below this (MiB).
+        #[arg(long, default_value_t = 1500)]
+        min_free_mib: u64,
+    },
+    /// `sync_interval` default against `always` on a cluster with R3 buckets:
+    /// KV put throughput and apply-to-every-key time, alternating, medians.
+    SyncInterval {
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 40000)]
+        puts: usize,
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        #[arg(long, default_value_t = 10000)]
+        devices: usize,
+    },
+    /// The simulated devices of `scale-e2e`, run by it as a child process.
+    #[command(hide = true)]
+    ScaleAgents {
+        #[arg(long, value_delimiter = ',')]
+        urls: Vec<String>,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        to: usize,
+        #[arg(long)]
+        parallel: usize,
+        #[arg(long)]
+        heartbeat_secs: u64,
+        #[arg(long)]
+        resync_secs: u64,
+        #[arg(long)]
+        settle_ms: u64,
+        #[arg(long)]
+        read_buffer: u16,
+    },
     /// As device `flooder`, sends 250 KB statuses to $NATS_URL until killed.
     #[command(hide = true)]
     Flood {
@@ -311,6 +395,80 @@ async fn main() -> anyhow::Result<()> {
             ops,
             timeout_secs,
         } => contention_bench::run(batches, ops, std::time::Duration::from_secs(timeout_secs)).await,
+        Cmd::ScaleE2e {
+            devices,
+            servers,
+            replicas,
+            runs,
+            per_process,
+            connect_parallel,
+            heartbeat_secs,
+            resync_secs,
+            settle_ms,
+            steady_secs,
+            sync_always,
+            read_buffer,
+            min_free_mib,
+        } => {
+            scale_bench::run(scale_bench::Args {
+                devices,
+                servers,
+                replicas: replicas.min(servers),
+                runs,
+                per_process,
+                connect_parallel,
+                heartbeat_secs,
+                resync_secs,
+                settle_ms,
+                steady_secs,
+                sync_always,
+                read_buffer,
+                min_free_mib,
+            })
+            .await
+        }
+        Cmd::SyncInterval {
+            servers,
+            runs,
+            puts,
+            writers,
+            window,
+            devices,
+        } => {
+            cluster_bench::run(cluster_bench::Args {
+                servers,
+                runs,
+                puts,
+                writers,
+                window,
+                devices,
+            })
+            .await
+        }
+        Cmd::ScaleAgents {
+            urls,
+            ca,
+            from,
+            to,
+            parallel,
+            heartbeat_secs,
+            resync_secs,
+            settle_ms,
+            read_buffer,
+        } => {
+            scale_bench::agents(scale_bench::AgentArgs {
+                urls,
+                ca,
+                from,
+                to,
+                parallel,
+                heartbeat_secs,
+                resync_secs,
+                settle_ms,
+                read_buffer,
+            })
+            .await
+        }
         Cmd::Flood { mbps } => trust_bench::flood(mbps).await,
         Cmd::Serve { service } => trust_bench::serve(&service).await,
     }
