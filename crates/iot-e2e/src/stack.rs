@@ -66,7 +66,12 @@ pub struct Stack {
     pub api: Cluster,
     /// The operator's kubeconfig when not the admin's (a ServiceAccount's token).
     pub operator_kubeconfig: Option<PathBuf>,
+    /// The NATS server, or member 0 of a cluster ([`Stack::start_secured_cluster`]).
     pub nats: NatsServer,
+    /// The other members of a cluster (member `i` is `nats_peers[i - 1]`), with
+    /// every member's monitoring port; empty for a single server.
+    pub nats_peers: Vec<NatsServer>,
+    pub nats_monitors: Vec<u16>,
     pub podman: PodmanService,
     pub kube: kube::Client,
     pub js: jetstream::Context,
@@ -122,7 +127,7 @@ impl Stack {
     pub async fn start_on(api: Cluster, install_crd: bool) -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
         let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", nats.ca_file()).await?;
-        Self::start_with(api, install_crd, nats, conn.client, None).await
+        Self::start_with(api, install_crd, nats, conn.client, None, Vec::new()).await
     }
 
     /// [`Stack::start`] with NATS listening on `host` only: the host end of an
@@ -134,7 +139,7 @@ impl Stack {
         let api = Cluster::CrdOnly(ApiServer::start().await?);
         let nats = NatsServer::start_on(host).await?;
         let conn = connect(&[nats.url()], &Anonymous, "e2e-admin", nats.ca_file()).await?;
-        Self::start_with(api, true, nats, conn.client, None).await
+        Self::start_with(api, true, nats, conn.client, None, Vec::new()).await
     }
 
     /// [`Stack::start`] with NATS guarded by the auth callout (backed by a real
@@ -142,6 +147,13 @@ impl Stack {
     /// [`Stack::start_enrolled_agent`] connect with their own identity. The test
     /// itself uses the development `admin` user for setup and inspection.
     pub async fn start_secured() -> anyhow::Result<Self> {
+        Self::start_secured_cluster(1).await
+    }
+
+    /// [`Stack::start_secured`] on a JetStream cluster of `members` nats-servers
+    /// (routes in mutual TLS, the callout configured on each, buckets with
+    /// `min(members, 3)` replicas). Every daemon is given all the URLs.
+    pub async fn start_secured_cluster(members: usize) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         // One CA for the stack: NATS and OpenBao serve certificates it signed, and
         // every client is given exactly it.
@@ -155,19 +167,38 @@ impl Stack {
         let operator_enrollment = dir.path().join("operator.json");
         iot_testkit::auth::write_private(&operator_enrollment, &serde_json::to_string(&operator)?)?;
         let keys = CalloutKeys::generate()?;
-        let nats = NatsServer::start_custom(
-            "127.0.0.1",
-            &std::env::temp_dir(),
-            Some(&keys.nats_config()),
-            &[],
-            iot_testkit::TlsMode::Ca(&ca),
-        )
-        .await?;
+        let (nats, peers, monitors) = if members <= 1 {
+            let nats = NatsServer::start_custom(
+                "127.0.0.1",
+                &std::env::temp_dir(),
+                Some(&keys.nats_config()),
+                &[],
+                iot_testkit::TlsMode::Ca(&ca),
+            )
+            .await?;
+            (nats, Vec::new(), Vec::new())
+        } else {
+            let cluster = iot_testkit::NatsCluster::start(
+                &iot_testkit::ClusterOptions {
+                    size: members,
+                    host: "127.0.0.1",
+                    parent: &std::env::temp_dir(),
+                    shared_config: Some(keys.nats_config()),
+                    sync_interval: None,
+                },
+                &ca,
+            )
+            .await?;
+            let (mut all, monitors) = cluster.into_parts();
+            let first = all.remove(0);
+            (first, all, monitors)
+        };
+        let urls: Vec<String> = std::iter::once(&nats).chain(&peers).map(NatsServer::url).collect();
         let binary = cargo_bin("iot-auth-callout")?;
         let callout = CalloutProcess::spawn(
             &CalloutLaunch {
                 binary: &binary,
-                nats_url: &nats.url(),
+                nats_url: &urls.join(","),
                 ca_file: nats.ca_file(),
                 keys: &keys,
                 dir: dir.path(),
@@ -181,11 +212,10 @@ impl Stack {
             "callout-0",
         )
         .await?;
-        let admin = nats
-            .client_with(async_nats::ConnectOptions::with_user_and_password(
-                "admin".into(),
-                keys.admin_password.clone(),
-            ))
+        let admin = async_nats::ConnectOptions::with_user_and_password("admin".into(), keys.admin_password.clone())
+            .add_root_certificates(ca.cert_file())
+            .require_tls(true)
+            .connect(urls)
             .await?;
         let security = Security {
             bao,
@@ -195,7 +225,12 @@ impl Stack {
             enrollments: Default::default(),
         };
         let api = Cluster::CrdOnly(ApiServer::start().await?);
-        let mut me = Self::start_with(api, true, nats, admin, Some(security)).await?;
+        let mut me = Self::start_with(api, true, nats, admin, Some(security), peers).await?;
+        me.nats_monitors = monitors;
+        if !me.nats_peers.is_empty() {
+            me.operator_env
+                .push(("IOT_KV_REPLICAS".into(), (me.nats_peers.len() + 1).min(3).to_string()));
+        }
         me.ca = Some(ca);
         me.secured_dir = Some(dir);
         Ok(me)
@@ -207,6 +242,7 @@ impl Stack {
         nats: NatsServer,
         admin: async_nats::Client,
         security: Option<Security>,
+        nats_peers: Vec<NatsServer>,
     ) -> anyhow::Result<Self> {
         let podman = PodmanService::start().await?;
         let kube = api.kube_client().await?;
@@ -214,11 +250,14 @@ impl Stack {
             iot_launch::operator::install_crd(&cargo_bin("iot-operator")?, &api.kubeconfig())?;
         }
         let js = jetstream::new(admin);
-        let (desired, status) = iot_nats::buckets::ensure_buckets(&js).await?;
+        let replicas = (nats_peers.len() + 1).min(3);
+        let (desired, status) = iot_nats::buckets::ensure_buckets_replicated(&js, replicas).await?;
         Ok(Self {
             api,
             operator_kubeconfig: None,
             nats,
+            nats_peers,
+            nats_monitors: Vec::new(),
             podman,
             kube,
             js,
@@ -247,7 +286,7 @@ impl Stack {
         let mut cmd = iot_launch::operator::run_command(
             &cargo_bin("iot-operator")?,
             &kubeconfig,
-            &self.nats.url(),
+            &self.nats_url(),
             http,
             enrollment,
         );
@@ -359,7 +398,7 @@ impl Stack {
     fn launch_agent(&mut self, device: &str, mut cmd: Command) -> anyhow::Result<()> {
         self.trust(&mut cmd);
         cmd.env("IOT_DEVICE_ID", device)
-            .env("NATS_URL", self.nats.url())
+            .env("NATS_URL", self.nats_url())
             .env("PODMAN_SOCKET", self.podman.socket())
             .env("IOT_HEARTBEAT_INTERVAL", "1s")
             .env("IOT_RESYNC_INTERVAL", "2s")
@@ -391,6 +430,31 @@ impl Stack {
     pub fn agent_pid(&self, device: &str) -> Option<u32> {
         let name = format!("agent {device}");
         self.agents.iter().find(|a| a.name == name).and_then(LoggedProcess::pid)
+    }
+
+    /// `NATS_URL` for a daemon: the server's URL, or every member's (clients
+    /// shuffle them).
+    pub fn nats_url(&self) -> String {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Member `i` of the NATS cluster (0 is [`Stack::nats`]).
+    pub fn nats_member_mut(&mut self, i: usize) -> &mut NatsServer {
+        match i.checked_sub(1) {
+            None => &mut self.nats,
+            Some(peer) => &mut self.nats_peers[peer],
+        }
+    }
+
+    /// The member whose client port is `port`.
+    pub fn nats_member_of_port(&self, port: u16) -> Option<usize> {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .position(|m| m.port() == port)
     }
 
     /// Gives a process the stack's CA for NATS and OpenBao (or, on a plain-TCP
