@@ -55,6 +55,12 @@ struct Args {
     /// People log in with `iotctl login`; their groups decide what they may do.
     #[arg(long)]
     sso: bool,
+    /// Run NATS as a JetStream cluster of this many servers (3 or 5) on the gateway
+    /// address, routes in mutual TLS, both buckets with 3 replicas, every client
+    /// given every URL. 1 (the default) is a single server. Needs the secured
+    /// stack (the cluster's routes use its CA).
+    #[arg(long, default_value_t = 1, conflicts_with = "insecure")]
+    nats_cluster: usize,
     /// Directory with the release binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -75,6 +81,10 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(args.devices <= 200, "--devices must be 0-200");
+    anyhow::ensure!(
+        matches!(args.nats_cluster, 1 | 3 | 5),
+        "--nats-cluster must be 1 (a single server), 3 or 5: a cluster of two loses its quorum with either server"
+    );
     anyhow::ensure!(
         args.devices >= 1 || args.vm,
         "--devices 0 needs --vm (something must be a device)"
@@ -140,6 +150,9 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         sso: None,
         want_sso: args.sso,
         nats: None,
+        nats_cluster: None,
+        nats_members: args.nats_cluster,
+        nats_placement: Vec::new(),
         operator: None,
         operator_http: None,
         dashboard: None,

@@ -130,6 +130,7 @@ pub fn print(up: &Up) {
     deploy_section(&mut m, &all);
     fleet_section(&mut m, &first);
     kv_section(&mut m, &first);
+    cluster_section(&mut m, up);
     netns_section(&mut m, up);
     vm_section(&mut m, up);
     identity_section(&mut m, up, &first);
@@ -247,6 +248,55 @@ fn kv_section(m: &mut String, first: &str) {
     line(m, "  iotctl devices");
 }
 
+/// The NATS cluster's members, which devices are on each, and how to lose one.
+fn cluster_section(m: &mut String, up: &Up) {
+    let Some(cluster) = &up.nats_cluster else { return };
+    line(
+        m,
+        format!(
+            "\n{} ({} servers; each bucket is kept on {} of them, so one may be lost)",
+            out::bold("NATS cluster"),
+            cluster.len(),
+            up.kv_replicas()
+        ),
+    );
+    for i in 0..cluster.len() {
+        let member = cluster.member(i);
+        let devices = up.nats_placement.get(i).map(|d| d.join(", ")).unwrap_or_default();
+        line(
+            m,
+            format!(
+                "  nats-{i}  {}  pid {}  http://{}:{}/varz  devices: {}",
+                member.url(),
+                member.pid().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                member.host(),
+                cluster.monitor_port(i),
+                if devices.is_empty() { "none".to_owned() } else { devices }
+            ),
+        );
+    }
+    let first = cluster.member(0);
+    let pid = first.pid().map(|p| p.to_string()).unwrap_or_else(|| "PID".into());
+    line(
+        m,
+        format!(
+            "  curl -s 'http://{}:{}/jsz?streams=true'   # which server leads each bucket's stream",
+            first.host(),
+            cluster.monitor_port(0)
+        ),
+    );
+    line(
+        m,
+        format!("  kill -STOP {pid}; sleep 20; kill -CONT {pid}   # nats-0 unreachable for 20 s, then back"),
+    );
+    line(
+        m,
+        format!(
+            "  kill -9 {pid}   # lose nats-0 for good: its devices move to the others (iot-up does not restart it)"
+        ),
+    );
+}
+
 /// Device identities, or a warning that NATS is open.
 fn identity_section(m: &mut String, up: &Up, first: &str) {
     match &up.security {
@@ -353,6 +403,11 @@ fn logs_section(m: &mut String, up: &Up) {
     }
     if let Some(nats) = &up.nats {
         line(m, format!("  tail -f {}", nats.log_path().display()));
+    }
+    if let Some(cluster) = &up.nats_cluster {
+        for i in 0..cluster.len() {
+            line(m, format!("  tail -f {}", cluster.member(i).log_path().display()));
+        }
     }
     if up.security.is_some() {
         line(m, format!("  tail -f {}/callout-0.log", up.logs_dir().display()));

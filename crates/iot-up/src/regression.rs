@@ -197,7 +197,7 @@ fn run_ok(cmd: Command, stdin: Option<&str>) -> anyhow::Result<String> {
 
 async fn desired_keys(up: &Up) -> anyhow::Result<usize> {
     let conn = iot_nats::connect(
-        &[up.nats_url()],
+        &up.nats_urls(),
         up.admin_credentials().as_ref(),
         "iot-up-check",
         up.ca_file().as_deref(),

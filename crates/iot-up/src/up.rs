@@ -29,6 +29,13 @@ pub struct Up {
     pub sso: Option<crate::sso::Sso>,
     pub want_sso: bool,
     pub nats: Option<NatsServer>,
+    /// With `--nats-cluster N`: the cluster (instead of `nats`).
+    pub nats_cluster: Option<iot_launch::NatsCluster>,
+    /// How many NATS servers were asked for (1: a single server).
+    pub nats_members: usize,
+    /// On a cluster: the devices connected to each member, as its `/connz` said
+    /// once every device reported (for the menu).
+    pub nats_placement: Vec<Vec<String>>,
     pub operator: Option<LoggedProcess>,
     /// Where the operator serves /metrics, /healthz and /readyz.
     pub operator_http: Option<String>,
@@ -107,8 +114,23 @@ impl Up {
         self.state_dir.join("kubeconfig")
     }
 
+    /// `NATS_URL`: the server's URL, or every cluster member's, comma-separated.
     pub fn nats_url(&self) -> String {
-        self.nats.as_ref().map(NatsServer::url).unwrap_or_default()
+        self.nats_urls().join(",")
+    }
+
+    /// The URL of every NATS server (clients shuffle them, so a fleet spreads).
+    pub fn nats_urls(&self) -> Vec<String> {
+        match (&self.nats_cluster, &self.nats) {
+            (Some(cluster), _) => cluster.urls(),
+            (None, Some(nats)) => vec![nats.url()],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// Replicas of each KV bucket: 3 on a cluster, 1 on a single server.
+    pub fn kv_replicas(&self) -> usize {
+        self.nats_cluster.as_ref().map_or(1, |c| c.len().min(3))
     }
 
     /// The CA certificate clients are given (`NATS_CA_FILE`, `BAO_CACERT`).
@@ -184,7 +206,33 @@ impl Up {
         let t = steps.next("sanity: every device has published status.<device>");
         self.wait_device_status(Duration::from_secs(60)).await?;
         done(t, "all devices reporting");
+        self.nats_placement = self.device_placement().await;
         Ok(())
+    }
+
+    /// The devices connected to each cluster member (the agents' connection names in
+    /// the members' `/connz`); empty for a single server.
+    pub async fn device_placement(&self) -> Vec<Vec<String>> {
+        let Some(cluster) = &self.nats_cluster else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for i in 0..cluster.len() {
+            let path = "/connz?limit=100000";
+            let text = iot_launch::http::get_text(cluster.member(i).host(), cluster.monitor_port(i), path)
+                .await
+                .unwrap_or_default();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let mut devices: Vec<String> = json["connections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["name"].as_str()?.strip_prefix("iot-agent-").map(str::to_owned))
+                .collect();
+            devices.sort();
+            out.push(devices);
+        }
+        out
     }
 
     /// The Kubernetes API server: the full kube-apiserver with OIDC and RBAC for
@@ -245,14 +293,31 @@ impl Up {
         )
         .await?;
         let keys = CalloutKeys::generate()?;
-        let nats = NatsServer::start_custom(
-            &self.net.gateway(),
-            &self.state_dir,
-            Some(&keys.nats_config()),
-            &[],
-            iot_launch::TlsMode::Ca(&ca),
-        )
-        .await?;
+        if self.nats_members > 1 {
+            let cluster = iot_launch::NatsCluster::start(
+                &iot_launch::ClusterOptions {
+                    size: self.nats_members,
+                    host: &self.net.gateway(),
+                    parent: &self.state_dir,
+                    shared_config: Some(keys.nats_config()),
+                    sync_interval: None,
+                },
+                &ca,
+            )
+            .await?;
+            self.nats_cluster = Some(cluster);
+        } else {
+            let nats = NatsServer::start_custom(
+                &self.net.gateway(),
+                &self.state_dir,
+                Some(&keys.nats_config()),
+                &[],
+                iot_launch::TlsMode::Ca(&ca),
+            )
+            .await?;
+            self.nats = Some(nats);
+        }
+        let nats_url = self.nats_url();
         let callout = enroll::enroll_service(&bao.root()?, "callout", Role::Callout).await?;
         let callout_file = self.write_enrollment(&callout)?;
         let binary = self.bin("iot-auth-callout");
@@ -260,7 +325,7 @@ impl Up {
         for i in 0..CALLOUT_REPLICAS {
             let launch = CalloutLaunch {
                 binary: &binary,
-                nats_url: &nats.url(),
+                nats_url: &nats_url,
                 ca_file: Some(&ca.cert_file()),
                 keys: &keys,
                 dir: &self.logs_dir(),
@@ -274,7 +339,6 @@ impl Up {
             callouts.push(CalloutProcess::spawn(&launch, &format!("callout-{i}")).await?);
         }
         done(t, &format!("{} with {CALLOUT_REPLICAS} callout replicas", bao.addr()));
-        self.nats = Some(nats);
         self.security = Some(Security { bao, keys, callouts });
         self.ca = Some(ca);
         Ok(())
@@ -282,6 +346,15 @@ impl Up {
 
     /// The nats-server (already running when secured: say so, with its URL).
     async fn start_nats(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        if let Some(cluster) = &self.nats_cluster {
+            let t = steps.next(&format!(
+                "NATS: a JetStream cluster of {} servers (routes in mutual TLS), buckets with {} replicas, every client through the callout",
+                cluster.len(),
+                self.kv_replicas()
+            ));
+            done(t, &self.nats_url());
+            return Ok(());
+        }
         let t = steps.next(if self.secure {
             "nats-server with JetStream on file storage, on the gateway address, every client through the callout"
         } else {
@@ -327,7 +400,8 @@ impl Up {
             enrollment.as_deref(),
         );
         self.trust(&mut cmd);
-        cmd.env("IOT_STALE_AFTER", "30s");
+        cmd.env("IOT_STALE_AFTER", "30s")
+            .env("IOT_KV_REPLICAS", self.kv_replicas().to_string());
         self.operator = Some(LoggedProcess::spawn(
             "iot-operator",
             cmd,
@@ -538,7 +612,7 @@ impl Up {
             index,
             arch,
             agent: &agent,
-            nats_url: self.nats_url(),
+            nats_urls: self.nats_urls(),
             enrollment,
             ca_pem: match self.ca_file() {
                 Some(f) => Some(std::fs::read_to_string(f)?),
@@ -602,7 +676,7 @@ impl Up {
 
     async fn wait_device_status(&self, timeout: Duration) -> anyhow::Result<()> {
         let conn = connect(
-            &[self.nats_url()],
+            &self.nats_urls(),
             self.admin_credentials().as_ref(),
             "iot-up",
             self.ca_file().as_deref(),
@@ -664,6 +738,7 @@ impl Up {
             op.stop(Duration::from_secs(12));
         }
         self.nats = None;
+        self.nats_cluster = None;
         self.security = None;
         self.api = None;
         self.sso = None;

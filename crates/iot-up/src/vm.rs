@@ -68,7 +68,8 @@ pub struct VmLaunch<'a> {
     pub index: usize,
     pub arch: Arch,
     pub agent: &'a Path,
-    pub nats_url: String,
+    /// Every NATS server's URL (a cluster's members; the seed lists them all).
+    pub nats_urls: Vec<String>,
     pub enrollment: Option<String>,
     /// The stack's CA (PEM); `None` on an --insecure stack.
     pub ca_pem: Option<String>,
@@ -84,7 +85,7 @@ pub fn start(l: &VmLaunch<'_>) -> anyhow::Result<VmDevice> {
     let console_password = random_password()?;
     let provision = DeviceProvision {
         device_id: id.clone(),
-        nats_urls: vec![l.nats_url.clone()],
+        nats_urls: l.nats_urls.clone(),
         enrollment: l.enrollment.clone(),
         insecure: l.ca_pem.is_none(),
         ca_pem: l.ca_pem.clone(),
