@@ -8,9 +8,10 @@
 //!    surviving member serves every key's final value, and no device ever reported
 //!    an older revision after a newer one (each device's reports are recorded from
 //!    the status bucket and printed).
-//! 2. `kill -9` the member most devices are connected to: they reconnect to the
-//!    others (the time is measured and printed), keep their containers, report
-//!    again; a new device enrolled while it is down connects through the callout.
+//! 2. `kill -9` the member the auth callout is on (or, if no device is on it, the
+//!    one most devices are on): the devices reconnect to the others (the time is
+//!    measured and printed), keep their containers, report again; a new device
+//!    enrolled while it is down connects through the callout.
 //! 3. Restart two members one after the other: a new apply still reaches every
 //!    device (nats-server #8519 reported writes stopping after this on 2.12/2.14).
 
@@ -127,6 +128,22 @@ impl Reports {
 
 /// Which member each device's agent is connected to (the members' `/connz`).
 async fn servers_of(stack: &Stack, devices: &[String]) -> BTreeMap<String, usize> {
+    connections_named(stack, |name| {
+        devices.iter().find(|d| name == format!("iot-agent-{d}")).cloned()
+    })
+    .await
+}
+
+/// The member the auth callout is connected to.
+async fn callout_member(stack: &Stack) -> Option<usize> {
+    connections_named(stack, |name| (name == "iot-auth-callout").then(|| name.to_owned()))
+        .await
+        .into_values()
+        .next()
+}
+
+/// Every connection whose name `pick` maps to a key, with the member it is on.
+async fn connections_named(stack: &Stack, pick: impl Fn(&str) -> Option<String>) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
     for (member, port) in stack.nats_monitors.iter().enumerate() {
         let Ok(text) = iot_testkit::http::get_text("127.0.0.1", *port, "/connz?limit=10000").await else {
@@ -136,9 +153,8 @@ async fn servers_of(stack: &Stack, devices: &[String]) -> BTreeMap<String, usize
             continue;
         };
         for c in json["connections"].as_array().into_iter().flatten() {
-            let name = c["name"].as_str().unwrap_or_default();
-            if let Some(d) = devices.iter().find(|d| name == format!("iot-agent-{d}")) {
-                out.insert(d.clone(), member);
+            if let Some(key) = pick(c["name"].as_str().unwrap_or_default()) {
+                out.insert(key, member);
             }
         }
     }
@@ -276,7 +292,12 @@ async fn the_fleet_survives_losing_cluster_members() -> anyhow::Result<()> {
     for m in before.values() {
         per_member[*m] += 1;
     }
-    let victim = (0..3).max_by_key(|m| per_member[*m]).unwrap_or(0);
+    // The callout's member if devices are on it too (so the connects that follow
+    // find the callout moved as well), else the one most devices are on.
+    let callout_on = callout_member(&stack).await;
+    let victim = callout_on
+        .filter(|m| per_member[*m] > 0)
+        .unwrap_or_else(|| (0..3).max_by_key(|m| per_member[*m]).unwrap_or(0));
     let moved: Vec<String> = before
         .iter()
         .filter(|(_, m)| **m == victim)
@@ -319,7 +340,7 @@ async fn the_fleet_survives_losing_cluster_members() -> anyhow::Result<()> {
     let containers_after: Vec<Vec<String>> = observers[..4].iter().map(DeviceContainers::running_ids).collect();
     assert_eq!(containers_before, containers_after, "no container was replaced");
     eprintln!(
-        "== 2. nats-{victim} killed with {} of 4 devices on it: reconnected (device, new member, seconds after the kill) {reconnect_secs:?}; a new device enrolled and ran meanwhile; {:?} in all",
+        "== 2. nats-{victim} killed with {} of 4 devices on it (the callout was on nats-{callout_on:?}): reconnected (device, new member, seconds after the kill) {reconnect_secs:?}; a new device enrolled and ran meanwhile; {:?} in all",
         moved.len(),
         t.elapsed()
     );
