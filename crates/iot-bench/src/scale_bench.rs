@@ -39,8 +39,8 @@ use tokio::sync::watch;
 
 use crate::util::cpu_ticks;
 
-/// Images the in-memory runtime has: one per apply.
-const IMAGES: usize = 64;
+/// Images each device's in-memory runtime has: one per apply.
+const IMAGES: usize = 8;
 
 fn image(n: usize) -> String {
     format!("img:{n}")
@@ -826,7 +826,9 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
 
     let images: Vec<String> = (0..IMAGES).map(image).collect();
     let images: Vec<&str> = images.iter().map(String::as_str).collect();
-    let runtime = MemoryRuntime::with_images(&images);
+    // One runtime per device, as every device has its own podman: a shared one
+    // would list every device's containers on every pass (quadratic).
+    let mut runtimes = Vec::with_capacity(conns.len());
     let metrics = Arc::new(AgentMetrics::default());
     let cfg = FollowConfig {
         resync: Duration::from_secs(a.resync_secs),
@@ -851,8 +853,10 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
         };
         tokio::spawn(reporter.run(report_rx));
+        let runtime = MemoryRuntime::with_images(&images);
+        runtimes.push(runtime.clone());
         let rec = Reconciler::new(
-            runtime.clone(),
+            runtime,
             ReconcilerConfig {
                 device: id,
                 event_capacity: harmony_reconciler_contracts::status::DEFAULT_EVENT_RING_CAPACITY,
@@ -883,7 +887,7 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
             .iter()
             .filter(|v| v.borrow().synced && v.borrow().entries.len() == 1)
             .count();
-        let running = runtime.containers().len();
+        let running = runtimes.iter().filter(|r| r.containers().len() == 1).count();
         if synced == views.len() && running == views.len() {
             break;
         }
