@@ -6,8 +6,8 @@
 //! 1. `kill -9` the leader of the desired-state stream as an apply to every device
 //!    is accepted: every device ends on the new revision, `.status` says so, each
 //!    surviving member serves every key's final value, and no device ever reported
-//!    an older revision after a newer one (each device's reports are recorded from
-//!    the status bucket and printed).
+//!    an older revision after a newer one, or dropped the deployment (each device's
+//!    reports are recorded from the status bucket and printed).
 //! 2. `kill -9` the member the auth callout is on (or, if no device is on it, the
 //!    one most devices are on): the devices reconnect to the others (the time is
 //!    measured and printed), keep their containers, report again; a new device
@@ -105,11 +105,16 @@ impl Reports {
                         let Ok(st) = serde_json::from_slice::<AgentStatus>(&entry.value) else {
                             continue;
                         };
-                        let Some(rev) = st.deployments.get(&dep).and_then(|p| p.revision) else {
-                            continue;
-                        };
                         let mut map = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
                         let revs = map.entry(st.device_id.to_string()).or_default();
+                        // A report without the deployment, after one with it, is
+                        // recorded as revision 0: the device removed it (it read
+                        // an empty desired state), which the order check catches.
+                        let rev = match st.deployments.get(&dep) {
+                            Some(p) => p.revision.unwrap_or(0),
+                            None if revs.is_empty() => continue,
+                            None => 0,
+                        };
                         if revs.last() != Some(&rev) {
                             revs.push(rev);
                         }

@@ -116,9 +116,13 @@ impl BucketFollower {
         replay: &mut Replay,
     ) -> Result<Rebuild, NatsError> {
         replay.start();
-        let pending_at_start = store.status().await.map_err(NatsError::js)?.values();
+        let empty_at_start = is_empty(store).await?;
         let mut watch = store.watch_with_history(">").await.map_err(NatsError::js)?;
-        if pending_at_start == 0 {
+        // A rebuild sweeps what the replay does not mention, so an index that holds
+        // keys takes "empty" only from a second look, after the watch had time to
+        // deliver: one wrong answer would otherwise empty it, and the read responder
+        // would tell every device it should run nothing.
+        if empty_at_start && replay.live.is_empty() {
             self.finish(replay, index);
         }
         loop {
@@ -144,7 +148,7 @@ impl BucketFollower {
                 () = reconnected => return Ok(Rebuild::Reconnected),
                 () = recheck => {
                     // A failed look is no reason to start over: the watch goes on.
-                    if store.status().await.is_ok_and(|s| s.values() == 0) {
+                    if is_empty(store).await.unwrap_or(false) {
                         self.finish(replay, index);
                     }
                     continue;
@@ -188,6 +192,18 @@ impl BucketFollower {
         index.caught_up();
         self.caught_up.send_replace(true);
     }
+}
+
+/// Whether the bucket holds no message, by an answer that can be trusted: on a
+/// replicated stream only from a leader. While a stream elects one (its leader was
+/// lost), nats-server answers stream info with the configuration and an empty
+/// state; taken at its word, a rebuilt index would drop every key (seen on 2.15.1
+/// after `kill -9` of the leader: "caught up with the bucket keys=0").
+async fn is_empty(store: &kv::Store) -> Result<bool, NatsError> {
+    let status = store.status().await.map_err(NatsError::js)?;
+    let replicated = status.info.config.num_replicas > 1;
+    let led = status.info.cluster.as_ref().is_some_and(|c| c.leader.is_some());
+    Ok(status.values() == 0 && (led || !replicated))
 }
 
 enum Rebuild {
