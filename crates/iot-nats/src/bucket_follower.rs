@@ -195,10 +195,11 @@ impl BucketFollower {
 }
 
 /// Whether the bucket holds no message, by an answer that can be trusted: on a
-/// replicated stream only from a leader. While a stream elects one (its leader was
-/// lost), nats-server answers stream info with the configuration and an empty
-/// state; taken at its word, a rebuilt index would drop every key (seen on 2.15.1
-/// after `kill -9` of the leader: "caught up with the bucket keys=0").
+/// replicated stream only one that names a leader. Seen once on 2.15.1, in the
+/// cluster e2e test: right after `kill -9` of the stream's leader, a rebuild took
+/// the bucket for empty ("caught up with the bucket keys=0") while it held four
+/// keys, and swept them from the index. A stream that is electing a leader has
+/// no authoritative state to report, so such an answer is not taken as empty.
 async fn is_empty(store: &kv::Store) -> Result<bool, NatsError> {
     let status = store.status().await.map_err(NatsError::js)?;
     let replicated = status.info.config.num_replicas > 1;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures::StreamExt;
 use harmony_reconciler_contracts::DESIRED_STATE_BUCKET;
 use harmony_reconciler_contracts::keys::kv_stream_name;
 use iot_nats::buckets::ensure_buckets_replicated;
@@ -165,6 +166,136 @@ async fn r3_buckets_keep_taking_writes_while_two_members_restart_under_load() ->
         "under load: {} writes acknowledged, {} unacknowledged (retried by callers) across two restarts",
         acked.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// An index that remembers the fewest keys it held after its first catch-up.
+#[derive(Default)]
+struct CountingIndex {
+    keys: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    caught_up: std::sync::atomic::AtomicBool,
+    fewest_after_catch_up: AtomicU64,
+    catch_ups: AtomicU64,
+}
+
+impl iot_nats::BucketIndex for CountingIndex {
+    fn apply(&self, entry: iot_nats::BucketEntry) {
+        let mut keys = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match entry.value {
+            Some(_) => keys.insert(entry.key),
+            None => keys.remove(&entry.key),
+        };
+        if self.caught_up.load(Ordering::Relaxed) {
+            self.fewest_after_catch_up
+                .fetch_min(keys.len() as u64, Ordering::Relaxed);
+        }
+    }
+    fn caught_up(&self) {
+        let held = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len() as u64;
+        self.fewest_after_catch_up.fetch_min(held, Ordering::Relaxed);
+        self.caught_up.store(true, Ordering::Relaxed);
+        self.catch_ups.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_follower_keeps_every_key_when_the_stream_leader_dies() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::create(dir.path())?;
+    let mut cluster = NatsCluster::start(
+        &ClusterOptions {
+            size: 3,
+            host: "127.0.0.1",
+            parent: dir.path(),
+            shared_config: None,
+            sync_interval: None,
+        },
+        &ca,
+    )
+    .await?;
+    let connect = || {
+        async_nats::ConnectOptions::new()
+            .add_root_certificates(ca.cert_file())
+            .require_tls(true)
+            .connect(cluster.urls())
+    };
+    let js = jetstream::new(connect().await?);
+    let (desired, _) = ensure_buckets_replicated(&js, 3).await?;
+    for k in 0..50 {
+        desired
+            .put(format!("dev{k}.default_web"), Bytes::from_static(b"v1"))
+            .await?;
+    }
+    // The follower on a connection of its own, as the operator's.
+    let conn = iot_nats::connect(&cluster.urls(), &iot_nats::Anonymous, "follower", Some(&ca.cert_file())).await?;
+    let store = jetstream::new(conn.client.clone())
+        .get_key_value(DESIRED_STATE_BUCKET)
+        .await?;
+    let index = Arc::new(CountingIndex {
+        fewest_after_catch_up: AtomicU64::new(u64::MAX),
+        ..Default::default()
+    });
+    let follower = Arc::new(iot_nats::BucketFollower::new(DESIRED_STATE_BUCKET));
+    let task = {
+        let (index, follower, connects) = (index.clone(), follower.clone(), conn.connects.clone());
+        tokio::spawn(async move { follower.run(store, Some(connects), index.as_ref()).await })
+    };
+    tokio::time::timeout(Duration::from_secs(20), follower.wait_caught_up()).await?;
+
+    // The member that hosts the follower's consumer is made the stream's leader,
+    // then killed: the follower's watch fails and it replays the bucket while the
+    // stream elects a new leader (what the operator met in the e2e test).
+    let mut stream = js.get_stream(kv_stream_name(DESIRED_STATE_BUCKET)).await?;
+    let mut consumers = stream.consumers();
+    let host = match consumers.next().await {
+        Some(Ok(info)) => info.cluster.and_then(|c| c.leader),
+        _ => None,
+    };
+    drop(consumers);
+    let host = host
+        .and_then(|name| cluster.index_of(&name))
+        .ok_or_else(|| anyhow::anyhow!("the follower's consumer has no host"))?;
+    if leader_of(&js, &cluster).await? != host {
+        let body = serde_json::json!({"placement": {"preferred": iot_testkit::nats_cluster::member_name(host)}});
+        let subject = format!(
+            "$JS.API.STREAM.LEADER.STEPDOWN.{}",
+            kv_stream_name(DESIRED_STATE_BUCKET)
+        );
+        js.get_stream(kv_stream_name(DESIRED_STATE_BUCKET)).await?;
+        let client = connect().await?;
+        client.request(subject, serde_json::to_vec(&body)?.into()).await?;
+        let until = Instant::now() + Duration::from_secs(20);
+        while leader_of(&js, &cluster).await.ok() != Some(host) {
+            anyhow::ensure!(Instant::now() < until, "nats-{host} did not become the leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    cluster.member_mut(host).stop();
+    let mut leaderless_empty = 0;
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), desired.status()).await
+            && status.info.cluster.as_ref().is_some_and(|c| c.leader.is_none())
+            && status.values() == 0
+        {
+            leaderless_empty += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fewest = index.fewest_after_catch_up.load(Ordering::Relaxed);
+    task.abort();
+    let catch_ups = index.catch_ups.load(Ordering::Relaxed);
+    eprintln!(
+        "stream info answers without a leader and with an empty state: {leaderless_empty}; replays: {catch_ups}; fewest keys held: {fewest}"
+    );
+    assert_eq!(
+        fewest, 50,
+        "the index never dropped a key while the leader was re-elected"
     );
     Ok(())
 }

@@ -11,8 +11,8 @@ pub mod signin;
 
 pub use iot_launch::{
     ApiServer, Ca, ClusterOptions, KubeApiServer, LoggedProcess, NatsCluster, NatsServer, OidcOptions, OidcStandIn,
-    OpenBao, PodmanService, TlsMode, apiserver, auth, free_port, http, kube_apiserver, nats, oidc, paths, run_captured,
-    wait_until,
+    OpenBao, PodmanService, TlsMode, apiserver, auth, free_port, http, kube_apiserver, nats, nats_cluster, oidc, paths,
+    run_captured, wait_until,
 };
 pub use netns::NetNs;
 pub use partition::PartitionProxy;
