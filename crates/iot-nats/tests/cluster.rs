@@ -250,7 +250,7 @@ async fn a_bucket_follower_keeps_every_key_when_the_stream_leader_dies() -> anyh
     // The member that hosts the follower's consumer is made the stream's leader,
     // then killed: the follower's watch fails and it replays the bucket while the
     // stream elects a new leader (what the operator met in the e2e test).
-    let mut stream = js.get_stream(kv_stream_name(DESIRED_STATE_BUCKET)).await?;
+    let stream = js.get_stream(kv_stream_name(DESIRED_STATE_BUCKET)).await?;
     let mut consumers = stream.consumers();
     let host = match consumers.next().await {
         Some(Ok(info)) => info.cluster.and_then(|c| c.leader),
