@@ -266,7 +266,6 @@ async fn a_bucket_follower_keeps_every_key_when_the_stream_leader_dies() -> anyh
             "$JS.API.STREAM.LEADER.STEPDOWN.{}",
             kv_stream_name(DESIRED_STATE_BUCKET)
         );
-        js.get_stream(kv_stream_name(DESIRED_STATE_BUCKET)).await?;
         let client = connect().await?;
         client.request(subject, serde_json::to_vec(&body)?.into()).await?;
         let until = Instant::now() + Duration::from_secs(20);
