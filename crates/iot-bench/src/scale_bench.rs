@@ -775,8 +775,62 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
         read_buffer: Some(a.read_buffer),
         subscription_capacity: None,
     });
+    let images: Vec<String> = (0..IMAGES).map(image).collect();
+    let metrics = Arc::new(AgentMetrics::default());
+    let cfg = FollowConfig {
+        resync: Duration::from_secs(a.resync_secs),
+        ..Default::default()
+    };
+    let (heartbeat, resync, settle) = (
+        Duration::from_secs(a.heartbeat_secs),
+        Duration::from_secs(a.resync_secs),
+        Duration::from_millis(a.settle_ms),
+    );
+    // Each device starts its agent as soon as it is connected, as a real agent
+    // does (so the first reads and reports spread over the storm).
+    let start_agent =
+        |i: usize, conn: &NatsConnection| -> anyhow::Result<(watch::Receiver<DesiredView>, MemoryRuntime)> {
+            let id = Id::new(format!("dev{i}"))?;
+            let (tx, rx) = watch::channel(DesiredView::default());
+            tokio::spawn(follow_desired_state(conn.clone(), id.clone(), cfg.clone(), tx));
+            let (report_tx, report_rx) = watch::channel(Report::default());
+            let (published_tx, published_rx) = watch::channel(0u64);
+            let reporter = StatusReporter {
+                js: jetstream::new(conn.client.clone()),
+                via_relay: false,
+                device: id.clone(),
+                heartbeat,
+                inventory_refresh: Duration::from_secs(300),
+                publish_timeout: Duration::from_secs(5),
+                min_gap: Duration::from_millis(500),
+                published: published_tx,
+                metrics: metrics.clone(),
+            };
+            tokio::spawn(reporter.run(report_rx));
+            // One runtime per device, as every device has its own podman: a shared one
+            // would list every device's containers on every pass (quadratic).
+            let image_refs: Vec<&str> = images.iter().map(String::as_str).collect();
+            let runtime = MemoryRuntime::with_images(&image_refs);
+            let rec = Reconciler::new(
+                runtime.clone(),
+                ReconcilerConfig {
+                    device: id,
+                    event_capacity: harmony_reconciler_contracts::status::DEFAULT_EVENT_RING_CAPACITY,
+                    settle,
+                    runtime_name: "memory".into(),
+                },
+                report_tx,
+            )
+            .with_published(published_rx)
+            .with_metrics(metrics.clone());
+            let (_, events) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(reconcile_loop(rec, rx.clone(), events, resync, None));
+            Ok((rx, runtime))
+        };
+    let start_agent = &start_agent;
     let storm = Instant::now();
-    let results: Vec<(usize, Duration, anyhow::Result<NatsConnection>)> = futures::stream::iter(a.from..a.to)
+    type Started = (NatsConnection, watch::Receiver<DesiredView>, MemoryRuntime);
+    let results: Vec<(usize, Duration, anyhow::Result<Started>)> = futures::stream::iter(a.from..a.to)
         .map(|i| {
             let (urls, ca, creds) = (a.urls.clone(), a.ca.clone(), creds.clone());
             async move {
@@ -792,7 +846,11 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
                         opts = opts.inbox_prefix(harmony_reconciler_contracts::read::device_inbox_prefix(&id));
                     }
                     match connect_with(&urls, creds.as_ref(), &opts).await {
-                        Ok(c) => return (i, t.elapsed(), Ok(c)),
+                        Ok(c) => {
+                            let took = t.elapsed();
+                            let started = start_agent(i, &c).map(|(v, r)| (c, v, r));
+                            return (i, took, started);
+                        }
                         Err(e) => last = e.into(),
                     }
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -805,12 +863,16 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
         .await;
     let mut lat = Vec::new();
     let mut conns = Vec::new();
+    let mut views = Vec::new();
+    let mut runtimes = Vec::new();
     let mut failed = 0;
     for (i, d, r) in results {
         match r {
-            Ok(c) => {
+            Ok((c, v, rt)) => {
                 lat.push((d.as_secs_f64() * 1000.0 * 10.0).round() / 10.0);
-                conns.push((i, c));
+                conns.push(c);
+                views.push(v);
+                runtimes.push(rt);
             }
             Err(e) => {
                 if failed < 3 {
@@ -824,63 +886,6 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
         json!({"connected": {"secs": storm.elapsed().as_secs_f64(), "failed": failed, "lat_ms": lat, "at_ms": unix_ms()}}),
     );
 
-    let images: Vec<String> = (0..IMAGES).map(image).collect();
-    let images: Vec<&str> = images.iter().map(String::as_str).collect();
-    // One runtime per device, as every device has its own podman: a shared one
-    // would list every device's containers on every pass (quadratic).
-    let mut runtimes = Vec::with_capacity(conns.len());
-    let metrics = Arc::new(AgentMetrics::default());
-    let cfg = FollowConfig {
-        resync: Duration::from_secs(a.resync_secs),
-        ..Default::default()
-    };
-    let mut views = Vec::with_capacity(conns.len());
-    for (i, conn) in &conns {
-        let id = Id::new(format!("dev{i}"))?;
-        let (tx, rx) = watch::channel(DesiredView::default());
-        tokio::spawn(follow_desired_state(conn.clone(), id.clone(), cfg.clone(), tx));
-        let (report_tx, report_rx) = watch::channel(Report::default());
-        let (published_tx, published_rx) = watch::channel(0u64);
-        let reporter = StatusReporter {
-            js: jetstream::new(conn.client.clone()),
-            via_relay: false,
-            device: id.clone(),
-            heartbeat: Duration::from_secs(a.heartbeat_secs),
-            inventory_refresh: Duration::from_secs(300),
-            publish_timeout: Duration::from_secs(5),
-            min_gap: Duration::from_millis(500),
-            published: published_tx,
-            metrics: metrics.clone(),
-        };
-        tokio::spawn(reporter.run(report_rx));
-        let runtime = MemoryRuntime::with_images(&images);
-        runtimes.push(runtime.clone());
-        let rec = Reconciler::new(
-            runtime,
-            ReconcilerConfig {
-                device: id,
-                event_capacity: harmony_reconciler_contracts::status::DEFAULT_EVENT_RING_CAPACITY,
-                settle: Duration::from_millis(a.settle_ms),
-                runtime_name: "memory".into(),
-            },
-            report_tx,
-        )
-        .with_published(published_rx)
-        .with_metrics(metrics.clone());
-        let (_, events) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(reconcile_loop(
-            rec,
-            rx.clone(),
-            events,
-            Duration::from_secs(a.resync_secs),
-            None,
-        ));
-        views.push(rx);
-        // Let the tasks start without starving the connections.
-        if views.len() % 500 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
     let t = Instant::now();
     loop {
         let synced = views
@@ -891,12 +896,15 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
         if synced == views.len() && running == views.len() {
             break;
         }
-        if t.elapsed() > Duration::from_secs(1200) {
+        if t.elapsed() > Duration::from_secs(600) {
             eprintln!(
-                "agents {}..{}: {synced} synced, {running} running after 1200 s",
+                "agents {}..{}: {synced} synced, {running} running after 600 s",
                 a.from, a.to
             );
             break;
+        }
+        if t.elapsed().as_secs() % 30 == 0 && t.elapsed().subsec_millis() < 200 {
+            eprintln!("agents {}..{}: {synced} synced, {running} running", a.from, a.to);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
