@@ -15,6 +15,25 @@ use harmony_reconciler_contracts::keys::kv_stream_name;
 use iot_nats::buckets::ensure_buckets_replicated;
 use iot_testkit::{Ca, ClusterOptions, NatsCluster};
 
+/// A 3-member cluster on loopback in a temporary directory (which the caller
+/// keeps), with its CA.
+async fn three_members() -> anyhow::Result<(tempfile::TempDir, Ca, NatsCluster)> {
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::create(dir.path())?;
+    let cluster = NatsCluster::start(
+        &ClusterOptions {
+            size: 3,
+            host: "127.0.0.1",
+            parent: dir.path(),
+            shared_config: None,
+            sync_interval: None,
+        },
+        &ca,
+    )
+    .await?;
+    Ok((dir, ca, cluster))
+}
+
 /// The stream's leader, by member index.
 async fn leader_of(js: &jetstream::Context, cluster: &NatsCluster) -> anyhow::Result<usize> {
     let mut stream = js.get_stream(kv_stream_name(DESIRED_STATE_BUCKET)).await?;
@@ -46,19 +65,7 @@ async fn put_until_acked(kv: &jetstream::kv::Store, key: &str, value: Bytes, wit
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_buckets_keep_taking_writes_while_two_members_restart_under_load() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let ca = Ca::create(dir.path())?;
-    let mut cluster = NatsCluster::start(
-        &ClusterOptions {
-            size: 3,
-            host: "127.0.0.1",
-            parent: dir.path(),
-            shared_config: None,
-            sync_interval: None,
-        },
-        &ca,
-    )
-    .await?;
+    let (_dir, ca, mut cluster) = three_members().await?;
     let client = async_nats::ConnectOptions::new()
         .add_root_certificates(ca.cert_file())
         .require_tls(true)
@@ -205,19 +212,7 @@ impl iot_nats::BucketIndex for CountingIndex {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_follower_keeps_every_key_when_the_stream_leader_dies() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let ca = Ca::create(dir.path())?;
-    let mut cluster = NatsCluster::start(
-        &ClusterOptions {
-            size: 3,
-            host: "127.0.0.1",
-            parent: dir.path(),
-            shared_config: None,
-            sync_interval: None,
-        },
-        &ca,
-    )
-    .await?;
+    let (_dir, ca, mut cluster) = three_members().await?;
     let connect = || {
         async_nats::ConnectOptions::new()
             .add_root_certificates(ca.cert_file())
