@@ -236,6 +236,10 @@ enum Cmd {
         /// Stop everything when the machine's MemAvailable drops below this (MiB).
         #[arg(long, default_value_t = 1500)]
         min_free_mib: u64,
+        /// How often each simulated device's client pings its server (the agent's
+        /// default is 3 s).
+        #[arg(long, default_value_t = 3)]
+        ping_secs: u64,
     },
     /// `sync_interval` default against `always` on a cluster with R3 buckets:
     /// KV put throughput and apply-to-every-key time, alternating, medians.
@@ -274,6 +278,8 @@ enum Cmd {
         settle_ms: u64,
         #[arg(long)]
         read_buffer: u16,
+        #[arg(long)]
+        ping_secs: u64,
     },
     /// As device `flooder`, sends 250 KB statuses to $NATS_URL until killed.
     #[command(hide = true)]
@@ -409,6 +415,7 @@ async fn main() -> anyhow::Result<()> {
             sync_always,
             read_buffer,
             min_free_mib,
+            ping_secs,
         } => {
             scale_bench::run(scale_bench::Args {
                 devices,
@@ -424,6 +431,7 @@ async fn main() -> anyhow::Result<()> {
                 sync_always,
                 read_buffer,
                 min_free_mib,
+                ping_secs,
             })
             .await
         }
@@ -455,6 +463,7 @@ async fn main() -> anyhow::Result<()> {
             resync_secs,
             settle_ms,
             read_buffer,
+            ping_secs,
         } => {
             scale_bench::agents(scale_bench::AgentArgs {
                 urls,
@@ -466,6 +475,7 @@ async fn main() -> anyhow::Result<()> {
                 resync_secs,
                 settle_ms,
                 read_buffer,
+                ping_secs,
             })
             .await
         }

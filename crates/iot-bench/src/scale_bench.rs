@@ -222,6 +222,7 @@ pub struct Args {
     pub sync_always: bool,
     pub read_buffer: u16,
     pub min_free_mib: u64,
+    pub ping_secs: u64,
 }
 
 /// A child process of simulated devices, killed on drop.
@@ -261,6 +262,8 @@ impl Agents {
                 &a.settle_ms.to_string(),
                 "--read-buffer",
                 &a.read_buffer.to_string(),
+                "--ping-secs",
+                &a.ping_secs.to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -760,6 +763,7 @@ pub struct AgentArgs {
     pub resync_secs: u64,
     pub settle_ms: u64,
     pub read_buffer: u16,
+    pub ping_secs: u64,
 }
 
 fn emit(v: serde_json::Value) {
@@ -828,6 +832,7 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
             Ok((rx, runtime))
         };
     let start_agent = &start_agent;
+    let ping = Duration::from_secs(a.ping_secs);
     let storm = Instant::now();
     type Started = (NatsConnection, watch::Receiver<DesiredView>, MemoryRuntime);
     let results: Vec<(usize, Duration, anyhow::Result<Started>)> = futures::stream::iter(a.from..a.to)
@@ -838,10 +843,12 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
                 let dev = format!("dev{i}");
                 let mut last = anyhow::anyhow!("not tried");
                 for _ in 0..20 {
-                    let mut opts = ClientOptions::new(format!("iot-agent-{dev}")).tls(NatsTls {
-                        ca_file: Some(ca.clone()),
-                        required: true,
-                    });
+                    let mut opts = ClientOptions::new(format!("iot-agent-{dev}"))
+                        .ping_interval(ping)
+                        .tls(NatsTls {
+                            ca_file: Some(ca.clone()),
+                            required: true,
+                        });
                     if let Ok(id) = Id::new(dev.as_str()) {
                         opts = opts.inbox_prefix(harmony_reconciler_contracts::read::device_inbox_prefix(&id));
                     }
@@ -903,7 +910,7 @@ pub async fn agents(a: AgentArgs) -> anyhow::Result<()> {
             );
             break;
         }
-        if t.elapsed().as_secs() % 30 == 0 && t.elapsed().subsec_millis() < 200 {
+        if t.elapsed().as_secs().is_multiple_of(30) && t.elapsed().subsec_millis() < 200 {
             eprintln!("agents {}..{}: {synced} synced, {running} running", a.from, a.to);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
