@@ -378,7 +378,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    eprintln!("{version}; free memory {} MiB", mem_available_mib());
+    let free_at_start = mem_available_mib();
+    eprintln!("{version}; free memory {free_at_start} MiB");
     let dir = tempfile::tempdir()?;
     let ca = Ca::create(&dir.path().join("ca"))?;
     let t = Instant::now();
@@ -538,10 +539,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         if a.sync_always { "always" } else { "default" }
     );
     println!("| | |\n| --- | --- |");
-    println!(
-        "| free memory before (MemAvailable) | {} MiB |",
-        low_mark.load(Ordering::SeqCst)
-    );
+    println!("| free memory at the start (MemAvailable) | {free_at_start} MiB |");
     println!(
         "| per-server RSS (/varz mem), buckets only | {} MiB |",
         join_mib(&idle.mem)
