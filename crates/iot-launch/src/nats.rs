@@ -224,13 +224,32 @@ impl NatsServer {
             .spawn()?;
         self.child = Some(child);
         let addr = format!("{}:{}", self.host, self.port);
-        for _ in 0..200 {
+        // A server restarted on a JetStream store recovers it before it listens,
+        // which takes seconds on a loaded machine; one that exits (its port taken
+        // meanwhile) is reported at once, with its last words.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
             if tokio::net::TcpStream::connect(&addr).await.is_ok() {
                 return Ok(());
             }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                anyhow::bail!(
+                    "nats-server exited ({status}) before listening on {addr}: {}",
+                    self.log_tail()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        anyhow::bail!("nats-server did not listen on {addr}; log: {}", self.log.display())
+        anyhow::bail!("nats-server did not listen on {addr} within 30 s: {}", self.log_tail())
+    }
+
+    /// The last lines of the server's log, for an error message.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+        format!("{} (log {})", tail, self.log.display())
     }
 }
 
