@@ -279,12 +279,14 @@ async fn the_fleet_survives_losing_cluster_members() -> anyhow::Result<()> {
         })
         .await?;
     }
-    let errors = metric(
+    // Reconciles whose writes NATS did not acknowledge (each retried with backoff):
+    // printed, not asserted, as the kill may land after the writes were acked.
+    let failed = metric(
         &stack.operator_metrics().await?,
-        "iot_operator_kv_writes_total{op=\"put\",result=\"error\"}",
+        "iot_operator_reconciles_total{result=\"nats\"}",
     );
     eprintln!(
-        "== 1. leader killed mid-apply: all 4 devices on revision 2 in {:?}; writes or reconciles that failed on NATS and were retried: {errors}",
+        "== 1. leader killed mid-apply: all 4 devices on revision 2 in {:?}; reconciles that failed on NATS and were retried: {failed}",
         t.elapsed()
     );
     bring_back(&mut stack, leader).await?;
