@@ -126,6 +126,37 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
             .any(|v| v["name"] == "NATS_URL" && v["value"] == "tls://nats:4222")),
         "TLS by default"
     );
+    let env_value = |name: &str| {
+        container["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(env_value("IOT_KV_REPLICAS"), Some("1".into()), "one replica by default");
+    // A cluster: every URL in one NATS_URL, and three replicas.
+    let clustered = render(
+        "iot",
+        "iot-system",
+        &[
+            "nats.urls={tls://nats-0:4222,tls://nats-1:4222,tls://nats-2:4222}".into(),
+            "nats.kvReplicas=3".into(),
+        ],
+    )?;
+    let clustered_env = docs_of_kind(&clustered, "Deployment")?
+        .first()
+        .map(|d| d["spec"]["template"]["spec"]["containers"][0]["env"].clone())
+        .unwrap_or_default();
+    let clustered_value = |name: &str| {
+        clustered_env
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(clustered_value("IOT_KV_REPLICAS"), Some("3".into()));
+    assert_eq!(
+        clustered_value("NATS_URL"),
+        Some("tls://nats-0:4222,tls://nats-1:4222,tls://nats-2:4222".into())
+    );
 
     // The CA value: mounted from its ConfigMap, given to NATS and OpenBao clients.
     let with_ca = render(
@@ -301,6 +332,8 @@ fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("nats.credentials.type=password", "/nats/credentials/type"),
         ("nats.urls[0]=http://nats:4222", "/nats/urls/0"),
+        ("nats.kvReplicas=0", "/nats/kvReplicas"),
+        ("nats.kvReplicas=three", "/nats/kvReplicas"),
         ("metrics.port=80", "/metrics/port"),
         ("leaderElection.leaseDuration=15", "/leaderElection/leaseDuration"),
         ("replica=2", "replica"),
