@@ -60,21 +60,17 @@ pub fn payload(n: usize) -> anyhow::Result<(Bytes, String)> {
 /// Writes `value` to every device's key (`dev0` .. `dev{n-1}`) as the operator's
 /// fan-out does: pipelined, every put acknowledged, `window` in flight.
 pub async fn put_all(js: &jetstream::Context, n: usize, value: &Bytes, window: usize) -> anyhow::Result<Duration> {
+    let ops: Vec<iot_nats::KvOp> = (0..n)
+        .map(|i| iot_nats::KvOp::Put {
+            key: format!("dev{i}.default_web"),
+            value: value.clone(),
+        })
+        .collect();
     let t = Instant::now();
-    let mut acks = Vec::with_capacity(window);
-    for i in 0..n {
-        acks.push(
-            js.publish(format!("$KV.{DESIRED_STATE_BUCKET}.dev{i}.default_web"), value.clone())
-                .await?,
-        );
-        if acks.len() >= window {
-            for ack in acks.drain(..) {
-                ack.await?;
-            }
-        }
-    }
-    for ack in acks {
-        ack.await?;
+    // The operator's own pipelined writer (what its fan-out uses).
+    let (_, failed) = iot_nats::write_batch(js, DESIRED_STATE_BUCKET, &ops, window).await;
+    if let Some(e) = failed {
+        anyhow::bail!("writing {n} keys: {e}");
     }
     Ok(t.elapsed())
 }
