@@ -450,13 +450,6 @@ impl Stack {
         }
     }
 
-    /// The member whose client port is `port`.
-    pub fn nats_member_of_port(&self, port: u16) -> Option<usize> {
-        std::iter::once(&self.nats)
-            .chain(&self.nats_peers)
-            .position(|m| m.port() == port)
-    }
-
     /// Gives a process the stack's CA for NATS and OpenBao (or, on a plain-TCP
     /// stack, leave to talk without TLS).
     pub fn trust(&self, cmd: &mut Command) {

@@ -174,9 +174,7 @@ async fn desired_leader(stack: &Stack) -> anyhow::Result<usize> {
         .as_ref()
         .and_then(|c| c.leader.clone())
         .ok_or_else(|| anyhow::anyhow!("no leader: {:?}", info.cluster))?;
-    name.strip_prefix("nats-")
-        .and_then(|i| i.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("leader {name} is not a member"))
+    iot_testkit::nats_cluster::member_index(&name).ok_or_else(|| anyhow::anyhow!("leader {name} is not a member"))
 }
 
 /// A client of member `i` alone, as the development `admin` user.
@@ -200,15 +198,7 @@ async fn member_client(stack: &Stack, i: usize) -> anyhow::Result<async_nats::Cl
 /// Restarts member `i` (same port and store) and waits until its JetStream is current.
 async fn bring_back(stack: &mut Stack, i: usize) -> anyhow::Result<()> {
     stack.nats_member_mut(i).restart().await?;
-    let port = stack.nats_monitors[i];
-    wait_until(Duration::from_secs(60), &format!("nats-{i} /healthz"), || async move {
-        (iot_testkit::http::get_status("127.0.0.1", port, "/healthz")
-            .await
-            .ok()?
-            == 200)
-            .then_some(())
-    })
-    .await
+    iot_testkit::nats_cluster::wait_healthy("127.0.0.1", stack.nats_monitors[i], i).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

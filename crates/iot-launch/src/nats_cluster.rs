@@ -92,13 +92,7 @@ impl NatsCluster {
     /// Waits until member `i` answers `/healthz` with 200: it runs, and its JetStream
     /// is current with the cluster.
     pub async fn wait_healthy(&self, i: usize) -> anyhow::Result<()> {
-        let port = self.monitor_ports[i];
-        let host = self.host.clone();
-        wait_until(Duration::from_secs(60), &format!("{} /healthz", member_name(i)), || {
-            let host = host.clone();
-            async move { (crate::http::get_status(&host, port, "/healthz").await.ok()? == 200).then_some(()) }
-        })
-        .await
+        wait_healthy(&self.host, self.monitor_ports[i], i).await
     }
 
     /// Every member's client URL, in member order.
@@ -131,13 +125,7 @@ impl NatsCluster {
     /// The member index of a server name (`nats-2` -> 2), as stream info and
     /// `/readyz` report it.
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        let i: usize = name.strip_prefix("nats-")?.parse().ok()?;
-        (i < self.members.len()).then_some(i)
-    }
-
-    /// The member whose client port is `port` (to tell which server a client is on).
-    pub fn index_of_port(&self, port: u16) -> Option<usize> {
-        self.members.iter().position(|m| m.port() == port)
+        member_index(name).filter(|i| *i < self.members.len())
     }
 
     /// The monitoring port (`/varz`, `/jsz`, `/healthz`) of member `i`.
@@ -150,6 +138,22 @@ impl NatsCluster {
     pub fn into_parts(self) -> (Vec<NatsServer>, Vec<u16>) {
         (self.members, self.monitor_ports)
     }
+}
+
+/// Waits until the member `i` whose monitoring port is `port` answers `/healthz`
+/// with 200 (for a caller that keeps the members apart from their cluster).
+pub async fn wait_healthy(host: &str, port: u16, i: usize) -> anyhow::Result<()> {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{} /healthz", member_name(i)),
+        || async move { (crate::http::get_status(host, port, "/healthz").await.ok()? == 200).then_some(()) },
+    )
+    .await
+}
+
+/// The member index in a server name (`nats-2` -> 2).
+pub fn member_index(name: &str) -> Option<usize> {
+    name.strip_prefix("nats-")?.parse().ok()
 }
 
 /// The server name of member `i`.
