@@ -198,7 +198,7 @@ async fn member_client(stack: &Stack, i: usize) -> anyhow::Result<async_nats::Cl
 /// Restarts member `i` (same port and store) and waits until its JetStream is current.
 async fn bring_back(stack: &mut Stack, i: usize) -> anyhow::Result<()> {
     stack.nats_member_mut(i).restart().await?;
-    iot_testkit::nats_cluster::wait_healthy("127.0.0.1", stack.nats_monitors[i], i).await
+    iot_testkit::nats_cluster::wait_healthy(stack.nats_monitors[i], i).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,12 @@ use crate::tls::{Ca, TlsMode};
 /// The cluster's name in every member's `cluster` block.
 pub const CLUSTER_NAME: &str = "iot";
 
+/// Where every member serves its monitoring endpoints (`/varz`, `/connz`,
+/// `/jsz`, `/healthz`): loopback only, whatever address it takes clients on. They
+/// need no credentials and list every connection's name and address, which a
+/// device on the bridge must not read.
+pub const MONITOR_HOST: &str = "127.0.0.1";
+
 /// How a cluster is started.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions<'a> {
@@ -35,7 +41,6 @@ pub struct ClusterOptions<'a> {
 pub struct NatsCluster {
     members: Vec<NatsServer>,
     monitor_ports: Vec<u16>,
-    host: String,
 }
 
 impl NatsCluster {
@@ -65,7 +70,7 @@ impl NatsCluster {
                 .unwrap_or_default();
             let config = format!(
                 "server_name: {name}\n\
-                 http: \"{host}:{monitor}\"\n\
+                 http: \"{MONITOR_HOST}:{monitor}\"\n\
                  jetstream {{ {sync} }}\n\
                  cluster {{\n  name: {CLUSTER_NAME}\n  listen: \"{host}:{route}\"\n  routes: [ {routes} ]\n  \
                  tls {{ cert_file: \"{cert}\", key_file: \"{key}\", ca_file: \"{ca}\", verify: true, timeout: 5 }}\n}}\n\
@@ -81,7 +86,6 @@ impl NatsCluster {
         let me = Self {
             members,
             monitor_ports: ports.iter().map(|(_, _, m)| *m).collect(),
-            host: host.to_owned(),
         };
         for i in 0..me.members.len() {
             me.wait_healthy(i).await?;
@@ -92,7 +96,7 @@ impl NatsCluster {
     /// Waits until member `i` answers `/healthz` with 200: it runs, and its JetStream
     /// is current with the cluster.
     pub async fn wait_healthy(&self, i: usize) -> anyhow::Result<()> {
-        wait_healthy(&self.host, self.monitor_ports[i], i).await
+        wait_healthy(self.monitor_ports[i], i).await
     }
 
     /// Every member's client URL, in member order.
@@ -128,7 +132,8 @@ impl NatsCluster {
         member_index(name).filter(|i| *i < self.members.len())
     }
 
-    /// The monitoring port (`/varz`, `/jsz`, `/healthz`) of member `i`.
+    /// The monitoring port (`/varz`, `/jsz`, `/healthz`) of member `i`, on
+    /// [`MONITOR_HOST`].
     pub fn monitor_port(&self, i: usize) -> u16 {
         self.monitor_ports[i]
     }
@@ -142,11 +147,11 @@ impl NatsCluster {
 
 /// Waits until the member `i` whose monitoring port is `port` answers `/healthz`
 /// with 200 (for a caller that keeps the members apart from their cluster).
-pub async fn wait_healthy(host: &str, port: u16, i: usize) -> anyhow::Result<()> {
+pub async fn wait_healthy(port: u16, i: usize) -> anyhow::Result<()> {
     wait_until(
         Duration::from_secs(60),
         &format!("{} /healthz", member_name(i)),
-        || async move { (crate::http::get_status(host, port, "/healthz").await.ok()? == 200).then_some(()) },
+        || async move { (crate::http::get_status(MONITOR_HOST, port, "/healthz").await.ok()? == 200).then_some(()) },
     )
     .await
 }

@@ -269,7 +269,7 @@ fn cluster_section(m: &mut String, up: &Up) {
                 "  nats-{i}  {}  pid {}  http://{}:{}/varz  devices: {}",
                 member.url(),
                 member.pid().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                member.host(),
+                iot_launch::nats_cluster::MONITOR_HOST,
                 cluster.monitor_port(i),
                 if devices.is_empty() { "none".to_owned() } else { devices }
             ),
@@ -281,7 +281,7 @@ fn cluster_section(m: &mut String, up: &Up) {
         m,
         format!(
             "  curl -s 'http://{}:{}/jsz?streams=true'   # which server leads each bucket's stream",
-            first.host(),
+            iot_launch::nats_cluster::MONITOR_HOST,
             cluster.monitor_port(0)
         ),
     );

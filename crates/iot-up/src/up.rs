@@ -219,9 +219,10 @@ impl Up {
         let mut out = Vec::new();
         for i in 0..cluster.len() {
             let path = "/connz?limit=100000";
-            let text = iot_launch::http::get_text(cluster.member(i).host(), cluster.monitor_port(i), path)
-                .await
-                .unwrap_or_default();
+            let text =
+                iot_launch::http::get_text(iot_launch::nats_cluster::MONITOR_HOST, cluster.monitor_port(i), path)
+                    .await
+                    .unwrap_or_default();
             let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
             let mut devices: Vec<String> = json["connections"]
                 .as_array()
