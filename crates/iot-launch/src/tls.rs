@@ -170,6 +170,42 @@ impl Ca {
         crate::auth::write_private(&key_file, &key.serialize_pem())?;
         Ok((crt, key_file))
     }
+
+    /// A client certificate (TLS client auth only) for `common_name` in
+    /// `organization`: what Kubernetes reads as a user and its group (one: rcgen
+    /// keeps one value per attribute). Written as `<file_name>.crt` and `.key`
+    /// (0600) in the CA's directory.
+    pub fn issue_client(
+        &self,
+        file_name: &str,
+        common_name: &str,
+        organization: Option<&str>,
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        anyhow::ensure!(
+            !file_name.is_empty() && file_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "certificate file name {file_name:?}: letters, digits and - only"
+        );
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        if let Some(o) = organization {
+            dn.push(DnType::OrganizationName, o);
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut params);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let (crt, key_file) = (
+            self.dir.join(format!("{file_name}.crt")),
+            self.dir.join(format!("{file_name}.key")),
+        );
+        std::fs::write(&crt, cert.pem())?;
+        crate::auth::write_private(&key_file, &key.serialize_pem())?;
+        Ok((crt, key_file))
+    }
 }
 
 #[cfg(test)]
