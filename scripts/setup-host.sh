@@ -18,25 +18,34 @@
 #     socat for the VM console; with --vm[=ARCH] also the guest image (scripts/build-guest-image.sh)
 #   - the OIDC provider standing in for Zitadel (hack/oidc): npm `oidc-provider`,
 #     pinned by package-lock.json, on Node.js >= 20 (this image ships Node 20)
-#   - with --apiserver: the CRD-serving Kubernetes API server and etcd, and the full
-#     kube-apiserver 1.20.2 (chart, RBAC and leader-election tests)
+#   - with --apiserver: the CRD-serving Kubernetes API server and etcd
+#   - with --kube-apiserver: also the full kube-apiserver 1.20.2 (chart, RBAC, SSO
+#     and leader-election tests; `up.sh --sso`), about 5 minutes to build once
+#   - with --cluster: also containerd (Debian's) and kubelet, kube-controller-manager,
+#     kube-scheduler and kube-proxy 1.20.2 for a real single-node Kubernetes (the
+#     in-cluster tests; `up.sh --cluster`), about 5 more minutes to build once
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-want_apiserver=0
+want_apiserver=0 want_kube_apiserver=0 want_cluster=0
 guest_arches=()
 for a in "$@"; do
   case "$a" in
     --apiserver) want_apiserver=1 ;;
+    --kube-apiserver) want_apiserver=1 want_kube_apiserver=1 ;;
+    --cluster) want_apiserver=1 want_kube_apiserver=1 want_cluster=1 ;;
     --vm) guest_arches+=(x86_64) ;;
     --vm=*) guest_arches+=("${a#--vm=}") ;;
-    *) die "unknown flag $a (known: --apiserver, --vm[=x86_64|aarch64])" ;;
+    *) die "unknown flag $a (known: --apiserver, --kube-apiserver, --cluster, --vm[=x86_64|aarch64])" ;;
   esac
 done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime
   qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross genisoimage dosfstools mtools socat)
+# The node's container runtime (started by the node launcher with its own config,
+# never as the package's service) and the CNI plugins its pod network uses.
+[ "$want_cluster" = 1 ] && PKGS+=(containerd containernetworking-plugins)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -154,6 +163,11 @@ done
 
 if [ "$want_apiserver" = 1 ]; then
   "$IOT_REPO/scripts/build-apiserver.sh"
+fi
+if [ "$want_kube_apiserver" = 1 ]; then
   "$IOT_REPO/scripts/build-kube-apiserver.sh"
+fi
+if [ "$want_cluster" = 1 ]; then
+  "$IOT_REPO/scripts/build-kube-node.sh"
 fi
 log "Host ready. Binaries in $IOT_BIN"

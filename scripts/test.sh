@@ -4,8 +4,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$IOT_REPO"
 
-# --vm: the x86_64 guest image for the VM device test (built once, then cached).
-"$IOT_REPO/scripts/setup-host.sh" --apiserver --vm
+# --cluster: the API servers and the single-node Kubernetes (its binaries built once,
+# then cached); --vm: the x86_64 guest image for the VM device test.
+"$IOT_REPO/scripts/setup-host.sh" --cluster --vm
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 # Incremental caches only pay off when editing; on a CI disk they are gigabytes
 # of dead weight.

@@ -10,10 +10,14 @@ source "$(dirname "$0")/lib.sh"
 need_root "up.sh"
 cd "$IOT_REPO"
 
-want_vm=0 vm_arch=x86_64 prev=""
+want_vm=0 vm_arch=x86_64 prev="" servers=--apiserver
 for a in "$@"; do
   case "$a" in
     --vm) want_vm=1 ;;
+    # Each mode builds its own parts when first asked for: the full kube-apiserver
+    # only for --sso, the node's binaries only for --cluster.
+    --sso) [ "$servers" = --cluster ] || servers=--kube-apiserver ;;
+    --cluster) servers=--cluster ;;
     --arch=*) vm_arch=${a#--arch=} ;;
   esac
   [ "$prev" = "--arch" ] && vm_arch=$a
@@ -21,7 +25,7 @@ for a in "$@"; do
 done
 case "$vm_arch" in arm64) vm_arch=aarch64 ;; amd64) vm_arch=x86_64 ;; esac
 [ "$want_vm" = 1 ] || vm_arch=""
-"$IOT_REPO/scripts/setup-host.sh" --apiserver ${vm_arch:+--vm=$vm_arch}
+"$IOT_REPO/scripts/setup-host.sh" "$servers" ${vm_arch:+--vm=$vm_arch}
 log "Building release binaries (first time: a few minutes)"
 cargo build --release -p iot-operator -p iot-agent -p iotctl -p example_iot_apply_deployment -p iot-up -p iot-auth -p iot-dashboard
 if [ -n "$vm_arch" ] && [ "$vm_arch" != "$(uname -m)" ]; then
