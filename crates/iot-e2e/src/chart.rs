@@ -21,19 +21,7 @@ pub fn chart_dir() -> PathBuf {
     repo_root().join("deploy/chart/iot-operator")
 }
 
-/// Runs `hack/helm.py ARGS`; returns (success, stdout, stderr).
-pub fn helm(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let mut cmd = Command::new("python3");
-    cmd.arg(repo_root().join("hack/helm.py")).args(args);
-    iot_testkit::run_captured(cmd, None)
-}
-
-/// [`helm`], failing with Helm's error text.
-pub fn helm_ok(args: &[&str]) -> anyhow::Result<String> {
-    let (ok, out, err) = helm(args)?;
-    anyhow::ensure!(ok, "helm {}: {err}", args.join(" "));
-    Ok(out)
-}
+pub use iot_launch::helm::{helm, helm_ok};
 
 /// `helm template` of the chart with `--set` overrides.
 pub fn render(release: &str, namespace: &str, sets: &[String]) -> anyhow::Result<String> {

@@ -1,5 +1,6 @@
 //! End-to-end tests live in `tests/`; shared fixtures in `stack`.
 pub mod chart;
+pub mod in_cluster;
 pub mod sso;
 pub mod stack;
 pub mod vm;

@@ -36,6 +36,8 @@ pub enum Cluster {
     CrdOnly(ApiServer),
     /// The full kube-apiserver 1.20.2 (RBAC, ServiceAccounts, Leases, audit log).
     Full(KubeApiServer),
+    /// A real single-node Kubernetes 1.20.2 whose pods run the platform.
+    Node(iot_launch::KubeNode),
 }
 
 impl Cluster {
@@ -44,6 +46,7 @@ impl Cluster {
         match self {
             Cluster::CrdOnly(a) => a.kubeconfig(),
             Cluster::Full(a) => a.kubeconfig(),
+            Cluster::Node(n) => n.kubeconfig(),
         }
     }
 
@@ -51,6 +54,7 @@ impl Cluster {
         match self {
             Cluster::CrdOnly(a) => a.kubectl(args, stdin),
             Cluster::Full(a) => a.kubectl(args, stdin),
+            Cluster::Node(n) => n.kubectl(args, stdin),
         }
     }
 
@@ -58,6 +62,7 @@ impl Cluster {
         match self {
             Cluster::CrdOnly(a) => a.kube_client().await,
             Cluster::Full(a) => a.kube_client().await,
+            Cluster::Node(n) => n.kube_client().await,
         }
     }
 }
@@ -93,7 +98,7 @@ pub struct Stack {
     /// Set by [`Stack::start_secured`]: NATS behind the auth callout, every daemon
     /// with its own identity.
     pub security: Option<Security>,
-    secured_dir: Option<TempDir>,
+    pub(crate) secured_dir: Option<TempDir>,
 }
 
 impl Drop for Stack {
@@ -236,7 +241,7 @@ impl Stack {
         Ok(me)
     }
 
-    async fn start_with(
+    pub(crate) async fn start_with(
         api: Cluster,
         install_crd: bool,
         nats: NatsServer,

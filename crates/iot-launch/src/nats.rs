@@ -146,6 +146,23 @@ impl NatsServer {
         Ok(me)
     }
 
+    /// A TLS server this process did not start (a pod's, reached on `host:port`):
+    /// the same URL and CA accessors, and nothing to stop or restart.
+    pub fn remote(host: &str, port: u16, ca_file: PathBuf) -> anyhow::Result<Self> {
+        let store = tempfile::Builder::new().prefix("iot-nats-remote-").tempdir()?;
+        let log = store.path().join("nats.log");
+        Ok(Self {
+            child: None,
+            extra_args: Vec::new(),
+            host: host.to_owned(),
+            port,
+            store,
+            binary: PathBuf::new(),
+            log,
+            ca_file: Some(ca_file),
+        })
+    }
+
     /// `tls://host:port`, or `nats://host:port` for a plain server.
     pub fn url(&self) -> String {
         let scheme = if self.ca_file.is_some() { "tls" } else { "nats" };
@@ -214,6 +231,12 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.binary.as_os_str().is_empty(),
+            "nats-server at {}:{} runs elsewhere; this process cannot start it",
+            self.host,
+            self.port
+        );
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(&self.binary)
             .args(["-a", &self.host, "-p", &self.port.to_string(), "-js", "-sd"])
