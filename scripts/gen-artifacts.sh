@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the committed artifacts that are derived from the Rust code: the CRD
-# and the Helm chart's copy of it, and the chart's version (the workspace version).
+# and the Helm chart's copy of it, and the charts' versions (the workspace version).
 # Tests fail when what is committed differs from what this writes.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -10,5 +10,7 @@ op=(cargo run -q -p iot-operator --)
 "${op[@]}" crd --helm-template >deploy/chart/iot-operator/templates/crd.yaml
 version=$(cargo metadata --no-deps --format-version 1 \
   | python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="iot-operator"))')
-sed -i -E "s/^version: .*/version: $version/; s/^appVersion: .*/appVersion: \"$version\"/" deploy/chart/iot-operator/Chart.yaml
-step "CRD and chart regenerated (version $version)"
+for chart in iot-operator iot-nats; do
+  sed -i -E "s/^version: .*/version: $version/; s/^appVersion: .*/appVersion: \"$version\"/" "deploy/chart/$chart/Chart.yaml"
+done
+step "CRD and charts regenerated (version $version)"
