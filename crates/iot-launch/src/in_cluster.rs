@@ -181,7 +181,7 @@ pub fn nats_sets(o: &PlatformOptions<'_>) -> Vec<String> {
         "server.auth.secretName=iot-nats-auth".into(),
         format!("jetstream.hostPath={}", o.nats_store.display()),
         "callout.secretName=iot-callout".into(),
-        "caConfigMap=iot-ca".into(),
+        "callout.tls.caConfigMap=iot-ca".into(),
         format!("callout.baoAddr={}", o.bao_addr),
         format!("callout.oidcIssuer={}", iot_bao::setup::issuer_url(o.bao_addr)),
         "terminationGracePeriodSeconds=5".into(),
