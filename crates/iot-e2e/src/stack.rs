@@ -37,7 +37,7 @@ pub enum Cluster {
     /// The full kube-apiserver 1.20.2 (RBAC, ServiceAccounts, Leases, audit log).
     Full(KubeApiServer),
     /// A real single-node Kubernetes 1.20.2 whose pods run the platform.
-    Node(iot_launch::KubeNode),
+    Node(Box<iot_launch::KubeNode>),
 }
 
 impl Cluster {

@@ -249,6 +249,7 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
             ic.stack.agent_status(d).await
         })
         .await?;
+        eprintln!("    {d} reports after {:.1} s", t.elapsed().as_secs_f64());
     }
     phase_done(t);
 
@@ -261,6 +262,29 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
         lifecycle_on(&ic.stack, via, name, &dev_a, &guard_a).await?;
         phase_done(t);
     }
+
+    let t = phase("the operator pods' ServiceAccount: its calls allowed, nothing more");
+    let sa_user = format!("system:serviceaccount:{NAMESPACE}:iot-iot-operator");
+    let audit = ic.node().audit()?;
+    let mine: Vec<_> = audit.iter().filter(|e| e.user == sa_user).collect();
+    for (what, seen) in [
+        (
+            "wrote status",
+            mine.iter().any(|e| e.verb == "patch" && e.uri.contains("/status")),
+        ),
+        ("took the lease", mine.iter().any(|e| e.uri.contains("/leases/"))),
+        (
+            "recorded revisions",
+            mine.iter()
+                .any(|e| e.verb == "create" && e.uri.contains("/deploymentrevisions")),
+        ),
+    ] {
+        assert!(seen, "the operator pods {what} as {sa_user}");
+    }
+    let forbidden: Vec<_> = mine.iter().filter(|e| e.decision == "forbid").collect();
+    assert!(forbidden.is_empty(), "forbidden calls: {forbidden:#?}");
+    iot_e2e::chart::assert_operator_rbac(&ic.stack.kube, &sa_user, NAMESPACE).await?;
+    phase_done(t);
 
     let t = phase("a steady deployment on both devices");
     apply_steady(&ic.stack, &devices, "one").await?;
@@ -362,7 +386,9 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
         None,
     )?;
     anyhow::ensure!(ok, "kubectl delete nats pod: {err}");
+    eprintln!("    old pod gone after {:.1} s", t.elapsed().as_secs_f64());
     wait_rollout(ic.node(), "deployment/nats-iot-nats", Duration::from_secs(120))?;
+    eprintln!("    new pod ready after {:.1} s", t.elapsed().as_secs_f64());
     let keys_after = wait_until(WAIT, "the desired-state bucket answers again", || async {
         collect_keys(&ic.stack.desired).await.ok()
     })

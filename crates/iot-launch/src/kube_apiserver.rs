@@ -188,7 +188,7 @@ impl KubeApiServer {
     }
 }
 
-fn parse_audit_line(line: &str) -> Option<AuditEntry> {
+pub(crate) fn parse_audit_line(line: &str) -> Option<AuditEntry> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or_default().to_owned();
     Some(AuditEntry {

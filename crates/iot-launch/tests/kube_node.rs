@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use iot_launch::kube_node::{HostEnd, KubeNode, NodeOptions, Uplink};
 
+/// The tests compare machine-wide state (kernel settings, /var/log/pods), so they
+/// run one at a time.
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What a node may change on the machine, read before and after.
 #[derive(Debug, PartialEq)]
 struct MachineState {
@@ -63,9 +67,9 @@ fn read_state(parent: &Path, cgroup: &str) -> MachineState {
     }
 }
 
-/// A /30 for the uplink that depends on the process, so parallel runs differ.
-fn uplink() -> Uplink {
-    let slot = (std::process::id() % 16_000) * 4;
+/// A /30 for the uplink that depends on the process and `n`, so parallel runs differ.
+fn uplink_n(n: u32) -> Uplink {
+    let slot = ((std::process::id() + n * 7919) % 16_000) * 4;
     let (a, b) = ((slot / 256) as u8, (slot % 256) as u8);
     Uplink {
         node_ip: Ipv4Addr::new(10, 212, a, b + 2),
@@ -73,6 +77,10 @@ fn uplink() -> Uplink {
         gateway: Ipv4Addr::new(10, 212, a, b + 1),
         host_end: HostEnd::Address,
     }
+}
+
+fn uplink() -> Uplink {
+    uplink_n(0)
 }
 
 const POD: &str = r#"apiVersion: v1
@@ -93,6 +101,7 @@ spec:
 
 #[tokio::test]
 async fn a_node_runs_a_pod_on_a_host_port_and_leaves_the_machine_as_it_was() -> anyhow::Result<()> {
+    let _machine = MACHINE.lock().await;
     let parent = tempfile::tempdir()?;
     let name = format!("t{}", std::process::id() % 100_000);
     let cgroup = format!("iot-node-{name}");
@@ -147,5 +156,66 @@ async fn a_node_runs_a_pod_on_a_host_port_and_leaves_the_machine_as_it_was() -> 
     drop(node);
     let after = read_state(parent.path(), &cgroup);
     assert_eq!(after, before);
+    Ok(())
+}
+
+/// Run only as the child of the test below (it sets IOT_NODE_CHILD_DIR): starts a
+/// node, says so in a file, and waits to be killed.
+#[tokio::test]
+#[ignore = "the child process of a_node_whose_owner_was_killed_is_cleaned_up_by_the_next_start"]
+async fn child_node_waiting_to_be_killed() -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os("IOT_NODE_CHILD_DIR") else {
+        return Ok(());
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let name = std::env::var("IOT_NODE_CHILD_NAME")?;
+    let node = KubeNode::start(&NodeOptions {
+        name,
+        parent: dir.clone(),
+        uplink: uplink_n(1),
+        images: Vec::new(),
+    })
+    .await?;
+    std::fs::write(dir.join("ready"), node.dir().display().to_string())?;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_whose_owner_was_killed_is_cleaned_up_by_the_next_start() -> anyhow::Result<()> {
+    let _machine = MACHINE.lock().await;
+    let parent = tempfile::tempdir()?;
+    let name = format!("k{}", std::process::id() % 100_000);
+    let cgroup = format!("iot-node-{name}");
+    let before = read_state(parent.path(), &cgroup);
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--ignored", "--exact", "child_node_waiting_to_be_killed", "--nocapture"])
+        .env("IOT_NODE_CHILD_DIR", parent.path())
+        .env("IOT_NODE_CHILD_NAME", &name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let ready = parent.path().join("ready");
+    let started = iot_launch::wait_until(Duration::from_secs(120), "the child's node to be Ready", || {
+        let ok = ready.exists();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    // SIGKILL: no destructor runs; the node's processes, mounts, cgroups and
+    // namespace stay behind.
+    child.kill()?;
+    child.wait()?;
+    started?;
+    let left = read_state(parent.path(), &cgroup);
+    assert_ne!(left, before, "a killed owner leaves its node behind");
+    let reaped = iot_launch::kube_node::ledger::reap_dead("");
+    assert!(reaped.contains(&name), "{reaped:?}");
+    assert_eq!(read_state(parent.path(), &cgroup), before);
+    let leftover: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
+        .filter(|c| c.contains(&parent.path().display().to_string()))
+        .collect();
+    assert!(leftover.is_empty(), "processes left: {leftover:?}");
     Ok(())
 }

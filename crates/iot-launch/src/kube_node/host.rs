@@ -178,17 +178,22 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
 /// node writes the old values back as soon as the kubelet has started.
 pub const KUBELET_SYSCTLS: [&str; 3] = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"];
 
-pub fn read_sysctls() -> anyhow::Result<Vec<(&'static str, String)>> {
+pub fn read_sysctls() -> anyhow::Result<Vec<(String, String)>> {
     KUBELET_SYSCTLS
         .iter()
-        .map(|k| Ok((*k, std::fs::read_to_string(format!("/proc/sys/{k}"))?.trim().to_owned())))
+        .map(|k| {
+            Ok((
+                (*k).to_owned(),
+                std::fs::read_to_string(format!("/proc/sys/{k}"))?.trim().to_owned(),
+            ))
+        })
         .collect()
 }
 
-pub fn write_sysctls(values: &[(&'static str, String)]) {
+pub fn write_sysctls(values: &[(String, String)]) {
     for (k, v) in values {
         if let Err(e) = std::fs::write(format!("/proc/sys/{k}"), v) {
-            tracing::warn!(sysctl = k, error = %e, "cannot restore kernel setting");
+            tracing::warn!(sysctl = %k, error = %e, "cannot restore kernel setting");
         }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod host;
+pub mod ledger;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::paths::find_binary;
-use crate::process::{LoggedProcess, kill_pid, run_captured, wait_until};
+use crate::process::{LoggedProcess, run_captured, wait_until};
 use crate::tls::Ca;
 use config::{API_PORT, KUBERNETES_SERVICE_IP, Layout, PAUSE_IMAGE, POD_CIDR, SERVICE_CIDR};
 pub use host::{HostEnd, Uplink};
@@ -46,8 +47,8 @@ pub struct KubeNode {
     ca: Ca,
     /// In start order; stopped in reverse, the kubelet first.
     processes: Vec<LoggedProcess>,
-    saved_sysctls: Option<Vec<(&'static str, String)>>,
-    run_containerd_existed: bool,
+    /// What the node changed, kept on disk for whoever cleans up after a killed run.
+    ledger: ledger::Ledger,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -82,6 +83,10 @@ impl KubeNode {
             find_binary(tool, "IOT_UNUSED")
                 .map_err(|_| anyhow::anyhow!("{tool} not found; run scripts/setup-host.sh --cluster"))?;
         }
+        // Nodes of runs that were killed, and a node of the same name, go first.
+        for name in ledger::reap_dead(&opts.name) {
+            tracing::info!(node = %name, "removed a node a killed run left behind");
+        }
         let dir = tempfile::Builder::new().prefix("iot-node-").tempdir_in(&opts.parent)?;
         {
             use std::os::unix::fs::PermissionsExt;
@@ -96,13 +101,22 @@ impl KubeNode {
         };
         let netns = format!("iotk-{}", opts.name);
         let ca = Ca::create(&layout.path("pki"))?;
+        let ledger = ledger::Ledger {
+            name: opts.name.clone(),
+            owner: std::process::id(),
+            dir: layout.dir.clone(),
+            netns: netns.clone(),
+            cgroup_root: layout.cgroup_root.clone(),
+            saved_sysctls: None,
+            run_containerd_existed: Path::new("/run/containerd").exists(),
+        };
+        ledger.save()?;
         let mut me = Self {
             layout,
             netns,
             ca,
             processes: Vec::new(),
-            saved_sysctls: None,
-            run_containerd_existed: Path::new("/run/containerd").exists(),
+            ledger,
             dir: Some(dir),
         };
         me.bring_up(opts).await?;
@@ -226,7 +240,8 @@ impl KubeNode {
             // are put back once it runs. The lock keeps two nodes starting at once
             // from saving each other's kubelet's values.
             let _lock = host::sysctl_lock()?;
-            self.saved_sysctls = Some(host::read_sysctls()?);
+            self.ledger.saved_sysctls = Some(host::read_sysctls()?);
+            self.ledger.save()?;
             self.spawn(
                 "kubelet",
                 "kubelet",
@@ -464,8 +479,11 @@ impl KubeNode {
     }
 
     fn restore_sysctls(&mut self) {
-        if let Some(saved) = self.saved_sysctls.take() {
+        if let Some(saved) = self.ledger.saved_sysctls.take() {
             host::write_sysctls(&saved);
+            if let Err(e) = self.ledger.save() {
+                tracing::warn!(error = %e, "cannot update the node's ledger");
+            }
         }
     }
 
@@ -511,6 +529,15 @@ impl KubeNode {
                 (cols.next()? == id).then(|| cols.next()?.parse().ok())?
             })
             .ok_or_else(|| anyhow::anyhow!("no running task {id} in\n{tasks}"))
+    }
+
+    /// The API server's audit log so far (every request, its user and decision).
+    pub fn audit(&self) -> anyhow::Result<Vec<crate::kube_apiserver::AuditEntry>> {
+        let text = std::fs::read_to_string(self.layout.path("audit.log"))?;
+        Ok(text
+            .lines()
+            .filter_map(crate::kube_apiserver::parse_audit_line)
+            .collect())
     }
 
     /// Runs kubectl as the node's admin; returns (success, stdout, stderr).
@@ -570,52 +597,15 @@ impl KubeNode {
             .and_then(LoggedProcess::pid)
     }
 
-    /// UIDs of the pods the kubelet knows of (its pod directories).
-    fn kubelet_pod_uids(&self) -> Vec<String> {
-        std::fs::read_dir(self.layout.kubelet_root().join("pods"))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     fn teardown(&mut self) {
-        let uids = self.kubelet_pod_uids();
-        let stop = |me: &mut Self, name: &str| {
-            if let Some(proc) = me.processes.iter_mut().find(|p| p.name == name) {
-                proc.kill();
-            }
-        };
         // The kubelet first: it would restart what is killed next.
-        stop(self, "kubelet");
-        let cgroup = self.layout.cgroup_root.clone();
-        for _ in 0..40 {
-            let pids = host::cgroup_pids(&cgroup);
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                let _ = kill_pid(pid);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(kubelet) = self.processes.iter_mut().find(|p| p.name == "kubelet") {
+            kubelet.kill();
         }
+        ledger::undo(&self.ledger, &[]);
+        // Already dead; this reaps them.
         for proc in self.processes.iter_mut().rev() {
             proc.kill();
-        }
-        for pid in host::shim_pids(&self.layout.containerd_socket()) {
-            let _ = kill_pid(pid);
-        }
-        host::unmount_under(&self.layout.dir);
-        host::remove_cgroups(&cgroup);
-        host::remove_pod_logs(&uids);
-        self.restore_sysctls();
-        host::delete_netns(&self.netns);
-        // containerd's shims make /run/containerd whatever the state directory;
-        // removed when this node made it and no other shim is left.
-        if !self.run_containerd_existed && host::shim_pids(Path::new("")).is_empty() {
-            let _ = std::fs::remove_dir_all("/run/containerd");
         }
     }
 }
