@@ -33,6 +33,10 @@ if [ -n "$vm_arch" ] && [ "$vm_arch" != "$(uname -m)" ]; then
   cargo build --profile device --target "$vm_arch-unknown-linux-gnu" -p iot-agent
 fi
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
+if [ "$servers" = --cluster ]; then
+  log "Building the platform's images (the node imports them; there is no registry)"
+  "$IOT_REPO/scripts/build-image.sh" >/dev/null
+fi
 # Every process started from here carries this, so a later run can find and stop
 # what a killed run left behind.
 export IOT_UP_STATE_DIR="${IOT_UP_STATE_DIR:-/run/iot-up}"

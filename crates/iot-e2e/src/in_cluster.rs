@@ -73,7 +73,7 @@ impl InCluster {
             secrets_dir: &dir.path().join("secrets"),
             operator_sets: sets,
         };
-        in_cluster::install(&node, &opts).await?;
+        in_cluster::install(&node, &opts)?;
         let operator_sets = in_cluster::operator_sets(&opts);
 
         let nats = NatsServer::remote(&node.node_ip().to_string(), in_cluster::NATS_PORT, ca.cert_file())?;

@@ -18,7 +18,9 @@ use iot_api::{Deployment, DeploymentSpec, IotScore, PodmanService, PodmanV0Score
 use iot_e2e::in_cluster::InCluster;
 use iot_e2e::lifecycle::{Via, lifecycle_on};
 use iot_e2e::stack::*;
-use iot_launch::in_cluster::{NAMESPACE, OPERATOR_RELEASE, helm_release, wait_rollout};
+use iot_launch::in_cluster::{
+    NAMESPACE, NATS_DEPLOYMENT, OPERATOR_DEPLOYMENT, OPERATOR_RELEASE, helm_release, wait_rollout,
+};
 use iot_testkit::{DeviceContainers, podman_cli, wait_until};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -28,7 +30,6 @@ use serde_json::Value;
 
 /// The operator's Lease: the chart names it after the release's full name.
 const LEASE: &str = "iot-iot-operator";
-const OPERATOR_DEPLOYMENT: &str = "deployment/iot-iot-operator";
 const STEADY: &str = "steady";
 /// The chart's lease duration plus its renew grace, and room for a loaded machine.
 const TAKEOVER: Duration = Duration::from_secs(60);
@@ -387,7 +388,7 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
     )?;
     anyhow::ensure!(ok, "kubectl delete nats pod: {err}");
     eprintln!("    old pod gone after {:.1} s", t.elapsed().as_secs_f64());
-    wait_rollout(ic.node(), "deployment/nats-iot-nats", Duration::from_secs(120))?;
+    wait_rollout(ic.node(), NATS_DEPLOYMENT, Duration::from_secs(120))?;
     eprintln!("    new pod ready after {:.1} s", t.elapsed().as_secs_f64());
     let keys_after = wait_until(WAIT, "the desired-state bucket answers again", || async {
         collect_keys(&ic.stack.desired).await.ok()

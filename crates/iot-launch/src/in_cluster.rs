@@ -69,15 +69,28 @@ pub fn nats_device_url(node: &KubeNode) -> String {
     format!("tls://{}:{NATS_PORT}", node.node_ip())
 }
 
+/// The two Deployments the charts make.
+pub const NATS_DEPLOYMENT: &str = "deployment/nats-iot-nats";
+pub const OPERATOR_DEPLOYMENT: &str = "deployment/iot-iot-operator";
+
+/// [`install_nats_chart`], then [`install_operator_chart`].
+pub fn install(node: &KubeNode, o: &PlatformOptions<'_>) -> anyhow::Result<()> {
+    install_nats_chart(node, o)?;
+    install_operator_chart(node, o)
+}
+
 /// Creates the namespace, Secrets and ConfigMap, installs chart `iot-nats` and waits
-/// for its pod; then installs chart `iot-operator` and waits for its replicas.
-pub async fn install(node: &KubeNode, o: &PlatformOptions<'_>) -> anyhow::Result<()> {
+/// until its pod (server and callout) is Ready.
+pub fn install_nats_chart(node: &KubeNode, o: &PlatformOptions<'_>) -> anyhow::Result<()> {
     create_secrets(node, o)?;
     install_nats(node, o)?;
-    wait_rollout(node, "deployment/nats-iot-nats", Duration::from_secs(120))?;
+    wait_rollout(node, NATS_DEPLOYMENT, Duration::from_secs(120))
+}
+
+/// Installs chart `iot-operator` and waits until every replica is Ready.
+pub fn install_operator_chart(node: &KubeNode, o: &PlatformOptions<'_>) -> anyhow::Result<()> {
     install_operator(node, &operator_sets(o))?;
-    wait_rollout(node, "deployment/iot-iot-operator", Duration::from_secs(120))?;
-    Ok(())
+    wait_rollout(node, OPERATOR_DEPLOYMENT, Duration::from_secs(120))
 }
 
 fn kubectl_ok(node: &KubeNode, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {

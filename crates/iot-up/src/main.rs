@@ -4,6 +4,7 @@
 
 mod menu;
 mod net;
+mod node_menu;
 mod out;
 mod regression;
 mod sso;
@@ -61,6 +62,14 @@ struct Args {
     /// stack (the cluster's routes use its CA).
     #[arg(long, default_value_t = 1, conflicts_with = "insecure")]
     nats_cluster: usize,
+    /// The plan's in-cluster shape: a real single-node Kubernetes 1.20 (kubelet,
+    /// containerd, kube-proxy) joins the device bridge, and the charts run NATS with
+    /// the auth callout (iot-nats) and two operator replicas (iot-operator) as pods.
+    /// OpenBao and the devices stay outside, as on a real site. Slower to start than
+    /// the default (processes on the host); use it to try the charts, `helm upgrade`
+    /// and what pods do.
+    #[arg(long, conflicts_with_all = ["insecure", "sso"])]
+    cluster: bool,
     /// Directory with the release binaries (default: next to this one).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -84,6 +93,10 @@ async fn run(args: Args) -> anyhow::Result<i32> {
     anyhow::ensure!(
         matches!(args.nats_cluster, 1 | 3 | 5),
         "--nats-cluster must be 1 (a single server), 3 or 5: a cluster of two loses its quorum with either server"
+    );
+    anyhow::ensure!(
+        !(args.cluster && args.nats_cluster > 1),
+        "--cluster runs NATS as one pod on a single node; --nats-cluster runs a NATS cluster of processes on the host: choose one"
     );
     anyhow::ensure!(
         args.devices >= 1 || args.vm,
@@ -162,6 +175,9 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         security: None,
         secure: !args.insecure,
         ca: None,
+        want_cluster: args.cluster,
+        node: None,
+        operator_sets: Vec::new(),
     };
     let started = tokio::select! {
         r = up.start(args.devices) => r,
@@ -214,6 +230,11 @@ fn cleanup_leftovers(net: &net::Net, state_dir: &std::path::Path) {
                 print_line(&format!("  warning: could not stop leftover process {pid}: {e}"));
             }
         }
+    }
+    // A node's mounts, cgroups, kernel settings and namespace (its processes were
+    // killed above): undone before its directory goes.
+    for name in iot_launch::kube_node::ledger::reap_dead("") {
+        print_line(&format!("  removed the single-node Kubernetes {name}"));
     }
     for index in leftover_devices {
         up::remove_device_containers(

@@ -97,7 +97,7 @@ fn sso_section(m: &mut String, up: &Up) {
     }
 }
 
-fn line(m: &mut String, text: impl AsRef<str>) {
+pub(crate) fn line(m: &mut String, text: impl AsRef<str>) {
     m.push_str(text.as_ref());
     m.push('\n');
 }
@@ -131,6 +131,7 @@ pub fn print(up: &Up) {
     fleet_section(&mut m, &first);
     kv_section(&mut m, &first);
     cluster_section(&mut m, up);
+    crate::node_menu::section(&mut m, up);
     netns_section(&mut m, up);
     vm_section(&mut m, up);
     identity_section(&mut m, up, &first);
@@ -374,7 +375,9 @@ fn metrics_section(m: &mut String, up: &Up, all: &[(String, String)]) {
 /// Every log file.
 fn logs_section(m: &mut String, up: &Up) {
     line(m, format!("\n{}", out::bold("Logs")));
-    line(m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
+    if up.node.is_none() {
+        line(m, format!("  tail -f {}/operator.log", up.logs_dir().display()));
+    }
     for dev in &up.devices {
         line(m, format!("  tail -f {}/agent-{}.log", up.logs_dir().display(), dev.id));
     }
@@ -409,7 +412,7 @@ fn logs_section(m: &mut String, up: &Up) {
             line(m, format!("  tail -f {}", cluster.member(i).log_path().display()));
         }
     }
-    if up.security.is_some() {
+    if up.security.is_some() && up.node.is_none() {
         line(m, format!("  tail -f {}/callout-0.log", up.logs_dir().display()));
     }
 }

@@ -52,7 +52,18 @@ pub struct Up {
     /// The stack's CA: NATS and OpenBao serve certificates it signed, every
     /// client trusts exactly it. `None` with `--insecure` (plain NATS).
     pub ca: Option<iot_launch::Ca>,
+    /// With `--cluster`: a real single-node Kubernetes on the device bridge, running
+    /// NATS (with the callout) and the operator as pods from the charts.
+    pub want_cluster: bool,
+    pub node: Option<iot_launch::KubeNode>,
+    /// The operator chart's values as installed (the menu's upgrade starts from them).
+    pub operator_sets: Vec<String>,
 }
+
+/// The node's address on the device bridge (the gateway is .1, devices .11 and up).
+pub const NODE_HOST: u8 = 2;
+/// Operator replicas in the cluster: a leader and a ready standby.
+pub const CLUSTER_OPERATOR_REPLICAS: usize = 2;
 
 /// OpenBao, the callout and the identities of a secured bring-up.
 pub struct Security {
@@ -121,6 +132,9 @@ impl Up {
 
     /// The URL of every NATS server (clients shuffle them, so a fleet spreads).
     pub fn nats_urls(&self) -> Vec<String> {
+        if let Some(node) = &self.node {
+            return vec![iot_launch::in_cluster::nats_device_url(node)];
+        }
         match (&self.nats_cluster, &self.nats) {
             (Some(cluster), _) => cluster.urls(),
             (None, Some(nats)) => vec![nats.url()],
@@ -179,8 +193,14 @@ impl Up {
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
         let total = 8 + usize::from(self.secure) + usize::from(self.vm_arch.is_some()) - usize::from(device_count == 0);
         let mut steps = Steps { n: 1, total };
-        self.start_api_server(&mut steps).await?;
-        self.start_network(&mut steps)?;
+        if self.want_cluster {
+            // The node joins the device bridge: the bridge comes first.
+            self.start_network(&mut steps)?;
+            self.start_api_server(&mut steps).await?;
+        } else {
+            self.start_api_server(&mut steps).await?;
+            self.start_network(&mut steps)?;
+        }
         if self.secure {
             self.start_identity(&mut steps).await?;
         }
@@ -239,6 +259,28 @@ impl Up {
     /// The Kubernetes API server: the full kube-apiserver with OIDC and RBAC for
     /// single sign-on, the CRD-only API server otherwise.
     async fn start_api_server(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        if self.want_cluster {
+            let node_ip = format!("{}.{NODE_HOST}", self.net.prefix);
+            let t = steps.next(&format!(
+                "single-node Kubernetes 1.20 on the device bridge at {node_ip}: etcd, kube-apiserver, containerd, kubelet, controller manager, scheduler, kube-proxy"
+            ));
+            let node = iot_launch::KubeNode::start(&iot_launch::NodeOptions {
+                name: format!("up{}", self.net.name),
+                parent: self.state_dir.clone(),
+                uplink: iot_launch::kube_node::Uplink {
+                    node_ip: node_ip.parse()?,
+                    prefix: 24,
+                    gateway: self.net.gateway().parse()?,
+                    host_end: iot_launch::kube_node::HostEnd::Bridge(self.net.bridge()),
+                },
+                images: iot_launch::in_cluster::images(),
+            })
+            .await?;
+            std::fs::copy(node.kubeconfig(), self.kubeconfig())?;
+            done(t, &format!("node {} Ready, API server {}", node.name(), node.api_url()));
+            self.node = Some(node);
+            return Ok(());
+        }
         if self.want_sso {
             let t = steps
                 .next("single sign-on: OIDC stand-in for Zitadel, full kube-apiserver 1.20 with --oidc-* and RBAC");
@@ -294,6 +336,38 @@ impl Up {
         )
         .await?;
         let keys = CalloutKeys::generate()?;
+        if let Some(node) = &self.node {
+            let root = bao.root()?;
+            let callout = enroll::enroll_service(&root, "callout", Role::Callout).await?;
+            let operator = enroll::enroll_service(&root, "operator", Role::Operator).await?;
+            let opts = iot_launch::in_cluster::PlatformOptions {
+                ca: &ca,
+                keys: &keys,
+                bao_addr: &bao.addr(),
+                callout_enrollment: &serde_json::to_string(&callout)?,
+                operator_enrollment: &serde_json::to_string(&operator)?,
+                nats_store: &self.state_dir.join("nats-store"),
+                secrets_dir: &self.identities_dir().join("cluster"),
+                operator_sets: vec![format!("replicas={CLUSTER_OPERATOR_REPLICAS}"), "staleAfter=30s".into()],
+            };
+            iot_launch::in_cluster::install_nats_chart(node, &opts)?;
+            self.operator_sets = iot_launch::in_cluster::operator_sets(&opts);
+            done(
+                t,
+                &format!(
+                    "{}; NATS with the callout beside it in pod {} (chart iot-nats)",
+                    bao.addr(),
+                    iot_launch::in_cluster::NATS_DEPLOYMENT
+                ),
+            );
+            self.security = Some(Security {
+                bao,
+                keys,
+                callouts: Vec::new(),
+            });
+            self.ca = Some(ca);
+            return Ok(());
+        }
         if self.nats_members > 1 {
             let cluster = iot_launch::NatsCluster::start(
                 &iot_launch::ClusterOptions {
@@ -347,6 +421,16 @@ impl Up {
 
     /// The nats-server (already running when secured: say so, with its URL).
     async fn start_nats(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        if self.node.is_some() {
+            let t = steps.next(
+                "NATS in the cluster: devices on the node's hostPort, pods on the Service's cluster IP, JetStream on a hostPath",
+            );
+            done(
+                t,
+                &format!("{} (pods: {})", self.nats_url(), iot_launch::in_cluster::nats_pod_url()),
+            );
+            return Ok(());
+        }
         if let Some(cluster) = &self.nats_cluster {
             let t = steps.next(&format!(
                 "NATS: a JetStream cluster of {} servers (routes in mutual TLS), buckets with {} replicas, every client through the callout",
@@ -379,6 +463,19 @@ impl Up {
 
     /// The CRD, then `iot-operator run` until it is ready.
     async fn start_operator(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        if let Some(node) = &self.node {
+            let t = steps.next(&format!(
+                "chart iot-operator: the CRDs, RBAC and {CLUSTER_OPERATOR_REPLICAS} operator pods (a leader and a standby)"
+            ));
+            iot_launch::in_cluster::install_operator(node, &self.operator_sets)?;
+            iot_launch::in_cluster::wait_rollout(
+                node,
+                iot_launch::in_cluster::OPERATOR_DEPLOYMENT,
+                Duration::from_secs(180),
+            )?;
+            done(t, "every replica Ready");
+            return Ok(());
+        }
         let t = steps.next("CRD deployments.iot.nationtech.io via `iot-operator install`");
         iot_launch::operator::install_crd(&self.bin("iot-operator"), &self.kubeconfig())?;
         done(t, "Established");
@@ -738,6 +835,8 @@ impl Up {
         if let Some(mut op) = self.operator.take() {
             op.stop(Duration::from_secs(12));
         }
+        // Its pods (operator, NATS) go with it.
+        self.node = None;
         self.nats = None;
         self.nats_cluster = None;
         self.security = None;
