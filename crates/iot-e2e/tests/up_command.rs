@@ -683,3 +683,83 @@ async fn sso_menu_lines_work_verbatim_and_rbac_decides() -> anyhow::Result<()> {
     inst.assert_clean();
     Ok(())
 }
+
+#[test]
+fn cluster_mode_runs_the_platform_as_pods_and_a_killed_run_is_reaped() -> anyhow::Result<()> {
+    let inst = Instance::new("iott5", 82)?;
+    // Two NATS shapes at once cannot be: refused before anything starts.
+    let out = inst.command(&["--cluster", "--nats-cluster", "3"])?.output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("choose one"), "{stderr}");
+    for other in ["--insecure", "--sso"] {
+        let out = inst.command(&["--cluster", other])?.output()?;
+        assert!(!out.status.success(), "--cluster {other} was accepted");
+    }
+    assert!(!inst.state_dir().exists(), "a refused run started something");
+
+    // Hand-off: the menu's cluster lines work as printed.
+    let log = inst.state.path().join("up.log");
+    let mut killed = inst.spawn(&["--cluster", "--devices", "1"], &log)?;
+    let child = &mut killed.0;
+    wait_for_output_while_running(child, &log, "Press Ctrl-C here to stop", Duration::from_secs(240))?;
+    let text = std::fs::read_to_string(&log)?;
+    let env_file = inst.state_dir().join("env");
+    let shell = |line: &str| -> anyhow::Result<String> {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("source {} && {line}", env_file.display()))
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "menu command failed: {line}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let menu_line = |start: &str| -> anyhow::Result<String> {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(start))
+            .map(|l| l.split("   #").next().unwrap_or(l).to_owned())
+            .ok_or_else(|| anyhow::anyhow!("menu lacks {start:?}:\n{text}"))
+    };
+    let pods = shell(&menu_line("kubectl get pods -A")?)?;
+    for pod in ["nats-iot-nats-", "iot-iot-operator-"] {
+        assert!(
+            pods.lines().any(|l| l.contains(pod) && l.contains("Running")),
+            "{pod} not Running:\n{pods}"
+        );
+    }
+    let lease = shell(&menu_line("kubectl -n iot-system get lease")?)?;
+    assert!(lease.trim().starts_with("iot-iot-operator-"), "{lease}");
+    let history_line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains("helm.py history "))
+        .ok_or_else(|| anyhow::anyhow!("no helm history line:\n{text}"))?;
+    let history = shell(history_line)?;
+    assert!(history.contains("deployed"), "{history}");
+
+    // Killed hard: its node (pods, mounts, cgroups, namespace) is left behind...
+    child.kill()?;
+    child.wait()?;
+    assert!(
+        !our_pids(&inst.state_dir()).is_empty(),
+        "a SIGKILLed run should leave processes for this test to be meaningful"
+    );
+    // ...and the next run removes it before it starts, then passes the regression.
+    let out = inst.command(&["--cluster", "--auto"])?.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run after a killed run failed:\n{stderr}");
+    assert!(
+        stderr.contains("removed the single-node Kubernetes upiott5"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ALL PASSED"), "{stderr}");
+    inst.assert_clean();
+    let netns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout).into_owned();
+    assert!(!netns.contains("iotk-upiott5"), "{netns}");
+    assert!(!Path::new("/run/iot-kube-node/upiott5.json").exists());
+    Ok(())
+}
