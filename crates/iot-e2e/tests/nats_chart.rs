@@ -654,7 +654,7 @@ async fn the_rendered_config_and_callout_environment_run_a_real_server_and_callo
     anyhow::ensure!(args.len() == 2 && args[0] == "-c", "unexpected args {args:?}");
     let mut cmd = Command::new(iot_testkit::paths::find_binary("nats-server", "IOT_NATS_SERVER")?);
     cmd.arg("-c").arg(in_pod(&root, &args[1]));
-    let _server = LoggedProcess::spawn("nats-server", cmd, dir.path().join("nats.log"))?;
+    let server = LoggedProcess::spawn("nats-server", cmd, dir.path().join("nats.log"))?;
     // The readiness probe's own request.
     let probe = nats["readinessProbe"]["httpGet"]["path"]
         .as_str()
@@ -672,7 +672,8 @@ async fn the_rendered_config_and_callout_environment_run_a_real_server_and_callo
                 .then_some(())
         },
     )
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n---- nats-server log ----\n{}", server.log_text()))?;
 
     // The included auth.conf is in force, and the chart's JetStream limits.
     let varz: Value = serde_json::from_str(&iot_testkit::http::get_text("127.0.0.1", monitor_port, "/varz").await?)?;
@@ -738,7 +739,7 @@ async fn the_rendered_config_and_callout_environment_run_a_real_server_and_callo
         cmd.env(name, value);
     }
     assert_eq!(mapped, 6, "two CA paths and four secret files");
-    let _callout = LoggedProcess::spawn("auth-callout", cmd, dir.path().join("callout.log"))?;
+    let callout_process = LoggedProcess::spawn("auth-callout", cmd, dir.path().join("callout.log"))?;
     let path_of = |probe: &str| {
         callout[probe]["httpGet"]["path"]
             .as_str()
@@ -757,7 +758,8 @@ async fn the_rendered_config_and_callout_environment_run_a_real_server_and_callo
                 .then_some(())
         },
     )
-    .await?;
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n---- callout log ----\n{}", callout_process.log_text()))?;
     assert_eq!(
         iot_testkit::http::get_status("127.0.0.1", metrics_port, &liveness).await?,
         200
