@@ -463,5 +463,6 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
     );
     phase_done(t2);
     phase_done(t);
+    podman_cli(&["untag", &new_image])?;
     Ok(())
 }
