@@ -4,12 +4,11 @@
 //! hostPort. The result is an ordinary [`Stack`], so every helper of the other
 //! tests (applier, status waits, KV reads, enrolled agents) works on it.
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use iot_bao::enroll::Role;
 use iot_launch::in_cluster::{self, PlatformOptions};
-use iot_launch::kube_node::{HostEnd, KubeNode, NodeOptions, Uplink};
+use iot_launch::kube_node::{KubeNode, NodeOptions, Uplink};
 use iot_testkit::auth::CalloutKeys;
 use iot_testkit::{NatsServer, OpenBao};
 
@@ -24,25 +23,13 @@ pub struct InCluster {
     pub nats_store: std::path::PathBuf,
 }
 
-/// A /30 for the node's uplink that depends on the process.
-fn uplink() -> Uplink {
-    let slot = (std::process::id() % 16_000) * 4;
-    let (a, b) = ((slot / 256) as u8, (slot % 256) as u8);
-    Uplink {
-        node_ip: Ipv4Addr::new(10, 211, a, b + 2),
-        prefix: 30,
-        gateway: Ipv4Addr::new(10, 211, a, b + 1),
-        host_end: HostEnd::Address,
-    }
-}
-
 impl InCluster {
     /// Brings up the node (about 20 s), OpenBao on the uplink's host end, and both
     /// charts (`iot-nats`, then `iot-operator` with `operator_replicas`), waiting
     /// until every pod is Ready.
     pub async fn start(operator_replicas: usize, operator_sets: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let uplink = uplink();
+        let uplink = Uplink::point_to_point(211, 0);
         let gateway = uplink.gateway.to_string();
         let node = KubeNode::start(&NodeOptions {
             name: format!("e{}", std::process::id() % 100_000),

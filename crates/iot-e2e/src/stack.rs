@@ -582,3 +582,21 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// One `web` service of `image` with `MODE=<mode>` in its environment and no ports:
+/// a deployment that many devices sharing one podman can run at once, and whose
+/// every change of `mode` is a new spec.
+pub fn web_score(image: &str, mode: &str) -> iot_api::IotScore {
+    iot_api::IotScore::PodmanV0(iot_api::PodmanV0Score {
+        services: vec![iot_api::PodmanService {
+            name: "web".into(),
+            image: image.into(),
+            ports: vec![],
+            env: [("MODE".to_owned(), mode.to_owned())].into(),
+            command: None,
+            args: None,
+            restart_policy: iot_api::RestartPolicy::Always,
+            resources: None,
+        }],
+    })
+}

@@ -6,27 +6,11 @@ use std::time::{Duration, Instant};
 
 use iot_api::conditions::REMOVALS_HELD;
 use iot_api::{
-    CONFIRM_SHRINK_ANNOTATION, Deployment, DeploymentRevision, DeploymentSpec, DeviceSelector, IotScore, PodmanService,
-    PodmanV0Score, REVOKED_ANNOTATION, RestartPolicy,
+    CONFIRM_SHRINK_ANNOTATION, Deployment, DeploymentRevision, DeploymentSpec, DeviceSelector, REVOKED_ANNOTATION,
 };
 use iot_e2e::stack::*;
 use iot_testkit::wait_until;
 use kube::api::{ListParams, Patch, PatchParams};
-
-fn score(image: &str, mode: &str) -> IotScore {
-    IotScore::PodmanV0(PodmanV0Score {
-        services: vec![PodmanService {
-            name: "web".into(),
-            image: image.into(),
-            ports: vec![],
-            env: [("MODE".to_owned(), mode.to_owned())].into(),
-            command: None,
-            args: None,
-            restart_policy: RestartPolicy::Always,
-            resources: None,
-        }],
-    })
-}
 
 fn site(value: &str) -> DeviceSelector {
     DeviceSelector {
@@ -65,7 +49,7 @@ async fn membership_follows_labels_and_a_large_shrink_waits_for_a_confirmation()
     stack.register_device(&b, &[("site", "paris")]).await?;
     // The guard off at first: this part takes devices off one by one, which would
     // add up to a large shrink within the guard's window.
-    let mut spec = DeploymentSpec::for_selector(site("madrid"), score("localhost/iot-web:v1", "a"));
+    let mut spec = DeploymentSpec::for_selector(site("madrid"), web_score("localhost/iot-web:v1", "a"));
     spec.max_shrink_percent = Some(100);
     apply(&stack, "web", spec).await?;
     wait_containers(&a_ctr, true, "the madrid device runs it").await?;
@@ -120,7 +104,7 @@ async fn membership_follows_labels_and_a_large_shrink_waits_for_a_confirmation()
     apply(
         &stack,
         "web",
-        DeploymentSpec::for_selector(site("madird"), score("localhost/iot-web:v1", "a")),
+        DeploymentSpec::for_selector(site("madird"), web_score("localhost/iot-web:v1", "a")),
     )
     .await?;
     let st = stack
@@ -166,7 +150,7 @@ async fn an_empty_selector_deploys_nowhere() -> anyhow::Result<()> {
     apply(
         &stack,
         "web",
-        DeploymentSpec::for_selector(DeviceSelector::default(), score("localhost/iot-web:v1", "a")),
+        DeploymentSpec::for_selector(DeviceSelector::default(), web_score("localhost/iot-web:v1", "a")),
     )
     .await?;
     stack
@@ -201,7 +185,7 @@ async fn every_score_change_is_a_revision_and_undo_makes_a_new_one() -> anyhow::
     let mut stack = Stack::start().await?;
     stack.start_operator()?;
     let (dev, _ctr) = stack.start_agent()?;
-    let mut spec = DeploymentSpec::for_devices([dev.clone()], score("localhost/iot-web:v1", "one"));
+    let mut spec = DeploymentSpec::for_devices([dev.clone()], web_score("localhost/iot-web:v1", "one"));
     spec.revision_history_limit = Some(3);
     let mut hashes = Vec::new();
     for (i, (image, mode)) in [
@@ -212,7 +196,7 @@ async fn every_score_change_is_a_revision_and_undo_makes_a_new_one() -> anyhow::
     .into_iter()
     .enumerate()
     {
-        spec.score = score(image, mode);
+        spec.score = web_score(image, mode);
         hashes.push(spec.score.spec_hash().to_string());
         apply(&stack, "web", spec.clone()).await?;
         let n = i as u64 + 1;
@@ -412,7 +396,7 @@ async fn a_paused_device_keeps_what_it_runs_until_resumed() -> anyhow::Result<()
     apply(
         &stack,
         "web",
-        DeploymentSpec::for_selector(site("lab"), score("localhost/iot-web:v1", "one")),
+        DeploymentSpec::for_selector(site("lab"), web_score("localhost/iot-web:v1", "one")),
     )
     .await?;
     stack
@@ -431,7 +415,7 @@ async fn a_paused_device_keeps_what_it_runs_until_resumed() -> anyhow::Result<()
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let two = score("localhost/iot-web:v1", "two");
+    let two = web_score("localhost/iot-web:v1", "two");
     let hash = two.spec_hash();
     apply(&stack, "web", DeploymentSpec::for_selector(site("lab"), two)).await?;
     stack

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use harmony_reconciler_contracts::{DeploymentRef, Phase};
 use iot_api::rollout::RolloutSpec;
-use iot_api::{Deployment, DeploymentSpec, IotScore, PodmanService, PodmanV0Score, RestartPolicy};
+use iot_api::{Deployment, DeploymentSpec};
 use iot_e2e::in_cluster::InCluster;
 use iot_e2e::lifecycle::{Via, lifecycle_on};
 use iot_e2e::stack::*;
@@ -43,24 +43,9 @@ fn phase_done(t: Instant) {
     eprintln!("    ({:.1} s)", t.elapsed().as_secs_f64());
 }
 
-fn score(mode: &str) -> IotScore {
-    IotScore::PodmanV0(PodmanV0Score {
-        services: vec![PodmanService {
-            name: "web".into(),
-            image: "localhost/iot-web:v1".into(),
-            ports: vec![],
-            env: [("MODE".to_owned(), mode.to_owned())].into(),
-            command: None,
-            args: None,
-            restart_policy: RestartPolicy::Always,
-            resources: None,
-        }],
-    })
-}
-
 /// A Deployment on every device, rolled out one device at a time.
 async fn apply_steady(stack: &Stack, devices: &[String], mode: &str) -> anyhow::Result<()> {
-    let mut spec = DeploymentSpec::for_devices(devices.iter().cloned(), score(mode));
+    let mut spec = DeploymentSpec::for_devices(devices.iter().cloned(), web_score("localhost/iot-web:v1", mode));
     spec.rollout = Some(RolloutSpec {
         max_unavailable: Some(IntOrString::Int(1)),
         ..Default::default()

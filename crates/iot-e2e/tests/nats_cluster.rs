@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use harmony_reconciler_contracts::keys::kv_stream_name;
 use harmony_reconciler_contracts::{AgentStatus, DESIRED_STATE_BUCKET, DeploymentRef, Id, Phase, desired_state_key};
-use iot_api::{Deployment, DeploymentSpec, DeviceSelector, IotScore, PodmanService, PodmanV0Score, RestartPolicy};
+use iot_api::{Deployment, DeploymentSpec, DeviceSelector};
 use iot_e2e::stack::*;
 use iot_testkit::{DeviceContainers, wait_until};
 use kube::api::{Patch, PatchParams};
@@ -31,28 +31,16 @@ use serde_json::Value;
 const NS: &str = "default";
 const NAME: &str = "web";
 
-fn score(mode: &str) -> IotScore {
-    IotScore::PodmanV0(PodmanV0Score {
-        services: vec![PodmanService {
-            name: "web".into(),
-            image: "localhost/iot-web:v1".into(),
-            ports: vec![],
-            env: [("MODE".to_owned(), mode.to_owned())].into(),
-            command: None,
-            args: None,
-            restart_policy: RestartPolicy::Always,
-            resources: None,
-        }],
-    })
-}
-
 /// Server-side apply of the Deployment over every device labelled `fleet=cluster`.
 async fn apply(stack: &Stack, mode: &str) -> anyhow::Result<i64> {
     let selector = DeviceSelector {
         match_labels: [("fleet".to_owned(), "cluster".to_owned())].into(),
         ..Default::default()
     };
-    let dep = Deployment::new(NAME, DeploymentSpec::for_selector(selector, score(mode)));
+    let dep = Deployment::new(
+        NAME,
+        DeploymentSpec::for_selector(selector, web_score("localhost/iot-web:v1", mode)),
+    );
     let applied = stack
         .deployments(NS)
         .patch(NAME, &PatchParams::apply("cluster-test").force(), &Patch::Apply(&dep))

@@ -178,23 +178,27 @@ fn wait_for(
     }
 }
 
+/// Runs one menu line as printed, in a shell that sources the printed env file.
+fn menu_shell(inst: &Instance, line: &str) -> anyhow::Result<String> {
+    let env_file = inst.state_dir().join("env");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && {line}", env_file.display()))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "menu command failed: {line}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs the menu's first apply command and every curl line exactly as printed,
 /// through a shell that sources the printed env file; then checks that each device
 /// sees only its own containers.
 fn menu_commands_work_verbatim(inst: &Instance, menu: &str) -> anyhow::Result<()> {
     let env_file = inst.state_dir().join("env");
-    let shell = |line: &str| -> anyhow::Result<String> {
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(format!("source {} && {line}", env_file.display()))
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "menu command failed: {line}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let shell = |line: &str| menu_shell(inst, line);
     let commands: Vec<&str> = menu.lines().map(str::trim).collect();
     let apply = commands
         .iter()
@@ -704,19 +708,7 @@ fn cluster_mode_runs_the_platform_as_pods_and_a_killed_run_is_reaped() -> anyhow
     let child = &mut killed.0;
     wait_for_output_while_running(child, &log, "Press Ctrl-C here to stop", Duration::from_secs(240))?;
     let text = std::fs::read_to_string(&log)?;
-    let env_file = inst.state_dir().join("env");
-    let shell = |line: &str| -> anyhow::Result<String> {
-        let out = Command::new("bash")
-            .arg("-c")
-            .arg(format!("source {} && {line}", env_file.display()))
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "menu command failed: {line}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let shell = |line: &str| menu_shell(&inst, line);
     let menu_line = |start: &str| -> anyhow::Result<String> {
         text.lines()
             .map(str::trim)

@@ -1,19 +1,16 @@
 //! A real single-node Kubernetes comes up, runs a pod from an image imported out of
 //! podman's store, serves it on a hostPort over the node's uplink, and leaves the
-//! machine as it found it: kernel settings, network namespaces, cgroups, mounts
-//! and pod logs.
+//! machine as it found it: kernel settings, its network namespace, cgroups, mounts
+//! and pod logs; also when the process that started it was SIGKILLed.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
-use iot_launch::kube_node::{HostEnd, KubeNode, NodeOptions, Uplink};
+use iot_launch::kube_node::{KubeNode, NodeOptions, Uplink};
 
-/// The tests compare machine-wide state (kernel settings, /var/log/pods), so they
-/// run one at a time.
-static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// What a node may change on the machine, read before and after.
+/// What a node may change on the machine, read before and after. Only this node's
+/// own traces count (its namespace, cgroups, mounts, pod logs), so other nodes on
+/// the machine (another test binary, a user's `up.sh --cluster`) do not disturb it.
 #[derive(Debug, PartialEq)]
 struct MachineState {
     sysctls: Vec<String>,
@@ -24,14 +21,25 @@ struct MachineState {
 }
 
 fn read_state(parent: &Path, cgroup: &str) -> MachineState {
-    let sysctls = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"]
-        .iter()
-        .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default())
-        .collect();
+    read_state_of(parent, cgroup, &[])
+}
+
+/// [`read_state`], with the pod log directories of these pod UIDs.
+fn read_state_of(parent: &Path, cgroup: &str, pod_uids: &[String]) -> MachineState {
+    // Read while no node is between saving and restoring the kernel settings.
+    let sysctls = {
+        let _lock = iot_launch::kube_node::host::sysctl_lock().ok();
+        ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"]
+            .iter()
+            .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).unwrap_or_default())
+            .collect()
+    };
+    let name = cgroup.trim_start_matches("iot-node-");
     let netns = std::fs::read_dir("/run/netns")
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| *n == format!("iotk-{name}"))
                 .collect()
         })
         .unwrap_or_default();
@@ -54,6 +62,7 @@ fn read_state(parent: &Path, cgroup: &str) -> MachineState {
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| pod_uids.iter().any(|u| n.ends_with(&format!("_{u}"))))
                 .collect()
         })
         .unwrap_or_default();
@@ -67,16 +76,8 @@ fn read_state(parent: &Path, cgroup: &str) -> MachineState {
     }
 }
 
-/// A /30 for the uplink that depends on the process and `n`, so parallel runs differ.
 fn uplink_n(n: u32) -> Uplink {
-    let slot = ((std::process::id() + n * 7919) % 16_000) * 4;
-    let (a, b) = ((slot / 256) as u8, (slot % 256) as u8);
-    Uplink {
-        node_ip: Ipv4Addr::new(10, 212, a, b + 2),
-        prefix: 30,
-        gateway: Ipv4Addr::new(10, 212, a, b + 1),
-        host_end: HostEnd::Address,
-    }
+    Uplink::point_to_point(212, n)
 }
 
 fn uplink() -> Uplink {
@@ -101,7 +102,6 @@ spec:
 
 #[tokio::test]
 async fn a_node_runs_a_pod_on_a_host_port_and_leaves_the_machine_as_it_was() -> anyhow::Result<()> {
-    let _machine = MACHINE.lock().await;
     let parent = tempfile::tempdir()?;
     let name = format!("t{}", std::process::id() % 100_000);
     let cgroup = format!("iot-node-{name}");
@@ -142,7 +142,18 @@ async fn a_node_runs_a_pod_on_a_host_port_and_leaves_the_machine_as_it_was() -> 
     let (ok, _, err) = node.kubectl(&["logs", "web", "-n", "default"], None)?;
     anyhow::ensure!(ok, "kubectl logs: {err}");
 
-    let during = read_state(parent.path(), &cgroup);
+    let (ok, uid, err) = node.kubectl(
+        &["get", "pod", "web", "-n", "default", "-o", "jsonpath={.metadata.uid}"],
+        None,
+    )?;
+    anyhow::ensure!(ok, "kubectl get pod: {err}");
+    let uids = vec![uid.trim().to_owned()];
+    let during = read_state_of(parent.path(), &cgroup, &uids);
+    assert_eq!(
+        during.pod_log_dirs.len(),
+        1,
+        "the kubelet logs the pod under /var/log/pods"
+    );
     assert_ne!(
         during.netns, before.netns,
         "the node has a network namespace of its own"
@@ -154,7 +165,7 @@ async fn a_node_runs_a_pod_on_a_host_port_and_leaves_the_machine_as_it_was() -> 
     );
 
     drop(node);
-    let after = read_state(parent.path(), &cgroup);
+    let after = read_state_of(parent.path(), &cgroup, &uids);
     assert_eq!(after, before);
     Ok(())
 }
@@ -183,7 +194,6 @@ async fn child_node_waiting_to_be_killed() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_node_whose_owner_was_killed_is_cleaned_up_by_the_next_start() -> anyhow::Result<()> {
-    let _machine = MACHINE.lock().await;
     let parent = tempfile::tempdir()?;
     let name = format!("k{}", std::process::id() % 100_000);
     let cgroup = format!("iot-node-{name}");

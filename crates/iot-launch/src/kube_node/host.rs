@@ -27,6 +27,22 @@ pub struct Uplink {
     pub host_end: HostEnd,
 }
 
+impl Uplink {
+    /// A point-to-point /30 out of `10.<second_octet>.0.0/16`, chosen by this
+    /// process's id and `n`, so that runs in parallel (tests) take different ones.
+    /// The host end gets the gateway address.
+    pub fn point_to_point(second_octet: u8, n: u32) -> Self {
+        let slot = (std::process::id().wrapping_add(n.wrapping_mul(7919)) % 16_000) * 4;
+        let (a, b) = ((slot / 256) as u8, (slot % 256) as u8);
+        Self {
+            node_ip: Ipv4Addr::new(10, second_octet, a, b + 2),
+            prefix: 30,
+            gateway: Ipv4Addr::new(10, second_octet, a, b + 1),
+            host_end: HostEnd::Address,
+        }
+    }
+}
+
 pub(crate) fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program).args(args).output()?;
     anyhow::ensure!(
