@@ -90,6 +90,13 @@ async fn holder(stack: &Stack) -> Option<String> {
     leases.get(LEASE).await.ok()?.spec?.holder_identity
 }
 
+/// When the Lease was last renewed, as the API server has it.
+async fn lease_renewed(stack: &Stack) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(stack.kube.clone(), NAMESPACE);
+    let spec = leases.get(LEASE).await.ok()?.spec?;
+    spec.renew_time.map(|t| format!("{:?}", t.0))
+}
+
 /// The operator's pods: name -> (image, ready, container id).
 fn operator_pods(stack: &Stack) -> anyhow::Result<BTreeMap<String, (String, bool, String)>> {
     let (ok, out, err) = stack.api.kubectl(
@@ -347,8 +354,30 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
     let pid = ic.node().container_pid(&container)?;
     iot_launch::process::kill_pid(pid)?;
     let killed = Instant::now();
-    // The same pod may win it back once the kubelet restarts its container; what
-    // matters is that the rollout completes and the Lease is renewed by a live process.
+    // Read after the kill: the dead process cannot change it any more, and no live
+    // one can take it this soon (the standby waits out the lease; a container
+    // restart takes longer than this read).
+    let renewed_at_kill = lease_renewed(&ic.stack).await;
+    // A SIGKILLed leader cannot release or renew the Lease: the next renewal is a live
+    // process's, the standby's once the lease expires, or the same pod's restarted
+    // container (same name, so same identity) if it confirms its hold first.
+    let renewer = wait_until(TAKEOVER, "the Lease renewed by a live process", || {
+        let before = renewed_at_kill.clone();
+        let stack = &ic.stack;
+        async move {
+            let now = lease_renewed(stack).await;
+            if now.is_some() && now != before {
+                holder(stack).await
+            } else {
+                None
+            }
+        }
+    })
+    .await?;
+    eprintln!(
+        "    lease renewed by {renewer} {:.1} s after the kill (the killed pod was {leader})",
+        killed.elapsed().as_secs_f64()
+    );
     wait_steady(&ic.stack, &devices, "three", WAIT).await?;
     eprintln!(
         "    rollout done {:.1} s after the kill",
