@@ -477,6 +477,7 @@ async fn the_platform_runs_in_a_real_cluster() -> anyhow::Result<()> {
     );
     phase_done(t2);
     phase_done(t);
-    podman_cli(&["untag", &new_image])?;
+    // Naming the tag: `podman untag IMAGE` alone strips every name of the image.
+    podman_cli(&["untag", &new_image, &new_image])?;
     Ok(())
 }
