@@ -500,9 +500,21 @@ impl KubeNode {
             )
             .map_err(|e| anyhow::anyhow!("exporting {image} from podman: {e}"))?;
             // podman names the archive's image by its reference; --index-name names it
-            // in full, as pods ask for it.
-            self.ctr(&["images", "import", "--index-name", image, &p(&archive)])
-                .map_err(|e| anyhow::anyhow!("importing {image} into the node: {e}"))?;
+            // in full, as pods ask for it. Once in about eight bring-ups on a loaded
+            // machine the unpack failed ("failed to resolve rootfs: content digest
+            // ... not found"; cause not found): the half-imported image is removed and
+            // the import tried once more.
+            let import = || self.ctr(&["images", "import", "--index-name", image, &p(&archive)]);
+            if let Err(first) = import() {
+                tracing::warn!(image, error = %first, "image import failed; retrying once");
+                let _ = self.ctr(&["images", "rm", image]);
+                import().map_err(|e| {
+                    anyhow::anyhow!(
+                        "importing {image} into the node: {e} (first attempt: {first}); containerd's log:\n{}",
+                        self.log_tail("containerd")
+                    )
+                })?;
+            }
             std::fs::remove_file(&archive)?;
         }
         Ok(())
