@@ -109,21 +109,10 @@ fn create_secrets(node: &KubeNode, o: &PlatformOptions<'_>) -> anyhow::Result<()
     write_private(&d.join("nats-password"), &o.keys.auth_password)?;
     write_private(&d.join("callout.json"), o.callout_enrollment)?;
     write_private(&d.join("operator.json"), o.operator_enrollment)?;
-    let f = |p: &Path| p.display().to_string();
     let ns = NAMESPACE;
     kubectl_ok(node, &["create", "namespace", ns], None)?;
-    kubectl_ok(
-        node,
-        &[
-            "create",
-            "configmap",
-            "iot-ca",
-            "-n",
-            ns,
-            &format!("--from-file=ca.crt={}", f(&o.ca.cert_file())),
-        ],
-        None,
-    )?;
+    let ca = o.ca.cert_file();
+    create_from_files(node, &["configmap", "iot-ca"], &[("ca.crt", &ca)])?;
     kubectl_ok(
         node,
         &[
@@ -134,55 +123,50 @@ fn create_secrets(node: &KubeNode, o: &PlatformOptions<'_>) -> anyhow::Result<()
             "-n",
             ns,
             "--cert",
-            &f(&crt),
+            &p(&crt),
             "--key",
-            &f(&key),
+            &p(&key),
         ],
         None,
     )?;
-    kubectl_ok(
+    create_from_files(
         node,
-        &[
-            "create",
-            "secret",
-            "generic",
-            "iot-nats-auth",
-            "-n",
-            ns,
-            &format!("--from-file=auth.conf={}", f(&d.join("auth.conf"))),
-        ],
-        None,
+        &["secret", "generic", "iot-nats-auth"],
+        &[("auth.conf", &d.join("auth.conf"))],
     )?;
-    kubectl_ok(
+    create_from_files(
         node,
+        &["secret", "generic", "iot-callout"],
         &[
-            "create",
-            "secret",
-            "generic",
-            "iot-callout",
-            "-n",
-            ns,
-            &format!("--from-file=issuer.seed={}", f(&issuer)),
-            &format!("--from-file=xkey.seed={}", f(&xkey)),
-            &format!("--from-file=nats-password={}", f(&d.join("nats-password"))),
-            &format!("--from-file=enrollment.json={}", f(&d.join("callout.json"))),
+            ("issuer.seed", &issuer),
+            ("xkey.seed", &xkey),
+            ("nats-password", &d.join("nats-password")),
+            ("enrollment.json", &d.join("callout.json")),
         ],
-        None,
     )?;
-    kubectl_ok(
+    create_from_files(
         node,
-        &[
-            "create",
-            "secret",
-            "generic",
-            "iot-operator-nats",
-            "-n",
-            ns,
-            &format!("--from-file=enrollment.json={}", f(&d.join("operator.json"))),
-        ],
-        None,
+        &["secret", "generic", "iot-operator-nats"],
+        &[("enrollment.json", &d.join("operator.json"))],
     )?;
     Ok(())
+}
+
+/// `kubectl create KIND... -n NAMESPACE --from-file=KEY=PATH...`.
+fn create_from_files(node: &KubeNode, kind_and_name: &[&str], files: &[(&str, &Path)]) -> anyhow::Result<()> {
+    let from: Vec<String> = files
+        .iter()
+        .map(|(k, path)| format!("--from-file={k}={}", p(path)))
+        .collect();
+    let mut args = vec!["create"];
+    args.extend_from_slice(kind_and_name);
+    args.extend(["-n", NAMESPACE]);
+    args.extend(from.iter().map(String::as_str));
+    kubectl_ok(node, &args, None).map(drop)
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
 }
 
 /// The `--set` values of chart `iot-nats` on this node.

@@ -43,7 +43,6 @@ pub struct NodeOptions {
 /// A running node. Dropping it tears it down.
 pub struct KubeNode {
     layout: Layout,
-    netns: String,
     ca: Ca,
     /// In start order; stopped in reverse, the kubelet first.
     processes: Vec<LoggedProcess>,
@@ -105,7 +104,7 @@ impl KubeNode {
             name: opts.name.clone(),
             owner: std::process::id(),
             dir: layout.dir.clone(),
-            netns: netns.clone(),
+            netns,
             cgroup_root: layout.cgroup_root.clone(),
             saved_sysctls: None,
             run_containerd_existed: Path::new("/run/containerd").exists(),
@@ -113,7 +112,6 @@ impl KubeNode {
         ledger.save()?;
         let mut me = Self {
             layout,
-            netns,
             ca,
             processes: Vec::new(),
             ledger,
@@ -130,8 +128,9 @@ impl KubeNode {
         }
         self.write_pki()?;
         // A leftover of a killed run under the same name is removed first.
-        host::delete_netns(&self.netns);
-        host::create_netns(&self.netns, &self.netns, &opts.uplink)?;
+        let netns = self.ledger.netns.clone();
+        host::delete_netns(&netns);
+        host::create_netns(&netns, &netns, &opts.uplink)?;
         host::create_cgroups(&l.cgroup_root)?;
 
         self.spawn(
@@ -282,7 +281,7 @@ impl KubeNode {
     fn write_pki(&self) -> anyhow::Result<()> {
         let l = &self.layout;
         let ip = l.node_ip.to_string();
-        let (crt, key) = self.ca.issue(
+        self.ca.issue(
             "apiserver",
             &[
                 &ip,
@@ -295,7 +294,6 @@ impl KubeNode {
                 "localhost",
             ],
         )?;
-        debug_assert!(crt.ends_with("apiserver.crt") && key.ends_with("apiserver.key"));
         self.ca.issue("kubelet", &[&ip, "127.0.0.1"])?;
         let inner = format!("https://127.0.0.1:{API_PORT}");
         let clients: [(&str, String, Option<&str>, &str); 5] = [
@@ -591,7 +589,7 @@ impl KubeNode {
     }
 
     pub fn netns_path(&self) -> String {
-        format!("/run/netns/{}", self.netns)
+        format!("/run/netns/{}", self.ledger.netns)
     }
 
     /// A command that runs in the node's network namespace.
