@@ -28,7 +28,7 @@ pub use score::{
     PodmanV0Score, PortMapping, Protocol, ResourceLimits, RestartPolicy, ScoreSlot,
 };
 pub use status::{
-    AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, RuntimeState, RuntimeStatus,
-    Severity,
+    AgentStatus, DeploymentPhase, EventEntry, EventRing, InventorySnapshot, Phase, PullProgress, PullState,
+    RuntimeState, RuntimeStatus, Severity,
 };
 pub use validate::{ScoreProblem, describe_problems, validate_score};

@@ -310,3 +310,41 @@ mod tests {
         Ok(())
     }
 }
+
+/// Subject prefix of registry pull-grant requests (`iot.registry.grant.<device>`).
+///
+/// A device asks before it pulls from the platform's registry. The operator, which
+/// writes every device's desired state, answers with a short-lived registry token
+/// for that device that allows `pull` on exactly the repositories its deployments
+/// name. The device hands it to podman as the registry password; nothing
+/// long-lived about the registry ever sits on the device.
+pub const REGISTRY_GRANT_PREFIX: &str = "iot.registry.grant";
+/// Queue group of the grant responders.
+pub const REGISTRY_GRANT_QUEUE: &str = "iot-registry-granters";
+
+/// Where `device` asks for a registry pull grant.
+pub fn registry_grant_subject(device: &Id) -> String {
+    format!("{REGISTRY_GRANT_PREFIX}.{device}")
+}
+
+/// The answer to a grant request (the request body is empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryGrant {
+    /// The registry token, to send as the password with the device id as user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// When it expires (seconds since the epoch).
+    #[serde(default)]
+    pub expires_at: i64,
+    /// The registries (`host:port`) the operator grants for; a pull from any other
+    /// goes without the grant.
+    #[serde(default)]
+    pub registries: Vec<String>,
+    /// `repository` names the token allows pulling.
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    /// Why there is no token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -91,6 +91,45 @@ pub struct DeploymentPhase {
     /// readers show it as unknown, never as a number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
+    /// The image pull the deployment waits for, while it waits: set from the moment
+    /// the agent starts pulling one of its images (and while a failed pull waits for
+    /// its retry) until the image is on the device. `None` from agents that predate
+    /// the field, and when no pull is involved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullProgress>,
+}
+
+/// How far the pull of one image got. Byte counts cover the layers whose size the
+/// registry told podman; small layers that finish within podman's one-second
+/// progress interval are only counted as layers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PullProgress {
+    pub image: String,
+    pub state: PullState,
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// `None` while some layer still downloading has not said its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
+    #[serde(default)]
+    pub layers_done: u32,
+    /// Layers (and the image's config blob) announced so far; more may follow.
+    #[serde(default)]
+    pub layers_total: u32,
+    /// When this attempt started, on the device's clock.
+    pub started_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum PullState {
+    /// Under way.
+    Pulling,
+    /// The last attempt failed (the deployment's `last_error` says why) and waits
+    /// for its retry; the counts are where it stopped.
+    Failed,
+    /// A state written by a newer agent that this reader does not know.
+    #[serde(other)]
+    Unknown,
 }
 
 impl DeploymentPhase {
@@ -106,6 +145,7 @@ impl DeploymentPhase {
             restores: 0,
             recent_restarts: 0,
             revision: None,
+            pull: None,
         }
     }
 }

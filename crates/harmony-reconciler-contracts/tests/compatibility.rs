@@ -79,6 +79,19 @@ fn older_agent_status_is_read_by_newer_reader() {
     );
     assert_eq!(status.runtime.state, RuntimeState::Unknown);
     assert_eq!(status.last_reconcile_at, None);
+    assert_eq!(phase.pull, None);
+}
+
+#[test]
+fn a_pull_state_from_a_newer_agent_reads_as_unknown() {
+    let phase: DeploymentPhase = serde_json::from_value(json!({
+        "phase": "Pending", "last_event_at": "2026-04-21T00:00:00Z",
+        "pull": {"image": "r.example/web:v2", "state": "Verifying", "started_at": "2026-04-21T00:00:00Z"}
+    }))
+    .expect("decodes");
+    let pull = phase.pull.expect("pull");
+    assert_eq!(pull.state, PullState::Unknown);
+    assert_eq!((pull.bytes_done, pull.bytes_total, pull.layers_total), (0, None, 0));
 }
 
 #[test]

@@ -120,6 +120,7 @@ fn agent_status_shape() {
                 restores: 1,
                 recent_restarts: 3,
                 revision: Some(7),
+                pull: None,
             },
         )]),
         recent_events: vec![EventEntry {
@@ -175,6 +176,58 @@ fn agent_status_shape() {
         "runtime": {"state": "Available"}
     });
     roundtrip(&status, expected);
+}
+
+#[test]
+fn pull_progress_shape() {
+    let mut phase = DeploymentPhase::new(Phase::Pending, None, None, t(5));
+    phase.detail = Some("pulling image registry.example.com:5000/web:v2".into());
+    phase.pull = Some(PullProgress {
+        image: "registry.example.com:5000/web:v2".into(),
+        state: PullState::Pulling,
+        bytes_done: 3_822_592,
+        bytes_total: Some(28_003_805),
+        layers_done: 1,
+        layers_total: 3,
+        started_at: t(1),
+    });
+    let expected = json!({
+        "phase": "Pending",
+        "spec_hash": null,
+        "last_error": null,
+        "last_event_at": "2027-01-15T08:00:05Z",
+        "detail": "pulling image registry.example.com:5000/web:v2",
+        "restarts": 0,
+        "restores": 0,
+        "recent_restarts": 0,
+        "pull": {
+            "image": "registry.example.com:5000/web:v2",
+            "state": "Pulling",
+            "bytes_done": 3_822_592,
+            "bytes_total": 28_003_805,
+            "layers_done": 1,
+            "layers_total": 3,
+            "started_at": "2027-01-15T08:00:01Z"
+        }
+    });
+    roundtrip(&phase, expected);
+    // An unknown total is left out; a failed attempt keeps where it stopped.
+    let failed = PullProgress {
+        image: "r.example/web:v2".into(),
+        state: PullState::Failed,
+        bytes_done: 0,
+        bytes_total: None,
+        layers_done: 0,
+        layers_total: 0,
+        started_at: t(1),
+    };
+    roundtrip(
+        &failed,
+        json!({
+            "image": "r.example/web:v2", "state": "Failed", "bytes_done": 0,
+            "layers_done": 0, "layers_total": 0, "started_at": "2027-01-15T08:00:01Z"
+        }),
+    );
 }
 
 #[test]

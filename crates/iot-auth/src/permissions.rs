@@ -27,8 +27,9 @@ use harmony_reconciler_contracts::Id;
 use harmony_reconciler_contracts::keys::{kv_stream_name, kv_subject};
 use harmony_reconciler_contracts::read::MAX_STATUS_BYTES;
 use harmony_reconciler_contracts::read::{
-    DESIRED_READ_PREFIX, STATUS_READ_PREFIX, STATUS_WRITE_PREFIX, ServiceRole, desired_read_subject,
-    device_inbox_prefix, service_inbox_prefix, status_read_subject, status_write_subject,
+    DESIRED_READ_PREFIX, REGISTRY_GRANT_PREFIX, STATUS_READ_PREFIX, STATUS_WRITE_PREFIX, ServiceRole,
+    desired_read_subject, device_inbox_prefix, registry_grant_subject, service_inbox_prefix, status_read_subject,
+    status_write_subject,
 };
 use harmony_reconciler_contracts::{AGENT_STATUS_BUCKET, DESIRED_STATE_BUCKET};
 
@@ -69,7 +70,11 @@ pub const CALLOUT_NATS_PERMISSIONS: &str = "{ publish: { allow: [\"_SVC_INBOX.ca
 pub fn permissions_for(identity: &Identity) -> Permissions {
     match identity {
         Identity::Device(id) => Permissions {
-            publish: vec![status_write_subject(id), desired_read_subject(id)],
+            publish: vec![
+                status_write_subject(id),
+                desired_read_subject(id),
+                registry_grant_subject(id),
+            ],
             subscribe: vec![
                 kv_subject(DESIRED_STATE_BUCKET, &format!("{id}.>")),
                 format!("{}.>", device_inbox_prefix(id)),
@@ -123,6 +128,7 @@ fn operator_permissions(name: &Id) -> Permissions {
         subscribe: vec![
             format!("{}.>", service_inbox_prefix(ServiceRole::Operator, name)),
             format!("{DESIRED_READ_PREFIX}.*"),
+            format!("{REGISTRY_GRANT_PREFIX}.*"),
             format!("{STATUS_WRITE_PREFIX}.*"),
             format!("{STATUS_READ_PREFIX}.*"),
         ],
@@ -149,7 +155,14 @@ mod tests {
     #[test]
     fn a_device_gets_its_own_subjects_and_nothing_else() {
         let p = permissions_for(&Identity::Device(id("pi-7")));
-        assert_eq!(p.publish, ["iot.status.write.pi-7", "iot.desired.read.pi-7"]);
+        assert_eq!(
+            p.publish,
+            [
+                "iot.status.write.pi-7",
+                "iot.desired.read.pi-7",
+                "iot.registry.grant.pi-7"
+            ]
+        );
         assert_eq!(p.subscribe, ["$KV.desired-state.pi-7.>", "_INBOX_pi-7.>"]);
         assert!(!p.respond);
         assert!(
@@ -210,6 +223,7 @@ mod tests {
             [
                 "_SVC_INBOX.operator.operator.>",
                 "iot.desired.read.*",
+                "iot.registry.grant.*",
                 "iot.status.write.*",
                 "iot.status.read.*"
             ]

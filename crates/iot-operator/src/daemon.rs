@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub http_addr: Option<SocketAddr>,
     /// Hold this Lease before writing anything (`None`: this is the only replica).
     pub leader_election: Option<crate::leader::LeaderElection>,
+    /// Signs registry pull grants for devices (`None`: no registry is managed).
+    pub registry: Option<Arc<crate::device_services::registry_grant::GrantSigner>>,
 }
 
 use iot_observe::supervise::{Tasks, next_ending};
@@ -325,6 +327,20 @@ async fn start(
         });
     }
 
+    if let Some(signer) = opts.registry.clone() {
+        // Grants read the same index as the read responder: a device's
+        // repositories are whatever its desired state names right now.
+        let client = conn.client.clone();
+        let counts = metrics.device_request_counts();
+        let source: Arc<dyn crate::device_services::desired_read::DesiredSource> = index.clone();
+        spawn_essential(tasks, "registry grant responder", async move {
+            if let Err(e) =
+                crate::device_services::registry_grant::serve_registry_grants(client, signer, source, counts).await
+            {
+                tracing::error!(error = %e, "registry grant responder stopped");
+            }
+        });
+    }
     readiness.set_not_ready("loading the desired-state and device indexes");
     let devices = Arc::new(DeviceIndex::default());
     {

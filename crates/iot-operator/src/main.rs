@@ -73,6 +73,51 @@ struct RunArgs {
     nats_service_name: String,
     #[command(flatten)]
     leader: LeaderArgs,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// The platform's private registry (README "Images and registries"): devices get
+/// short-lived pull grants for the repositories their deployments name.
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Registries (`host:port`, as image names spell them) whose tokens the signing
+    /// key below signs. Images elsewhere are pulled as before, without a grant.
+    #[arg(long = "registry", env = "IOT_REGISTRIES", value_delimiter = ',')]
+    registries: Vec<String>,
+    /// The P-256 key (PKCS#8 PEM) whose certificate is in the registry's
+    /// `auth.token.rootcertbundle`. Required with --registry.
+    #[arg(long, env = "IOT_REGISTRY_SIGNING_KEY")]
+    registry_signing_key: Option<std::path::PathBuf>,
+    /// The registry's `auth.token.issuer`.
+    #[arg(long, env = "IOT_REGISTRY_ISSUER", default_value = "iot-registry-token")]
+    registry_issuer: String,
+    /// The registry's `auth.token.service`.
+    #[arg(long, env = "IOT_REGISTRY_SERVICE", default_value = "iot-registry")]
+    registry_service: String,
+}
+
+impl RegistryArgs {
+    fn signer(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<iot_operator::device_services::registry_grant::GrantSigner>>> {
+        match (&self.registry_signing_key, self.registries.is_empty()) {
+            (None, true) => Ok(None),
+            (None, false) => anyhow::bail!("--registry needs --registry-signing-key (IOT_REGISTRY_SIGNING_KEY)"),
+            (Some(_), true) => anyhow::bail!("--registry-signing-key needs --registry: which registries it signs for"),
+            (Some(path), false) => {
+                let key = iot_registry::SigningKey::from_pem_file(path)?;
+                Ok(Some(std::sync::Arc::new(
+                    iot_operator::device_services::registry_grant::GrantSigner {
+                        key,
+                        issuer: self.registry_issuer.clone(),
+                        service: self.registry_service.clone(),
+                        registries: self.registries.iter().cloned().collect(),
+                    },
+                )))
+            }
+        }
+    }
 }
 
 /// Leader election on a coordination.k8s.io Lease: needed whenever more than one
@@ -184,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
                 kv_replicas: usize::from(args.kv_replicas),
                 http_addr: args.http_addr.0,
                 leader_election,
+                registry: args.registry.signer()?,
             };
             iot_operator::daemon::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
         }

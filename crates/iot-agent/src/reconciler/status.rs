@@ -67,6 +67,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let previous = self.phases.get(dep);
         let changed = !previous.is_some_and(|p| p.phase == phase && p.spec_hash == spec_hash && p.last_error == error);
         let before = previous.map(|p| p.phase);
+        // Which pull the deployment waits for is kept; `update_phases` sets it.
+        let pull = previous.and_then(|p| p.pull.clone());
         let last_event_at = match previous {
             Some(p) if !changed => p.last_event_at,
             _ => Utc::now(),
@@ -98,6 +100,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 restores: counts.restores,
                 recent_restarts: counts.recent,
                 revision,
+                pull,
             },
         );
     }

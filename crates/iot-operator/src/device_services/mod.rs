@@ -17,6 +17,7 @@
 
 pub mod desired_read;
 pub mod fair;
+pub mod registry_grant;
 pub mod status_relay;
 pub mod status_snapshot;
 
