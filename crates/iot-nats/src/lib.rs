@@ -24,6 +24,7 @@ pub mod desired_read;
 pub mod direct;
 pub mod error;
 pub mod follow;
+pub mod registry_grant;
 pub mod status_relay;
 pub mod status_snapshot;
 pub mod token_credentials;
