@@ -25,6 +25,11 @@ pub const REASON_WRITTEN: &str = "Written";
 pub const REASON_NATS_UNAVAILABLE: &str = "NatsUnavailable";
 pub const REASON_KUBERNETES_UNAVAILABLE: &str = "KubernetesUnavailable";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+/// A tag could not be resolved because the registry did not answer; the previous
+/// revision stays dispatched and the operator retries with backoff.
+pub const REASON_REGISTRY_UNAVAILABLE: &str = "RegistryUnavailable";
+/// The registry answered, and the tag cannot be resolved (no such tag, refused).
+pub const REASON_IMAGE_NOT_RESOLVED: &str = "ImageNotResolved";
 pub const REASON_ALL_RUNNING: &str = "AllDevicesRunning";
 pub const REASON_NO_REPORTS_YET: &str = "AwaitingReports";
 pub const REASON_DEVICES_FAILED: &str = "DevicesFailed";

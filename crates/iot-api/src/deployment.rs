@@ -74,6 +74,12 @@ pub struct DeploymentSpec {
 /// devices it was given for.
 pub const CONFIRM_SHRINK_ANNOTATION: &str = "iot.nationtech.io/confirm-shrink";
 
+/// A new value resolves the score's image tags again: tags are pinned to digests
+/// once per revision, so a tag that moves changes nothing until someone says so
+/// (`iotctl`-free: `kubectl annotate ... iot.nationtech.io/resolve-images=$(date +%s) --overwrite`).
+/// A tag that now names other bits makes a new revision, rolled out like any other.
+pub const RESOLVE_IMAGES_ANNOTATION: &str = "iot.nationtech.io/resolve-images";
+
 /// Shrink guard percentage when `spec.maxShrinkPercent` is not set.
 pub const DEFAULT_MAX_SHRINK_PERCENT: u32 = 20;
 
@@ -156,6 +162,18 @@ pub struct DeploymentStatus {
     /// `spec.rollout`). Written by the operator before it acts on a decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// The digest each image of `currentRevision` is pinned to (images on the
+    /// platform's registries; others run as named).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<PinnedImage>,
+}
+
+/// An image as the Deployment names it, and the digest devices run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedImage {
+    pub image: String,
+    pub digest: String,
 }
 
 /// Per-deployment fleet summary. Counts partition the targets:

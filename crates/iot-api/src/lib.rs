@@ -19,7 +19,7 @@ pub mod selector;
 
 pub use deployment::{
     AggregateStatus, CONFIRM_SHRINK_ANNOTATION, Deployment, DeploymentSpec, DeploymentStatus, DeviceError, DeviceEvent,
-    ErrorGroup, RevisionCount,
+    ErrorGroup, PinnedImage, RESOLVE_IMAGES_ANNOTATION, RevisionCount,
 };
 pub use device::{Device, DeviceInventory, DeviceSpec, DeviceStatus, PhaseCounts, REVOKED_ANNOTATION};
 pub use revision::{DeploymentRevision, DeploymentRevisionSpec, RolloutPlan, revision_name};

@@ -55,13 +55,26 @@ pub struct DeploymentRevisionSpec {
     pub revision: u64,
     /// The hash devices report once they run this score.
     pub spec_hash: String,
-    /// What ran, exactly as it was in the Deployment.
+    /// What ran: the Deployment's score, with the tags of images on the platform's
+    /// registries pinned to the digests they named when this revision was recorded.
     pub score: IotScore,
     /// For a Deployment with `spec.rollout`: which devices each batch of this
     /// revision's rollout holds, fixed when the revision was recorded (so a
     /// restarted operator dispatches the same devices in the same order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_plan: Option<RolloutPlan>,
+    /// Spec hash of the Deployment's score as written (tags unresolved): a
+    /// restarted operator finds the revision a score already has without asking
+    /// the registry again. Absent from revisions recorded before images were pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_hash: Option<String>,
+    /// The `iot.nationtech.io/resolve-images` annotation's value the tags were
+    /// resolved under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_for: Option<String>,
+    /// Image as the Deployment names it -> the digest it was pinned to.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<String, String>,
 }
 
 /// The devices of each batch, in batch order; the last batch holds the devices no

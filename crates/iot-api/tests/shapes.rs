@@ -61,8 +61,12 @@ fn status_is_camel_case_with_observed_generation() {
         observed_generation: Some(3),
         conditions: vec![],
         matched_devices: None,
-        current_revision: None,
+        current_revision: Some(4),
         rollout: None,
+        images: vec![iot_api::PinnedImage {
+            image: "reg:5000/iot/web:v1".into(),
+            digest: "sha256:d".into(),
+        }],
         aggregate: Some(AggregateStatus {
             observed_generation: Some(3),
             spec_hash: "abc".into(),
@@ -81,6 +85,8 @@ fn status_is_camel_case_with_observed_generation() {
         serde_json::to_value(&status).expect("encodes"),
         json!({
             "observedGeneration": 3,
+            "currentRevision": 4,
+            "images": [{"image": "reg:5000/iot/web:v1", "digest": "sha256:d"}],
             "aggregate": {
                 "observedGeneration": 3, "specHash": "abc", "targets": 2, "succeeded": 1,
                 "failed": 1, "pending": 0, "unreported": 0, "restarting": 0,

@@ -672,6 +672,9 @@ fn revision(deployment: &str, n: u64, score: IotScore) -> DeploymentRevision {
             spec_hash: score.spec_hash().to_string(),
             score,
             rollout_plan: None,
+            source_hash: None,
+            resolved_for: None,
+            images: Default::default(),
         },
     );
     r.metadata.labels = Some(labels(&[(DEPLOYMENT_LABEL, deployment)]));

@@ -22,6 +22,8 @@ pub enum WriteOutcome {
         /// Removals the shrink guard holds.
         held: Option<HeldRemovals>,
         revision: Option<u64>,
+        /// The current revision's pinned images (image as named -> digest).
+        images: std::collections::BTreeMap<String, String>,
     },
     Failed {
         reason: &'static str,
@@ -47,6 +49,7 @@ impl WriteOutcome {
             matched: None,
             held: None,
             revision: None,
+            images: Default::default(),
         }
     }
 }
@@ -111,16 +114,24 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
             ));
         }
     }
-    let (mut matched_devices, mut current_revision) = (None, None);
+    let (mut matched_devices, mut current_revision, mut pinned) = (None, None, Vec::new());
     if let Some(WriteOutcome::Written {
         matched,
         held,
         revision,
+        images,
         ..
     }) = inputs.last_written.as_ref().or(inputs.write.as_ref())
     {
         matched_devices = matched.map(|m| m as u32);
         current_revision = *revision;
+        pinned = images
+            .iter()
+            .map(|(image, digest)| iot_api::PinnedImage {
+                image: image.clone(),
+                digest: digest.clone(),
+            })
+            .collect();
         if matched.is_some() {
             let (status, reason, message) = match held {
                 Some(h) => (
@@ -162,6 +173,7 @@ pub fn build_status(live: Option<&DeploymentStatus>, inputs: &StatusInputs, now:
         matched_devices,
         current_revision,
         rollout: None,
+        images: pinned,
     }
 }
 

@@ -14,7 +14,10 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt as _;
 use harmony_reconciler_contracts::{DESIRED_STATE_BUCKET, DeploymentRef};
-use iot_api::conditions::{REASON_INVALID_SPEC, REASON_KUBERNETES_UNAVAILABLE, REASON_NATS_UNAVAILABLE};
+use iot_api::conditions::{
+    REASON_IMAGE_NOT_RESOLVED, REASON_INVALID_SPEC, REASON_KUBERNETES_UNAVAILABLE, REASON_NATS_UNAVAILABLE,
+    REASON_REGISTRY_UNAVAILABLE,
+};
 use iot_api::{CONFIRM_SHRINK_ANNOTATION, Deployment, Device};
 use iot_nats::write::{DEFAULT_WINDOW, write_batch};
 use kube::runtime::Predicate;
@@ -26,7 +29,7 @@ use kube::{Api, ResourceExt};
 
 use crate::conditions::{HeldRemovals, WriteOutcome};
 use crate::desired_index::DesiredIndex;
-use crate::kv_plan::{payload, plan_apply_each, plan_cleanup, target_ids, without_paused};
+use crate::kv_plan::{plan_apply_each, plan_cleanup, target_ids, without_paused};
 use crate::metrics::OperatorMetrics;
 use crate::revisions::Revisions;
 use crate::status_writer::StatusInbox;
@@ -57,6 +60,14 @@ pub enum Error {
     Revision(#[from] crate::revisions::RevisionError),
     #[error(transparent)]
     RolloutStatus(#[from] crate::rollout_write::RolloutWriteError),
+    /// A tag of a new revision could not be resolved: nothing was recorded or
+    /// written, so the devices keep the previous revision.
+    #[error("{source}; the devices keep the revision they run until it resolves")]
+    Images {
+        deployment: DeploymentRef,
+        #[source]
+        source: iot_registry::resolve::ResolveError,
+    },
 }
 
 impl Error {
@@ -66,6 +77,7 @@ impl Error {
             Error::NoNamespace | Error::Invalid(_) => "invalid",
             Error::NatsNotReady(_) | Error::Nats { .. } => "nats",
             Error::Finalizer(_) | Error::DevicesNotReady | Error::Revision(_) | Error::RolloutStatus(_) => "kubernetes",
+            Error::Images { .. } => "registry",
         }
     }
 }
@@ -83,6 +95,8 @@ pub struct Ctx {
     /// What each reconcile decided, for the aggregator and the Device watch.
     pub book: Arc<TargetBook>,
     revisions: Revisions,
+    /// Pins image tags on the platform's registries (`None`: none is managed).
+    pub pinner: crate::images::SharedPinner,
     rollouts: crate::rollout_write::Rollouts,
     ledger: ShrinkLedger,
     failures: Mutex<HashMap<DeploymentRef, u32>>,
@@ -112,6 +126,7 @@ impl Ctx {
             devices: fleet.devices,
             book: fleet.book,
             revisions: Revisions::default(),
+            pinner: None,
             rollouts,
             ledger: ShrinkLedger::default(),
             failures: Mutex::new(HashMap::new()),
@@ -253,7 +268,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
     };
     let current = ctx
         .revisions
-        .ensure(&ctx.client, obj, dep, || {
+        .ensure(&ctx.client, obj, dep, ctx.pinner.as_deref(), || {
             let spec = obj.spec.rollout.as_ref()?;
             let batches = crate::rollout_plan::plan_batches(dep, spec, &targets, &labels);
             Some(iot_api::RolloutPlan {
@@ -266,7 +281,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         .await?;
     let revision = current.number;
     let paused = paused_devices(&ctx.devices);
-    let new_payload = payload(dep, &obj.spec, Some(revision));
+    let new_payload = crate::kv_plan::payload_of(dep, &current.score, Some(revision));
     let mut requeue = ctx.resync;
     let mut rollout_status = None;
     let desired: std::collections::BTreeMap<harmony_reconciler_contracts::Id, bytes::Bytes> =
@@ -289,6 +304,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
                     plan: rollout_plan,
                     targets: &targets,
                     new_payload: &new_payload,
+                    spec_hash: &current.spec_hash,
                     stable,
                     existing: &stored,
                     labels: &labels,
@@ -332,6 +348,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             Resolved {
                 targets: during,
                 revision: Some(revision),
+                spec_hash: Some(current.spec_hash.clone()),
             },
         );
         tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), revision, "writing desired state");
@@ -355,6 +372,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
         Resolved {
             targets,
             revision: Some(revision),
+            spec_hash: Some(current.spec_hash.clone()),
         },
     );
     ctx.status.written(
@@ -365,6 +383,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             matched,
             held,
             revision: Some(revision),
+            images: current.images.clone(),
         },
     );
     Ok(Action::requeue(requeue))
@@ -480,6 +499,8 @@ pub fn error_policy(obj: Arc<Deployment>, err: &Error, ctx: Arc<Ctx>) -> Action 
         // The inventory loads within moments of a start: not worth a status flap.
         Error::DevicesNotReady => None,
         Error::Revision(_) | Error::RolloutStatus(_) => Some(REASON_KUBERNETES_UNAVAILABLE),
+        Error::Images { source, .. } if source.is_transient() => Some(REASON_REGISTRY_UNAVAILABLE),
+        Error::Images { .. } => Some(REASON_IMAGE_NOT_RESOLVED),
         _ => None,
     };
     if let Some(reason) = reason {

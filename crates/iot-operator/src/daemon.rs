@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub leader_election: Option<crate::leader::LeaderElection>,
     /// Signs registry pull grants for devices (`None`: no registry is managed).
     pub registry: Option<Arc<crate::device_services::registry_grant::GrantSigner>>,
+    /// Resolves the managed registries' tags to digests (set with `registry`).
+    pub pinner: crate::images::SharedPinner,
 }
 
 use iot_observe::supervise::{Tasks, next_ending};
@@ -410,15 +412,7 @@ async fn start(
             staleness: harmony_reconciler_contracts::report::Staleness::after(opts.aggregator.stale_after),
         },
     );
-    let ctx = Arc::new(Ctx::new(
-        client,
-        js,
-        index,
-        inbox,
-        opts.resync,
-        metrics,
-        fleet,
-        rollouts,
-    ));
-    Ok((controller, ctx))
+    let mut ctx = Ctx::new(client, js, index, inbox, opts.resync, metrics, fleet, rollouts);
+    ctx.pinner = opts.pinner.clone();
+    Ok((controller, Arc::new(ctx)))
 }

@@ -24,6 +24,7 @@ pub mod device_services;
 pub mod device_status;
 pub mod fleet_aggregate;
 pub mod gc;
+pub mod images;
 pub mod install;
 pub mod kv_plan;
 pub mod leader;

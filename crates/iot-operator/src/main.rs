@@ -95,28 +95,42 @@ struct RegistryArgs {
     /// The registry's `auth.token.service`.
     #[arg(long, env = "IOT_REGISTRY_SERVICE", default_value = "iot-registry")]
     registry_service: String,
+    /// PEM file of the CA that signed the registries' TLS certificates (the
+    /// system's roots without it), for resolving tags to digests.
+    #[arg(long, env = "IOT_REGISTRY_CA_FILE")]
+    registry_ca_file: Option<std::path::PathBuf>,
 }
 
+type Signer = std::sync::Arc<iot_operator::device_services::registry_grant::GrantSigner>;
+
 impl RegistryArgs {
-    fn signer(
-        &self,
-    ) -> anyhow::Result<Option<std::sync::Arc<iot_operator::device_services::registry_grant::GrantSigner>>> {
-        match (&self.registry_signing_key, self.registries.is_empty()) {
-            (None, true) => Ok(None),
+    /// The grant signer and the tag resolver, both from the one signing key.
+    fn parts(&self) -> anyhow::Result<(Option<Signer>, iot_operator::images::SharedPinner)> {
+        let path = match (&self.registry_signing_key, self.registries.is_empty()) {
+            (None, true) => return Ok((None, None)),
             (None, false) => anyhow::bail!("--registry needs --registry-signing-key (IOT_REGISTRY_SIGNING_KEY)"),
             (Some(_), true) => anyhow::bail!("--registry-signing-key needs --registry: which registries it signs for"),
-            (Some(path), false) => {
-                let key = iot_registry::SigningKey::from_pem_file(path)?;
-                Ok(Some(std::sync::Arc::new(
-                    iot_operator::device_services::registry_grant::GrantSigner {
-                        key,
-                        issuer: self.registry_issuer.clone(),
-                        service: self.registry_service.clone(),
-                        registries: self.registries.iter().cloned().collect(),
-                    },
-                )))
-            }
-        }
+            (Some(path), false) => path,
+        };
+        let registries: std::collections::BTreeSet<String> = self.registries.iter().cloned().collect();
+        let signer = iot_operator::device_services::registry_grant::GrantSigner {
+            key: iot_registry::SigningKey::from_pem_file(path)?,
+            issuer: self.registry_issuer.clone(),
+            service: self.registry_service.clone(),
+            registries: registries.clone(),
+        };
+        let ca = match &self.registry_ca_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?),
+            None => None,
+        };
+        let resolver = iot_registry::resolve::Resolver::new(
+            ca.as_deref(),
+            std::sync::Arc::new(iot_registry::SigningKey::from_pem_file(path)?),
+            &self.registry_issuer,
+            &self.registry_service,
+        )?;
+        let pinner = iot_operator::images::ImagePinner::new(resolver, registries);
+        Ok((Some(std::sync::Arc::new(signer)), Some(std::sync::Arc::new(pinner))))
     }
 }
 
@@ -201,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Run(args) => {
             let leader_election = args.leader.election()?;
+            let (registry, pinner) = args.registry.parts()?;
             let client = kube_client().await?;
             let opts = iot_operator::daemon::RunOptions {
                 nats_url: args.nats.nats_url.clone(),
@@ -229,7 +244,8 @@ async fn main() -> anyhow::Result<()> {
                 kv_replicas: usize::from(args.kv_replicas),
                 http_addr: args.http_addr.0,
                 leader_election,
-                registry: args.registry.signer()?,
+                registry,
+                pinner,
             };
             iot_operator::daemon::run(client, args.nats.credentials()?, opts, shutdown_signal()).await
         }

@@ -15,9 +15,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use harmony_reconciler_contracts::{DeploymentRef, SpecHash};
 use iot_api::revision::{DEPLOYMENT_LABEL, deployment_label_value, revisions_of};
-use iot_api::{Deployment, DeploymentRevision, DeploymentRevisionSpec, IotScore, RolloutPlan, revision_name};
+use iot_api::{
+    Deployment, DeploymentRevision, DeploymentRevisionSpec, IotScore, RESOLVE_IMAGES_ANNOTATION, RolloutPlan,
+    revision_name,
+};
+
+use crate::images::{ImagePinner, Pinned};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Resource, ResourceExt};
 
 /// What the revision step decided.
@@ -62,19 +67,34 @@ pub struct CurrentRevision {
     pub number: u64,
     /// Its rollout's batches (deployments with `spec.rollout` when it was recorded).
     pub plan: Option<Arc<RolloutPlan>>,
+    /// What devices run: the score with its managed images pinned.
+    pub score: Arc<IotScore>,
+    /// The hash devices report once they run it.
+    pub spec_hash: SpecHash,
+    /// Image as named -> digest.
+    pub images: std::collections::BTreeMap<String, String>,
+}
+
+/// What a revision is found again by: the score as written and the
+/// resolve-images annotation's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Source {
+    hash: SpecHash,
+    resolved_for: Option<String>,
 }
 
 /// Revisions as the write path sees them.
 #[derive(Default)]
 pub struct Revisions {
-    /// Deployment -> (score hash, its revision) as last recorded by this process.
-    known: Mutex<HashMap<DeploymentRef, (SpecHash, CurrentRevision)>>,
+    /// Deployment -> (its score as written, its revision) as last recorded by this
+    /// process.
+    known: Mutex<HashMap<DeploymentRef, (Source, CurrentRevision)>>,
     /// Scores of revisions read so far, for rollbacks: revisions never change.
     scores: Mutex<HashMap<(DeploymentRef, u64), IotScore>>,
 }
 
 impl Revisions {
-    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, (SpecHash, CurrentRevision)>> {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<DeploymentRef, (Source, CurrentRevision)>> {
         self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -108,16 +128,24 @@ impl Revisions {
 
     /// The current score's revision, recording a new revision (and pruning old
     /// ones) when the score changed. `plan` gives a new revision's rollout batches.
+    ///
+    /// Tags are resolved (`pinner`) only for a score no revision has under the
+    /// current resolve-images annotation: a restart, a resync or a moved tag never
+    /// asks the registry again.
     pub async fn ensure(
         &self,
         client: &kube::Client,
         obj: &Deployment,
         dep: &DeploymentRef,
+        pinner: Option<&ImagePinner>,
         plan: impl FnOnce() -> Option<RolloutPlan>,
-    ) -> Result<CurrentRevision, RevisionError> {
-        let hash = obj.spec.score.spec_hash();
-        if let Some((h, current)) = self.known().get(dep)
-            && *h == hash
+    ) -> Result<CurrentRevision, crate::controller::Error> {
+        let source = Source {
+            hash: obj.spec.score.spec_hash(),
+            resolved_for: obj.annotations().get(RESOLVE_IMAGES_ANNOTATION).cloned(),
+        };
+        if let Some((s, current)) = self.known().get(dep)
+            && *s == source
         {
             return Ok(current.clone());
         }
@@ -146,6 +174,32 @@ impl Revisions {
             }
         }
         let rollout_plan = plan;
+        let recorded = list
+            .items
+            .iter()
+            .filter(|r| {
+                r.spec.source_hash.as_deref() == Some(source.hash.as_str())
+                    && r.spec.resolved_for == source.resolved_for
+            })
+            .max_by_key(|r| r.spec.revision);
+        let pinned = match (recorded, pinner) {
+            (Some(r), _) => Pinned {
+                score: r.spec.score.clone(),
+                images: r.spec.images.clone(),
+            },
+            (None, Some(p)) => p
+                .pin(&obj.spec.score)
+                .await
+                .map_err(|e| crate::controller::Error::Images {
+                    deployment: dep.clone(),
+                    source: e,
+                })?,
+            (None, None) => Pinned {
+                score: obj.spec.score.clone(),
+                images: Default::default(),
+            },
+        };
+        let hash = pinned.score.spec_hash();
         let plan = plan_revision(&existing, hash.as_str(), obj.spec.revision_history_limit(), floor);
         let mut batches = list
             .items
@@ -175,13 +229,16 @@ impl Revisions {
                 spec: DeploymentRevisionSpec {
                     revision: plan.current,
                     spec_hash: hash.to_string(),
-                    score: obj.spec.score.clone(),
+                    score: pinned.score.clone(),
                     rollout_plan: batches.clone(),
+                    source_hash: Some(source.hash.to_string()),
+                    resolved_for: source.resolved_for.clone(),
+                    images: pinned.images.clone(),
                 },
             };
             match api.create(&PostParams::default(), &revision).await {
                 Ok(_) => {
-                    tracing::info!(deployment = %dep, revision = plan.current, spec_hash = %hash, "recorded a new revision")
+                    tracing::info!(deployment = %dep, revision = plan.current, spec_hash = %hash, images = ?pinned.images, "recorded a new revision")
                 }
                 // Left by an earlier attempt whose answer was lost: only the same
                 // score may be reused; anything else is retried from a fresh list.
@@ -191,14 +248,31 @@ impl Revisions {
                         .await
                         .map_err(|e| fail(format!("cannot read back: {e}")))?;
                     if theirs.spec.spec_hash != hash.as_str() {
-                        return Err(fail(format!(
-                            "revision {} exists with another score; retrying",
-                            plan.current
-                        )));
+                        return Err(
+                            fail(format!("revision {} exists with another score; retrying", plan.current)).into(),
+                        );
                     }
                     batches = theirs.spec.rollout_plan;
                 }
-                Err(e) => return Err(fail(format!("cannot create revision {}: {e}", plan.current))),
+                Err(e) => return Err(fail(format!("cannot create revision {}: {e}", plan.current)).into()),
+            }
+        } else if let Some(r) = list.items.iter().find(|r| r.spec.revision == plan.current)
+            && (r.spec.source_hash.as_deref() != Some(source.hash.as_str())
+                || r.spec.resolved_for != source.resolved_for)
+        {
+            // The same bits under another source (tags re-resolved to the digests
+            // they had, or a revision recorded before pinning): remember the source,
+            // so that a restart finds this revision without asking the registry.
+            let patch = serde_json::json!({"spec": {
+                "sourceHash": source.hash.as_str(),
+                "resolvedFor": source.resolved_for,
+                "images": pinned.images,
+            }});
+            if let Err(e) = api
+                .patch(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(deployment = %dep, revision = plan.current, error = %e, "cannot record the revision's source");
             }
         }
         for n in &plan.prune {
@@ -210,13 +284,15 @@ impl Revisions {
                 Err(e) => tracing::warn!(deployment = %dep, revision = n, error = %e, "cannot prune an old revision"),
             }
         }
-        self.scores()
-            .insert((dep.clone(), plan.current), obj.spec.score.clone());
+        self.scores().insert((dep.clone(), plan.current), pinned.score.clone());
         let current = CurrentRevision {
             number: plan.current,
             plan: batches.map(Arc::new),
+            score: Arc::new(pinned.score),
+            spec_hash: hash,
+            images: pinned.images,
         };
-        self.known().insert(dep.clone(), (hash, current.clone()));
+        self.known().insert(dep.clone(), (source, current.clone()));
         Ok(current)
     }
 

@@ -82,6 +82,8 @@ pub struct StepContext<'a> {
     pub plan: &'a RolloutPlan,
     pub targets: &'a BTreeSet<Id>,
     pub new_payload: &'a Bytes,
+    /// The hash devices report once they run the new revision.
+    pub spec_hash: &'a harmony_reconciler_contracts::SpecHash,
     /// The stable (last good) revision's payload, when its score is known.
     pub stable: Option<(u64, Bytes)>,
     pub existing: &'a BTreeMap<Id, (Bytes, chrono::DateTime<Utc>)>,
@@ -129,7 +131,7 @@ impl Rollouts {
     /// Runs one step and maps its decision onto payloads.
     pub fn step(&self, cx: &StepContext<'_>) -> Stepped {
         let now = Utc::now();
-        let spec_hash = cx.obj.spec.score.spec_hash();
+        let spec_hash = cx.spec_hash.clone();
         let default_spec = iot_api::RolloutSpec::default();
         let spec = cx.obj.spec.rollout.as_ref().unwrap_or(&default_spec);
         let plan: Vec<Vec<Id>> = cx

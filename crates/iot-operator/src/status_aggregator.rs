@@ -85,13 +85,14 @@ pub async fn run_aggregator(
                 // listed devices, and a selector deployment waits.
                 let resolved = fleet.book.get(&dep);
                 let listed;
-                let (targets, revision) = match &resolved {
-                    Some(r) => (&r.targets, r.revision),
+                let raw_hash = obj.spec.score.spec_hash();
+                let (targets, revision, spec_hash) = match &resolved {
+                    Some(r) => (&r.targets, r.revision, r.spec_hash.as_ref().unwrap_or(&raw_hash)),
                     None if obj.spec.selector.is_some() => continue,
                     None => match obj.spec.target_ids() {
                         Ok(t) => {
                             listed = t;
-                            (&listed, None)
+                            (&listed, None, &raw_hash)
                         }
                         Err(_) => continue,
                     },
@@ -100,7 +101,7 @@ pub async fn run_aggregator(
                     AggregateInput {
                         deployment: &dep,
                         generation: obj.metadata.generation,
-                        spec_hash: &obj.spec.score.spec_hash(),
+                        spec_hash,
                         targets,
                         revision,
                     },

@@ -150,6 +150,9 @@ impl ShrinkLedger {
 pub struct Resolved {
     pub targets: BTreeSet<Id>,
     pub revision: Option<u64>,
+    /// The hash devices report once they run the current revision (its images
+    /// pinned); `None` before the write path decided.
+    pub spec_hash: Option<harmony_reconciler_contracts::SpecHash>,
 }
 
 /// The write path's latest decision per deployment, shared with the aggregator

@@ -97,10 +97,13 @@ fn a_failed_write_keeps_the_revision_and_the_held_removals_of_the_last_good_one(
             name: "web".into(),
         }),
         revision: Some(7),
+        images: [("reg:5000/iot/web:v1".to_owned(), "sha256:abc".to_owned())].into(),
     };
+    // The registry is down while a new revision's tag is resolved: the status
+    // keeps the revision and digests the devices run.
     let failed = WriteOutcome::Failed {
-        reason: iot_api::conditions::REASON_NATS_UNAVAILABLE,
-        message: "NATS is not available yet".into(),
+        reason: iot_api::conditions::REASON_REGISTRY_UNAVAILABLE,
+        message: "registry reg:5000 is unreachable: connection refused".into(),
     };
     let inputs = StatusInputs {
         write_generation: Some(3),
@@ -110,8 +113,19 @@ fn a_failed_write_keeps_the_revision_and_the_held_removals_of_the_last_good_one(
         rollout: None,
     };
     let s = build_status(None, &inputs, Utc::now());
-    assert_eq!(cond(&s, DESIRED_STATE_WRITTEN).status, "False");
+    let written_cond = cond(&s, DESIRED_STATE_WRITTEN);
+    assert_eq!(
+        (written_cond.status.as_str(), written_cond.reason.as_str()),
+        ("False", "RegistryUnavailable")
+    );
     assert_eq!(s.current_revision, Some(7));
+    assert_eq!(
+        s.images,
+        [iot_api::PinnedImage {
+            image: "reg:5000/iot/web:v1".into(),
+            digest: "sha256:abc".into()
+        }]
+    );
     assert_eq!(s.matched_devices, Some(2));
     let held = cond(&s, iot_api::conditions::REMOVALS_HELD);
     assert_eq!(held.status, "True");
