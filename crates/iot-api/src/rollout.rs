@@ -58,6 +58,13 @@ pub struct RolloutSpec {
     /// rollout started. Within a batch, dispatch waits for room. Default: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<IntOrString>,
+    /// How many devices may be pulling the new revision's images at once: a device
+    /// holds a slot from dispatch until it reports the revision Running or failed.
+    /// The rest of the batch waits (`pendingPull`). Keeps a shop's uplink and the
+    /// registry from meeting the whole fleet at once. Default: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent_pulls: Option<u32>,
     /// Fails the rollout as soon as this share of the completed devices failed,
     /// checked at every report across all batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -382,6 +389,10 @@ pub struct BatchStatus {
     /// updated when they return if the rollout still allows it.
     #[serde(default)]
     pub pending_offline: u32,
+    /// Online devices of a started batch waiting for room to be dispatched: a pull
+    /// slot (`maxConcurrentPulls`) or `maxUnavailable`.
+    #[serde(default)]
+    pub pending_pull: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
     /// When the batch passed its gate (its bake time counts from here).

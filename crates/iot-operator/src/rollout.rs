@@ -379,6 +379,12 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
             // Dispatch what there is room for.
             let unavailable = out.values().filter(|o| **o != Outcome::Succeeded).count();
             let room = max_unavailable.map_or(usize::MAX, |m| m.saturating_sub(unavailable));
+            // A device pulls from dispatch until it reports Running or failed.
+            let pulling = out.values().filter(|o| **o == Outcome::Updating).count();
+            let pull_room = spec
+                .max_concurrent_pulls
+                .map_or(usize::MAX, |n| (n as usize).saturating_sub(pulling));
+            let room = room.min(pull_room);
             for d in waiting.iter().take(room) {
                 dispatched.insert(d.clone(), now);
                 decision.dispatch.insert(d.clone());
@@ -395,6 +401,15 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
                 resume_progress(&mut st, now);
                 st.phase = RolloutPhase::Progressing;
                 st.message = format!("batch {} of {}: updating", k + 1, batches.len());
+                let held = waiting.len().saturating_sub(room);
+                if held > 0
+                    && let Some(n) = spec.max_concurrent_pulls
+                    && pull_room <= room
+                {
+                    st.message.push_str(&format!(
+                        "; {held} device(s) wait for a pull slot (maxConcurrentPulls {n})"
+                    ));
+                }
                 break;
             }
             let dispatched_k = in_batch.iter().filter(|d| dispatched.contains_key(**d)).count();
@@ -534,8 +549,12 @@ fn finish(
                     || view
                         .report
                         .is_none_or(|r| input.staleness.is_stale(r.received_at, input.now));
-                if started && offline && !st.phase.is_final() {
-                    b.pending_offline += 1;
+                if started && !st.phase.is_final() {
+                    if offline {
+                        b.pending_offline += 1;
+                    } else if st.phase == RolloutPhase::Progressing {
+                        b.pending_pull += 1;
+                    }
                 }
                 continue;
             };

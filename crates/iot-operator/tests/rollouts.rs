@@ -371,6 +371,34 @@ fn max_unavailable_caps_devices_updating_at_once() {
 }
 
 #[test]
+fn max_concurrent_pulls_holds_the_rest_as_pending_pull_and_a_failed_pull_frees_its_slot() {
+    let mut spec = batches(vec![count(6)]);
+    spec.max_concurrent_pulls = Some(2);
+    spec.batches[0].success_threshold = Some(0);
+    let mut f = Fleet::new(spec, &[&["d0", "d1", "d2", "d3", "d4", "d5"]]);
+    let first = f.step().dispatch;
+    assert_eq!(first.len(), 2);
+    let st = f.status.clone().expect("status");
+    assert_eq!(st.batches[0].pending_pull, 4);
+    assert!(
+        st.message
+            .contains("4 device(s) wait for a pull slot (maxConcurrentPulls 2)"),
+        "{}",
+        st.message
+    );
+    // Acknowledged but still pulling: the slot stays taken.
+    f.dispatched_say(Says::NewPending);
+    assert!(f.step().dispatch.is_empty(), "both slots are pulling");
+    // One finished, one failed its pull: both slots are free.
+    let mut held: Vec<Id> = first.into_iter().collect();
+    let done = held.remove(0);
+    f.says(done.as_str(), Says::NewRunning);
+    f.says(held[0].as_str(), Says::NewFailed);
+    assert_eq!(f.step().dispatch.len(), 2);
+    assert_eq!(f.status.as_ref().map(|s| s.batches[0].pending_pull), Some(2));
+}
+
+#[test]
 fn the_failure_threshold_is_checked_across_batches_at_every_step() {
     let mut spec = batches(vec![count(6)]);
     spec.batches[0].success_threshold = Some(0);
