@@ -14,7 +14,7 @@ pub use iot_launch::{
     OpenBao, PodmanService, TlsMode, apiserver, auth, free_port, http, kube_apiserver, nats, nats_cluster, oidc, paths,
     run_captured, wait_until,
 };
-pub use netns::NetNs;
+pub use netns::{Bridge, NetNs};
 pub use partition::PartitionProxy;
 pub use podman::{DeviceContainers, podman_cli};
 pub use process::{cargo_bin, unique_id};
