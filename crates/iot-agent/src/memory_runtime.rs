@@ -9,6 +9,7 @@ use std::time::Duration;
 use harmony_reconciler_contracts::Id;
 use tokio::sync::mpsc;
 
+use crate::images::{PullCounts, PullError};
 use crate::runtime::{
     ContainerHealth, ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError, RuntimeEvent,
     RuntimeEventKind,
@@ -23,6 +24,12 @@ struct Inner {
     /// Images a pull can fetch (after `pull_delay`).
     pullable: Vec<String>,
     pull_delay: Duration,
+    /// Progress reports of each pull, spread over `pull_delay`, and the bytes
+    /// they count up to.
+    pull_steps: u32,
+    pull_bytes: u64,
+    /// Pulls of these images fail with this podman message.
+    pull_failures: BTreeMap<String, String>,
     /// Images whose containers exit with code 1 as soon as they start.
     crashing: Vec<String>,
     /// Every create fails (a port held by something else, say).
@@ -68,6 +75,26 @@ impl MemoryRuntime {
             inner.pull_delay = delay;
         }
         self
+    }
+
+    /// Each pull reports its progress `steps` times, evenly over its delay, up to
+    /// `bytes` in one layer.
+    pub fn with_pull_progress(self, steps: u32, bytes: u64) -> Self {
+        {
+            let mut inner = self.lock();
+            inner.pull_steps = steps;
+            inner.pull_bytes = bytes;
+        }
+        self
+    }
+
+    /// Makes pulls of `image` fail with podman's `message` (`None`: as before).
+    pub fn set_pull_failure(&self, image: &str, message: Option<&str>) {
+        let mut inner = self.lock();
+        match message {
+            Some(m) => inner.pull_failures.insert(image.to_owned(), m.to_owned()),
+            None => inner.pull_failures.remove(image),
+        };
     }
 
     /// Containers of these images exit with code 1 right after they start.
@@ -218,16 +245,37 @@ impl ContainerRuntime for MemoryRuntime {
         Ok(inner.images.iter().any(|i| i == image))
     }
 
-    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
-        self.answer().await?;
-        let delay = self.check(format!("pull {image}"))?.pull_delay;
-        tokio::time::sleep(delay).await;
+    async fn pull(&self, image: &str, progress: &(dyn Fn(PullCounts) + Send + Sync)) -> Result<(), PullError> {
+        let fail = |e: RuntimeError| PullError::Other {
+            image: image.to_owned(),
+            detail: e.message,
+        };
+        self.answer().await.map_err(fail)?;
+        let (delay, steps, bytes) = {
+            let inner = self.check(format!("pull {image}")).map_err(fail)?;
+            (inner.pull_delay, inner.pull_steps, inner.pull_bytes)
+        };
+        if steps == 0 {
+            tokio::time::sleep(delay).await;
+        }
+        for step in 1..=steps {
+            tokio::time::sleep(delay / steps).await;
+            progress(PullCounts {
+                bytes_done: bytes / u64::from(steps) * u64::from(step),
+                bytes_total: Some(bytes),
+                layers_done: u32::from(step == steps),
+                layers_total: 1,
+            });
+        }
         let mut inner = self.lock();
+        if let Some(message) = inner.pull_failures.get(image) {
+            return Err(PullError::classify(image, message));
+        }
         if inner.pullable.iter().any(|i| i == image) {
             inner.images.push(image.to_owned());
             Ok(())
         } else {
-            Err(RuntimeError::new(format!("{image}: manifest unknown")))
+            Err(PullError::classify(image, &format!("{image}: manifest unknown")))
         }
     }
 

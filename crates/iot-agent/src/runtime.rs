@@ -10,8 +10,13 @@ use std::time::Duration;
 use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash};
 use tokio::sync::mpsc;
 
+use crate::images::{PullCounts, PullError};
 use crate::labels;
-use crate::podman::{CreateSpec, PodmanClient, PodmanError, PodmanEvent, PortMappingSpec};
+use crate::podman::{CreateSpec, PodmanClient, PodmanError, PodmanEvent, PortMappingSpec, PullLimits, RegistryAuth};
+
+/// Default of [`PullLimits::stall`]: a layer's last progress line comes only after
+/// podman wrote it to storage, which for a large layer on an SD card takes minutes.
+pub const DEFAULT_PULL_STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Observed state of a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,8 +145,13 @@ pub trait ContainerRuntime: Clone + Send + Sync + 'static {
     /// Every container labelled as managed by the agent for `device`.
     fn list(&self, device: &Id) -> impl Future<Output = Result<Vec<ObservedContainer>, RuntimeError>> + Send;
     fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
-    /// Fetches an image from its registry. May take minutes.
-    fn pull(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Fetches an image from its registry, calling `progress` as it goes. May take
+    /// minutes.
+    fn pull(
+        &self,
+        image: &str,
+        progress: &(dyn Fn(PullCounts) + Send + Sync),
+    ) -> impl Future<Output = Result<(), PullError>> + Send;
     /// Creates (does not start) a container; returns its id. The image must be present.
     fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
@@ -163,15 +173,48 @@ pub trait ContainerRuntime: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 }
 
+/// Where the agent gets registry credentials from, per pull: they are short-lived,
+/// so they are asked for each time and never kept.
+pub trait RegistryCredentials: Send + Sync {
+    /// Credentials for `registry` (`host[:port]` as the image names it), or `None`
+    /// to pull without. Only asked for images that name a registry other than
+    /// plain `localhost`.
+    fn credentials<'a>(
+        &'a self,
+        registry: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<RegistryAuth>, String>>;
+}
+
+/// The registry whose credentials a pull of `image` needs: none for a bare name
+/// (`nginx`) or a local one (`localhost/web:v1`).
+pub fn credential_host(image: &str) -> Option<&str> {
+    crate::podman::registry_host(image).filter(|h| *h != "localhost")
+}
+
 /// The real runtime: podman's libpod REST API.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PodmanRuntime {
     pub client: PodmanClient,
     pub stop_timeout: Duration,
     pub pull_timeout: Duration,
+    pub pull_stall_timeout: Duration,
+    /// Asked before each pull from a registry; `None`: pull without credentials.
+    credentials: Option<Arc<dyn RegistryCredentials>>,
     /// podman's storage directory, opened once it could be (until then each
     /// flush asks podman again, and flushes every filesystem).
     storage: Arc<tokio::sync::OnceCell<std::fs::File>>,
+}
+
+impl std::fmt::Debug for PodmanRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodmanRuntime")
+            .field("client", &self.client)
+            .field("stop_timeout", &self.stop_timeout)
+            .field("pull_timeout", &self.pull_timeout)
+            .field("pull_stall_timeout", &self.pull_stall_timeout)
+            .field("credentials", &self.credentials.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PodmanRuntime {
@@ -180,8 +223,21 @@ impl PodmanRuntime {
             client,
             stop_timeout,
             pull_timeout,
+            pull_stall_timeout: DEFAULT_PULL_STALL_TIMEOUT,
+            credentials: None,
             storage: Arc::default(),
         }
+    }
+
+    /// Asks `credentials` before each pull from a registry.
+    pub fn with_registry_credentials(mut self, credentials: Arc<dyn RegistryCredentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    pub fn with_pull_stall_timeout(mut self, stall: Duration) -> Self {
+        self.pull_stall_timeout = stall;
+        self
     }
 
     async fn open_storage(&self) -> Result<std::fs::File, ()> {
@@ -276,6 +332,27 @@ fn podman_err(e: PodmanError) -> RuntimeError {
         PodmanError::Api { message, .. } if !message.is_empty() => RuntimeError::new(message),
         PodmanError::Timeout { after, .. } => RuntimeError::no_answer("podman", after),
         other => RuntimeError::from(other),
+    }
+}
+
+/// A failed pull, sorted. A stall is the registry's (or the network's) doing;
+/// missing the whole pull's deadline, or podman not answering, is not known to be.
+fn pull_error(image: &str, e: PodmanError) -> PullError {
+    match e {
+        PodmanError::Api { message, .. } => PullError::classify(image, &message),
+        PodmanError::Stalled { after, .. } => PullError::Unreachable {
+            registry: crate::podman::registry_host(image).unwrap_or("?").to_owned(),
+            image: image.to_owned(),
+            detail: format!("pull stalled: no progress for {}", humantime::format_duration(after)),
+        },
+        PodmanError::Timeout { after, .. } => PullError::Other {
+            image: image.to_owned(),
+            detail: format!("not finished within {}", humantime::format_duration(after)),
+        },
+        other => PullError::Other {
+            image: image.to_owned(),
+            detail: other.to_string(),
+        },
     }
 }
 
@@ -375,8 +452,22 @@ impl ContainerRuntime for PodmanRuntime {
         self.client.image_exists(image).await.map_err(podman_err)
     }
 
-    async fn pull(&self, image: &str) -> Result<(), RuntimeError> {
-        self.client.pull(image, self.pull_timeout).await.map_err(podman_err)
+    async fn pull(&self, image: &str, progress: &(dyn Fn(PullCounts) + Send + Sync)) -> Result<(), PullError> {
+        let auth = match (credential_host(image), &self.credentials) {
+            (Some(registry), Some(source)) => source.credentials(registry).await.map_err(|e| PullError::Other {
+                image: image.to_owned(),
+                detail: format!("no credentials for registry {registry}: {e}"),
+            })?,
+            _ => None,
+        };
+        let limits = PullLimits {
+            deadline: self.pull_timeout,
+            stall: self.pull_stall_timeout,
+        };
+        self.client
+            .pull(image, auth.as_ref(), limits, &mut |c| progress(c))
+            .await
+            .map_err(|e| pull_error(image, e))
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
@@ -517,6 +608,53 @@ mod tests {
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         };
         assert_eq!(RuntimeError::from(refused).no_answer_within, None);
+    }
+
+    #[test]
+    fn only_images_from_a_registry_ask_for_credentials() {
+        assert_eq!(
+            credential_host("registry.example.com:5000/web:2"),
+            Some("registry.example.com:5000")
+        );
+        assert_eq!(credential_host("localhost:5000/web:2"), Some("localhost:5000"));
+        assert_eq!(credential_host("localhost/iot-web:v1"), None);
+        assert_eq!(credential_host("nginx:1"), None);
+        assert_eq!(credential_host("library/nginx"), None);
+    }
+
+    #[test]
+    fn a_stalled_pull_blames_the_registry_and_a_missed_deadline_does_not() {
+        let stalled = pull_error(
+            "r.example/web:2",
+            PodmanError::Stalled {
+                what: "pull r.example/web:2".into(),
+                after: Duration::from_secs(300),
+            },
+        );
+        assert_eq!(
+            stalled.to_string(),
+            "registry r.example unreachable while pulling r.example/web:2: pull stalled: no progress for 5m"
+        );
+        let late = pull_error(
+            "r.example/web:2",
+            PodmanError::Timeout {
+                what: "pull r.example/web:2".into(),
+                after: Duration::from_secs(1800),
+            },
+        );
+        assert_eq!(
+            late.to_string(),
+            "pulling image r.example/web:2 failed: not finished within 30m"
+        );
+        let refused = pull_error(
+            "r.example/web:2",
+            PodmanError::Api {
+                what: "pull r.example/web:2".into(),
+                status: 500,
+                message: "initializing source docker://r.example/web:2: reading manifest 2 in r.example/web: unauthorized: authentication required".into(),
+            },
+        );
+        assert_eq!(refused.kind(), "unauthorized");
     }
 
     #[test]

@@ -107,13 +107,19 @@ async fn a_missing_image_is_pulled_in_the_background_and_a_failed_pull_is_report
     let p = phase(&rx, "web");
     assert_eq!(p.phase, Phase::Failed);
     let err = p.last_error.expect("error");
-    assert!(err.contains("pulling it failed: missing:1: manifest unknown"), "{err}");
+    assert!(
+        err.contains("image missing:1 not found in registry (from registries.conf): missing:1: manifest unknown"),
+        "{err}"
+    );
 
-    // Within the pull backoff nothing is pulled again; after it, it is.
+    // Within the pull backoff nothing is pulled again; after it, it is. An image
+    // the registry does not have waits a minute, not a second.
     let pulls = |rt: &MemoryRuntime| rt.calls().iter().filter(|c| c.starts_with("pull")).count();
     rec.reconcile(&v).await;
     assert_eq!(pulls(&rt), 1);
-    tokio::time::advance(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(rec.reconcile(&v).await.pulls_started, 0);
+    tokio::time::advance(Duration::from_secs(31)).await;
     let again = rec.reconcile(&v).await;
     assert_eq!(again.pulls_started, 1);
     let errors = rx
@@ -158,6 +164,99 @@ async fn an_upgrade_to_a_missing_image_keeps_the_old_container_running() {
     let p = phase(&rx, "web");
     assert_eq!(p.phase, Phase::Failed);
     assert!(p.last_error.is_some_and(|e| e.contains("img:typo")));
+}
+
+/// Podman 4.3.1's answer to a pull with a wrong password (docker-registry 2.8.2).
+const REFUSED: &str = "initializing source docker://registry.example:5000/web:2: reading manifest 2 in registry.example:5000/web: unauthorized: authentication required";
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_pull_keeps_the_old_container_says_why_and_waits_a_minute_before_trying_again() {
+    let rt = MemoryRuntime::with_images(&["registry.example:5000/web:1"]);
+    rt.set_pull_failure("registry.example:5000/web:2", Some(REFUSED));
+    let (mut rec, rt, rx) = setup_with(rt);
+    rec.reconcile(&view(&[("web", payload("web", "registry.example:5000/web:1"))]))
+        .await;
+    let old = rt.containers();
+    assert_eq!(old.len(), 1);
+
+    let v2 = view(&[("web", payload("web", "registry.example:5000/web:2"))]);
+    settle_pulls(&mut rec, &v2).await;
+    assert_eq!(rt.containers(), old, "the working container was touched");
+    assert!(
+        !rt.calls()
+            .iter()
+            .any(|c| c.starts_with("stop") || c.starts_with("remove")),
+        "{:?}",
+        rt.calls()
+    );
+    let p = phase(&rx, "web");
+    assert_eq!(p.phase, Phase::Failed);
+    assert_eq!(
+        p.last_error.as_deref(),
+        Some(
+            "service web: registry registry.example:5000 refused the credentials for registry.example:5000/web:2: \
+             reading manifest 2 in registry.example:5000/web: unauthorized: authentication required"
+        )
+    );
+    let pull = p.pull.expect("the failed pull is shown");
+    assert_eq!(
+        (pull.image.as_str(), pull.state),
+        ("registry.example:5000/web:2", PullState::Failed)
+    );
+
+    // Not again within the minute, once after it.
+    let pulls = |rt: &MemoryRuntime| rt.calls().iter().filter(|c| c.starts_with("pull")).count();
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(rec.reconcile(&v2).await.pulls_started, 0);
+    assert_eq!(pulls(&rt), 1);
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(rec.reconcile(&v2).await.pulls_started, 1);
+    assert_eq!(rt.containers(), old);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pull_reports_its_progress_at_most_every_two_seconds_until_the_container_is_created() {
+    // Ten reports, one a second, of 10 MB.
+    let rt = MemoryRuntime::default()
+        .with_pullable(&["registry.example/web:1"], Duration::from_secs(10))
+        .with_pull_progress(10, 10_000_000);
+    let (mut rec, rt, mut rx) = setup_with(rt);
+    let v = view(&[("web", payload("web", "registry.example/web:1"))]);
+    assert_eq!(rec.reconcile(&v).await.pulls_started, 1);
+    let pull = phase(&rx, "web").pull.expect("pulling");
+    assert_eq!(pull.state, PullState::Pulling);
+    assert_eq!((pull.bytes_done, pull.layers_total), (0, 0));
+    rx.borrow_and_update();
+
+    let mut seen = Vec::new();
+    let outcome = loop {
+        tokio::select! {
+            outcome = rec.next_pull() => break outcome.expect("outcome"),
+            changed = rx.changed() => {
+                changed.expect("reconciler alive");
+                let p = rx.borrow_and_update().deployments[&dep("web")].pull.clone().expect("pull");
+                seen.push((tokio::time::Instant::now(), p.bytes_done));
+            }
+        }
+    };
+    let bytes: Vec<u64> = seen.iter().map(|(_, b)| *b).collect();
+    assert_eq!(
+        bytes,
+        [1_000_000, 3_000_000, 5_000_000, 7_000_000, 9_000_000],
+        "{seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[1].0 - w[0].0 >= Duration::from_secs(2)),
+        "{seen:?}"
+    );
+    assert_eq!(phase(&rx, "web").pull.map(|p| p.bytes_total), Some(Some(10_000_000)));
+
+    rec.pull_finished(outcome);
+    rec.reconcile(&v).await;
+    let p = phase(&rx, "web");
+    assert_eq!(p.phase, Phase::Running);
+    assert_eq!(p.pull, None, "cleared once the container is created");
+    assert_eq!(rt.containers().len(), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -3,10 +3,11 @@
 //! and never blocks a pass.
 
 use harmony_reconciler_contracts::Severity;
+use harmony_reconciler_contracts::text::normalize_error;
 use tokio::time::Instant;
 
 use super::{Reconciler, ReplaceFailure, name_on_device, short_id, stable_error};
-use crate::images::PullOutcome;
+use crate::images::{PullError, PullMessage, PullOutcome};
 use crate::plan::{Action, CreateCause, RemoveCause};
 use crate::runtime::ContainerRuntime;
 
@@ -19,10 +20,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
         match self.runtime.image_present(image).await {
             Ok(true) => Ok(true),
             Ok(false) if self.images.just_pulled(image, Instant::now()) => {
-                let error = format!("image {image} was pulled, but podman does not find it under that name");
+                let error = PullError::Other {
+                    image: image.to_owned(),
+                    detail: "pulled, but podman does not find it under that name".into(),
+                };
                 tracing::warn!(image, "{error}");
                 self.images.failed(image, error.clone(), Instant::now());
-                Err(error)
+                Err(error.to_string())
             }
             Ok(false) => {
                 tracing::info!(image, "image not on the device; pulling in the background");
@@ -33,14 +37,31 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 let image = image.to_owned();
                 tokio::spawn(async move {
                     let started = Instant::now();
-                    let result = runtime.pull(&image).await.map(|()| started.elapsed()).map_err(|e| {
-                        format!(
-                            "image {image} is not on the device and pulling it failed: {}",
-                            stable_error(&e)
-                        )
-                    });
+                    // Progress is best effort: when the reconciler is behind, a
+                    // report is dropped and the next one says more.
+                    let progress = {
+                        let (tx, image) = (tx.clone(), image.clone());
+                        move |counts| {
+                            let report = PullMessage::Progress {
+                                image: image.clone(),
+                                counts,
+                            };
+                            if tx.try_send(report).is_err() {
+                                tracing::trace!("pull progress dropped");
+                            }
+                        }
+                    };
+                    let result = runtime
+                        .pull(&image, &progress)
+                        .await
+                        .map(|()| started.elapsed())
+                        .map_err(|e| e.map_detail(|d| normalize_error(d, None)));
                     // The receiver only goes away when the agent stops.
-                    if tx.send(PullOutcome { image, result }).await.is_err() {
+                    if tx
+                        .send(PullMessage::Finished(PullOutcome { image, result }))
+                        .await
+                        .is_err()
+                    {
                         tracing::debug!("pull finished after the reconciler stopped");
                     }
                 });

@@ -35,11 +35,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::decode::decode_all;
-use crate::images::{ImageTracker, PullOutcome};
+use crate::images::{ImageTracker, PullCounts, PullMessage, PullOutcome};
 use crate::metrics::AgentMetrics;
 use crate::plan::{Action, Assessment, DesiredContent, PlanInput, plan};
 use crate::restarts::RestartBook;
 use crate::runtime::{ContainerRuntime, ObservedContainer, RuntimeError, RuntimeEvent, RuntimeEventKind};
+
+/// Least time between two status publishes caused by pull progress alone.
+pub const PROGRESS_PUBLISH_GAP: Duration = Duration::from_secs(2);
 
 /// What the status reporter publishes; replaced wholesale after every pass.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -100,8 +103,13 @@ pub struct Reconciler<R> {
     report: watch::Sender<Report>,
     /// The revision the reporter last published, when a reporter is attached.
     published: Option<watch::Receiver<u64>>,
-    pull_tx: mpsc::Sender<PullOutcome>,
-    pull_rx: mpsc::Receiver<PullOutcome>,
+    pull_tx: mpsc::Sender<PullMessage>,
+    pull_rx: mpsc::Receiver<PullMessage>,
+    /// The images of each desired deployment, as of the last pass: which
+    /// deployments a pull's progress belongs to.
+    images_of: BTreeMap<DeploymentRef, BTreeSet<String>>,
+    /// When pull progress last went to the reporter on its own (not with a pass).
+    progress_published: Option<Instant>,
     metrics: Arc<AgentMetrics>,
     /// Containers changed or a pull finished since the last flush to disk.
     unflushed: bool,
@@ -130,6 +138,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             published: None,
             pull_tx,
             pull_rx,
+            images_of: BTreeMap::new(),
+            progress_published: None,
             metrics: Arc::new(AgentMetrics::default()),
             unflushed: false,
         }
@@ -155,9 +165,35 @@ impl<R: ContainerRuntime> Reconciler<R> {
         &self.config.device
     }
 
-    /// The next finished background pull. Cancel-safe: use it in `select!`.
+    /// The next finished background pull; the progress of pulls that arrives on
+    /// the way is recorded. Cancel-safe: use it in `select!`.
     pub async fn next_pull(&mut self) -> Option<PullOutcome> {
-        self.pull_rx.recv().await
+        loop {
+            match self.pull_rx.recv().await? {
+                PullMessage::Progress { image, counts } => self.pull_progress(&image, counts),
+                PullMessage::Finished(outcome) => return Some(outcome),
+            }
+        }
+    }
+
+    /// Records how far a pull got. The deployments waiting for it show that in
+    /// their status; progress alone reaches the reporter at most once per
+    /// [`PROGRESS_PUBLISH_GAP`] (podman reports every layer once a second), through
+    /// the same report revision as every other change.
+    pub fn pull_progress(&mut self, image: &str, counts: PullCounts) {
+        if !self.images.progress(image, counts) {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .progress_published
+            .is_some_and(|t| now.duration_since(t) < PROGRESS_PUBLISH_GAP)
+        {
+            return;
+        }
+        self.progress_published = Some(now);
+        self.refresh_pulls(now);
+        self.publish(None);
     }
 
     /// Records a finished pull; the caller runs a pass next.
@@ -170,7 +206,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 self.event(Severity::Info, None, format!("pulled image {}", outcome.image));
             }
             Err(e) => {
-                tracing::warn!(image = %outcome.image, error = %e, "pull failed");
+                tracing::warn!(image = %outcome.image, kind = e.kind(), error = %e, "pull failed");
                 self.metrics.pulls.get_or_create(&crate::metrics::result("error")).inc();
             }
         }

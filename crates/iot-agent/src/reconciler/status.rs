@@ -26,6 +26,16 @@ impl<R: ContainerRuntime> Reconciler<R> {
         backing_off: &BTreeSet<DeploymentRef>,
     ) {
         let now = Instant::now();
+        self.images_of = desired
+            .iter()
+            .map(|(dep, content)| {
+                let images = match content {
+                    DesiredContent::Valid { services, .. } => services.iter().map(|s| s.image.clone()).collect(),
+                    DesiredContent::Invalid { .. } => BTreeSet::new(),
+                };
+                (dep.clone(), images)
+            })
+            .collect();
         self.phases.retain(|dep, _| desired.contains_key(dep));
         self.retries.retain(|dep| desired.contains_key(dep));
         for (dep, content) in desired {
@@ -50,6 +60,19 @@ impl<R: ContainerRuntime> Reconciler<R> {
             });
             let revision = revisions.get(dep).copied().flatten();
             self.set_phase(dep, derived.phase, spec_hash, revision, derived.error, derived.detail);
+        }
+        self.refresh_pulls(now);
+    }
+
+    /// Sets each deployment's `pull`: the first of its images being pulled, or
+    /// whose failed pull waits for its retry. Cleared once the image is on the
+    /// device (the container is created in the same pass).
+    pub(super) fn refresh_pulls(&mut self, now: Instant) {
+        for (dep, phase) in &mut self.phases {
+            phase.pull = self
+                .images_of
+                .get(dep)
+                .and_then(|images| images.iter().find_map(|i| self.images.status(i, now)));
         }
     }
 
