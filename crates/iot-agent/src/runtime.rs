@@ -464,10 +464,17 @@ impl ContainerRuntime for PodmanRuntime {
             deadline: self.pull_timeout,
             stall: self.pull_stall_timeout,
         };
+        let sent = auth.is_some();
         self.client
             .pull(image, auth.as_ref(), limits, &mut |c| progress(c))
             .await
-            .map_err(|e| pull_error(image, e))
+            .map_err(|e| match pull_error(image, e) {
+                // "refused the credentials" alone would mislead when there were none.
+                e @ PullError::Unauthorized { .. } if !sent => {
+                    e.map_detail(|d| format!("{d} (the agent had no credentials to send)"))
+                }
+                e => e,
+            })
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
@@ -655,6 +662,92 @@ mod tests {
             },
         );
         assert_eq!(refused.kind(), "unauthorized");
+    }
+
+    /// Credentials that count how often they were asked for, and for which registry.
+    #[derive(Default)]
+    struct Counted(std::sync::Mutex<Vec<String>>);
+
+    impl RegistryCredentials for Counted {
+        fn credentials<'a>(
+            &'a self,
+            registry: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Option<RegistryAuth>, String>> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(registry.to_owned());
+            Box::pin(async move {
+                Ok(Some(RegistryAuth {
+                    username: "dev1".into(),
+                    password: "token".into(),
+                    server: registry.to_owned(),
+                }))
+            })
+        }
+    }
+
+    /// A podman that refuses every pull as podman 4.3.1 does for a registry that
+    /// wants other credentials; sends each request's head to the test.
+    fn refusing_podman(dir: &std::path::Path) -> (std::path::PathBuf, mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const LINE: &str = r#"{"progressDetail":{},"errorDetail":{"message":"initializing source docker://r.example:5000/web:2: reading manifest 2 in r.example:5000/web: unauthorized: authentication required"},"error":"initializing source docker://r.example:5000/web:2: reading manifest 2 in r.example:5000/web: unauthorized: authentication required"}"#;
+        let socket = dir.join("podman.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut head = vec![0u8; 4096];
+                let n = conn.read(&mut head).await.unwrap_or(0);
+                if tx.send(String::from_utf8_lossy(&head[..n]).into_owned()).is_err() {
+                    return;
+                }
+                let body = format!("{LINE}\n");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    tracing::debug!("the client went away");
+                }
+            }
+        });
+        (socket, rx)
+    }
+
+    #[tokio::test]
+    async fn credentials_are_asked_for_per_pull_from_a_registry_and_their_absence_is_said() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (socket, mut heads) = refusing_podman(dir.path());
+        let client = PodmanClient::new(&socket);
+        let none = |_| {};
+        let bare = PodmanRuntime::new(client.clone(), Duration::from_secs(1), Duration::from_secs(5));
+        let err = bare.pull("r.example:5000/web:2", &none).await.expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "registry r.example:5000 refused the credentials for r.example:5000/web:2: reading manifest 2 in \
+             r.example:5000/web: unauthorized: authentication required (the agent had no credentials to send)"
+        );
+        let head = heads.recv().await.expect("request").to_ascii_lowercase();
+        assert!(!head.contains("x-registry-auth"), "{head}");
+
+        let asked = Arc::new(Counted::default());
+        let with = bare.clone().with_registry_credentials(asked.clone());
+        let err = with.pull("r.example:5000/web:2", &none).await.expect_err("refused");
+        assert!(!err.to_string().contains("no credentials"), "{err}");
+        let head = heads.recv().await.expect("request").to_ascii_lowercase();
+        assert!(head.contains("x-registry-auth: "), "{head}");
+        // Local and bare names never ask.
+        for image in ["localhost/iot-web:v1", "nginx:1"] {
+            assert!(with.pull(image, &none).await.is_err(), "the fake refuses every pull");
+            heads.recv().await.expect("request");
+        }
+        let asked = asked
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert_eq!(asked, ["r.example:5000"]);
     }
 
     #[test]
