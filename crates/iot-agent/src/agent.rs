@@ -78,6 +78,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     )
     .await?;
     let js = jetstream::new(conn.client.clone());
+    // Pulls from the platform's registry carry a grant the operator signs for
+    // this device, asked for at each pull.
+    let runtime = runtime.with_registry_credentials(crate::registry_grants::NatsGrants::new(
+        conn.client.clone(),
+        config.device_id.clone(),
+    ));
     {
         let mut connects = conn.connects.clone();
         let metrics = metrics.clone();

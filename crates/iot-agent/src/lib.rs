@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod plan;
 pub mod podman;
 pub mod reconciler;
+pub mod registry_grants;
 pub mod report;
 pub mod restarts;
 pub mod runtime;

@@ -2,6 +2,7 @@
 pub mod chart;
 pub mod in_cluster;
 pub mod lifecycle;
+pub mod registry;
 pub mod sso;
 pub mod stack;
 pub mod vm;

@@ -348,6 +348,23 @@ impl Stack {
     /// On a secured stack: enrolls a fresh device in OpenBao and starts its agent
     /// with that identity (`NATS_IDENTITY`).
     pub async fn start_enrolled_agent(&mut self) -> anyhow::Result<(String, DeviceContainers)> {
+        let device = self.enroll_device().await?;
+        self.cleanups.push(DeviceContainers::new(&device));
+        self.spawn_agent(&device)?;
+        Ok((device.clone(), DeviceContainers::observer(&device)))
+    }
+
+    /// An enrolled device whose agent drives the podman service at `podman_socket`
+    /// (a device with a store of its own; its service removes its containers).
+    pub async fn start_enrolled_agent_on(&mut self, podman_socket: &std::path::Path) -> anyhow::Result<String> {
+        let device = self.enroll_device().await?;
+        let cmd = Command::new(cargo_bin("iot-agent")?);
+        self.launch_agent_on(&device, cmd, podman_socket)?;
+        Ok(device)
+    }
+
+    /// Enrolls a fresh device id in OpenBao (secured stacks) and keeps its file.
+    async fn enroll_device(&mut self) -> anyhow::Result<String> {
         let sec = self
             .security
             .as_mut()
@@ -357,9 +374,7 @@ impl Stack {
         let file = self.dir.path().join(format!("{device}.json"));
         iot_testkit::auth::write_private(&file, &serde_json::to_string(&enrollment)?)?;
         sec.enrollments.insert(device.clone(), file);
-        self.cleanups.push(DeviceContainers::new(&device));
-        self.spawn_agent(&device)?;
-        Ok((device.clone(), DeviceContainers::observer(&device)))
+        Ok(device)
     }
 
     pub fn spawn_agent(&mut self, device: &str) -> anyhow::Result<()> {
@@ -400,11 +415,21 @@ impl Stack {
     }
 
     /// Gives an agent command the stack's settings and starts it as `agent <device>`.
-    fn launch_agent(&mut self, device: &str, mut cmd: Command) -> anyhow::Result<()> {
+    fn launch_agent(&mut self, device: &str, cmd: Command) -> anyhow::Result<()> {
+        let socket = self.podman.socket();
+        self.launch_agent_on(device, cmd, &socket)
+    }
+
+    fn launch_agent_on(
+        &mut self,
+        device: &str,
+        mut cmd: Command,
+        podman_socket: &std::path::Path,
+    ) -> anyhow::Result<()> {
         self.trust(&mut cmd);
         cmd.env("IOT_DEVICE_ID", device)
             .env("NATS_URL", self.nats_url())
-            .env("PODMAN_SOCKET", self.podman.socket())
+            .env("PODMAN_SOCKET", podman_socket)
             .env("IOT_HEARTBEAT_INTERVAL", "1s")
             .env("IOT_RESYNC_INTERVAL", "2s")
             .env("IOT_STOP_TIMEOUT", "1s")
