@@ -68,7 +68,8 @@ enum Cmd {
     /// Every device that reported: heartbeat age, deployments and their phase,
     /// inventory; with KUBECONFIG, whether it has a Device object.
     Devices,
-    /// Deployment resources with their fleet aggregate and top errors (needs KUBECONFIG).
+    /// Deployment resources with their fleet aggregate, pinned images and top errors
+    /// (needs KUBECONFIG).
     Deployments {
         /// Namespace (default: all).
         #[arg(short, long)]
@@ -304,7 +305,10 @@ async fn devices(cli: &Cli) -> anyhow::Result<()> {
         } else {
             s.deployments
                 .iter()
-                .map(|(d, p)| format!("{d}={:?}", p.phase))
+                .map(|(d, p)| match table::pull_text(p, now) {
+                    Some(pull) => format!("{d}={:?} ({pull})", p.phase),
+                    None => format!("{d}={:?}", p.phase),
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -368,6 +372,7 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
         "PENDING",
         "UNREPORTED",
         "READY",
+        "IMAGES",
         "TOP ERROR",
     ]);
     for d in &list.items {
@@ -378,6 +383,12 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
             .find(|c| c.type_ == "Ready")
             .map(|c| c.status.clone())
             .unwrap_or_else(|| "-".into());
+        let images = table::pinned_images(&status.images, true);
+        let images = if images.is_empty() {
+            "-".to_owned()
+        } else {
+            images.join(",")
+        };
         let agg = status.aggregate.unwrap_or_default();
         let top = agg
             .top_errors
@@ -393,6 +404,7 @@ async fn deployments(cli: &Cli, namespace: Option<&str>) -> anyhow::Result<()> {
             agg.pending.to_string(),
             agg.unreported.to_string(),
             ready,
+            images,
             top,
         ]);
     }

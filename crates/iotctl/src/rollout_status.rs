@@ -16,8 +16,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use iot_api::conditions::REASON_AWAITING_PROMOTION;
 use iot_api::rollout::promote_value;
 use iot_api::{
-    ABORT_ANNOTATION, AggregateStatus, BatchStatus, Deployment, FailureCluster, PROMOTE_ANNOTATION, RolloutPhase,
-    RolloutStatus,
+    ABORT_ANNOTATION, AggregateStatus, BatchStatus, Deployment, FailureCluster, PROMOTE_ANNOTATION, PinnedImage,
+    RolloutPhase, RolloutStatus,
 };
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject};
@@ -78,6 +78,10 @@ pub struct View {
     pub has_rollout_spec: bool,
     /// `spec.rollout.paused`.
     pub paused: bool,
+    /// `spec.rollout.maxConcurrentPulls`: devices that may pull at once.
+    max_concurrent_pulls: Option<u64>,
+    /// `status.images`: the digest each image of the current revision is pinned to.
+    images: Vec<PinnedImage>,
     /// For each batch of `spec.rollout.batches`: it has `pause: {}`.
     batch_pauses: Vec<bool>,
     /// A condition says the rollout waits for promotion.
@@ -141,6 +145,10 @@ impl View {
                 .and_then(|r| r.get("paused"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            max_concurrent_pulls: spec_rollout
+                .and_then(|r| r.get("maxConcurrentPulls"))
+                .and_then(Value::as_u64),
+            images: decode(data.pointer("/status/images"), "status.images", ns, name)?.unwrap_or_default(),
             batch_pauses,
             awaiting_condition,
             rollout: decode(data.pointer("/status/rollout"), "status.rollout", ns, name)?,
@@ -326,6 +334,12 @@ impl View {
                 age((now - f).num_seconds())
             ));
         }
+        if let Some(n) = self.max_concurrent_pulls {
+            s.push_str(&format!(
+                "pulls:    at most {n} device(s) pull at once (spec.rollout.maxConcurrentPulls); the rest wait as PENDING-PULL\n"
+            ));
+        }
+        self.render_images(&mut s);
         if self.paused {
             s.push_str("paused:   spec.rollout.paused is set: nothing more is dispatched until it is resumed\n");
         }
@@ -368,10 +382,19 @@ impl View {
         None
     }
 
+    /// `images:` lines, one per pinned image, with the whole digest.
+    fn render_images(&self, s: &mut String) {
+        for (i, line) in crate::table::pinned_images(&self.images, false).iter().enumerate() {
+            let label = if i == 0 { "images:" } else { "" };
+            s.push_str(&format!("{label:<10}{line}\n"));
+        }
+    }
+
     fn render_aggregate(&self, s: &mut String) {
         if let Some(c) = self.current_revision {
             s.push_str(&format!("revision: {c}\n"));
         }
+        self.render_images(s);
         match &self.aggregate {
             None => s.push_str("devices:  none has reported yet\n"),
             Some(a) => s.push_str(&format!(
@@ -557,6 +580,7 @@ fn batch_table(r: &RolloutStatus, bars: bool) -> String {
         "SILENT",
         "NEVER-ACK",
         "OFFLINE",
+        "PENDING-PULL",
     ]);
     let mut t = Table::new(&header);
     for (i, b) in r.batches.iter().enumerate() {
@@ -578,6 +602,7 @@ fn batch_table(r: &RolloutStatus, bars: bool) -> String {
                 b.silent,
                 b.never_acknowledged,
                 b.pending_offline,
+                b.pending_pull,
             ]
             .map(|n| n.to_string()),
         );
@@ -882,7 +907,7 @@ mod tests {
             .collect();
         assert_eq!(
             rows[1],
-            ["1/2", "passed", "1", "1", "1", "0", "0", "0", "0", "0"],
+            ["1/2", "passed", "1", "1", "1", "0", "0", "0", "0", "0", "0"],
             "{plain}"
         );
         assert_eq!(rows[2][..3], ["2/2", "in", "progress"], "{plain}");
@@ -918,5 +943,41 @@ mod tests {
         assert!(text.contains("shared labels: hw=rpi3"), "{text}");
         assert!(text.contains("pi-2, pi-3"), "{text}");
         assert!(text.contains("next: iotctl rollout undo default/web"), "{text}");
+    }
+
+    #[test]
+    fn pull_slots_pending_pulls_and_pinned_images_are_shown() {
+        let digest = format!("sha256:{}", "ab12cd34ef56".repeat(5) + "ab12");
+        let batches = json!([{"selected": 5, "dispatched": 2, "pendingPull": 3}]);
+        let v = view(
+            json!({"maxConcurrentPulls": 2}),
+            json!({"observedGeneration": 3, "currentRevision": 4, "rollout": rollout("Progressing", 1, batches),
+                   "images": [{"image": "10.77.0.1:5000/iot/web:1.2", "digest": digest}]}),
+        );
+        let text = v.render(false, Utc::now());
+        assert!(
+            text.contains(
+                "pulls:    at most 2 device(s) pull at once (spec.rollout.maxConcurrentPulls); the rest wait as PENDING-PULL\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("images:   10.77.0.1:5000/iot/web:1.2 -> {digest}\n")),
+            "{text}"
+        );
+        let header: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with("BATCH"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(header.last(), Some(&"PENDING-PULL"), "{text}");
+        let row: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with("1/1"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(row.last(), Some(&"3"), "{text}");
     }
 }

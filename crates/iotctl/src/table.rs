@@ -65,3 +65,149 @@ pub fn bytes_gib(b: u64) -> String {
         format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64)
     }
 }
+
+/// `sha256:` and the first 12 hex digits of a digest, as tables show it; anything
+/// that is not a sha256 digest is shown whole.
+pub fn short_digest(digest: &str) -> String {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) if hex.len() > 12 && hex.is_char_boundary(12) => format!("sha256:{}", &hex[..12]),
+        _ => digest.to_owned(),
+    }
+}
+
+/// An image reference with its `@sha256:` digest, if any, shortened for a table.
+pub fn short_image(image: &str) -> String {
+    match image.split_once('@') {
+        Some((name, digest)) => format!("{name}@{}", short_digest(digest)),
+        None => image.to_owned(),
+    }
+}
+
+/// `image -> digest` for each image a Deployment's current revision is pinned to;
+/// `short`: digests shortened as tables show them.
+pub fn pinned_images(images: &[iot_api::PinnedImage], short: bool) -> Vec<String> {
+    images
+        .iter()
+        .map(|p| {
+            let digest = if short {
+                short_digest(&p.digest)
+            } else {
+                p.digest.clone()
+            };
+            format!("{} -> {digest}", p.image)
+        })
+        .collect()
+}
+
+/// What a deployment waiting on an image pull is doing, for people:
+/// `pulling IMAGE 12.3/40.0 MiB (31%), 14s`, `pulling IMAGE layers 2/5, 14s`, or
+/// `pull failed, retrying: ERROR`. `None` when it waits on no pull. The age counts
+/// from the attempt's start on the device's clock.
+pub fn pull_text(
+    p: &harmony_reconciler_contracts::DeploymentPhase,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    use harmony_reconciler_contracts::PullState;
+    let pull = p.pull.as_ref()?;
+    let image = short_image(&pull.image);
+    let took = age((now - pull.started_at).num_seconds());
+    Some(match pull.state {
+        PullState::Failed => format!(
+            "pull failed, retrying: {}",
+            p.last_error.as_deref().unwrap_or("no error reported")
+        ),
+        PullState::Pulling => match pull.bytes_total {
+            Some(total) if total > 0 => {
+                const MIB: f64 = (1u64 << 20) as f64;
+                let percent = (pull.bytes_done.min(total) as f64 * 100.0 / total as f64).floor();
+                format!(
+                    "pulling {image} {:.1}/{:.1} MiB ({percent}%), {took}",
+                    pull.bytes_done as f64 / MIB,
+                    total as f64 / MIB
+                )
+            }
+            _ if pull.layers_total > 0 => {
+                format!(
+                    "pulling {image} layers {}/{}, {took}",
+                    pull.layers_done, pull.layers_total
+                )
+            }
+            _ => format!("pulling {image}, {took}"),
+        },
+        PullState::Unknown => format!("pulling {image} (a state this iotctl does not know), {took}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone as _, Utc};
+    use harmony_reconciler_contracts::{DeploymentPhase, Phase, PullProgress, PullState};
+
+    const DIGEST: &str = "sha256:ab12cd34ef56ab12cd34ef56ab12cd34ef56ab12cd34ef56ab12cd34ef56ab12";
+
+    fn phase(state: PullState, bytes_total: Option<u64>, layers: (u32, u32)) -> DeploymentPhase {
+        let at = Utc
+            .with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+            .single()
+            .expect("a valid time");
+        let mut p = DeploymentPhase::new(Phase::Pending, None, Some("connection reset by peer".into()), at);
+        p.pull = Some(PullProgress {
+            image: format!("10.77.0.1:5000/iot/web@{DIGEST}"),
+            state,
+            bytes_done: 12_897_485,
+            bytes_total,
+            layers_done: layers.0,
+            layers_total: layers.1,
+            started_at: at,
+        });
+        p
+    }
+
+    fn now() -> chrono::DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 14)
+            .single()
+            .expect("a valid time")
+    }
+
+    #[test]
+    fn pulls_read_with_bytes_layers_or_the_error() {
+        assert_eq!(
+            pull_text(&phase(PullState::Pulling, Some(41_943_040), (2, 5)), now()).as_deref(),
+            Some("pulling 10.77.0.1:5000/iot/web@sha256:ab12cd34ef56 12.3/40.0 MiB (30%), 14s")
+        );
+        assert_eq!(
+            pull_text(&phase(PullState::Pulling, None, (2, 5)), now()).as_deref(),
+            Some("pulling 10.77.0.1:5000/iot/web@sha256:ab12cd34ef56 layers 2/5, 14s")
+        );
+        assert_eq!(
+            pull_text(&phase(PullState::Pulling, None, (0, 0)), now()).as_deref(),
+            Some("pulling 10.77.0.1:5000/iot/web@sha256:ab12cd34ef56, 14s")
+        );
+        assert_eq!(
+            pull_text(&phase(PullState::Failed, Some(41_943_040), (2, 5)), now()).as_deref(),
+            Some("pull failed, retrying: connection reset by peer")
+        );
+        let mut none = phase(PullState::Pulling, None, (0, 0));
+        none.pull = None;
+        assert_eq!(pull_text(&none, now()), None);
+    }
+
+    #[test]
+    fn digests_are_short_in_tables_and_whole_otherwise() {
+        let pinned = [iot_api::PinnedImage {
+            image: "registry.local/iot/web:1.2".into(),
+            digest: DIGEST.into(),
+        }];
+        assert_eq!(
+            pinned_images(&pinned, true),
+            ["registry.local/iot/web:1.2 -> sha256:ab12cd34ef56"]
+        );
+        assert_eq!(
+            pinned_images(&pinned, false),
+            [format!("registry.local/iot/web:1.2 -> {DIGEST}")]
+        );
+        assert_eq!(short_digest("md5:abc"), "md5:abc");
+        assert_eq!(short_image("web:1.2"), "web:1.2");
+    }
+}
