@@ -9,8 +9,8 @@ use crate::rollout::{
     BatchState, RolloutView, batch_views, commands, limit_text, phase_badge_parts, rollout_view, segments,
 };
 use crate::view::{
-    DeploymentRow, DeviceDeployment, DevicePhase, DeviceRow, DeviceState, Mark, Overview, Page, PhaseRow, Registration,
-    age, severity_label,
+    DeploymentRow, DeviceDeployment, DevicePhase, DeviceRow, DeviceState, Mark, Overview, Page, PhaseRow, PullView,
+    Registration, age, severity_label,
 };
 
 pub const STYLE: &str = include_str!("../assets/style.css");
@@ -448,6 +448,9 @@ pub fn rollout_panel(
                         }
                         " · " span #rollout-summary { (st.summary) }
                         " · " (st.matched_at_start) " devices matched at the start"
+                        @if let Some(n) = rs.and_then(|rs| rs.max_concurrent_pulls) {
+                            " · " span #rollout-pulls { "at most " (n) " devices pull at once" }
+                        }
                         " · started " span title=(st.started_at.to_rfc3339()) { (age(now - st.started_at)) " ago" }
                         @if let Some(f) = st.finished_at {
                             " · finished " span title=(f.to_rfc3339()) { (age(now - f)) " ago" }
@@ -514,6 +517,19 @@ pub fn rollout_panel(
                     }
                 }
             }
+        }
+    }
+}
+
+/// A pull in progress under a deployment's phase: a bar when the size is known,
+/// and the words either way.
+fn pull_line(p: &PullView) -> Markup {
+    html! {
+        div.pull.failed[p.failed] data-col="pull" {
+            @if let Some((done, total)) = p.bytes {
+                progress max=(total) value=(done) aria-label="Image pull" {} " "
+            }
+            span { (p.text) }
         }
     }
 }
@@ -600,7 +616,7 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
                         @for row in &d.phases.rows {
                             tr data-device=(row.device) {
                                 td { a href={ "/devices/" (row.device) } { (row.device) } }
-                                td data-col="phase" { (phase_badge(row.phase)) }
+                                td data-col="phase" { (phase_badge(row.phase)) @if let Some(p) = &row.pull { (pull_line(p)) } }
                                 td.error { @if let Some(e) = &row.error { (e) } }
                             }
                         }
@@ -618,6 +634,16 @@ pub fn deployment(d: &DeploymentDetail<'_>) -> Markup {
                             @for p in &s.ports { (p.host_port) "→" (p.container_port) " " }
                         } }
                     } }
+                }
+                @if let Some(images) = d.status.map(|s| s.images.as_slice()).filter(|i| !i.is_empty()) {
+                    h3 { "Pinned images" }
+                    p.muted { "The digest devices pull for each image of the current revision." }
+                    table #pinned-images {
+                        thead { tr { th { "Image" } th { "Digest" } } }
+                        tbody { @for p in images {
+                            tr { td.mono data-col="image" { (p.image) } td.mono data-col="digest" { (p.digest) } }
+                        } }
+                    }
                 }
                 @if let Some(c) = &d.changes { (changes_panel(&base, c)) }
                 h2 { "Top errors" }
@@ -780,7 +806,7 @@ pub fn device(d: &DeviceDetail<'_>) -> Markup {
                     tbody { @for dd in &d.deployments {
                         tr data-deployment=(dd.deployment) {
                             td { a href={ "/deployments/" (dd.deployment) } { (dd.deployment) } }
-                            td data-col="phase" { (phase_badge(dd.phase)) }
+                            td data-col="phase" { (phase_badge(dd.phase)) @if let Some(p) = &dd.pull { (pull_line(p)) } }
                             td data-col="by" { @match &dd.selector {
                                 Some(sel) => { span.muted { "label " } span.mono { (sel) } },
                                 None => span.muted { "listed" },
@@ -1275,5 +1301,94 @@ mod tests {
             .find("data-deployment=\"default/plain\"")
             .unwrap_or_else(|| panic!("{cell}"))..];
         assert!(plain.contains("data-col=\"rollout\"></td>"), "{plain}");
+    }
+
+    #[test]
+    fn a_device_shows_the_pull_its_deployment_waits_on_escaped() {
+        let at = chrono::Utc::now() - chrono::Duration::seconds(14);
+        let mut phase = harmony_reconciler_contracts::DeploymentPhase::new(
+            harmony_reconciler_contracts::Phase::Pending,
+            None,
+            Some("<b>denied</b>".into()),
+            at,
+        );
+        phase.pull = Some(harmony_reconciler_contracts::PullProgress {
+            image: "10.77.0.1:5000/iot/<web>".into(),
+            state: harmony_reconciler_contracts::PullState::Pulling,
+            bytes_done: 12_897_485,
+            bytes_total: Some(41_943_040),
+            layers_done: 2,
+            layers_total: 5,
+            started_at: at,
+        });
+        let pull = crate::view::pull_view(&phase, at + chrono::Duration::seconds(14));
+        let html = device(&DeviceDetail {
+            id: "pi-kitchen",
+            state: DeviceState::Online,
+            record: None,
+            deployments: vec![DeviceDeployment {
+                deployment: "default/web".into(),
+                phase: DevicePhase::Pending,
+                error: None,
+                selector: None,
+                pull,
+            }],
+            registration: Registration::default(),
+            registry_known: false,
+        })
+        .into_string();
+        assert!(
+            html.contains("pulling 10.77.0.1:5000/iot/&lt;web&gt; 12.3/40.0 MiB (30%), 14s"),
+            "{html}"
+        );
+        assert!(!html.contains("<web>"), "{html}");
+        assert!(
+            html.contains(r#"<progress max="41943040" value="12897485" aria-label="Image pull">"#),
+            "{html}"
+        );
+        if let Some(p) = phase.pull.as_mut() {
+            p.state = harmony_reconciler_contracts::PullState::Failed;
+        }
+        let failed = crate::view::pull_view(&phase, at).map(|p| p.text);
+        assert_eq!(failed.as_deref(), Some("pull failed, retrying: <b>denied</b>"));
+    }
+
+    #[test]
+    fn the_deployment_page_shows_pinned_digests_and_the_rollout_its_pull_limit() {
+        let digest = format!("sha256:{}", "ab12cd34ef56".repeat(5) + "ab12");
+        let status = serde_json::json!({
+            "observedGeneration": 3, "currentRevision": 4,
+            "images": [{"image": "10.77.0.1:5000/iot/web:1.2", "digest": digest}],
+            "rollout": {
+                "revision": 4, "phase": "Progressing", "currentBatch": 1, "matchedAtStart": 5,
+                "startedAt": "2026-01-01T10:00:00Z", "summary": "batch 1/1",
+                "batches": [{"selected": 5, "dispatched": 2, "pendingPull": 3}],
+            },
+        });
+        let html = rollout_html(
+            serde_json::json!({"targetDevices": ["pi-1"], "score": score(), "rollout": {"maxConcurrentPulls": 2}}),
+            Some(status.clone()),
+        );
+        assert!(
+            element(&html, "rollout-pulls", "span").contains("at most 2 devices pull at once"),
+            "{html}"
+        );
+        assert!(html.contains("3 waiting for a pull slot"), "{html}");
+        let mut dep = deployment(serde_json::json!({"targetDevices": ["pi-1"], "score": score()}));
+        dep.status = Some(serde_json::from_value(status).unwrap_or_else(|e| panic!("{e}")));
+        let row = crate::view::deployment_row(&dep);
+        let page = super::deployment(&DeploymentDetail {
+            row: &row,
+            counts: &Default::default(),
+            phases: &crate::view::paginate(Vec::new(), 1, 10),
+            only: None,
+            spec: &dep.spec,
+            status: dep.status.as_ref(),
+            changes: None,
+        })
+        .into_string();
+        let table = element(&page, "pinned-images", "table");
+        assert!(table.contains("10.77.0.1:5000/iot/web:1.2"), "{table}");
+        assert!(table.contains(&digest), "{table}");
     }
 }

@@ -163,7 +163,8 @@ pub fn segments(b: &BatchStatus) -> Vec<Segment> {
     let waiting = b
         .selected
         .saturating_sub(b.dispatched.max(decided))
-        .saturating_sub(b.pending_offline);
+        .saturating_sub(b.pending_offline)
+        .saturating_sub(b.pending_pull);
     [
         ("ok", b.succeeded, "succeeded"),
         ("bad", b.failed, "failed"),
@@ -172,6 +173,7 @@ pub fn segments(b: &BatchStatus) -> Vec<Segment> {
         ("bad", b.never_acknowledged, "never acknowledged"),
         ("info", in_flight, "in flight"),
         ("warn", b.pending_offline, "pending offline"),
+        ("warn", b.pending_pull, "waiting for a pull slot"),
         ("none", waiting, "not dispatched yet"),
     ]
     .into_iter()
@@ -399,6 +401,7 @@ pub(crate) mod tests {
             silent: 1,
             never_acknowledged: 1,
             pending_offline: 3,
+            pending_pull: 1,
             ..BatchStatus::default()
         };
         let s = segments(&b);
@@ -412,7 +415,8 @@ pub(crate) mod tests {
                 (1, "never acknowledged"),
                 (2, "in flight"),
                 (3, "pending offline"),
-                (2, "not dispatched yet"),
+                (1, "waiting for a pull slot"),
+                (1, "not dispatched yet"),
             ]
         );
         assert_eq!(s.iter().map(|(_, n, _)| n).sum::<u32>(), b.selected);

@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use harmony_reconciler_contracts::report::Staleness;
-use harmony_reconciler_contracts::{AgentStatus, DeploymentRef, EventEntry, Id, Phase, Severity};
+use harmony_reconciler_contracts::{
+    AgentStatus, DeploymentPhase, DeploymentRef, EventEntry, Id, Phase, PullState, Severity,
+};
 use iot_api::{Deployment, Device, DeviceSelector, RolloutPhase, SelectorOperator, conditions};
 use kube::ResourceExt;
 
@@ -295,6 +297,77 @@ pub struct DeviceDeployment {
     pub error: Option<String>,
     /// The selector that brings it here; `None`: the device is listed by id.
     pub selector: Option<String>,
+    /// The image pull it waits on, if any.
+    pub pull: Option<PullView>,
+}
+
+/// An image pull a deployment waits on, as the pages show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullView {
+    /// `pulling IMAGE 12.3/40.0 MiB (30%), 14s`, `pulling IMAGE layers 2/5, 14s` or
+    /// `pull failed, retrying: ERROR`.
+    pub text: String,
+    /// Bytes done and the total, when the total is known (for a progress bar).
+    pub bytes: Option<(u64, u64)>,
+    pub failed: bool,
+}
+
+/// `sha256:` and the first 12 hex digits of a digest; anything else whole.
+pub fn short_digest(digest: &str) -> String {
+    match digest.strip_prefix("sha256:") {
+        Some(hex) if hex.len() > 12 && hex.is_char_boundary(12) => format!("sha256:{}", &hex[..12]),
+        _ => digest.to_owned(),
+    }
+}
+
+/// The pull a deployment waits on, from its phase in the device's report. Written
+/// like `iotctl devices` writes it. The age counts from the attempt's start on the
+/// device's clock.
+pub fn pull_view(p: &DeploymentPhase, now: DateTime<Utc>) -> Option<PullView> {
+    let pull = p.pull.as_ref()?;
+    let image = match pull.image.split_once('@') {
+        Some((name, digest)) => format!("{name}@{}", short_digest(digest)),
+        None => pull.image.clone(),
+    };
+    let took = age(now - pull.started_at);
+    let bytes = pull.bytes_total.filter(|t| *t > 0).map(|t| (pull.bytes_done.min(t), t));
+    let text = match pull.state {
+        PullState::Failed => format!(
+            "pull failed, retrying: {}",
+            p.last_error.as_deref().unwrap_or("no error reported")
+        ),
+        PullState::Pulling => match bytes {
+            Some((done, total)) => {
+                const MIB: f64 = (1u64 << 20) as f64;
+                format!(
+                    "pulling {image} {:.1}/{:.1} MiB ({}%), {took}",
+                    done as f64 / MIB,
+                    total as f64 / MIB,
+                    done * 100 / total
+                )
+            }
+            None if pull.layers_total > 0 => {
+                format!(
+                    "pulling {image} layers {}/{}, {took}",
+                    pull.layers_done, pull.layers_total
+                )
+            }
+            None => format!("pulling {image}, {took}"),
+        },
+        PullState::Unknown => format!("pulling {image} (a state this dashboard does not know), {took}"),
+    };
+    Some(PullView {
+        text,
+        bytes,
+        failed: pull.state == PullState::Failed,
+    })
+}
+
+/// The pull `device` waits on for `dep`, from its latest report.
+fn device_pull(snap: &Snapshot<'_>, device: &Id, dep: &Deployment) -> Option<PullView> {
+    let key = deployment_ref(dep)?;
+    let p = snap.devices.get(device)?.status.deployments.get(&key)?;
+    pull_view(p, snap.now)
 }
 
 /// The deployments of one device: those that list it, and the selector
@@ -320,6 +393,7 @@ pub fn device_deployments(snap: &Snapshot<'_>, id: &Id) -> Vec<DeviceDeployment>
                 phase,
                 error,
                 selector: d.spec.selector.as_ref().map(selector_text),
+                pull: device_pull(snap, id, d),
             })
         })
         .collect()
@@ -555,6 +629,8 @@ pub struct PhaseRow {
     pub device: Id,
     pub phase: DevicePhase,
     pub error: Option<String>,
+    /// The image pull it waits on, if any.
+    pub pull: Option<PullView>,
 }
 
 /// The per-device table of one deployment, counted by phase and filtered.
@@ -569,7 +645,13 @@ pub fn phase_table(
         let (phase, error) = device_phase(snap, &device, dep);
         *counts.entry(phase).or_default() += 1;
         if only.is_none_or(|o| o == phase) {
-            rows.push(PhaseRow { device, phase, error });
+            let pull = device_pull(snap, &device, dep);
+            rows.push(PhaseRow {
+                device,
+                phase,
+                error,
+                pull,
+            });
         }
     }
     rows.sort_by(|a, b| a.phase.cmp(&b.phase).then_with(|| a.device.cmp(&b.device)));
@@ -751,6 +833,32 @@ mod tests {
         let (counts, _) = phase_table(&snap, &web, None);
         assert_eq!(counts.get(&DevicePhase::Outdated), Some(&1));
         assert_eq!(counts.get(&DevicePhase::Running), Some(&1));
+        assert!(failed[0].pull.is_none());
+    }
+
+    #[test]
+    fn the_device_and_deployment_tables_carry_the_pull_a_device_reports() {
+        let now = DateTime::from_timestamp(1_767_225_614, 0).unwrap_or_default();
+        let web = dep("web", &["a"]);
+        let (id, mut record) = report("a", now, vec![(&web, Phase::Pending, true)]);
+        let key = deployment_ref(&web).expect("ref");
+        if let Some(p) = record.status.deployments.get_mut(&key) {
+            p.pull = pulling(PullState::Pulling, None, (2, 5)).pull;
+        }
+        let devices: HashMap<Id, DeviceRecord> = [(id.clone(), record)].into_iter().collect();
+        let deployments = vec![web.clone()];
+        let snap = Snapshot {
+            devices: &devices,
+            deployments: &deployments,
+            registry: None,
+            now,
+            staleness: Staleness::default(),
+        };
+        let want = Some("pulling 10.77.0.1:5000/iot/web@sha256:ab12cd34ef56 layers 2/5, 14s".to_owned());
+        let (_, rows) = phase_table(&snap, &web, None);
+        assert_eq!(rows[0].pull.as_ref().map(|p| p.text.clone()), want);
+        let on_device = device_deployments(&snap, &id);
+        assert_eq!(on_device[0].pull.as_ref().map(|p| p.text.clone()), want);
     }
 
     fn selector_dep(name: &str, selector: serde_json::Value, status: serde_json::Value) -> Arc<Deployment> {
@@ -1000,5 +1108,51 @@ mod tests {
         assert_eq!(age(Duration::hours(5)), "5h");
         assert_eq!(age(Duration::days(3)), "3d");
         assert_eq!(age(Duration::seconds(-3)), "0s");
+    }
+
+    fn pulling(state: PullState, bytes_total: Option<u64>, layers: (u32, u32)) -> DeploymentPhase {
+        let at = DateTime::from_timestamp(1_767_225_600, 0).unwrap_or_default();
+        let mut p = DeploymentPhase::new(Phase::Pending, None, Some("connection reset by peer".into()), at);
+        p.pull = Some(harmony_reconciler_contracts::PullProgress {
+            image: format!("10.77.0.1:5000/iot/web@sha256:{}", "ab12cd34ef56".repeat(5) + "ab12"),
+            state,
+            bytes_done: 12_897_485,
+            bytes_total,
+            layers_done: layers.0,
+            layers_total: layers.1,
+            started_at: at,
+        });
+        p
+    }
+
+    #[test]
+    fn pulls_read_with_bytes_layers_or_the_error() {
+        let now = DateTime::from_timestamp(1_767_225_614, 0).unwrap_or_default();
+        let known = pull_view(&pulling(PullState::Pulling, Some(41_943_040), (2, 5)), now);
+        assert_eq!(
+            known,
+            Some(PullView {
+                text: "pulling 10.77.0.1:5000/iot/web@sha256:ab12cd34ef56 12.3/40.0 MiB (30%), 14s".into(),
+                bytes: Some((12_897_485, 41_943_040)),
+                failed: false,
+            })
+        );
+        let unknown = pull_view(&pulling(PullState::Pulling, None, (2, 5)), now);
+        assert_eq!(
+            unknown.map(|p| (p.text, p.bytes)),
+            Some((
+                "pulling 10.77.0.1:5000/iot/web@sha256:ab12cd34ef56 layers 2/5, 14s".into(),
+                None
+            ))
+        );
+        let failed = pull_view(&pulling(PullState::Failed, Some(41_943_040), (2, 5)), now);
+        assert_eq!(
+            failed.map(|p| (p.text, p.failed)),
+            Some(("pull failed, retrying: connection reset by peer".into(), true))
+        );
+        let mut none = pulling(PullState::Pulling, None, (0, 0));
+        none.pull = None;
+        assert_eq!(pull_view(&none, now), None);
+        assert_eq!(short_digest("md5:abc"), "md5:abc");
     }
 }
