@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::token::{self, Access, Claims};
+use crate::token::{self, Access, Claims, TokenError};
 
 /// How long a publisher's token lives.
 pub const PUBLISHER_TTL: Duration = Duration::from_secs(15 * 60);
@@ -131,7 +131,11 @@ pub fn authenticate(
         token::verify(password, &config.public_key, &config.issuer, &config.service, now_unix).map_err(|e| {
             Refusal::BadGrant {
                 user: user.to_owned(),
-                why: e.to_string().trim_start_matches("the registry token ").to_owned(),
+                why: match e {
+                    TokenError::Signature => "is not signed by the key this service trusts".to_owned(),
+                    TokenError::Claims(why) => why,
+                    other => format!("is unreadable: {other}"),
+                },
             }
         })?;
     if claims.sub != user {
@@ -273,7 +277,7 @@ mod tests {
         let e = authenticate("pi-2", &t, &[], &config(&k), 1_000).expect_err("other device");
         assert!(e.to_string().contains("issued to \"pi-1\""), "{e}");
         let e = authenticate("pi-1", &t, &[], &config(&other), 1_000).expect_err("other key");
-        assert!(e.to_string().contains("signature"), "{e}");
+        assert!(e.to_string().contains("not signed by the key this service trusts"), "{e}");
         let e = authenticate("pi-1", &t, &[], &config(&k), 2_000).expect_err("expired");
         assert!(e.to_string().contains("expired"), "{e}");
     }
