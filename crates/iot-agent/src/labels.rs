@@ -17,6 +17,9 @@ pub const SPEC_HASH: &str = "iot.nationtech.io/spec-hash";
 /// when the desired state carried none). Read back after an agent restart: it is
 /// how the agent knows which revision an older container that still serves runs.
 pub const REVISION: &str = "iot.nationtech.io/revision";
+/// The image id of the container this one replaced, set when the replacement is
+/// created: the previous version, which image pruning keeps.
+pub const PREVIOUS_IMAGE: &str = "iot.nationtech.io/previous-image";
 
 /// The labels Kubernetes users know, so tools that group by them work on devices too.
 pub const K8S_NAME: &str = "app.kubernetes.io/name";

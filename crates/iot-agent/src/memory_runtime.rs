@@ -11,9 +11,14 @@ use tokio::sync::mpsc;
 
 use crate::images::{PullCounts, PullError};
 use crate::runtime::{
-    ContainerHealth, ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError, RuntimeEvent,
-    RuntimeEventKind,
+    ContainerHealth, ContainerImage, ContainerRuntime, ContainerSpec, ContainerState, ObservedContainer, RuntimeError,
+    RuntimeEvent, RuntimeEventKind, StoredImage,
 };
+
+/// The id the memory runtime gives an image: `id-` and its name.
+pub fn memory_image_id(image: &str) -> String {
+    format!("id-{image}")
+}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -245,6 +250,31 @@ impl ContainerRuntime for MemoryRuntime {
         Ok(inner.images.iter().any(|i| i == image))
     }
 
+    async fn images(&self) -> Result<Vec<StoredImage>, RuntimeError> {
+        self.answer().await?;
+        let inner = self.check("images".into())?;
+        Ok(inner
+            .images
+            .iter()
+            .map(|i| StoredImage {
+                id: memory_image_id(i),
+                tags: vec![i.clone()],
+                ..Default::default()
+            })
+            .collect())
+    }
+
+    /// Refuses, like podman, while a container uses the image.
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError> {
+        self.answer().await?;
+        let mut inner = self.check(format!("remove_image {id}"))?;
+        if inner.containers.values().any(|(_, c, _)| c.image.id == id) {
+            return Err(RuntimeError::new(format!("image {id} is in use by a container")));
+        }
+        inner.images.retain(|i| memory_image_id(i) != id);
+        Ok(())
+    }
+
     async fn pull(&self, image: &str, progress: &(dyn Fn(PullCounts) + Send + Sync)) -> Result<(), PullError> {
         let fail = |e: RuntimeError| PullError::Other {
             image: image.to_owned(),
@@ -303,6 +333,12 @@ impl ContainerRuntime for MemoryRuntime {
             service_hash: spec.service_hash.to_string(),
             revision: spec.revision,
             state: ContainerState::Created,
+            image: ContainerImage {
+                name: spec.service.image.clone(),
+                id: memory_image_id(&spec.service.image),
+                ..Default::default()
+            },
+            previous_image: spec.previous_image.clone(),
         };
         inner
             .containers

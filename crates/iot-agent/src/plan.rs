@@ -87,6 +87,8 @@ pub struct OldContainer {
     pub id: String,
     pub name: String,
     pub running: bool,
+    /// The image id it runs (empty if unknown).
+    pub image_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -231,6 +233,69 @@ pub fn service_hash(service: &PodmanService) -> SpecHash {
     spec_hash_of(service)
 }
 
+/// An image reference split into its repository (`registry/path`, without tag or
+/// digest) and what follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageRef<'a> {
+    pub repository: &'a str,
+    pub tag: Option<&'a str>,
+    /// `sha256:...` of a `repo@sha256:...` reference.
+    pub digest: Option<&'a str>,
+}
+
+impl<'a> ImageRef<'a> {
+    /// Parses `repo`, `repo:tag`, `repo@digest` or `repo:tag@digest`; the port of a
+    /// registry (`10.77.0.1:5000/iot/web`) is not a tag.
+    pub fn parse(reference: &'a str) -> Self {
+        let (name, digest) = match reference.split_once('@') {
+            Some((name, digest)) => (name, Some(digest)),
+            None => (reference, None),
+        };
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        match name[last_slash..].rfind(':') {
+            Some(i) => ImageRef {
+                repository: &name[..last_slash + i],
+                tag: Some(&name[last_slash + i + 1..]),
+                digest,
+            },
+            None => ImageRef {
+                repository: name,
+                tag: None,
+                digest,
+            },
+        }
+    }
+}
+
+/// Whether container `c` runs what `svc` asks for, `hash` being `svc`'s hash.
+///
+/// Either its service-hash label is `hash`, or the operator pinned the tag it was
+/// created from to the digest of the very image it runs: `svc` names
+/// `NAME@sha256:D`, `c` was created from `NAME:TAG`, `svc` with `NAME:TAG` in
+/// place of its image hashes to `c`'s label, and `c`'s image has digest D (its
+/// `RepoDigests` hold `svc.image`, or its `Digest` is D). That way the operator's
+/// move to digests restarts nothing, while any other difference still does.
+pub fn runs_desired(c: &ObservedContainer, svc: &PodmanService, hash: &SpecHash) -> bool {
+    if c.service_hash == hash.as_str() {
+        return true;
+    }
+    let desired = ImageRef::parse(&svc.image);
+    let (Some(digest), None) = (desired.digest, desired.tag) else {
+        return false;
+    };
+    let created = ImageRef::parse(&c.image.name);
+    if created.repository != desired.repository || created.tag.is_none() || created.digest.is_some() {
+        return false;
+    }
+    let same_image = c.image.repo_digests.contains(&svc.image) || c.image.digest.as_deref() == Some(digest);
+    if !same_image {
+        return false;
+    }
+    let mut as_created = svc.clone();
+    as_created.image.clone_from(&c.image.name);
+    service_hash(&as_created).as_str() == c.service_hash
+}
+
 /// Per-deployment findings while planning.
 #[derive(Default)]
 struct Findings {
@@ -340,6 +405,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 service_hash: hash.clone(),
                 spec_hash: spec_hash.clone(),
                 revision,
+                previous_image: None,
             });
             match containers.keeper {
                 None => plan_missing(&input, dep, svc, spec, &containers.outdated, &mut planned, &mut f),
@@ -436,14 +502,20 @@ fn sort_service<'c>(
     f: &mut Findings,
 ) -> ServiceContainers<'c> {
     let mine: Vec<&ObservedContainer> = observed.iter().copied().filter(|c| c.service == svc.name).collect();
-    let keeper = mine.iter().copied().find(|c| c.service_hash == hash.as_str());
-    for c in mine.iter().filter(|c| c.service_hash == hash.as_str()) {
+    // One labelled with the desired hash first, then one that runs the same image
+    // under its tag.
+    let keeper = mine
+        .iter()
+        .copied()
+        .find(|c| c.service_hash == hash.as_str())
+        .or_else(|| mine.iter().copied().find(|c| runs_desired(c, svc, hash)));
+    for c in mine.iter().filter(|c| runs_desired(c, svc, hash)) {
         if keeper.is_some_and(|k| k.id != c.id) {
             planned.removes.push(remove(dep, c, RemoveCause::Duplicate));
             f.acted = true;
         }
     }
-    let outdated = mine.into_iter().filter(|c| c.service_hash != hash.as_str()).collect();
+    let outdated = mine.into_iter().filter(|c| !runs_desired(c, svc, hash)).collect();
     ServiceContainers { keeper, outdated }
 }
 
@@ -519,6 +591,8 @@ fn plan_missing(
     } else {
         let old: Vec<OldContainer> = outdated.iter().copied().map(old_container).collect();
         let stop_first = !svc.ports.is_empty() && old.iter().any(|o| o.running);
+        let mut spec = spec;
+        spec.previous_image = previous_image(outdated);
         planned.replaces.push(Action::Replace { spec, old, stop_first });
     }
 }
@@ -575,7 +649,18 @@ fn old_container(c: &ObservedContainer) -> OldContainer {
         id: c.id.clone(),
         name: c.name.clone(),
         running: matches!(c.state, ContainerState::Running | ContainerState::Paused),
+        image_id: c.image.id.clone(),
     }
+}
+
+/// The image of the version a replacement supersedes: the running outdated
+/// container's, else any outdated container's whose image is known.
+fn previous_image(outdated: &[&ObservedContainer]) -> Option<String> {
+    let known = || outdated.iter().filter(|c| !c.image.id.is_empty());
+    known()
+        .find(|c| matches!(c.state, ContainerState::Running | ContainerState::Paused))
+        .or_else(|| known().next())
+        .map(|c| c.image.id.clone())
 }
 
 /// The outdated container to start again while an upgrade waits, if the previous

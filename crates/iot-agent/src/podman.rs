@@ -1,7 +1,7 @@
 //! A small client for podman's libpod REST API over its unix socket.
 //!
 //! Only what the agent needs: list, inspect, create, start, stop, unpause, remove,
-//! image exists, pull, and the event stream. One HTTP/1.1 connection per request
+//! image exists, list and remove images, pull, and the event stream. One HTTP/1.1 connection per request
 //! keeps it simple and robust across podman service restarts; the cost (a
 //! unix-socket connect) is negligible next to what podman itself does per call.
 //!
@@ -77,14 +77,36 @@ pub struct ListedContainer {
     pub id: String,
     #[serde(default)]
     pub names: Vec<String>,
+    /// The reference the container was created from, as given.
     #[serde(default)]
     pub image: String,
+    #[serde(rename = "ImageID", default)]
+    pub image_id: String,
     #[serde(default)]
     pub state: String,
     #[serde(default)]
     pub exit_code: i32,
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// An image as listed by `GET /libpod/images/json`. podman 4.3.1 gives every
+/// image a `Digest` and `RepoDigests` (`repo@digest` for each of its repositories),
+/// also images built or imported locally, never pushed; lists may be `null`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListedImage {
+    pub id: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub repo_tags: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub repo_digests: Vec<String>,
+    #[serde(default)]
+    pub digest: Option<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The subset of libpod's SpecGenerator the agent sets.
@@ -329,6 +351,32 @@ impl PodmanClient {
         let limit = self.change_timeout().saturating_add(stop_timeout);
         match self
             .call_with(Method::DELETE, &path, None, &format!("remove {}", short_id(id)), limit)
+            .await
+        {
+            Err(e) if e.status() == 404 => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Every image in the store (intermediate build layers excluded).
+    pub async fn list_images(&self) -> Result<Vec<ListedImage>, PodmanError> {
+        let body = self
+            .call(Method::GET, &format!("{API}/images/json"), None, "list images")
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| PodmanError::Transport {
+            what: "list images".into(),
+            message: format!("unexpected response: {e}"),
+        })
+    }
+
+    /// Removes an image by id without force: podman refuses (409) while a
+    /// container uses it or more than one name refers to it. Gone already counts as
+    /// removed.
+    pub async fn remove_image(&self, id: &str) -> Result<(), PodmanError> {
+        let what = format!("remove image {}", short_id(id.strip_prefix("sha256:").unwrap_or(id)));
+        let path = format!("{API}/images/{}", urlencoding::encode(id));
+        match self
+            .call_with(Method::DELETE, &path, None, &what, self.change_timeout())
             .await
         {
             Err(e) if e.status() == 404 => Ok(()),

@@ -46,6 +46,36 @@ pub struct ObservedContainer {
     /// [`labels::REVISION`]); `None` without one.
     pub revision: Option<u64>,
     pub state: ContainerState,
+    /// The image it runs, as podman knows it.
+    pub image: ContainerImage,
+    /// The image id of the container this one replaced (its
+    /// [`labels::PREVIOUS_IMAGE`]): the version image pruning keeps for a rollback.
+    pub previous_image: Option<String>,
+}
+
+/// The image a container runs: the name it was created from and what identifies
+/// the image itself. Filled from one image listing per container listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerImage {
+    /// The reference the container was created from (`reg/iot/web:v1`).
+    pub name: String,
+    /// podman's image id (empty if podman did not say).
+    pub id: String,
+    /// The image's `RepoDigests` (`reg/iot/web@sha256:...`).
+    pub repo_digests: Vec<String>,
+    /// The image's `Digest` (`sha256:...`), if podman knows one.
+    pub digest: Option<String>,
+}
+
+/// An image in the runtime's store, as image pruning sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredImage {
+    pub id: String,
+    /// `RepoTags` (`reg/iot/web:v1`).
+    pub tags: Vec<String>,
+    /// `RepoDigests` (`reg/iot/web@sha256:...`).
+    pub repo_digests: Vec<String>,
+    pub digest: Option<String>,
 }
 
 /// A container the reconciler wants.
@@ -60,6 +90,10 @@ pub struct ContainerSpec {
     /// The revision of the desired state the container is created for, stored next
     /// to the spec hash so a restarted agent knows what runs.
     pub revision: Option<u64>,
+    /// When it replaces a container: that container's image id, kept as
+    /// [`labels::PREVIOUS_IMAGE`] so image pruning keeps the previous version
+    /// across agent restarts.
+    pub previous_image: Option<String>,
 }
 
 /// How a just-started container is doing.
@@ -145,6 +179,11 @@ pub trait ContainerRuntime: Clone + Send + Sync + 'static {
     /// Every container labelled as managed by the agent for `device`.
     fn list(&self, device: &Id) -> impl Future<Output = Result<Vec<ObservedContainer>, RuntimeError>> + Send;
     fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Every image in the runtime's store.
+    fn images(&self) -> impl Future<Output = Result<Vec<StoredImage>, RuntimeError>> + Send;
+    /// Removes an image by id, never by force: an image a container uses, or that
+    /// other names still refer to, stays.
+    fn remove_image(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Fetches an image from its registry, calling `progress` as it goes. May take
     /// minutes.
     fn pull(
@@ -269,6 +308,9 @@ impl PodmanRuntime {
         ]);
         if let Some(revision) = spec.revision {
             labels.insert(labels::REVISION.to_owned(), revision.to_string());
+        }
+        if let Some(previous) = &spec.previous_image {
+            labels.insert(labels::PREVIOUS_IMAGE.to_owned(), previous.clone());
         }
         let resource_limits = match &svc.resources {
             Some(r) => Some(resource_limits(r)?),
@@ -415,19 +457,37 @@ impl ContainerRuntime for PodmanRuntime {
         self.client.ping().await.map_err(RuntimeError::from)
     }
 
+    /// The device's containers, and (one more call, only when there are any) the
+    /// images they run. Both listings must answer: a container whose image cannot
+    /// be seen would look changed to the planner.
     async fn list(&self, device: &Id) -> Result<Vec<ObservedContainer>, RuntimeError> {
         let listed = self
             .client
             .list_by_label(labels::DEVICE, device.as_str())
             .await
             .map_err(RuntimeError::from)?;
-        Ok(listed
+        let managed: Vec<_> = listed
             .into_iter()
             .filter_map(|c| {
-                let labels = c.labels.unwrap_or_default();
-                if labels.get(labels::MANAGED_BY).map(String::as_str) != Some(labels::MANAGED_BY_VALUE) {
-                    return None;
-                }
+                let labels = c.labels.clone().unwrap_or_default();
+                (labels.get(labels::MANAGED_BY).map(String::as_str) == Some(labels::MANAGED_BY_VALUE))
+                    .then_some((c, labels))
+            })
+            .collect();
+        let images: BTreeMap<String, crate::podman::ListedImage> = if managed.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.client
+                .list_images()
+                .await
+                .map_err(RuntimeError::from)?
+                .into_iter()
+                .map(|i| (i.id.clone(), i))
+                .collect()
+        };
+        Ok(managed
+            .into_iter()
+            .map(|(c, labels)| {
                 let state = match c.state.as_str() {
                     "running" => ContainerState::Running,
                     "created" | "configured" | "initialized" => ContainerState::Created,
@@ -435,7 +495,8 @@ impl ContainerRuntime for PodmanRuntime {
                     "paused" => ContainerState::Paused,
                     other => ContainerState::Other(other.to_owned()),
                 };
-                Some(ObservedContainer {
+                let stored = images.get(&c.image_id);
+                ObservedContainer {
                     name: c.names.first().cloned().unwrap_or_default(),
                     id: c.id,
                     deployment: labels.get(labels::DEPLOYMENT).and_then(|d| d.parse().ok()),
@@ -443,9 +504,33 @@ impl ContainerRuntime for PodmanRuntime {
                     service_hash: labels.get(labels::SERVICE_HASH).cloned().unwrap_or_default(),
                     revision: labels.get(labels::REVISION).and_then(|r| r.parse().ok()),
                     state,
-                })
+                    image: ContainerImage {
+                        name: c.image,
+                        id: c.image_id,
+                        repo_digests: stored.map(|i| i.repo_digests.clone()).unwrap_or_default(),
+                        digest: stored.and_then(|i| i.digest.clone()).filter(|d| !d.is_empty()),
+                    },
+                    previous_image: labels.get(labels::PREVIOUS_IMAGE).cloned().filter(|p| !p.is_empty()),
+                }
             })
             .collect())
+    }
+
+    async fn images(&self) -> Result<Vec<StoredImage>, RuntimeError> {
+        let listed = self.client.list_images().await.map_err(RuntimeError::from)?;
+        Ok(listed
+            .into_iter()
+            .map(|i| StoredImage {
+                id: i.id,
+                tags: i.repo_tags,
+                repo_digests: i.repo_digests,
+                digest: i.digest.filter(|d| !d.is_empty()),
+            })
+            .collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), RuntimeError> {
+        self.client.remove_image(id).await.map_err(podman_err)
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
@@ -583,6 +668,7 @@ mod tests {
             service,
             spec_hash: SpecHash::from_reported("h"),
             revision: Some(7),
+            previous_image: None,
         };
         let labels = PodmanRuntime::create_spec(&spec, Duration::from_secs(1))
             .expect("spec")

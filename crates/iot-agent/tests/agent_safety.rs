@@ -98,15 +98,16 @@ async fn upgrade_whose_command_exits_at_once_is_rolled_back_to_v1() -> anyhow::R
         "v1 waited for the upgrade's backoff"
     );
     assert_eq!(guard.running_ids(), before, "the same v1 container runs again");
-    let status = stack.wait_phase(&dev, &web, Phase::Failed, Some(&h2)).await?;
-    assert!(
-        status
-            .recent_events
-            .iter()
-            .any(|e| e.message.contains("of the previous version, which had stopped")),
-        "{:?}",
-        status.recent_events
-    );
+    // v1 may answer before the pass that started it has published its report.
+    let status = stack
+        .wait_status(&dev, "the restart of the previous version reported", |s| {
+            s.recent_events
+                .iter()
+                .any(|e| e.message.contains("of the previous version, which had stopped"))
+        })
+        .await?;
+    let p = &status.deployments[&web];
+    assert_eq!((p.phase, p.spec_hash.as_ref()), (Phase::Failed, Some(&h2)));
     Ok(())
 }
 

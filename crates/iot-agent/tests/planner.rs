@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use harmony_reconciler_contracts::{DeploymentRef, Id, PodmanService, RestartPolicy, SpecHash};
 use iot_agent::plan::{Action, Assessment, DesiredContent, ImageState, PlanInput, plan, service_hash};
-use iot_agent::runtime::{ContainerState, ObservedContainer};
+use iot_agent::runtime::{ContainerImage, ContainerState, ObservedContainer};
 
 fn dev() -> Id {
     Id::new("dev1").expect("valid")
@@ -35,6 +35,12 @@ fn running(id: &str, d: &str, s: &PodmanService) -> ObservedContainer {
         service_hash: service_hash(s).to_string(),
         revision: None,
         state: ContainerState::Running,
+        image: ContainerImage {
+            name: s.image.clone(),
+            id: format!("id-{}", s.image),
+            ..Default::default()
+        },
+        previous_image: None,
     }
 }
 
@@ -447,4 +453,96 @@ fn the_previous_version_follows_the_restart_policy_and_is_left_alone_when_up() {
     c.desired.insert(dep("web"), valid(vec![svc("web", "img:2")]));
     c.observed.push(running("c0", "web", &svc("web", "img:0")));
     assert!(kinds(&c.run()).is_empty());
+}
+
+/// Issue 26: the operator pins `reg/iot/web:v1` to `reg/iot/web@sha256:D`. A
+/// container created from the tag whose image has digest D is what is desired.
+const TAGGED: &str = "10.77.0.1:5000/iot/web:v1";
+const D: &str = "sha256:d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1d1";
+
+fn pinned(digest: &str) -> String {
+    format!("10.77.0.1:5000/iot/web@{digest}")
+}
+
+/// A running container created from `TAGGED` whose image has digest `D`, as the
+/// runtime reports it (`RepoDigests` and `Digest`, or only one of them).
+fn created_from_tag(repo_digests: bool, digest: bool) -> ObservedContainer {
+    let mut c = running("c1", "web", &svc("web", TAGGED));
+    c.image.repo_digests = if repo_digests { vec![pinned(D)] } else { vec![] };
+    c.image.digest = digest.then(|| D.to_owned());
+    c
+}
+
+#[test]
+fn a_tag_pinned_to_the_digest_of_the_running_image_changes_nothing() {
+    for (repo_digests, digest) in [(true, true), (true, false), (false, true)] {
+        let mut c = Case::new();
+        c.observed.push(created_from_tag(repo_digests, digest));
+        c.desired.insert(dep("web"), valid(vec![svc("web", &pinned(D))]));
+        let p = c.run();
+        assert_eq!(kinds(&p), Vec::<String>::new(), "{repo_digests} {digest}");
+        assert_eq!(p.assessments[&dep("web")], Assessment::Converged);
+    }
+}
+
+#[test]
+fn a_pinned_tag_still_replaces_on_another_digest_or_any_other_change() {
+    let other = "sha256:e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2e2";
+    let mut env = svc("web", &pinned(D));
+    env.env.insert("MODE".into(), "fast".into());
+    let mut policy = svc("web", &pinned(D));
+    policy.restart_policy = RestartPolicy::Never;
+    for (why, desired) in [
+        ("another digest", svc("web", &pinned(other))),
+        ("env differs", env),
+        ("restart policy differs", policy),
+        ("another repository", svc("web", &format!("10.77.0.1:5000/iot/api@{D}"))),
+        ("another registry", svc("web", &format!("10.77.0.2:5000/iot/web@{D}"))),
+        ("a tag, not a digest", svc("web", "10.77.0.1:5000/iot/web:v2")),
+    ] {
+        let mut c = Case::new();
+        c.observed.push(created_from_tag(true, true));
+        c.desired.insert(dep("web"), valid(vec![desired]));
+        assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=false"], "{why}");
+    }
+    // The image the container runs has no digest D (a tag that moved since).
+    let mut c = Case::new();
+    let mut moved = created_from_tag(false, false);
+    moved.image.repo_digests = vec![pinned(other)];
+    moved.image.digest = Some(other.to_owned());
+    c.observed.push(moved);
+    c.desired.insert(dep("web"), valid(vec![svc("web", &pinned(D))]));
+    assert_eq!(kinds(&c.run()), ["replace web/web c1 stop_first=false"]);
+}
+
+#[test]
+fn a_replacement_remembers_the_image_it_replaces() {
+    let mut c = Case::new();
+    c.observed.push(running("c1", "web", &svc("web", "img:1")));
+    c.desired.insert(dep("web"), valid(vec![svc("web", "img:2")]));
+    let p = c.run();
+    let previous = p.actions.iter().find_map(|a| match a {
+        Action::Replace { spec, .. } => Some(spec.previous_image.clone()),
+        _ => None,
+    });
+    assert_eq!(previous, Some(Some("id-img:1".to_owned())));
+}
+
+#[test]
+fn image_references_split_into_repository_tag_and_digest() {
+    use iot_agent::plan::ImageRef;
+    let r = ImageRef::parse("10.77.0.1:5000/iot/web:v1");
+    assert_eq!(
+        (r.repository, r.tag, r.digest),
+        ("10.77.0.1:5000/iot/web", Some("v1"), None)
+    );
+    let r = ImageRef::parse("10.77.0.1:5000/iot/web@sha256:ab");
+    assert_eq!(
+        (r.repository, r.tag, r.digest),
+        ("10.77.0.1:5000/iot/web", None, Some("sha256:ab"))
+    );
+    let r = ImageRef::parse("localhost:5000/web");
+    assert_eq!((r.repository, r.tag, r.digest), ("localhost:5000/web", None, None));
+    let r = ImageRef::parse("nginx:1@sha256:ab");
+    assert_eq!((r.repository, r.tag, r.digest), ("nginx", Some("1"), Some("sha256:ab")));
 }

@@ -597,6 +597,7 @@ async fn an_interrupted_upgrade_is_settled_or_rolled_back_on_the_next_pass() {
                 service_hash: hash,
                 spec_hash: SpecHash::from_reported("h"),
                 revision: None,
+                previous_image: None,
             }
         };
         let new = rt.create(&spec).await.expect("create");
@@ -816,4 +817,48 @@ async fn payloads_without_a_revision_report_none() {
     rec.reconcile(&view(&[("web", web_rev("missing:2", 2))])).await;
     let p = phase(&rx, "web");
     assert_eq!((p.phase, p.revision), (Phase::Pending, None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_two_upgrades_the_running_and_the_previous_image_stay_and_older_ones_go() {
+    use iot_agent::memory_runtime::memory_image_id;
+    use iot_agent::runtime::ContainerRuntime;
+    let v = |n: u8| format!("r.example:5000/iot/web:{n}");
+    let rt = MemoryRuntime::with_images(&[&v(1), "r.example:5000/iot/other:1", "localhost/mine:1"])
+        .with_pullable(&[&v(2), &v(3)], Duration::from_millis(10));
+    let (mut rec, rt, rx) = setup_with(rt);
+    let stored = |rt: &MemoryRuntime| {
+        let rt = rt.clone();
+        async move {
+            let mut tags: Vec<String> = rt
+                .images()
+                .await
+                .expect("images")
+                .into_iter()
+                .flat_map(|i| i.tags)
+                .collect();
+            tags.sort();
+            tags
+        }
+    };
+    for n in 1..=3 {
+        settle_pulls(&mut rec, &view(&[("web", payload("web", &v(n)))])).await;
+        assert_eq!(phase(&rx, "web").phase, Phase::Running, "version {n}");
+    }
+    assert_eq!(
+        rt.containers()[0].previous_image.as_deref(),
+        Some(memory_image_id(&v(2)).as_str()),
+        "the replacement names the image it replaced"
+    );
+    let expected = [
+        "localhost/mine:1".to_owned(),
+        "r.example:5000/iot/other:1".to_owned(),
+        v(2),
+        v(3),
+    ];
+    assert_eq!(stored(&rt).await, expected);
+    // A restarted agent knows the previous version from the label alone.
+    let (mut again, _, _) = setup_with(rt.clone());
+    again.reconcile(&view(&[("web", payload("web", &v(3)))])).await;
+    assert_eq!(stored(&rt).await, expected);
 }

@@ -171,6 +171,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 );
                 self.restarts.reset(&spec.deployment);
                 self.seen.insert((spec.deployment.clone(), spec.service.name.clone()));
+                // The previous version's container is gone: its older images may go.
+                self.prune_due = Some(Instant::now());
                 Ok(())
             }
             Action::Start {

@@ -15,6 +15,7 @@
 
 mod execute;
 pub mod phase;
+pub mod prune;
 mod replace;
 pub mod retry;
 mod status;
@@ -113,7 +114,14 @@ pub struct Reconciler<R> {
     metrics: Arc<AgentMetrics>,
     /// Containers changed or a pull finished since the last flush to disk.
     unflushed: bool,
+    /// When image pruning is due ([`prune`]): at the first pass that read the
+    /// desired state in full, after a completed replacement, and a while after a
+    /// removal failed. `None`: nothing to do.
+    prune_due: Option<Instant>,
 }
+
+/// How long after a failed image removal pruning runs again.
+pub const PRUNE_RETRY: Duration = Duration::from_secs(600);
 
 impl<R: ContainerRuntime> Reconciler<R> {
     pub fn new(runtime: R, config: ReconcilerConfig, report: watch::Sender<Report>) -> Self {
@@ -142,6 +150,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             progress_published: None,
             metrics: Arc::new(AgentMetrics::default()),
             unflushed: false,
+            prune_due: Some(Instant::now()),
         }
     }
 
@@ -386,11 +395,57 @@ impl<R: ContainerRuntime> Reconciler<R> {
 
         self.update_phases(&desired, &assessments, &revisions, &errors, &rolled_back, &backing_off);
         self.publish(Some(Utc::now()));
+        // Old images go after the report too, off its path, before the flush that
+        // makes their removal durable with the rest.
+        if view.synced && self.prune_due.is_some_and(|t| t <= Instant::now()) {
+            self.prune_images(&desired, &observed).await;
+        }
         // Changes and finished pulls are flushed to disk while the reporter sends
         // the report, not before: the flush is off the report's path, and the next
         // pass (the next change) starts only once it is done.
         self.flush_if_changed().await;
         summary
+    }
+
+    /// Removes the images [`prune::images_to_prune`] chooses. A removal that fails
+    /// (in use, another name refers to it) is logged and tried again after
+    /// [`PRUNE_RETRY`]; it never fails a deployment.
+    async fn prune_images(
+        &mut self,
+        desired: &BTreeMap<DeploymentRef, DesiredContent>,
+        observed: &[ObservedContainer],
+    ) {
+        let desired_images: BTreeSet<String> = desired
+            .values()
+            .filter_map(|c| match c {
+                DesiredContent::Valid { services, .. } => Some(services.iter().map(|s| s.image.clone())),
+                DesiredContent::Invalid { .. } => None,
+            })
+            .flatten()
+            .collect();
+        let images = match self.runtime.images().await {
+            Ok(images) => images,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing images for pruning failed; trying again later");
+                self.prune_due = Some(Instant::now() + PRUNE_RETRY);
+                return;
+            }
+        };
+        let mut failed = false;
+        for image in prune::images_to_prune(&desired_images, observed, &images) {
+            let names = image.tags.join(", ");
+            match self.runtime.remove_image(&image.id).await {
+                Ok(()) => {
+                    self.unflushed = true;
+                    tracing::info!(image = %short_id(&image.id), names, "removed an image no container needs");
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::debug!(image = %short_id(&image.id), names, error = %e, "could not remove an old image; trying again later");
+                }
+            }
+        }
+        self.prune_due = failed.then(|| Instant::now() + PRUNE_RETRY);
     }
 
     /// Makes the containers changed and images pulled since the last flush
