@@ -182,6 +182,7 @@ fn wanted(case: u32) -> bool {
 async fn images_come_from_the_private_registry() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut rs = RegistryStack::start().await?;
+    eprintln!("stack, registry and operator: {:?}", started.elapsed());
     let tag = iot_testkit::unique_id("t");
     let images = Images {
         v1: build_image(&format!("{tag}-v1"), "v1", 1)?,
@@ -541,7 +542,12 @@ async fn pacing(rs: &mut RegistryStack) -> anyhow::Result<()> {
     let t = Instant::now();
     create(
         rs,
-        deployment("paced", &ids, score_on(&rs.image("iot/paced:v1"), "p", 8083), Some(rollout)),
+        deployment(
+            "paced",
+            &ids,
+            score_on(&rs.image("iot/paced:v1"), "p", 8083),
+            Some(rollout),
+        ),
     )
     .await?;
     for &i in &idx {
@@ -593,7 +599,11 @@ async fn link_cut(rs: &mut RegistryStack) -> anyhow::Result<()> {
     rs.device(i).net.throttle("4mbit")?;
     let ids = vec![rs.device(i).id.clone()];
     let since = std::time::SystemTime::now();
-    create(rs, deployment("cut", &ids, score_on(&rs.image("iot/cut:v1"), "x", 8084), None)).await?;
+    create(
+        rs,
+        deployment("cut", &ids, score_on(&rs.image("iot/cut:v1"), "x", 8084), None),
+    )
+    .await?;
     // Cut once the big layer is on its way (the registry has not finished it yet,
     // and the device reports a pull in progress).
     wait_until(WAIT, "the pull is under way", || async {
