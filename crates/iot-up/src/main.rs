@@ -6,6 +6,7 @@ mod menu;
 mod net;
 mod node_menu;
 mod out;
+mod registry;
 mod regression;
 mod sso;
 mod up;
@@ -178,6 +179,7 @@ async fn run(args: Args) -> anyhow::Result<i32> {
         want_cluster: args.cluster,
         node: None,
         operator_sets: Vec::new(),
+        registry: None,
     };
     let started = tokio::select! {
         r = up.start(args.devices) => r,

@@ -128,6 +128,7 @@ pub fn print(up: &Up) {
         line(&mut m, "");
     }
     deploy_section(&mut m, &all);
+    crate::registry::section(&mut m, up);
     fleet_section(&mut m, &first);
     kv_section(&mut m, &first);
     cluster_section(&mut m, up);

@@ -42,6 +42,21 @@ pub async fn run(up: &Up) -> bool {
             r,
         ));
     }
+    if let Some(r) = &up.registry {
+        let t = Instant::now();
+        print_line(&format!("{} registry pull from {}", out::step("==>"), r.url()));
+        let result = registry_pull(up, &r.url())
+            .await
+            .map(|()| t.elapsed())
+            .map_err(|e| format!("{e:#}"));
+        if let Err(e) = &result {
+            print_line(&format!("      {} {e}", out::fail("FAIL")));
+        }
+        results.push((
+            "registry: a tag pinned to a digest, pulled with a grant over TLS -> HTTP 200 -> delete".into(),
+            result,
+        ));
+    }
     print_line(&format!("\n{}", out::bold("Regression summary")));
     let mut ok = true;
     for (name, r) in &results {
@@ -119,6 +134,38 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
     })
     .await?;
     print_line("      ok deleted: no container, no keys, no resource");
+    Ok(())
+}
+
+/// A Deployment naming the private registry's `iot/web:v1`: the operator pins the
+/// tag, the device pulls it with a grant, serves it, and it goes again.
+async fn registry_pull(up: &Up, registry: &str) -> anyhow::Result<()> {
+    const NAME: &str = "pulled";
+    const PULL_PORT: u16 = 8081;
+    let (device, ip) = up.target().ok_or_else(|| anyhow::anyhow!("no device"))?;
+    let kube = iot_launch::apiserver::kube_client_from(&up.kubeconfig()).await?;
+    let api: Api<Deployment> = Api::namespaced(kube, "default");
+    let yaml = format!(
+        "apiVersion: iot.nationtech.io/v1alpha1\nkind: Deployment\nmetadata:\n  name: {NAME}\n  namespace: default\nspec:\n  targetDevices:\n    - {device}\n  score:\n    PodmanV0:\n      services:\n        - name: web\n          image: {registry}/iot/web:v1\n          ports:\n            - hostPort: {PULL_PORT}\n              containerPort: 80\n"
+    );
+    run_ok(kubectl(up, &["apply", "-f", "-"]), Some(&yaml))?;
+    let digest = eventually("the tag pinned in status.images", || async {
+        let s = api.get(NAME).await.ok()?.status?;
+        s.images.first().map(|i| i.digest.clone())
+    })
+    .await?;
+    iot_launch::http::wait_http(&ip, PULL_PORT, "v1", WAIT).await?;
+    print_line(&format!(
+        "      ok pinned to {digest}; v1 answers on http://{ip}:{PULL_PORT}/"
+    ));
+    run_ok(
+        kubectl(up, &["delete", "deployments.iot.nationtech.io", NAME, "-n", "default"]),
+        None,
+    )?;
+    eventually("resource gone", || async {
+        api.get_opt(NAME).await.ok().flatten().is_none().then_some(())
+    })
+    .await?;
     Ok(())
 }
 

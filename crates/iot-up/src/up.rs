@@ -58,6 +58,8 @@ pub struct Up {
     pub node: Option<iot_launch::KubeNode>,
     /// The operator chart's values as installed (the menu's upgrade starts from them).
     pub operator_sets: Vec<String>,
+    /// The private registry on the bridge (secured mode without `--cluster`).
+    pub registry: Option<crate::registry::UpRegistry>,
 }
 
 /// The node's address on the device bridge (the gateway is .1, devices .11 and up).
@@ -191,7 +193,9 @@ impl Up {
     }
 
     pub async fn start(&mut self, device_count: usize) -> anyhow::Result<()> {
-        let total = 8 + usize::from(self.secure) + usize::from(self.vm_arch.is_some()) - usize::from(device_count == 0);
+        let total =
+            8 + usize::from(self.secure) + usize::from(self.wants_registry()) + usize::from(self.vm_arch.is_some())
+                - usize::from(device_count == 0);
         let mut steps = Steps { n: 1, total };
         if self.want_cluster {
             // The node joins the device bridge: the bridge comes first.
@@ -205,6 +209,9 @@ impl Up {
             self.start_identity(&mut steps).await?;
         }
         self.start_nats(&mut steps).await?;
+        if self.wants_registry() {
+            self.start_registry(&mut steps).await?;
+        }
         self.start_operator(&mut steps).await?;
         self.start_dashboard(&mut steps).await?;
         if device_count > 0 {
@@ -461,6 +468,26 @@ impl Up {
         Ok(())
     }
 
+    /// The private registry runs with the secured stack on the host (it needs the
+    /// stack's CA); `--cluster` and `--insecure` go without.
+    fn wants_registry(&self) -> bool {
+        self.secure && !self.want_cluster
+    }
+
+    async fn start_registry(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
+        let t = steps.next(
+            "private registry: docker-registry on the gateway address (TLS, token auth by iot-registry-token), test images pushed",
+        );
+        let ca = self
+            .ca
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the registry needs the stack's CA"))?;
+        let r = crate::registry::UpRegistry::start(self, &ca).await?;
+        done(t, &format!("https://{} (iot/web:v1, iot/web:v2)", r.url()));
+        self.registry = Some(r);
+        Ok(())
+    }
+
     /// The CRD, then `iot-operator run` until it is ready.
     async fn start_operator(&mut self, steps: &mut Steps) -> anyhow::Result<()> {
         if let Some(node) = &self.node {
@@ -500,6 +527,9 @@ impl Up {
         self.trust(&mut cmd);
         cmd.env("IOT_STALE_AFTER", "30s")
             .env("IOT_KV_REPLICAS", self.kv_replicas().to_string());
+        if let (Some(r), Some(ca)) = (&self.registry, self.ca_file()) {
+            cmd.envs(r.operator_env(&ca));
+        }
         self.operator = Some(LoggedProcess::spawn(
             "iot-operator",
             cmd,
@@ -630,6 +660,11 @@ impl Up {
         );
         let socket = dir.join("podman.sock");
         let mut podman = device_podman(&self.net, index, &dir, &self.containers_conf);
+        if let (Some(_), Some(ca)) = (&self.registry, self.ca_file()) {
+            // Trust the registry's CA (a real device would put it in
+            // /etc/containers/certs.d/<registry>/ca.crt).
+            podman.env("SSL_CERT_FILE", ca);
+        }
         podman
             .args(["system", "service", "--time=0"])
             .arg(format!("unix://{}", socket.display()));
@@ -835,6 +870,7 @@ impl Up {
         if let Some(mut op) = self.operator.take() {
             op.stop(Duration::from_secs(12));
         }
+        self.registry = None;
         // Its pods (operator, NATS) go with it.
         self.node = None;
         self.nats = None;
