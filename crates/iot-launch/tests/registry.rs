@@ -162,16 +162,27 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The token service binary, if this workspace has built it.
-fn token_binary() -> Option<PathBuf> {
+/// The token service binary, built here if need be (`IOT_REGISTRY_TOKEN_BIN`
+/// overrides): a test that skipped itself would pass without testing anything.
+fn token_binary() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("IOT_REGISTRY_TOKEN_BIN") {
-        return Some(p.into());
+        return Ok(p.into());
     }
+    let root = iot_launch::paths::repo_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "-q", "-p", "iot-registry", "--bin", "iot-registry-token"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "cargo build of iot-registry-token failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| iot_launch::paths::repo_root().join("target"));
-    let p = target.join("debug/iot-registry-token");
-    p.exists().then_some(p)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("debug/iot-registry-token"))
 }
 
 /// A small local image: localhost/iot-web:v1 (scripts/setup-host.sh builds it),
@@ -231,13 +242,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn a_publisher_pushes_and_an_isolated_device_pulls_through_its_link() -> anyhow::Result<()> {
-    let Some(token_bin) = token_binary() else {
-        eprintln!(
-            "SKIPPED: target/debug/iot-registry-token is not built (cargo build -p iot-registry), \
-             or set IOT_REGISTRY_TOKEN_BIN"
-        );
-        return Ok(());
-    };
+    let token_bin = token_binary()?;
     let t0 = Instant::now();
     let dir = tempfile::tempdir()?;
     let ca = Ca::create(&dir.path().join("ca"))?;
