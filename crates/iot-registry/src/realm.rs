@@ -277,7 +277,10 @@ mod tests {
         let e = authenticate("pi-2", &t, &[], &config(&k), 1_000).expect_err("other device");
         assert!(e.to_string().contains("issued to \"pi-1\""), "{e}");
         let e = authenticate("pi-1", &t, &[], &config(&other), 1_000).expect_err("other key");
-        assert!(e.to_string().contains("not signed by the key this service trusts"), "{e}");
+        assert!(
+            e.to_string().contains("not signed by the key this service trusts"),
+            "{e}"
+        );
         let e = authenticate("pi-1", &t, &[], &config(&k), 2_000).expect_err("expired");
         assert!(e.to_string().contains("expired"), "{e}");
     }
