@@ -9,13 +9,16 @@
 #             release artifact dist/iot-operator-<v>.oci.tar, which is pushed to a
 #             registry (`skopeo copy oci-archive:...`)
 #   callout   localhost/iot-auth-callout:<v>  the release binary of crate iot-auth
+#   registry-token  localhost/iot-registry-token:<v>  the release binary of crate
+#             iot-registry: the registry's token realm (iot-nats chart, registryToken)
 #   nats      localhost/iot-nats:<v>          the nats-server the project installs
 #             ($IOT_BIN/nats-server, static Go); its own version is a label
 #   pause     localhost/iot-pause:3.2         the Kubernetes sandbox image: a static
 #             C program written here (a kubelet's sandbox_image cannot be pulled)
 #
 #   scripts/build-image.sh [--only NAME]... [--repository REPO]
-#     --only NAME        operator, callout, nats or pause; repeatable (default: all)
+#     --only NAME        operator, callout, registry-token, nats or pause; repeatable
+#                        (default: all)
 #     --repository REPO  the operator's repository (default localhost/iot-operator)
 #
 # Rebuilding is cheap when nothing changed: cargo builds incrementally, and an image
@@ -33,14 +36,14 @@ while [ $# -gt 0 ]; do
     --repository) operator_repo=$2; shift 2 ;;
     --only)
       case "${2:-}" in
-        operator|callout|nats|pause) only+=("$2") ;;
-        *) die "--only takes operator, callout, nats or pause (got '${2:-}')" ;;
+        operator|callout|registry-token|nats|pause) only+=("$2") ;;
+        *) die "--only takes operator, callout, registry-token, nats or pause (got '${2:-}')" ;;
       esac
       shift 2 ;;
     *) die "unknown flag $1 (known: --only NAME, --repository REPO)" ;;
   esac
 done
-[ ${#only[@]} -gt 0 ] || only=(operator callout nats pause)
+[ ${#only[@]} -gt 0 ] || only=(operator callout registry-token nats pause)
 wanted() { [[ " ${only[*]} " == *" $1 "* ]]; }
 
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$IOT_REPO/dev/containers.conf}"
@@ -110,6 +113,7 @@ scratch_image() {
 crates=()
 wanted operator && crates+=(-p iot-operator)
 wanted callout && crates+=(-p iot-auth)
+wanted registry-token && crates+=(-p iot-registry)
 if [ ${#crates[@]} -gt 0 ]; then
   log "cargo build --release ${crates[*]} (a few minutes cold)"
   cargo build --release --locked -q "${crates[@]}"
@@ -120,6 +124,13 @@ if wanted callout; then
     "localhost/iot-auth-callout:$version" \
     --change 'USER 65532:65532' \
     --change 'ENTRYPOINT ["/usr/local/bin/iot-auth-callout"]'
+fi
+
+if wanted registry-token; then
+  scratch_image iot-registry-token "$IOT_REPO/target/release/iot-registry-token" /usr/local/bin/iot-registry-token \
+    "localhost/iot-registry-token:$version" \
+    --change 'USER 65532:65532' \
+    --change 'ENTRYPOINT ["/usr/local/bin/iot-registry-token"]'
 fi
 
 if wanted nats; then

@@ -1,6 +1,7 @@
 //! The Helm chart, with Helm's own Go SDK (hack/helm.py), on the full kube-apiserver
 //! 1.20.2 with RBAC and an audit log:
 //! - lint (strict), render, `kubernetes-validate --strict`, values-schema rejections;
+//! - the registry values: environment and volumes only when registries are set;
 //! - install, upgrade (a CRD that changed between chart versions), history,
 //!   rollback, uninstall (what is kept), reinstall: Helm's semantics in seconds, on
 //!   an API server without a node.
@@ -58,6 +59,14 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
                 "sso.namespaces={team-a,team-b}".to_owned(),
             ],
             16,
+        ),
+        (
+            vec![
+                "registry.registries={10.77.0.1:5000,registry.example:443}".to_owned(),
+                "registry.signingKeySecret=iot-registry-signing".to_owned(),
+                "registry.tls.caConfigMap=registry-ca".to_owned(),
+            ],
+            12,
         ),
     ] {
         let rendered = render("iot", "iot-system", &sets)?;
@@ -326,6 +335,141 @@ fn sso_values_bind_oidc_groups_to_the_fleet_roles() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The operator's environment and volumes for one render.
+fn operator_pod(sets: &[String]) -> anyhow::Result<serde_json::Value> {
+    let rendered = render("iot", "iot-system", sets)?;
+    Ok(docs_of_kind(&rendered, "Deployment")?[0]["spec"]["template"]["spec"].clone())
+}
+
+fn env_names(pod: &serde_json::Value) -> Vec<String> {
+    pod["containers"][0]["env"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|v| v["name"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+fn env_value(pod: &serde_json::Value, name: &str) -> Option<String> {
+    pod["containers"][0]["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|v| v["name"] == name))
+        .and_then(|v| v["value"].as_str().map(str::to_owned))
+}
+
+fn named<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    list.as_array().and_then(|l| l.iter().find(|v| v["name"] == name))
+}
+
+#[test]
+fn registry_values_give_the_operator_its_signing_key_only_when_registries_are_set() -> anyhow::Result<()> {
+    // Unset (and a key alone): no registry environment, no volume.
+    for sets in [
+        vec![],
+        vec!["registry.signingKeySecret=iot-registry-signing".to_owned()],
+    ] {
+        let pod = operator_pod(&sets)?;
+        let names = env_names(&pod);
+        assert!(
+            !names.iter().any(|n| n.starts_with("IOT_REGISTR")),
+            "{sets:?}: {names:?}"
+        );
+        assert!(named(&pod["volumes"], "registry-signing-key").is_none(), "{sets:?}");
+        assert!(named(&pod["volumes"], "registry-ca").is_none(), "{sets:?}");
+    }
+    // Nothing else to mount: no volumes at all.
+    let pod = operator_pod(&["nats.credentials.type=none".to_owned()])?;
+    assert!(pod.get("volumes").is_none(), "{pod}");
+
+    // Set: the list, the key's path, issuer and service; the Secret read-only.
+    let pod = operator_pod(&[
+        "nats.credentials.type=none".to_owned(),
+        "registry.registries={10.77.0.1:5000,registry.example}".to_owned(),
+        "registry.signingKeySecret=iot-registry-signing".to_owned(),
+    ])?;
+    assert_eq!(
+        env_value(&pod, "IOT_REGISTRIES").as_deref(),
+        Some("10.77.0.1:5000,registry.example")
+    );
+    assert_eq!(
+        env_value(&pod, "IOT_REGISTRY_SIGNING_KEY").as_deref(),
+        Some("/etc/iot/registry/signing.key")
+    );
+    assert_eq!(
+        env_value(&pod, "IOT_REGISTRY_ISSUER").as_deref(),
+        Some("iot-registry-token")
+    );
+    assert_eq!(env_value(&pod, "IOT_REGISTRY_SERVICE").as_deref(), Some("iot-registry"));
+    assert_eq!(env_value(&pod, "IOT_REGISTRY_CA_FILE"), None, "the system roots");
+    assert_eq!(
+        named(&pod["volumes"], "registry-signing-key"),
+        Some(&serde_json::json!({"name": "registry-signing-key", "secret": {
+            "secretName": "iot-registry-signing", "defaultMode": 288,
+            "items": [{"key": "signing.key", "path": "signing.key"}]}}))
+    );
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"],
+        serde_json::json!([{"name": "registry-signing-key", "mountPath": "/etc/iot/registry", "readOnly": true}])
+    );
+
+    // Its own CA ConfigMap, and its values.
+    let pod = operator_pod(&[
+        "registry.registries={10.77.0.1:5000}".to_owned(),
+        "registry.signingKeySecret=sk".to_owned(),
+        "registry.issuer=me".to_owned(),
+        "registry.service=reg".to_owned(),
+        "registry.tls.caConfigMap=registry-ca".to_owned(),
+        "registry.tls.caKey=root.pem".to_owned(),
+    ])?;
+    assert_eq!(env_value(&pod, "IOT_REGISTRY_ISSUER").as_deref(), Some("me"));
+    assert_eq!(env_value(&pod, "IOT_REGISTRY_SERVICE").as_deref(), Some("reg"));
+    assert_eq!(
+        env_value(&pod, "IOT_REGISTRY_CA_FILE").as_deref(),
+        Some("/etc/iot/registry-ca/root.pem")
+    );
+    assert_eq!(
+        named(&pod["volumes"], "registry-ca").map(|v| &v["configMap"]),
+        Some(&serde_json::json!({"name": "registry-ca", "items": [{"key": "root.pem", "path": "root.pem"}]}))
+    );
+    assert!(
+        named(&pod["containers"][0]["volumeMounts"], "registry-ca")
+            .is_some_and(|m| m["mountPath"] == "/etc/iot/registry-ca" && m["readOnly"] == true),
+        "{pod}"
+    );
+    // The NATS CA's ConfigMap: that volume, not a second one.
+    let pod = operator_pod(&[
+        "nats.tls.caConfigMap=iot-ca".to_owned(),
+        "registry.registries={10.77.0.1:5000}".to_owned(),
+        "registry.signingKeySecret=sk".to_owned(),
+        "registry.tls.caConfigMap=iot-ca".to_owned(),
+    ])?;
+    assert_eq!(
+        env_value(&pod, "IOT_REGISTRY_CA_FILE").as_deref(),
+        Some("/etc/iot/ca/ca.crt")
+    );
+    assert!(named(&pod["volumes"], "registry-ca").is_none(), "{pod}");
+    assert!(named(&pod["volumes"], "nats-ca").is_some(), "{pod}");
+
+    // Registries without the signing key: refused by the schema, naming both values.
+    let (ok, _, err) = helm(&[
+        "template",
+        &chart(),
+        "--release",
+        "iot",
+        "--namespace",
+        "ns",
+        "--set",
+        "registry.registries={10.77.0.1:5000}",
+    ])?;
+    assert!(!ok, "registries without a signing key were accepted");
+    assert!(
+        err.contains("values don't meet the specifications of the schema"),
+        "{err}"
+    );
+    for field in ["/registry/registries", "/registry/signingKeySecret"] {
+        assert!(err.contains(field), "expected {field:?} in: {err}");
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
     let cases = [
@@ -347,6 +491,12 @@ fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
         ("sso.groups.deployers=fleet-deployers", "/sso/groups/deployers"),
         ("sso.namespaces={Team_A}", "/sso/namespaces/0"),
         ("sso.group.viewers={x}", "group"),
+        ("registry.registries=10.77.0.1:5000", "/registry/registries"),
+        ("registry.registries={https://10.77.0.1:5000}", "/registry/registries/0"),
+        ("registry.signingKeySecret=Bad_Name", "/registry/signingKeySecret"),
+        ("registry.tls.caKey=a/b", "/registry/tls/caKey"),
+        ("registry.issuer=", "/registry/issuer"),
+        ("registry.registry={x:1}", "registry"),
     ];
     for (set, field) in cases {
         let (ok, _, err) = helm(&[

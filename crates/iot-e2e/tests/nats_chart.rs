@@ -7,6 +7,8 @@
 //! - the rendered nats.conf, with a real auth.conf from `CalloutKeys`, runs a real
 //!   nats-server that answers the probe, and the callout started with the rendered
 //!   container's environment connects to it and is ready;
+//! - the registry's token service (registryToken) as a third container: its
+//!   environment, port (Service and hostPort), mounts and refusals;
 //! - the operator chart's values for reaching it without cluster DNS.
 
 use std::collections::BTreeMap;
@@ -152,6 +154,11 @@ fn the_chart_lints_renders_and_validates_against_kubernetes_1_20() -> anyhow::Re
             "callout.extraEnv[0].name=IOT_AUTH_OIDC_AUDIENCE,callout.extraEnv[0].value=fleet",
             "extraLabels.team=edge",
             "podAnnotations.note=x",
+        ]),
+        with(&[
+            "registryToken.enabled=true",
+            "registryToken.signingKeySecret=iot-registry-signing",
+            "registryToken.publishersSecret=iot-registry-publishers",
         ]),
     ] {
         let rendered = render_nats(&sets)?;
@@ -514,6 +521,21 @@ fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
         ("terminationGracePeriodSeconds=-1", "/terminationGracePeriodSeconds"),
         ("hostAliases[0].ip=10.0.0.1", "/hostAliases/0"),
         ("extraLabels.app\\.kubernetes\\.io/name=other", "app.kubernetes.io/name"),
+        ("registryToken.enabled=1", "/registryToken/enabled"),
+        ("registryToken.port=443", "/registryToken/port"),
+        ("registryToken.hostPort=-1", "/registryToken/hostPort"),
+        (
+            "registryToken.signingKeySecret=Bad_Name",
+            "/registryToken/signingKeySecret",
+        ),
+        ("registryToken.publishersSecret=a/b", "/registryToken/publishersSecret"),
+        ("registryToken.tls.secretName=Bad_Name", "/registryToken/tls/secretName"),
+        (
+            "registryToken.image.pullPolicy=Sometimes",
+            "/registryToken/image/pullPolicy",
+        ),
+        ("registryToken.extraEnv[0].name=X", "/registryToken/extraEnv/0"),
+        ("registryToken.publisher=x", "publisher"),
     ];
     for (set, field) in cases {
         let err = refusal(&with(&[set]))?;
@@ -523,6 +545,128 @@ fn bad_values_are_rejected_naming_the_field() -> anyhow::Result<()> {
         );
         assert!(err.contains(field), "{set}: expected {field:?} in: {err}");
     }
+    Ok(())
+}
+
+#[test]
+fn the_registry_token_service_is_a_third_container_when_enabled() -> anyhow::Result<()> {
+    // Off by default: two containers, two Service ports.
+    let rendered = render_nats(&base())?;
+    let pod = pod_of(&rendered)?;
+    assert_eq!(container_names(&pod), ["nats", "auth-callout"]);
+    assert!(volume(&pod, "registry-token").is_none());
+    let service = one_of_kind(&rendered, "Service")?;
+    assert_eq!(service["spec"]["ports"].as_array().map(Vec::len), Some(2));
+
+    let rendered = render_nats(&with(&[
+        "registryToken.enabled=true",
+        "registryToken.signingKeySecret=iot-registry-signing",
+        "registryToken.publishersSecret=iot-registry-publishers",
+    ]))?;
+    let pod = pod_of(&rendered)?;
+    assert_eq!(container_names(&pod), ["nats", "auth-callout", "registry-token"]);
+    let token = container(&pod, "registry-token")?;
+    assert_eq!(token["image"], format!("localhost/iot-registry-token:{VERSION}"));
+    assert_eq!(token["imagePullPolicy"], "IfNotPresent");
+    assert!(token.get("args").is_none(), "configured by its environment: {token}");
+    assert_eq!(
+        env_of(token)?,
+        [
+            ("IOT_REGISTRY_TOKEN_LISTEN", "0.0.0.0:5001"),
+            ("IOT_REGISTRY_TOKEN_TLS_CERT", "/etc/iot/registry-token/tls/tls.crt"),
+            ("IOT_REGISTRY_TOKEN_TLS_KEY", "/etc/iot/registry-token/tls/tls.key"),
+            ("IOT_REGISTRY_SIGNING_KEY", "/etc/iot/registry-token/signing.key"),
+            ("IOT_REGISTRY_PUBLISHERS", "/etc/iot/registry-token/publishers"),
+            ("IOT_REGISTRY_SERVICE", "iot-registry"),
+            ("IOT_REGISTRY_ISSUER", "iot-registry-token"),
+            ("RUST_LOG", "info"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    );
+    assert_eq!(
+        port(token, "registry-token")?,
+        &json!({"name": "registry-token", "containerPort": 5001, "hostPort": 5001, "protocol": "TCP"})
+    );
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            token[probe]["httpGet"],
+            json!({"path": "/healthz", "port": "registry-token", "scheme": "HTTPS"}),
+            "{probe}"
+        );
+    }
+    // As the callout: non-root (the pod's), no privilege, a read-only root, and no
+    // ServiceAccount token in the pod.
+    assert_eq!(
+        token["securityContext"],
+        container(&pod, "auth-callout")?["securityContext"]
+    );
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        token["volumeMounts"],
+        json!([{"name": "registry-token", "mountPath": "/etc/iot/registry-token", "readOnly": true}])
+    );
+    // The server's TLS Secret unless another is named; the signing key and the
+    // publishers from their Secrets; group-readable (0440 = 288) by the non-root user.
+    assert_eq!(
+        volume(&pod, "registry-token").map(|v| &v["projected"]),
+        Some(&json!({"defaultMode": 288, "sources": [
+            {"secret": {"name": "iot-nats-tls", "items": [
+                {"key": "tls.crt", "path": "tls/tls.crt"}, {"key": "tls.key", "path": "tls/tls.key"}]}},
+            {"secret": {"name": "iot-registry-signing", "items": [{"key": "signing.key", "path": "signing.key"}]}},
+            {"secret": {"name": "iot-registry-publishers", "items": [{"key": "publishers", "path": "publishers"}]}},
+        ]}))
+    );
+    let service = one_of_kind(&rendered, "Service")?;
+    assert_eq!(
+        service["spec"]["ports"][2],
+        json!({"name": "registry-token", "port": 5001, "targetPort": "registry-token", "protocol": "TCP"})
+    );
+
+    // Its values, and no publishers (pulls only) when no Secret names them.
+    let rendered = render_nats(&with(&[
+        "registryToken.enabled=true",
+        "registryToken.signingKeySecret=sk",
+        "registryToken.port=5443",
+        "registryToken.hostPort=0",
+        "registryToken.tls.secretName=registry-tls",
+        "registryToken.service=reg",
+        "registryToken.issuer=me",
+        "registryToken.image.tag=1.2.3",
+        "registryToken.logLevel=debug",
+        "registryToken.extraEnv[0].name=X_EXTRA,registryToken.extraEnv[0].value=on",
+    ]))?;
+    let pod = pod_of(&rendered)?;
+    let token = container(&pod, "registry-token")?;
+    assert_eq!(token["image"], "localhost/iot-registry-token:1.2.3");
+    let env = env_of(token)?;
+    let value = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    assert_eq!(value("IOT_REGISTRY_TOKEN_LISTEN"), Some("0.0.0.0:5443"));
+    assert_eq!(value("IOT_REGISTRY_SERVICE"), Some("reg"));
+    assert_eq!(value("IOT_REGISTRY_ISSUER"), Some("me"));
+    assert_eq!(value("RUST_LOG"), Some("debug"));
+    assert_eq!(value("IOT_REGISTRY_PUBLISHERS"), None);
+    assert_eq!(env.last(), Some(&("X_EXTRA".to_owned(), "on".to_owned())));
+    assert_eq!(
+        port(token, "registry-token")?,
+        &json!({"name": "registry-token", "containerPort": 5443, "protocol": "TCP"}),
+        "hostPort 0: none"
+    );
+    let sources = volume(&pod, "registry-token").map(|v| v["projected"]["sources"].clone());
+    assert_eq!(
+        sources
+            .as_ref()
+            .map(|s| (s[0]["secret"]["name"].clone(), s.as_array().map(Vec::len))),
+        Some((json!("registry-tls"), Some(2)))
+    );
+    assert_eq!(one_of_kind(&rendered, "Service")?["spec"]["ports"][2]["port"], 5443);
+
+    // Enabled without its signing key: refused, naming both values.
+    let err = refusal(&with(&["registryToken.enabled=true"]))?;
+    assert!(
+        err.contains("registryToken.signingKeySecret is required while registryToken.enabled is true"),
+        "{err}"
+    );
     Ok(())
 }
 

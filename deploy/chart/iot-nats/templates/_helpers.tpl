@@ -34,6 +34,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.callout.image.repository (default .Chart.AppVersion .Values.callout.image.tag) -}}
 {{- end -}}
 
+{{- define "iot-nats.registryTokenImage" -}}
+{{- printf "%s:%s" .Values.registryToken.image.repository (default .Chart.AppVersion .Values.registryToken.image.tag) -}}
+{{- end -}}
+
 {{/* The store volume's source: exactly one of jetstream.hostPath and
      jetstream.existingClaim. */}}
 {{- define "iot-nats.storeVolume" -}}
