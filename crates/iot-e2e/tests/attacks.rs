@@ -6,6 +6,9 @@
 //!   identity's subject (a device's desired-state key, a device's inbox). NATS
 //!   publishes the answer wherever the reply points, and a stream stores what
 //!   lands on its subjects;
+//!   The registry grant service is one of those services;
+//! - **another device's registry grant**: refused by the permissions; a device's
+//!   own grant names only the repositories its deployments name;
 //! - **`deliver_subject` injection**: a push consumer that delivers into another
 //!   identity's subject;
 //! - **reading other replies**: a subscription to `_INBOX.>` or another identity's
@@ -132,6 +135,15 @@ impl Watcher {
 #[tokio::test]
 async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> anyhow::Result<()> {
     let mut stack = Stack::start_secured().await?;
+    // The operator serves registry pull grants too (no registry is needed for that).
+    let registry_keys = iot_launch::RegistryKeys::generate(&stack.dir.path().join("registry-keys"))?;
+    stack.operator_env.extend([
+        ("IOT_REGISTRIES".to_owned(), "registry.invalid:5000".to_owned()),
+        (
+            "IOT_REGISTRY_SIGNING_KEY".to_owned(),
+            registry_keys.key_pem.display().to_string(),
+        ),
+    ]);
     stack.start_operator()?;
     stack.wait_operator_ready().await?;
     let (victim, _guard) = stack.start_enrolled_agent().await?;
@@ -187,7 +199,11 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     .await?;
     // Reply injection through the operator's services: the publish is its own
     // subject and allowed; the services answer only its own inbox, so they drop it.
-    for subject in ["iot.desired.read.attacker", "iot.status.write.attacker"] {
+    for subject in [
+        "iot.desired.read.attacker",
+        "iot.status.write.attacker",
+        "iot.registry.grant.attacker",
+    ] {
         d.client
             .publish_with_reply(subject.to_owned(), injected_key.clone(), Bytes::from_static(b"{}"))
             .await?;
@@ -196,6 +212,26 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
             .await?;
     }
     d.client.flush().await?;
+    // Another device's registry grant: refused. Its own names no repository (no
+    // deployment of its names one).
+    d.publish_denied(
+        "asking for another device's registry grant",
+        &format!("iot.registry.grant.{victim}"),
+        "_INBOX_attacker.g",
+        "",
+    )
+    .await?;
+    let own = iot_nats::registry_grant::request_grant(
+        &d.client,
+        &harmony_reconciler_contracts::Id::new("attacker")?,
+        std::time::Duration::from_secs(5),
+    )
+    .await?
+    .ok_or_else(|| anyhow::anyhow!("no registry grant responder"))?;
+    anyhow::ensure!(
+        own.token.is_some() && own.repositories.is_empty(),
+        "the attacker's own grant: {own:?}"
+    );
     // Other replies.
     d.subscribe_denied("reading every reply", "_INBOX.>").await?;
     d.subscribe_denied("reading the victim's replies", &format!("_INBOX_{victim}.>"))
@@ -461,7 +497,7 @@ async fn no_identity_can_write_where_it_must_not_or_read_others_replies() -> any
     );
     // The services saw the foreign replies and refused each.
     let text = stack.operator_metrics().await?;
-    assert_eq!(foreign_replies(&text) - foreign_before, 5.0, "{text}");
+    assert_eq!(foreign_replies(&text) - foreign_before, 7.0, "{text}");
     // And the victim never noticed.
     let status = stack
         .agent_status(&victim)
