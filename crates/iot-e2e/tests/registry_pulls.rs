@@ -512,8 +512,16 @@ async fn wrong_credentials(rs: &mut RegistryStack, [a, b]: [usize; 2]) -> anyhow
         "{during} refused token requests in 20 s: retries do not back off"
     );
     eprintln!("wrong credentials: {during} refused token requests in 20 s; error: {err}");
-    // The old deployment keeps serving.
+    // The old deployment keeps serving, and the restarted operator found its
+    // revision without asking the registry (with this key it could not).
     wait_runs(rs, a, serving.trim(), &good).await?;
+    let st = rs.stack.status_of(NS, "web").await.unwrap_or_default();
+    anyhow::ensure!(
+        condition(&st, DESIRED_STATE_WRITTEN).is_some_and(|c| c.status == "True")
+            && pinned_digest(&st) == Some(good.as_str()),
+        "the restarted operator re-resolved web: {:?}",
+        condition(&st, DESIRED_STATE_WRITTEN)
+    );
     rs.stack.operator_env = saved;
     rs.stack.stop_operator();
     rs.stack.start_operator()?;

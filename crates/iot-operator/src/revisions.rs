@@ -231,7 +231,10 @@ impl Revisions {
                     spec_hash: hash.to_string(),
                     score: pinned.score.clone(),
                     rollout_plan: batches.clone(),
-                    source_hash: Some(source.hash.to_string()),
+                    // Only a revision whose tags were resolved is found by its source:
+                    // one recorded while no registry was managed must be pinned once
+                    // one is.
+                    source_hash: pinner.map(|_| source.hash.to_string()),
                     resolved_for: source.resolved_for.clone(),
                     images: pinned.images.clone(),
                 },
@@ -256,7 +259,8 @@ impl Revisions {
                 }
                 Err(e) => return Err(fail(format!("cannot create revision {}: {e}", plan.current)).into()),
             }
-        } else if let Some(r) = list.items.iter().find(|r| r.spec.revision == plan.current)
+        } else if pinner.is_some()
+            && let Some(r) = list.items.iter().find(|r| r.spec.revision == plan.current)
             && (r.spec.source_hash.as_deref() != Some(source.hash.as_str())
                 || r.spec.resolved_for != source.resolved_for)
         {
