@@ -30,6 +30,7 @@ impl RegistryCredentials for NatsGrants {
     fn credentials<'a>(
         &'a self,
         registry: &'a str,
+        image: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Option<RegistryAuth>, String>> {
         Box::pin(async move {
             let Some(grant) = request_grant(&self.client, &self.device, GRANT_TIMEOUT)
@@ -38,9 +39,30 @@ impl RegistryCredentials for NatsGrants {
             else {
                 return Ok(None);
             };
+            if grant.token.is_none()
+                && let Some(why) = &grant.error
+            {
+                // The operator cannot grant now (still loading, say): a short retry,
+                // not a pull without credentials that the registry refuses.
+                return Err(format!(
+                    "the operator gave no pull grant for registry {registry}: {why}"
+                ));
+            }
             if !grant.registries.iter().any(|r| r == registry) {
                 // Not one of the platform's registries: pull as podman is set up to.
                 return Ok(None);
+            }
+            // The desired state naming this image may have reached the device before
+            // the operator's index: ask again shortly rather than be refused.
+            let repository = crate::plan::ImageRef::parse(image).repository;
+            let path = repository
+                .strip_prefix(registry)
+                .and_then(|r| r.strip_prefix('/'))
+                .unwrap_or(repository);
+            if !grant.repositories.iter().any(|r| r == path) {
+                return Err(format!(
+                    "the operator's pull grant does not name {path} yet (its index may be behind the desired state)"
+                ));
             }
             match grant.token {
                 Some(token) => Ok(Some(RegistryAuth {

@@ -215,12 +215,13 @@ pub trait ContainerRuntime: Clone + Send + Sync + 'static {
 /// Where the agent gets registry credentials from, per pull: they are short-lived,
 /// so they are asked for each time and never kept.
 pub trait RegistryCredentials: Send + Sync {
-    /// Credentials for `registry` (`host[:port]` as the image names it), or `None`
-    /// to pull without. Only asked for images that name a registry other than
-    /// plain `localhost`.
+    /// Credentials for pulling `image` from `registry` (`host[:port]` as the image
+    /// names it), or `None` to pull without. Only asked for images that name a
+    /// registry other than plain `localhost`.
     fn credentials<'a>(
         &'a self,
         registry: &'a str,
+        image: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Option<RegistryAuth>, String>>;
 }
 
@@ -539,10 +540,15 @@ impl ContainerRuntime for PodmanRuntime {
 
     async fn pull(&self, image: &str, progress: &(dyn Fn(PullCounts) + Send + Sync)) -> Result<(), PullError> {
         let auth = match (credential_host(image), &self.credentials) {
-            (Some(registry), Some(source)) => source.credentials(registry).await.map_err(|e| PullError::Other {
-                image: image.to_owned(),
-                detail: format!("no credentials for registry {registry}: {e}"),
-            })?,
+            (Some(registry), Some(source)) => {
+                source
+                    .credentials(registry, image)
+                    .await
+                    .map_err(|e| PullError::Other {
+                        image: image.to_owned(),
+                        detail: format!("no credentials for registry {registry}: {e}"),
+                    })?
+            }
             _ => None,
         };
         let limits = PullLimits {
@@ -758,6 +764,7 @@ mod tests {
         fn credentials<'a>(
             &'a self,
             registry: &'a str,
+            _image: &'a str,
         ) -> futures::future::BoxFuture<'a, Result<Option<RegistryAuth>, String>> {
             self.0
                 .lock()

@@ -349,6 +349,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
                 targets: during,
                 revision: Some(revision),
                 spec_hash: Some(current.spec_hash.clone()),
+                generation,
             },
         );
         tracing::info!(deployment = %dep, puts = plan.puts.len(), purges = plan.purges.len(), revision, "writing desired state");
@@ -373,6 +374,7 @@ async fn apply(obj: &Deployment, dep: &DeploymentRef, ctx: &Ctx) -> Result<Actio
             targets,
             revision: Some(revision),
             spec_hash: Some(current.spec_hash.clone()),
+            generation,
         },
     );
     ctx.status.written(

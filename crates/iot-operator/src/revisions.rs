@@ -267,15 +267,21 @@ impl Revisions {
             // The same bits under another source (tags re-resolved to the digests
             // they had, or a revision recorded before pinning): remember the source,
             // so that a restart finds this revision without asking the registry.
+            // `images` is replaced whole (a merge patch of a map would keep names
+            // the revision no longer has): cleared first, then set.
+            let clear = serde_json::json!({"spec": {"images": null}});
             let patch = serde_json::json!({"spec": {
                 "sourceHash": source.hash.as_str(),
                 "resolvedFor": source.resolved_for,
                 "images": pinned.images,
             }});
-            if let Err(e) = api
-                .patch(&r.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+            let name = r.name_any();
+            let params = PatchParams::default();
+            let result = match api.patch(&name, &params, &Patch::Merge(&clear)).await {
+                Ok(_) => api.patch(&name, &params, &Patch::Merge(&patch)).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
                 tracing::warn!(deployment = %dep, revision = plan.current, error = %e, "cannot record the revision's source");
             }
         }

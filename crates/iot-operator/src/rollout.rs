@@ -380,7 +380,12 @@ pub fn step(input: &RolloutInput<'_>) -> RolloutDecision {
             let unavailable = out.values().filter(|o| **o != Outcome::Succeeded).count();
             let room = max_unavailable.map_or(usize::MAX, |m| m.saturating_sub(unavailable));
             // A device pulls from dispatch until it reports Running or failed.
-            let pulling = out.values().filter(|o| **o == Outcome::Updating).count();
+            // An offline device is not pulling: it must not hold a slot until it
+            // times out.
+            let pulling = out
+                .iter()
+                .filter(|(d, o)| **o == Outcome::Updating && online(d))
+                .count();
             let pull_room = spec
                 .max_concurrent_pulls
                 .map_or(usize::MAX, |n| (n as usize).saturating_sub(pulling));

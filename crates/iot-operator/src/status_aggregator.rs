@@ -86,13 +86,16 @@ pub async fn run_aggregator(
                 let resolved = fleet.book.get(&dep);
                 let listed;
                 let raw_hash = obj.spec.score.spec_hash();
-                let (targets, revision, spec_hash) = match &resolved {
-                    Some(r) => (&r.targets, r.revision, r.spec_hash.as_ref().unwrap_or(&raw_hash)),
+                let (targets, revision, spec_hash, generation) = match &resolved {
+                    Some(r) => match &r.spec_hash {
+                        Some(h) => (&r.targets, r.revision, h, r.generation),
+                        None => (&r.targets, r.revision, &raw_hash, obj.metadata.generation),
+                    },
                     None if obj.spec.selector.is_some() => continue,
                     None => match obj.spec.target_ids() {
                         Ok(t) => {
                             listed = t;
-                            (&listed, None, &raw_hash)
+                            (&listed, None, &raw_hash, obj.metadata.generation)
                         }
                         Err(_) => continue,
                     },
@@ -100,7 +103,7 @@ pub async fn run_aggregator(
                 let agg = aggregate(
                     AggregateInput {
                         deployment: &dep,
-                        generation: obj.metadata.generation,
+                        generation,
                         spec_hash,
                         targets,
                         revision,

@@ -153,6 +153,10 @@ pub struct Resolved {
     /// The hash devices report once they run the current revision (its images
     /// pinned); `None` before the write path decided.
     pub spec_hash: Option<harmony_reconciler_contracts::SpecHash>,
+    /// The generation that decision was for: a fleet summary judged against
+    /// `spec_hash` is about this generation, not a later edit not written yet
+    /// (its tags may be unresolvable for a while).
+    pub generation: Option<i64>,
 }
 
 /// The write path's latest decision per deployment, shared with the aggregator

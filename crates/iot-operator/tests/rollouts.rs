@@ -399,6 +399,20 @@ fn max_concurrent_pulls_holds_the_rest_as_pending_pull_and_a_failed_pull_frees_i
 }
 
 #[test]
+fn a_device_that_went_offline_after_dispatch_does_not_hold_a_pull_slot() {
+    let mut spec = batches(vec![count(2)]);
+    spec.max_concurrent_pulls = Some(1);
+    let mut f = Fleet::new(spec, &[&["d0", "d1"]]);
+    let first = f.step().dispatch;
+    assert_eq!(first.len(), 1);
+    assert!(f.step().dispatch.is_empty(), "the one slot is taken");
+    let gone = first.iter().next().expect("one").to_string();
+    // Offline (no report for 60 s, stale after 30 s), long before its silence timeout.
+    f.advance(60, &[gone.as_str()]);
+    assert_eq!(f.step().dispatch.len(), 1, "the other device gets the slot");
+}
+
+#[test]
 fn the_failure_threshold_is_checked_across_batches_at_every_step() {
     let mut spec = batches(vec![count(6)]);
     spec.batches[0].success_threshold = Some(0);

@@ -138,6 +138,14 @@ pub fn authenticate(
                 },
             }
         })?;
+    // No leeway past a grant's expiry: the token issued from it would live 0 s,
+    // and a registry with its own leeway might still take it.
+    if claims.exp <= now_unix {
+        return Err(Refusal::BadGrant {
+            user: user.to_owned(),
+            why: "has expired".into(),
+        });
+    }
     if claims.sub != user {
         return Err(Refusal::BadGrant {
             user: user.to_owned(),
@@ -281,6 +289,8 @@ mod tests {
             e.to_string().contains("not signed by the key this service trusts"),
             "{e}"
         );
+        let e = authenticate("pi-1", &t, &[], &config(&k), 1_300).expect_err("at its expiry, no leeway");
+        assert!(e.to_string().contains("expired"), "{e}");
         let e = authenticate("pi-1", &t, &[], &config(&k), 2_000).expect_err("expired");
         assert!(e.to_string().contains("expired"), "{e}");
     }

@@ -109,6 +109,7 @@ pub async fn serve_registry_grants(
         async move {
             let answer = match source.records_for(&req.id) {
                 None => RegistryGrant {
+                    registries: signer.registries.iter().cloned().collect(),
                     error: Some("the operator is still loading desired state; ask again shortly".into()),
                     ..Default::default()
                 },
