@@ -74,6 +74,18 @@ impl PullError {
         let registry = registry_named(&image, message);
         let m = message.to_ascii_lowercase();
         let has = |needles: &[&str]| needles.iter().any(|n| m.contains(n));
+        // `localhost/...` names a local image: podman tries https://localhost/ for
+        // it, and "registry localhost unreachable" would send a person looking for a
+        // registry that was never meant to exist.
+        if image.starts_with("localhost/") && !has(&["no space left on device"]) {
+            return PullError::NotFound {
+                registry,
+                image,
+                detail: format!(
+                    "it is not in the device's image store, and localhost/ images are never pulled ({detail})"
+                ),
+            };
+        }
         if has(&["no space left on device"]) {
             PullError::NoSpace { image, detail }
         } else if has(&[

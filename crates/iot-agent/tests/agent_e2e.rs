@@ -195,7 +195,7 @@ async fn each_bad_input_fails_only_its_deployment() -> anyhow::Result<()> {
             "missingimage",
             serde_json::to_vec(&serde_json::json!({"deployment": "default/missingimage", "score": {"PodmanV0": {"services": [
                 {"name": "web", "image": "localhost/iot-web:does-not-exist"}]}}}))?,
-            "unreachable while pulling localhost/iot-web:does-not-exist",
+            "image localhost/iot-web:does-not-exist not found",
         ),
         (
             "porttaken",

@@ -201,7 +201,7 @@ async fn iotctl_shows_kv_devices_and_deployments() -> anyhow::Result<()> {
         "{broken_row}"
     );
     assert!(
-        broken_row.contains("1 device(s): service web: image localhost/iot-web:missing"),
+        broken_row.contains("1 device(s): service web: image localhost/iot-web:missing not found"),
         "{broken_row}"
     );
     let web_row = out

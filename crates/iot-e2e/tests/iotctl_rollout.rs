@@ -214,10 +214,11 @@ async fn rollout_status_shows_batches_and_failures_and_exits_0_only_when_complet
                 "TIMED-OUT",
                 "SILENT",
                 "NEVER-ACK",
-                "OFFLINE"
+                "OFFLINE",
+                "PENDING-PULL"
             ],
-            vec!["1/2", "in", "progress", "1", "1", "0", "0", "0", "0", "0", "0"],
-            vec!["2/2", "waiting", "2", "0", "0", "0", "0", "0", "0", "0"],
+            vec!["1/2", "in", "progress", "1", "1", "0", "0", "0", "0", "0", "0", "0"],
+            vec!["2/2", "waiting", "2", "0", "0", "0", "0", "0", "0", "0", "0"],
         ],
         "{}",
         run.out
