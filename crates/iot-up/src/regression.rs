@@ -42,7 +42,7 @@ pub async fn run(up: &Up) -> bool {
             r,
         ));
     }
-    if let Some(r) = &up.registry {
+    if let Some(r) = up.registry.as_ref().filter(|_| !up.devices.is_empty()) {
         let t = Instant::now();
         print_line(&format!("{} registry pull from {}", out::step("==>"), r.url()));
         let result = registry_pull(up, &r.url())
@@ -142,7 +142,13 @@ async fn lifecycle(up: &Up, via: Via) -> anyhow::Result<()> {
 async fn registry_pull(up: &Up, registry: &str) -> anyhow::Result<()> {
     const NAME: &str = "pulled";
     const PULL_PORT: u16 = 8081;
-    let (device, ip) = up.target().ok_or_else(|| anyhow::anyhow!("no device"))?;
+    // A device of this machine: its podman trusts the stack's CA. (A VM's would
+    // need the CA on its seed; the VM regression runs without the registry.)
+    let d = up
+        .devices
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no network-namespace device to pull on"))?;
+    let (device, ip) = (d.id.clone(), d.ip.clone());
     let kube = iot_launch::apiserver::kube_client_from(&up.kubeconfig()).await?;
     let api: Api<Deployment> = Api::namespaced(kube, "default");
     let yaml = format!(
@@ -164,6 +170,12 @@ async fn registry_pull(up: &Up, registry: &str) -> anyhow::Result<()> {
     )?;
     eventually("resource gone", || async {
         api.get_opt(NAME).await.ok().flatten().is_none().then_some(())
+    })
+    .await?;
+    // The agent removes the container on its own time; a teardown racing that
+    // removal could leave it behind.
+    eventually("the pulled container removed", || async {
+        up.device_containers(d.index, &d.id).is_empty().then_some(())
     })
     .await?;
     Ok(())
