@@ -186,6 +186,49 @@ impl RegistryDevice {
     }
 }
 
+/// One `web` service of `image` publishing `port` (-> 80), with `MODE=<mode>` in
+/// its environment when given (a new mode is a new spec).
+pub fn web_score(image: &str, port: u16, mode: Option<&str>) -> iot_api::IotScore {
+    iot_api::IotScore::PodmanV0(iot_api::PodmanV0Score {
+        services: vec![iot_api::PodmanService {
+            name: "web".into(),
+            image: image.into(),
+            ports: vec![iot_api::PortMapping {
+                host_port: port,
+                container_port: 80,
+                protocol: Default::default(),
+            }],
+            env: mode
+                .map(|m| [("MODE".to_owned(), m.to_owned())].into())
+                .unwrap_or_default(),
+            command: None,
+            args: None,
+            restart_policy: iot_api::RestartPolicy::Always,
+            resources: None,
+        }],
+    })
+}
+
+/// A Deployment of `score` to the listed devices.
+pub fn deployment_to(
+    name: &str,
+    devices: &[String],
+    score: iot_api::IotScore,
+    rollout: Option<iot_api::RolloutSpec>,
+) -> iot_api::Deployment {
+    iot_api::Deployment::new(
+        name,
+        iot_api::DeploymentSpec {
+            target_devices: devices.to_vec(),
+            selector: None,
+            score,
+            revision_history_limit: None,
+            max_shrink_percent: None,
+            rollout,
+        },
+    )
+}
+
 /// A local image `localhost/iot-reg:<tag>`: iot-web:v1 whose page says `page`, with
 /// `pad_mib` MiB of random bytes (incompressible: the pushed layer is that big).
 pub fn build_image(tag: &str, page: &str, pad_mib: usize) -> anyhow::Result<String> {

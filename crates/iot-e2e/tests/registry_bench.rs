@@ -27,10 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use iot_api::{
-    Deployment, DeploymentSpec, IotScore, PodmanService, PodmanV0Score, PortMapping, RestartPolicy, RolloutSpec,
-};
-use iot_e2e::registry::{DeviceStore, RegistryStack, build_image, remove_local_image};
+use iot_api::RolloutSpec;
+use iot_e2e::registry::{DeviceStore, RegistryStack, build_image, deployment_to, remove_local_image, web_score};
 use kube::api::PostParams;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,39 +36,6 @@ const NS: &str = "default";
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn score_on(image: &str, port: u16) -> IotScore {
-    IotScore::PodmanV0(PodmanV0Score {
-        services: vec![PodmanService {
-            name: "web".into(),
-            image: image.into(),
-            ports: vec![PortMapping {
-                host_port: port,
-                container_port: 80,
-                protocol: Default::default(),
-            }],
-            env: Default::default(),
-            command: None,
-            args: None,
-            restart_policy: RestartPolicy::Always,
-            resources: None,
-        }],
-    })
-}
-
-fn deployment(name: &str, devices: &[String], score: IotScore, rollout: Option<RolloutSpec>) -> Deployment {
-    Deployment::new(
-        name,
-        DeploymentSpec {
-            target_devices: devices.to_vec(),
-            selector: None,
-            score,
-            revision_history_limit: None,
-            max_shrink_percent: None,
-            rollout,
-        },
-    )
 }
 
 /// `200mbit` and the like in bits per second.
@@ -332,7 +297,7 @@ async fn agent_rss(rs: &RegistryStack, i: usize, mib: usize) -> anyhow::Result<(
         .deployments(NS)
         .create(
             &PostParams::default(),
-            &deployment("rss", std::slice::from_ref(&d.id), score_on(&image, port), None),
+            &deployment_to("rss", std::slice::from_ref(&d.id), web_score(&image, port, None), None),
         )
         .await?;
     let r = wait_all_serving(rs, &[i], port, &page, t, Duration::from_secs(300)).await;
@@ -430,7 +395,7 @@ async fn registry_pulls_at_fleet_scale() -> anyhow::Result<()> {
                 .deployments(NS)
                 .create(
                     &PostParams::default(),
-                    &deployment(&name, &ids, score_on(&image, port), rollout),
+                    &deployment_to(&name, &ids, web_score(&image, port, None), rollout),
                 )
                 .await?;
             let r = wait_all_serving(&rs, &idx, port, &page, t, Duration::from_secs(900)).await;

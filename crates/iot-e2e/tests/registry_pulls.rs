@@ -40,10 +40,12 @@ use harmony_reconciler_contracts::{AgentStatus, DeploymentRef, Phase};
 use iot_api::conditions::DESIRED_STATE_WRITTEN;
 use iot_api::rollout::BatchPause;
 use iot_api::{
-    Deployment, DeploymentSpec, DeploymentStatus, IotScore, PROMOTE_ANNOTATION, PodmanService, PodmanV0Score,
-    PortMapping, RESOLVE_IMAGES_ANNOTATION, RestartPolicy, RolloutBatch, RolloutPhase, RolloutSpec,
+    Deployment, DeploymentStatus, IotScore, PROMOTE_ANNOTATION, RESOLVE_IMAGES_ANNOTATION, RolloutBatch, RolloutPhase,
+    RolloutSpec,
 };
-use iot_e2e::registry::{DeviceStore, RegistryStack, SmallDisk, build_image, remove_local_image};
+use iot_e2e::registry::{
+    DeviceStore, RegistryStack, SmallDisk, build_image, deployment_to, remove_local_image, web_score,
+};
 use iot_testkit::wait_until;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -58,36 +60,11 @@ fn score(image: &str, mode: &str) -> IotScore {
 }
 
 fn score_on(image: &str, mode: &str, port: u16) -> IotScore {
-    IotScore::PodmanV0(PodmanV0Score {
-        services: vec![PodmanService {
-            name: "web".into(),
-            image: image.into(),
-            ports: vec![PortMapping {
-                host_port: port,
-                container_port: 80,
-                protocol: Default::default(),
-            }],
-            env: [("MODE".to_owned(), mode.to_owned())].into(),
-            command: None,
-            args: None,
-            restart_policy: RestartPolicy::Always,
-            resources: None,
-        }],
-    })
+    web_score(image, port, Some(mode))
 }
 
 fn deployment(name: &str, devices: &[String], score: IotScore, rollout: Option<RolloutSpec>) -> Deployment {
-    Deployment::new(
-        name,
-        DeploymentSpec {
-            target_devices: devices.to_vec(),
-            selector: None,
-            score,
-            revision_history_limit: None,
-            max_shrink_percent: None,
-            rollout,
-        },
-    )
+    deployment_to(name, devices, score, rollout)
 }
 
 async fn create(rs: &RegistryStack, dep: Deployment) -> anyhow::Result<()> {

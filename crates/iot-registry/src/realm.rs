@@ -198,18 +198,7 @@ pub fn grant(caller: &Caller, requested: &[Access], now_unix: i64) -> (Vec<Acces
 mod tests {
     use super::*;
     use crate::token::SigningKey;
-    use base64::Engine;
-    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-
-    fn key() -> SigningKey {
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &ring::rand::SystemRandom::new())
-            .expect("generate");
-        let pem = format!(
-            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-            base64::engine::general_purpose::STANDARD.encode(doc.as_ref())
-        );
-        SigningKey::from_pkcs8_pem(&pem).expect("key")
-    }
+    use crate::token::tests::key;
 
     fn config(k: &SigningKey) -> RealmConfig {
         RealmConfig {

@@ -253,10 +253,11 @@ pub fn now_unix() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn key() -> SigningKey {
+    /// A fresh key, for tests here and in `realm`.
+    pub(crate) fn key() -> SigningKey {
         let rng = SystemRandom::new();
         let doc = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("generate");
         let pem = format!(
