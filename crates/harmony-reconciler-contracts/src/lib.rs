@@ -10,6 +10,7 @@
 pub mod hash;
 pub mod id;
 pub mod keys;
+pub mod pull_text;
 pub mod read;
 pub mod report;
 pub mod score;

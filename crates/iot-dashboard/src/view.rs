@@ -312,53 +312,16 @@ pub struct PullView {
     pub failed: bool,
 }
 
-/// `sha256:` and the first 12 hex digits of a digest; anything else whole.
-pub fn short_digest(digest: &str) -> String {
-    match digest.strip_prefix("sha256:") {
-        Some(hex) if hex.len() > 12 && hex.is_char_boundary(12) => format!("sha256:{}", &hex[..12]),
-        _ => digest.to_owned(),
-    }
-}
-
 /// The pull a deployment waits on, from its phase in the device's report. Written
 /// like `iotctl devices` writes it. The age counts from the attempt's start on the
 /// device's clock.
 pub fn pull_view(p: &DeploymentPhase, now: DateTime<Utc>) -> Option<PullView> {
     let pull = p.pull.as_ref()?;
-    let image = match pull.image.split_once('@') {
-        Some((name, digest)) => format!("{name}@{}", short_digest(digest)),
-        None => pull.image.clone(),
-    };
     let took = age(now - pull.started_at);
-    let bytes = pull.bytes_total.filter(|t| *t > 0).map(|t| (pull.bytes_done.min(t), t));
-    let text = match pull.state {
-        PullState::Failed => format!(
-            "pull failed, retrying: {}",
-            p.last_error.as_deref().unwrap_or("no error reported")
-        ),
-        PullState::Pulling => match bytes {
-            Some((done, total)) => {
-                const MIB: f64 = (1u64 << 20) as f64;
-                format!(
-                    "pulling {image} {:.1}/{:.1} MiB ({}%), {took}",
-                    done as f64 / MIB,
-                    total as f64 / MIB,
-                    done * 100 / total
-                )
-            }
-            None if pull.layers_total > 0 => {
-                format!(
-                    "pulling {image} layers {}/{}, {took}",
-                    pull.layers_done, pull.layers_total
-                )
-            }
-            None => format!("pulling {image}, {took}"),
-        },
-        PullState::Unknown => format!("pulling {image} (a state this dashboard does not know), {took}"),
-    };
+    let text = harmony_reconciler_contracts::pull_text::pull_summary(p, &took, "dashboard")?;
     Some(PullView {
         text,
-        bytes,
+        bytes: pull.bytes_total.filter(|t| *t > 0).map(|t| (pull.bytes_done.min(t), t)),
         failed: pull.state == PullState::Failed,
     })
 }
@@ -1127,6 +1090,7 @@ mod tests {
 
     #[test]
     fn pulls_read_with_bytes_layers_or_the_error() {
+        use harmony_reconciler_contracts::pull_text::short_digest;
         let now = DateTime::from_timestamp(1_767_225_614, 0).unwrap_or_default();
         let known = pull_view(&pulling(PullState::Pulling, Some(41_943_040), (2, 5)), now);
         assert_eq!(

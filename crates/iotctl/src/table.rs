@@ -66,22 +66,8 @@ pub fn bytes_gib(b: u64) -> String {
     }
 }
 
-/// `sha256:` and the first 12 hex digits of a digest, as tables show it; anything
-/// that is not a sha256 digest is shown whole.
-pub fn short_digest(digest: &str) -> String {
-    match digest.strip_prefix("sha256:") {
-        Some(hex) if hex.len() > 12 && hex.is_char_boundary(12) => format!("sha256:{}", &hex[..12]),
-        _ => digest.to_owned(),
-    }
-}
-
-/// An image reference with its `@sha256:` digest, if any, shortened for a table.
-pub fn short_image(image: &str) -> String {
-    match image.split_once('@') {
-        Some((name, digest)) => format!("{name}@{}", short_digest(digest)),
-        None => image.to_owned(),
-    }
-}
+/// Digests and images shortened as tables show them.
+pub use harmony_reconciler_contracts::pull_text::short_digest;
 
 /// `image -> digest` for each image a Deployment's current revision is pinned to;
 /// `short`: digests shortened as tables show them.
@@ -107,35 +93,9 @@ pub fn pull_text(
     p: &harmony_reconciler_contracts::DeploymentPhase,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<String> {
-    use harmony_reconciler_contracts::PullState;
     let pull = p.pull.as_ref()?;
-    let image = short_image(&pull.image);
     let took = age((now - pull.started_at).num_seconds());
-    Some(match pull.state {
-        PullState::Failed => format!(
-            "pull failed, retrying: {}",
-            p.last_error.as_deref().unwrap_or("no error reported")
-        ),
-        PullState::Pulling => match pull.bytes_total {
-            Some(total) if total > 0 => {
-                const MIB: f64 = (1u64 << 20) as f64;
-                let percent = (pull.bytes_done.min(total) as f64 * 100.0 / total as f64).floor();
-                format!(
-                    "pulling {image} {:.1}/{:.1} MiB ({percent}%), {took}",
-                    pull.bytes_done as f64 / MIB,
-                    total as f64 / MIB
-                )
-            }
-            _ if pull.layers_total > 0 => {
-                format!(
-                    "pulling {image} layers {}/{}, {took}",
-                    pull.layers_done, pull.layers_total
-                )
-            }
-            _ => format!("pulling {image}, {took}"),
-        },
-        PullState::Unknown => format!("pulling {image} (a state this iotctl does not know), {took}"),
-    })
+    harmony_reconciler_contracts::pull_text::pull_summary(p, &took, "iotctl")
 }
 
 #[cfg(test)]
@@ -195,6 +155,7 @@ mod tests {
 
     #[test]
     fn digests_are_short_in_tables_and_whole_otherwise() {
+        use harmony_reconciler_contracts::pull_text::short_image;
         let pinned = [iot_api::PinnedImage {
             image: "registry.local/iot/web:1.2".into(),
             digest: DIGEST.into(),
